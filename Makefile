@@ -1,0 +1,36 @@
+# HeadScope: `make run` starts the app, `make test` runs every test.  Both set up .venv first.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PORT    ?= 8501
+MODEL   ?= smollm2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test bench browser clean-cache
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+# Debian's chromium for the real-browser tests (never `playwright install`: no downloads here).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+	@/usr/bin/chromium --version
+
+run: $(STAMP)
+	HEADSCOPE_DEFAULT_MODEL=$(MODEL) $(PY) -m streamlit run app.py --server.address 127.0.0.1 \
+		--server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+test: $(STAMP) browser
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/capture.py
+
+clean-cache:
+	rm -rf cache_data

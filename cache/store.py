@@ -1,0 +1,202 @@
+"""The capture cache: diskcache for the index, .npy files for arrays, JSON for metadata.
+
+Layout of one capture with key K (DESIGN.md, "Cache"):
+
+    K/<name>   one entry per array (e.g. "K/L007" = layer 7's maps), a .npy file read as a memory map
+    K/meta     a JSON record, written LAST: a capture without it is incomplete and invisible
+
+Every entry of K carries the tag K, so a capture is evicted whole (`evict(K)`), never in parts.
+
+Safety: keys are plain strings and values are ndarrays or JSON-able dicts; the `ArrayDisk` below
+refuses to pickle or unpickle anything, and arrays are read with `allow_pickle=False`, so nothing
+in a shared cache directory can run code when it is read.
+
+Integrity: each array's CRC-32 is stored in its index row and checked the first time this process
+opens that file (about 10 ms per 40 MB); a truncated or corrupt file, a missing file or unreadable
+metadata raises `CorruptEntry`, and the caller evicts the capture and recomputes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import diskcache
+import numpy as np
+
+MODE_NPY = 5  # our own diskcache mode: an .npy file, db value = CRC-32 of its bytes
+DEFAULT_DIR = "cache_data"
+DEFAULT_GB = 20.0
+META = "meta"
+
+
+class CorruptEntry(Exception):
+    """A cache entry that exists but cannot be trusted (truncated, corrupt or half-written)."""
+
+
+class ArrayDisk(diskcache.Disk):
+    """A diskcache `Disk` that stores ndarrays as .npy files and returns read-only memory maps."""
+
+    _verified: set[str] = set()  # files whose CRC this process has checked (filenames are unique)
+    _verified_lock = threading.Lock()
+
+    # keys: strings only, stored raw (never pickled)
+    def put(self, key):
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys must be str, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key, raw):
+        if not raw:
+            raise CorruptEntry("cache index holds a pickled key; refusing to unpickle it")
+        return super().get(key, raw)
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError("object arrays cannot be cached")
+            filename, full_path = self.filename(key, value)
+            full_path = full_path[: -len(".val")] + ".npy"
+            filename = filename[: -len(".val")] + ".npy"
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            with open(full_path, "xb") as fh:
+                np.save(fh, np.ascontiguousarray(value), allow_pickle=False)
+            with open(full_path, "rb") as fh:
+                crc = zlib.crc32(fh.read())
+            return os.path.getsize(full_path), MODE_NPY, filename, crc
+        if isinstance(value, (str, bytes, int, float)):
+            return super().store(value, read, key)
+        raise TypeError(f"the capture cache stores arrays, str, bytes and numbers, not {type(value).__name__}")
+
+    def fetch(self, mode, filename, value, read):
+        if mode == diskcache.core.MODE_PICKLE:
+            raise CorruptEntry("cache entry is a pickle; refusing to unpickle it")
+        if mode != MODE_NPY:
+            try:
+                return super().fetch(mode, filename, value, read)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CorruptEntry(f"unreadable cache file {filename}: {exc}") from exc
+        path = os.path.join(self._directory, filename)
+        try:
+            if filename not in self._verified:
+                with open(path, "rb") as fh:
+                    if zlib.crc32(fh.read()) != value:
+                        raise CorruptEntry(f"checksum mismatch in {filename}")
+                with self._verified_lock:
+                    self._verified.add(filename)
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except CorruptEntry:
+            raise
+        except (OSError, ValueError, EOFError) as exc:
+            raise CorruptEntry(f"unreadable array file {filename}: {exc}") from exc
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEADSCOPE_CACHE_DIR", DEFAULT_DIR)).resolve()
+
+
+def size_limit_bytes() -> int:
+    gb = float(os.environ.get("HEADSCOPE_CACHE_GB", DEFAULT_GB))
+    return int(gb * 2**30)
+
+
+class Store:
+    """The cache of captures and probe results, addressed by capture key."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, size_limit: int | None = None):
+        self.directory = Path(directory).resolve() if directory else cache_dir()
+        self.size_limit = size_limit if size_limit is not None else size_limit_bytes()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # eviction_policy none: diskcache would cull single entries; `_enforce_limit` evicts whole captures
+        self._cache = diskcache.Cache(
+            str(self.directory / "index"),
+            disk=ArrayDisk,
+            eviction_policy="none",
+            size_limit=self.size_limit,
+            tag_index=True,
+            timeout=60,
+        )
+
+    # ---- arrays and metadata ------------------------------------------------------------------
+    def put_array(self, key: str, name: str, array: np.ndarray) -> None:
+        self._cache.set(f"{key}/{name}", array, tag=key)
+
+    def get_array(self, key: str, name: str) -> np.ndarray:
+        """A read-only memory map of one stored array; raises CorruptEntry if missing or bad."""
+        value = self._cache.get(f"{key}/{name}", default=None)
+        if value is None:
+            raise CorruptEntry(f"capture {key} has no array {name!r}")
+        return value
+
+    def put_meta(self, key: str, meta: dict) -> None:
+        """Write the metadata record; call it last: it is what makes a capture visible."""
+        record = dict(meta, stored_at=time.time())
+        self._cache.set(f"{key}/{META}", json.dumps(record, separators=(",", ":")), tag=key)
+        self._enforce_limit(keep=key)
+
+    def get_meta(self, key: str) -> dict | None:
+        """The metadata of a complete capture, None if absent; raises CorruptEntry if unreadable."""
+        raw = self._cache.get(f"{key}/{META}", default=None)
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise CorruptEntry(f"metadata of {key} is not valid JSON") from exc
+        if not isinstance(meta, dict):
+            raise CorruptEntry(f"metadata of {key} is not a record")
+        return meta
+
+    def evict(self, key: str) -> int:
+        """Remove every entry of one capture; returns how many entries went."""
+        return self._cache.evict(key)
+
+    def keys(self) -> list[str]:
+        """Keys of complete captures (those with a metadata record), oldest first."""
+        found = []
+        for k in self._cache.iterkeys():
+            if isinstance(k, str) and k.endswith("/" + META):
+                found.append(k[: -len(META) - 1])
+        return found
+
+    def volume(self) -> int:
+        return self._cache.volume()
+
+    def _enforce_limit(self, keep: str) -> None:
+        """Evict whole captures, oldest stored first, until the cache fits its size limit."""
+        if self._cache.volume() <= self.size_limit:
+            return
+        metas = []
+        for k in self.keys():
+            if k == keep:
+                continue
+            try:
+                metas.append(((self.get_meta(k) or {}).get("stored_at", 0.0), k))
+            except CorruptEntry:
+                metas.append((0.0, k))
+        for _, k in sorted(metas):
+            if self._cache.volume() <= self.size_limit:
+                break
+            self.evict(k)
+
+    # ---- cross-process single flight ----------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """An exclusive per-key lock across processes (flock: released if the holder dies)."""
+        lock_dir = self.directory / "locks"
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / f"{key}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,199 @@
+"""Text models: causal LMs (prefill + greedy generation) and bidirectional encoders (prefill only).
+
+A capture is made in two steps:
+1. generation with the active intervention on the fast path (SDPA, KV cache), recording the chosen
+   token and the top-k log-probabilities of every step;
+2. one recorded forward over prompt + generated tokens.  Row i of a causal map depends only on tokens
+   0..i, so the rows of this pass are the rows each generation step computed (tests hold this
+   against transformers' eager `output_attentions` during `generate`), and they form one square map.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from capture import attention
+from capture.adapters import InputError, Progress
+from capture.registry import ModelHandle
+from capture.types import Capture, Output, RunSpec, StepLogprobs
+
+TOP_K = 5
+BYTES_PER_WEIGHT = 2  # fp16 on disk
+
+
+def readable(tokenizer, token_id: int) -> str:
+    """A token as a short visible label: newlines as ↵, tabs as ⇥, a bare space as ␣."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    if text.strip() == "":
+        return "␣" * max(1, len(text))
+    return text
+
+
+def stored_bytes(n_layers: int, n_heads: int, n_tokens: int, causal: bool) -> int:
+    """Bytes a capture of every map takes on disk (lower triangle only for causal models)."""
+    per_head = n_tokens * (n_tokens + 1) // 2 if causal else n_tokens * n_tokens
+    return n_layers * n_heads * per_head * BYTES_PER_WEIGHT
+
+
+class _StepProgress(StoppingCriteria):
+    """Reports each generation step to a progress callback; never stops generation itself."""
+
+    def __init__(self, progress: Progress, total: int, share: float):
+        self.progress, self.total, self.share, self.done = progress, total, share, 0
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.done += 1
+        self.progress(self.share * self.done / self.total, f"generating token {self.done}/{self.total}")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+class LayerWriter:
+    """Writes finished layers to the cache on a background thread, so disk work overlaps the forward."""
+
+    MAX_PENDING = 2  # layers waiting to be written; bounds the memory held by the queue
+
+    def __init__(self, store, key: str, n_layers: int, progress: Progress, share_before: float):
+        self.store, self.key, self.n_layers = store, key, n_layers
+        self.progress, self.share_before = progress, share_before
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headscope-writer")
+        self.pending: list[Future] = []
+        self.written = 0
+
+    def submit(self, layer: int, maps) -> None:
+        while len(self.pending) >= self.MAX_PENDING:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self.store.put_array, self.key, f"L{layer:03d}", maps))
+        self.written += 1
+        self.progress(self.share_before + (1 - self.share_before) * self.written / self.n_layers,
+                      f"captured layer {self.written}/{self.n_layers}")
+
+    def __enter__(self) -> "LayerWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for future in self.pending:
+                future.result()  # re-raises a failed write
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+class TextAdapter:
+    """Causal LMs and encoders from transformers."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self.tokenizer = handle.tokenizer
+        config = handle.model.config
+        self.max_tokens = int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode(self, spec: RunSpec) -> list[int]:
+        if not spec.prompt.strip():
+            raise InputError("The prompt is empty; type some text to run.")
+        if spec.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InputError(f"{spec.model} has no chat template; untick 'chat'.")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": spec.prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = self.tokenizer(spec.prompt)["input_ids"]
+        return [int(i) for i in ids]
+
+    def check_size(self, n_prompt: int, max_new_tokens: int, limit_bytes: int) -> None:
+        meta = self.handle.meta
+        total = n_prompt + max_new_tokens
+        if total > self.max_tokens:
+            raise InputError(
+                f"The input is {n_prompt} tokens (+{max_new_tokens} to generate); {meta.name} takes at most "
+                f"{self.max_tokens}. Shorten the prompt or generate fewer tokens."
+            )
+        need = stored_bytes(meta.n_layers, meta.n_heads, total, meta.causal)
+        if need > limit_bytes:
+            raise InputError(
+                f"Capturing {total} tokens needs {need / 2**30:.1f} GB of cache but the cache holds "
+                f"{limit_bytes / 2**30:.1f} GB; shorten the input or raise HEADSCOPE_CACHE_GB."
+            )
+
+    # ---- generation (fast path) ---------------------------------------------------------------
+    def generate(self, spec: RunSpec, prompt_ids: list[int], progress: Progress, share: float
+                 ) -> tuple[list[int], list[StepLogprobs]]:
+        """Greedy generation with the spec's intervention active; returns new ids and per-step top-k."""
+        tok = self.tokenizer
+        eos = self.handle.model.generation_config.eos_token_id
+        if eos is None:
+            eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
+        config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+        input_ids = torch.tensor([prompt_ids])
+        with attention.session(spec.intervention, spans={"prompt": range(len(prompt_ids))}):
+            with torch.inference_mode():
+                result = self.handle.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                    stopping_criteria=StoppingCriteriaList([_StepProgress(progress, spec.max_new_tokens, share)]),
+                )
+        new_ids = [int(i) for i in result.sequences[0, len(prompt_ids):]]
+        steps = []
+        for token_id, logits in zip(new_ids, result.logits):
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # [vocab]
+            top = torch.topk(logprobs, TOP_K)
+            steps.append(StepLogprobs(
+                token=readable(tok, token_id), token_id=token_id, logprob=float(logprobs[token_id]),
+                top=[(readable(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+            ))
+        return new_ids, steps
+
+    # ---- the recorded pass --------------------------------------------------------------------
+    def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:
+        meta = self.handle.meta
+        t0 = time.perf_counter()
+        prompt_ids = self.encode(spec)
+        notes = []
+        max_new = spec.max_new_tokens
+        if max_new and not meta.causal:
+            notes.append(f"{meta.name} is a bidirectional encoder: it does not generate, so only the prompt was run.")
+            max_new = 0
+        self.check_size(len(prompt_ids), max_new, store.size_limit)
+        gen_share = 0.5 if max_new else 0.0
+        new_ids, steps = [], []
+        if max_new:
+            new_ids, steps = self.generate(spec, prompt_ids, progress, gen_share)
+        t_gen = time.perf_counter()
+        ids = prompt_ids + new_ids
+        spans = {"prompt": range(0, len(prompt_ids))}
+        if new_ids:
+            spans["response"] = range(len(prompt_ids), len(ids))
+        layout = "tril" if meta.causal else "full"
+
+        input_ids = torch.tensor([ids])
+        with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer:
+            recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
+            with attention.session(spec.intervention, recorder=recorder, spans=spans):
+                with torch.inference_mode():
+                    if meta.causal:
+                        out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+                    else:
+                        self.handle.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        next_top = []
+        if meta.causal:
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            top = torch.topk(logprobs, TOP_K)
+            next_top = [(readable(self.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+        t_cap = time.perf_counter()
+        output = Output(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True) if new_ids else "",
+            token_ids=ids, steps=steps, next_top=next_top, notes=notes,
+        )
+        return Capture(
+            key=key, spec=spec, meta=meta, tokens=[readable(self.tokenizer, i) for i in ids], spans=spans,
+            output=output, layout=layout, store=store,
+            timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen},
+        )

