@@ -94,6 +94,10 @@ class Session:
     intervention: Intervention = Intervention()
     recorder: Recorder | None = None
     spans: dict[str, range] = field(default_factory=dict)
+    # per-layer multiplicative gates on head outputs, gate  # [batch, head]; one row per batch item, so a
+    # batch can ablate a different head in each row (ablation sweeps) and gates can carry gradients
+    # (Michel et al. head importance)
+    head_gates: dict[int, torch.Tensor] = field(default_factory=dict)
     # query positions of the current call per layer, set by the attention function, read by the o_proj hook
     query_positions: dict[int, range] = field(default_factory=dict)
 
@@ -109,12 +113,14 @@ _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("heads
 
 @contextlib.contextmanager
 def session(intervention: Intervention = Intervention(), recorder: Recorder | None = None,
-            spans: dict[str, range] | None = None) -> Iterator[Session]:
-    """Make `intervention` (and `recorder`, if given) active for the calls inside the block."""
+            spans: dict[str, range] | None = None,
+            head_gates: dict[int, torch.Tensor] | None = None) -> Iterator[Session]:
+    """Make `intervention` (and `recorder`, `head_gates`, if given) active for the calls inside the block."""
     unsupported = sorted({e.op for e in intervention.edits} - {"scale"})
     if unsupported:
         raise InterventionError(f"The {', '.join(unsupported)} op is not implemented yet; only scale is.")
-    active = Session(intervention=intervention, recorder=recorder, spans=dict(spans or {}))
+    active = Session(intervention=intervention, recorder=recorder, spans=dict(spans or {}),
+                     head_gates=dict(head_gates or {}))
     token = _SESSION.set(active)
     try:
         yield active
@@ -212,16 +218,21 @@ def scale_head_outputs(layer: int, n_heads: int) -> Callable:
         if active is None:
             return None
         edits = active.output_edits(layer)
-        if not edits:
+        gates = active.head_gates.get(layer)
+        if not edits and gates is None:
             return None
         (z, *rest) = args
         batch, n_q, width = z.shape
-        z = z.view(batch, n_q, n_heads, width // n_heads).clone()  # [batch, query, head, head_dim]
+        z = z.view(batch, n_q, n_heads, width // n_heads)  # [batch, query, head, head_dim]
+        if gates is not None:
+            z = z * gates.to(z.dtype)[:, None, :, None]  # gate  # [batch, head]
+        else:
+            z = z.clone()
         positions = active.query_positions.get(layer, range(n_q))
         for edit in edits:
             rows = _query_rows(edit.queries, positions, active.spans)
             z[:, rows, edit.head] = z[:, rows, edit.head] * edit.value
-        return (z.view(batch, n_q, width), *rest)
+        return (z.reshape(batch, n_q, width), *rest)
 
     return hook
 

@@ -239,6 +239,9 @@ def _load_cached(name: str) -> ModelHandle:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # HeadScope's own progress callback reports loading and capture
     source, kwargs = _source(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)

@@ -1,0 +1,163 @@
+"""Command line: python -m capture {run,ls,export} ...
+
+    python -m capture run --model smollm2 --prompt "The capital of France is" --max-new-tokens 20
+    python -m capture run --model smollm2 --prompt "..." --json        # one JSON object, for scripts
+    python -m capture ls                                              # cached captures
+    python -m capture export KEY --layer 3 --head 2 --format csv -o map.csv
+
+Errors are one sentence on stderr and exit status 2; never a traceback for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+class CliError(Exception):
+    """A message for the user; exit status 2."""
+
+
+def _progress_bar(desc: str):
+    """A tqdm bar on stderr fed by capture's (fraction, message) progress callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        bar.set_postfix_str(message, refresh=True)
+
+    return bar, update
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from capture.run import run
+    from capture.types import RunSpec
+
+    spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    bar, update = _progress_bar(f"capture {args.model}")
+    try:
+        capture = run(spec, progress=update)
+    finally:
+        bar.close()
+    m = capture.meta
+    if args.json:
+        print(json.dumps({
+            "key": capture.key, "from_cache": capture.from_cache, "model": m.name, "family": m.family,
+            "n_layers": m.n_layers, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim,
+            "n_tokens": capture.n_tokens, "tokens": capture.tokens,
+            "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
+            "text": capture.output.text, "notes": capture.output.notes,
+            "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
+        }, ensure_ascii=False))
+        return 0
+    print(capture.output.text if capture.output.text else "(prefill only: nothing generated)")
+    for note in capture.output.notes:
+        print(f"note: {note}")
+    print(f"model: {m.name} ({m.family}), {m.n_layers} layers x {m.n_heads} heads "
+          f"({m.n_kv_heads} KV heads), head_dim {m.head_dim}, {capture.n_tokens} tokens")
+    print(f"key:   {capture.key}{'  (from cache)' if capture.from_cache else ''}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from capture.run import default_store, load_capture
+
+    store = default_store()
+    rows = []
+    for key in store.keys():
+        capture = load_capture(key, store)
+        if capture is None:
+            continue
+        prompt = capture.spec.prompt.replace("\n", " ")
+        rows.append((key, capture.meta.name, capture.n_tokens, prompt[:48] + ("…" if len(prompt) > 48 else "")))
+    if args.json:
+        print(json.dumps([dict(zip(("key", "model", "tokens", "prompt"), r)) for r in rows], ensure_ascii=False))
+        return 0
+    if not rows:
+        print(f"no captures in {store.directory}")
+        return 0
+    print(f"{'key':20}  {'model':10} {'tokens':>6}  prompt")
+    for key, model, n, prompt in rows:
+        print(f"{key:20}  {model:10} {n:>6}  {prompt}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cache.keys import is_key
+    from capture.run import load_capture
+
+    if not is_key(args.key):
+        raise CliError(f"{args.key!r} is not a capture key; `python -m capture ls` lists them.")
+    capture = load_capture(args.key)
+    if capture is None:
+        raise CliError(f"No capture with key {args.key} in the cache; `python -m capture ls` lists them.")
+    m = capture.meta
+    if not 0 <= args.layer < m.n_layers or not 0 <= args.head < m.n_heads:
+        raise CliError(f"Layer {args.layer}, head {args.head} is outside this model "
+                       f"({m.n_layers} layers x {m.n_heads} heads).")
+    attn = capture.head(args.layer, args.head)  # [query, key]
+    out = Path(args.output or f"{args.key}_L{args.layer}_H{args.head}.{args.format}")
+    if args.format == "npy":
+        np.save(out, np.asarray(attn), allow_pickle=False)
+    else:
+        with open(out, "w", encoding="utf-8", newline="") as fh:
+            import csv
+
+            writer = csv.writer(fh)
+            writer.writerow(["query \\ key"] + [f"{i}:{t}" for i, t in enumerate(capture.tokens)])
+            for i, row in enumerate(np.asarray(attn, dtype=np.float32)):
+                writer.writerow([f"{i}:{capture.tokens[i]}"] + [f"{v:.6g}" for v in row])
+    print(f"wrote {out} ({attn.shape[0]} x {attn.shape[1]}, layer {args.layer}, head {args.head})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m capture", description="HeadScope capture engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="capture a prompt (and generation) into the cache")
+    r.add_argument("--model", default="smollm2", help="smollm2, minilm, a Hugging Face id or a local folder")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_run)
+    ls = sub.add_parser("ls", help="list cached captures")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    e = sub.add_parser("export", help="write one head's map as .npy or .csv")
+    e.add_argument("key")
+    e.add_argument("--layer", type=int, required=True)
+    e.add_argument("--head", type=int, required=True)
+    e.add_argument("--format", choices=("npy", "csv"), default="npy")
+    e.add_argument("-o", "--output", help="output file (default KEY_L<layer>_H<head>.<format>)")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "max_new_tokens", 0) < 0:
+        print("error: --max-new-tokens must be 0 or more.", file=sys.stderr)
+        return 2
+    from capture.adapters import InputError
+    from capture.interventions import InterventionError
+    from capture.registry import ModelUnavailable
+
+    try:
+        return args.func(args)
+    except (CliError, InputError, InterventionError, ModelUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the cache is consistent (an unfinished capture is never marked complete).",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
