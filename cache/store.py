@@ -160,7 +160,7 @@ class Store:
     def keys(self) -> list[str]:
         """Keys of complete captures (those with a metadata record), oldest first."""
         found = []
-        for k in self._cache.iterkeys():
+        for k in self._cache:  # row order = insertion order (iterkeys() would sort by key)
             if isinstance(k, str) and k.endswith("/" + META):
                 found.append(k[: -len(META) - 1])
         return found

@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from capture.interventions import OUTPUT_OPS, HeadEdit, Intervention, InterventionError, parse_positions
-from capture.types import pack_offset
+from capture.types import OVERVIEW_BINS, pack_offset
 
 IMPLEMENTATION = "headscope"
 ROW_BLOCK = 256  # query rows per block: keeps one block's fp32 scores small and cache-friendly
@@ -42,14 +42,19 @@ class Recorder:
     It expects one full forward pass over the whole sequence (query length == key length), which is
     how `capture.run` records: generation first (fast path), then one pass over the final tokens.
     `layout` is "tril" (causal: packed lower triangle, see capture.types) or "full".
-    Rows arrive in blocks (`take`); a layer is handed on as soon as all its heads' rows are in.
+    Rows arrive in blocks (`take`); a layer is handed on as soon as all its heads' rows are in,
+    as `on_layer(layer, maps, overview)` with overview  # [head, bins, bins] float16, the block-max
+    thumbnail the model view draws (pooled here from the fp32 rows, nearly free).
     """
 
-    def __init__(self, n_heads: int, layout: str, on_layer: Callable[[int, np.ndarray], None]):
+    def __init__(self, n_heads: int, layout: str, on_layer: Callable[[int, np.ndarray, np.ndarray], None],
+                 overview_bins: int = OVERVIEW_BINS):
         self.n_heads = n_heads
         self.layout = layout
         self.on_layer = on_layer
+        self.overview_bins = overview_bins
         self._buffers: dict[int, np.ndarray] = {}
+        self._overviews: dict[int, torch.Tensor] = {}
         self._rows_done: dict[int, int] = {}
 
     def take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
@@ -59,7 +64,10 @@ class Recorder:
         if layer not in self._buffers:
             width = n * (n + 1) // 2 if self.layout == "tril" else n * n
             self._buffers[layer] = np.empty((self.n_heads, width), dtype=np.float16)
+            bins = min(self.overview_bins, n)
+            self._overviews[layer] = torch.zeros(self.n_heads, bins, bins)
             self._rows_done[layer] = 0
+        self._pool(layer, first_head, first_row, n, weights)
         out = torch.from_numpy(self._buffers[layer])[first_head : first_head + n_block]  # [heads_in_block, width]
         if self.layout == "tril":
             start = pack_offset(first_row)
@@ -73,7 +81,18 @@ class Recorder:
             layer_maps = self._buffers.pop(layer)
             if self.layout == "full":
                 layer_maps = layer_maps.reshape(self.n_heads, n, n)
-            self.on_layer(layer, layer_maps)
+            self.on_layer(layer, layer_maps, self._overviews.pop(layer).to(torch.float16).numpy())
+
+    def _pool(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
+        """Fold a block of rows into the layer's block-max overview (same blocks as capture.types.max_pool)."""
+        pooled = self._overviews[layer]  # [head, bins, bins]
+        bins = pooled.shape[1]
+        size = -(-n // bins)
+        n_block, n_rows, n_keys = weights.shape
+        cols = torch.nn.functional.pad(weights, (0, bins * size - n_keys))  # [heads_in_block, rows, bins*size]
+        col_max = cols.view(n_block, n_rows, bins, size).amax(-1)  # [heads_in_block, rows, bins]
+        row_bins = (torch.arange(first_row, first_row + n_rows) // size)[None, :, None].expand_as(col_max)
+        pooled[first_head : first_head + n_block].scatter_reduce_(1, row_bins, col_max, "amax")
 
 
 @lru_cache(maxsize=256)

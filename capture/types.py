@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cache.keys import stable_hash
+from cache.store import CorruptEntry
 from capture.interventions import Intervention
 
 if TYPE_CHECKING:
     from cache.store import Store
 
 CAPTURE_VERSION = 1  # bump when the stored format or the capture maths change
+OVERVIEW_BINS = 32  # thumbnail resolution of the model view (keeps its figure ~2 MB)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,24 @@ def unpack_tril(packed: np.ndarray, n: int) -> np.ndarray:
     return out.reshape(lead + (n, n))
 
 
+def overview_name(bins: int) -> str:
+    """Cache entry name of a capture's model-view thumbnails."""
+    return f"overview{bins:04d}"
+
+
+def max_pool(maps: np.ndarray, bins: int) -> np.ndarray:
+    """maps  # [..., n, n] -> [..., bins, bins], the max over each block (ragged last block padded with 0)."""
+    n = maps.shape[-1]
+    size = -(-n // bins)  # ceil
+    padded_n = size * bins
+    if padded_n != n:
+        pad = [(0, 0)] * (maps.ndim - 2) + [(0, padded_n - n), (0, padded_n - n)]
+        maps = np.pad(maps, pad)
+    lead = maps.shape[:-2]
+    blocks = maps.reshape(lead + (bins, size, bins, size))
+    return blocks.max(axis=(-3, -1))
+
+
 def pack_offset(row: int) -> int:
     """Where row `row` starts in the packed lower triangle."""
     return row * (row + 1) // 2
@@ -191,6 +211,23 @@ class Capture:
             out[:, : query + 1] = stored[:, start : start + query + 1]
             return out
         return np.asarray(stored[:, query, :])
+
+    def overview(self, bins: int = OVERVIEW_BINS) -> np.ndarray:
+        """thumbs  # [layer, head, b, b] float16: every map max-pooled into b x b blocks (b <= bins).
+
+        Computed once per capture from the stored maps, then kept in the cache beside them.
+        """
+        b = min(bins, self.n_tokens)
+        name = overview_name(b)
+        if self.store is not None:
+            try:
+                return self.store.get_array(self.key, name)
+            except CorruptEntry:
+                pass
+        thumbs = np.stack([max_pool(self.attention(layer), b) for layer in range(self.meta.n_layers)])
+        if self.store is not None:
+            self.store.put_array(self.key, name, thumbs)
+        return thumbs
 
     def record(self) -> dict:
         """The JSON metadata record stored for this capture."""

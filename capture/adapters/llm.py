@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from capture import attention
 from capture.adapters import InputError, Progress
 from capture.registry import ModelHandle
-from capture.types import Capture, Output, RunSpec, StepLogprobs
+from capture.types import Capture, Output, RunSpec, StepLogprobs, overview_name
 
 TOP_K = 5
 BYTES_PER_WEIGHT = 2  # fp16 on disk
@@ -61,12 +62,14 @@ class LayerWriter:
         self.progress, self.share_before = progress, share_before
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headscope-writer")
         self.pending: list[Future] = []
+        self.overviews: dict[int, object] = {}
         self.written = 0
 
-    def submit(self, layer: int, maps) -> None:
+    def submit(self, layer: int, maps, overview) -> None:
         while len(self.pending) >= self.MAX_PENDING:
             self.pending.pop(0).result()
         self.pending.append(self.pool.submit(self.store.put_array, self.key, f"L{layer:03d}", maps))
+        self.overviews[layer] = overview
         self.written += 1
         self.progress(self.share_before + (1 - self.share_before) * self.written / self.n_layers,
                       f"captured layer {self.written}/{self.n_layers}")
@@ -78,6 +81,9 @@ class LayerWriter:
         try:
             for future in self.pending:
                 future.result()  # re-raises a failed write
+            if exc[0] is None and len(self.overviews) == self.n_layers:
+                thumbs = np.stack([self.overviews[layer] for layer in range(self.n_layers)])
+                self.store.put_array(self.key, overview_name(thumbs.shape[-1]), thumbs)
         finally:
             self.pool.shutdown(wait=True)
 

@@ -1,0 +1,152 @@
+"""Plotly figures of attention maps: one head, the whole model at a glance, one token's row.
+
+Pure: numpy arrays and lists in, `go.Figure` (or an HTML string) out; no streamlit, no torch.
+Colours follow charts.theme so the same quantity looks the same on every page.
+"""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+
+from charts.theme import ATTENTION_SCALE, LOG_FLOOR, base_layout
+
+SCALE_TITLES = {"raw": "weight", "log": "log10 weight", "row": "weight / row max"}
+
+
+def axis_labels(tokens: list[str], start: int = 0) -> list[str]:
+    """Unique axis labels "12 ␣fox" (Plotly merges equal category names, so the index leads)."""
+    return [f"{start + i} {t}" for i, t in enumerate(tokens)]
+
+
+def scaled(attn: np.ndarray, scale: str) -> np.ndarray:
+    """attn  # [query, key] -> the values the colour shows (raw, log10 clipped at LOG_FLOOR, per-row max)."""
+    a = np.asarray(attn, dtype=np.float32)
+    if scale == "log":
+        return np.log10(np.maximum(a, 10.0**LOG_FLOOR))
+    if scale == "row":
+        peak = a.max(axis=-1, keepdims=True)
+        return np.divide(a, peak, out=np.zeros_like(a), where=peak > 0)
+    return a
+
+
+def _range(scale: str) -> tuple[float, float]:
+    return (LOG_FLOOR, 0.0) if scale == "log" else (0.0, 1.0)
+
+
+def head_map(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], scale: str = "raw",
+             title: str = "", q_start: int = 0, k_start: int = 0, mask_future: bool = True) -> go.Figure:
+    """One head's map.  attn  # [query, key] (a window starting at q_start, k_start).
+
+    Hover shows the query token, the key token and the weight; cells above the diagonal of a causal
+    map are left blank rather than drawn as zero.
+    """
+    raw = np.asarray(attn, dtype=np.float32)
+    z = scaled(raw, scale)
+    if mask_future:
+        q_pos = np.arange(q_start, q_start + raw.shape[0])[:, None]
+        k_pos = np.arange(k_start, k_start + raw.shape[1])[None, :]
+        z = np.where(k_pos > q_pos, np.nan, z)
+    y = axis_labels(tokens_q, q_start)
+    x = axis_labels(tokens_k, k_start)
+    zmin, zmax = _range(scale)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, customdata=raw, colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax,
+        colorbar=dict(title=dict(text=SCALE_TITLES[scale], side="right"), thickness=14),
+        hovertemplate="query %{y}<br>key %{x}<br>weight %{customdata:.4f}<extra></extra>",
+        hoverongaps=False,
+    ))
+    n = max(len(x), len(y))
+    fig.update_layout(**base_layout(title=title, height=min(900, max(380, 22 * len(y) + 160))))
+    fig.update_yaxes(autorange="reversed", title="query", tickfont=dict(size=11 if n <= 40 else 9),
+                     showticklabels=len(y) <= 120, type="category")
+    fig.update_xaxes(title="key", tickangle=-60, tickfont=dict(size=11 if n <= 40 else 9),
+                     showticklabels=len(x) <= 120, type="category")
+    return fig
+
+
+def overview_map(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: str = "",
+                 window: tuple[int, int, int, int] | None = None) -> go.Figure:
+    """A block-pooled overview of a long map.  pooled  # [bins, bins] (max over each block).
+
+    Axes are in token positions (bin centres); `window` = (q0, q1, k0, k1) outlines the detail window.
+    """
+    bins = pooled.shape[0]
+    width = n_tokens / bins
+    centres = (np.arange(bins) + 0.5) * width
+    zmin, zmax = _range(scale)
+    z = scaled(pooled, scale)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=centres, y=centres, customdata=np.asarray(pooled, dtype=np.float32),
+        colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax,
+        colorbar=dict(title=dict(text="max " + SCALE_TITLES[scale], side="right"), thickness=14),
+        hovertemplate=f"queries ≈%{{y:.0f}}<br>keys ≈%{{x:.0f}}<br>max weight in a {width:.0f}×{width:.0f} block "
+                      "%{customdata:.4f}<extra></extra>",
+    ))
+    if window is not None:
+        q0, q1, k0, k1 = window
+        fig.add_shape(type="rect", x0=k0, x1=k1, y0=q0, y1=q1, line=dict(color="#ff4b4b", width=2))
+    fig.update_layout(**base_layout(title=title, height=520))
+    fig.update_yaxes(autorange="reversed", title="query position")
+    fig.update_xaxes(title="key position")
+    return fig
+
+
+def model_grid(thumbs: np.ndarray, scale: str = "raw", selected: tuple[int, int] | None = None,
+               title: str = "") -> go.Figure:
+    """Every head at a glance (BertViz's model view) as ONE heatmap trace: a mosaic of thumbnails.
+
+    thumbs  # [layer, head, bins, bins] block-pooled maps.  The x/y coordinates of each thumbnail's
+    cells lie within ±0.5 of its head/layer number, so hover (and a click's point) round to
+    (layer, head) without per-cell custom data, which keeps the figure small (about 1 MB for
+    30 x 9 heads).
+    """
+    n_layers, n_heads, bins, _ = thumbs.shape
+    gap = max(1, bins // 8)
+    cell = bins + gap
+    z = np.full((n_layers * cell - gap, n_heads * cell - gap), np.nan, dtype=np.float32)
+    values = scaled(thumbs.reshape(-1, bins, bins), scale).reshape(thumbs.shape)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            z[layer * cell : layer * cell + bins, head * cell : head * cell + bins] = values[layer, head]
+    offsets = (np.arange(cell) - (bins - 1) / 2) / cell  # in (-0.5, 0.5) over a thumbnail
+    x = (np.arange(n_heads)[:, None] + offsets[None, :]).ravel()[: z.shape[1]]
+    y = (np.arange(n_layers)[:, None] + offsets[None, :]).ravel()[: z.shape[0]]
+    zmin, zmax = _range(scale)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax, hoverongaps=False,
+        colorbar=dict(title=dict(text="max " + SCALE_TITLES[scale], side="right"), thickness=12),
+        hovertemplate="layer %{y:.0f}, head %{x:.0f}<extra>click to open</extra>",
+    ))
+    if selected is not None:
+        layer, head = selected
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5 - gap / cell, y0=layer - 0.5,
+                      y1=layer + 0.5 - gap / cell, line=dict(color="#ff4b4b", width=2))
+    fig.update_layout(**base_layout(title=title, height=min(1400, 140 + n_layers * 36)))
+    fig.update_xaxes(tickvals=list(range(n_heads)), ticktext=[f"H{h}" for h in range(n_heads)], side="top",
+                     showgrid=False, zeroline=False)
+    fig.update_yaxes(tickvals=list(range(n_layers)), ticktext=[f"L{l}" for l in range(n_layers)],
+                     autorange="reversed", showgrid=False, zeroline=False)
+    return fig
+
+
+def token_highlight_html(tokens: list[str], weights: np.ndarray, query: int, label: str = "") -> str:
+    """The text with each token's background showing the weight `query` gives it (escaped HTML).
+
+    weights  # [key]; the query token is outlined; tokens after it (unseen in a causal map) are grey.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    peak = float(w.max()) if w.size and w.max() > 0 else 1.0
+    parts = [f'<div class="hs-tokens"><span class="hs-label">{html.escape(label)}</span>'] if label else \
+        ['<div class="hs-tokens">']
+    for i, token in enumerate(tokens):
+        alpha = float(w[i]) / peak if i < len(w) else 0.0
+        style = f"background: rgba(255, 75, 75, {alpha:.3f});"
+        if i == query:
+            style += " outline: 2px solid #1c83e1;"
+        text = html.escape(token).replace(" ", "&nbsp;")
+        title = f"{i}: {w[i]:.4f}" if i < len(w) else str(i)
+        parts.append(f'<span class="hs-tok" style="{style}" title="{html.escape(title)}">{text}</span>')
+    parts.append("</div>")
+    return "".join(parts)

@@ -1,0 +1,157 @@
+"""ViewState: what a person is looking at, as a dataclass that round-trips through a URL.
+
+Query parameter names are the field names (`?page=explorer&model=smollm2&layer=3&head=2`).
+`ViewState.from_params` never raises: unknown or invalid values fall back to the defaults and come
+back as warnings to show.  A link can only name models on the allow-list (the embedded models plus
+what the operator lists in HEADSCOPE_ALLOWED_MODELS, comma-separated), never a local path, and never
+enables remote code (HeadScope has no such switch at all).
+
+This module is pure (no streamlit): app.py moves the dict in and out of `st.query_params`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Mapping
+
+from cache.keys import is_key
+
+PAGES = ("home", "explorer", "atlas", "intervene", "vision")
+SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
+VIEWS = ("model", "head", "token")
+MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
+MAX_NEW_TOKENS = 256
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+def allowed_models() -> tuple[str, ...]:
+    """Models a link may name: the embedded ones plus the operator's list."""
+    from_env = [m.strip() for m in os.environ.get("HEADSCOPE_ALLOWED_MODELS", "").split(",") if m.strip()]
+    return ("smollm2", "minilm") + tuple(m for m in from_env if m not in ("smollm2", "minilm"))
+
+
+def default_model() -> str:
+    model = os.environ.get("HEADSCOPE_DEFAULT_MODEL", "smollm2")
+    return model if model in allowed_models() else "smollm2"
+
+
+@dataclass
+class ViewState:
+    page: str = "home"
+    model: str = "smollm2"
+    prompt: str = DEFAULT_PROMPT
+    key: str = ""  # capture key: the input when the prompt is too long for a link
+    chat: bool = False
+    max_new_tokens: int = 0
+    view: str = "model"
+    layer: int = 0
+    head: int = 0
+    token: int = -1  # query token of the token view; -1 = the last token
+    scale: str = "raw"
+    metric: str = "sink_alpha"
+    intervention: str = "none"
+    image: str = ""
+
+    def to_params(self) -> dict[str, str]:
+        """The query parameters of this view: only fields that differ from the defaults."""
+        base = ViewState(model=default_model())
+        out = {}
+        for name, value in asdict(self).items():
+            if name == "prompt" and self.key and len(self.prompt) > MAX_LINK_PROMPT:
+                continue  # long prompts travel by key
+            if value != getattr(base, name):
+                out[name] = str(int(value)) if isinstance(value, bool) else str(value)
+        return out
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str | list[str]]) -> tuple["ViewState", list[str]]:
+        """Parse query parameters; returns the state and one warning per value that was ignored."""
+        state = cls(model=default_model())
+        warnings: list[str] = []
+        known = {f.name: f for f in fields(cls)}
+        for name, raw in params.items():
+            value = raw[-1] if isinstance(raw, list) else raw
+            if name not in known:
+                warnings.append(f"Ignored unknown link parameter {name!r}.")
+                continue
+            try:
+                state = replace(state, **{name: _parse(name, str(value))})
+            except ValueError as exc:
+                warnings.append(f"Ignored link parameter {name}: {exc}")
+        return state, warnings
+
+    def clamp(self, n_layers: int, n_heads: int, n_tokens: int) -> list[str]:
+        """Bring layer/head/token into range for the loaded capture; returns warnings."""
+        warnings = []
+        if not 0 <= self.layer < n_layers:
+            warnings.append(f"Layer {self.layer} does not exist (0–{n_layers - 1}); showing layer 0.")
+            self.layer = 0
+        if not 0 <= self.head < n_heads:
+            warnings.append(f"Head {self.head} does not exist (0–{n_heads - 1}); showing head 0.")
+            self.head = 0
+        if not -1 <= self.token < n_tokens:
+            warnings.append(f"Token {self.token} does not exist (0–{n_tokens - 1}); showing the last token.")
+            self.token = -1
+        return warnings
+
+
+def _parse(name: str, value: str):
+    """One query parameter value -> the field's value; ValueError with a short reason if invalid."""
+    if len(value) > 4 * MAX_LINK_PROMPT:
+        raise ValueError("value too long.")
+    if name == "page":
+        return _choice(value, PAGES)
+    if name == "view":
+        return _choice(value, VIEWS)
+    if name == "scale":
+        return _choice(value, SCALES)
+    if name == "model":
+        if value not in allowed_models():
+            raise ValueError(f"model {value[:40]!r} is not available here (allowed: {', '.join(allowed_models())}).")
+        return value
+    if name in ("layer", "head", "token", "max_new_tokens"):
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{value[:20]!r} is not a whole number.") from None
+        low = -1 if name == "token" else 0
+        high = MAX_NEW_TOKENS if name == "max_new_tokens" else 100_000
+        if not low <= number <= high:
+            raise ValueError(f"{number} is out of range.")
+        return number
+    if name == "chat":
+        if value not in ("0", "1", "true", "false", "True", "False"):
+            raise ValueError("use 0 or 1.")
+        return value in ("1", "true", "True")
+    if name == "key":
+        if value and not is_key(value):
+            raise ValueError("not a capture key.")
+        return value
+    if name == "intervention":
+        if value != "none" and not (len(value) == 16 and all(c in "0123456789abcdef" for c in value)):
+            raise ValueError("not an intervention key.")
+        return value
+    if name == "image":
+        if value and not (value.replace("-", "").replace("_", "").isalnum() or
+                          (value.startswith("sha256:") and is_hex(value[7:], 64))):
+            raise ValueError("images are named samples or sha256:<hash> of an upload, never paths.")
+        return value
+    if name == "prompt":
+        if len(value) > MAX_LINK_PROMPT:
+            raise ValueError("prompt too long for a link.")
+        return "".join(ch for ch in value if ch in "\n\t" or ch.isprintable())
+    if name == "metric":
+        if not value.replace("_", "").isalnum() or len(value) > 40:
+            raise ValueError("not a metric name.")
+        return value
+    raise ValueError("unsupported.")
+
+
+def _choice(value: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{value[:40]!r} is not one of {', '.join(options)}.")
+    return value
+
+
+def is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
