@@ -47,6 +47,8 @@ class ViewState:
     layer: int = 0
     head: int = 0
     token: int = -1  # query token of the token view; -1 = the last token
+    q0: int = 0  # detail window of a long map: first query and first key shown
+    k0: int = 0
     scale: str = "raw"
     metric: str = "sink_alpha"
     intervention: str = "none"
@@ -109,7 +111,7 @@ def _parse(name: str, value: str):
         if value not in allowed_models():
             raise ValueError(f"model {value[:40]!r} is not available here (allowed: {', '.join(allowed_models())}).")
         return value
-    if name in ("layer", "head", "token", "max_new_tokens"):
+    if name in ("layer", "head", "token", "max_new_tokens", "q0", "k0"):
         try:
             number = int(value)
         except ValueError:

@@ -12,8 +12,23 @@ it the causal mask is silently lost).  A model loaded by `capture.registry` runs
   weights to the recorder, and produce the output as weights @ values.  Only one head block's
   fp32 scores exist at once; the recorder turns them into fp16 straight away.
 
+The decision is per layer: a layer with no attention-level edit (and nothing recorded) stays on
+SDPA even when other layers are edited.  Output-level edits (`scale`, `add`) and the analytics'
+`head_gates` act in the o_proj pre-hook, so they never leave the fast path.
+
+Attention-level edits (capture.interventions for the ops, position sets and composition order) are
+applied per head, vectorised over the heads that share an op and position sets, on each row block:
+logit and window on the scores, softmax, then redistribute, then mix.
+
+Sinks ("sinks" key sets) are detected once per session and layer from the prompt's prefill rows
+(ACT, METHODS §2.1) and reused by every later call: the KV-cache decode steps of a generate call use
+the prefill's sinks, and the adapter hands generation's `Session.sink_scores` to the recorded pass,
+so generation and capture edit the very same keys.
+
 The active state lives in a `Session`, set for the duration of a `with session(...)` block (a
-ContextVar, so concurrent Streamlit threads do not see each other's sessions).
+ContextVar, so concurrent Streamlit threads do not see each other's sessions).  A session can carry
+one intervention for the whole batch and one more per batch row (`row_interventions`), so a sweep
+runs B variants in one forward.
 """
 from __future__ import annotations
 
@@ -29,7 +44,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from capture.interventions import OUTPUT_OPS, HeadEdit, Intervention, InterventionError, parse_positions
+from capture.interventions import (ATTENTION_OPS, OUTPUT_OPS, HeadEdit, Intervention, InterventionError,
+                                   parse_positions, sink_set)
 from capture.types import OVERVIEW_BINS, pack_offset
 
 IMPLEMENTATION = "headscope"
@@ -106,9 +122,103 @@ def _tril_block_index(first_row: int, n_rows: int, n_keys: int) -> torch.Tensor:
     return row_of * n_keys + col
 
 
+# ---- the session: what is active during one forward / generate call --------------------------------
+
+@dataclass
+class _Group:
+    """Edits of one op with the same position sets, vectorised over the heads they touch.
+
+    `rows` selects batch rows (slice(None): every row; slice(b, b+1): row b's own intervention).
+    """
+
+    op: str
+    keys: str
+    queries: str
+    mode: str
+    rows: slice
+    heads: torch.Tensor  # long [n]
+    values: torch.Tensor  # float32 [n]
+    directions: torch.Tensor | None = None  # float32 [n, head_dim] (add)
+
+
+@dataclass
+class _LayerPlan:
+    """One layer's edits, grouped by stage in composition order (capture.interventions docstring)."""
+
+    stages: dict[str, list[_Group]]  # "logit" | "window" | "redistribute" | "mix" -> groups in order
+    output: list[_Group]  # scale / add, in per-head tuple order
+    max_head: int = -1
+
+    @property
+    def attention(self) -> bool:
+        return any(self.stages.values())
+
+    @property
+    def needs_sinks(self) -> bool:
+        return any(sink_set(g.keys) for groups in self.stages.values() for g in groups)
+
+
+def _rounds(edits: list[HeadEdit], rows: slice) -> list[_Group]:
+    """Group edits into vectorised groups without changing any one head's order of edits.
+
+    Round r holds each head's r-th edit; inside a round, edits with the same op and position sets
+    become one group.  Heads are independent, so this equals applying the edits one by one.
+    """
+    per_head: dict[int, list[HeadEdit]] = {}
+    for e in edits:
+        per_head.setdefault(e.head, []).append(e)
+    groups: list[_Group] = []
+    depth = max((len(v) for v in per_head.values()), default=0)
+    for r in range(depth):
+        sigs: dict[tuple, list[HeadEdit]] = {}
+        for head_edits in per_head.values():
+            if r < len(head_edits):
+                e = head_edits[r]
+                sigs.setdefault((e.op, e.keys, e.queries, e.mode), []).append(e)
+        for (op, keys, queries, mode), members in sigs.items():
+            dirs = None
+            if op == "add":
+                dims = {len(e.direction) for e in members}
+                if len(dims) != 1:
+                    raise InterventionError("add directions of one layer must all have the same length.")
+                dirs = torch.tensor([e.direction for e in members], dtype=torch.float32)
+            groups.append(_Group(op=op, keys=keys, queries=queries, mode=mode, rows=rows,
+                                 heads=torch.tensor([e.head for e in members], dtype=torch.long),
+                                 values=torch.tensor([e.value for e in members], dtype=torch.float32),
+                                 directions=dirs))
+    return groups
+
+
+def _layer_plan(sources: list[tuple[slice, tuple[HeadEdit, ...]]]) -> _LayerPlan:
+    stages: dict[str, list[_Group]] = {op: [] for op in ATTENTION_OPS}
+    output: list[_Group] = []
+    max_head = -1
+    for rows, edits in sources:
+        for op in ATTENTION_OPS:
+            stage = [e for e in edits if e.op == op]
+            if op == "window":
+                heads = [e.head for e in stage]
+                if any(e.mode == "mean" for e in stage) and len(heads) != len(set(heads)):
+                    raise InterventionError("A head with a mean-token window can have no other window edit.")
+            stages[op].extend(_rounds(stage, rows))
+        output.extend(_rounds([e for e in edits if e.op in OUTPUT_OPS], rows))
+        max_head = max([max_head] + [e.head for e in edits])
+    return _LayerPlan(stages=stages, output=output, max_head=max_head)
+
+
 @dataclass
 class Session:
-    """What the attention function and the output hooks do during one forward or generate call."""
+    """What the attention function and the output hooks do during one forward or generate call.
+
+    - `intervention` applies to every batch row; `row_interventions[b]` (if given) applies to batch
+      row b on top of it (its edits follow the shared ones in the composition order).
+    - `sink_scores[layer]`  # [batch, head, prompt] ACT's s_j (METHODS §2.1), computed once from
+      the prompt's prefill rows the first time an edit needs `sinks` in that layer, then reused by
+      every later call of the session (KV-cache decode steps); hand it to a later session
+      (`session(sink_scores=...)`) to reuse the same sinks in a recorded pass.
+    - `head_outputs(layer, z)` is called with z  # [batch, query, head, head_dim] as it enters the
+      output projection (after attention-level edits, before gates and output edits).
+    """
 
     intervention: Intervention = Intervention()
     recorder: Recorder | None = None
@@ -117,14 +227,45 @@ class Session:
     # batch can ablate a different head in each row (ablation sweeps) and gates can carry gradients
     # (Michel et al. head importance)
     head_gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    row_interventions: tuple[Intervention, ...] | None = None
+    sink_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    head_outputs: Callable[[int, torch.Tensor], None] | None = None
     # query positions of the current call per layer, set by the attention function, read by the o_proj hook
     query_positions: dict[int, range] = field(default_factory=dict)
+    _plans: dict[int, _LayerPlan] = field(default_factory=dict, repr=False)
 
     def attention_edits(self, layer: int) -> tuple[HeadEdit, ...]:
-        return tuple(e for e in self.intervention.for_layer(layer) if e.op not in OUTPUT_OPS)
+        """Attention-level edits of `layer`, shared and per-row together."""
+        return tuple(e for e in self._all_edits(layer) if e.op not in OUTPUT_OPS)
 
     def output_edits(self, layer: int) -> tuple[HeadEdit, ...]:
-        return tuple(e for e in self.intervention.for_layer(layer) if e.op in OUTPUT_OPS)
+        return tuple(e for e in self._all_edits(layer) if e.op in OUTPUT_OPS)
+
+    def _all_edits(self, layer: int) -> tuple[HeadEdit, ...]:
+        edits = self.intervention.for_layer(layer)
+        for iv in self.row_interventions or ():
+            edits += iv.for_layer(layer)
+        return edits
+
+    def plan(self, layer: int) -> _LayerPlan:
+        found = self._plans.get(layer)
+        if found is None:
+            sources = [(slice(None), self.intervention.for_layer(layer))]
+            for b, iv in enumerate(self.row_interventions or ()):
+                sources.append((slice(b, b + 1), iv.for_layer(layer)))
+            found = self._plans[layer] = _layer_plan(sources)
+        return found
+
+    def check_batch(self, batch: int) -> None:
+        if self.row_interventions is not None and batch != len(self.row_interventions):
+            raise InterventionError(
+                f"The batch has {batch} rows but {len(self.row_interventions)} row interventions were given; "
+                "give one per batch row."
+            )
+
+    def prompt_length(self) -> int | None:
+        prompt = self.spans.get("prompt")
+        return None if prompt is None else prompt.stop
 
 
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("headscope_session", default=None)
@@ -133,13 +274,33 @@ _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("heads
 @contextlib.contextmanager
 def session(intervention: Intervention = Intervention(), recorder: Recorder | None = None,
             spans: dict[str, range] | None = None,
-            head_gates: dict[int, torch.Tensor] | None = None) -> Iterator[Session]:
-    """Make `intervention` (and `recorder`, `head_gates`, if given) active for the calls inside the block."""
-    unsupported = sorted({e.op for e in intervention.edits} - {"scale"})
-    if unsupported:
-        raise InterventionError(f"The {', '.join(unsupported)} op is not implemented yet; only scale is.")
+            head_gates: dict[int, torch.Tensor] | None = None,
+            row_interventions: list[Intervention] | tuple[Intervention, ...] | None = None,
+            sink_scores: dict[int, torch.Tensor] | None = None,
+            head_outputs: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[Session]:
+    """Make an intervention (and a recorder, head gates ...) active for the model calls inside the block.
+
+    intervention       applies to every batch row.
+    row_interventions  one Intervention per batch row, applied to that row only (after the shared
+                       edits): B variants in one forward, e.g. a batched uniform-ablation sweep
+                           ivs = [uniform_ablation([(l, h)]) for l, h in heads]
+                           with session(row_interventions=ivs):
+                               model(input_ids=ids.expand(len(ivs), -1))
+                       A call whose batch size differs from len(row_interventions) raises.
+    spans              named position ranges ("prompt", "response", ...) that position sets refer to;
+                       "prompt" also fixes the rows `sinks` is detected on and the `last` query set.
+    head_gates         layer -> gate  # [batch, head], multiplies head outputs (differentiable).
+    sink_scores        sink scores from an earlier session over the same prompt (`Session.sink_scores`),
+                       so generation and the recorded pass use the very same sink sets.
+    head_outputs       callback(layer, z) receiving each layer's head outputs (steering directions).
+    """
+    rows = None if row_interventions is None else tuple(row_interventions)
+    for iv in (intervention, *(rows or ())):
+        if not isinstance(iv, Intervention):
+            raise InterventionError("Interventions must be capture.interventions.Intervention objects.")
     active = Session(intervention=intervention, recorder=recorder, spans=dict(spans or {}),
-                     head_gates=dict(head_gates or {}))
+                     head_gates=dict(head_gates or {}), row_interventions=rows,
+                     sink_scores=dict(sink_scores or {}), head_outputs=head_outputs)
     token = _SESSION.set(active)
     try:
         yield active
@@ -150,6 +311,8 @@ def session(intervention: Intervention = Intervention(), recorder: Recorder | No
 def current_session() -> Session | None:
     return _SESSION.get()
 
+
+# ---- the attention function -------------------------------------------------------------------------
 
 def _additive_mask(attention_mask: torch.Tensor | None, causal: bool, n_q: int, n_k: int,
                    dtype: torch.dtype) -> torch.Tensor | None:
@@ -167,6 +330,55 @@ def _additive_mask(attention_mask: torch.Tensor | None, causal: bool, n_q: int, 
     return attention_mask[..., :n_k]
 
 
+class _Call:
+    """The geometry of one attention call, and its blocks of softmax-ready scores."""
+
+    def __init__(self, module, query, key, value, attention_mask, scaling, kwargs):
+        self.query, self.key, self.value = query, key, value
+        self.batch, self.n_heads, self.n_q, self.head_dim = query.shape
+        self.n_k = key.shape[2]
+        self.n_kv = key.shape[1]
+        self.group = self.n_heads // self.n_kv
+        self.scaling = self.head_dim**-0.5 if scaling is None else scaling
+        flag = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if flag is None else flag)
+        self.implicit_causal = causal and attention_mask is None and self.n_q > 1  # rows see keys up to their own position
+        self.mask = None if self.implicit_causal else _additive_mask(attention_mask, causal, self.n_q, self.n_k, query.dtype)
+        self.softcap = kwargs.get("softcap")
+        self.offset = self.n_k - self.n_q  # absolute position of query row 0
+        self.key_t = key.transpose(2, 3)  # [batch, kv_head, head_dim, key]
+
+    def k_end(self, r1: int) -> int:
+        return self.offset + r1 if self.implicit_causal else self.n_k  # causal rows never see later keys
+
+    def scores(self, r0: int, r1: int) -> torch.Tensor:
+        """scores  # [batch, head, rows, k_end], scaled, soft-capped and masked, as transformers' eager path."""
+        rows, k_end = r1 - r0, self.k_end(r1)
+        # GQA without copying keys: the `group` query heads of one KV head are stacked along the rows
+        q_block = self.query[:, :, r0:r1].reshape(self.batch, self.n_kv, self.group * rows, self.head_dim)
+        scores = torch.matmul(q_block, self.key_t[..., :k_end]).view(self.batch, self.n_heads, rows, k_end)
+        scores.mul_(self.scaling)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.implicit_causal:
+            scores[..., self.offset + r0 : k_end].masked_fill_(_upper(rows), float("-inf"))
+        elif self.mask is not None:
+            scores = scores + self.mask[:, :, r0:r1, :k_end]
+        return scores
+
+    def visible(self, r0: int, r1: int) -> torch.Tensor:
+        """visible  # [batch or 1, 1, rows, k_end] bool: the keys the causal / padding mask lets each row see."""
+        k_end = self.k_end(r1)
+        if self.implicit_causal:
+            return (torch.arange(k_end)[None, :] <= torch.arange(self.offset + r0, self.offset + r1)[:, None])[None, None]
+        if self.mask is not None:
+            return self.mask[:, :, r0:r1, :k_end] > torch.finfo(self.mask.dtype).min / 2
+        return torch.ones(1, 1, r1 - r0, k_end, dtype=torch.bool)
+
+    def positions(self, r0: int, r1: int) -> torch.Tensor:
+        return torch.arange(self.offset + r0, self.offset + r1)
+
+
 def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None,
                         dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
@@ -176,46 +388,36 @@ def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     """
     active = _SESSION.get()
     layer = getattr(module, "headscope_layer", None)
+    if active is None or layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     n_q, n_k = query.shape[2], key.shape[2]
-    if active is not None and layer is not None:
-        active.query_positions[layer] = range(n_k - n_q, n_k)
-    edits = active.attention_edits(layer) if active is not None and layer is not None else ()
-    recording = active is not None and active.recorder is not None and layer is not None
-    if not recording and not edits:
+    active.query_positions[layer] = range(n_k - n_q, n_k)
+    active.check_batch(query.shape[0])
+    plan = active.plan(layer)
+    if plan.max_head >= query.shape[1]:
+        raise InterventionError(f"An edit names head {plan.max_head} of layer {layer}, which has {query.shape[1]} heads.")
+    recording = active.recorder is not None
+    if not recording and not plan.attention:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
 
-    batch, n_heads, _, head_dim = query.shape
-    n_kv = key.shape[1]
-    group = n_heads // n_kv
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    implicit_causal = causal and attention_mask is None and n_q > 1  # rows see keys up to their own position
-    mask = None if implicit_causal else _additive_mask(attention_mask, causal, n_q, n_k, query.dtype)
-    softcap = kwargs.get("softcap")
-    offset = n_k - n_q  # absolute position of query row 0
-    key_t = key.transpose(2, 3)  # [batch, kv_head, head_dim, key]
-    attn_output = torch.empty(batch, n_heads, n_q, value.shape[-1], dtype=query.dtype)
+    call = _Call(module, query, key, value, attention_mask, scaling, kwargs)
+    sinks = _sink_scores(active, layer, call) if plan.needs_sinks else None
+    attn_output = torch.empty(call.batch, call.n_heads, n_q, value.shape[-1], dtype=query.dtype)
     for r0 in range(0, n_q, ROW_BLOCK):
         r1 = min(n_q, r0 + ROW_BLOCK)
-        rows = r1 - r0
-        k_end = offset + r1 if implicit_causal else n_k  # causal rows never see later keys: skip them
-        # GQA without copying keys: the `group` query heads of one KV head are stacked along the rows
-        q_block = query[:, :, r0:r1].reshape(batch, n_kv, group * rows, head_dim)  # [batch, kv_head, group*rows, head_dim]
-        scores = torch.matmul(q_block, key_t[..., :k_end]).view(batch, n_heads, rows, k_end)  # [batch, head, rows, key]
-        scores.mul_(scaling)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if implicit_causal:
-            scores[..., offset + r0 : k_end].masked_fill_(_upper(rows), float("-inf"))
-        elif mask is not None:
-            scores = scores + mask[:, :, r0:r1, :k_end]
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [batch, head, rows, key]
+        rows, k_end = r1 - r0, call.k_end(r1)
+        scores = call.scores(r0, r1)  # [batch, head, rows, key]
+        if plan.attention:
+            weights = _edited_weights(call, plan, active, r0, r1, scores, sinks).to(query.dtype)
+        else:
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [batch, head, rows, key]
         del scores
         if recording:
             active.recorder.take(layer, 0, r0, n_q, weights[0])
-        block_out = torch.matmul(weights.view(batch, n_kv, group * rows, k_end), value[:, :, :k_end])
-        attn_output[:, :, r0:r1] = block_out.view(batch, n_heads, rows, -1)
+        block_out = torch.matmul(weights.view(call.batch, call.n_kv, call.group * rows, k_end), value[:, :, :k_end])
+        attn_output[:, :, r0:r1] = block_out.view(call.batch, call.n_heads, rows, -1)
     return attn_output.transpose(1, 2).contiguous(), None
 
 
@@ -225,43 +427,241 @@ def _upper(n: int) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool).triu(1)
 
 
+# ---- sinks (ACT detection on the prompt's prefill rows) ----------------------------------------------
+
+def _sink_scores(active: Session, layer: int, call: _Call) -> torch.Tensor:
+    """s  # [batch, head, prompt]: ACT's s_j = sum_i A_ij / (N - j) over the prompt rows (METHODS §2.1).
+
+    Computed once per session and layer, on the unedited softmax of this layer over the prompt's
+    prefill rows (rows 0 .. P-1, P = the "prompt" span, else the whole first call), then reused: the
+    KV-cache decode steps of the same generate call see the same sink sets, and `capture.adapters`
+    hands the scores of generation to the recorded pass.  N - j is counted from the mask, so padded
+    keys never count.
+    """
+    found = active.sink_scores.get(layer)
+    if found is not None:
+        if found.shape[0] != call.batch:
+            raise InterventionError("The stored sink scores were computed for another batch size.")
+        return found
+    if call.offset != 0:
+        raise InterventionError(
+            "Sink positions are detected on the prompt's prefill; this call starts mid-sequence "
+            f"(position {call.offset}) and the session has no sinks for layer {layer}."
+        )
+    n_prompt = min(active.prompt_length() or call.n_q, call.n_q)
+    mass = torch.zeros(call.batch, call.n_heads, n_prompt)
+    seen = torch.zeros(1, 1, n_prompt)
+    for r0 in range(0, n_prompt, ROW_BLOCK):
+        r1 = min(n_prompt, r0 + ROW_BLOCK)
+        weights = torch.softmax(call.scores(r0, r1), dim=-1, dtype=torch.float32)  # [batch, head, rows, key]
+        visible = call.visible(r0, r1)  # [batch|1, 1, rows, key]
+        mass += (weights * visible)[..., :n_prompt].sum(2)
+        seen = seen + visible[..., :n_prompt].sum(2, dtype=torch.float32)  # [batch|1, 1, key]
+    scores = mass / seen.clamp(min=1)
+    active.sink_scores[layer] = scores
+    return scores
+
+
+def sink_mask(scores: torch.Tensor, threshold: float, include_first: bool) -> torch.Tensor:
+    """scores  # [..., key] -> bool [..., key]: s_j > threshold, the first detected sink dropped unless asked."""
+    detected = scores > threshold
+    if not include_first:
+        first = detected.to(torch.uint8).argmax(-1, keepdim=True)  # the first True (0 if none: then it is False)
+        detected = detected.scatter(-1, first, False)
+    return detected
+
+
+# ---- attention-level edits -------------------------------------------------------------------------
+
+def _key_mask(spec: str, group: _Group, call: _Call, active: Session, sinks: torch.Tensor | None,
+              k_end: int) -> torch.Tensor:
+    """The key set `spec` as a bool mask broadcastable to [rows-of-batch, heads, rows, k_end]."""
+    found = sink_set(spec)
+    if found is not None:
+        threshold, include_first = found
+        scores = sinks[group.rows][:, group.heads]  # [nb, nh, prompt]
+        mask = sink_mask(scores, threshold, include_first)
+        n = mask.shape[-1]
+        if n < k_end:
+            mask = torch.nn.functional.pad(mask, (0, k_end - n))
+        return mask[..., :k_end].unsqueeze(2)  # [nb, nh, 1, key]
+    keys = torch.zeros(k_end, dtype=torch.bool)
+    if spec == "all":
+        keys[:] = True
+    else:
+        wanted = parse_positions(spec, call.n_k, active.spans)
+        keys[wanted.start:min(wanted.stop, k_end)] = True
+    return keys.view(1, 1, 1, k_end)
+
+
+def _query_mask(spec: str, positions: torch.Tensor, n_total: int, active: Session) -> torch.Tensor | None:
+    """bool [rows] over the call's rows (absolute positions `positions`), or None for every row."""
+    if spec == "all":
+        return None
+    if spec == "last":
+        n_prompt = active.prompt_length()
+        return positions >= (n_prompt - 1 if n_prompt else n_total - 1)
+    wanted = parse_positions(spec, n_total, active.spans)
+    return (positions >= wanted.start) & (positions < wanted.stop)
+
+
+def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, r0: int, r1: int,
+                    scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """weights  # [batch, head, rows, key] float32: softmax with the layer's attention-level edits.
+
+    Order: logit, window (pre-softmax), softmax, redistribute, mix (capture.interventions).
+    """
+    k_end = call.k_end(r1)
+    positions = call.positions(r0, r1)
+    visible = call.visible(r0, r1)  # [batch|1, 1, rows, key]
+    neg_inf = float("-inf")
+
+    def queries(group: _Group) -> torch.Tensor | None:
+        q = _query_mask(group.queries, positions, call.n_k, active)
+        return None if q is None else q.view(1, 1, -1, 1)
+
+    def rows_of(x: torch.Tensor, group: _Group) -> torch.Tensor:
+        return x[group.rows] if x.shape[0] > 1 else x
+
+    pre = plan.stages["logit"] or plan.stages["window"]
+    original = scores.clone() if pre else None
+    compensation = []
+    for group in plan.stages["logit"]:
+        s = scores[group.rows][:, group.heads]  # [nb, nh, rows, key]
+        sel = _key_mask(group.keys, group, call, active, sinks, k_end)
+        q = queries(group)
+        if q is not None:
+            sel = sel & q
+        bias = group.values.to(s.dtype).view(1, -1, 1, 1)
+        scores[group.rows][:, group.heads] = torch.where(sel, s + bias, s)
+    for group in plan.stages["window"]:
+        s = scores[group.rows][:, group.heads]
+        keep = _key_mask(group.keys, group, call, active, sinks, k_end)
+        recent = (positions[:, None] - torch.arange(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
+        keep = keep | (recent < group.values.view(1, -1, 1, 1))
+        drop = ~keep & rows_of(visible, group) & (s > neg_inf)
+        q = queries(group)
+        if q is not None:
+            drop = drop & q
+        if group.mode == "mean":  # RazorAttention compensation token: mean key and mean value of the dropped keys
+            count = drop.sum(-1)  # [nb, nh, rows]
+            kv = torch.div(group.heads, call.group, rounding_mode="floor")
+            keys = call.key[group.rows][:, kv, :k_end]  # [nb, nh, key, head_dim]
+            k_mean = torch.matmul(drop.to(keys.dtype), keys) / count.clamp(min=1).unsqueeze(-1).to(keys.dtype)
+            q_vec = call.query[group.rows][:, group.heads, r0:r1]  # [nb, nh, rows, head_dim]
+            logit = (q_vec * k_mean).sum(-1) * call.scaling
+            if call.softcap is not None:
+                logit = torch.tanh(logit / call.softcap) * call.softcap
+            compensation.append((group, drop, count, logit.masked_fill(count == 0, neg_inf)))
+        scores[group.rows][:, group.heads] = s.masked_fill(drop, neg_inf)
+    if pre:  # a row whose every key was masked out by the edits keeps its unedited scores
+        dead = torch.isneginf(scores).all(-1, keepdim=True)
+        if dead.any():
+            scores = torch.where(dead, original, scores)
+        del original
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [batch, head, rows, key]
+    for group, drop, count, logit in compensation:
+        s = scores[group.rows][:, group.heads].float()
+        w = torch.softmax(torch.cat([s, logit.float().unsqueeze(-1)], -1), dim=-1)
+        spread = w[..., -1:] * drop / count.clamp(min=1).unsqueeze(-1)  # the token's mass, spread over its keys
+        weights[group.rows][:, group.heads] = w[..., :-1] + spread
+    if not (plan.stages["redistribute"] or plan.stages["mix"]):
+        return weights
+    live = visible & ((scores > neg_inf) | (weights > 0))  # [batch, head, rows, key]: keys each row can see
+
+    for group in plan.stages["redistribute"]:
+        w = weights[group.rows][:, group.heads]
+        vis = rows_of(live, group)[:, group.heads]
+        taken = _key_mask(group.keys, group, call, active, sinks, k_end) & vis
+        other = vis & ~taken
+        mass = (w * taken).sum(-1, keepdim=True)  # [nb, nh, rows, 1]
+        rest = (w * other).sum(-1, keepdim=True)
+        beta = group.values.view(1, -1, 1, 1)
+        target = torch.minimum(beta * mass, mass + rest)  # beta > 1 takes at most all of the rest
+        moved = torch.where(taken, w * (target / mass.clamp(min=1e-30)),
+                            torch.where(other, w * ((mass + rest - target) / rest.clamp(min=1e-30)), w))
+        change = (mass > 0) & (rest > 0)  # nothing to move, or nowhere to put it: the row stays
+        q = queries(group)
+        if q is not None:
+            change = change & q
+        weights[group.rows][:, group.heads] = torch.where(change, moved, w)
+    for group in plan.stages["mix"]:
+        w = weights[group.rows][:, group.heads]
+        vis = rows_of(live, group)[:, group.heads]
+        if group.keys == "all":  # identity: each row attends to its own position
+            target = (torch.arange(k_end)[None, :] == positions[:, None]).to(w.dtype).view(1, 1, -1, k_end)
+            has_target = None
+        else:
+            allowed = vis if group.keys == "uniform" else vis & _key_mask(group.keys, group, call, active, sinks, k_end)
+            count = allowed.sum(-1, keepdim=True)
+            target = allowed / count.clamp(min=1)
+            has_target = count > 0
+        u = group.values.view(1, -1, 1, 1)
+        mixed = (1 - u) * w + u * target
+        change = has_target
+        q = queries(group)
+        if q is not None:
+            change = q if change is None else change & q
+        weights[group.rows][:, group.heads] = mixed if change is None else torch.where(change, mixed, w)
+    return weights
+
+
+# ---- head outputs (o_proj pre-hook) ------------------------------------------------------------------
+
 def scale_head_outputs(layer: int, n_heads: int) -> Callable:
-    """A forward pre-hook for a layer's output projection: applies the session's `scale` edits.
+    """A forward pre-hook for a layer's output projection: head gates, then the `scale` and `add` edits.
 
     The projection's input is the concatenation of the head outputs z (METHODS.md notation):
-    z  # [batch, query, head * head_dim]; `scale` multiplies one head's slice by `value`.
+    z  # [batch, query, head * head_dim]; `scale` multiplies one head's slice by `value`, `add` adds
+    `value * direction` to it, on the rows of `queries`.  Works on the SDPA fast path too.
     """
 
     def hook(_module: torch.nn.Module, args: tuple) -> tuple | None:
         active = _SESSION.get()
         if active is None:
             return None
-        edits = active.output_edits(layer)
+        plan = active.plan(layer)
         gates = active.head_gates.get(layer)
-        if not edits and gates is None:
+        if not plan.output and gates is None and active.head_outputs is None:
             return None
         (z, *rest) = args
         batch, n_q, width = z.shape
         z = z.view(batch, n_q, n_heads, width // n_heads)  # [batch, query, head, head_dim]
+        if active.head_outputs is not None:
+            active.head_outputs(layer, z)
+            if not plan.output and gates is None:
+                return None
+        active.check_batch(batch)
+        if plan.max_head >= n_heads:
+            raise InterventionError(f"An edit names head {plan.max_head} of layer {layer}, which has {n_heads} heads.")
         if gates is not None:
             z = z * gates.to(z.dtype)[:, None, :, None]  # gate  # [batch, head]
         else:
             z = z.clone()
-        positions = active.query_positions.get(layer, range(n_q))
-        for edit in edits:
-            rows = _query_rows(edit.queries, positions, active.spans)
-            z[:, rows, edit.head] = z[:, rows, edit.head] * edit.value
+        span = active.query_positions.get(layer, range(n_q))
+        positions = torch.arange(span.start, span.stop)
+        for group in plan.output:
+            sub = z[group.rows]  # view [nb, query, head, head_dim]
+            if group.op == "scale":
+                factor = torch.ones(n_heads, dtype=z.dtype)
+                factor[group.heads] = group.values.to(z.dtype)
+                edited = sub * factor.view(1, 1, n_heads, 1)
+            else:
+                if group.directions.shape[1] != z.shape[-1]:
+                    raise InterventionError(
+                        f"An add direction on layer {layer} has {group.directions.shape[1]} numbers; "
+                        f"the heads have {z.shape[-1]} dimensions."
+                    )
+                delta = torch.zeros(n_heads, z.shape[-1], dtype=z.dtype)
+                delta[group.heads] = (group.values[:, None] * group.directions).to(z.dtype)
+                edited = sub + delta.view(1, 1, n_heads, -1)
+            q = _query_mask(group.queries, positions, span.stop, active)
+            if q is not None:
+                edited = torch.where(q.view(1, -1, 1, 1), edited, sub)
+            sub.copy_(edited)
         return (z.reshape(batch, n_q, width), *rest)
 
     return hook
-
-
-def _query_rows(spec: str, positions: range, spans: dict[str, range]) -> slice | list[int]:
-    """Rows of the current call whose absolute positions fall in the position set `spec`."""
-    if spec == "all":
-        return slice(None)
-    wanted = parse_positions(spec, positions.stop, spans)
-    return [i for i, p in enumerate(positions) if p in wanted]
 
 
 def register() -> None:

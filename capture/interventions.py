@@ -92,7 +92,7 @@ def sink_set(spec: str) -> tuple[float, bool] | None:
 
     The bool says whether the first detected sink is included.
     """
-    m = _SINKS.match(spec)
+    m = _SINKS.fullmatch(spec)
     if not m:
         return None
     return (float(m.group(2)) if m.group(2) else SINK_THRESHOLD), bool(m.group(1))
@@ -126,7 +126,7 @@ class HeadEdit:
         if self.layer < 0 or self.head < 0:
             raise InterventionError("Layer and head indices must be non-negative.")
         for name in ("keys", "queries"):
-            if not isinstance(getattr(self, name), str) or not _POSITIONS.match(getattr(self, name)):
+            if not isinstance(getattr(self, name), str) or not _POSITIONS.fullmatch(getattr(self, name)):
                 raise InterventionError(
                     f"Bad position set {getattr(self, name)!r} for {name}: use all, sinks, image, "
                     "span:<name> or a range like 0:4."

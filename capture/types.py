@@ -107,6 +107,7 @@ class Output:
     steps: list[StepLogprobs] = field(default_factory=list)  # one per generated token
     next_top: list[tuple[str, float]] = field(default_factory=list)  # top-k after the last token
     notes: list[str] = field(default_factory=list)  # things the user should know about this run
+    classes: list[tuple[str, float]] = field(default_factory=list)  # image classifiers: top-5 (label, probability)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,6 +120,7 @@ class Output:
             for s in data.get("steps", [])
         ]
         data["next_top"] = [tuple(t) for t in data.get("next_top", [])]
+        data["classes"] = [tuple(t) for t in data.get("classes", [])]
         return cls(**data)
 
 
@@ -228,6 +230,35 @@ class Capture:
         if self.store is not None:
             self.store.put_array(self.key, name, thumbs)
         return thumbs
+
+    def image(self) -> np.ndarray | None:
+        """image  # [H, W, 3] uint8: the picture as the model saw it (resized, cropped); None if the run had none."""
+        if self.store is None or self.spec.image is None:
+            return None
+        from cache.store import CorruptEntry
+
+        try:
+            return np.asarray(self.store.get_array(self.key, "image"))
+        except CorruptEntry:
+            return None
+
+    def rows(self, layer: int, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """attn  # [head, stop - start, keys]: query rows start..stop-1 of every head of one layer.  Causal
+        ("tril") maps give keys 0..stop-1 (zeros above the diagonal), full maps every key.  Reads only
+        those rows' bytes, so analytics can stream a long capture in row blocks without unpacking a
+        whole layer."""
+        stored = self._layer_array(layer)
+        n_rows = stop - start
+        if self.layout != "tril":
+            return np.asarray(stored[:, start:stop, :], dtype=dtype)
+        out = np.zeros((self.meta.n_heads, n_rows, stop), dtype=dtype)
+        segment = np.asarray(stored[:, pack_offset(start) : pack_offset(stop)])  # [head, packed rows]
+        offset = 0
+        for r in range(n_rows):
+            width = start + r + 1
+            out[:, r, :width] = segment[:, offset : offset + width]
+            offset += width
+        return out
 
     def record(self) -> dict:
         """The JSON metadata record stored for this capture."""

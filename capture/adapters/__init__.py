@@ -25,4 +25,8 @@ def adapter_for(modality: str):
         from capture.adapters.llm import TextAdapter
 
         return TextAdapter
+    if modality == "vision":
+        from capture.adapters.vit import VisionAdapter
+
+        return VisionAdapter
     raise InputError(f"HeadScope cannot capture {modality} models yet.")

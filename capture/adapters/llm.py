@@ -93,6 +93,7 @@ class TextAdapter:
 
     def __init__(self, handle: ModelHandle):
         self.handle = handle
+        self.sink_scores: dict = {}  # layer -> ACT sink scores of the last generation (attention.Session)
         self.tokenizer = handle.tokenizer
         config = handle.model.config
         self.max_tokens = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -140,12 +141,16 @@ class TextAdapter:
         config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
         input_ids = torch.tensor([prompt_ids])
-        with attention.session(spec.intervention, spans={"prompt": range(len(prompt_ids))}):
+        n = len(prompt_ids)
+        spans = {"prompt": range(n), "response": range(n, n + spec.max_new_tokens)}
+        with attention.session(spec.intervention, spans=spans) as active:
             with torch.inference_mode():
                 result = self.handle.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
                     stopping_criteria=StoppingCriteriaList([_StepProgress(progress, spec.max_new_tokens, share)]),
                 )
+        # the recorded pass reuses generation's sink sets (detected once on the prompt's prefill rows)
+        self.sink_scores = dict(active.sink_scores)
         new_ids = [int(i) for i in result.sequences[0, len(prompt_ids):]]
         steps = []
         for token_id, logits in zip(new_ids, result.logits):
@@ -170,6 +175,7 @@ class TextAdapter:
         self.check_size(len(prompt_ids), max_new, store.size_limit)
         gen_share = 0.5 if max_new else 0.0
         new_ids, steps = [], []
+        self.sink_scores = {}
         if max_new:
             new_ids, steps = self.generate(spec, prompt_ids, progress, gen_share)
         t_gen = time.perf_counter()
@@ -182,7 +188,7 @@ class TextAdapter:
         input_ids = torch.tensor([ids])
         with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer:
             recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
-            with attention.session(spec.intervention, recorder=recorder, spans=spans):
+            with attention.session(spec.intervention, recorder=recorder, spans=spans, sink_scores=self.sink_scores):
                 with torch.inference_mode():
                     if meta.causal:
                         out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)

@@ -1,0 +1,31 @@
+"""HeadScope: the Streamlit entry point.  Navigation, the shared sidebar, the URL state.
+
+Run with `make run` (or `streamlit run app.py`).  Each page is a short script in pages/.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import shared
+
+st.set_page_config(page_title="HeadScope", page_icon=":material/visibility:", layout="wide")
+st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem}"
+        ".hs-tok{padding:1px 0;border-radius:3px}"
+        ".hs-label{font-weight:600;display:inline-block;min-width:8.5em}</style>")
+
+state = shared.view_state()
+link_opened = st.session_state.pop("link_opened", False)
+PAGES = {
+    "home": st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
+    "explorer": st.Page("pages/explorer.py", title="Attention explorer", icon=":material/search:", url_path="explorer"),
+}
+page = st.navigation(list(PAGES.values()))
+if link_opened and state.page in PAGES and PAGES[state.page] is not page:
+    st.switch_page(PAGES[state.page])  # a shared link opens on the page it names
+state.page = next(name for name, p in PAGES.items() if p is page)
+shared.sidebar()
+page.run()
+st.query_params.from_dict(state.to_params())
+with st.sidebar:
+    st.markdown("**Share this view**")
+    st.code(shared.share_link(state), language=None, wrap_lines=True)

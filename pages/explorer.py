@@ -1,0 +1,128 @@
+"""Attention explorer: model view (every head at a glance), head view (one map), token view (one row)."""
+import numpy as np
+import streamlit as st
+
+from capture.types import max_pool
+from charts import attention as charts
+from charts.theme import plot_config
+from pages import shared
+
+FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution detail window
+WINDOW = 96  # detail window size, tokens
+OVERVIEW_BINS = 128
+
+state = shared.view_state()
+capture = shared.current_capture()
+st.title("Attention explorer")
+shared.show_link_warnings()
+shared.status_line(capture)
+if capture is None:
+    st.stop()
+meta = capture.meta
+n = capture.n_tokens
+for warning in state.clamp(meta.n_layers, meta.n_heads, n):
+    st.warning(warning)
+state.q0 = min(max(state.q0, 0), max(n - WINDOW, 0))
+state.k0 = min(max(state.k0, 0), max(n - WINDOW, 0))
+
+
+def pick_head_from_grid() -> None:
+    points = st.session_state["model_grid"].selection.points
+    if points:
+        shared.set_fields(layer=int(round(points[0]["y"])), head=int(round(points[0]["x"])), view="head")
+
+
+def centre_window_on_click() -> None:
+    points = st.session_state["head_overview"].selection.points
+    if points:
+        q, k = int(points[0]["y"]), int(points[0]["x"])
+        shared.set_fields(q0=min(max(q - WINDOW // 2, 0), max(n - WINDOW, 0)),
+                          k0=min(max(k - WINDOW // 2, 0), max(n - WINDOW, 0)))
+
+
+cols = st.columns([2.6, 1, 1, 2.4])
+with cols[0]:
+    shared.bind("view", st.segmented_control, "View", ["model", "head", "token"], required=True,
+                format_func={"model": "Model view", "head": "Head view", "token": "Token view"}.get)
+with cols[1]:
+    layer = shared.bind("layer", st.number_input, "Layer", 0, meta.n_layers - 1, step=1,
+                        help="Arrow keys or +/- step through layers.")
+with cols[2]:
+    head = shared.bind("head", st.number_input, "Head", 0, meta.n_heads - 1, step=1,
+                       help=f"Query head; with GQA, heads {meta.group_size} at a time share a KV head.")
+with cols[3]:
+    scale = shared.bind("scale", st.segmented_control, "Colour", ["raw", "log", "row"], required=True,
+                        format_func={"raw": "weight", "log": "log", "row": "row-norm"}.get,
+                        help="weight: raw attention; log: log10 (shows small weights); row-norm: each row / its max.")
+fmt = st.sidebar.radio("Figure download format", ["png", "svg"], horizontal=True, key="fig_format")
+config = plot_config(fmt)
+
+if state.view == "model":
+    thumbs = np.asarray(capture.overview(), dtype=np.float32)  # [layer, head, bins, bins]
+    st.caption(f"Every head of every layer, each map max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks. "
+               "Click a head to open it.")
+    fig = charts.model_grid(thumbs, scale, selected=(layer, head))
+    st.plotly_chart(fig, key="model_grid", on_select=pick_head_from_grid, selection_mode="points",
+                    config=config)
+    L, H, b, _ = thumbs.shape
+    grid = np.stack(np.meshgrid(np.arange(L), np.arange(H), np.arange(b), np.arange(b), indexing="ij"), -1)
+    rows = np.concatenate([grid.reshape(-1, 4), thumbs.reshape(-1, 1)], axis=1)
+    csv = "layer,head,query_block,key_block,max_weight\n" + "\n".join(
+        f"{int(r[0])},{int(r[1])},{int(r[2])},{int(r[3])},{r[4]:.5g}" for r in rows)
+    st.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_model_view.csv", mime="text/csv")
+
+elif state.view == "head":
+    attn = capture.head(layer, head)  # [query, key]
+    title = f"Layer {layer}, head {head} (KV head {meta.kv_head(head)})"
+    causal = meta.causal
+    if n <= FULL_MAP_MAX:
+        fig = charts.head_map(attn, capture.tokens, capture.tokens, scale, title=title, mask_future=causal)
+        st.plotly_chart(fig, key="head_map", config=config)
+        shown, q0, k0 = attn, 0, 0
+    else:
+        left, right = st.columns([1, 1.25])
+        with left:
+            q0 = shared.bind("q0", st.slider, "Detail window: first query", 0, n - WINDOW)
+            k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
+            pooled = max_pool(np.asarray(attn, dtype=np.float32), OVERVIEW_BINS)
+            fig = charts.overview_map(pooled, n, scale, title=f"{title}: overview (click to move the window)",
+                                      window=(q0, q0 + WINDOW, k0, k0 + WINDOW))
+            st.plotly_chart(fig, key="head_overview", on_select=centre_window_on_click,
+                            selection_mode="points", config=config)
+        with right:
+            shown = attn[q0 : q0 + WINDOW, k0 : k0 + WINDOW]
+            fig = charts.head_map(shown, capture.tokens[q0 : q0 + WINDOW], capture.tokens[k0 : k0 + WINDOW],
+                                  scale, title=f"Detail: queries {q0}–{q0 + WINDOW - 1}, keys {k0}–{k0 + WINDOW - 1}",
+                                  q_start=q0, k_start=k0, mask_future=causal)
+            st.plotly_chart(fig, key="head_detail", config=config)
+    header = ",".join(["query"] + [f'"{k0 + j}:{t}"'.replace("\n", " ") for j, t in
+                                   enumerate(capture.tokens[k0 : k0 + shown.shape[1]])])
+    body = "\n".join(",".join([f'"{q0 + i}:{capture.tokens[q0 + i]}"'] + [f"{v:.5g}" for v in row])
+                     for i, row in enumerate(np.asarray(shown, dtype=np.float32)))
+    st.download_button("Numbers (CSV)", header + "\n" + body, mime="text/csv",
+                       file_name=f"{capture.key}_L{layer}_H{head}.csv")
+
+else:  # token view
+    query = shared.bind("token", st.select_slider, "Query token", options=list(range(-1, n)),
+                        format_func=lambda i: "last token" if i == -1 else f"{i} {capture.tokens[i]}")
+    q = n - 1 if query == -1 else query
+    rows = np.asarray(capture.row(layer, q), dtype=np.float32)  # [head, key]
+    st.caption(f"What token {q} ({capture.tokens[q]!r}) attends to in layer {layer}: stronger red = more weight "
+               "(each line scaled to its own maximum; hover a token for the exact weight).")
+    st.html(charts.token_highlight_html(capture.tokens, rows.mean(0), q, "mean of heads"))
+    for h in range(meta.n_heads):
+        st.html(charts.token_highlight_html(capture.tokens, rows[h], q, f"head {h}"))
+    csv = "head,key,token,weight\n" + "\n".join(
+        f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1))
+    st.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv")
+
+with st.expander("Text, output and top-k log-probabilities"):
+    shared.show_text(capture)
+    if capture.output.steps:
+        st.dataframe(
+            [{"step": i, "token": s.token, "logprob": round(s.logprob, 3),
+              "top-5": "  ".join(f"{t!r} {p:.2f}" for t, p in s.top)} for i, s in enumerate(capture.output.steps)],
+            hide_index=True,
+        )
+st.download_button("Download the whole capture (.npz + .json)", lambda: shared.capture_zip(capture),
+                   file_name=f"headscope_{capture.key}.zip", mime="application/zip")

@@ -1,0 +1,24 @@
+"""Landing page: what HeadScope is and what each page is for."""
+import streamlit as st
+
+from pages import shared
+
+capture = shared.current_capture()
+st.title("HeadScope")
+st.markdown(
+    "Explore the attention heads of language and vision transformers: capture every head's attention "
+    "into a disk cache, score heads with published methods, and switch interventions on chosen heads "
+    "to see what changes. Every view is a link you can share."
+)
+shared.show_link_warnings()
+st.markdown(
+    """
+| Page | What it is for |
+|---|---|
+| **Attention explorer** | Every head at a glance (model view), one head's full map with token labels (head view), and which tokens one token attends to (token view). |
+"""
+)
+shared.status_line(capture)
+if capture is not None:
+    shared.show_text(capture)
+    st.page_link("pages/explorer.py", label="Open the attention explorer", icon=":material/search:")

@@ -1,0 +1,167 @@
+"""What every page shares: the view state, the sidebar run controls, the current capture, the status line.
+
+The `ViewState` in `st.session_state["view"]` is the single source of truth.  Widgets are bound
+to its fields (`bind`); app.py writes it to `st.query_params` at the end of every run, which also
+puts back the parameters Streamlit drops when the sidebar switches pages.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import streamlit as st
+
+from capture.types import Capture, RunSpec
+from state import MAX_NEW_TOKENS, ViewState, allowed_models
+
+EMBEDDED_TITLES = {
+    "smollm2": "SmolLM2-135M (causal LM)",
+    "minilm": "MiniLM-L6 (encoder)",
+}
+
+
+def view_state() -> ViewState:
+    """The session's ViewState, parsed from the link on the first run of a session."""
+    if "view" not in st.session_state:
+        state, warnings = ViewState.from_params(st.query_params.to_dict())
+        st.session_state["view"] = state
+        st.session_state["link_warnings"] = warnings
+        st.session_state["link_opened"] = bool(st.query_params.to_dict())
+    return st.session_state["view"]
+
+
+def bind(field: str, widget, *args, **kwargs):
+    """Render `widget` bound to ViewState.<field>: initialised from it, written back to it."""
+    state = view_state()
+    key = f"w_{field}"
+    if key not in st.session_state:
+        st.session_state[key] = getattr(state, field)
+    value = widget(*args, key=key, **kwargs)
+    setattr(state, field, value)
+    return value
+
+
+def set_fields(**values) -> None:
+    """Change ViewState fields and the widgets bound to them (use from callbacks, before widgets render)."""
+    state = view_state()
+    for field, value in values.items():
+        setattr(state, field, value)
+        st.session_state[f"w_{field}"] = value
+
+
+def sidebar() -> None:
+    """Model, input and generation settings, and the Run button: the same on every page."""
+    state = view_state()
+    with st.sidebar:
+        st.markdown("### Input")
+        models = list(allowed_models())
+        if state.model not in models:
+            state.model = models[0]
+        bind("model", st.selectbox, "Model", models, format_func=lambda m: EMBEDDED_TITLES.get(m, m),
+             help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
+        with st.form("run_form", border=False):
+            prompt = st.text_area("Prompt", value=state.prompt, height=140, max_chars=20_000)
+            chat = st.checkbox("Wrap in the chat template", value=state.chat,
+                               help="Formats the prompt as a user turn, as the instruct model was trained.")
+            max_new = st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, value=state.max_new_tokens,
+                                      help="0 runs the prompt only (prefill). Greedy decoding.")
+            if st.form_submit_button("Run", type="primary", width="stretch"):
+                state.prompt, state.chat, state.max_new_tokens, state.key = prompt, chat, int(max_new), ""
+                st.session_state["run_requested"] = True
+
+
+def spec_of(state: ViewState) -> RunSpec:
+    return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
+
+
+def current_capture() -> Capture | None:
+    """The capture of the current input: from memory, the cache, or computed with a progress bar.
+
+    Shows a clear message (and returns None) for input that cannot be run.
+    """
+    from capture.adapters import InputError
+    from capture.interventions import InterventionError
+    from capture.registry import ModelUnavailable
+    from capture.run import cached, load_capture, run
+
+    state = view_state()
+    held: Capture | None = st.session_state.get("capture")
+    if state.key and (held is None or held.key != state.key):
+        found = load_capture(state.key)
+        if found is not None and found.spec.model in allowed_models():
+            state.model, state.prompt = found.spec.model, found.spec.prompt
+            state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
+            st.session_state["capture"] = found
+            return found
+        st.warning("The linked capture is not in this server's cache; running the prompt from the link instead.")
+        state.key = ""
+    spec = spec_of(state)
+    if held is not None and held.spec == spec:
+        return held
+    try:
+        found = cached(spec)
+        if found is None:
+            bar = st.progress(0.0, text=f"Running {spec.model}…")
+            found = run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+            bar.empty()
+    except (InputError, InterventionError, ModelUnavailable) as exc:
+        st.error(str(exc))
+        return None
+    st.session_state["capture"] = found
+    st.session_state.pop("run_requested", None)
+    return found
+
+
+def status_line(capture: Capture | None) -> None:
+    """What is loaded, and whether it came from the cache."""
+    if capture is None:
+        st.caption("Nothing loaded.")
+        return
+    m = capture.meta
+    source = "from the cache" if capture.from_cache else "computed now"
+    gqa = f" ({m.n_kv_heads} KV heads)" if m.n_kv_heads != m.n_heads else ""
+    st.caption(f"**{m.name}** · {m.n_layers} layers × {m.n_heads} heads{gqa} · {capture.n_tokens} tokens · "
+               f"{source} · key `{capture.key}`")
+
+
+def show_text(capture: Capture) -> None:
+    """Prompt and generated text, shown as plain text (never as Markdown: links carry user text)."""
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Prompt**")
+        st.text(capture.spec.prompt[:2000] + ("…" if len(capture.spec.prompt) > 2000 else ""))
+    with right:
+        st.markdown("**Generated**")
+        st.text(capture.output.text if capture.output.text else "(prefill only: nothing generated)")
+    for note in capture.output.notes:
+        st.info(note)
+
+
+def share_link(state: ViewState) -> str:
+    """The URL of this view (the server's address as the browser sees it, plus the state)."""
+    from urllib.parse import urlencode, urlsplit
+
+    parts = urlsplit(st.context.url or "http://127.0.0.1:8501/")
+    query = urlencode(state.to_params())
+    return f"{parts.scheme}://{parts.netloc}/" + (f"?{query}" if query else "")
+
+
+def show_link_warnings() -> None:
+    for warning in st.session_state.pop("link_warnings", []):
+        st.warning(warning)
+
+
+def capture_zip(capture: Capture) -> bytes:
+    """The whole capture: capture.npz (one [head, query, key] float16 array per layer) + capture.json."""
+    arrays = io.BytesIO()
+    np.savez_compressed(arrays, **{f"layer{l:03d}": capture.attention(l) for l in range(capture.meta.n_layers)})
+    sidecar = {"key": capture.key, "tokens": capture.tokens,
+               "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
+               "spec": capture.spec.to_json(), "model": capture.record()["meta"], "output": capture.output.to_json()}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("capture.npz", arrays.getvalue())
+        zf.writestr("capture.json", json.dumps(sidecar, ensure_ascii=False, indent=1))
+    return out.getvalue()
