@@ -1,4 +1,4 @@
-"""Command line: python -m capture {run,ls,export} ...
+"""Command line: python -m capture {run,ls,export,probe} ...
 
     python -m capture run --model smollm2 --prompt "The capital of France is" --max-new-tokens 20
     python -m capture run --model smollm2 --prompt "..." --json        # one JSON object, for scripts
@@ -38,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from capture.run import run
     from capture.types import RunSpec
 
-    spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                   image=args.image)
     bar, update = _progress_bar(f"capture {args.model}")
     try:
         capture = run(spec, progress=update)
@@ -51,11 +52,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             "n_layers": m.n_layers, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim,
             "n_tokens": capture.n_tokens, "tokens": capture.tokens,
             "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
-            "text": capture.output.text, "notes": capture.output.notes,
+            "text": capture.output.text, "notes": capture.output.notes, "image": capture.spec.image,
+            "grid": m.grid, "classes": capture.output.classes,
             "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
         }, ensure_ascii=False))
         return 0
-    print(capture.output.text if capture.output.text else "(prefill only: nothing generated)")
+    if capture.meta.modality == "vision":
+        print(f"{capture.n_tokens} tokens ({capture.meta.grid[0]} x {capture.meta.grid[1]} patches); key {capture.key}")
+        for label, prob in capture.output.classes:
+            print(f"{prob:7.2%}  {label}")
+    else:
+        print(capture.output.text if capture.output.text else "(prefill only: nothing generated)")
     for note in capture.output.notes:
         print(f"note: {note}")
     print(f"model: {m.name} ({m.family}), {m.n_layers} layers x {m.n_heads} heads "
@@ -121,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="capture a prompt (and generation) into the cache")
     r.add_argument("--model", default="smollm2", help="smollm2, minilm, a Hugging Face id or a local folder")
-    r.add_argument("--prompt", required=True)
+    r.add_argument("--prompt", default="")
+    r.add_argument("--image", help="vision models: a sample name (cat, astronaut, ...) or an image file")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--max-new-tokens", type=int, default=0)
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -136,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("npy", "csv"), default="npy")
     e.add_argument("-o", "--output", help="output file (default KEY_L<layer>_H<head>.<format>)")
     e.set_defaults(func=cmd_export)
+    from capture.probe_cli import add_parser as add_probe_parser  # python -m capture probe ...
+
+    add_probe_parser(sub)
     return p
 
 

@@ -77,7 +77,7 @@ def _checked(data: bytes) -> Image.Image:
         raise InputError(f"{kind} images are not supported; use PNG, JPEG, WebP, GIF or BMP.")
     if width * height > MAX_PIXELS:
         raise InputError(f"The image is {width} x {height} pixels; HeadScope takes at most "
-                         f"{MAX_PIXELS // 1_000_000} megapixels.")
+                         f"{MAX_PIXELS / 1e6:g} megapixels.")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # a truncated or corrupt file fails here, not later inside a capture

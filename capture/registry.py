@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from cache.keys import stable_hash
 from cache.store import cache_dir
-from capture import attention
 from capture.types import ModelMeta
+
+if TYPE_CHECKING:  # torch is imported only when a model is actually loaded: cache hits never need it
+    from torch import nn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 1
@@ -117,6 +118,7 @@ def _smollm2_folder() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits
         if (folder / "config.json").exists():
             return folder
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = _package_dir(entry)
@@ -241,6 +243,8 @@ def _explain(name: str, exc: Exception) -> ModelUnavailable:
 
 def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(attention module, its output projection) for each self-attention layer, in depth order."""
+    from torch import nn
+
     modules = dict(model.named_modules())
     found = []
     for path, module in modules.items():
@@ -260,6 +264,8 @@ def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "text",
             grid: tuple[int, int] | None = None) -> ModelHandle:
     """Route a loaded model's attention through HeadScope and describe it."""
+    from capture import attention
+
     attention.register()
     model.eval()
     model.set_attn_implementation(attention.IMPLEMENTATION)
@@ -317,6 +323,7 @@ def is_vision(config) -> bool:
 
 def _load_vision(name: str, source: str, config, kwargs: dict) -> ModelHandle:
     """A vision encoder or image classifier, with its preprocessing; modality "vision"."""
+    import torch
     import transformers
 
     from capture.images import ImagePrep
@@ -344,6 +351,7 @@ _load_lock = threading.Lock()
 
 @lru_cache(maxsize=4)
 def _load_cached(name: str) -> ModelHandle:
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -7,6 +7,8 @@ two processes asking for the same spec compute it once; a corrupt entry is evict
 """
 from __future__ import annotations
 
+import dataclasses
+
 from cache.store import CorruptEntry, Store
 from capture import registry
 from capture.adapters import InputError, Progress, adapter_for, no_progress
@@ -24,10 +26,20 @@ def default_store() -> Store:
     return _default_store
 
 
+def _canonical(spec: RunSpec) -> RunSpec:
+    """The spec as cached: an image given as a file path (CLI, Python API) is stored and named by its hash."""
+    if spec.image is None:
+        return spec
+    from capture.images import canonical_image
+
+    image = canonical_image(spec.image)
+    return spec if image == spec.image else dataclasses.replace(spec, image=image)
+
+
 def cached(spec: RunSpec, store: Store | None = None) -> Capture | None:
     """The complete cached capture of `spec`, or None; a corrupt one is evicted (and None returned)."""
     store = store or default_store()
-    key = spec.key(registry.revision(spec.model))
+    key = _canonical(spec).key(registry.revision(spec.model))
     return _read(store, key)
 
 
@@ -41,6 +53,8 @@ def _read(store: Store, key: str) -> Capture | None:
         record = store.get_meta(key)
         if record is None:
             return None
+        if record.get("kind", "capture") != "capture":  # a probe result (capture.probes): not a capture
+            return None
         capture = Capture.from_record(key, record, store)
         for layer in range(capture.meta.n_layers):  # every layer present and sound (CRC checked once per file)
             capture._layer_array(layer)
@@ -53,6 +67,7 @@ def _read(store: Store, key: str) -> Capture | None:
 def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progress) -> Capture:
     """Capture `spec`: from the cache if it is there, else by running the model."""
     store = store or default_store()
+    spec = _canonical(spec)
     key = spec.key(registry.revision(spec.model))
     found = _read(store, key)
     if found is not None:

@@ -84,13 +84,27 @@ def overview_map(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: s
         hovertemplate=f"queries ≈%{{y:.0f}}<br>keys ≈%{{x:.0f}}<br>max weight in a {width:.0f}×{width:.0f} block "
                       "%{customdata:.4f}<extra></extra>",
     ))
+    step = max(1, bins // 32)
+    fig.add_trace(click_targets(centres[::step], centres[::step], "queries ≈%{customdata[0]:.0f}, keys ≈%{customdata[1]:.0f}",
+                                size=10))
     if window is not None:
         q0, q1, k0, k1 = window
         fig.add_shape(type="rect", x0=k0, x1=k1, y0=q0, y1=q1, line=dict(color="#ff4b4b", width=2))
     fig.update_layout(**base_layout(title=title, height=520))
-    fig.update_yaxes(autorange="reversed", title="query position")
-    fig.update_xaxes(title="key position")
+    fig.update_yaxes(range=[n_tokens, 0], title="query position")
+    fig.update_xaxes(range=[0, n_tokens], title="key position")
     return fig
+
+
+def click_targets(xs: np.ndarray, ys: np.ndarray, hover: str, size: int) -> go.Scatter:
+    """Invisible markers on a grid: Plotly selects points of scatter traces, not heatmap cells, so
+    these make a heatmap clickable (Streamlit's on_select then reports the clicked x, y)."""
+    gx, gy = np.meshgrid(np.asarray(xs), np.asarray(ys))
+    return go.Scatter(x=gx.ravel(), y=gy.ravel(), customdata=np.stack([gy.ravel(), gx.ravel()], -1),
+                      mode="markers", showlegend=False,
+                      marker=dict(size=size, symbol="square", opacity=0.0, color="#ff4b4b"),
+                      hovertemplate=hover + "<extra>click</extra>",
+                      selected=dict(marker=dict(opacity=0.0)), unselected=dict(marker=dict(opacity=0.0)))
 
 
 def model_grid(thumbs: np.ndarray, scale: str = "raw", selected: tuple[int, int] | None = None,
@@ -117,17 +131,19 @@ def model_grid(thumbs: np.ndarray, scale: str = "raw", selected: tuple[int, int]
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=y, colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax, hoverongaps=False,
         colorbar=dict(title=dict(text="max " + SCALE_TITLES[scale], side="right"), thickness=12),
-        hovertemplate="layer %{y:.0f}, head %{x:.0f}<extra>click to open</extra>",
+        hoverinfo="skip",
     ))
+    fig.add_trace(click_targets(np.arange(n_heads), np.arange(n_layers),
+                                "layer %{customdata[0]}, head %{customdata[1]}", size=26))
     if selected is not None:
         layer, head = selected
         fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5 - gap / cell, y0=layer - 0.5,
                       y1=layer + 0.5 - gap / cell, line=dict(color="#ff4b4b", width=2))
     fig.update_layout(**base_layout(title=title, height=min(1400, 140 + n_layers * 36)))
     fig.update_xaxes(tickvals=list(range(n_heads)), ticktext=[f"H{h}" for h in range(n_heads)], side="top",
-                     showgrid=False, zeroline=False)
+                     showgrid=False, zeroline=False, range=[-0.5, n_heads - 0.5])
     fig.update_yaxes(tickvals=list(range(n_layers)), ticktext=[f"L{l}" for l in range(n_layers)],
-                     autorange="reversed", showgrid=False, zeroline=False)
+                     showgrid=False, zeroline=False, range=[n_layers - 0.5, -0.5])
     return fig
 
 

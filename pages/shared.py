@@ -14,7 +14,7 @@ import numpy as np
 import streamlit as st
 
 from capture.types import Capture, RunSpec
-from state import MAX_NEW_TOKENS, ViewState, allowed_models
+from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, ViewState, allowed_models
 
 EMBEDDED_TITLES = {
     "smollm2": "SmolLM2-135M (causal LM)",
@@ -61,15 +61,44 @@ def sidebar() -> None:
             state.model = models[0]
         bind("model", st.selectbox, "Model", models, format_func=lambda m: EMBEDDED_TITLES.get(m, m),
              help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
-        with st.form("run_form", border=False):
-            prompt = st.text_area("Prompt", value=state.prompt, height=140, max_chars=20_000)
-            chat = st.checkbox("Wrap in the chat template", value=state.chat,
-                               help="Formats the prompt as a user turn, as the instruct model was trained.")
-            max_new = st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, value=state.max_new_tokens,
-                                      help="0 runs the prompt only (prefill). Greedy decoding.")
-            if st.form_submit_button("Run", type="primary", width="stretch"):
-                state.prompt, state.chat, state.max_new_tokens, state.key = prompt, chat, int(max_new), ""
-                st.session_state["run_requested"] = True
+        drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens}
+        for key, value in drafts.items():
+            st.session_state.setdefault(key, value)
+        st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
+        st.checkbox("Wrap in the chat template", key="f_chat",
+                    help="Formats the prompt as a user turn, as the instruct model was trained.")
+        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
+                        help="0 runs the prompt only (prefill). Greedy decoding.")
+        st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
+
+
+def _apply_drafts() -> None:
+    """The Run button: the drafted input becomes the view's input."""
+    state = view_state()
+    state.prompt = st.session_state["f_prompt"]
+    state.chat = bool(st.session_state["f_chat"])
+    state.max_new_tokens = int(st.session_state["f_max_new"])
+    state.key = ""
+
+
+def resolve_link_key() -> None:
+    """A link that names its input by capture key: load that capture's spec (before widgets render)."""
+    from capture.run import load_capture
+
+    state = view_state()
+    held: Capture | None = st.session_state.get("capture")
+    if not state.key or (held is not None and held.key == state.key):
+        return
+    found = load_capture(state.key)
+    if found is not None and found.spec.model in allowed_models():
+        state.model, state.prompt = found.spec.model, found.spec.prompt
+        state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
+        st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens)
+        st.session_state["capture"] = found
+    else:
+        st.session_state.setdefault("link_warnings", []).append(
+            "The linked capture is not in this server's cache; showing the prompt from the link instead.")
+        state.key = ""
 
 
 def spec_of(state: ViewState) -> RunSpec:
@@ -84,19 +113,10 @@ def current_capture() -> Capture | None:
     from capture.adapters import InputError
     from capture.interventions import InterventionError
     from capture.registry import ModelUnavailable
-    from capture.run import cached, load_capture, run
+    from capture.run import cached, run
 
     state = view_state()
     held: Capture | None = st.session_state.get("capture")
-    if state.key and (held is None or held.key != state.key):
-        found = load_capture(state.key)
-        if found is not None and found.spec.model in allowed_models():
-            state.model, state.prompt = found.spec.model, found.spec.prompt
-            state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
-            st.session_state["capture"] = found
-            return found
-        st.warning("The linked capture is not in this server's cache; running the prompt from the link instead.")
-        state.key = ""
     spec = spec_of(state)
     if held is not None and held.spec == spec:
         return held
@@ -110,7 +130,8 @@ def current_capture() -> Capture | None:
         st.error(str(exc))
         return None
     st.session_state["capture"] = found
-    st.session_state.pop("run_requested", None)
+    if len(state.prompt) > MAX_LINK_PROMPT:
+        state.key = found.key  # too long for a link: the link names the capture instead
     return found
 
 

@@ -188,7 +188,10 @@ class TextAdapter:
         input_ids = torch.tensor([ids])
         with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer:
             recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
-            with attention.session(spec.intervention, recorder=recorder, spans=spans, sink_scores=self.sink_scores):
+            # an empty "response" span in a prefill-only run, so edits on it resolve (to nothing)
+            session_spans = {"response": range(len(ids), len(ids)), **spans}
+            with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
+                                   sink_scores=self.sink_scores):
                 with torch.inference_mode():
                     if meta.causal:
                         out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)

@@ -1,0 +1,125 @@
+"""AppTest of every page, including share links with valid, out-of-range and garbage parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+def open_app(params: dict | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    if params:
+        at.query_params.update(params)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def number(at: AppTest, label: str) -> int:
+    return next(int(w.value) for w in at.number_input if w.label == label)
+
+
+def test_home_shows_the_loaded_model_and_text():
+    at = open_app()
+    assert at.title[0].value == "HeadScope"
+    status = " ".join(c.value for c in at.caption)
+    assert "smollm2" in status and "30 layers × 9 heads" in status and "3 KV heads" in status
+    assert any(PROMPT in t.value for t in at.text)
+
+
+@pytest.mark.parametrize("view", ["model", "head", "token"])
+def test_explorer_views_render(view):
+    at = open_app({"page": "explorer", "view": view, "layer": "4", "head": "7"})
+    assert at.title[0].value == "Attention explorer"
+    assert number(at, "Layer") == 4 and number(at, "Head") == 7
+    assert not at.warning
+    if view == "token":
+        assert any("mean of heads" in h.proto.body for h in at.get("html"))
+    else:
+        assert at.get("plotly_chart")
+
+
+def link_params(at: AppTest) -> dict:
+    """The query parameters app.py writes at the end of a run (AppTest does not report
+    st.query_params writes, so read them from the ViewState that app.py serialises)."""
+    return at.session_state["view"].to_params()
+
+
+def test_link_round_trip_through_query_params():
+    params = {"page": "explorer", "view": "head", "layer": "2", "head": "5", "scale": "log"}
+    at = open_app(params)
+    assert link_params(at) == params
+
+
+def test_out_of_range_link_falls_back_with_a_warning():
+    at = open_app({"page": "explorer", "view": "head", "layer": "99", "head": "42"})
+    warnings = " ".join(w.value for w in at.warning)
+    assert "Layer 99 does not exist" in warnings and "Head 42 does not exist" in warnings
+    assert number(at, "Layer") == 0 and number(at, "Head") == 0
+
+
+def test_garbage_link_never_crashes_and_names_what_was_ignored():
+    at = open_app({"page": "nowhere", "layer": "x", "model": "/etc/passwd", "view": "<script>",
+                   "key": "../../etc", "image": "/tmp/cat.png", "bogus": "1"})
+    warnings = " ".join(w.value for w in at.warning)
+    for name in ("page", "layer", "model", "view", "key", "image", "bogus"):
+        assert name in warnings
+    assert link_params(at) == {}
+
+
+def test_page_switch_keeps_the_state():
+    at = open_app({"page": "explorer", "view": "head", "layer": "3", "head": "1"})
+    at.switch_page("pages/home.py").run()
+    assert not at.exception
+    at.switch_page("pages/explorer.py").run()
+    assert number(at, "Layer") == 3 and number(at, "Head") == 1
+    assert link_params(at)["layer"] == "3" and link_params(at)["page"] == "explorer"
+
+
+def test_running_a_new_prompt_from_the_sidebar_generates_text():
+    at = open_app()
+    at.sidebar.text_area[0].input("Paris is the capital of")
+    at.sidebar.number_input[0].set_value(4)
+    at.sidebar.button[0].click().run()
+    assert not at.exception and not at.error
+    status = " ".join(c.value for c in at.caption)
+    assert "tokens" in status
+    generated = [t.value for t in at.text]
+    assert "Paris is the capital of" in generated
+    assert any(g and g != "Paris is the capital of" and "prefill" not in g for g in generated)
+
+
+def test_empty_prompt_gets_a_clear_message_and_nothing_is_cached():
+    from capture.run import cached
+    from capture.types import RunSpec
+
+    at = open_app()
+    at.sidebar.text_area[0].input("   ")
+    at.sidebar.button[0].click().run()
+    assert not at.exception
+    assert any("prompt is empty" in e.value for e in at.error)
+    assert cached(RunSpec(model="smollm2", prompt="   ")) is None
+
+
+def test_long_prompt_travels_by_capture_key():
+    long_prompt = " ".join(["The lamp was lit at six and the wind was moderate."] * 20)
+    at = open_app()
+    at.sidebar.text_area[0].input(long_prompt)
+    at.sidebar.button[0].click().run()
+    assert not at.exception
+    params = link_params(at)
+    assert "prompt" not in params and len(params["key"]) == 20
+    shared = open_app({"key": params["key"], "page": "explorer", "view": "token"})
+    assert not shared.warning
+    assert shared.session_state["view"].prompt == long_prompt
+    assert shared.sidebar.text_area[0].value == long_prompt
+
+
+def test_unknown_capture_key_falls_back_to_the_prompt_with_a_warning():
+    at = open_app({"key": "0123456789abcdef0123", "prompt": "Hello there"})
+    assert any("not in this server's cache" in w.value for w in at.warning)
+    assert at.sidebar.text_area[0].value == "Hello there"

@@ -1,0 +1,119 @@
+"""Real-browser tests: Debian chromium + Playwright against `streamlit run app.py` on loopback.
+
+Screenshots land in tests/artifacts/ (look at them after a change).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from browser import browser, streamlit_server, wait_idle
+
+pytestmark = pytest.mark.browser
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with streamlit_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with browser() as b:
+        yield b
+
+
+def fresh_page(chromium):
+    context = chromium.new_context(viewport=VIEWPORT)
+    return context, context.new_page()
+
+
+def layer_head(page) -> tuple[str, str]:
+    return field(page, "Layer").input_value(), field(page, "Head").input_value()
+
+
+def field(page, label: str):
+    """The input element of a labelled Streamlit widget (not its help button)."""
+    return page.locator(f"input[aria-label='{label}'], textarea[aria-label='{label}']").first
+
+
+def test_run_a_prompt_and_see_the_heatmap(server, chromium, artifacts):
+    context, page = fresh_page(chromium)
+    page.goto(server + "/?page=explorer&view=head")
+    wait_idle(page, ".js-plotly-plot")
+    field(page, "Prompt").fill("Alice gave Bob a book because Bob")
+    field(page, "Prompt").press("Control+Enter")
+    field(page, "Max new tokens").fill("5")
+    field(page, "Max new tokens").press("Enter")
+    page.get_by_role("button", name="Run").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.js-plotly-plot .ytick text')].some(t => t.textContent.includes('Alice'))",
+        timeout=120_000)
+    wait_idle(page, ".js-plotly-plot")
+    labels = page.locator(".js-plotly-plot .ytick text").all_text_contents()
+    assert len(labels) > 9 + 1  # the prompt's 9 tokens and the generated ones
+    page.screenshot(path=str(artifacts / "browser_head_view.png"))
+    context.close()
+
+
+def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, artifacts):
+    context, page = fresh_page(chromium)
+    page.goto(server + "/?page=explorer&view=head&layer=5&head=4&scale=log")
+    wait_idle(page, ".js-plotly-plot")
+    link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
+    assert "layer=5" in link and "head=4" in link
+    context.close()
+
+    context, page = fresh_page(chromium)
+    started = time.perf_counter()
+    page.goto(link)
+    wait_idle(page, ".js-plotly-plot")
+    print(f"shared link first paint: {time.perf_counter() - started:.2f} s")
+    assert layer_head(page) == ("5", "4")
+    assert "Layer 5, head 4" in page.locator(".js-plotly-plot .gtitle").first.text_content()
+    page.screenshot(path=str(artifacts / "browser_shared_link.png"))
+    context.close()
+
+
+def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chromium, artifacts):
+    context, page = fresh_page(chromium)
+    page.goto(server + "/?page=explorer&view=model&layer=2&head=3")
+    wait_idle(page, ".js-plotly-plot")
+    page.screenshot(path=str(artifacts / "browser_model_view.png"))
+    page.get_by_role("link", name="Home", exact=True).click()
+    wait_idle(page, "h1:has-text('HeadScope')")
+    page.screenshot(path=str(artifacts / "browser_home.png"))
+    assert "layer=2" in page.url and "head=3" in page.url
+    page.get_by_role("link", name="Attention explorer", exact=True).click()
+    wait_idle(page, ".js-plotly-plot")
+    assert layer_head(page) == ("2", "3")
+
+    # click the thumbnail of layer 6, head 1 in the mosaic
+    plot = page.locator(".js-plotly-plot .nsewdrag").first
+    box = plot.bounding_box()
+    n_layers, n_heads = 30, 9
+    x = box["x"] + box["width"] * (1 + 0.5) / n_heads
+    y = box["y"] + box["height"] * (6 + 0.5) / n_layers
+    page.mouse.move(x, y)
+    page.wait_for_timeout(300)
+    hover = page.locator(".hoverlayer").text_content()
+    assert "layer 6, head 1" in hover, hover
+    page.mouse.click(x, y)
+    page.wait_for_function("() => document.querySelector('input[aria-label=\"Layer\"]')?.value === '6'",
+                           timeout=60_000)
+    wait_idle(page, ".js-plotly-plot")
+    assert layer_head(page) == ("6", "1")
+    page.screenshot(path=str(artifacts / "browser_after_click.png"))
+    context.close()
+
+
+def test_token_view_highlights_text(server, chromium, artifacts):
+    context, page = fresh_page(chromium)
+    page.goto(server + "/?page=explorer&view=token&layer=8")
+    wait_idle(page, ".hs-tokens")
+    assert page.locator(".hs-tokens").count() == 1 + 9  # mean + one line per head
+    page.screenshot(path=str(artifacts / "browser_token_view.png"))
+    context.close()
