@@ -29,8 +29,17 @@ run: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m pytest
 
-bench: $(STAMP)
+# Peers the benchmarks compare against (not needed to run or test HeadScope).  bertviz --no-deps:
+# its declared boto3/requests are unused by model_view.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q ipython==8.12.3
+	$(PY) -m pip install -q --no-deps bertviz==1.4.1
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/capture.py
+	$(PY) bench/app.py
 
 clean-cache:
 	rm -rf cache_data

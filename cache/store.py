@@ -40,6 +40,10 @@ class CorruptEntry(Exception):
     """A cache entry that exists but cannot be trusted (truncated, corrupt or half-written)."""
 
 
+class CacheError(Exception):
+    """The cache cannot be written (not writable, disk full); the message is one sentence for the user."""
+
+
 class ArrayDisk(diskcache.Disk):
     """A diskcache `Disk` that stores ndarrays as .npy files and returns read-only memory maps."""
 
@@ -112,7 +116,15 @@ class Store:
     def __init__(self, directory: str | os.PathLike | None = None, size_limit: int | None = None):
         self.directory = Path(directory).resolve() if directory else cache_dir()
         self.size_limit = size_limit if size_limit is not None else size_limit_bytes()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.temporary = False  # True for the stand-in store used when the configured one is unusable
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(f"The cache directory {self.directory} is not writable ({exc.strerror}); "
+                             "set HEADSCOPE_CACHE_DIR to a writable folder.") from exc
         # eviction_policy none: diskcache would cull single entries; `_enforce_limit` evicts whole captures
         self._cache = diskcache.Cache(
             str(self.directory / "index"),
@@ -159,11 +171,11 @@ class Store:
 
     def keys(self) -> list[str]:
         """Keys of complete captures (those with a metadata record), oldest first."""
-        found = []
-        for k in self._cache:  # row order = insertion order (iterkeys() would sort by key)
-            if isinstance(k, str) and k.endswith("/" + META):
-                found.append(k[: -len(META) - 1])
-        return found
+        # straight from the index, in insertion order, and only keys stored as plain text: a row some
+        # other client wrote with a pickled key is skipped, never unpickled (and never breaks `ls`)
+        rows = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid").fetchall()
+        suffix = "/" + META
+        return [k[: -len(suffix)] for (k,) in rows if isinstance(k, str) and k.endswith(suffix)]
 
     def volume(self) -> int:
         return self._cache.volume()

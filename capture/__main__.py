@@ -155,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "max_new_tokens", 0) < 0:
         print("error: --max-new-tokens must be 0 or more.", file=sys.stderr)
         return 2
+    from cache.store import CacheError
     from capture.adapters import InputError
     from capture.interventions import InterventionError
     from capture.registry import ModelUnavailable
 
     try:
         return args.func(args)
-    except (CliError, InputError, InterventionError, ModelUnavailable) as exc:
+    except (CliError, CacheError, InputError, InterventionError, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -65,6 +65,7 @@ This module is torch-free; the tensor code is in `capture.attention`.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import math
 import re
@@ -253,6 +254,48 @@ class Intervention:
                 )
 
 
+_KEY = re.compile(r"[0-9a-f]{16}")
+
+
+def _saved_dir(directory=None):
+    from pathlib import Path
+
+    from cache.store import cache_dir
+
+    return Path(directory) if directory is not None else cache_dir() / "interventions"
+
+
+def remember(intervention: Intervention, directory=None) -> str:
+    """Store `intervention` as JSON under its key (cache_dir()/interventions/<key>.json), so a link that
+    names only the key (ViewState.intervention) can be opened in a fresh browser.  Returns the key."""
+    key = intervention.key()
+    if key == "none":
+        return key
+    folder = _saved_dir(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.json"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(intervention.to_json(), separators=(",", ":")))
+        tmp.replace(path)
+    return key
+
+
+def recall(key: str, directory=None) -> Intervention | None:
+    """The intervention stored under `key` (see `remember`), Intervention() for "none", else None.
+    Plain JSON, checked against its key: nothing read here can run code or smuggle another edit."""
+    if key == "none":
+        return Intervention()
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        return None
+    path = _saved_dir(directory) / f"{key}.json"
+    try:
+        found = Intervention.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, InterventionError):
+        return None
+    return found if found.key() == key else None
+
+
 def ablate_heads(heads: list[tuple[int, int]] | tuple[tuple[int, int], ...], factor: float = 0.0) -> Intervention:
     """Scale the output of each (layer, head) by `factor`; 0 is zero-ablation (PH3-style pruning)."""
     return Intervention(edits=tuple(HeadEdit(layer=l, head=h, op="scale", value=factor) for l, h in heads))
@@ -297,4 +340,5 @@ def parse_positions(spec: str, n: int, spans: dict[str, range] | None = None) ->
 
 
 __all__ = ["OPS", "OUTPUT_OPS", "ATTENTION_OPS", "HeadEdit", "Intervention", "InterventionError", "ablate_heads",
+           "remember", "recall",
            "uniform_ablation", "kv_group_edits", "parse_positions", "sink_set", "SINK_THRESHOLD"]

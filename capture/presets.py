@@ -48,7 +48,7 @@ class Preset:
     build: Callable[..., Intervention]
     params: tuple[Param, ...] = ()
     needs: tuple[str, ...] = ()  # extra keyword data besides heads: "scores", "gates", "directions"
-    heads_default: str = ""  # what heads=None means
+    heads_default: str = ""  # what heads=None means ("" = the preset needs chosen heads)
 
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params}
@@ -230,11 +230,10 @@ def _p(name, default, low=0.0, high=1.0, step=0.05, help=""):
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("prune", "Prune heads", "Scale the chosen heads' outputs (0 removes them: zero ablation).",
-           "METHODS §5.1, P1", prune, (_p("factor", 0.0, 0.0, 2.0, 0.05, "output scale s; 0 ablates"),),
-           heads_default="the chosen heads"),
+           "METHODS §5.1, P1", prune, (_p("factor", 0.0, 0.0, 2.0, 0.05, "output scale s; 0 ablates"),)),
     Preset("uniform", "Uniform attention", "Chosen heads attend uniformly to every visible token (mean ablation of "
            "attention, as retrieval-head masking).", "METHODS §1.1, §10.1, P5", uniform,
-           (_p("u", 1.0, 0.0, 1.0, 0.05, "mix strength toward uniform"),), heads_default="the chosen heads"),
+           (_p("u", 1.0, 0.0, 1.0, 0.05, "mix strength toward uniform"),)),
     Preset("retrieval-mask", "Retrieval-head masking", "Uniform attention on the top-K retrieval heads, or on K "
            "random non-retrieval heads (seeded).", "METHODS §1.1", retrieval_mask,
            (_p("k", 30, 1, 100, 1, "number of heads masked"), _p("random", False, help="random heads instead"),
@@ -258,8 +257,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             _p("mean_token", False, help="RazorAttention compensation token")), needs=("gates",),
            heads_default="the KV groups of the chosen heads; every head if none"),
     Preset("softpag", "SoftPAG", "Chosen heads' maps pulled toward the identity (u = 1: each token attends "
-           "only to itself).", "METHODS §7.1", softpag, (_p("u", 1.0, 0.0, 1.0, 0.05, "strength toward identity"),),
-           heads_default="the chosen heads"),
+           "only to itself).", "METHODS §7.1", softpag, (_p("u", 1.0, 0.0, 1.0, 0.05, "strength toward identity"),)),
     Preset("iti", "Head steering (ITI)", "Add alpha·sigma·theta to head outputs, theta the mean difference of two "
            "prompt sets' head outputs.", "METHODS §6.1", iti,
            (_p("alpha", 15.0, 0.0, 40.0, 0.5, "steering strength"), _p("k", 48, 1, 270, 1, "heads steered")),

@@ -209,6 +209,8 @@ def _source(name: str) -> tuple[str, dict]:
         return str(_package_dir(EMBEDDED["minilm"]) / "model"), {}
     folder = Path(name).expanduser()
     if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelUnavailable(f"The folder {name} has no config.json; point at a saved transformers model.")
         return str(folder), {}
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise ModelUnavailable(f"There is no model folder at {name}; check the path.")

@@ -7,9 +7,11 @@ two processes asking for the same spec compute it once; a corrupt entry is evict
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 
-from cache.store import CorruptEntry, Store
+from cache.store import CacheError, CorruptEntry, Store
 from capture import registry
 from capture.adapters import InputError, Progress, adapter_for, no_progress
 from capture.interventions import InterventionError
@@ -19,10 +21,18 @@ _default_store: Store | None = None
 
 
 def default_store() -> Store:
-    """The process-wide store at HEADSCOPE_CACHE_DIR (./cache_data by default)."""
+    """The process-wide store at HEADSCOPE_CACHE_DIR (./cache_data by default).
+
+    If that directory cannot be written, a temporary store stands in (`store.temporary` is True and
+    `store.problem` says why): captures still work, they just do not outlive the process.
+    """
     global _default_store
     if _default_store is None:
-        _default_store = Store()
+        try:
+            _default_store = Store()
+        except CacheError as exc:
+            _default_store = Store(tempfile.mkdtemp(prefix="headscope-cache-"))
+            _default_store.temporary, _default_store.problem = True, str(exc)
     return _default_store
 
 
@@ -67,6 +77,8 @@ def _read(store: Store, key: str) -> Capture | None:
 def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progress) -> Capture:
     """Capture `spec`: from the cache if it is there, else by running the model."""
     store = store or default_store()
+    if not spec.prompt.strip() and spec.image is None:
+        raise InputError("The prompt is empty; type some text (or pick an image) to run.")
     spec = _canonical(spec)
     key = spec.key(registry.revision(spec.model))
     found = _read(store, key)
@@ -81,11 +93,17 @@ def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progr
         spec.intervention.validate(handle.meta.n_layers, handle.meta.n_heads, handle.meta.head_dim)
         adapter = adapter_for(handle.meta.modality)(handle)
         store.evict(key)  # leftovers of an interrupted run
-        with handle.lock:
-            capture = adapter.capture(spec, key, store, progress)
-        store.put_meta(key, capture.record())
+        try:
+            with handle.lock:
+                capture = adapter.capture(spec, key, store, progress)
+            store.put_meta(key, capture.record())
+        except OSError as exc:  # disk full, directory gone: nothing half-written may stay behind
+            with contextlib.suppress(Exception):
+                store.evict(key)
+            raise CacheError(f"The capture could not be written to the cache at {store.directory} "
+                             f"({exc.strerror or exc}); free some space or set HEADSCOPE_CACHE_DIR.") from exc
         progress(1.0, "done")
         return capture
 
 
-__all__ = ["run", "cached", "load_capture", "default_store", "InputError", "InterventionError"]
+__all__ = ["run", "cached", "load_capture", "default_store", "CacheError", "InputError", "InterventionError"]

@@ -110,6 +110,7 @@ def current_capture() -> Capture | None:
 
     Shows a clear message (and returns None) for input that cannot be run.
     """
+    from cache.store import CacheError
     from capture.adapters import InputError
     from capture.interventions import InterventionError
     from capture.registry import ModelUnavailable
@@ -126,7 +127,7 @@ def current_capture() -> Capture | None:
             bar = st.progress(0.0, text=f"Running {spec.model}…")
             found = run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
             bar.empty()
-    except (InputError, InterventionError, ModelUnavailable) as exc:
+    except (CacheError, InputError, InterventionError, ModelUnavailable) as exc:
         st.error(str(exc))
         return None
     st.session_state["capture"] = found
@@ -142,6 +143,8 @@ def status_line(capture: Capture | None) -> None:
         return
     m = capture.meta
     source = "from the cache" if capture.from_cache else "computed now"
+    if capture.store is not None and capture.store.temporary:
+        st.warning(f"{capture.store.problem} Results are kept only until the server stops.")
     gqa = f" ({m.n_kv_heads} KV heads)" if m.n_kv_heads != m.n_heads else ""
     st.caption(f"**{m.name}** · {m.n_layers} layers × {m.n_heads} heads{gqa} · {capture.n_tokens} tokens · "
                f"{source} · key `{capture.key}`")

@@ -39,6 +39,15 @@ def minilm():
     return registry.load("minilm")
 
 
+def cache_with_models(root: Path) -> Path:
+    """A fresh cache directory whose models/ points at the converted SmolLM2 (converting takes ~20 s)."""
+    from cache.store import cache_dir
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

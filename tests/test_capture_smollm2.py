@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import Store, cache_dir
+from cache.store import Store
+from conftest import cache_with_models
 from capture import attention, registry
 from capture.interventions import HeadEdit, Intervention
 from capture.run import cached, run
@@ -326,15 +327,8 @@ print(json.dumps({"key": c.key, "from_cache": c.from_cache, "n": c.n_tokens}))
 """
 
 
-def shared_models(cache_root: Path) -> None:
-    """Point a fresh cache directory's models/ at the converted SmolLM2 (converting takes ~20 s)."""
-    cache_root.mkdir(parents=True, exist_ok=True)
-    (cache_root / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
-
-
 def test_two_processes_capture_one_entry(smollm2, tmp_path):
-    root = tmp_path / "shared"
-    shared_models(root)
+    root = cache_with_models(tmp_path / "shared")
     env = dict(os.environ, HEADSCOPE_CACHE_DIR=str(root), HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
                OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

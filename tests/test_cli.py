@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cache.keys import is_key
-from cache.store import Store, cache_dir
+from cache.store import Store
+from conftest import cache_with_models
 from capture.run import load_capture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +23,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory, smollm2) -> Path:
     """A fresh cache directory whose models/ is the converted SmolLM2 (converting takes ~20 s)."""
-    root = tmp_path_factory.mktemp("cli-cache")
-    (root / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
-    return root
+    return cache_with_models(tmp_path_factory.mktemp("cli-cache"))
 
 
 def cli(cache_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -115,3 +115,18 @@ def test_most_important_head_changes_cls_more_than_least(cat):
     result = probes_vision.ablation(cat, heads=[top, bottom])
     assert result[0][top] > result[0][bottom] > 0
     assert np.isnan(result[2][top])  # an encoder has no class probabilities
+
+
+def test_vision_page_renders(cat):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    page = str(Path(__file__).resolve().parent.parent / "pages" / "vision.py")
+    app = AppTest.from_file(page, default_timeout=120)
+    app.session_state["capture"] = cat
+    app.run()
+    assert not app.exception and len(app.get("plotly_chart")) == 5
+    app.session_state["vit_patch"] = (3, 4)  # as a click on patch (3, 4) leaves it
+    app.run()
+    assert not app.exception and "patch (3, 4)" in app.markdown[0].value

@@ -1,0 +1,123 @@
+"""Dashboard speed with a warm cache (issue 4), and BertViz's model_view on the same inputs.
+
+Server time is measured with streamlit's AppTest (the script run that answers an interaction);
+first paint with Debian chromium + Playwright against `streamlit run` (time until the figure is drawn).
+BertViz needs transformers' eager output_attentions for every layer and embeds all weights in its HTML,
+so each length runs in a subprocess with a 20 GB address-space cap and a 10-minute limit; failures
+are recorded, not fatal.  Usage: .venv/bin/python bench/app.py [--lengths 128 512 2048]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import ROOT, prompt_of, table
+
+BERTVIZ_CHILD = r"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (20 * 2**30, 20 * 2**30))
+sys.path.insert(0, sys.argv[1])
+import torch
+from bertviz import model_view
+from capture import registry
+handle = registry.load("smollm2")
+tok, model = handle.tokenizer, handle.model
+ids = torch.tensor([tok(sys.argv[2])["input_ids"]])
+model.set_attn_implementation("eager")
+t0 = time.perf_counter()
+with torch.inference_mode():
+    out = model(input_ids=ids, use_cache=False, output_attentions=True)
+html = model_view(out.attentions, tok.convert_ids_to_tokens(ids[0]), html_action="return")
+print(json.dumps({"s": time.perf_counter() - t0, "mb": len(html.data) / 2**20}))
+"""
+
+
+def bertviz(prompt: str) -> str:
+    try:
+        done = subprocess.run([sys.executable, "-c", BERTVIZ_CHILD, str(ROOT), prompt], capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "gave up after 10 min"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return "failed: " + ("out of memory" if "MemoryError" in done.stderr or done.returncode < 0 else last[:60])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return f"{result['s']:.1f} s, {result['mb']:.0f} MB HTML"
+
+
+def server_times(key: str) -> dict:
+    """Seconds of server time: open a link to the model view, switch head, switch layer, head view."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.query_params.update({"page": "explorer", "view": "model", "key": key})
+    t0 = time.perf_counter()
+    at.run()
+    times = {"open model view": time.perf_counter() - t0}
+    assert not at.exception, at.exception
+
+    def timed(label, action):
+        start = time.perf_counter()
+        action().run()
+        times[label] = time.perf_counter() - start
+        assert not at.exception, at.exception
+
+    timed("model view: switch head", lambda: next(w for w in at.number_input if w.label == "Head").increment())
+    at.session_state["view"].view = "head"
+    at.session_state["w_view"] = "head"
+    at.run()
+    timed("head view: switch head", lambda: next(w for w in at.number_input if w.label == "Head").increment())
+    timed("head view: switch layer", lambda: next(w for w in at.number_input if w.label == "Layer").increment())
+    return times
+
+
+def first_paint(key: str) -> float:
+    sys.path.insert(0, str(ROOT / "tests"))
+    (ROOT / "tests" / "artifacts").mkdir(parents=True, exist_ok=True)
+    from browser import browser, streamlit_server, wait_idle
+
+    with streamlit_server() as url, browser() as b:
+        warm = b.new_page()
+        warm.goto(f"{url}/?page=explorer&view=model&key={key}")  # the server's first script run imports
+        wait_idle(warm, ".js-plotly-plot")  # streamlit and plotly once; a shared link then paints as below
+        page = b.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        t0 = time.perf_counter()
+        page.goto(f"{url}/?page=explorer&view=model&layer=3&head=2&key={key}")
+        page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=120_000)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--no-bertviz", action="store_true")
+    args = parser.parse_args()
+    from capture import registry
+    from capture.run import run
+    from capture.types import RunSpec
+
+    tokenizer = registry.load("smollm2").tokenizer
+    rows = []
+    for n in args.lengths:
+        prompt = prompt_of(tokenizer, n)
+        capture = run(RunSpec(model="smollm2", prompt=prompt))  # warm the cache
+        times = server_times(capture.key)
+        paint = first_paint(capture.key)
+        peer = "not run" if args.no_bertviz else bertviz(prompt)
+        rows.append([n, f"{paint:.2f}", f"{times['open model view']:.2f}",
+                     f"{times['model view: switch head'] * 1000:.0f}",
+                     f"{times['head view: switch head'] * 1000:.0f}",
+                     f"{times['head view: switch layer'] * 1000:.0f}", peer])
+        print(f"done {n} tokens", flush=True)
+    print(table(["tokens", "shared link first paint s (<=2)", "model view server s (<=2)",
+                 "switch head, model view ms", "switch head, head view ms (<=300)",
+                 "switch layer, head view ms (<=300)", "BertViz model_view (eager + HTML)"], rows))
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()

@@ -1,0 +1,260 @@
+"""Intervene: toggle heads, pick a preset, rerun generation, and compare before | after.
+
+Baseline = the current input (`st.session_state["spec"]`, else the sidebar's view state).  The
+intervened run is `capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
+the same intervention is computed once and the loaded model is reused.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import streamlit as st
+
+from capture import presets
+from capture.interventions import Intervention, InterventionError, recall, remember
+from charts import compare
+from charts.theme import plot_config
+
+MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
+
+
+def _shared():
+    try:
+        from pages import shared
+
+        return shared
+    except Exception:  # noqa: BLE001 - the page also runs on its own (tests, a bare `streamlit run`)
+        return None
+
+
+def baseline_spec():
+    spec = st.session_state.get("spec")
+    shared = _shared()
+    if spec is None and shared is not None:
+        spec = shared.spec_of(shared.view_state())
+    return spec
+
+
+def run_spec(spec, what: str):
+    """capture.run with a progress bar; None (and a message) for input that cannot run."""
+    from capture.adapters import InputError
+    from capture.registry import ModelUnavailable
+    from capture.run import cached, run
+
+    try:
+        found = cached(spec)
+        if found is None:
+            bar = st.progress(0.0, text=f"{what}…")
+            found = run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"{what}: {m}"))
+            bar.empty()
+        return found
+    except (InputError, InterventionError, ModelUnavailable) as exc:
+        st.error(str(exc))
+        return None
+
+
+def scored(capture, intervention: Intervention) -> np.ndarray:
+    """Teacher-forced log-prob of the baseline continuation under `intervention` (kept per session)."""
+    from capture import registry
+    from capture.logprobs import continuation_logprobs
+
+    memo = st.session_state.setdefault("iv_logprobs", {})
+    key = (capture.key, intervention.key())
+    if key not in memo:
+        n_prompt = len(capture.spans["prompt"])
+        memo[key] = continuation_logprobs(registry.load(capture.spec.model), capture.output.token_ids, n_prompt,
+                                          intervention).logprobs
+    return memo[key]
+
+
+def probe_array(model: str, probe: str, name: str):
+    """A stored probe result array (default probe parameters), or None."""
+    try:
+        from analytics import stored
+        from capture import registry
+        from capture.run import default_store
+
+        found = stored.find(default_store(), registry.revision(model), probe, None)
+        return None if found is None else np.asarray(found.array(name))
+    except Exception:  # noqa: BLE001 - absent or unreadable: the preset falls back to the chosen heads
+        return None
+
+
+# ---- baseline ------------------------------------------------------------------------------------
+st.title("Interventions")
+spec = baseline_spec()
+if spec is None or not spec.prompt.strip():
+    st.info("Type a prompt in the sidebar and press Run; this page then compares it with an intervened run.")
+    st.stop()
+if spec.max_new_tokens == 0:
+    n_new = st.number_input("Tokens to generate", 1, 256, 24, key="iv_max_new",
+                            help="The input is prefill-only; interventions are compared on a generated continuation.")
+    spec = dataclasses.replace(spec, max_new_tokens=int(n_new))
+spec = dataclasses.replace(spec, intervention=Intervention())
+base = run_spec(spec, "baseline")
+if base is None:
+    st.stop()
+meta = base.meta
+if not meta.causal:
+    st.warning(f"{meta.name} is an encoder: it does not generate, so only the attention maps are compared.")
+n_prompt = len(base.spans["prompt"])
+
+# ---- heads and preset ----------------------------------------------------------------------------
+labels = [compare.head_label(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)]
+st.session_state["iv_heads"] = [x for x in st.session_state.get("iv_heads", []) if x in labels]
+
+
+def toggle_from_grid() -> None:
+    points = st.session_state["iv_grid"].selection.points
+    if not points:
+        return
+    label = compare.head_label(int(round(points[0]["y"])), int(round(points[0]["x"])))
+    chosen = list(st.session_state.get("iv_heads", []))
+    st.session_state["iv_heads"] = [x for x in chosen if x != label] if label in chosen else chosen + [label]
+
+
+left, right = st.columns([1.3, 1])
+with right:
+    picked = st.multiselect("Heads", labels, key="iv_heads", placeholder="click the grid or type L3H2",
+                            help=f"Query heads; with GQA, {meta.group_size} heads share a KV head.")
+    heads = [compare.parse_head_label(x) for x in picked]
+    name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset",
+                        format_func=lambda n: presets.PRESETS[n].title)
+    preset = presets.PRESETS[name]
+    default_heads = f"Without chosen heads: {preset.heads_default}." if preset.heads_default else "Acts on the chosen heads."
+    st.caption(f"{preset.description} ({preset.paper}). {default_heads}")
+    params = {}
+    for prm in preset.params:
+        key = f"iv_p_{name}_{prm.name}"
+        if isinstance(prm.default, bool):
+            params[prm.name] = st.checkbox(prm.name, value=prm.default, key=key, help=prm.help)
+        elif isinstance(prm.default, int):
+            high = int(min(prm.high, meta.n_layers * meta.n_heads)) if prm.name == "k" else int(prm.high)
+            params[prm.name] = st.slider(prm.name, int(prm.low), high, min(int(prm.default), high),
+                                         int(prm.step), key=key, help=prm.help)
+        else:
+            params[prm.name] = st.slider(prm.name, float(prm.low), float(prm.high), float(prm.default),
+                                         float(prm.step), key=key, help=prm.help)
+    extra = {}
+    if "scores" in preset.needs:
+        scores = probe_array(spec.model, "needle", "retrieval")
+        if scores is None:
+            st.caption("No retrieval probe result: the chosen heads are masked (or K random heads).")
+            if params.get("random") or not heads:
+                scores = np.zeros((meta.n_layers, meta.n_heads))
+        extra["scores"] = scores
+    if "gates" in preset.needs:
+        gates = probe_array(spec.model, "duo", "alpha")
+        if gates is not None and not heads:
+            extra["gates"] = gates
+            st.caption("Streaming heads from the stored DuoAttention gates.")
+    if "directions" in preset.needs:
+        pos = st.text_area("Prompts toward (one per line)", key="iv_pos", height=90)
+        neg = st.text_area("Prompts away from (one per line)", key="iv_neg", height=90)
+        memo = st.session_state.setdefault("iv_dirs", {})
+        dkey = (spec.model, spec.chat, pos, neg)
+        if st.button("Compute directions", key="iv_dirs_btn"):
+            from capture import registry
+            from capture.probes_steering import steering_directions
+
+            try:
+                with st.spinner("Collecting head outputs…"):
+                    memo[dkey] = steering_directions(registry.load(spec.model), pos.splitlines(), neg.splitlines(),
+                                                     chat=spec.chat)
+            except InterventionError as exc:
+                st.error(str(exc))
+        extra["directions"] = memo.get(dkey)
+    try:
+        intervention = presets.build(name, meta, heads or None, **params, **extra)
+        intervention.validate(meta.n_layers, meta.n_heads, meta.head_dim)
+    except InterventionError as exc:
+        intervention = None
+        st.warning(str(exc))
+    if intervention is not None:
+        st.caption(f"{len(intervention.edits)} edits on {len(intervention.heads())} heads · key `{intervention.key()}`")
+    go_col, save_col = st.columns(2)
+    with go_col:
+        if st.button("Rerun with this intervention", type="primary", key="iv_run", disabled=intervention is None):
+            st.session_state["iv_active"] = intervention
+    with save_col:
+        save_name = st.text_input("Save as", key="iv_save_name", placeholder="name", label_visibility="collapsed")
+        if st.button("Save", key="iv_save", disabled=intervention is None or not save_name.strip()):
+            st.session_state.setdefault("iv_saved", {})[save_name.strip()] = intervention
+with left:
+    st.plotly_chart(compare.head_grid(meta.n_layers, meta.n_heads, heads, title="Click heads to toggle"),
+                    key="iv_grid", on_select=toggle_from_grid, selection_mode="points", config=plot_config())
+
+# ---- link state: the active intervention travels by key ------------------------------------------
+shared = _shared()
+state = shared.view_state() if shared is not None else None
+active: Intervention | None = st.session_state.get("iv_active")
+if active is None and state is not None and getattr(state, "intervention", "none") != "none":
+    active = recall(state.intervention)
+    if active is None:
+        st.warning("The linked intervention is not stored on this server; pick heads and a preset instead.")
+if active is None or active.empty:
+    st.info("Pick heads and a preset, then press Rerun to compare.")
+    st.stop()
+if state is not None:
+    state.intervention = remember(active)
+
+# ---- before | after ------------------------------------------------------------------------------
+after = run_spec(dataclasses.replace(spec, intervention=active), "intervened run")
+if after is None:
+    st.stop()
+st.subheader(f"Before | after · {active.preset or 'custom'} on {len(active.heads())} heads")
+before_tokens, after_tokens = base.tokens[n_prompt:], after.tokens[n_prompt:]
+diff = compare.token_diff(before_tokens, after_tokens)
+if diff.first is None:
+    st.success("The generated tokens are identical.")
+else:
+    st.caption(f"The continuations part at generated token {diff.first} (outlined); struck-through tokens "
+               "left the baseline, green ones are new.")
+left_html, right_html = compare.token_diff_html(before_tokens, after_tokens)
+col_b, col_a = st.columns(2)
+with col_b:
+    st.markdown("**Before** (baseline)")
+    st.html(left_html)
+with col_a:
+    st.markdown(f"**After** (`{active.key()}`)")
+    st.html(right_html)
+
+if meta.causal and before_tokens:
+    lp_before, lp_after = scored(base, Intervention()), scored(base, active)
+    st.plotly_chart(compare.logprob_figure(before_tokens, lp_before, lp_after, first_diff=diff.first,
+                                           title="Log-prob of the baseline continuation (teacher-forced)"),
+                    key="iv_logprob", config=plot_config())
+    st.caption(f"Total log-prob: before {lp_before.sum():.2f}, after {lp_after.sum():.2f} "
+               f"(Δ {lp_after.sum() - lp_before.sum():+.2f}).")
+
+edited = [compare.head_label(l, h) for l, h in active.heads()]
+map_head = st.selectbox("Head map", edited + [x for x in labels if x not in edited], key="iv_map_head")
+layer, head = compare.parse_head_label(map_head)
+shared_len = n_prompt + (diff.first if diff.first is not None else len(before_tokens))
+lo = max(0, shared_len - MAP_WINDOW)
+before_map = base.head(layer, head)[lo:shared_len, lo:shared_len]
+after_map = after.head(layer, head)[lo:shared_len, lo:shared_len]
+st.plotly_chart(compare.map_comparison(before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
+                                       title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"),
+                key="iv_maps", config=plot_config())
+
+# ---- saved interventions against the baseline ----------------------------------------------------
+saved: dict[str, Intervention] = st.session_state.get("iv_saved", {})
+if saved:
+    st.subheader("Saved interventions")
+    if st.button(f"Compare all {len(saved)} with the baseline", key="iv_compare_saved"):
+        rows = []
+        for label, iv in saved.items():
+            run_ = run_spec(dataclasses.replace(spec, intervention=iv), f"{label}")
+            if run_ is None:
+                continue
+            d = compare.token_diff(before_tokens, run_.tokens[n_prompt:])
+            delta = float(scored(base, iv).sum() - scored(base, Intervention()).sum()) if meta.causal and before_tokens else 0.0
+            rows.append({"name": label, "preset": iv.preset or "custom", "heads": len(iv.heads()),
+                         "first differing token": "-" if d.first is None else d.first,
+                         "Δ log-prob (baseline text)": round(delta, 3), "key": iv.key(),
+                         "continuation": run_.output.text[:120]})
+        st.dataframe(rows, hide_index=True)
+    else:
+        st.caption(", ".join(f"{k} ({v.preset or 'custom'}, {len(v.heads())} heads)" for k, v in saved.items()))
