@@ -72,6 +72,8 @@ class ViewState:
         warnings: list[str] = []
         known = {f.name: f for f in fields(cls)}
         for name, raw in params.items():
+            if isinstance(raw, list) and not raw:
+                continue  # "?x" with no value: nothing to use
             value = raw[-1] if isinstance(raw, list) else raw
             if name not in known:
                 warnings.append(f"Ignored unknown link parameter {name!r}.")

@@ -14,7 +14,9 @@ Pure numpy: no torch, no streamlit.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Lock
 
@@ -23,6 +25,7 @@ import numpy as np
 from analytics.maps import BLOCK_ROWS, Maps, as_maps, selected_rows
 
 WAAD_WINDOW = 10  # W of METHODS.md §4 (Li et al. 2025)
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,11 @@ class HeadSummary:
 
 
 def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_WINDOW,
-                 block_rows: int = BLOCK_ROWS) -> HeadSummary:
+                 block_rows: int = BLOCK_ROWS, workers: int | None = None) -> HeadSummary:
     """Stream `source` (a Capture or attn  # [layer, head, query, key]) once and reduce every head.
 
-    Memory: one row block of one layer, plus the [layer, head, token] outputs.
-    """
+    Memory: one row block per worker (2 workers by default: numpy releases the GIL, so two layers
+    are reduced at once on two cores), plus the [layer, head, token] outputs."""
     maps = as_maps(source)
     n, L, H = maps.n_tokens, maps.n_layers, maps.n_heads
     sel = selected_rows(maps, rows)
@@ -62,10 +65,20 @@ def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_W
     waad = np.full((L, H, n), np.nan, dtype=np.float32)
     fai_sum = np.zeros((L, H, n), dtype=np.float64)
     window = int(window)
-    for layer in range(L):
+
+    def reduce_layer(layer: int) -> None:
+        scratch: dict = {}
         for r0, block in maps.blocks(layer, block_rows):  # block  # [head, rows, keys]
             _reduce_block(block, r0, maps.causal, sel, window, received[layer], lookback[layer],
-                          entropy[layer], waad[layer], fai_sum[layer])
+                          entropy[layer], waad[layer], fai_sum[layer], scratch)
+
+    workers = DEFAULT_WORKERS if workers is None else max(1, int(workers))
+    if workers == 1 or L == 1:
+        for layer in range(L):
+            reduce_layer(layer)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headscope-analytics") as pool:
+            list(pool.map(reduce_layer, range(L)))  # each layer writes only its own slices
     n_sel = max(1, len(sel))
     n_ent = len(range(max(sel.start, 1), sel.stop))  # row 0 sees one key: its entropy is 0 by construction
     positions = np.arange(n)
@@ -88,34 +101,40 @@ def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_W
 
 
 def _reduce_block(a: np.ndarray, r0: int, causal: bool, sel: range, window: int, received: np.ndarray,
-                  lookback: np.ndarray, entropy: np.ndarray, waad: np.ndarray, fai_sum: np.ndarray) -> None:
+                  lookback: np.ndarray, entropy: np.ndarray, waad: np.ndarray, fai_sum: np.ndarray,
+                  scratch: dict) -> None:
     """Fold one row block (a  # [head, rows, keys], float32) into the per-head accumulators of its layer."""
     H, R, K = a.shape
     rows = np.arange(r0, r0 + R)
-    received[:, :K] += a.sum(axis=1)
+    colsum = a.sum(axis=1)  # [head, keys]
+    received[:, :K] += colsum
     rowsum = a.sum(axis=2)  # [head, rows]; 1 up to fp16 rounding
     if causal:
         # sum_j A_ij (i - j) = i * rowsum_i - sum_j A_ij j  (keys above the diagonal are zero)
-        dist = rows[None, :] * rowsum - a @ np.arange(K, dtype=np.float32)
+        dist = rows[None, :] * rowsum - np.einsum("hrk,k->hr", a, np.arange(K, dtype=a.dtype))
         # WAAD_i = sum_j A_ij min(i - j, W) = W rowsum_i - sum_{k < W, j = i - k >= 0} A_ij (W - k)
         k = np.arange(window)
         cols = rows[:, None] - k[None, :]  # [rows, W]
-        valid = cols >= 0
-        band = a[:, np.arange(R)[:, None], np.clip(cols, 0, None)] * (valid * (window - k))[None]
-        waad_rows = window * rowsum - band.sum(axis=2)
+        weight = ((cols >= 0) * (window - k)[None, :]).astype(a.dtype)
+        band = a[:, np.arange(R)[:, None], np.clip(cols, 0, None)]  # [head, rows, W]
+        waad_rows = window * rowsum - np.einsum("hrw,rw->hr", band, weight)
     else:
-        d = np.abs(rows[:, None] - np.arange(K)[None, :]).astype(np.float32)  # [rows, keys]
-        dist = (a * d[None]).sum(axis=2)
-        waad_rows = (a * np.minimum(d, window)[None]).sum(axis=2)
-    log_a = np.zeros_like(a)
-    np.log(a, out=log_a, where=a > 0)
-    row_entropy = -(a * log_a).sum(axis=2)  # [head, rows]
+        d = np.abs(rows[:, None] - np.arange(K)[None, :]).astype(a.dtype)  # [rows, keys]
+        dist = np.einsum("hrk,rk->hr", a, d)
+        waad_rows = np.einsum("hrk,rk->hr", a, np.minimum(d, window))
+    log_a = scratch.get("log")
+    if log_a is None or log_a.size < a.size:
+        log_a = scratch["log"] = np.empty(a.size, dtype=a.dtype)
+    log_a = log_a[: a.size].reshape(a.shape)
+    np.maximum(a, np.finfo(a.dtype).tiny, out=log_a)  # 0 * log(tiny) = 0: zeros add nothing
+    np.log(log_a, out=log_a)
+    row_entropy = -np.einsum("hrk,hrk->hr", a, log_a)  # [head, rows]
     lo, hi = max(sel.start, r0), min(sel.stop, r0 + R)
     if lo < hi:
         local = slice(lo - r0, hi - r0)
         lookback += dist[:, local].sum(axis=1)
         waad[:, lo:hi] = waad_rows[:, local]
-        fai_sum[:, :K] += a[:, local].sum(axis=1)
+        fai_sum[:, :K] += colsum if (lo, hi) == (r0, r0 + R) else a[:, local].sum(axis=1)
         e_lo = max(lo, 1)
         if e_lo < hi:
             entropy += row_entropy[:, e_lo - r0 : hi - r0].sum(axis=1)

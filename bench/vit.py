@@ -7,7 +7,9 @@
            (fp16), metadata last; a fresh cache key each repeat
   read     warm-cache read of one head's 257 x 257 map, and of one query patch's row over every head
 Prints a Markdown table of best-of-N times and ratios.  Usage:
-    .venv/bin/python bench/vit.py [--repeats 5] [--image cat]
+    .venv/bin/python bench/vit.py [--repeats 5] [--image cat] [--threads N]
+On a shared machine use --threads 1: with more threads than free cores, OpenMP's barriers make every
+variant wait for preempted threads and the ratios measure the neighbours, not the code.
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image", default="cat")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     os.environ.setdefault("HEADSCOPE_CACHE_DIR", os.path.join(os.getcwd(), "cache_data"))
     from cache.store import Store

@@ -25,9 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server(str):
+    """The base URL of a running test server (a str), with the server process as `.proc`."""
+
+    proc: subprocess.Popen
+
+    def peak_rss_bytes(self) -> int:
+        """The server process's peak resident memory so far (VmHWM)."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            line = next(line for line in fh if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+
 @contextmanager
 def streamlit_server(env: dict | None = None, timeout: float = 120.0):
-    """Start `streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL."""
+    """Start `streamlit run app.py` on 127.0.0.1:<free port>; yields its base URL (a `Server`)."""
     port = free_port()
     environment = dict(os.environ, **(env or {}))
     log = open(ROOT / "tests" / "artifacts" / f"streamlit-{port}.log", "w")
@@ -37,7 +49,8 @@ def streamlit_server(env: dict | None = None, timeout: float = 120.0):
          "--server.fileWatcherType", "none"],
         cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = Server(f"http://127.0.0.1:{port}")
+    url.proc = proc
     try:
         deadline = time.time() + timeout
         while True:
