@@ -18,6 +18,7 @@ link_opened = st.session_state.pop("link_opened", False)
 PAGES = {
     "home": st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
     "explorer": st.Page("pages/explorer.py", title="Attention explorer", icon=":material/search:", url_path="explorer"),
+    "vision": st.Page("pages/vision.py", title="Vision", icon=":material/image:", url_path="vision"),
 }
 page = st.navigation(list(PAGES.values()))
 if link_opened and state.page in PAGES and PAGES[state.page] is not page:

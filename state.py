@@ -16,7 +16,7 @@ from typing import Mapping
 
 from cache.keys import is_key
 
-PAGES = ("home", "explorer", "atlas", "intervene", "vision")
+PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
 VIEWS = ("model", "head", "token")
 MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
@@ -26,8 +26,10 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown f
 
 def allowed_models() -> tuple[str, ...]:
     """Models a link may name: the embedded ones plus the operator's list."""
+    from capture.registry import EMBEDDED  # torch-free
+
     from_env = [m.strip() for m in os.environ.get("HEADSCOPE_ALLOWED_MODELS", "").split(",") if m.strip()]
-    return ("smollm2", "minilm") + tuple(m for m in from_env if m not in ("smollm2", "minilm"))
+    return tuple(EMBEDDED) + tuple(m for m in from_env if m not in EMBEDDED)
 
 
 def default_model() -> str:
@@ -49,6 +51,7 @@ class ViewState:
     token: int = -1  # query token of the token view; -1 = the last token
     q0: int = 0  # detail window of a long map: first query and first key shown
     k0: int = 0
+    patch: str = ""  # vision: the query patch "row,col"; "" = the CLS token
     scale: str = "raw"
     metric: str = "sink_alpha"
     intervention: str = "none"
@@ -84,13 +87,17 @@ class ViewState:
                 warnings.append(f"Ignored link parameter {name}: {exc}")
         return state, warnings
 
-    def clamp(self, n_layers: int, n_heads: int, n_tokens: int) -> list[str]:
-        """Bring layer/head/token into range for the loaded capture; returns warnings."""
+    def clamp(self, n_layers: int, n_heads: int, n_tokens: int, mean_head: bool = False) -> list[str]:
+        """Bring layer/head/token into range for the loaded capture; returns warnings.
+
+        `mean_head`: the page offers "mean of heads" as head -1."""
         warnings = []
         if not 0 <= self.layer < n_layers:
             warnings.append(f"Layer {self.layer} does not exist (0–{n_layers - 1}); showing layer 0.")
             self.layer = 0
-        if not 0 <= self.head < n_heads:
+        if self.head == -1 and not mean_head:
+            self.head = 0
+        elif not (-1 if mean_head else 0) <= self.head < n_heads:
             warnings.append(f"Head {self.head} does not exist (0–{n_heads - 1}); showing head 0.")
             self.head = 0
         if not -1 <= self.token < n_tokens:
@@ -118,7 +125,7 @@ def _parse(name: str, value: str):
             number = int(value)
         except ValueError:
             raise ValueError(f"{value[:20]!r} is not a whole number.") from None
-        low = -1 if name == "token" else 0
+        low = -1 if name in ("token", "head") else 0  # head -1 = the mean of heads (where a page offers it)
         high = MAX_NEW_TOKENS if name == "max_new_tokens" else 100_000
         if not low <= number <= high:
             raise ValueError(f"{number} is out of range.")
@@ -144,6 +151,11 @@ def _parse(name: str, value: str):
         if len(value) > MAX_LINK_PROMPT:
             raise ValueError("prompt too long for a link.")
         return "".join(ch for ch in value if ch in "\n\t" or ch.isprintable())
+    if name == "patch":
+        parts = value.split(",")
+        if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):
+            raise ValueError("a patch is row,col.")
+        return value
     if name == "metric":
         if not value.replace("_", "").isalnum() or len(value) > 40:
             raise ValueError("not a metric name.")

