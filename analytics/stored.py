@@ -64,6 +64,7 @@ class AblationParams:
     target: str = ""
     n_tokens: int = 128
     score_last: int = 32
+    layers: tuple[int, ...] = ()  # sweep only these layers' heads (empty = every layer); others stay NaN
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,15 @@ def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_W
     """Stream `source` (a Capture or attn  # [layer, head, query, key]) once and reduce every head.
 
     Memory: one row block per worker (2 workers by default: numpy releases the GIL, so two layers
-    are reduced at once on two cores), plus the [layer, head, token] outputs."""
+    are reduced at once on two cores), plus the [layer, head, token] outputs.
+
+    A long-context capture that stored its reductions at capture time (capture.qk) is summarised from
+    them instead, without reading any map (analytics.reduced)."""
+    from analytics.reduced import stored_summary
+
+    found = stored_summary(source, rows, window)
+    if found is not None:
+        return found
     maps = as_maps(source)
     n, L, H = maps.n_tokens, maps.n_layers, maps.n_heads
     sel = selected_rows(maps, rows)

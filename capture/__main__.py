@@ -4,6 +4,7 @@
     python -m capture run --model smollm2 --prompt "..." --json        # one JSON object, for scripts
     python -m capture ls                                              # cached captures
     python -m capture export KEY --layer 3 --head 2 --format csv -o map.csv
+    python -m capture probe patterns --model smollm2                  # head probes (capture/probe_cli.py)
 
 Errors are one sentence on stderr and exit status 2; never a traceback for bad input.
 """

@@ -342,6 +342,7 @@ class _Call:
         self.scaling = self.head_dim**-0.5 if scaling is None else scaling
         flag = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if flag is None else flag)
+        self.causal = causal
         self.implicit_causal = causal and attention_mask is None and self.n_q > 1  # rows see keys up to their own position
         self.mask = None if self.implicit_causal else _additive_mask(attention_mask, causal, self.n_q, self.n_k, query.dtype)
         self.softcap = kwargs.get("softcap")
@@ -401,6 +402,9 @@ def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     if not recording and not plan.attention:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    attend = getattr(active.recorder, "attend", None)  # a recorder that computes attention itself
+    if attend is not None and not plan.attention:  # (capture.longctx.QKRecorder: the long-context layout)
+        return attend(layer, module, query, key, value, attention_mask, scaling, kwargs), None
 
     call = _Call(module, query, key, value, attention_mask, scaling, kwargs)
     sinks = _sink_scores(active, layer, call) if plan.needs_sinks else None
@@ -538,6 +542,8 @@ def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, r0: int, r1:
         s = scores[group.rows][:, group.heads]
         keep = _key_mask(group.keys, group, call, active, sinks, k_end)
         recent = (positions[:, None] - torch.arange(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
+        if not call.causal:  # a bidirectional encoder: the window reaches both ways, |i - j| < W
+            recent = recent.abs()
         keep = keep | (recent < group.values.view(1, -1, 1, 1))
         drop = ~keep & rows_of(visible, group) & (s > neg_inf)
         q = queries(group)

@@ -16,7 +16,8 @@ The six primitives (DESIGN.md, "Attention capture and interventions"; METHODS.md
 |               | proportion; rows keep summing to 1              |                              |
 | mix           | post-softmax: A <- (1-u) A + u T                | u in [0, 1]                  |
 | window        | keys limited to `keys` (the sinks) + the        | recent window length         |
-|               | `value` most recent keys (+ a mean token)       |                              |
+|               | `value` most recent keys, i - j < value (+ a    |                              |
+|               | mean token); encoders: |i - j| < value          |                              |
 
 Composition order inside one forward (per head; `capture.attention` implements it):
 
@@ -41,7 +42,11 @@ Position sets (`keys`, `queries`):
 - "image"              the run's image span
 - "sinks", "sinks:<t>" (keys only) the head's hidden sinks, METHODS §2.1 (ACT): s_j = sum_i A_ij/(N-j)
                        over the prompt's prefill rows, sinks are s_j > t (t = 0.1 by default), and
-                       the first detected sink (normally BOS) is kept apart (not included)
+                       the first detected sink (normally BOS) is kept apart (not included).  Detected
+                       once per run on the unedited softmax of the head over the prompt rows, then
+                       the same set is used by every decode step and by the recorded pass.  On short
+                       prompts uniform rows alone pass 0.1 (s_0 = H_N / N > 0.1 for N < 44), so
+                       ACT's threshold is meant for prompts of some length.
 - "allsinks[:<t>]"     (keys only) the same detection, the first sink included (VAR-style)
 - "uniform"            (keys of `mix` only) T = uniform over the visible keys
 - "last"               (queries only) the rows that predict a new token: the last prompt token and

@@ -8,7 +8,8 @@
     python -m capture probe hidden   KEY            # residual stream of a cached capture
 
 Flags mirror the fields of each probe's parameters (analytics.stored); omitted ones keep the defaults
-that the metrics registry reads.  Bad input raises InputError: one sentence and exit status 2.
+that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
+raises InputError: one sentence and exit status 2.
 """
 from __future__ import annotations
 
@@ -57,14 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 default = f.default
                 flag = "--" + f.name.replace("_", "-")
                 if isinstance(default, bool):
-                    q.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                    q.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=f"default: {default}")
                 elif isinstance(default, tuple):
                     kind = float if name == "needle" and f.name == "depths" else int
-                    q.add_argument(flag, dest=f.name, nargs="+", type=kind, default=None,
+                    q.add_argument(flag, dest=f.name, nargs="+", type=kind, default=argparse.SUPPRESS,
                                    help=f"default: {' '.join(str(v) for v in default) or 'all'}")
                 else:
-                    q.add_argument(flag, dest=f.name, type=type(default), default=None, help=f"default: {default}")
+                    q.add_argument(flag, dest=f.name, type=type(default), default=argparse.SUPPRESS,
+                                   help=f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
@@ -93,7 +95,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         options["store"] = default_store()
     else:
         model = args.model
-        params = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+        params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
         if name == "ablation" and args.batch is not None:
             if args.batch < 1:
                 raise InputError("--batch must be 1 or more.")

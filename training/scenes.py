@@ -166,13 +166,13 @@ def parse_caption(caption: str) -> list[ObjectSpec]:
 
 def caption_words(caption: str) -> list[tuple[str, int | None, str]]:
     """(word, object index, role) for each word of a caption; role is "colour", "shape", "position",
-    "size" or "other" ("a", "an", "at", "the", "and").  Words of one phrase belong to that phrase's object;
-    "and" belongs to none.  Every word is a single WordPiece token of MiniLM's vocabulary."""
+    "size" or "other" ("a", "an", "at", "the", "and", ",").  Words of one phrase belong to that phrase's
+    object; "and" and the commas between phrases belong to none.  Every word is a single WordPiece token of MiniLM's vocabulary."""
     specs = parse_caption(caption)
     out: list[tuple[str, int | None, str]] = []
     for index, spec in enumerate(specs):
         if index:
-            out.append(("and", None, "other"))
+            out.append(("and", None, "other") if index == len(specs) - 1 else (",", None, "other"))
         first = spec.size or spec.colour
         out += [("an" if first[0] in "aeiou" else "a", index, "other")]
         if spec.size:
@@ -348,27 +348,28 @@ def classify_shape(mask: np.ndarray) -> str:
     return best
 
 
+def components(mask: np.ndarray) -> np.ndarray:
+    """[H, W] int labels of the 4-connected components of a bool mask (0 = background): each pixel
+    takes the smallest index in its component, by min-propagation (vectorised; O(diameter) rounds)."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        best = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        best = np.where(mask, best, big)
+        if np.array_equal(best, labels):
+            return np.where(mask, labels, 0)
+        labels = best
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected component of a bool mask (an empty mask stays empty)."""
-    h, w = mask.shape
-    labels = np.zeros((h, w), dtype=np.int32)
-    best, best_size, current = 0, 0, 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        current += 1
-        stack, count = [(y0, x0)], 0
-        labels[y0, x0] = current
-        while stack:
-            y, x = stack.pop()
-            count += 1
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
-                    labels[ny, nx] = current
-                    stack.append((ny, nx))
-        if count > best_size:
-            best, best_size = current, count
-    return labels == best if best else np.zeros_like(mask)
+    if not mask.any():
+        return np.zeros_like(mask, dtype=bool)
+    labels = components(mask)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return labels == ids[np.argmax(counts)]
 
 
 @dataclass

@@ -29,4 +29,8 @@ def adapter_for(modality: str):
         from capture.adapters.vit import VisionAdapter
 
         return VisionAdapter
+    if modality == "dit":
+        from capture.adapters.dit import DitAdapter
+
+        return DitAdapter
     raise InputError(f"HeadScope cannot capture {modality} models yet.")

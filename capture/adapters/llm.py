@@ -6,6 +6,11 @@ A capture is made in two steps:
 2. one recorded forward over prompt + generated tokens.  Row i of a causal map depends only on tokens
    0..i, so the rows of this pass are the rows each generation step computed (tests hold this
    against transformers' eager `output_attentions` during `generate`), and they form one square map.
+
+Inputs longer than `capture.longctx.qk_threshold()` tokens are recorded in the "qk" layout (queries,
+keys and one-pass reductions instead of maps; capture.qk).  Before anything runs, `check_size`
+estimates the peak memory and disk of the capture (capture.memory) and refuses one that would not
+fit, saying how long an input would; the measured peak is reported in `Capture.timings`.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from capture import attention
+from capture import attention, longctx, memory
 from capture.adapters import InputError, Progress
 from capture.registry import ModelHandle
 from capture.types import Capture, Output, RunSpec, StepLogprobs, overview_name
@@ -114,7 +119,11 @@ class TextAdapter:
             ids = self.tokenizer(spec.prompt)["input_ids"]
         return [int(i) for i in ids]
 
-    def check_size(self, n_prompt: int, max_new_tokens: int, limit_bytes: int) -> None:
+    def check_size(self, n_prompt: int, max_new_tokens: int, limit_bytes: int, layout: str | None = None,
+                   memory_bytes: int | None = None, disk_free: int | None = None) -> memory.Estimate:
+        """Refuse an input that is too long for the model, or whose capture in `layout` (default: the
+        stored maps) would not fit in memory (`memory_bytes`, default capture.memory.available_bytes())
+        or in the cache (`limit_bytes`, and `disk_free` when given).  Returns the estimate."""
         meta = self.handle.meta
         total = n_prompt + max_new_tokens
         if total > self.max_tokens:
@@ -122,12 +131,30 @@ class TextAdapter:
                 f"The input is {n_prompt} tokens (+{max_new_tokens} to generate); {meta.name} takes at most "
                 f"{self.max_tokens}. Shorten the prompt or generate fewer tokens."
             )
-        need = stored_bytes(meta.n_layers, meta.n_heads, total, meta.causal)
-        if need > limit_bytes:
-            raise InputError(
-                f"Capturing {total} tokens needs {need / 2**30:.1f} GB of cache but the cache holds "
-                f"{limit_bytes / 2**30:.1f} GB; shorten the input or raise HEADSCOPE_CACHE_GB."
-            )
+        layout = layout or ("tril" if meta.causal else "full")
+        need = memory.estimate(meta, total, layout)
+        budget = memory.available_bytes() if memory_bytes is None else int(memory_bytes)
+        disk_budget = limit_bytes if disk_free is None else min(limit_bytes, disk_free)
+        if need.memory_bytes <= budget and need.disk_bytes <= disk_budget:
+            return need
+        fit = memory.max_tokens(meta, layout, budget, disk_budget, total)
+        if need.memory_bytes > budget:
+            problem = (f"needs about {need.memory_gb:.1f} GB of memory for the recorded pass, but "
+                       f"{budget / 2**30:.1f} GB is available to it")
+            limits = "free memory or set HEADSCOPE_CAPTURE_GB"
+        else:
+            problem = (f"needs {need.disk_gb:.1f} GB of cache, but the cache can take "
+                       f"{disk_budget / 2**30:.1f} GB")
+            limits = "free disk space or raise HEADSCOPE_CACHE_GB"
+        ways = [f"shorten the input to at most {max(fit - max_new_tokens, 0):,} prompt tokens"
+                + (f" ({max_new_tokens} generated tokens included in the {fit:,})" if max_new_tokens else "")
+                if fit > max_new_tokens else "shorten the input"]
+        if layout != longctx.LAYOUT and meta.causal and total > longctx.qk_threshold():
+            ways.append("drop the attention-level edits (they need stored maps; without them inputs over "
+                        f"{longctx.qk_threshold():,} tokens keep only queries and keys)")
+        ways.append(limits)
+        raise InputError(f"Capturing {total:,} tokens of {meta.name} ({meta.n_layers} layers x {meta.n_heads} heads, "
+                         f"{layout} layout) {problem}. To make it fit, " + "; or ".join(ways) + ".")
 
     # ---- generation (fast path) ---------------------------------------------------------------
     def generate(self, spec: RunSpec, prompt_ids: list[int], progress: Progress, share: float
@@ -172,31 +199,51 @@ class TextAdapter:
         if max_new and not meta.causal:
             notes.append(f"{meta.name} is a bidirectional encoder: it does not generate, so only the prompt was run.")
             max_new = 0
-        self.check_size(len(prompt_ids), max_new, store.size_limit)
+        config = self.handle.model.config
+        planned = longctx.choose_layout(meta, len(prompt_ids) + max_new, spec.intervention, config)
+        estimate = self.check_size(len(prompt_ids), max_new, store.size_limit, layout=planned,
+                                   disk_free=_free_disk(store))
         gen_share = 0.5 if max_new else 0.0
         new_ids, steps = [], []
         self.sink_scores = {}
-        if max_new:
-            new_ids, steps = self.generate(spec, prompt_ids, progress, gen_share)
-        t_gen = time.perf_counter()
-        ids = prompt_ids + new_ids
-        spans = {"prompt": range(0, len(prompt_ids))}
-        if new_ids:
-            spans["response"] = range(len(prompt_ids), len(ids))
-        layout = "tril" if meta.causal else "full"
+        with memory.PeakSampler() as peak:
+            if max_new:
+                new_ids, steps = self.generate(spec, prompt_ids, progress, gen_share)
+            t_gen = time.perf_counter()
+            ids = prompt_ids + new_ids
+            spans = {"prompt": range(0, len(prompt_ids))}
+            if new_ids:
+                spans["response"] = range(len(prompt_ids), len(ids))
+            layout = longctx.choose_layout(meta, len(ids), spec.intervention, config)  # generation may stop early
+            layout_info = {}
 
-        input_ids = torch.tensor([ids])
-        with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer:
-            recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
-            # an empty "response" span in a prefill-only run, so edits on it resolve (to nothing)
-            session_spans = {"response": range(len(ids), len(ids)), **spans}
-            with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
-                                   sink_scores=self.sink_scores):
-                with torch.inference_mode():
-                    if meta.causal:
-                        out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-                    else:
-                        self.handle.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+            input_ids = torch.tensor([ids])
+            with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer:
+                if layout == longctx.LAYOUT:
+                    recorder = longctx.QKRecorder(meta, len(ids), writer.submit,
+                                                  split=len(prompt_ids) if new_ids else None)
+                else:
+                    recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
+                # an empty "response" span in a prefill-only run, so edits on it resolve (to nothing)
+                session_spans = {"response": range(len(ids), len(ids)), **spans}
+                try:
+                    with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
+                                           sink_scores=self.sink_scores):
+                        with torch.inference_mode():
+                            if meta.causal:
+                                out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+                            else:
+                                self.handle.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+                finally:
+                    if layout == longctx.LAYOUT:
+                        recorder.close()
+            if layout == longctx.LAYOUT:  # reductions and head overviews, before the metadata record
+                from capture.qk import HEAD_OVERVIEW_BINS, reduction_name
+
+                for name, array in recorder.arrays.items():
+                    store.put_array(key, reduction_name(name), array)
+                store.put_array(key, overview_name(min(HEAD_OVERVIEW_BINS, len(ids))), recorder.head_overview)
+                layout_info = recorder.params().to_json()
         next_top = []
         if meta.causal:
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -209,6 +256,17 @@ class TextAdapter:
         )
         return Capture(
             key=key, spec=spec, meta=meta, tokens=[readable(self.tokenizer, i) for i in ids], spans=spans,
-            output=output, layout=layout, store=store,
-            timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen},
+            output=output, layout=layout, store=store, layout_info=layout_info,
+            timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen,
+                     "peak_mb": round(peak.peak / 2**20, 1), "estimate_mb": round(estimate.memory_bytes / 2**20, 1)},
         )
+
+
+def _free_disk(store) -> int | None:
+    """Free bytes on the cache's disk (None if it cannot be told)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(store.directory).free
+    except (OSError, AttributeError):
+        return None

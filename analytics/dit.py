@@ -1,0 +1,222 @@
+"""Attention analytics for diffusion transformers (pure numpy: no torch, no streamlit).
+
+Input is the image -> text block of joint (or cross) attention,
+
+    a  # [step, layer, head, image, text]   (capture.dit_capture.image_to_text)
+
+with image tokens in row-major order over a `grid` of (rows, cols) patches.
+
+- `word_heatmaps`: each text token's map over the image, per step / layer / head, as in DAAM
+  (Tang et al. 2023: the cross-attention a word receives from every image position, aggregated over
+  layers, heads and timesteps); `aggregate` takes the mean over any of those axes.
+- `sink_stats` / `sink_tokens`: RefAM's global attention sinks (Kukleva et al. 2025, METHODS §2.5):
+  text tokens that receive high and spatially flat attention from the image (high mean, low
+  coefficient of variation over image positions) in most heads and layers.  Their maps carry little
+  meaning and are best discarded before aggregating (RefAM's "attention magnets").  The thresholds
+  are ours (RefAM's are unverified): mean >= `ratio` x the text tokens' median mean, CV <= `cv_max`.
+- `grounding`: per head, how well a word's heatmap finds the ground-truth mask of the object the
+  word names: AUROC of the heatmap as a score for "this patch belongs to the object" (0.5 = chance,
+  1 = perfect), and IoU of the top-k patches (k = the mask's patch count) with the mask.  Heads are
+  then ranked by what they ground (`rank_heads`).
+- `referral_map`: RefAM's referral map: subject tokens aggregated over layers and steps, sinks left out.
+- `object_masks`: ground-truth masks of the words of a scene caption from a (generated) picture,
+  with the scene generator's knowledge (training.scenes: the palette and the caption grammar).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SINK_RATIO = 2.0  # a sink receives >= 2 x the median text token's mean attention ...
+SINK_CV_MAX = 0.5  # ... and is spatially flat: std / mean over image positions <= 0.5
+SINK_SHARE = 0.5  # a global sink: flagged in at least half of the (layer, head) maps
+
+
+def word_heatmaps(a: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """a  # [..., image, text] -> heat  # [..., text, rows, cols]: each text token's received attention
+    from every image position, laid out on the patch grid."""
+    rows, cols = grid
+    if a.shape[-2] != rows * cols:
+        raise ValueError(f"{a.shape[-2]} image tokens do not fill a {rows} x {cols} grid")
+    moved = np.moveaxis(np.asarray(a, dtype=np.float32), -1, -2)  # [..., text, image]
+    return moved.reshape(moved.shape[:-1] + (rows, cols))
+
+
+def aggregate(heat: np.ndarray, steps=None, layers=None, heads=None, normalise: bool = True) -> np.ndarray:
+    """heat  # [step, layer, head, text, rows, cols] -> [text, rows, cols]: the mean over the chosen
+    steps, layers and heads (None = all), as DAAM sums over them; `normalise` scales each token's map
+    to a maximum of 1 (DAAM normalises before thresholding)."""
+    h = np.asarray(heat, dtype=np.float32)
+    for axis, pick in ((0, steps), (1, layers), (2, heads)):
+        if pick is not None:
+            h = np.take(h, np.atleast_1d(pick), axis=axis)
+    out = h.mean(axis=(0, 1, 2))
+    if normalise:
+        peak = out.max(axis=(-2, -1), keepdims=True)
+        out = out / np.where(peak > 0, peak, 1)
+    return out
+
+
+def referral_map(heat: np.ndarray, subjects: list[int], sinks: np.ndarray | None = None, steps=None,
+                 layers=None) -> np.ndarray:
+    """RefAM's zero-shot referral map: the subject tokens' heatmaps aggregated over layers, heads and
+    timesteps, sink tokens (global attention magnets) left out.  heat  # [step, layer, head, text,
+    rows, cols] -> [rows, cols] scaled to a maximum of 1."""
+    keep = [t for t in subjects if sinks is None or not sinks[t]]
+    if not keep:
+        return np.zeros(heat.shape[-2:], dtype=np.float32)
+    out = aggregate(heat, steps=steps, layers=layers, normalise=True)[keep].mean(0)
+    peak = out.max()
+    return out / peak if peak > 0 else out
+
+
+@dataclass
+class SinkStats:
+    """Received attention of each text token from the image queries."""
+
+    mean: np.ndarray  # [step, layer, head, text]: mean over image positions
+    cv: np.ndarray  # [step, layer, head, text]: coefficient of variation over image positions
+    flagged: np.ndarray  # [step, layer, head, text] bool: a sink in that map
+    share: np.ndarray  # [text]: fraction of (step, layer, head) maps in which the token is a sink
+    global_sink: np.ndarray  # [text] bool: share >= SINK_SHARE
+
+
+def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV_MAX,
+               share_min: float = SINK_SHARE) -> SinkStats:
+    """RefAM sink statistics of a  # [step, layer, head, image, text] (module docstring)."""
+    a = np.asarray(a, dtype=np.float32)
+    mean = a.mean(axis=-2)  # [step, layer, head, text]
+    std = a.std(axis=-2)
+    cv = std / np.maximum(mean, 1e-12)
+    median = np.median(mean, axis=-1, keepdims=True)
+    flagged = (mean >= ratio * np.maximum(median, 1e-12)) & (cv <= cv_max)
+    share = flagged.reshape(-1, flagged.shape[-1]).mean(0)
+    return SinkStats(mean=mean, cv=cv, flagged=flagged, share=share, global_sink=share >= share_min)
+
+
+def sink_tokens(a: np.ndarray, **kwargs) -> np.ndarray:
+    """[text] bool: the global sink tokens of a  # [step, layer, head, image, text]."""
+    return sink_stats(a, **kwargs).global_sink
+
+
+def mask_to_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """mask  # [H, W] bool -> [rows, cols] float: the share of each patch the mask covers."""
+    rows, cols = grid
+    h, w = mask.shape
+    if h % rows or w % cols:
+        raise ValueError(f"a {h} x {w} mask does not split into a {rows} x {cols} grid")
+    return np.asarray(mask, dtype=np.float32).reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for bool `labels` (Mann-Whitney U, ties counted half);
+    nan when one class is empty."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    starts = np.r_[0, np.nonzero(np.diff(sorted_s))[0] + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for a0, a1 in zip(starts, ends):
+        ranks[order[a0:a1]] = (a0 + a1 + 1) / 2.0
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def topk_iou(heat: np.ndarray, labels: np.ndarray, k: int | None = None) -> float:
+    """IoU between the k highest cells of `heat` and bool `labels` (k = labels.sum() by default)."""
+    h = np.asarray(heat, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    k = int(y.sum()) if k is None else k
+    if k == 0:
+        return float("nan")
+    top = np.zeros(len(h), dtype=bool)
+    top[np.argsort(-h, kind="stable")[:k]] = True
+    return float((top & y).sum() / (top | y).sum())
+
+
+@dataclass
+class Grounding:
+    """Per head, how well each grounded word's heatmap finds its object."""
+
+    words: list[int]  # text-token indices that have a mask
+    auroc: np.ndarray  # [step, layer, head, word]
+    iou: np.ndarray  # [step, layer, head, word]
+
+    def score(self, metric: str = "auroc", steps=None) -> np.ndarray:
+        """[layer, head]: the metric averaged over words (and the chosen steps, None = all)."""
+        values = self.auroc if metric == "auroc" else self.iou
+        if steps is not None:
+            values = np.take(values, np.atleast_1d(steps), axis=0)
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(values, axis=(0, 3)) if values.size else np.zeros(values.shape[1:3])
+
+
+def grounding(heat: np.ndarray, masks: dict[int, np.ndarray], grid: tuple[int, int],
+              cover: float = 0.5) -> Grounding:
+    """heat  # [step, layer, head, text, rows, cols]; masks: text-token index -> [H, W] bool mask of the
+    object that token names.  A patch counts as the object's when the mask covers >= `cover` of it."""
+    words = sorted(masks)
+    steps, layers, heads = heat.shape[:3]
+    au = np.full((steps, layers, heads, len(words)), np.nan, dtype=np.float32)
+    io = np.full_like(au, np.nan)
+    for w_i, token in enumerate(words):
+        labels = mask_to_grid(masks[token], grid) >= cover
+        if not labels.any():
+            continue
+        for s in range(steps):
+            for layer in range(layers):
+                for h in range(heads):
+                    m = heat[s, layer, h, token]
+                    au[s, layer, h, w_i] = auroc(m, labels)
+                    io[s, layer, h, w_i] = topk_iou(m, labels)
+    return Grounding(words=words, auroc=au, iou=io)
+
+
+def rank_heads(scores: np.ndarray, top: int | None = None) -> list[tuple[int, int, float]]:
+    """(layer, head, score) sorted best first; nan scores last."""
+    flat = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    order = np.argsort(-flat, axis=None, kind="stable")
+    out = [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i])) for i in order]
+    return out[:top] if top else out
+
+
+def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=("colour", "shape")) -> dict[int, np.ndarray]:
+    """Text-token index -> [H, W] bool mask, for the words of a scene caption whose role is in `roles`.
+
+    The mask is what the picture shows of the word's object: the largest blob of the requested colour
+    (training.scenes: palette and caption grammar).  Words whose object is not found get no mask.
+    Text tokens are MiniLM's ("[CLS]", then one token per caption word); a caption that is not a
+    scene caption, or tokens that do not line up with its words, give {}.
+    """
+    from training import scenes
+
+    try:
+        words = scenes.caption_words(caption)
+    except ValueError:
+        return {}
+    offset = 1 if text_tokens and text_tokens[0] == "[CLS]" else 0
+    if len(text_tokens) < offset + len(words) or any(text_tokens[offset + i] != w for i, (w, _, _) in enumerate(words)):
+        return {}
+    specs = scenes.parse_caption(caption)
+    colours = scenes.colour_masks(image)
+    blobs = {}
+    for index, spec in enumerate(specs):
+        blob = scenes.largest_component(colours[spec.colour])
+        if blob.sum() >= 4:
+            blobs[index] = blob
+    out = {}
+    for i, (_word, obj, role) in enumerate(words):
+        if obj is not None and role in roles and obj in blobs:
+            out[offset + i] = blobs[obj]
+    return out
+
+
+__all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid", "auroc",
+           "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "SINK_RATIO", "SINK_CV_MAX",
+           "SINK_SHARE"]

@@ -1,0 +1,157 @@
+"""How much memory and disk a capture takes: estimated before a run, measured during it.
+
+`estimate(meta, n_tokens, layout)` adds up what the recorded pass holds at its peak, above the
+loaded model (bytes; SmolLM2 numbers at 8,192 tokens in brackets):
+
+- the model's own activations for one layer of the forward: residual stream, q/k/v, the MLP's
+  intermediate tensors and their copies (`ACTIVATION_FLOATS` floats per token) [~0.6 GB];
+- "tril": the layer buffer being filled plus the `LayerWriter.MAX_PENDING` layers waiting to be
+  written (n(n+1)/2 fp16 weights per head each) and the explicit path's fp32 row block [~2.6 GB];
+- "qk": the layer's queries and keys, held the same way (3 layers), the workers' row blocks, the
+  reductions ([layer, head, token] float32 each) and the 128-bin thumbnails [~0.3 GB];
+- "full": as "tril" with n² weights per head.
+
+The budget is `HEADSCOPE_CAPTURE_GB` when set, else 80 % of the memory the kernel reports available
+(MemAvailable) at the time of the run.  `PeakSampler` measures the real peak (resident set size
+above the start, sampled every 10 ms) so `Capture.timings` can report it beside the estimate.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from capture.types import ModelMeta
+
+BYTES_PER_WEIGHT = 2  # fp16 maps on disk and in the recorder's buffers
+QK_BYTES = 4  # float32 queries and keys (capture.qk explains why)
+ACTIVATION_FLOATS = 24  # x hidden size floats per token: one layer's transient tensors, with margin
+ROW_BLOCK_TRIL = 256  # capture.attention.ROW_BLOCK
+PENDING_LAYERS = 3  # the layer being recorded + LayerWriter.MAX_PENDING waiting to be written
+AVAILABLE_SHARE = 0.8
+REDUCTION_ARRAYS = 5  # capture.qk.REDUCTIONS
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak memory above the loaded model and bytes written to the cache, for one capture."""
+
+    layout: str
+    n_tokens: int
+    memory_bytes: int
+    disk_bytes: int
+
+    @property
+    def memory_gb(self) -> float:
+        return self.memory_bytes / 2**30
+
+    @property
+    def disk_gb(self) -> float:
+        return self.disk_bytes / 2**30
+
+
+def _hidden(meta: ModelMeta) -> int:
+    return meta.n_heads * meta.head_dim  # the attention width; SmolLM2: 576 = its hidden size
+
+
+def map_bytes(meta: ModelMeta, n: int, layout: str) -> int:
+    """Bytes of one layer's stored array."""
+    if layout == "qk":
+        return (meta.n_heads + meta.n_kv_heads) * n * meta.head_dim * QK_BYTES
+    per_head = n * (n + 1) // 2 if layout == "tril" else n * n
+    return meta.n_heads * per_head * BYTES_PER_WEIGHT
+
+
+def estimate(meta: ModelMeta, n_tokens: int, layout: str, workers: int = 2) -> Estimate:
+    """The peak memory and the disk a capture of `n_tokens` in `layout` needs (see the module docstring)."""
+    n, L, H = n_tokens, meta.n_layers, meta.n_heads
+    activations = ACTIVATION_FLOATS * _hidden(meta) * n * 4
+    layer = map_bytes(meta, n, layout)
+    if layout == "qk":
+        from capture.longctx import ROW_BLOCK
+        from capture.qk import HEAD_OVERVIEW_BINS
+
+        group = H // meta.n_kv_heads
+        block = workers * 3 * group * ROW_BLOCK * n * 4  # scores, weights and a temporary per worker
+        values = meta.n_kv_heads * n * (2 * meta.head_dim + 1) * 4 + H * n * meta.head_dim * 4  # [v|k|j], output
+        bins = min(HEAD_OVERVIEW_BINS, n)
+        reductions = REDUCTION_ARRAYS * L * H * n * 4 + workers * 2 * H * n * 8
+        memory = activations + PENDING_LAYERS * layer + block + values + reductions + L * H * bins * bins * 2
+        disk = L * layer + REDUCTION_ARRAYS * L * H * n * 4 + L * H * (bins * bins + 32 * 32) * 2
+    else:
+        block = 3 * H * ROW_BLOCK_TRIL * n * 4
+        memory = activations + PENDING_LAYERS * layer + block
+        disk = L * layer
+    return Estimate(layout=layout, n_tokens=n, memory_bytes=int(memory), disk_bytes=int(disk))
+
+
+def max_tokens(meta: ModelMeta, layout: str, memory_budget: int, disk_budget: int, upper: int) -> int:
+    """The longest input (<= upper) whose capture in `layout` fits both budgets (0 if none does)."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        e = estimate(meta, mid, layout)
+        if e.memory_bytes <= memory_budget and e.disk_bytes <= disk_budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def available_bytes() -> int:
+    """Memory a capture may use: HEADSCOPE_CAPTURE_GB, else 80 % of MemAvailable."""
+    configured = os.environ.get("HEADSCOPE_CAPTURE_GB")
+    if configured:
+        try:
+            return int(float(configured) * 2**30)
+        except ValueError:
+            pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * AVAILABLE_SHARE)
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * AVAILABLE_SHARE)
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakSampler:
+    """Samples the resident set size every `interval` seconds; `.peak` is the largest rise above the start."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.start = rss_bytes()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="headscope-peak")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes() - self.start)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes() - self.start)
+
+
+__all__ = ["Estimate", "PeakSampler", "available_bytes", "estimate", "map_bytes", "max_tokens", "rss_bytes"]

@@ -1,0 +1,180 @@
+"""Figures for diffusion transformers (plotly; pure: no streamlit, no torch).
+
+- `picture`: a generated image, drawn crisp (nearest-neighbour upscaled).
+- `word_heatmaps`: small multiples, one row per text token, one column per head (and a mean column):
+  the token's received attention over the image, drawn over the picture; sink tokens flagged.
+- `sink_chart`: received attention per text token (mean over image positions) and its spatial
+  flatness, with RefAM's global sinks marked.
+- `grounding_chart`: a [layer, head] grounding score heatmap (AUROC or IoU).
+- `before_after`: two images side by side (the same seed without and with an intervention).
+- `timestep_profile`: a per-step curve (e.g. how much of the image's attention goes to the text).
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
+from plotly.subplots import make_subplots
+
+from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout
+
+UPSCALE = 8  # a 32 x 32 picture drawn from a 256 x 256 nearest-neighbour PNG: no browser blur
+
+
+def png_source(image: np.ndarray, upscale: int = UPSCALE) -> str:
+    """image  # [H, W, 3] uint8 -> a PNG data URI, upscaled by pixel repetition."""
+    big = np.repeat(np.repeat(np.asarray(image, dtype=np.uint8), upscale, axis=0), upscale, axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(big).convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _image_trace(image: np.ndarray, upscale: int = UPSCALE) -> go.Image:
+    return go.Image(source=png_source(image, upscale), x0=-0.5 + 0.5 / upscale, dx=1 / upscale,
+                    y0=-0.5 + 0.5 / upscale, dy=1 / upscale, hoverinfo="skip")
+
+
+def _axes(fig: go.Figure, height: int, width: int) -> None:
+    fig.update_xaxes(range=[-0.5, width - 0.5], showgrid=False, zeroline=False, showticklabels=False)
+    fig.update_yaxes(range=[height - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False)
+
+
+def picture(image: np.ndarray, title: str = "", height: int = 320) -> go.Figure:
+    """One image, crisp."""
+    fig = go.Figure(_image_trace(image))
+    h, w = image.shape[:2]
+    _axes(fig, h, w)
+    fig.update_layout(**base_layout(title, height))
+    fig.update_yaxes(scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def before_after(before: np.ndarray, after: np.ndarray, titles: tuple[str, str] = ("before", "after"),
+                 title: str = "", height: int = 340) -> go.Figure:
+    """Two images side by side (same size)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=list(titles), horizontal_spacing=0.03)
+    for c, img in enumerate((before, after), start=1):
+        fig.add_trace(_image_trace(img), row=1, col=c)
+    h, w = before.shape[:2]
+    _axes(fig, h, w)
+    fig.update_yaxes(scaleanchor="x")
+    fig.update_layout(**base_layout(title, height))
+    return fig
+
+
+def _overlay(fig: go.Figure, image: np.ndarray, values: np.ndarray, row: int, col: int, zmax: float | None,
+             opacity: float, hover: str) -> None:
+    rows, cols = values.shape
+    h, w = image.shape[:2]
+    ph, pw = h / rows, w / cols
+    fig.add_trace(_image_trace(image), row=row, col=col)
+    fig.add_trace(go.Heatmap(
+        z=values, x0=pw / 2 - 0.5, dx=pw, y0=ph / 2 - 0.5, dy=ph, zsmooth=False, opacity=opacity,
+        colorscale=ATTENTION_SCALE, zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
+        showscale=False, hovertemplate=hover + "<br>patch (%{y:.0f}, %{x:.0f}) px: %{z:.4f}<extra></extra>",
+    ), row=row, col=col)
+
+
+def word_heatmaps(image: np.ndarray, heat: np.ndarray, words: list[str], columns: list[str],
+                  sinks: list[bool] | None = None, opacity: float = 0.65, shared_scale: bool = False,
+                  title: str = "", panel: int = 120) -> go.Figure:
+    """heat  # [word, column, rows, cols] -> one panel per (word, column) over the picture.
+
+    `columns` names the columns ("head 0", ..., "mean"); a word whose `sinks` entry is True is
+    titled "<word> (sink)".  Each panel has its own colour range unless `shared_scale`.
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    n_words, n_cols = heat.shape[:2]
+    sinks = sinks or [False] * n_words
+    titles = []
+    for w in range(n_words):
+        for c in range(n_cols):
+            label = f"{words[w]} (sink)" if sinks[w] else words[w]
+            titles.append(f"{label} · {columns[c]}")
+    fig = make_subplots(rows=n_words, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.01,
+                        vertical_spacing=min(0.04, 0.3 / max(1, n_words)))
+    top = float(heat.max()) if shared_scale else None
+    for w in range(n_words):
+        for c in range(n_cols):
+            _overlay(fig, image, heat[w, c], w + 1, c + 1, top, opacity, f"{words[w]} · {columns[c]}")
+            fig.update_yaxes(scaleanchor=fig.get_subplot(w + 1, c + 1).xaxis.plotly_name.replace("axis", ""),
+                             row=w + 1, col=c + 1)
+    h, wd = image.shape[:2]
+    _axes(fig, h, wd)
+    fig.update_annotations(font_size=10)
+    fig.update_layout(**base_layout(title, 40 + panel * n_words))
+    return fig
+
+
+def sink_chart(tokens: list[str], mean: np.ndarray, cv: np.ndarray, share: np.ndarray, flagged: np.ndarray,
+               title: str = "", height: int = 320) -> go.Figure:
+    """Per text token: received attention from the image (bars) and spatial CV (markers); sinks in red."""
+    x = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    colours = ["#d62728" if f else "#1f77b4" for f in flagged]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=x, y=np.asarray(mean, dtype=float), marker_color=colours, name="mean received",
+                         customdata=np.stack([np.asarray(share, float), np.asarray(cv, float)], -1),
+                         hovertemplate="%{x}<br>mean %{y:.4f}<br>sink in %{customdata[0]:.0%} of maps"
+                                       "<br>CV %{customdata[1]:.2f}<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=x, y=np.asarray(cv, dtype=float), mode="markers", name="spatial CV",
+                             marker=dict(color="#7f7f7f", symbol="diamond")), secondary_y=True)
+    fig.update_layout(**base_layout(title, height), legend=dict(orientation="h", y=1.12))
+    fig.update_yaxes(title_text="mean attention from image", secondary_y=False)
+    fig.update_yaxes(title_text="CV over image", secondary_y=True, showgrid=False)
+    return fig
+
+
+def grounding_chart(scores: np.ndarray, title: str = "", label: str = "AUROC", height: int = 300) -> go.Figure:
+    """scores  # [layer, head] as a heatmap, layer 0 at the top; each cell carries (layer, head)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    layers, heads = scores.shape
+    ids = np.stack(np.mgrid[0:layers, 0:heads], axis=-1)
+    fig = go.Figure(go.Heatmap(
+        z=scores, colorscale=METRIC_SCALE, customdata=ids, texttemplate="%{z:.2f}",
+        colorbar=dict(title=dict(text=label), thickness=12),
+        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>" + label + " %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(**base_layout(title, height))
+    fig.update_xaxes(title_text="head", dtick=1)
+    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1)
+    return fig
+
+
+def timestep_profile(timesteps: list[float], values: np.ndarray, names: list[str], title: str = "",
+                     label: str = "", selected: int | None = None, height: int = 280) -> go.Figure:
+    """values  # [series, step] against the scheduler timestep (noise on the left); the chosen step marked."""
+    values = np.asarray(values, dtype=np.float32)
+    fig = go.Figure()
+    for name, series in zip(names, values):
+        fig.add_trace(go.Scatter(x=list(timesteps), y=series, mode="lines+markers", name=name))
+    if selected is not None and 0 <= selected < len(timesteps):
+        fig.add_vline(x=timesteps[selected], line=dict(color="#888", dash="dot"))
+    fig.update_layout(**base_layout(title, height), legend=dict(orientation="h", y=1.15))
+    fig.update_xaxes(title_text="timestep (1000 = noise)", autorange="reversed")
+    fig.update_yaxes(title_text=label)
+    return fig
+
+
+def head_contact_sheet(images: list[np.ndarray], labels: list[str], title: str = "", per_row: int = 8,
+                       panel: int = 110) -> go.Figure:
+    """Images in a grid with a label each (HeadHunter's per-head perturbed samples, METHODS §7.1)."""
+    n = len(images)
+    rows = max(1, -(-n // per_row))
+    fig = make_subplots(rows=rows, cols=min(per_row, max(1, n)), subplot_titles=labels, horizontal_spacing=0.01,
+                        vertical_spacing=0.08 / rows)
+    for i, img in enumerate(images):
+        fig.add_trace(_image_trace(img), row=i // per_row + 1, col=i % per_row + 1)
+    if images:
+        h, w = images[0].shape[:2]
+        _axes(fig, h, w)
+    fig.update_yaxes(scaleanchor="x")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(**base_layout(title, 40 + panel * rows))
+    return fig
+
+
+__all__ = ["png_source", "picture", "before_after", "word_heatmaps", "sink_chart", "grounding_chart",
+           "timestep_profile", "head_contact_sheet"]

@@ -1,0 +1,160 @@
+"""Diffusion transformer view: a prompt sampled by shapes-dit, its joint attention per step, word
+heatmaps per head, RefAM sink tokens, a head grounding table, and SoftPAG before | after.
+
+Thin: capture.run for the captures (cached), analytics.dit for the numbers, charts.dit for the
+figures.  Widget keys start with "dit_".
+"""
+import numpy as np
+import streamlit as st
+
+from analytics import dit as analytics
+from capture import dit_capture, dit_presets
+from capture.interventions import InterventionError
+from capture.run import InputError, run
+from capture.types import RunSpec
+from charts import dit as charts
+from charts.theme import plot_config
+
+MODEL = "shapes-dit"
+DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
+
+st.title("Diffusion transformer")
+st.caption("shapes-dit: a small MM-DiT (SD3-style joint attention) HeadScope trained on 32 x 32 pictures of "
+           "coloured shapes, conditioned on MiniLM. Prompts read like “a red circle at the top left and a "
+           "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
+           "triangle; a 3 x 3 grid of positions).")
+
+left, mid, right = st.columns([3, 1, 1])
+prompt = left.text_input("Prompt", DEFAULT_PROMPT, key="dit_prompt", max_chars=200)
+seed = int(mid.number_input("Seed", 0, 2**31 - 1, 0, key="dit_seed"))
+steps = int(right.number_input("Steps", 1, 100, 20, key="dit_steps"))
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _capture(spec: RunSpec):
+    return run(spec)
+
+
+def capture_of(spec: RunSpec):
+    try:
+        with st.spinner("Sampling (every step's attention is recorded) ..."):
+            return _capture(spec)
+    except (InputError, InterventionError) as exc:
+        st.error(str(exc))
+        st.stop()
+    except Exception as exc:  # noqa: BLE001 - a model that cannot load says so in one line
+        st.error(f"{MODEL} could not run: {exc}")
+        st.stop()
+
+
+capture = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps))
+meta = capture.meta
+image = dit_capture.generated_image(capture)
+grid = meta.grid
+a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
+heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
+tokens = dit_capture.text_tokens(capture)
+n_img = capture.spans["image"].stop
+stats = analytics.sink_stats(a)
+timesteps = capture.output.timesteps
+
+col_img, col_ctl = st.columns([1, 2])
+with col_img:
+    st.plotly_chart(charts.picture(image, f"seed {seed}, {steps} steps"), key="dit_picture", config=plot_config())
+with col_ctl:
+    n_steps = len(timesteps)
+    all_steps = st.checkbox("Average over all steps (DAAM)", value=False, key="dit_all_steps")
+    step = st.slider("Sampling step", 0, n_steps - 1, n_steps // 2, key="dit_step", disabled=all_steps,
+                     help="0 is the first step (pure noise); the timestep falls from 1000 to 0.")
+    if not all_steps:
+        st.caption(f"step {step}: timestep {timesteps[step]:.0f}")
+    layer_choice = st.selectbox("Layer", ["mean of layers"] + [f"layer {i}" for i in range(meta.n_layers)],
+                                key="dit_layer")
+    show_padding = st.checkbox("Show [CLS], [SEP] and padding tokens", value=False, key="dit_padding")
+    for note in capture.output.notes:
+        st.info(note)
+
+steps_sel = None if all_steps else [step]
+layers_sel = None if layer_choice == "mean of layers" else [int(layer_choice.split()[1])]
+h = heat if steps_sel is None else heat[steps_sel]
+h = h if layers_sel is None else h[:, layers_sel]
+per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
+mean_heads = per_head.mean(0, keepdims=True)
+words = [i for i, t in enumerate(tokens) if show_padding or t not in ("[CLS]", "[SEP]", "[PAD]")]
+panels = np.concatenate([per_head, mean_heads])[:, words].transpose(1, 0, 2, 3)  # [word, column, rows, cols]
+columns = [f"head {i}" for i in range(meta.n_heads)] + ["mean"]
+st.subheader("Word heatmaps")
+st.plotly_chart(charts.word_heatmaps(image, panels, [tokens[i] for i in words], columns,
+                                     sinks=[bool(stats.global_sink[i]) for i in words],
+                                     title="What each word receives from every image patch"),
+                key="dit_words", config=plot_config())
+
+tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "SoftPAG"])
+with tab_sinks:
+    sel = np.s_[:] if steps_sel is None else steps_sel
+    mean = stats.mean[sel].mean(axis=(0, 1, 2))
+    cv = stats.cv[sel].mean(axis=(0, 1, 2))
+    st.plotly_chart(charts.sink_chart(tokens, mean, cv, stats.share, stats.global_sink,
+                                      title="Received attention per text token (red: global sink)"),
+                    key="dit_sinks", config=plot_config())
+    flagged = [f"{i}:{t}" for i, t in enumerate(tokens) if stats.global_sink[i]]
+    st.write("Global sinks: " + (", ".join(flagged) if flagged else "none") +
+             f". A sink gets at least {analytics.SINK_RATIO:g} x the median token's attention, spread evenly "
+             f"(CV <= {analytics.SINK_CV_MAX:g}), in at least {analytics.SINK_SHARE:.0%} of the maps. "
+             "RefAM discards such tokens before aggregating heatmaps.")
+
+with tab_ground:
+    masks = analytics.object_masks(image, prompt, tokens)
+    if not masks:
+        st.info("Grounding needs a scene caption whose objects appear in the picture "
+                "(e.g. “a green triangle at the center”).")
+    else:
+        ground = analytics.grounding(heat, masks, grid)
+        metric = st.radio("Score", ["auroc", "iou"], horizontal=True, key="dit_ground_metric",
+                          format_func=lambda m: {"auroc": "AUROC", "iou": "top-k IoU"}[m])
+        scores = ground.score(metric, steps_sel)
+        st.plotly_chart(charts.grounding_chart(scores, title="How well each head's word maps find the objects",
+                                               label=metric.upper()), key="dit_ground", config=plot_config())
+        ranked = analytics.rank_heads(scores)
+        st.dataframe({"layer": [r[0] for r in ranked], "head": [r[1] for r in ranked],
+                      metric.upper(): [round(r[2], 3) for r in ranked]}, hide_index=True, key="dit_ground_table")
+        st.caption("Words scored: " + ", ".join(tokens[w] for w in ground.words) +
+                   ". Ground truth: the largest blob of each object's colour in the generated picture.")
+
+with tab_pag:
+    labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
+    found = st.session_state.get("dit_hunted")
+    default = [f"L{l}H{h}" for l, h in found] if found else ["L1H0"]
+    chosen = st.multiselect("Heads perturbed", labels, default=[d for d in default if d in labels], key="dit_pag_heads")
+    c1, c2 = st.columns(2)
+    u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, 1.0, 0.05, key="dit_pag_u")
+    scale = c2.slider("Guidance scale s", 0.0, 6.0, dit_presets.DEFAULT_PAG_SCALE, 0.25, key="dit_pag_s")
+    if chosen and scale > 0:
+        heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
+        iv = dit_presets.softpag(heads, u=u, scale=scale)
+        after = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv))
+        st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
+                                            ("before (CFG only)", f"after (SoftPAG u={u:g}, s={scale:g})")),
+                        key="dit_before_after", config=plot_config())
+        st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
+    else:
+        st.info("Pick at least one head and a guidance scale above 0.")
+    if st.button("Find heads (HeadHunter-lite: greedy search for colour accuracy)", key="dit_hunt"):
+        from capture.probes_dit import headhunter
+
+        bar = st.progress(0.0, "HeadHunter")
+        result = headhunter(MODEL, progress=lambda f, m: bar.progress(min(1.0, f), m))
+        st.session_state["dit_hunted"] = result.heads
+        st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())
+        st.rerun()
+    if "dit_hunt_result" in st.session_state:
+        record, single, sheet = st.session_state["dit_hunt_result"]
+        st.write(f"HeadHunter: {record['note']} (baseline {record['baseline']:.3f}); chosen: "
+                 + ", ".join(f"L{l}H{h}" for l, h in record["selected"]))
+        st.plotly_chart(charts.grounding_chart(single, title="Colour accuracy with each single head perturbed",
+                                               label="objective"), key="dit_hunt_grid", config=plot_config())
+        flat = sheet.reshape((-1,) + sheet.shape[2:])
+        st.plotly_chart(charts.head_contact_sheet(list(flat), [f"L{l}H{h}" for l in range(sheet.shape[0])
+                                                               for h in range(sheet.shape[1])],
+                                                  title=f"Per-head perturbed samples: “{record['prompts'][0]}”"),
+                        key="dit_hunt_sheet", config=plot_config())
