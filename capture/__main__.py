@@ -5,6 +5,7 @@
     python -m capture ls                                              # cached captures
     python -m capture export KEY --layer 3 --head 2 --format csv -o map.csv
     python -m capture probe patterns --model smollm2                  # head probes (capture/probe_cli.py)
+    python -m capture batch prompts.jsonl [--ray | --ray-address ADDR] # many captures (capture/batch_cli.py)
 
 Errors are one sentence on stderr and exit status 2; never a traceback for bad input.
 """
@@ -69,6 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"model: {m.name} ({m.family}), {m.n_layers} layers x {m.n_heads} heads "
           f"({m.n_kv_heads} KV heads), head_dim {m.head_dim}, {capture.n_tokens} tokens")
     print(f"key:   {capture.key}{'  (from cache)' if capture.from_cache else ''}")
+    if "peak_mb" in capture.timings:
+        print(f"memory: peak {capture.timings['peak_mb']:.0f} MB above the loaded model "
+              f"(estimated {capture.timings.get('estimate_mb', 0):.0f} MB); layout {capture.layout}")
     return 0
 
 
@@ -148,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     from capture.probe_cli import add_parser as add_probe_parser  # python -m capture probe ...
 
     add_probe_parser(sub)
+    from capture.batch_cli import add_parser as add_batch_parser  # python -m capture batch FILE.jsonl
+
+    add_batch_parser(sub)
     return p
 
 

@@ -154,6 +154,10 @@ class _LayerPlan:
         return any(self.stages.values())
 
     @property
+    def pre_softmax(self) -> bool:
+        return bool(self.stages["logit"] or self.stages["window"])
+
+    @property
     def needs_sinks(self) -> bool:
         return any(sink_set(g.keys) for groups in self.stages.values() for g in groups)
 
@@ -233,6 +237,7 @@ class Session:
     # query positions of the current call per layer, set by the attention function, read by the o_proj hook
     query_positions: dict[int, range] = field(default_factory=dict)
     _plans: dict[int, _LayerPlan] = field(default_factory=dict, repr=False)
+    _sink_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def attention_edits(self, layer: int) -> tuple[HeadEdit, ...]:
         """Attention-level edits of `layer`, shared and per-row together."""
@@ -407,15 +412,18 @@ def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return attend(layer, module, query, key, value, attention_mask, scaling, kwargs), None
 
     call = _Call(module, query, key, value, attention_mask, scaling, kwargs)
-    sinks = _sink_scores(active, layer, call) if plan.needs_sinks else None
+    sinks, first_block = _sink_scores(active, layer, call) if plan.needs_sinks else (None, None)
     attn_output = torch.empty(call.batch, call.n_heads, n_q, value.shape[-1], dtype=query.dtype)
     for r0 in range(0, n_q, ROW_BLOCK):
         r1 = min(n_q, r0 + ROW_BLOCK)
         rows, k_end = r1 - r0, call.k_end(r1)
-        scores = call.scores(r0, r1)  # [batch, head, rows, key]
         if plan.attention:
-            weights = _edited_weights(call, plan, active, r0, r1, scores, sinks).to(query.dtype)
+            plain = first_block if r0 == 0 and not plan.pre_softmax else None  # the sink pass's softmax
+            scores = None if plain is not None else call.scores(r0, r1)
+            weights = _edited_weights(call, plan, active, layer, r0, r1, scores, sinks, plain).to(query.dtype)
+            first_block = None
         else:
+            scores = call.scores(r0, r1)  # [batch, head, rows, key]
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [batch, head, rows, key]
         del scores
         if recording:
@@ -433,8 +441,10 @@ def _upper(n: int) -> torch.Tensor:
 
 # ---- sinks (ACT detection on the prompt's prefill rows) ----------------------------------------------
 
-def _sink_scores(active: Session, layer: int, call: _Call) -> torch.Tensor:
-    """s  # [batch, head, prompt]: ACT's s_j = sum_i A_ij / (N - j) over the prompt rows (METHODS §2.1).
+def _sink_scores(active: Session, layer: int, call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s  # [batch, head, prompt], plain): ACT's s_j = sum_i A_ij / (N - j) over the prompt rows
+    (METHODS §2.1), and, when the call is exactly those rows in one block, their unedited fp32 softmax
+    (the caller edits it instead of computing it again).
 
     Computed once per session and layer, on the unedited softmax of this layer over the prompt's
     prefill rows (rows 0 .. P-1, P = the "prompt" span, else the whole first call), then reused: the
@@ -446,7 +456,7 @@ def _sink_scores(active: Session, layer: int, call: _Call) -> torch.Tensor:
     if found is not None:
         if found.shape[0] != call.batch:
             raise InterventionError("The stored sink scores were computed for another batch size.")
-        return found
+        return found, None
     if call.offset != 0:
         raise InterventionError(
             "Sink positions are detected on the prompt's prefill; this call starts mid-sequence "
@@ -455,6 +465,7 @@ def _sink_scores(active: Session, layer: int, call: _Call) -> torch.Tensor:
     n_prompt = min(active.prompt_length() or call.n_q, call.n_q)
     mass = torch.zeros(call.batch, call.n_heads, n_prompt)
     seen = torch.zeros(1, 1, n_prompt)
+    weights = None
     for r0 in range(0, n_prompt, ROW_BLOCK):
         r1 = min(n_prompt, r0 + ROW_BLOCK)
         weights = torch.softmax(call.scores(r0, r1), dim=-1, dtype=torch.float32)  # [batch, head, rows, key]
@@ -463,7 +474,8 @@ def _sink_scores(active: Session, layer: int, call: _Call) -> torch.Tensor:
         seen = seen + visible[..., :n_prompt].sum(2, dtype=torch.float32)  # [batch|1, 1, key]
     scores = mass / seen.clamp(min=1)
     active.sink_scores[layer] = scores
-    return scores
+    whole = n_prompt == call.n_q <= ROW_BLOCK
+    return scores, (weights if whole else None)
 
 
 def sink_mask(scores: torch.Tensor, threshold: float, include_first: bool) -> torch.Tensor:
@@ -477,18 +489,19 @@ def sink_mask(scores: torch.Tensor, threshold: float, include_first: bool) -> to
 
 # ---- attention-level edits -------------------------------------------------------------------------
 
-def _key_mask(spec: str, group: _Group, call: _Call, active: Session, sinks: torch.Tensor | None,
+def _key_mask(spec: str, group: _Group, call: _Call, active: Session, layer: int, sinks: torch.Tensor | None,
               k_end: int) -> torch.Tensor:
     """The key set `spec` as a bool mask broadcastable to [rows-of-batch, heads, rows, k_end]."""
     found = sink_set(spec)
     if found is not None:
-        threshold, include_first = found
-        scores = sinks[group.rows][:, group.heads]  # [nb, nh, prompt]
-        mask = sink_mask(scores, threshold, include_first)
+        cache_key = (layer, spec, id(group))  # sinks are fixed for the session: threshold them once
+        mask = active._sink_masks.get(cache_key)
+        if mask is None:
+            threshold, include_first = found
+            mask = sink_mask(sinks[group.rows][:, group.heads], threshold, include_first).unsqueeze(2)
+            active._sink_masks[cache_key] = mask  # [nb, nh, 1, prompt]
         n = mask.shape[-1]
-        if n < k_end:
-            mask = torch.nn.functional.pad(mask, (0, k_end - n))
-        return mask[..., :k_end].unsqueeze(2)  # [nb, nh, 1, key]
+        return torch.nn.functional.pad(mask, (0, k_end - n)) if n < k_end else mask[..., :k_end]
     keys = torch.zeros(k_end, dtype=torch.bool)
     if spec == "all":
         keys[:] = True
@@ -509,11 +522,14 @@ def _query_mask(spec: str, positions: torch.Tensor, n_total: int, active: Sessio
     return (positions >= wanted.start) & (positions < wanted.stop)
 
 
-def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, r0: int, r1: int,
-                    scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, layer: int, r0: int, r1: int,
+                    scores: torch.Tensor | None, sinks: torch.Tensor | None,
+                    plain: torch.Tensor | None = None) -> torch.Tensor:
     """weights  # [batch, head, rows, key] float32: softmax with the layer's attention-level edits.
 
     Order: logit, window (pre-softmax), softmax, redistribute, mix (capture.interventions).
+    `plain` is the unedited softmax of the block when the caller has it already (then `scores` is
+    None, and the plan has no pre-softmax stage).
     """
     k_end = call.k_end(r1)
     positions = call.positions(r0, r1)
@@ -524,81 +540,83 @@ def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, r0: int, r1:
         q = _query_mask(group.queries, positions, call.n_k, active)
         return None if q is None else q.view(1, 1, -1, 1)
 
+    def keys(group: _Group) -> torch.Tensor:
+        return _key_mask(group.keys, group, call, active, layer, sinks, k_end)
+
     def rows_of(x: torch.Tensor, group: _Group) -> torch.Tensor:
         return x[group.rows] if x.shape[0] > 1 else x
 
-    pre = plan.stages["logit"] or plan.stages["window"]
-    original = scores.clone() if pre else None
     compensation = []
-    for group in plan.stages["logit"]:
-        s = scores[group.rows][:, group.heads]  # [nb, nh, rows, key]
-        sel = _key_mask(group.keys, group, call, active, sinks, k_end)
-        q = queries(group)
-        if q is not None:
-            sel = sel & q
-        bias = group.values.to(s.dtype).view(1, -1, 1, 1)
-        scores[group.rows][:, group.heads] = torch.where(sel, s + bias, s)
-    for group in plan.stages["window"]:
-        s = scores[group.rows][:, group.heads]
-        keep = _key_mask(group.keys, group, call, active, sinks, k_end)
-        recent = (positions[:, None] - torch.arange(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
-        if not call.causal:  # a bidirectional encoder: the window reaches both ways, |i - j| < W
-            recent = recent.abs()
-        keep = keep | (recent < group.values.view(1, -1, 1, 1))
-        drop = ~keep & rows_of(visible, group) & (s > neg_inf)
-        q = queries(group)
-        if q is not None:
-            drop = drop & q
-        if group.mode == "mean":  # RazorAttention compensation token: mean key and mean value of the dropped keys
-            count = drop.sum(-1)  # [nb, nh, rows]
-            kv = torch.div(group.heads, call.group, rounding_mode="floor")
-            keys = call.key[group.rows][:, kv, :k_end]  # [nb, nh, key, head_dim]
-            k_mean = torch.matmul(drop.to(keys.dtype), keys) / count.clamp(min=1).unsqueeze(-1).to(keys.dtype)
-            q_vec = call.query[group.rows][:, group.heads, r0:r1]  # [nb, nh, rows, head_dim]
-            logit = (q_vec * k_mean).sum(-1) * call.scaling
-            if call.softcap is not None:
-                logit = torch.tanh(logit / call.softcap) * call.softcap
-            compensation.append((group, drop, count, logit.masked_fill(count == 0, neg_inf)))
-        scores[group.rows][:, group.heads] = s.masked_fill(drop, neg_inf)
-    if pre:  # a row whose every key was masked out by the edits keeps its unedited scores
-        dead = torch.isneginf(scores).all(-1, keepdim=True)
-        if dead.any():
+    if plan.pre_softmax:
+        original = scores.clone()
+        for group in plan.stages["logit"]:
+            s = scores[group.rows][:, group.heads]  # [nb, nh, rows, key]
+            sel = keys(group)
+            q = queries(group)
+            if q is not None:
+                sel = sel & q
+            bias = group.values.to(s.dtype).view(1, -1, 1, 1)
+            scores[group.rows][:, group.heads] = torch.where(sel, s + bias, s)
+        for group in plan.stages["window"]:
+            s = scores[group.rows][:, group.heads]
+            recent = (positions[:, None] - torch.arange(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
+            if not call.causal:  # a bidirectional encoder: the window reaches both ways, |i - j| < W
+                recent = recent.abs()
+            keep = keys(group) | (recent < group.values.view(1, -1, 1, 1))
+            drop = ~keep & rows_of(visible, group) & (s > neg_inf)
+            q = queries(group)
+            if q is not None:
+                drop = drop & q
+            if group.mode == "mean":  # RazorAttention compensation token: mean key and mean value of the dropped keys
+                count = drop.sum(-1)  # [nb, nh, rows]
+                kv = torch.div(group.heads, call.group, rounding_mode="floor")
+                key_vecs = call.key[group.rows][:, kv, :k_end]  # [nb, nh, key, head_dim]
+                k_mean = torch.matmul(drop.to(key_vecs.dtype), key_vecs) / count.clamp(min=1).unsqueeze(-1).to(key_vecs.dtype)
+                q_vec = call.query[group.rows][:, group.heads, r0:r1]  # [nb, nh, rows, head_dim]
+                logit = (q_vec * k_mean).sum(-1) * call.scaling
+                if call.softcap is not None:
+                    logit = torch.tanh(logit / call.softcap) * call.softcap
+                compensation.append((group, drop, count, logit.masked_fill(count == 0, neg_inf)))
+            scores[group.rows][:, group.heads] = s.masked_fill(drop, neg_inf)
+        dead = torch.isneginf(scores).all(-1, keepdim=True)  # a row with every key masked out by the edits
+        if dead.any():  # keeps its unedited scores
             scores = torch.where(dead, original, scores)
         del original
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [batch, head, rows, key]
+    weights = plain if plain is not None else torch.softmax(scores, dim=-1, dtype=torch.float32)
     for group, drop, count, logit in compensation:
         s = scores[group.rows][:, group.heads].float()
         w = torch.softmax(torch.cat([s, logit.float().unsqueeze(-1)], -1), dim=-1)
         spread = w[..., -1:] * drop / count.clamp(min=1).unsqueeze(-1)  # the token's mass, spread over its keys
         weights[group.rows][:, group.heads] = w[..., :-1] + spread
-    if not (plan.stages["redistribute"] or plan.stages["mix"]):
-        return weights
-    live = visible & ((scores > neg_inf) | (weights > 0))  # [batch, head, rows, key]: keys each row can see
 
     for group in plan.stages["redistribute"]:
-        w = weights[group.rows][:, group.heads]
-        vis = rows_of(live, group)[:, group.heads]
-        taken = _key_mask(group.keys, group, call, active, sinks, k_end) & vis
-        other = vis & ~taken
+        # rows sum to 1 and invisible keys weigh 0, so the visible rest is the row sum minus the set's mass
+        w = weights[group.rows][:, group.heads]  # [nb, nh, rows, key]
+        taken = keys(group)
         mass = (w * taken).sum(-1, keepdim=True)  # [nb, nh, rows, 1]
-        rest = (w * other).sum(-1, keepdim=True)
+        rest = w.sum(-1, keepdim=True) - mass
         beta = group.values.view(1, -1, 1, 1)
         target = torch.minimum(beta * mass, mass + rest)  # beta > 1 takes at most all of the rest
-        moved = torch.where(taken, w * (target / mass.clamp(min=1e-30)),
-                            torch.where(other, w * ((mass + rest - target) / rest.clamp(min=1e-30)), w))
         change = (mass > 0) & (rest > 0)  # nothing to move, or nowhere to put it: the row stays
         q = queries(group)
         if q is not None:
             change = change & q
-        weights[group.rows][:, group.heads] = torch.where(change, moved, w)
+        factor_taken = torch.where(change, target / mass.clamp(min=1e-30), 1.0)
+        factor_rest = torch.where(change, (mass + rest - target) / rest.clamp(min=1e-30), 1.0)
+        weights[group.rows][:, group.heads] = w * torch.where(taken, factor_taken, factor_rest)
+
+    if plan.stages["mix"]:
+        # the keys each row can see: the mask's, less those the pre-softmax edits removed
+        live = visible if not plan.pre_softmax else visible & ((scores > neg_inf) | (weights > 0))
     for group in plan.stages["mix"]:
         w = weights[group.rows][:, group.heads]
-        vis = rows_of(live, group)[:, group.heads]
         if group.keys == "all":  # identity: each row attends to its own position
             target = (torch.arange(k_end)[None, :] == positions[:, None]).to(w.dtype).view(1, 1, -1, k_end)
             has_target = None
         else:
-            allowed = vis if group.keys == "uniform" else vis & _key_mask(group.keys, group, call, active, sinks, k_end)
+            vis = rows_of(live, group)
+            vis = vis[:, group.heads] if vis.shape[1] > 1 else vis
+            allowed = vis if group.keys == "uniform" else vis & keys(group)
             count = allowed.sum(-1, keepdim=True)
             target = allowed / count.clamp(min=1)
             has_target = count > 0

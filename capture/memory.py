@@ -26,7 +26,7 @@ from capture.types import ModelMeta
 
 BYTES_PER_WEIGHT = 2  # fp16 maps on disk and in the recorder's buffers
 QK_BYTES = 4  # float32 queries and keys (capture.qk explains why)
-ACTIVATION_FLOATS = 24  # x hidden size floats per token: one layer's transient tensors, with margin
+ACTIVATION_FLOATS = 64  # x hidden size floats per token: the forward's transient tensors and allocator slack (measured: ~60 for SmolLM2)
 ROW_BLOCK_TRIL = 256  # capture.attention.ROW_BLOCK
 PENDING_LAYERS = 3  # the layer being recorded + LayerWriter.MAX_PENDING waiting to be written
 AVAILABLE_SHARE = 0.8

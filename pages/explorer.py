@@ -2,7 +2,6 @@
 import numpy as np
 import streamlit as st
 
-from capture.types import max_pool
 from charts import attention as charts
 from charts.theme import plot_config
 from pages import shared
@@ -72,10 +71,10 @@ if state.view == "model":
     st.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_model_view.csv", mime="text/csv")
 
 elif state.view == "head":
-    attn = capture.head(layer, head)  # [query, key]
     title = f"Layer {layer}, head {head} (KV head {meta.kv_head(head)})"
     causal = meta.causal
     if n <= FULL_MAP_MAX:
+        attn = capture.head(layer, head)  # [query, key]
         fig = charts.head_map(attn, capture.tokens, capture.tokens, scale, title=title, mask_future=causal)
         st.plotly_chart(fig, key="head_map", config=config)
         shown, q0, k0 = attn, 0, 0
@@ -84,13 +83,14 @@ elif state.view == "head":
         with left:
             q0 = shared.bind("q0", st.slider, "Detail window: first query", 0, n - WINDOW)
             k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
-            pooled = max_pool(np.asarray(attn, dtype=np.float32), OVERVIEW_BINS)
+            # stored thumbnails where the capture has them (long captures); never the whole map
+            pooled = capture.head_overview(layer, head, OVERVIEW_BINS)  # [bins, bins]
             fig = charts.overview_map(pooled, n, scale, title=f"{title}: overview (click to move the window)",
                                       window=(q0, q0 + WINDOW, k0, k0 + WINDOW))
             st.plotly_chart(fig, key="head_overview", on_select=centre_window_on_click,
                             selection_mode="points", config=config)
         with right:
-            shown = attn[q0 : q0 + WINDOW, k0 : k0 + WINDOW]
+            shown = capture.window(layer, head, q0, q0 + WINDOW, k0, k0 + WINDOW)  # [WINDOW, WINDOW]
             fig = charts.head_map(shown, capture.tokens[q0 : q0 + WINDOW], capture.tokens[k0 : k0 + WINDOW],
                                   scale, title=f"Detail: queries {q0}–{q0 + WINDOW - 1}, keys {k0}–{k0 + WINDOW - 1}",
                                   q_start=q0, k_start=k0, mask_future=causal)

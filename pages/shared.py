@@ -232,12 +232,14 @@ def show_link_warnings() -> None:
 
 
 def capture_zip(capture: Capture) -> bytes:
-    """The whole capture: capture.npz (one [head, query, key] float16 array per layer) + capture.json."""
+    """The whole capture: capture.npz (one [head, query, key] float16 array per layer; for long "qk"
+    captures each layer's queries and keys plus the reductions, Capture.export_arrays) + capture.json."""
     arrays = io.BytesIO()
-    np.savez_compressed(arrays, **{f"layer{l:03d}": capture.attention(l) for l in range(capture.meta.n_layers)})
+    np.savez_compressed(arrays, **capture.export_arrays())
     sidecar = {"key": capture.key, "tokens": capture.tokens,
                "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
-               "spec": capture.spec.to_json(), "model": capture.record()["meta"], "output": capture.output.to_json()}
+               "spec": capture.spec.to_json(), "model": capture.record()["meta"], "output": capture.output.to_json(),
+               "layout": capture.layout, "layout_info": capture.layout_info}
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr("capture.npz", arrays.getvalue())

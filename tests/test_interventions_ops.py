@@ -578,3 +578,16 @@ def test_masking_the_top_retrieval_heads_hurts_the_needle_answer_more_than_rando
     top = answer_logprob(presets.retrieval_mask(meta, scores=scores, k=10))
     randoms = [answer_logprob(presets.retrieval_mask(meta, scores=scores, k=10, random=True, seed=s)) for s in (0, 1)]
     assert top < min(randoms) - 5.0, (top, randoms)
+
+
+def test_remembered_interventions_are_recalled_by_key_and_nothing_else(tmp_path):
+    from capture.interventions import recall, remember
+
+    iv = Intervention((HeadEdit(2, 1, "logit", -math.inf, keys="0:3"),), preset="custom")
+    key = remember(iv, tmp_path)
+    assert recall(key, tmp_path) == iv
+    assert recall("none", tmp_path) == Intervention()
+    for bad in ("../../etc/passwd", "0123456789abcdeg", "ffffffffffffffff"):
+        assert recall(bad, tmp_path) is None
+    (tmp_path / f"{key}.json").write_text(json.dumps(ablate_heads([(0, 0)]).to_json()))
+    assert recall(key, tmp_path) is None  # a file whose content does not hash to its name is refused

@@ -230,3 +230,17 @@ def test_cli_probe_commands(tmp_path, capsys):
     assert "capture key" in capsys.readouterr().err
     assert main(["probe", "needle", "--depths", "150"]) == 2
     assert "percentages" in capsys.readouterr().err
+
+
+def test_atlas_page_renders_metrics(short_capture):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "pages" / "atlas.py"), default_timeout=120)
+    at.session_state["capture"] = short_capture
+    at.run()
+    assert not at.exception and at.title[0].value == "Head atlas"
+    assert len(at.get("plotly_chart")) == 1  # the layer x head map of the default metric
+    for name in ("act_sink", "waad", "fai", "entropy"):
+        at.selectbox[0].set_value(name).run()
+        assert not at.exception, name
+        assert len(at.get("plotly_chart")) == 1, name

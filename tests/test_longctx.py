@@ -1,0 +1,215 @@
+"""Long contexts: the "qk" layout (queries + keys + one-pass reductions) against the stored "tril" maps.
+
+One ~1,000-token SmolLM2 prompt (+4 generated tokens, so the response rows have their own column
+sums) is captured twice: with the default threshold (stored packed triangle) and with the
+threshold lowered to 512 (qk layout).  The 8,192-token run is in bench/peers.py, not here.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import analytics
+from analytics import summary
+from analytics.maps import as_maps
+from analytics.reduced import stored_summary
+from bench.common import prompt_of
+from cache.store import Store
+from capture import longctx, memory
+from capture.adapters import InputError
+from capture.adapters.llm import TextAdapter
+from capture.interventions import HeadEdit, Intervention
+from capture.run import run
+from capture.types import Capture, ModelMeta, RunSpec, max_pool
+
+N_PROMPT = 1000
+LAYERS = (0, 9, 29)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, smollm2):
+    """(tril capture, qk capture) of the same spec, in two stores."""
+    root = tmp_path_factory.mktemp("longctx")
+    spec = RunSpec(model="smollm2", prompt=prompt_of(smollm2.tokenizer, N_PROMPT), max_new_tokens=4)
+    tril_store, qk_store = Store(root / "tril", size_limit=4 * 2**30), Store(root / "qk", size_limit=4 * 2**30)
+    tril = run(spec, store=tril_store)
+    old = os.environ.get("HEADSCOPE_QK_THRESHOLD")
+    os.environ["HEADSCOPE_QK_THRESHOLD"] = "512"
+    try:
+        qk = run(spec, store=qk_store)
+    finally:
+        if old is None:
+            os.environ.pop("HEADSCOPE_QK_THRESHOLD")
+        else:
+            os.environ["HEADSCOPE_QK_THRESHOLD"] = old
+    yield tril, qk
+    tril_store.close()
+    qk_store.close()
+
+
+def test_layout_chosen_by_length(pair):
+    tril, qk = pair
+    assert tril.layout == "tril" and qk.layout == "qk"
+    assert qk.n_tokens == tril.n_tokens >= N_PROMPT
+    assert qk.qk_params.split == N_PROMPT and qk.qk_params.scaling == pytest.approx(64 ** -0.5)
+    assert set(qk.reductions()) == {"colsum", "colsum_response", "entropy", "distance", "waad"}
+    # stored: queries then keys per layer, float32
+    stored = qk._layer_array(0)
+    assert stored.shape == (9 + 3, qk.n_tokens, 64) and stored.dtype == np.float32
+
+
+def test_choose_layout_rules(smollm2, monkeypatch):
+    meta = smollm2.meta
+    monkeypatch.delenv("HEADSCOPE_QK_THRESHOLD", raising=False)
+    assert longctx.qk_threshold() == longctx.DEFAULT_QK_THRESHOLD == 2048
+    assert longctx.choose_layout(meta, 2048) == "tril"
+    assert longctx.choose_layout(meta, 2049) == "qk"
+    scale = Intervention((HeadEdit(3, 1, "scale", 0.0),))
+    logit = Intervention((HeadEdit(3, 1, "logit", -5.0),))
+    assert longctx.choose_layout(meta, 8192, scale) == "qk"  # output edits keep q/k = the maps' inputs
+    assert longctx.choose_layout(meta, 8192, logit) == "tril"  # edited maps are not softmax(q k^T)
+    encoder = ModelMeta("enc", "bert", "text", 2, 4, 4, 16, causal=False)
+    assert longctx.choose_layout(encoder, 9000) == "full"
+
+    class SlidingConfig:
+        sliding_window = 4096
+
+    assert longctx.choose_layout(meta, 8192, config=SlidingConfig()) == "tril"
+    monkeypatch.setenv("HEADSCOPE_QK_THRESHOLD", "100")
+    assert longctx.choose_layout(meta, 101) == "qk"
+
+
+def test_same_output(pair):
+    tril, qk = pair
+    assert qk.output.text == tril.output.text
+    assert qk.output.token_ids == tril.output.token_ids
+    assert [t for t, _ in qk.output.next_top] == [t for t, _ in tril.output.next_top]
+    assert np.allclose([p for _, p in qk.output.next_top], [p for _, p in tril.output.next_top], atol=1e-4)
+
+
+def test_maps_match_tril(pair):
+    tril, qk = pair
+    n = tril.n_tokens
+    for layer in LAYERS:
+        a, b = tril.attention(layer), qk.attention(layer)
+        assert b.dtype == np.float16 and b.shape == a.shape == (9, n, n)
+        assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-3  # fp16 rounding of the same weights
+        assert np.all(np.triu(b[2], 1) == 0)  # causal
+        assert np.allclose(b.astype(np.float32).sum(-1), 1, atol=5e-3)
+    assert np.abs(tril.head(9, 4).astype(np.float32) - qk.head(9, 4).astype(np.float32)).max() <= 1e-3
+    for q in (0, 1, 517, n - 1):
+        assert np.abs(tril.row(9, q).astype(np.float32) - qk.row(9, q).astype(np.float32)).max() <= 1e-3
+    assert np.abs(tril.rows(29, 200, 300) - qk.rows(29, 200, 300)).max() <= 1e-3
+    # GQA: heads 3..5 read KV head 1; a map computed by hand from the stored q and k of head 4
+    stored = qk._layer_array(9)
+    q, k = np.asarray(stored[4], np.float32), np.asarray(stored[9 + 4 // 3], np.float32)
+    logits = (q * np.float32(64 ** -0.5)) @ k.T
+    logits[np.triu_indices(n, 1)] = -np.inf
+    by_hand = np.exp(logits - logits.max(1, keepdims=True))
+    by_hand /= by_hand.sum(1, keepdims=True)
+    assert np.abs(by_hand - qk.head(9, 4).astype(np.float32)).max() <= 1e-3
+
+
+def test_overviews_and_windows(pair):
+    tril, qk = pair
+    assert np.array_equal(tril.overview().shape, qk.overview().shape)
+    assert np.abs(tril.overview().astype(np.float32) - qk.overview().astype(np.float32)).max() <= 1e-3
+    # the head view's 128-bin overview: stored for qk, pooled from the map for tril
+    for layer, head in ((0, 0), (9, 4), (29, 8)):
+        expected = max_pool(tril.head(layer, head).astype(np.float32), 128)
+        assert np.abs(qk.head_overview(layer, head, 128) - expected).max() <= 1e-3
+        assert np.abs(tril.head_overview(layer, head, 128) - expected).max() == 0
+    a = tril.window(9, 4, 700, 796, 650, 746)
+    b = qk.window(9, 4, 700, 796, 650, 746)
+    assert a.shape == b.shape == (96, 96)
+    assert np.abs(a.astype(np.float32) - b.astype(np.float32)).max() <= 1e-3
+    assert np.array_equal(a, tril.head(9, 4)[700:796, 650:746])
+
+
+def test_reductions_equal_full_maps(pair):
+    """The stored reductions against the same sums over the full float32 maps (recomputed from q, k)."""
+    _, qk = pair
+    red, n, split = qk.reductions(), qk.n_tokens, qk.qk_params.split
+    i = np.arange(n)
+    for layer in (3, 29):
+        a = qk.rows(layer, 0, n).astype(np.float64)  # [head, n, n] float32 maps, exact
+        assert np.allclose(red["colsum"][layer], a.sum(1), rtol=1e-4, atol=1e-4)
+        assert np.allclose(red["colsum_response"][layer], a[:, split:].sum(1), rtol=1e-4, atol=1e-5)
+        ent = -(a * np.log(np.where(a > 0, a, 1))).sum(-1)
+        assert np.allclose(red["entropy"][layer], ent, atol=1e-4)
+        dist = (a * (i[:, None] - i[None, :])).sum(-1)
+        assert np.allclose(red["distance"][layer], dist, rtol=1e-4, atol=1e-2)
+        waad = (a * np.minimum(np.clip(i[:, None] - i[None, :], 0, None), 10)).sum(-1)
+        assert np.allclose(red["waad"][layer], waad, atol=1e-4)
+
+
+def test_metrics_from_reductions_match_streamed_maps(pair, monkeypatch):
+    """The one-pass metrics of a qk capture come from its reductions (no map is computed) and equal
+    the metrics streamed from the tril capture's fp16 maps."""
+    tril, qk = pair
+    summary.forget()
+    expected = {name: analytics.compute(name, tril) for name in ("sink_alpha", "act_sink", "lookback", "entropy",
+                                                                 "waad", "fai")}
+    for rows in ("all", "prompt"):
+        assert stored_summary(qk, rows) is not None
+    assert stored_summary(qk, range(10, 20)) is None  # no stored column sums for these rows: streamed instead
+
+    def no_maps(*_args, **_kwargs):
+        raise AssertionError("a map was computed")
+
+    monkeypatch.setattr(Capture, "rows", no_maps)
+    monkeypatch.setattr(Capture, "attention", no_maps)
+    summary.forget()
+    got = {name: analytics.compute(name, qk) for name in expected}
+    # fp16 maps against fp32 reductions: distances of ~400 tokens differ by ~1e-4 relative
+    tol = {"sink_alpha": 1e-3, "act_sink": 1e-3, "lookback": 1e-3, "entropy": 1e-3, "waad": 1e-2, "fai": 1e-3}
+    for name, value in got.items():
+        assert value.shape == expected[name].shape, name
+        assert np.array_equal(np.isnan(value), np.isnan(expected[name])), name
+        scale = np.maximum(1.0, np.abs(expected[name])) if name == "lookback" else 1.0
+        assert np.nanmax(np.abs(value - expected[name]) / scale) <= tol[name], name
+
+
+def test_peak_memory_reported(pair):
+    for capture in pair:
+        assert capture.timings["estimate_mb"] > 0
+        assert 0 <= capture.timings["peak_mb"] < 4096
+    record = pair[1].record()
+    assert record["layout"] == "qk" and record["layout_info"]["reductions"]
+
+
+def test_estimates_grow_as_the_layouts_say(smollm2):
+    meta = smollm2.meta
+    tril, qk = memory.estimate(meta, 8192, "tril"), memory.estimate(meta, 8192, "qk")
+    assert tril.disk_bytes == 30 * 9 * 8192 * 8193 // 2 * 2  # the packed triangle: ~18 GB
+    assert qk.disk_gb < 1.0 and qk.memory_gb < 2.5  # queries + keys: 755 MB
+    assert qk.memory_bytes < tril.memory_bytes
+
+
+def test_refusal_says_how_to_fit(smollm2):
+    adapter = TextAdapter(smollm2)
+    with pytest.raises(InputError) as err:
+        adapter.check_size(6000, 0, 20 * 2**30, layout="tril", memory_bytes=512 * 2**20)
+    text = str(err.value)
+    assert "Capturing 6,000 tokens of smollm2" in text and "GB of memory" in text and "0.5 GB is available" in text
+    assert "shorten the input to at most" in text and "HEADSCOPE_CAPTURE_GB" in text
+    assert "drop the attention-level edits" in text  # over the threshold, tril only because of edits
+    fit = int(text.split("at most ")[1].split(" ")[0].replace(",", ""))
+    assert 0 < fit < 6000
+    adapter.check_size(fit, 0, 20 * 2**30, layout="tril", memory_bytes=512 * 2**20)  # the suggestion fits
+    with pytest.raises(InputError, match="GB of cache"):
+        adapter.check_size(3000, 0, 2**30, layout="tril", memory_bytes=2**40)
+    adapter.check_size(8192, 0, 2**30, layout="qk", memory_bytes=3 * 2**30)  # 8k fits as qk
+    with pytest.raises(InputError, match="takes at most 8192"):
+        adapter.check_size(8190, 8, 2**40)
+
+
+def test_refused_before_running(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_CAPTURE_GB", "0.01")
+    store = Store(tmp_path / "c", size_limit=2**30)
+    with pytest.raises(InputError, match="shorten the input to at most"):
+        run(RunSpec(model="smollm2", prompt=prompt_of(smollm2.tokenizer, 600)), store=store)
+    assert store.keys() == []
+    store.close()
