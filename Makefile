@@ -30,16 +30,19 @@ test: $(STAMP) browser
 	$(PY) -m pytest
 
 # Peers the benchmarks compare against (not needed to run or test HeadScope).  bertviz --no-deps:
-# its declared boto3/requests are unused by model_view.
+# its declared boto3/requests are unused by model_view.  transformer-lens 4.3 keeps this torch and
+# transformers (checked), but brings wandb, datasets and OpenTelemetry along: bench/peers.py only.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q ipython==8.12.3
 	$(PY) -m pip install -q --no-deps bertviz==1.4.1
+	$(PY) -m pip install -q transformer-lens==4.3.0
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/capture.py
 	$(PY) bench/app.py
+	nice -n 19 $(PY) bench/peers.py
 
 clean-cache:
 	rm -rf cache_data

@@ -19,6 +19,7 @@ PAGES = {
     "home": st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
     "explorer": st.Page("pages/explorer.py", title="Attention explorer", icon=":material/search:", url_path="explorer"),
     "vision": st.Page("pages/vision.py", title="Vision", icon=":material/image:", url_path="vision"),
+    "patterns": st.Page("pages/patterns.py", title="Pattern atlas", icon=":material/scatter_plot:", url_path="patterns"),
 }
 page = st.navigation(list(PAGES.values()))
 if link_opened and state.page in PAGES and PAGES[state.page] is not page:

@@ -21,6 +21,8 @@ SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalis
 VIEWS = ("model", "head", "token")
 MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
 MAX_NEW_TOKENS = 256
+ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance")
+MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3,7-12,40") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 
 
@@ -56,6 +58,11 @@ class ViewState:
     metric: str = "sink_alpha"
     intervention: str = "none"
     image: str = ""
+    atlas: str = ""  # pattern atlas key (analytics.patterns)
+    colour: str = "cluster"  # what colours the atlas scatter: ATLAS_COLOURS
+    points: str = ""  # selected atlas maps, "3,7-12,40"
+    cluster: int = -1  # selected atlas cluster; -1 = none
+    names: str = ""  # the user's cluster labels, "0=induction|3=my label"
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -156,11 +163,53 @@ def _parse(name: str, value: str):
         if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):
             raise ValueError("a patch is row,col.")
         return value
+    if name == "atlas":
+        if value and not is_key(value):
+            raise ValueError("not an atlas key.")
+        return value
+    if name == "colour":
+        return _choice(value, ATLAS_COLOURS)
+    if name == "points":
+        if len(value) > MAX_LINK_POINTS or not all(c in "0123456789,-" for c in value):
+            raise ValueError("a selection is map numbers and ranges, e.g. 3,7-12.")
+        for part in filter(None, value.split(",")):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and (not hi.isdigit() or int(hi) < int(lo))):
+                raise ValueError("a selection is map numbers and ranges, e.g. 3,7-12.")
+        return value
+    if name == "cluster":
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{value[:20]!r} is not a whole number.") from None
+        if not -1 <= number <= 64:
+            raise ValueError(f"{number} is out of range.")
+        return number
+    if name == "names":
+        return names_text(parse_names(value))
     if name == "metric":
         if not value.replace("_", "").isalnum() or len(value) > 40:
             raise ValueError("not a metric name.")
         return value
     raise ValueError("unsupported.")
+
+
+def parse_names(value: str) -> dict[int, str]:
+    """"0=induction|3=my label" -> {0: "induction", 3: "my label"}; ValueError if malformed."""
+    out: dict[int, str] = {}
+    for part in filter(None, value.split("|")):
+        number, sep, label = part.partition("=")
+        if not sep or not number.isdigit() or int(number) > 64:
+            raise ValueError("cluster labels are 0=label|1=label.")
+        label = "".join(ch for ch in label if ch.isprintable())[:60].strip()
+        if label:
+            out[int(number)] = label
+    return out
+
+
+def names_text(names: dict[int, str]) -> str:
+    """{0: "induction"} -> "0=induction" (the link value of the user's cluster labels)."""
+    return "|".join(f"{c}={label.replace('|', '/')}" for c, label in sorted(names.items()) if label)
 
 
 def _choice(value: str, options: tuple[str, ...]) -> str:

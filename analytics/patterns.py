@@ -47,6 +47,7 @@ Traits (measured on the raw rows at sampling time, mean over the sampled rows; T
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
@@ -268,6 +269,10 @@ class MapSet:
         """[map] str: the modality of each map's source."""
         return np.asarray([s.modality for s in self.sources])[self.source]
 
+    def family(self) -> np.ndarray:
+        """[map] str: "text" or "image" (centred and uncentred maps), the families clustered apart."""
+        return np.asarray(["text" if s.encoding == "text" else "image" for s in self.sources])[self.source]
+
 
 def source_of(capture, encoding: str) -> Source:
     spec = capture.spec
@@ -414,17 +419,33 @@ class ClusterParams:
     epochs: int = 200
 
 
-@lru_cache(maxsize=1)
+_WARM_LOCK = threading.Lock()
+_WARM: dict[str, float] = {}  # "seconds" once UMAP's kernels are compiled in this process
+
+
 def warm_umap() -> float:
-    """Compile UMAP's numba kernels once per process (tens of seconds on a cold process); returns seconds."""
+    """Compile UMAP's numba kernels once per process (on a cold process ~10-30 s of CPU); returns the
+    seconds it took (0 once warm).  Uses the code paths a real atlas uses (nearest-neighbour descent,
+    which UMAP switches to at 4,096 points, and the spectral initialisation), so the first atlas of a
+    process does not compile them again."""
     import time
 
-    import umap
+    with _WARM_LOCK:
+        if "seconds" in _WARM:
+            return 0.0
+        import umap
 
-    t0 = time.perf_counter()
-    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
-    umap.UMAP(n_neighbors=8, n_epochs=5, random_state=0, n_jobs=1, init="random").fit_transform(x)
-    return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = np.random.default_rng(0).normal(size=(4200, 4)).astype(np.float32)
+        umap.UMAP(n_neighbors=8, n_epochs=5, random_state=0, n_jobs=1).fit_transform(x)
+        _WARM["seconds"] = time.perf_counter() - t0
+        return _WARM["seconds"]
+
+
+def warm_umap_in_background() -> None:
+    """Start warm_umap() in a daemon thread (once); a page can call it when it expects a training run."""
+    if "seconds" not in _WARM and not _WARM_LOCK.locked():
+        threading.Thread(target=warm_umap, name="warm-umap", daemon=True).start()
 
 
 def standardise(codes: np.ndarray) -> np.ndarray:
@@ -453,7 +474,8 @@ def embed_2d(codes: np.ndarray, params: ClusterParams = ClusterParams()) -> np.n
 class Clustering:
     labels: np.ndarray  # [map] int, 0..k-1 ordered by size (largest first); -1 = noise (hdbscan)
     k: int
-    scores: dict[int, float] = field(default_factory=dict)  # silhouette per tried k
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)  # per family: silhouette per tried k
+    chosen: dict[str, int] = field(default_factory=dict)  # per family: the k used
 
 
 def _sorted_by_size(labels: np.ndarray) -> np.ndarray:
@@ -463,38 +485,64 @@ def _sorted_by_size(labels: np.ndarray) -> np.ndarray:
     return np.asarray([remap.get(int(c), -1) for c in labels], dtype=np.int64)
 
 
-def cluster_codes(codes: np.ndarray, xy: np.ndarray | None = None, params: ClusterParams = ClusterParams()) -> Clustering:
-    """Cluster the maps: k-means on the standardised latent codes (k by silhouette when params.k == 0),
-    or HDBSCAN on the 2-D embedding.  Deterministic for a given seed."""
-    from sklearn.cluster import HDBSCAN, KMeans
+SILHOUETTE_TOLERANCE = 0.05  # auto k: the smallest k whose silhouette is within 5% of the best
+
+
+def _kmeans(z: np.ndarray, params: ClusterParams) -> tuple[np.ndarray, int, dict[int, float]]:
+    from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    z = standardise(codes)
     n = len(z)
-    if params.method == "hdbscan":
-        if xy is None:
-            raise ValueError("HDBSCAN clusters the 2-D embedding; pass xy")
-        labels = HDBSCAN(min_cluster_size=max(5, n // 100)).fit_predict(xy)
-        labels = _sorted_by_size(labels)
-        return Clustering(labels, int(labels.max()) + 1 if labels.size else 0)
-    if params.method != "kmeans":
-        raise ValueError(f"unknown clustering method {params.method!r}")
     fit = lambda k: KMeans(n_clusters=k, n_init=4, random_state=params.seed).fit_predict(z)  # noqa: E731
-    if params.k:
-        k = max(1, min(params.k, n))
-        return Clustering(_sorted_by_size(fit(k)), k)
-    scores, best = {}, None
-    sample = min(n, 2000)
+    if params.k or n < 4:
+        k = max(1, min(params.k or 1, n))
+        return fit(k), k, {}
+    scores, fits = {}, {}
     for k in range(params.k_min, min(params.k_max, n - 1) + 1):
         labels = fit(k)
         if len(np.unique(labels)) < 2:
             continue
-        scores[k] = float(silhouette_score(z, labels, sample_size=sample, random_state=params.seed))
-        if best is None or scores[k] > scores[best[0]] + 1e-9:
-            best = (k, labels)
-    if best is None:
-        return Clustering(np.zeros(n, np.int64), 1)
-    return Clustering(_sorted_by_size(best[1]), best[0], scores)
+        fits[k] = labels
+        scores[k] = float(silhouette_score(z, labels, sample_size=min(n, 2000), random_state=params.seed))
+    if not scores:
+        return np.zeros(n, np.int64), 1, {}
+    top = max(scores.values())
+    k = min(k for k, s in scores.items() if s >= top - SILHOUETTE_TOLERANCE * abs(top))
+    return fits[k], k, scores
+
+
+def cluster_codes(codes: np.ndarray, xy: np.ndarray | None = None, params: ClusterParams = ClusterParams(),
+                  family: np.ndarray | None = None) -> Clustering:
+    """Cluster the maps: k-means (n_init=4) on the standardised latent codes, or HDBSCAN on the 2-D embedding.
+
+    `family`  # [map] str: maps of different encodings (text vs image maps) never share a cluster; each
+    family is clustered on its own (its own k) and the cluster ids are then numbered by size.  With
+    params.k == 0, k is chosen by silhouette (on up to 2,000 maps) over k_min..k_max: the smallest k
+    within SILHOUETTE_TOLERANCE of the best score (the silhouette of attention maps tends to creep up
+    with k as one pattern splits by input length; the parsimonious pick keeps one cluster per pattern).
+    Deterministic for a given seed."""
+    from sklearn.cluster import HDBSCAN
+
+    n = len(codes)
+    family = np.full(n, "all") if family is None else np.asarray(family)
+    if params.method not in ("kmeans", "hdbscan"):
+        raise ValueError(f"unknown clustering method {params.method!r}")
+    if params.method == "hdbscan" and xy is None:
+        raise ValueError("HDBSCAN clusters the 2-D embedding; pass xy")
+    labels = np.full(n, -1, np.int64)
+    scores, chosen, offset = {}, {}, 0
+    for fam in dict.fromkeys(family.tolist()):
+        members = np.flatnonzero(family == fam)
+        if params.method == "hdbscan":
+            part = HDBSCAN(min_cluster_size=max(5, len(members) // 100), copy=True).fit_predict(xy[members])
+            k = int(part.max()) + 1 if part.size else 0
+        else:
+            part, k, scores[fam] = _kmeans(standardise(codes[members]), params)
+        chosen[fam] = k
+        labels[members] = np.where(part >= 0, part + offset, -1)
+        offset += k
+    labels = _sorted_by_size(labels)
+    return Clustering(labels, int(labels.max()) + 1 if (labels >= 0).any() else 0, scores, chosen)
 
 
 def purity(truth: np.ndarray, labels: np.ndarray) -> float:
@@ -627,7 +675,7 @@ class AtlasParams:
     vision: str = "centred"  # encoding of patch-grid models: "centred" | "uncentred"
     queries: int = 16  # vision: query patches per head
     latent: int = 16
-    steps: int = 1200  # autoencoder optimiser steps
+    steps: int = 600  # autoencoder optimiser steps (mini-batches of `batch`), whatever the number of maps
     batch: int = 128
     lr: float = 3e-3
     seed: int = 0
@@ -666,7 +714,8 @@ class Atlas:
     nearest: np.ndarray  # [k, m] map indices nearest to each centre
     labels: list[str]  # automatic labels
     ctraits: np.ndarray  # [k, len(TRAITS)]
-    scores: dict[int, float] = field(default_factory=dict)  # silhouette per tried k
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)  # per family: silhouette per tried k
+    chosen: dict[str, int] = field(default_factory=dict)  # per family: clusters used
     loss: list[float] = field(default_factory=list)  # autoencoder training loss (every 50 steps)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -740,7 +789,8 @@ def save_atlas(store, atlas: Atlas) -> None:
     store.put_array(atlas.key, "ctraits", atlas.ctraits.astype(np.float32))
     store.put_meta(atlas.key, {"kind": KIND, "part": "atlas", "model_key": atlas.model_key, "k": atlas.k,
                                "labels": atlas.labels, "params": atlas.params.to_json(),
-                               "scores": {str(k): v for k, v in atlas.scores.items()},
+                               "scores": {f: {str(k): v for k, v in sc.items()} for f, sc in atlas.scores.items()},
+                               "chosen": atlas.chosen,
                                "timings": atlas.timings})
 
 
@@ -762,7 +812,8 @@ def load_atlas(store, key: str) -> Atlas | None:
                      k=int(record["k"]), prototypes=get("prototypes").astype(np.float32),
                      nearest=get("nearest").astype(np.int64), labels=list(record["labels"]),
                      ctraits=get("ctraits").astype(np.float32),
-                     scores={int(k): float(v) for k, v in record.get("scores", {}).items()},
+                     scores={f: {int(k): float(v) for k, v in sc.items()} for f, sc in record.get("scores", {}).items()},
+                     chosen={f: int(v) for f, v in record.get("chosen", {}).items()},
                      loss=list(model_record.get("loss", [])),
                      timings={**model_record.get("timings", {}), **record.get("timings", {})})
     except (CorruptEntry, KeyError, TypeError, ValueError):

@@ -79,11 +79,11 @@ class GradientParams:
 class DuoParams:
     """Mini DuoAttention gate optimisation on synthetic passkey data (see capture.probes.duo_probe)."""
 
-    steps: int = 40
-    context: int = 384
+    steps: int = 24
+    context: int = 256
     sink: int = 16
     recent: int = 64
-    lr: float = 0.02
+    lr: float = 0.05
     reg: float = 0.05
     passkeys: int = 2
     words: int = 8

@@ -233,8 +233,8 @@ map_head = st.selectbox("Head map", edited + [x for x in labels if x not in edit
 layer, head = compare.parse_head_label(map_head)
 shared_len = n_prompt + (diff.first if diff.first is not None else len(before_tokens))
 lo = max(0, shared_len - MAP_WINDOW)
-before_map = base.head(layer, head)[lo:shared_len, lo:shared_len]
-after_map = after.head(layer, head)[lo:shared_len, lo:shared_len]
+before_map = base.window(layer, head, lo, shared_len, lo, shared_len)  # reads (or computes) only these rows
+after_map = after.window(layer, head, lo, shared_len, lo, shared_len)
 st.plotly_chart(compare.map_comparison(before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
                                        title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"),
                 key="iv_maps", config=plot_config())

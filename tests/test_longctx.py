@@ -213,3 +213,25 @@ def test_refused_before_running(tmp_path, smollm2, monkeypatch):
         run(RunSpec(model="smollm2", prompt=prompt_of(smollm2.tokenizer, 600)), store=store)
     assert store.keys() == []
     store.close()
+
+
+@pytest.mark.parametrize("view", ["model", "head", "token"])
+def test_app_browses_a_qk_capture(pair, view, monkeypatch):
+    """The explorer opens a long (qk) capture by its link: model view (stored thumbnails), head view
+    (stored 128-bin overview + a computed window), token view (a computed row)."""
+    from streamlit.testing.v1 import AppTest
+
+    import capture.run as capture_run
+    from tests.test_app import APP
+
+    _, qk = pair
+    monkeypatch.setattr(capture_run, "_default_store", qk.store)
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update({"page": "explorer", "view": view, "key": qk.key, "layer": "9", "head": "4"})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.warning, [w.value for w in at.warning]
+    if view == "token":
+        assert any("mean of heads" in h.proto.body for h in at.get("html"))
+    else:
+        assert at.get("plotly_chart")
