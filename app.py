@@ -18,7 +18,10 @@ link_opened = st.session_state.pop("link_opened", False)
 PAGES = {
     "home": st.Page("pages/home.py", title="Home", icon=":material/home:", url_path="home", default=True),
     "explorer": st.Page("pages/explorer.py", title="Attention explorer", icon=":material/search:", url_path="explorer"),
+    "atlas": st.Page("pages/atlas.py", title="Head atlas", icon=":material/grid_on:", url_path="atlas"),
+    "intervene": st.Page("pages/intervene.py", title="Intervene", icon=":material/tune:", url_path="intervene"),
     "vision": st.Page("pages/vision.py", title="Vision", icon=":material/image:", url_path="vision"),
+    "dit": st.Page("pages/dit.py", title="Diffusion (DiT)", icon=":material/brush:", url_path="dit"),
     "patterns": st.Page("pages/patterns.py", title="Pattern atlas", icon=":material/scatter_plot:", url_path="patterns"),
 }
 page = st.navigation(list(PAGES.values()))

@@ -412,7 +412,7 @@ class ClusterParams:
     method: str = "kmeans"  # "kmeans" (k by silhouette when k == 0) | "hdbscan" (on the 2-D embedding)
     k: int = 0  # 0 = choose by silhouette over k_min..k_max
     k_min: int = 3
-    k_max: int = 10
+    k_max: int = 8
     seed: int = 0
     neighbors: int = 15  # UMAP
     min_dist: float = 0.1
@@ -424,20 +424,16 @@ _WARM: dict[str, float] = {}  # "seconds" once UMAP's kernels are compiled in th
 
 
 def warm_umap() -> float:
-    """Compile UMAP's numba kernels once per process (on a cold process ~10-30 s of CPU); returns the
-    seconds it took (0 once warm).  Uses the code paths a real atlas uses (nearest-neighbour descent,
-    which UMAP switches to at 4,096 points, and the spectral initialisation), so the first atlas of a
-    process does not compile them again."""
+    """Compile UMAP's numba kernels once per process (~8 s of CPU on a cold process); returns the seconds
+    it took (0 once warm).  Runs the code path `embed_2d` uses (precomputed neighbours, spectral start)."""
     import time
 
     with _WARM_LOCK:
         if "seconds" in _WARM:
             return 0.0
-        import umap
-
         t0 = time.perf_counter()
-        x = np.random.default_rng(0).normal(size=(4200, 4)).astype(np.float32)
-        umap.UMAP(n_neighbors=8, n_epochs=5, random_state=0, n_jobs=1).fit_transform(x)
+        x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+        _umap(x, ClusterParams(neighbors=8, epochs=5))
         _WARM["seconds"] = time.perf_counter() - t0
         return _WARM["seconds"]
 
@@ -448,6 +444,26 @@ def warm_umap_in_background() -> None:
         threading.Thread(target=warm_umap, name="warm-umap", daemon=True).start()
 
 
+def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
+    """UMAP of z on exact nearest neighbours (scikit-learn), single-threaded and seeded.
+
+    Handing UMAP the neighbours skips its approximate NN-descent, whose numba compile alone costs
+    ~30 s of CPU per process; exact k-NN of 10,000 16-d codes takes well under a second."""
+    import warnings
+
+    import umap
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(params.neighbors, len(z) - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(z).kneighbors(z)
+    reducer = umap.UMAP(n_neighbors=k, min_dist=params.min_dist, n_epochs=params.epochs, random_state=params.seed,
+                        n_jobs=1, init="spectral", precomputed_knn=(idx, dist, None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # we never call transform()
+        warnings.filterwarnings("ignore", message=".*n_jobs value 1 overridden.*")
+        return reducer.fit_transform(z).astype(np.float32)
+
+
 def standardise(codes: np.ndarray) -> np.ndarray:
     """codes  # [map, latent] -> z-scored per dimension (dead dimensions stay 0)."""
     codes = np.asarray(codes, dtype=np.float64)
@@ -456,18 +472,14 @@ def standardise(codes: np.ndarray) -> np.ndarray:
 
 
 def embed_2d(codes: np.ndarray, params: ClusterParams = ClusterParams()) -> np.ndarray:
-    """xy  # [map, 2] float32: UMAP of the standardised codes (seeded, single-threaded: deterministic)."""
+    """xy  # [map, 2] float32: UMAP of the standardised codes (exact neighbours, seeded, single-threaded:
+    deterministic)."""
     z = standardise(codes)
     n = len(z)
-    if n < 4:
-        return np.zeros((n, 2), np.float32) + np.arange(n)[:, None]
-    import umap
-
+    if n < 16:  # too few for a neighbour graph: a line is as good as anything
+        return np.stack([np.arange(n), np.zeros(n)], 1).astype(np.float32)
     warm_umap()
-    reducer = umap.UMAP(n_neighbors=min(params.neighbors, n - 1), min_dist=params.min_dist,
-                        n_epochs=params.epochs, random_state=params.seed, n_jobs=1,
-                        init="spectral" if n > 10 else "random")
-    return reducer.fit_transform(z).astype(np.float32)
+    return _umap(z, params)
 
 
 @dataclass

@@ -55,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "n_tokens": capture.n_tokens, "tokens": capture.tokens,
             "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
             "text": capture.output.text, "notes": capture.output.notes, "image": capture.spec.image,
-            "grid": m.grid, "classes": capture.output.classes,
+            "grid": m.grid, "classes": capture.output.classes, "layout": capture.layout,
+            "peak_mb": capture.timings.get("peak_mb"), "estimate_mb": capture.timings.get("estimate_mb"),
             "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
         }, ensure_ascii=False))
         return 0

@@ -253,8 +253,13 @@ def worker_env() -> dict[str, str]:
 def start_ray(address: str | None = None, workers: int = DEFAULT_WORKERS) -> bool:
     """Connect to Ray (a local instance with `workers` CPUs, or the cluster at `address`); returns
     True if this call started or joined it (and so should shut it down), False if already connected."""
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        from capture.adapters import InputError
 
+        raise InputError("Ray is not installed in this environment; `pip install ray==2.60.0` (requirements.txt) "
+                         "or run the batch without --ray.") from exc
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": worker_env()}
@@ -268,10 +273,10 @@ def start_ray(address: str | None = None, workers: int = DEFAULT_WORKERS) -> boo
 
 def _run_on_ray(jobs: list, pending: list[int], store, address: str | None, workers: int, retries: int,
                 finish: Callable[[JobResult], None]) -> None:
+    started = start_ray(address, workers)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    started = start_ray(address, workers)
     try:
         actor_cls = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=0)(_Worker)
         n_actors = max(1, min(workers, len(pending)))

@@ -31,7 +31,7 @@ from analytics import patterns as P
 from cache.keys import stable_hash
 from capture.adapters import Progress, no_progress
 
-VERSION = 2  # bump when the encoding, the network or the training loop changes
+VERSION = 3  # bump when the encoding, the network or the training loop changes
 
 
 class PatternAE(nn.Module):
@@ -125,7 +125,7 @@ def weights_of(model: PatternAE) -> dict[str, np.ndarray]:
 
 def model_from(weights: dict[str, np.ndarray], latent: int) -> PatternAE:
     model = PatternAE(latent)
-    model.load_state_dict({name: torch.from_numpy(np.asarray(w, dtype=np.float32)) for name, w in weights.items()})
+    model.load_state_dict({name: torch.tensor(np.asarray(w, dtype=np.float32)) for name, w in weights.items()})
     model.eval()
     return model
 

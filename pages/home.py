@@ -16,7 +16,11 @@ st.markdown(
 | Page | What it is for |
 |---|---|
 | **Attention explorer** | Every head at a glance (model view), one head's full map with token labels (head view), and which tokens one token attends to (token view). |
+| **Head atlas** | Any head metric (sinks, locality, entropy, previous-token / induction / echo, retrieval, ablation and gradient importance, DuoAttention gates) as a layer × head map, per-token metrics over the text, and the long probes with a progress bar. |
+| **Intervene** | Toggle heads and presets (ablation, ACT, sink redistribution, DuoAttention streaming, SoftPAG, ITI steering, retrieval-head masking), rerun, and compare before \| after: text diff, log-probabilities, maps. |
 | **Vision** | For image models (DINOv2-small): attention from the CLS token or a clicked patch over the picture, per head; attention distance by layer; strength vs distance; attention rollout. |
+| **Diffusion (DiT)** | The embedded text-to-image DiT trained on shapes: word-by-word heatmaps over the image per head and timestep, sink tokens, head grounding, SoftPAG before \| after. |
+| **Pattern atlas** | An autoencoder over many heads' maps, clustered: what kinds of head exist, where they sit by layer and model, before vs after an intervention. |
 """
 )
 shared.status_line(capture)

@@ -7,6 +7,7 @@ threshold lowered to 512 (qk layout).  The 8,192-token run is in bench/peers.py,
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,8 +223,8 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     import capture.run as capture_run
-    from tests.test_app import APP
 
+    APP = str(Path(__file__).resolve().parent.parent / "app.py")
     _, qk = pair
     monkeypatch.setattr(capture_run, "_default_store", qk.store)
     at = AppTest.from_file(APP, default_timeout=300)

@@ -172,14 +172,15 @@ def test_decode_rows_equal_eager_generation_rows(smollm2):
 def test_duo_probe_mini(smollm2, pstore):
     ids, positions = probes.passkey_sample(smollm2.tokenizer, 128, 1, 4, np.random.default_rng(0))
     assert len(positions) >= 4 and max(positions) < len(ids)
-    result = probes.run_probe("duo", "smollm2", {"steps": 2, "context": 128, "sink": 4, "recent": 16}, store=pstore)
+    small = {"steps": 1, "context": 96, "sink": 4, "recent": 16, "passkeys": 1, "words": 4}
+    result = probes.run_probe("duo", "smollm2", small, store=pstore)
     alpha = np.asarray(result.array("alpha"))
     assert alpha.shape == (30, 3) and ((alpha >= 0) & (alpha <= 1)).all()
     assert alpha.min() < 1.0  # the gates moved
     assert np.isfinite(np.asarray(result.array("loss"))).all()
     assert smollm2.model.config._attn_implementation == attention.IMPLEMENTATION  # restored
     capture_like = type("C", (), {"store": pstore, "meta": smollm2.meta, "key": ""})()
-    gate = METRICS["duo_gate"].compute(capture_like, steps=2, context=128, sink=4, recent=16)
+    gate = METRICS["duo_gate"].compute(capture_like, **small)
     assert gate.shape == (30, 9)
 
 
