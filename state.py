@@ -21,7 +21,8 @@ SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalis
 VIEWS = ("model", "head", "token")
 MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
 MAX_NEW_TOKENS = 256
-ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance")
+ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance",
+                 "spread")
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3,7-12,40") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 

@@ -44,6 +44,8 @@ Traits (measured on the raw rows at sampling time, mean over the sampled rows; T
   local     mass within LOCAL_TOKENS tokens (excluding key 0) / within 2 patches
   entropy   row entropy / log(visible keys), in [0, 1]                 -> "broad/uniform"
   distance  attention-weighted mean distance, tokens (text) or patches (vision, patch keys only)
+  spread    distance / the distance uniform attention over the same keys would have (0 = on the query,
+            ~1 = as far as uniform, > 1 = far away: the start of a long text, a corner of the image)
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ SELF_COLUMN = FIRST + len(PAST_EDGES) - 1  # 18
 CANVAS = SIZE - 1  # vision: offsets / grid resampled to 31 x 31; row 31 holds the non-patch mass
 LOCAL_TOKENS = 8
 LOCAL_PATCHES = 2.0
-TRAITS = ("first", "self", "near", "local", "entropy", "distance")
+TRAITS = ("first", "self", "near", "local", "entropy", "distance", "spread")
 TRAIT_TITLES = {
     "first": "sink mass (key 0 / non-patch tokens)",
     "self": "diagonal (self) mass",
@@ -70,6 +72,7 @@ TRAIT_TITLES = {
     "local": "local mass (≤8 tokens / ≤2 patches)",
     "entropy": "normalised entropy",
     "distance": "mean distance (tokens / patches)",
+    "spread": "mean distance / uniform attention's",
 }
 ENCODINGS = ("text", "centred", "uncentred")
 KIND = "patterns"  # Store metadata "kind" of atlas records (capture listings skip them)
@@ -127,7 +130,10 @@ def text_traits(rows: np.ndarray, queries: np.ndarray, causal: bool) -> np.ndarr
     ent = -(p * np.log(np.maximum(p, 1e-12))).sum(-1) / np.log(np.maximum(visible, 2))
     mass = np.maximum(p.sum(-1), 1e-12)
     distance = (p * dist).sum(-1) / mass
-    return np.stack([first, self_, near, local, ent, distance], -1).mean(1).astype(np.float32)
+    seen = (j[None, :] <= q[:, None]) if causal else np.ones((r, n), bool)
+    uniform = (dist * seen).sum(-1) / seen.sum(-1)  # [R] mean distance of uniform attention
+    spread = distance / np.maximum(uniform, 0.5)
+    return np.stack([first, self_, near, local, ent, distance, spread], -1).mean(1).astype(np.float32)
 
 
 def encode_text_map(attn: np.ndarray, rows: int = SIZE) -> np.ndarray:
@@ -203,7 +209,8 @@ def vision_traits(rows: np.ndarray, grid: tuple[int, int], patch_start: int, que
     local = (patch * (dist <= LOCAL_PATCHES)).sum(-1)
     ent = -(p * np.log(np.maximum(p, 1e-12))).sum(-1) / np.log(max(p.shape[-1], 2))
     distance = (patch * dist).sum(-1) / np.maximum(patch.sum(-1), 1e-12)
-    return np.stack([first, self_, near, local, ent, distance], -1).astype(np.float32)
+    spread = distance / np.maximum(dist.mean(-1), 1e-12)
+    return np.stack([first, self_, near, local, ent, distance, spread], -1).astype(np.float32)
 
 
 def patch_span(capture) -> tuple[tuple[int, int], int] | None:
@@ -587,16 +594,17 @@ def describe(traits: np.ndarray, modality: str = "text") -> str:
     """A short label for a pattern from its mean traits (TRAITS order).
 
     The strongest of sink / self / near wins at >= 0.45 (a second one >= 0.25 is added with "+");
-    otherwise near-uniform rows (entropy >= 0.85) are "broad/uniform", mostly-local mass (>= 0.6)
-    "local"; anything else is "mixed" with its two largest masses."""
+    otherwise near-uniform rows (entropy >= 0.85) are "broad/uniform"; mostly-local mass (>= 0.5) or a
+    spread <= 0.35 (a third of uniform attention's distance) "local"; a spread >= 0.8 "global"; anything
+    else is "mixed" with its two largest masses.  A sink share >= 0.25 is added to local / global."""
     t = dict(zip(TRAITS, (float(x) for x in traits)))
     vision = modality in ("vision", "dit")
     names = {
-        "first": "sink (CLS/prefix tokens)" if vision else "sink (first column)",
+        "first": "text tokens" if modality == "dit" else "sink (CLS/prefix tokens)" if vision else "sink (first column)",
         "self": "diagonal/self",
         "near": "neighbour patches" if vision else "previous token",
     }
-    short = {"first": "sink", "self": "self", "near": "neighbours" if vision else "prev", "local": "local"}
+    short = {"first": "text" if modality == "dit" else "sink", "self": "self", "near": "neighbours" if vision else "prev", "local": "local"}
     peaks = sorted(("first", "self", "near"), key=lambda n: -t[n])
     if t[peaks[0]] >= 0.45:
         label = names[peaks[0]]
@@ -605,8 +613,11 @@ def describe(traits: np.ndarray, modality: str = "text") -> str:
         return label
     if t["entropy"] >= 0.85:
         return "broad/uniform"
-    if t["local"] >= 0.6:
-        return "local" + (" + sink" if t["first"] >= 0.25 else "")
+    sink = f" + {short['first']}" if t["first"] >= 0.25 else ""
+    if t["local"] >= 0.5 or t["spread"] <= 0.35:
+        return "local" + sink
+    if t["spread"] >= 0.8:
+        return "global" + sink
     masses = sorted(("first", "self", "near", "local"), key=lambda n: -t[n])[:2]
     return "mixed: " + " · ".join(f"{short[n]} {t[n]:.2f}" for n in masses)
 
@@ -800,7 +811,7 @@ def save_atlas(store, atlas: Atlas) -> None:
     store.put_array(atlas.key, "nearest", atlas.nearest.astype(np.int32))
     store.put_array(atlas.key, "ctraits", atlas.ctraits.astype(np.float32))
     store.put_meta(atlas.key, {"kind": KIND, "part": "atlas", "model_key": atlas.model_key, "k": atlas.k,
-                               "labels": atlas.labels, "params": atlas.params.to_json(),
+                               "labels": atlas.labels, "modalities": cluster_modalities(atlas.maps, atlas.cluster, atlas.k), "params": atlas.params.to_json(),
                                "scores": {f: {str(k): v for k, v in sc.items()} for f, sc in atlas.scores.items()},
                                "chosen": atlas.chosen,
                                "timings": atlas.timings})
@@ -819,11 +830,12 @@ def load_atlas(store, key: str) -> Atlas | None:
             return None
         maps, codes, _, model_record = model
         get = lambda name: np.asarray(store.get_array(key, name))  # noqa: E731
+        ctraits = get("ctraits").astype(np.float32)
         return Atlas(key=key, model_key=record["model_key"], params=AtlasParams.from_json(record["params"]),
                      maps=maps, codes=codes, xy=get("xy").astype(np.float32), cluster=get("cluster").astype(np.int64),
                      k=int(record["k"]), prototypes=get("prototypes").astype(np.float32),
-                     nearest=get("nearest").astype(np.int64), labels=list(record["labels"]),
-                     ctraits=get("ctraits").astype(np.float32),
+                     nearest=get("nearest").astype(np.int64), ctraits=ctraits,
+                     labels=cluster_labels(ctraits, record["modalities"]),  # today's rules on the stored traits
                      scores={f: {int(k): float(v) for k, v in sc.items()} for f, sc in record.get("scores", {}).items()},
                      chosen={f: int(v) for f, v in record.get("chosen", {}).items()},
                      loss=list(model_record.get("loss", [])),

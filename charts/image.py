@@ -47,15 +47,19 @@ def _add_overlay(fig: go.Figure, image: np.ndarray, values: np.ndarray, opacity:
     fig.add_trace(go.Heatmap(
         z=values, x0=pw / 2 - 0.5, dx=pw, y0=ph / 2 - 0.5, dy=ph, zsmooth=False, opacity=opacity,
         colorscale=colorscale, zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
-        showscale=showscale, customdata=patch_ids,
-        hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>" + label + " %{z:.4f}<extra></extra>",
+        showscale=showscale, hoverinfo="skip",
         colorbar=dict(title=dict(text=label), thickness=12) if showscale else None,
     ), **where)
-    # one transparent marker per patch centre: selectable points carrying (row, col)
+    # one transparent marker per patch centre: selectable points carrying (row, col), and the hover text
+    # (a trace with hoverinfo "skip" would not be clickable either)
     fig.add_trace(go.Scatter(
         x=(c.ravel() + 0.5) * pw - 0.5, y=(r.ravel() + 0.5) * ph - 0.5, mode="markers",
-        marker=dict(size=max(4.0, min(pw, ph) * 0.9), symbol="square", color="rgba(0,0,0,0)"),
-        customdata=patch_ids.reshape(-1, 2), hoverinfo="skip", showlegend=False, name="patches",
+        marker=dict(size=max(4.0, min(pw, ph) * 0.9), symbol="square", color="#00e5ff", opacity=0.0),
+        customdata=np.concatenate([patch_ids.reshape(-1, 2), values.reshape(-1, 1)], axis=1),
+        hovertemplate="patch (%{customdata[0]:.0f}, %{customdata[1]:.0f})<br>" + label
+                      + " %{customdata[2]:.4f}<extra></extra>",
+        showlegend=False, name="patches",
+        selected=dict(marker=dict(opacity=0.0)), unselected=dict(marker=dict(opacity=0.0)),
     ), **where)
     xref = "x" if row is None else fig.get_subplot(row, col).xaxis.plotly_name.replace("axis", "")
     yref = "y" if row is None else fig.get_subplot(row, col).yaxis.plotly_name.replace("axis", "")
@@ -90,7 +94,7 @@ def attention_overlay(image: np.ndarray, values: np.ndarray, opacity: float = 0.
     _add_overlay(fig, image, values, opacity, colorscale, grid_lines, selected, None, None, zmax, True, label)
     h, w = image.shape[:2]
     _image_axes(fig, h, w)
-    fig.update_layout(**base_layout(title, height), clickmode="event+select", dragmode=False)
+    fig.update_layout(**base_layout(title, height))
     fig.update_yaxes(scaleanchor="x", scaleratio=1)
     return fig
 
@@ -111,7 +115,7 @@ def head_overlays(image: np.ndarray, values: np.ndarray, opacity: float = 0.6, c
         fig.update_yaxes(scaleanchor=fig.get_subplot(r, c).xaxis.plotly_name.replace("axis", ""), row=r, col=c)
     hh, ww = image.shape[:2]
     _image_axes(fig, hh, ww)
-    fig.update_layout(**base_layout(title, 40 + 190 * n_rows), clickmode="event+select", dragmode=False)
+    fig.update_layout(**base_layout(title, 40 + 190 * n_rows))
     return fig
 
 
@@ -122,6 +126,8 @@ def patch_from_selection(selection) -> tuple[int, int] | None:
     points = selection.get("points") if hasattr(selection, "get") else getattr(selection, "points", None)
     for point in points or []:
         data = point.get("customdata") if hasattr(point, "get") else None
+        if isinstance(data, dict):  # the browser sends arrays as {"0": row, "1": col, ...}
+            data = [data[k] for k in sorted(data, key=int)]
         if data is not None and len(data) >= 2:
             return int(data[0]), int(data[1])
     return None

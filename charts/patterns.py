@@ -18,6 +18,7 @@ from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout
 CLUSTER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf", "#393b79", "#ad494a"]
 SELECTED = "#ff4b4b"
+WIDTH_GUESS = 1000  # px: the width a wide-layout page gives a chart on a laptop screen
 TEXT_COLUMNS_HINT = ("text maps: rows = 32 query positions from start to end; columns 0–3 = the first four keys "
                      "(sink), 18 = the diagonal, 17 = the previous token, 4–16 = further back (log bins), "
                      "19–31 = keys ahead (encoders)")
@@ -122,7 +123,9 @@ def tiles(images: np.ndarray, titles: list[str], cols: int = 6, row_titles: list
                                showscale=False, hovertemplate="row %{y}, column %{x}<br>√mass / tile max %{z:.2f}"
                                                               "<extra></extra>"))
     left = 10 if not row_titles else 8 + 7 * max(len(t) for t in row_titles)
-    layout = base_layout(title=title, height=max(160, int(rows * tile_height * cell_h / size)) + (40 if title else 10))
+    # tiles stay square (scaleanchor): size the figure for a ~1000 px wide plot, capped at tile_height per tile
+    unit = min(tile_height / size, max(1.0, (WIDTH_GUESS - left) / (cols * cell_w)))
+    layout = base_layout(title=title, height=max(120, int(rows * cell_h * unit)) + (60 if title else 30))
     layout["margin"] = dict(l=left, r=10, t=50 if title else 20, b=10)
     fig.update_layout(**layout, annotations=annotations)
     fig.update_yaxes(autorange="reversed", visible=False, scaleanchor="x", constrain="domain")

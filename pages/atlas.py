@@ -7,13 +7,14 @@ import streamlit as st
 from analytics import METRICS, ProbeMissing, importance
 from charts import atlas as charts
 from charts.theme import plot_config
+from pages import shared
 
 PER_TOKEN_BY_HEAD = {"act_sink"}  # token metrics shaped [layer, head, token]
 GRANULAR = {"prev_token", "induction", "echo", "duplicate_token", "duo_gate"}  # query heads or KV heads
 
-view = st.session_state.get("view")  # the app's ViewState, when the app wires this page
-capture = st.session_state.get("capture")
-model = st.session_state.get("model") or getattr(view, "model", None) or "smollm2"
+view = shared.view_state()
+capture = shared.current_capture()
+model = view.model
 if capture is not None and capture.spec.model != model:
     capture = None  # a capture of another model: probe results are per model
 
@@ -113,7 +114,10 @@ head = int(st.session_state.get("atlas_head", getattr(view, "head", 0)) or 0)
 def _pick() -> None:
     points = st.session_state["atlas_map"].selection.points
     if points:
-        st.session_state["atlas_layer"], st.session_state["atlas_head"] = (int(v) for v in points[0]["customdata"])
+        data = points[0]["customdata"]
+        if isinstance(data, dict):  # the browser sends arrays as {"0": layer, "1": head}
+            data = [data[k] for k in sorted(data, key=int)]
+        st.session_state["atlas_layer"], st.session_state["atlas_head"] = int(data[0]), int(data[1])
 
 
 if values is not None and metric.kind == "head":

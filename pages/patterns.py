@@ -146,9 +146,14 @@ if not selected.size and state.cluster >= 0:
     selected = np.flatnonzero(atlas.cluster == state.cluster)
 
 
+def map_index(customdata) -> int:
+    """customdata[0] of a selected point (the browser sends numeric customdata as a list or as {"0": ...})."""
+    return int(customdata["0"] if isinstance(customdata, dict) else customdata[0])
+
+
 def on_select() -> None:
     points = st.session_state["atlas_scatter"].selection.points
-    idx = sorted({int(p["customdata"][0]) for p in points if p.get("customdata") is not None})
+    idx = sorted({map_index(p["customdata"]) for p in points if p.get("customdata") is not None})
     text = P.selection_text(idx)
     if len(text) > MAX_LINK_POINTS:
         text = text[: text.rfind(",", 0, MAX_LINK_POINTS)]
@@ -241,13 +246,12 @@ if selected.size:
     st.dataframe(table[:500], hide_index=True, height=min(400, 38 + 35 * len(table[:500])))
 
 # ---- prototypes, heads, comparisons --------------------------------------------------------------------------
-gallery, heads_tab, compare_tab = st.tabs(["Prototypes", "Heads", "Before / after"])
 
-with gallery:
+def prototypes_view() -> None:
     st.plotly_chart(memo("gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
         atlas.prototypes, atlas.nearest, maps.images, names, counts,
         title="Each cluster: its decoded centre, then the maps nearest to it")), key="gallery", config=config)
-    st.caption("Labels are automatic (from sink, diagonal, previous-token and local mass, entropy and distance); "
+    st.caption("Labels are automatic (from sink, diagonal, previous-token and local mass, entropy and spread); "
                "rename a cluster below. Names travel with the share link.")
 
     def rename(c: int) -> None:
@@ -267,12 +271,12 @@ with gallery:
         cols[c % 3].text_input(f"Cluster {c} ({counts[c]:,} maps)", key=key, on_change=rename, args=(c,),
                                max_chars=60, help=f"Mean traits: {traits}")
 
-with heads_tab:
+
+def heads_view() -> None:
     groups = atlas.groups()
     group = st.selectbox("Model", groups, key="pat_group")
     src = next(s for s in maps.sources if s.group == group)
     profiles = memo("profiles", (atlas.key, group), lambda: atlas.profiles(group))
-    dom, share = P.dominant(profiles)
     layer = min(max(state.layer, 0), src.n_layers - 1)
     head = min(max(state.head, 0), src.n_heads - 1)
 
@@ -281,50 +285,67 @@ with heads_tab:
         if points:
             shared.set_fields(layer=int(round(points[0]["y"])), head=int(round(points[0]["x"])))
 
-    left, right = st.columns([1.1, 1])
-    with left:
-        st.plotly_chart(memo("dominant", (atlas.key, group, tuple(names), layer, head), lambda: charts.dominant_grid(
-            dom, share, names, title=f"{group}: each head's most frequent cluster", selected=(layer, head))),
-            key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
-    with right:
+    def profile_figure():
         members = [i for i, s in enumerate(maps.sources) if s.group == group]
         per_input = np.stack([atlas.profiles(group, i)[layer, head] for i in members] + [profiles[layer, head]])
         labels = [maps.sources[i].title for i in members] + ["all inputs"]
-        st.plotly_chart(charts.head_profile(per_input, labels, names,
-                                            title=f"Layer {layer}, head {head}: its maps by cluster, per input"),
+        return charts.head_profile(per_input, labels, names,
+                                   title=f"Layer {layer}, head {head}: its maps by cluster, per input")
+
+    left, right = st.columns([1.1, 1])
+    with left:
+        st.plotly_chart(memo("dominant", (atlas.key, group, tuple(names), layer, head), lambda: charts.dominant_grid(
+            *P.dominant(profiles), names, title=f"{group}: each head's most frequent cluster", selected=(layer, head))),
+            key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
+    with right:
+        st.plotly_chart(memo("head_profile", (atlas.key, group, tuple(names), layer, head), profile_figure),
                         key="head_profile", config=config)
         st.caption("Click a head in the grid to see its profile.")
-    comp = memo("composition", (atlas.key, tuple(names)),
-                lambda: {g: P.layer_composition(atlas.profiles(g)) for g in groups})
-    st.plotly_chart(charts.composition(comp, names, title="How each layer's heads split over the clusters"),
-                    key="composition", config=config)
+    comp = memo("composition", (atlas.key, tuple(names)), lambda: charts.composition(
+        {g: P.layer_composition(atlas.profiles(g)) for g in groups}, names,
+        title="How each layer's heads split over the clusters"))
+    st.plotly_chart(comp, key="composition", config=config)
 
-with compare_tab:
+
+def compare_view() -> None:
     groups = atlas.groups()
     if len(groups) < 2:
         st.info("Add captures of the same inputs under an intervention (Intervene page) and train on both sets "
                 "to compare each head's pattern mix before and after.")
-    else:
-        edited = [g for g in groups if " · " in g]
-        after_default = edited[0] if edited else groups[1]
-        before_default = after_default.split(" · ")[0] if after_default.split(" · ")[0] in groups else groups[0]
-        st.session_state.setdefault("pat_before", before_default)
-        st.session_state.setdefault("pat_after", after_default)
-        a, b = st.columns(2)
-        before = a.selectbox("Before", groups, key="pat_before")
-        after = b.selectbox("After", groups, key="pat_after")
-        sa = next(s for s in maps.sources if s.group == before)
-        sb = next(s for s in maps.sources if s.group == after)
-        if (sa.n_layers, sa.n_heads) != (sb.n_layers, sb.n_heads):
-            st.info(f"{before} and {after} have different shapes; compare them in the Heads tab's layer chart.")
-        else:
-            pa, pb = atlas.profiles(before), atlas.profiles(after)
-            shift = P.profile_shift(pa, pb)
-            a.plotly_chart(charts.dominant_grid(*P.dominant(pa), names, title=f"Before: {before}"),
-                           key="dom_before", config=config)
-            b.plotly_chart(charts.dominant_grid(*P.dominant(pb), names, title=f"After: {after}"),
-                           key="dom_after", config=config)
-            st.plotly_chart(charts.shift_grid(shift, title="How far each head's cluster mix moved (0 = same, 1 = disjoint)"),
-                            key="shift_grid", config=config)
-            moved = np.argwhere(np.nan_to_num(shift) >= 0.5)
-            st.caption(f"{len(moved)} heads changed their mix by half or more.")
+        return
+    edited = [g for g in groups if " · " in g]
+    after_default = edited[0] if edited else groups[1]
+    before_default = after_default.split(" · ")[0] if after_default.split(" · ")[0] in groups else groups[0]
+    st.session_state.setdefault("pat_before", before_default)
+    st.session_state.setdefault("pat_after", after_default)
+    a, b = st.columns(2)
+    before = a.selectbox("Before", groups, key="pat_before")
+    after = b.selectbox("After", groups, key="pat_after")
+    sa = next(s for s in maps.sources if s.group == before)
+    sb = next(s for s in maps.sources if s.group == after)
+    if (sa.n_layers, sa.n_heads) != (sb.n_layers, sb.n_heads):
+        st.info(f"{before} and {after} have different shapes; compare them in the Heads tab's layer chart.")
+        return
+
+    def figures():
+        pa, pb = atlas.profiles(before), atlas.profiles(after)
+        shift = P.profile_shift(pa, pb)
+        return (charts.dominant_grid(*P.dominant(pa), names, title=f"Before: {before}"),
+                charts.dominant_grid(*P.dominant(pb), names, title=f"After: {after}"),
+                charts.shift_grid(shift, title="How far each head's cluster mix moved (0 = same, 1 = disjoint)"),
+                int((np.nan_to_num(shift) >= 0.5).sum()))
+
+    fig_a, fig_b, fig_shift, moved = memo("compare", (atlas.key, before, after, tuple(names)), figures)
+    a.plotly_chart(fig_a, key="dom_before", config=config)
+    b.plotly_chart(fig_b, key="dom_after", config=config)
+    st.plotly_chart(fig_shift, key="shift_grid", config=config)
+    st.caption(f"{moved} heads changed their mix by half or more.")
+
+
+# lazy tabs: only the open one runs, so a re-colouring or a selection does not rebuild the other two
+prototypes_tab, heads_tab, compare_tab = st.tabs(["Prototypes", "Heads", "Before / after"], key="pat_tab",
+                                                 on_change="rerun")
+for tab, view in ((prototypes_tab, prototypes_view), (heads_tab, heads_view), (compare_tab, compare_view)):
+    if tab.open:
+        with tab:
+            view()

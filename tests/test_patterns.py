@@ -70,7 +70,7 @@ def test_vision_encoding_centres_the_query_patch():
 
 def test_describe_names_each_pattern():
     def traits(**kw):
-        base = dict(first=0.05, self=0.05, near=0.05, local=0.2, entropy=0.5, distance=5.0)
+        base = dict(first=0.05, self=0.05, near=0.05, local=0.2, entropy=0.5, distance=5.0, spread=0.6)
         base.update(kw)
         return np.asarray([base[t] for t in P.TRAITS])
 
@@ -80,6 +80,8 @@ def test_describe_names_each_pattern():
     assert P.describe(traits(near=0.7)) == "previous token"
     assert P.describe(traits(entropy=0.95)) == "broad/uniform"
     assert P.describe(traits(local=0.8)) == "local"
+    assert P.describe(traits(spread=0.2, first=0.3)) == "local + sink"
+    assert P.describe(traits(spread=1.1)) == "global"
     assert P.describe(traits()).startswith("mixed:")
     assert P.cluster_labels(np.stack([traits(first=0.8)] * 2), ["text", "text"]) == \
         ["sink (first column)", "sink (first column) #2"]
@@ -221,8 +223,7 @@ def test_page_shows_the_atlas_and_carries_the_selection_in_the_link(smollm2_atla
     at = open_patterns({"atlas": atlas.key})
     assert at.title[0].value == "Pattern atlas"
     assert any("540 maps" in c.value for c in at.caption)
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 4  # scatter, prototypes, dominant grid, head profile, composition
+    assert len(at.get("plotly_chart")) == 2  # the scatter and the prototype gallery (the open tab)
     colour = next(w for w in at.selectbox if w.label == "Colour by")
     t0 = time.perf_counter()
     colour.set_value("entropy").run()
@@ -242,6 +243,14 @@ def test_page_shows_the_atlas_and_carries_the_selection_in_the_link(smollm2_atla
     params = at.session_state["view"].to_params()
     assert params["atlas"] == atlas.key and params["points"] == "0-11,300" and params["colour"] == "entropy"
     assert params["names"] == "0=my first cluster"
+
+    at.session_state["pat_tab"] = "Heads"  # the Heads tab: dominant-cluster grid, head profile, layer mix
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("plotly_chart")) == 5  # scatter, selected tiles, dominant grid, head profile, composition
+    at.session_state["pat_tab"] = "Before / after"
+    at.run()
+    assert any("intervention" in i.value for i in at.info)  # one model, no intervention: says how to get one
 
     shared = open_patterns(params)  # the link in a fresh session: same view, same selection, same names
     assert any("13 selected maps" in s.value for s in shared.subheader)
@@ -263,3 +272,29 @@ def test_page_trains_on_the_chosen_captures(smollm2_atlas):
 def test_unknown_atlas_link_warns():
     at = open_patterns({"atlas": "0123456789abcdef0123"})
     assert any("not in this server's cache" in w.value for w in at.warning)
+
+
+def test_before_and_after_an_intervention_profiles_move_only_downstream():
+    """Two captures of the same prompt, one with layer 14's attention to the first token redistributed away:
+    layers before 14 keep their maps (same codes, same clusters); layer 14's sink heads leave the sink cluster."""
+    from capture.interventions import HeadEdit, Intervention
+    from capture.pattern_model import build_atlas
+    from capture.run import run
+    from capture.types import RunSpec
+
+    edit = Intervention(edits=tuple(HeadEdit(layer=14, head=h, op="redistribute", value=0.0, keys="0:1")
+                                    for h in range(9)))
+    plain, edited = (run(RunSpec(model="smollm2", prompt=PROMPTS[0], intervention=i)) for i in (Intervention(), edit))
+    atlas = build_atlas([plain, edited], P.AtlasParams(steps=200))
+    groups = atlas.groups()
+    assert sorted(groups) == sorted(["smollm2", f"smollm2 · {edit.key()}"])
+    before, after = atlas.profiles("smollm2"), atlas.profiles(f"smollm2 · {edit.key()}")
+    shift = P.profile_shift(before, after)
+    assert np.allclose(shift[:14], 0)  # causal: nothing before the edited layer changes
+    first = P.TRAITS.index("first")
+    mask_after = atlas.group_mask(f"smollm2 · {edit.key()}") & (atlas.maps.layer == 14)
+    assert atlas.maps.traits[mask_after, first].max() < 0.01  # the edit took the first column away
+    before_first = atlas.maps.traits[atlas.group_mask("smollm2") & (atlas.maps.layer == 14), first]  # [head]
+    print(f"\nlayer 14: profile shift {np.round(shift[14], 2)}, sink mass before {np.round(before_first, 2)}")
+    sinks = before_first >= 0.5
+    assert sinks.any() and np.allclose(shift[14][sinks], 1.0)  # each sink head of layer 14 left its cluster

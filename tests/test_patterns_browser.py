@@ -52,11 +52,16 @@ def test_lasso_selection_shows_maps_and_heads_and_travels_in_the_link(atlas_key,
         assert "page=patterns" in link and f"atlas={atlas_key}" in link and "points=" in link
         context.close()
 
-        context = chromium.new_context(viewport=VIEWPORT)  # the link in a fresh browser: the same selection
+        # the link in a fresh browser (a tall window, to see the whole page): the same selection
+        context = chromium.new_context(viewport={"width": 1400, "height": 3600})
         page = context.new_page()
         page.goto(link)
         wait_idle(page, ".js-plotly-plot")
         page.wait_for_selector("text=/selected maps?$/", timeout=120_000)
         assert int(page.locator("h3", has_text="selected map").first.inner_text().split()[0].replace(",", "")) == count
-        page.screenshot(path=str(artifacts / "patterns_shared_link.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "patterns_shared_link.png"))
+        page.get_by_role("tab", name="Heads").click()
+        wait_idle(page, ".js-plotly-plot")
+        page.get_by_role("tab", name="Heads").scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / "patterns_heads.png"))
         context.close()

@@ -1,7 +1,12 @@
 """Train the embedded `shapes-dit` (capture/dit_model.py) on procedurally drawn scenes, on the CPU.
 
-    nice -n 19 .venv/bin/python training/shapes_dit.py            # the shipped model (seed 0)
-    nice -n 19 .venv/bin/python training/shapes_dit.py --steps 200 --out /tmp/dit   # a quick try
+    nice -n 19 .venv/bin/python training/shapes_dit.py            # the shipped model (seed 0, both stages)
+    nice -n 19 .venv/bin/python training/shapes_dit.py --steps 200 --out /tmp/dit   # a quick one-stage try
+
+Two stages: (1) 3000 steps from scratch at lr 1e-3 on the scene generator's mix (half one-object, half
+two-object scenes); (2) 1500 steps from stage 1's EMA weights at lr 3e-4 with 70% two-object scenes,
+which is where attribute binding ("the red one at the left, the green one at the top") is learnt.
+Stage 1's weights are kept in ./cache_data/training/; `--stage1 FOLDER` reuses a stage-1 folder.
 
 Data: `training.scenes` with the DIT config (32 x 32, one or two shapes, distinct colours and cells),
 a fresh scene every sample, captions from the training part of the caption space only
@@ -81,14 +86,17 @@ def contextless(encoder: dit_model.TextEncoder, prompts: list[str]):
 class Batches:
     """Training batches: (images  # [B, 3, 32, 32], caption indices  # [B]), deterministic in the seed."""
 
-    def __init__(self, index: dict[str, int], batch: int, seed: int, config: scenes.SceneConfig = scenes.DIT):
+    def __init__(self, index: dict[str, int], batch: int, seed: int, config: scenes.SceneConfig = scenes.DIT,
+                 two_share: float | None = None):
         self.index, self.batch, self.seed, self.config = index, batch, seed, config
+        self.two_share = two_share  # share of two-object scenes; None: the scene generator's (one half)
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step, 7])
         images, ids = [], []
         while len(ids) < self.batch:
-            specs = scenes.random_specs(rng, self.config)
+            n = None if self.two_share is None else (2 if rng.random() < self.two_share else 1)
+            specs = scenes.random_specs(rng, self.config, n)
             caption = scenes.caption_of(specs)
             if scenes.held_out(caption):
                 continue
@@ -106,7 +114,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int, drop: float = 0.1,
-          ema_decay: float = 0.999, log_every: int = 50) -> dict:
+          ema_decay: float = 0.999, log_every: int = 50, init: Path | None = None,
+          two_share: float | None = None, warmup: int | None = None) -> dict:
+    """One training stage: from scratch (`init` None) or from the weights in `init`; saves to `out`."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     from capture import registry
@@ -125,6 +135,10 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
     print(f"text table: {len(captions)} captions, {time.time() - t0:.0f} s", flush=True)
 
     model = dit_model.build_transformer(seed)
+    if init is not None:
+        from diffusers import SD3Transformer2DModel
+
+        model.load_state_dict(SD3Transformer2DModel.from_pretrained(str(init), torch_dtype=torch.float32).state_dict())
     model.train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,12 +146,12 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
     no_decay = [p for p in params if p.ndim < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                               lr=lr, betas=(0.9, 0.99))
-    batches = Batches(index, batch, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    batches = Batches(index, batch, seed if init is None else seed + 1000, two_share=two_share)
+    gen = torch.Generator().manual_seed(seed + 1 if init is None else seed + 1001)
     pool = ThreadPoolExecutor(max_workers=1)
     pending = pool.submit(batches, 0)
     losses, history = [], []
-    warmup = min(200, steps // 10 + 1)
+    warmup = min(200, steps // 10 + 1) if warmup is None else warmup
     t_train = time.time()
     for step in range(steps):
         images, ids = pending.result()
@@ -188,7 +202,8 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
         "text_encoder": "minilm (all-MiniLM-L6-v2), last hidden states + masked mean pooling",
         "text_len": encoder.text_len, "image_size": dit_model.IMAGE_SIZE, "shift": 1.0,
         "guidance": dit_model.DEFAULT_GUIDANCE,
-        "training": {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "caption_dropout": drop,
+        "training": {"seed": seed, "init": str(init) if init else None, "two_object_share": two_share or 0.5,
+                     "steps": steps, "batch": batch, "lr": lr, "caption_dropout": drop,
                      "ema_decay": ema_decay, "objective": "rectified flow, v = noise - x0, logit-normal sigma",
                      "captions": len(captions), "held_out": sum(scenes.held_out(c) for c in captions),
                      "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
@@ -208,19 +223,42 @@ def save(model: torch.nn.Module, out: Path, record: dict) -> None:
     print(f"saved to {out}", flush=True)
 
 
+STAGE1 = dict(steps=3000, lr=1e-3, two_share=None, warmup=None)  # the scene generator's mix: half two-object
+STAGE2 = dict(steps=1500, lr=3e-4, two_share=0.7, warmup=50)  # fine-tune: more two-object scenes (binding)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=dit_model.MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=None, help="one stage of this many steps (a quick try)")
+    parser.add_argument("--stage1", type=Path, default=None,
+                        help="the folder stage 1 wrote (skips re-running it: stage 1 is deterministic)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    record = train(args.out, args.steps, args.batch, args.lr, args.seed, args.threads)
+    if args.steps is not None:
+        record = train(args.out, args.steps, args.batch, STAGE1["lr"], args.seed, args.threads)
+        stages = [record["training"]]
+    else:
+        first = args.stage1
+        stages = []
+        if first is None:
+            first = ROOT / "cache_data" / "training" / f"{args.out.name}.stage1-seed{args.seed}"
+            stages.append(train(first, STAGE1["steps"], args.batch, STAGE1["lr"], args.seed,
+                                args.threads)["training"])
+        else:
+            stages.append(dit_model.read_settings(first).get("training", {}))
+        record = train(args.out, STAGE2["steps"], args.batch, STAGE2["lr"], args.seed, args.threads, init=first,
+                       two_share=STAGE2["two_share"], warmup=STAGE2["warmup"])
+        stages.append(record["training"])
+        record["training"] = {"stages": stages, "final_loss": record["training"]["final_loss"],
+                              "cpu_s": round(sum(s.get("cpu_s", 0) for s in stages), 1),
+                              "wall_s": round(sum(s.get("wall_s", 0) for s in stages), 1)}
+        (args.out / "headscope.json").write_text(json.dumps(record, indent=1))
     t = record["training"]
-    print(f"done: {t['steps']} steps, final loss {t['final_loss']}, {t['wall_s'] / 60:.1f} min wall, "
-          f"{t['cpu_s'] / 60:.1f} min CPU")
+    print(f"done: final loss {t['final_loss']}, {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU "
+          f"({len(stages)} stage(s))")
 
 
 if __name__ == "__main__":
