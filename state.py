@@ -23,7 +23,7 @@ MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
 MAX_NEW_TOKENS = 256
 ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance",
                  "spread")
-MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3,7-12,40") a link carries
+MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 
 
@@ -61,7 +61,7 @@ class ViewState:
     image: str = ""
     atlas: str = ""  # pattern atlas key (analytics.patterns)
     colour: str = "cluster"  # what colours the atlas scatter: ATLAS_COLOURS
-    points: str = ""  # selected atlas maps, "3,7-12,40"
+    points: str = ""  # selected atlas maps, "3.7-12.40" (or a packed set "z..."): analytics.patterns.selection_text
     cluster: int = -1  # selected atlas cluster; -1 = none
     names: str = ""  # the user's cluster labels, "0=induction|3=my label"
 
@@ -170,13 +170,20 @@ def _parse(name: str, value: str):
         return value
     if name == "colour":
         return _choice(value, ATLAS_COLOURS)
-    if name == "points":
-        if len(value) > MAX_LINK_POINTS or not all(c in "0123456789,-" for c in value):
-            raise ValueError("a selection is map numbers and ranges, e.g. 3,7-12.")
-        for part in filter(None, value.split(",")):
+    if name == "points":  # analytics.patterns.selection_text: "3.7-12.40" or "z" + base64url(zlib(bitset))
+        bad = ValueError("a selection is map numbers and ranges (3.7-12) or a packed set (z...).")
+        if len(value) > MAX_LINK_POINTS:
+            raise bad
+        if value.startswith("z"):
+            if not all(c.isascii() and (c.isalnum() or c in "-_") for c in value):
+                raise bad
+            return value
+        if not all(c in "0123456789.-" for c in value):
+            raise bad
+        for part in filter(None, value.split(".")):
             lo, _, hi = part.partition("-")
             if not lo.isdigit() or (hi and (not hi.isdigit() or int(hi) < int(lo))):
-                raise ValueError("a selection is map numbers and ranges, e.g. 3,7-12.")
+                raise bad
         return value
     if name == "cluster":
         try:

@@ -43,7 +43,8 @@ Traits (measured on the raw rows at sampling time, mean over the sampled rows; T
   near      mass on the previous token (text) / the 4 adjacent patches -> "previous token" / "neighbours"
   local     mass within LOCAL_TOKENS tokens (excluding key 0) / within 2 patches
   entropy   row entropy / log(visible keys), in [0, 1]                 -> "broad/uniform"
-  distance  attention-weighted mean distance, tokens (text) or patches (vision, patch keys only)
+  distance  attention-weighted mean distance from the query, without the sink: tokens (text, keys >= 1)
+            or patches (vision, patch keys only); each renormalised to its own mass
   spread    distance / the distance uniform attention over the same keys would have (0 = on the query,
             ~1 = as far as uniform, > 1 = far away: the start of a long text, a corner of the image)
 """
@@ -128,10 +129,10 @@ def text_traits(rows: np.ndarray, queries: np.ndarray, causal: bool) -> np.ndarr
     local = (p * ((dist <= LOCAL_TOKENS) & (j[None, :] >= 1))).sum(-1)
     visible = (q + 1) if causal else np.full(r, n)
     ent = -(p * np.log(np.maximum(p, 1e-12))).sum(-1) / np.log(np.maximum(visible, 2))
-    mass = np.maximum(p.sum(-1), 1e-12)
-    distance = (p * dist).sum(-1) / mass
-    seen = (j[None, :] <= q[:, None]) if causal else np.ones((r, n), bool)
-    uniform = (dist * seen).sum(-1) / seen.sum(-1)  # [R] mean distance of uniform attention
+    rest = p * (j[None, None, :] >= 1)  # distance is measured without the sink column (its mass is `first`)
+    distance = (rest * dist).sum(-1) / np.maximum(rest.sum(-1), 1e-12)
+    seen = ((j[None, :] <= q[:, None]) if causal else np.ones((r, n), bool)) & (j[None, :] >= 1)
+    uniform = (dist * seen).sum(-1) / np.maximum(seen.sum(-1), 1)  # [R] mean distance of uniform attention
     spread = distance / np.maximum(uniform, 0.5)
     return np.stack([first, self_, near, local, ent, distance, spread], -1).mean(1).astype(np.float32)
 
@@ -445,12 +446,6 @@ def warm_umap() -> float:
         return _WARM["seconds"]
 
 
-def warm_umap_in_background() -> None:
-    """Start warm_umap() in a daemon thread (once); a page can call it when it expects a training run."""
-    if "seconds" not in _WARM and not _WARM_LOCK.locked():
-        threading.Thread(target=warm_umap, name="warm-umap", daemon=True).start()
-
-
 def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
     """UMAP of z on exact nearest neighbours (scikit-learn), single-threaded and seeded.
 
@@ -481,12 +476,15 @@ def standardise(codes: np.ndarray) -> np.ndarray:
 def embed_2d(codes: np.ndarray, params: ClusterParams = ClusterParams()) -> np.ndarray:
     """xy  # [map, 2] float32: UMAP of the standardised codes (exact neighbours, seeded, single-threaded:
     deterministic)."""
+    from threadpoolctl import threadpool_limits
+
     z = standardise(codes)
     n = len(z)
     if n < 16:  # too few for a neighbour graph: a line is as good as anything
         return np.stack([np.arange(n), np.zeros(n)], 1).astype(np.float32)
     warm_umap()
-    return _umap(z, params)
+    with threadpool_limits(1):  # BLAS/OpenMP: one thread (identical results, and no spinning on a busy machine)
+        return _umap(z, params)
 
 
 @dataclass
@@ -540,6 +538,13 @@ def cluster_codes(codes: np.ndarray, xy: np.ndarray | None = None, params: Clust
     within SILHOUETTE_TOLERANCE of the best score (the silhouette of attention maps tends to creep up
     with k as one pattern splits by input length; the parsimonious pick keeps one cluster per pattern).
     Deterministic for a given seed."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # OpenMP k-means on one thread: same clusters, 3-20x less CPU on a shared machine
+        return _cluster_codes(codes, xy, params, family)
+
+
+def _cluster_codes(codes, xy, params: ClusterParams, family) -> Clustering:
     from sklearn.cluster import HDBSCAN
 
     n = len(codes)
@@ -590,13 +595,17 @@ def cluster_traits(traits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray
     return out
 
 
+LOCAL_SHARE, LOCAL_SHARE_VISION = 0.5, 0.3
+
+
 def describe(traits: np.ndarray, modality: str = "text") -> str:
     """A short label for a pattern from its mean traits (TRAITS order).
 
-    The strongest of sink / self / near wins at >= 0.45 (a second one >= 0.25 is added with "+");
-    otherwise near-uniform rows (entropy >= 0.85) are "broad/uniform"; mostly-local mass (>= 0.5) or a
-    spread <= 0.35 (a third of uniform attention's distance) "local"; a spread >= 0.8 "global"; anything
-    else is "mixed" with its two largest masses.  A sink share >= 0.25 is added to local / global."""
+    The strongest of sink / self / near wins at >= 0.45, with a second one >= 0.25 (or local mass
+    >= 0.4) added after "+".  Otherwise: near-uniform rows (entropy >= 0.85) are "broad/uniform"; then
+    by where the non-sink mass lies: "local" (local mass >= 0.5, or >= 0.3 on a patch grid where the 13
+    patches within 2 hold 5% of uniform attention; or spread <= 0.35, a third of uniform attention's
+    distance), "global" (spread >= 0.8) or "mid-range"; a sink share >= 0.25 is added."""
     t = dict(zip(TRAITS, (float(x) for x in traits)))
     vision = modality in ("vision", "dit")
     names = {
@@ -604,31 +613,47 @@ def describe(traits: np.ndarray, modality: str = "text") -> str:
         "self": "diagonal/self",
         "near": "neighbour patches" if vision else "previous token",
     }
-    short = {"first": "text" if modality == "dit" else "sink", "self": "self", "near": "neighbours" if vision else "prev", "local": "local"}
+    short = {"first": "text" if modality == "dit" else "sink", "self": "self",
+             "near": "neighbours" if vision else "prev", "local": "local"}
     peaks = sorted(("first", "self", "near"), key=lambda n: -t[n])
     if t[peaks[0]] >= 0.45:
         label = names[peaks[0]]
         if t[peaks[1]] >= 0.25:
             label += f" + {short[peaks[1]]}"
+        elif peaks[0] == "first" and t["local"] >= 0.4:
+            label += " + local"
         return label
     if t["entropy"] >= 0.85:
         return "broad/uniform"
     sink = f" + {short['first']}" if t["first"] >= 0.25 else ""
-    if t["local"] >= 0.5 or t["spread"] <= 0.35:
+    if t["local"] >= (LOCAL_SHARE_VISION if vision else LOCAL_SHARE) or t["spread"] <= 0.35:
         return "local" + sink
     if t["spread"] >= 0.8:
         return "global" + sink
-    masses = sorted(("first", "self", "near", "local"), key=lambda n: -t[n])[:2]
-    return "mixed: " + " · ".join(f"{short[n]} {t[n]:.2f}" for n in masses)
+    return "mid-range" + sink
 
 
 def cluster_labels(ctraits: np.ndarray, modalities: Sequence[str]) -> list[str]:
-    """Unique labels for clusters (a repeated label gets " #2", " #3" ...)."""
-    labels, seen = [], {}
-    for row, modality in zip(ctraits, modalities):
-        label = describe(row, modality) if np.all(np.isfinite(row)) else "empty"
+    """Unique labels for clusters.  Clusters that get the same description are told apart by the trait
+    where each differs most from the others (" · local 0.34"), then by " #2", " #3" if still equal."""
+    base = [describe(row, m) if np.all(np.isfinite(row)) else "empty" for row, m in zip(ctraits, modalities)]
+    labels = list(base)
+    scale = np.nanstd(ctraits, 0) + 1e-6 if len(ctraits) else None
+    shown = [TRAITS.index(t) for t in ("first", "self", "near", "local", "entropy", "spread")]
+    for label in set(base):
+        same = [c for c, b in enumerate(base) if b == label]
+        if len(same) < 2 or label == "empty":
+            continue
+        mean = ctraits[same].mean(0)
+        for c in same:
+            diff = np.abs(ctraits[c, shown] - mean[shown]) / scale[shown]
+            t = shown[int(diff.argmax())]
+            labels[c] = f"{label} · {TRAITS[t]} {ctraits[c, t]:.2f}"
+    seen: dict[str, int] = {}
+    for c, label in enumerate(labels):
         seen[label] = seen.get(label, 0) + 1
-        labels.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+        if seen[label] > 1:
+            labels[c] = f"{label} #{seen[label]}"
     return labels
 
 
@@ -668,6 +693,24 @@ def head_profiles(labels: np.ndarray, layer: np.ndarray, head: np.ndarray, n_lay
     total = counts.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, counts / total, np.nan)
+
+
+def selection_heads(maps: MapSet, labels: np.ndarray, selected: np.ndarray, names: Sequence[str]) -> list[dict]:
+    """The heads some maps come from: one row per (group, layer, head) with its number of selected maps and
+    their clusters ("local ×3, sink ×1"), most maps first."""
+    rows: dict = {}
+    for i in np.asarray(selected, dtype=np.int64):
+        group = maps.sources[maps.source[i]].group
+        key = (group, int(maps.layer[i]), int(maps.head[i]))
+        row = rows.setdefault(key, {"model": group, "layer": key[1], "head": key[2], "maps": 0, "clusters": {}})
+        row["maps"] += 1
+        c = int(labels[i])
+        row["clusters"][c] = row["clusters"].get(c, 0) + 1
+    table = sorted(rows.values(), key=lambda r: (-r["maps"], r["model"], r["layer"], r["head"]))
+    for r in table:
+        r["clusters"] = ", ".join(f"{names[c] if c >= 0 else 'noise'} ×{m}"
+                                  for c, m in sorted(r["clusters"].items(), key=lambda x: -x[1]))
+    return table
 
 
 def dominant(profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -859,7 +902,11 @@ def atlas_records(store) -> list[tuple[str, dict]]:
 
 
 def selection_text(indices: Iterable[int]) -> str:
-    """Map indices -> a compact link value: "3,7-12,40"."""
+    """Map indices -> a compact, URL-safe link value: ranges "3.7-12.40", or, when shorter, "z" + the
+    base64url of the zlib-compressed bitset (a lasso over thousands of scattered maps)."""
+    import base64
+    import zlib
+
     idx = sorted(set(int(i) for i in indices))
     parts, i = [], 0
     while i < len(idx):
@@ -868,13 +915,33 @@ def selection_text(indices: Iterable[int]) -> str:
             j += 1
         parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
         i = j + 1
-    return ",".join(parts)
+    ranges = ".".join(parts)
+    if not idx or len(ranges) < 24:
+        return ranges
+    mask = np.zeros(idx[-1] + 1, bool)
+    mask[idx] = True
+    packed = "z" + base64.urlsafe_b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode().rstrip("=")
+    return packed if len(packed) < len(ranges) else ranges
 
 
 def parse_selection(text: str, limit: int = 1_000_000) -> list[int]:
-    """"3,7-12,40" -> [3, 7, 8, 9, 10, 11, 12, 40]; ValueError if malformed."""
+    """A `selection_text` value -> sorted map indices; ValueError if malformed (or over `limit` maps)."""
+    import base64
+    import binascii
+    import zlib
+
+    if text.startswith("z"):
+        try:
+            raw = base64.urlsafe_b64decode(text[1:] + "=" * (-len(text[1:]) % 4))
+            inflater = zlib.decompressobj()
+            bits = inflater.decompress(raw, limit // 8 + 1)
+        except (binascii.Error, ValueError, zlib.error) as exc:
+            raise ValueError("not a selection") from exc
+        if inflater.unconsumed_tail:
+            raise ValueError("too many points")
+        return np.flatnonzero(np.unpackbits(np.frombuffer(bits, np.uint8))).tolist()
     out: list[int] = []
-    for part in filter(None, text.split(",")):
+    for part in filter(None, text.split(".")):
         lo, _, hi = part.partition("-")
         a, b = int(lo), int(hi) if hi else int(lo)
         if a < 0 or b < a or b - a > limit:
@@ -883,4 +950,3 @@ def parse_selection(text: str, limit: int = 1_000_000) -> list[int]:
         if len(out) > limit:
             raise ValueError("too many points")
     return out
-

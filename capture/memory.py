@@ -3,12 +3,14 @@
 `estimate(meta, n_tokens, layout)` adds up what the recorded pass holds at its peak, above the
 loaded model (bytes; SmolLM2 numbers at 8,192 tokens in brackets):
 
-- the model's own activations for one layer of the forward: residual stream, q/k/v, the MLP's
-  intermediate tensors and their copies (`ACTIVATION_FLOATS` floats per token) [~0.6 GB];
+- the model's own activations during the forward: residual stream, q/k/v, the MLP's intermediate
+  tensors and the allocator's slack (`ACTIVATION_FLOATS` x hidden size floats per token) [1.2 GB];
 - "tril": the layer buffer being filled plus the `LayerWriter.MAX_PENDING` layers waiting to be
-  written (n(n+1)/2 fp16 weights per head each) and the explicit path's fp32 row block [~2.6 GB];
+  written (n(n+1)/2 fp16 weights per head each) and the explicit path's fp32 row-block temporaries
+  [3.4 GB in all at 8,192 tokens; 0.53 GB at 2,048, where 0.49-0.53 GB was measured];
 - "qk": the layer's queries and keys, held the same way (3 layers), the workers' row blocks, the
-  reductions ([layer, head, token] float32 each) and the 128-bin thumbnails [~0.3 GB];
+  reductions ([layer, head, token] float32 each) and the 128-bin thumbnails [1.35 GB in all at
+  8,192 tokens, where 0.57 GB was measured];
 - "full": as "tril" with n² weights per head.
 
 The budget is `HEADSCOPE_CAPTURE_GB` when set, else 80 % of the memory the kernel reports available
@@ -80,7 +82,7 @@ def estimate(meta: ModelMeta, n_tokens: int, layout: str, workers: int = 2) -> E
         memory = activations + PENDING_LAYERS * layer + block + values + reductions + L * H * bins * bins * 2
         disk = L * layer + REDUCTION_ARRAYS * L * H * n * 4 + L * H * (bins * bins + 32 * 32) * 2
     else:
-        block = 3 * H * ROW_BLOCK_TRIL * n * 4
+        block = 8 * H * ROW_BLOCK_TRIL * n * 4  # scores, weights, packing and pooling temporaries (measured ~6)
         memory = activations + PENDING_LAYERS * layer + block
         disk = L * layer
     return Estimate(layout=layout, n_tokens=n, memory_bytes=int(memory), disk_bytes=int(disk))

@@ -31,7 +31,7 @@ from analytics import patterns as P
 from cache.keys import stable_hash
 from capture.adapters import Progress, no_progress
 
-VERSION = 4  # bump when the encoding, the network or the training loop changes
+VERSION = 5  # bump when the encoding, the network or the training loop changes
 
 
 class PatternAE(nn.Module):

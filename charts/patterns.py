@@ -18,7 +18,6 @@ from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout
 CLUSTER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf", "#393b79", "#ad494a"]
 SELECTED = "#ff4b4b"
-WIDTH_GUESS = 1000  # px: the width a wide-layout page gives a chart on a laptop screen
 TEXT_COLUMNS_HINT = ("text maps: rows = 32 query positions from start to end; columns 0–3 = the first four keys "
                      "(sink), 18 = the diagonal, 17 = the previous token, 4–16 = further back (log bins), "
                      "19–31 = keys ahead (encoders)")
@@ -92,12 +91,13 @@ def scatter(xy: np.ndarray, values: np.ndarray, names: list[str] | None = None, 
 
 
 def tiles(images: np.ndarray, titles: list[str], cols: int = 6, row_titles: list[str] | None = None,
-          title: str = "", tile_height: int = 120) -> go.Figure:
+          title: str = "", tile_px: int = 84) -> go.Figure:
     """Encoded maps side by side, as ONE heatmap (a mosaic with gaps): fast for dozens of tiles.
 
     images  # [n, SIZE, SIZE] in mass units; shown as sqrt(mass) scaled to each tile's max, so the
     structure shows whatever the weights.  `titles` go above each tile; with `row_titles`, tiles are
-    laid out `cols` per row and each row gets a title on its left."""
+    laid out `cols` per row and each row gets a title on its left.  The figure has a fixed size
+    (tiles of `tile_px` pixels): show it with st.plotly_chart(..., width="content")."""
     imgs = np.sqrt(np.clip(np.asarray(images, dtype=np.float32), 0, None))
     n = len(imgs)
     size = imgs.shape[-1] if n else 32
@@ -109,27 +109,28 @@ def tiles(images: np.ndarray, titles: list[str], cols: int = 6, row_titles: list
     annotations = []
     for i, img in enumerate(imgs):
         r, c = divmod(i, cols)
-        peak = float(img.max()) if np.isfinite(img).any() and img.max() > 0 else 1.0
+        peak = float(np.nanmax(img)) if np.isfinite(img).any() and np.nanmax(img) > 0 else 1.0
         y0, x0 = r * cell_h + top, c * cell_w
         z[y0 : y0 + size, x0 : x0 + size] = img / peak
         if i < len(titles) and titles[i]:
-            annotations.append(dict(x=x0 + size / 2 - 0.5, y=y0 - 2, text=titles[i], showarrow=False,
-                                    yanchor="bottom", xanchor="center", font=dict(size=10)))
+            annotations.append(dict(x=x0 + size / 2 - 0.5, y=y0 - 1, text=titles[i], showarrow=False,
+                                    yanchor="bottom", xanchor="center", font=dict(size=11)))
     if row_titles:
         for r, text in enumerate(row_titles[:rows]):
-            annotations.append(dict(x=-2, y=r * cell_h + top + size / 2, text=text, showarrow=False,
-                                    xanchor="right", yanchor="middle", font=dict(size=11), align="right"))
+            annotations.append(dict(x=0, xref="paper", xshift=-6, y=r * cell_h + top + size / 2, text=text,
+                                    showarrow=False, xanchor="right", yanchor="middle", font=dict(size=12),
+                                    align="right"))
     fig = go.Figure(go.Heatmap(z=z, colorscale=ATTENTION_SCALE, zmin=0, zmax=1, hoverongaps=False,
                                showscale=False, hovertemplate="row %{y}, column %{x}<br>√mass / tile max %{z:.2f}"
                                                               "<extra></extra>"))
-    left = 10 if not row_titles else 8 + 7 * max(len(t) for t in row_titles)
-    # tiles stay square (scaleanchor): size the figure for a ~1000 px wide plot, capped at tile_height per tile
-    unit = min(tile_height / size, max(1.0, (WIDTH_GUESS - left) / (cols * cell_w)))
-    layout = base_layout(title=title, height=max(120, int(rows * cell_h * unit)) + (60 if title else 30))
-    layout["margin"] = dict(l=left, r=10, t=50 if title else 20, b=10)
+    unit = tile_px / size  # pixels per map cell
+    left = 10 if not row_titles else 16 + int(6.6 * max(len(t) for t in row_titles))
+    margin = dict(l=left, r=10, t=50 if title else 10, b=10)
+    layout = base_layout(title=title, height=int(rows * cell_h * unit) + margin["t"] + margin["b"])
+    layout.update(margin=margin, width=int((cols * cell_w - gap) * unit) + margin["l"] + margin["r"])
     fig.update_layout(**layout, annotations=annotations)
-    fig.update_yaxes(autorange="reversed", visible=False, scaleanchor="x", constrain="domain")
-    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(autorange="reversed", visible=False, range=[rows * cell_h - 0.5, -0.5])
+    fig.update_xaxes(visible=False, range=[-0.5, cols * cell_w - gap - 0.5])
     return fig
 
 
@@ -143,14 +144,14 @@ def prototype_gallery(prototypes: np.ndarray, nearest: np.ndarray, images: np.nd
     tiles_, titles = [], []
     for c in range(k):
         tiles_.append(prototypes[c])
-        titles.append("centre (decoded)")
+        titles.append("<b>centre</b>")
         for j in range(m):
             i = nearest[c, j]
             tiles_.append(images[i] if i >= 0 else np.full((size, size), np.nan))
             titles.append(f"map {i}" if i >= 0 else "")
     rows = [f"{c}: {names[c]} ({counts[c]:,})" for c in range(k)]
     return tiles(np.asarray(tiles_).reshape(-1, size, size) if tiles_ else np.zeros((0, size, size)), titles,
-                 cols=m + 1, row_titles=rows, title=title, tile_height=90)
+                 cols=m + 1, row_titles=rows, title=title, tile_px=76)
 
 
 def _discrete_scale(k: int) -> list:
@@ -180,14 +181,21 @@ def dominant_grid(cluster: np.ndarray, share: np.ndarray, names: list[str], titl
     ))
     fig.add_trace(click_targets(np.arange(H), np.arange(L), "layer %{customdata[0]}, head %{customdata[1]}",
                                 size=max(6, 260 // max(H, 1))))
+    present = sorted({int(c) for c in np.unique(cluster) if c >= 0})
+    for c in present:  # legend entries (the heatmap itself has none): only the clusters that lead a head
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=names[c], showlegend=True,
+                                 marker=dict(size=11, symbol="square", color=cluster_colour(c)), hoverinfo="skip"))
     if selected is not None:
         layer, head = selected
         if 0 <= layer < L and 0 <= head < H:
             fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                           line=dict(color=SELECTED, width=3))
-    fig.update_layout(**base_layout(title, height or max(300, 17 * L + 90)), clickmode="event+select", dragmode=False)
-    fig.update_yaxes(autorange="reversed", title="layer", dtick=max(1, L // 15))
-    fig.update_xaxes(title="head", dtick=1 if H <= 16 else max(1, H // 16))
+    fig.update_layout(**base_layout(title, height or max(320, 17 * L + 60 + 20 * len(present))),
+                      clickmode="event+select", dragmode=False,
+                      legend=dict(orientation="h", y=-60 / max(200, 17 * L), yanchor="top", x=0, font=dict(size=11)))
+    fig.update_yaxes(range=[L - 0.5, -0.5], title="layer", dtick=max(1, L // 15), showgrid=False, zeroline=False)
+    fig.update_xaxes(range=[-0.5, H - 0.5], title="head", dtick=1 if H <= 16 else max(1, H // 16), showgrid=False,
+                     zeroline=False)
     return fig
 
 
@@ -205,8 +213,9 @@ def shift_grid(shift: np.ndarray, title: str = "", selected: tuple[int, int] | N
         fig.add_shape(type="rect", x0=selected[1] - 0.5, x1=selected[1] + 0.5, y0=selected[0] - 0.5,
                       y1=selected[0] + 0.5, line=dict(color=SELECTED, width=3))
     fig.update_layout(**base_layout(title, max(300, 17 * L + 90)), clickmode="event+select", dragmode=False)
-    fig.update_yaxes(autorange="reversed", title="layer", dtick=max(1, L // 15))
-    fig.update_xaxes(title="head", dtick=1 if H <= 16 else max(1, H // 16))
+    fig.update_yaxes(range=[L - 0.5, -0.5], title="layer", dtick=max(1, L // 15), showgrid=False, zeroline=False)
+    fig.update_xaxes(range=[-0.5, H - 0.5], title="head", dtick=1 if H <= 16 else max(1, H // 16), showgrid=False,
+                     zeroline=False)
     return fig
 
 
@@ -217,11 +226,16 @@ def composition(per_group: dict[str, np.ndarray], names: list[str], title: str =
     groups = list(per_group)
     fig = make_subplots(rows=1, cols=max(1, len(groups)), shared_yaxes=True, subplot_titles=groups,
                         horizontal_spacing=0.04)
+    seen: set[str] = set()
     for g, group in enumerate(groups):
         comp = np.nan_to_num(per_group[group])
         layers = np.arange(comp.shape[0])
         for c, name in enumerate(names):
-            fig.add_trace(go.Bar(x=layers, y=comp[:, c], name=name, legendgroup=name, showlegend=g == 0,
+            if not comp[:, c].any():
+                continue
+            shown = name in seen
+            seen.add(name)
+            fig.add_trace(go.Bar(x=layers, y=comp[:, c], name=name, legendgroup=name, showlegend=not shown,
                                  marker_color=cluster_colour(c),
                                  hovertemplate=f"layer %{{x}}<br>{name}: %{{y:.0%}}<extra>{group}</extra>"),
                           row=1, col=g + 1)
@@ -241,13 +255,16 @@ def head_profile(profiles: np.ndarray, labels: list[str], names: list[str], titl
     profiles  # [row, k] shares; labels  # [row] what each bar is."""
     fig = go.Figure()
     short = [lab if len(lab) <= 40 else lab[:39] + "…" for lab in labels]
-    for c, name in enumerate(names):
+    present = [c for c in range(len(names)) if np.nansum(profiles[:, c]) > 0]
+    for c in present:
+        name = names[c]
         fig.add_trace(go.Bar(y=short, x=np.nan_to_num(profiles[:, c]), name=name, orientation="h",
                              marker_color=cluster_colour(c),
                              hovertemplate=f"%{{y}}<br>{name}: %{{x:.0%}}<extra></extra>"))
-    fig.update_layout(**base_layout(title, max(220, 26 * len(labels) + 150)), barmode="stack",
-                      legend=dict(orientation="h", y=-0.2, x=0, font=dict(size=11)))
-    fig.update_xaxes(tickformat=".0%", range=[0, 1], title="share of the head's maps")
+    fig.update_layout(**base_layout(title, max(240, 28 * len(labels) + 80 + 22 * len(present))), barmode="stack",
+                      legend=dict(orientation="h", y=-0.08, yanchor="top", x=0, font=dict(size=11),
+                                  traceorder="normal"))
+    fig.update_xaxes(tickformat=".0%", range=[0, 1], side="top")
     fig.update_yaxes(autorange="reversed", automargin=True)
     return fig
 

@@ -101,6 +101,9 @@ with st.expander("Train on these captures", expanded=atlas is None):
         held = st.session_state.get("capture")
         default = [held.key] if held is not None and held.key in options else list(options)[-3:]
     st.session_state.setdefault("pat_captures", default)
+    if atlas is not None:  # the training controls start from the atlas's own settings
+        st.session_state.setdefault("pat_vision", atlas.params.vision)
+        st.session_state.setdefault("pat_k", atlas.params.cluster.k)
     st.session_state["pat_captures"] = [k for k in st.session_state["pat_captures"] if k in options]
     chosen = st.multiselect("Captures", list(options), format_func=options.get, key="pat_captures",
                             help="Cached runs (any model). Run more inputs from the sidebar to add them here.")
@@ -155,9 +158,13 @@ def on_select() -> None:
     points = st.session_state["atlas_scatter"].selection.points
     idx = sorted({map_index(p["customdata"]) for p in points if p.get("customdata") is not None})
     text = P.selection_text(idx)
-    if len(text) > MAX_LINK_POINTS:
-        text = text[: text.rfind(",", 0, MAX_LINK_POINTS)]
-        st.session_state["pat_truncated"] = len(idx)
+    if len(text) > MAX_LINK_POINTS:  # keep the most maps (in index order) whose selection fits in a link
+        lo, hi = 0, len(idx)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(P.selection_text(idx[:mid])) <= MAX_LINK_POINTS else (lo, mid - 1)
+        text = P.selection_text(idx[:lo])
+        st.session_state["pat_truncated"] = (lo, len(idx))
     state.points = text
     shared.set_fields(cluster=-1)
 
@@ -213,8 +220,10 @@ st.plotly_chart(fig, key="atlas_scatter", on_select=on_select, selection_mode=("
                 config=config)
 st.caption("Lasso or box-select points (or click one) to see their maps and heads; double-click to clear. "
            "Click a legend entry to hide a group.")
-if st.session_state.pop("pat_truncated", None):
-    st.warning(f"The share link carries the first maps of this selection only (at most {MAX_LINK_POINTS} characters).")
+truncated = st.session_state.pop("pat_truncated", None)
+if truncated:
+    st.warning(f"A link holds {MAX_LINK_POINTS} characters of selection: {truncated[0]:,} of the {truncated[1]:,} "
+               "selected maps are kept. Select fewer maps, or a whole cluster, to keep them all.")
 
 # ---- the selection -------------------------------------------------------------------------------------------
 if selected.size:
@@ -224,24 +233,16 @@ if selected.size:
     def tile_title(i: int) -> str:
         s = maps.sources[maps.source[i]]
         where = f" q{maps.query[i]}" if maps.query[i] >= 0 else ""
-        return f"{s.model} L{maps.layer[i]} H{maps.head[i]}{where}"
+        return f"{s.model}<br>L{maps.layer[i]} H{maps.head[i]}{where}"
 
     st.plotly_chart(memo("sel_tiles", (atlas.key, tuple(shown)), lambda: charts.tiles(
-        maps.images[shown], [tile_title(i) for i in shown], cols=8)), key="selected_tiles", config=config)
-    st.caption(charts.TEXT_COLUMNS_HINT + ". " + charts.VISION_HINT + "." +
+        maps.images[shown], [tile_title(i) for i in shown], cols=8)), key="selected_tiles", config=config,
+        width="content")
+    families = set(maps.family()[shown])
+    hints = ([charts.TEXT_COLUMNS_HINT] if "text" in families else []) + ([charts.VISION_HINT] if "image" in families else [])
+    st.caption(". ".join(h[0].upper() + h[1:] for h in hints) + "." +
                (f" Showing the first {TILES}." if selected.size > TILES else ""))
-    keys = np.stack([maps.source[selected], maps.layer[selected], maps.head[selected]], 1)
-    groups = [maps.sources[s].group for s in keys[:, 0]]
-    rows: dict = {}
-    for g, (_, layer, head), c in zip(groups, keys, atlas.cluster[selected]):
-        row = rows.setdefault((g, int(layer), int(head)), {"model": g, "layer": int(layer), "head": int(head),
-                                                           "maps": 0, "clusters": {}})
-        row["maps"] += 1
-        row["clusters"][int(c)] = row["clusters"].get(int(c), 0) + 1
-    table = sorted(rows.values(), key=lambda r: (-r["maps"], r["model"], r["layer"], r["head"]))
-    for r in table:
-        r["clusters"] = ", ".join(f"{names[c] if c >= 0 else 'noise'} ×{m}" for c, m in
-                                  sorted(r["clusters"].items(), key=lambda x: -x[1]))
+    table = P.selection_heads(maps, atlas.cluster, selected, names)
     st.markdown(f"**The heads they come from** ({len(table)})")
     st.dataframe(table[:500], hide_index=True, height=min(400, 38 + 35 * len(table[:500])))
 
@@ -250,7 +251,8 @@ if selected.size:
 def prototypes_view() -> None:
     st.plotly_chart(memo("gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
         atlas.prototypes, atlas.nearest, maps.images, names, counts,
-        title="Each cluster: its decoded centre, then the maps nearest to it")), key="gallery", config=config)
+        title="Each cluster: its decoded centre, then the maps nearest to it")), key="gallery", config=config,
+        width="content")
     st.caption("Labels are automatic (from sink, diagonal, previous-token and local mass, entropy and spread); "
                "rename a cluster below. Names travel with the share link.")
 
@@ -290,7 +292,7 @@ def heads_view() -> None:
         per_input = np.stack([atlas.profiles(group, i)[layer, head] for i in members] + [profiles[layer, head]])
         labels = [maps.sources[i].title for i in members] + ["all inputs"]
         return charts.head_profile(per_input, labels, names,
-                                   title=f"Layer {layer}, head {head}: its maps by cluster, per input")
+                                   title=f"Layer {layer}, head {head}: share of its maps in each cluster, per input")
 
     left, right = st.columns([1.1, 1])
     with left:

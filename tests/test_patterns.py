@@ -2,7 +2,6 @@
 kinds, determinism, real SmolLM2 captures, the link fields, and the page (AppTest)."""
 from __future__ import annotations
 
-import collections
 import time
 from pathlib import Path
 
@@ -82,26 +81,37 @@ def test_describe_names_each_pattern():
     assert P.describe(traits(local=0.8)) == "local"
     assert P.describe(traits(spread=0.2, first=0.3)) == "local + sink"
     assert P.describe(traits(spread=1.1)) == "global"
-    assert P.describe(traits()).startswith("mixed:")
+    assert P.describe(traits()) == "mid-range"
+    assert P.describe(traits(first=0.5, local=0.45)) == "sink (first column) + local"
     assert P.cluster_labels(np.stack([traits(first=0.8)] * 2), ["text", "text"]) == \
-        ["sink (first column)", "sink (first column) #2"]
+        ["sink (first column) · first 0.80", "sink (first column) · first 0.80 #2"]
+    two = P.cluster_labels(np.stack([traits(first=0.8, entropy=0.2), traits(first=0.7, entropy=0.6)]), ["text"] * 2)
+    assert two[0].startswith("sink (first column) · ") and two[0] != two[1]
 
 
 def test_selection_text_round_trips():
     idx = [0, 1, 2, 3, 9, 11, 12, 40]
-    assert P.selection_text(idx) == "0-3,9,11-12,40"
-    assert P.parse_selection("0-3,9,11-12,40") == idx
-    with pytest.raises(ValueError):
-        P.parse_selection("5-2")
+    assert P.selection_text(idx) == "0-3.9.11-12.40"
+    assert P.parse_selection("0-3.9.11-12.40") == idx
+    scattered = np.random.default_rng(0).choice(10_000, 1000, replace=False)
+    text = P.selection_text(scattered)  # a lasso over thousands of scattered maps: a packed bitset
+    assert text.startswith("z") and len(text) < 1500
+    assert P.parse_selection(text) == sorted(scattered.tolist())
+    from state import ViewState
+
+    assert ViewState.from_params({"points": text})[0].points == text
+    for bad in ("5-2", "zz!", "z" + "A" * 10):
+        with pytest.raises(ValueError):
+            P.parse_selection(bad)
 
 
 def test_link_fields_are_validated():
     from state import ViewState
 
     state, warnings = ViewState.from_params({"atlas": "0123456789abcdef0123", "colour": "entropy",
-                                             "points": "1-5,9", "cluster": "2", "names": "0=induction|2=my heads"})
+                                             "points": "1-5.9", "cluster": "2", "names": "0=induction|2=my heads"})
     assert not warnings
-    assert (state.atlas, state.colour, state.points, state.cluster) == ("0123456789abcdef0123", "entropy", "1-5,9", 2)
+    assert (state.atlas, state.colour, state.points, state.cluster) == ("0123456789abcdef0123", "entropy", "1-5.9", 2)
     assert state.names == "0=induction|2=my heads"
     assert ViewState.from_params(state.to_params())[0] == state
     bad, warnings = ViewState.from_params({"atlas": "../x", "colour": "red", "points": "1;drop", "cluster": "99",
@@ -230,7 +240,7 @@ def test_page_shows_the_atlas_and_carries_the_selection_in_the_link(smollm2_atla
     recolour = time.perf_counter() - t0
     assert not at.exception
     view = at.session_state["view"]
-    view.points = "0-11,300"
+    view.points = "0-11.300"
     t0 = time.perf_counter()
     at.run()
     select = time.perf_counter() - t0
@@ -241,7 +251,7 @@ def test_page_shows_the_atlas_and_carries_the_selection_in_the_link(smollm2_atla
     name_box = next(w for w in at.text_input if w.label.startswith("Cluster 0"))
     name_box.input("my first cluster").run()
     params = at.session_state["view"].to_params()
-    assert params["atlas"] == atlas.key and params["points"] == "0-11,300" and params["colour"] == "entropy"
+    assert params["atlas"] == atlas.key and params["points"] == "0-11.300" and params["colour"] == "entropy"
     assert params["names"] == "0=my first cluster"
 
     at.session_state["pat_tab"] = "Heads"  # the Heads tab: dominant-cluster grid, head profile, layer mix
@@ -272,6 +282,14 @@ def test_page_trains_on_the_chosen_captures(smollm2_atlas):
 def test_unknown_atlas_link_warns():
     at = open_patterns({"atlas": "0123456789abcdef0123"})
     assert any("not in this server's cache" in w.value for w in at.warning)
+
+
+def test_bad_selection_in_a_link_selects_nothing(smollm2_atlas):
+    atlas, _ = smollm2_atlas
+    for points in ("zAAAA", "0-99999999999", "5-9.999999"):
+        at = open_patterns({"atlas": atlas.key, "points": points, "cluster": "40"})
+        assert not any("selected map" in s.value for s in at.subheader) or points == "5-9.999999"
+    assert any("5 selected maps" in s.value for s in at.subheader)  # the maps that exist are kept
 
 
 def test_before_and_after_an_intervention_profiles_move_only_downstream():
