@@ -120,12 +120,14 @@ def test_overlay_chart():
     heat = fig.data[1]
     assert heat.zsmooth is False and heat.opacity == 0.3 and (heat.dx, heat.dy) == (14, 14)
     points = fig.data[2]
-    assert [tuple(p) for p in points.customdata] == [(r, c) for r in range(2) for c in range(3)]
+    assert [(int(p[0]), int(p[1])) for p in points.customdata] == [(r, c) for r in range(2) for c in range(3)]
+    assert [float(p[2]) for p in points.customdata] == list(values.ravel())  # the hover shows the value
     assert points.x[5] == pytest.approx(2.5 * 14 - 0.5) and points.y[5] == pytest.approx(1.5 * 14 - 0.5)
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(lines) == (2 - 1) + (3 - 1) and len(rects) == 1 and rects[0].x0 == pytest.approx(27.5)
     assert charts.patch_from_selection({"points": [{"customdata": [1, 2]}]}) == (1, 2)
+    assert charts.patch_from_selection({"points": [{"customdata": {"0": 1, "1": 2, "2": 0.5}}]}) == (1, 2)
     assert charts.patch_from_selection({"points": []}) is None
     grid = charts.head_overlays(picture, np.stack([values] * 4), per_row=2)
     assert sum(t.type == "heatmap" for t in grid.data) == 4
