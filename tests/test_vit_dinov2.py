@@ -118,15 +118,19 @@ def test_most_important_head_changes_cls_more_than_least(cat):
 
 
 def test_vision_page_renders(cat):
+    """The Vision page through the app, as a share link opens it: CLS query, then a linked patch."""
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
-    page = str(Path(__file__).resolve().parent.parent / "pages" / "vision.py")
-    app = AppTest.from_file(page, default_timeout=120)
-    app.session_state["capture"] = cat
+    app_file = str(Path(__file__).resolve().parent.parent / "app.py")
+    link = {"page": "vision", "model": "dinov2-s", "image": "cat", "layer": "11", "head": "-1"}
+    app = AppTest.from_file(app_file, default_timeout=120)
+    app.query_params.update(link)
     app.run()
     assert not app.exception and len(app.get("plotly_chart")) == 5
-    app.session_state["vit_patch"] = (3, 4)  # as a click on patch (3, 4) leaves it
+    assert any("Query: CLS token" in m.value for m in app.markdown)
+    app = AppTest.from_file(app_file, default_timeout=120)
+    app.query_params.update(dict(link, patch="3,4"))
     app.run()
-    assert not app.exception and "patch (3, 4)" in app.markdown[0].value
+    assert not app.exception and any("patch (3, 4)" in m.value for m in app.markdown)
