@@ -42,6 +42,11 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) bench/capture.py
 	$(PY) bench/app.py
+	$(PY) bench/analytics.py
+	$(PY) bench/intervene.py
+	$(PY) bench/vit.py
+	$(PY) bench/dit.py
+	$(PY) bench/patterns.py
 	nice -n 19 $(PY) bench/peers.py
 
 clean-cache:
