@@ -4,7 +4,7 @@ After Ahn et al. 2025 (HeadHunter / SoftPAG, METHODS §7.1), scaled down for a C
 
 1. baseline: sample `prompts` x `seeds` with classifier-free guidance only, score the images;
 2. every single head h: the same samples with SoftPAG on h (u, scale s), scored -> gain(h);
-3. greedy: start from the best single head; each round tries adding every remaining head of the top
+3. greedy: start from the best single head (none, if no single head beats the baseline); each round tries adding every remaining head of the top
    `candidates` singles and keeps the one that raises the objective most; stop after `rounds` rounds
    or when nothing improves.
 
@@ -32,7 +32,7 @@ from capture import registry
 from capture.adapters import InputError, Progress, no_progress
 
 PROBE = "headhunter"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,14 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
                 sheet[layer, head] = images[0]
         order = sorted(((float(single[l, h]), l, h) for l in range(layers) for h in range(heads)), reverse=True)
         pool = [(l, h) for _v, l, h in order[: max(1, p.candidates)]]
-        selected = [pool[0]]
-        best = float(single[pool[0]])
-        history = [{"round": 0, "added": list(pool[0]), "objective": best}]
-        for r in range(1, p.rounds):
+        if float(single[pool[0]]) > baseline:
+            selected = [pool[0]]
+            best = float(single[pool[0]])
+            history = [{"round": 0, "added": list(pool[0]), "objective": best}]
+        else:  # no single head helps: nothing to build on
+            selected, best = [], baseline
+            history = [{"round": 0, "added": None, "objective": float(single[pool[0]])}]
+        for r in range(1, p.rounds if selected else 0):
             trials = []
             for cand in pool:
                 if cand in selected:

@@ -122,7 +122,7 @@ def sample_grid(images: np.ndarray, captions: list[str], path: Path, n: int = 24
     n = min(n, len(images))
     size = images.shape[1] * upscale
     label_h = 30
-    cell_w = max(size, 150)
+    cell_w = max(size, 236)
     rows = -(-n // per_row)
     sheet = Image.new("RGB", (per_row * cell_w, rows * (size + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -135,7 +135,7 @@ def sample_grid(images: np.ndarray, captions: list[str], path: Path, n: int = 24
         sheet.paste(img, (x0, y0))
         words = captions[i].split(" and ")
         for j, line in enumerate(words[:2]):
-            draw.text((c * cell_w + 2, y0 + size + 2 + 13 * j), line[:30], fill=(0, 0, 0), font=font)
+            draw.text((c * cell_w + 2, y0 + size + 2 + 13 * j), line[:40], fill=(0, 0, 0), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
