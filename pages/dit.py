@@ -139,19 +139,25 @@ with tab_pag:
         st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
     else:
         st.info("Pick at least one head and a guidance scale above 0.")
-    if st.button("Find heads (HeadHunter-lite: greedy search for colour accuracy)", key="dit_hunt"):
-        from capture.probes_dit import headhunter
+    h1, h2 = st.columns([1, 2])
+    objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
+                             help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
+    if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
+        from capture.probes_dit import HeadHunterParams, headhunter
 
         bar = st.progress(0.0, "HeadHunter")
-        result = headhunter(MODEL, progress=lambda f, m: bar.progress(min(1.0, f), m))
+        result = headhunter(MODEL, HeadHunterParams(objective=objective),
+                            progress=lambda f, m: bar.progress(min(1.0, f), m))
         st.session_state["dit_hunted"] = result.heads
         st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())
         st.rerun()
     if "dit_hunt_result" in st.session_state:
         record, single, sheet = st.session_state["dit_hunt_result"]
-        st.write(f"HeadHunter: {record['note']} (baseline {record['baseline']:.3f}); chosen: "
-                 + ", ".join(f"L{l}H{h}" for l, h in record["selected"]))
-        st.plotly_chart(charts.grounding_chart(single, title="Colour accuracy with each single head perturbed",
+        st.write(f"HeadHunter ({record['params']['objective']}): {record['note']} (baseline "
+                 f"{record['baseline']:.3f}); chosen: " + (", ".join(f"L{l}H{h}" for l, h in record["selected"])
+                                                             or "none"))
+        st.plotly_chart(charts.grounding_chart(single, title=f"{record['params']['objective'].capitalize()} "
+                                                             "accuracy with each single head perturbed",
                                                label="objective"), key="dit_hunt_grid", config=plot_config())
         flat = sheet.reshape((-1,) + sheet.shape[2:])
         st.plotly_chart(charts.head_contact_sheet(list(flat), [f"L{l}H{h}" for l in range(sheet.shape[0])

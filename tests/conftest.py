@@ -52,3 +52,21 @@ def cache_with_models(root: Path) -> Path:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`streamlit run app.py` on a free loopback port, for the browser tests of one module."""
+    from browser import streamlit_server
+
+    with streamlit_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian chromium driven by Playwright, for the browser tests of one module."""
+    from browser import browser
+
+    with browser() as b:
+        yield b

@@ -8,22 +8,10 @@ import time
 
 import pytest
 
-from browser import browser, streamlit_server, wait_idle
+from browser import wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with streamlit_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with browser() as b:
-        yield b
 
 
 def fresh_page(chromium):

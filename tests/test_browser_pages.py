@@ -6,23 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from browser import browser, streamlit_server, wait_idle
+from browser import wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
 PROMPT = "The cat sat on the mat. The cat sat on the"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with streamlit_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with browser() as b:
-        yield b
 
 
 def fresh(chromium):
