@@ -1,9 +1,7 @@
 """Helpers shared by the benchmarks: timing, peak-memory sampling, prompts of a given length, tables."""
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,34 +10,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from capture.memory import PeakSampler  # noqa: E402  (needs ROOT on sys.path)
 
 
-class PeakMemory:
-    """Samples this process's resident memory every 5 ms; `.peak` is the rise above the start."""
-
-    def __init__(self):
-        self.start = rss_bytes()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes() - self.start)
-            time.sleep(0.005)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes() - self.start)
+def PeakMemory() -> "PeakSampler":
+    """The resident-memory peak sampler capture uses itself, sampling every 5 ms for benchmarks."""
+    return PeakSampler(interval=0.005)
 
 
 @contextmanager
