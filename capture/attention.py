@@ -76,6 +76,10 @@ class Recorder:
     def take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         """weights  # [heads_in_block, rows, key] for query heads first_head.. and rows first_row.. of an
         n-token pass; in the tril layout row r's keys beyond r are ignored."""
+        with one_thread():  # small bookkeeping ops: a second OpenMP thread only adds barrier waits
+            self._take(layer, first_head, first_row, n, weights)
+
+    def _take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         n_block, n_rows, n_keys = weights.shape
         if layer not in self._buffers:
             width = n * (n + 1) // 2 if self.layout == "tril" else n * n
@@ -109,6 +113,25 @@ class Recorder:
         col_max = cols.view(n_block, n_rows, bins, size).amax(-1)  # [heads_in_block, rows, bins]
         row_bins = (torch.arange(first_row, first_row + n_rows) // size)[None, :, None].expand_as(col_max)
         pooled[first_head : first_head + n_block].scatter_reduce_(1, row_bins, col_max, "amax")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block's torch ops on one thread (process-wide setting, restored after; switching costs ~10 us).
+
+    Many small ops (packing, pooling, fp16 conversion of a 256-row block) gain nothing from torch's
+    second OpenMP thread and, on a busy 2-core machine, wait for it at every op's barrier: 0.3 ms of
+    recorder work per SmolLM2 layer took 36 ms with two threads while another process ran.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=256)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from capture.adapters import InputError
+from capture.attention import one_thread
 from capture.interventions import ATTENTION_OPS, Intervention
 from capture.qk import HEAD_OVERVIEW_BINS, LAYOUT, QKParams
 from capture.types import OVERVIEW_BINS, ModelMeta
@@ -286,12 +287,8 @@ class QKRecorder:
         if self._pool is None:
             results = [work(0)]
         else:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # each worker runs its ops inline; the workers give the parallelism
-            try:
+            with one_thread():  # each worker runs its ops inline; the workers give the parallelism
                 results = list(self._pool.map(work, range(self.workers)))
-            finally:
-                torch.set_num_threads(threads)
         colsum = sum(r[0] for r in results)
         self.arrays["colsum"][layer] = colsum.numpy()
         if split:
