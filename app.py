@@ -29,6 +29,7 @@ if link_opened and state.page in PAGES and PAGES[state.page] is not page:
     st.switch_page(PAGES[state.page])  # a shared link opens on the page it names
 state.page = next(name for name, p in PAGES.items() if p is page)
 shared.resolve_link_key()
+shared.page_model()
 shared.sidebar()
 page.run()
 st.query_params.from_dict(state.to_params())

@@ -25,6 +25,12 @@ ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", 
                  "spread")
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+MAX_STEPS = 200  # diffusion sampling steps a link may ask for (as capture/adapters/dit.py allows)
+# whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
+# "the last token" for token, "the middle step" for step and "none" for cluster
+NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 100_000), "q0": (0, 100_000),
+                 "k0": (0, 100_000), "max_new_tokens": (0, MAX_NEW_TOKENS), "seed": (0, 2**31 - 1),
+                 "steps": (1, MAX_STEPS), "step": (-1, MAX_STEPS - 1), "cluster": (-1, 64)}
 
 
 def allowed_models() -> tuple[str, ...]:
@@ -64,6 +70,10 @@ class ViewState:
     points: str = ""  # selected atlas maps, "3.7-12.40" (or a packed set "z..."): analytics.patterns.selection_text
     cluster: int = -1  # selected atlas cluster; -1 = none
     names: str = ""  # the user's cluster labels, "0=induction|3=my label"
+    seed: int = 0  # diffusion: the sampling seed
+    steps: int = 20  # diffusion: sampling steps
+    step: int = -1  # diffusion: the sampling step shown; -1 = the middle one
+    all_steps: bool = False  # diffusion: average the maps over every step (DAAM) instead of one step
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -100,7 +110,9 @@ class ViewState:
 
         `mean_head`: the page offers "mean of heads" as head -1."""
         warnings = []
-        if not 0 <= self.layer < n_layers:
+        if self.layer == -1:  # "mean of layers" (the DiT page's) is not offered here
+            self.layer = 0
+        elif not 0 <= self.layer < n_layers:
             warnings.append(f"Layer {self.layer} does not exist (0–{n_layers - 1}); showing layer 0.")
             self.layer = 0
         if self.head == -1 and not mean_head:
@@ -128,17 +140,16 @@ def _parse(name: str, value: str):
         if value not in allowed_models():
             raise ValueError(f"model {value[:40]!r} is not available here (allowed: {', '.join(allowed_models())}).")
         return value
-    if name in ("layer", "head", "token", "max_new_tokens", "q0", "k0"):
+    if name in NUMBER_RANGES:
         try:
             number = int(value)
         except ValueError:
             raise ValueError(f"{value[:20]!r} is not a whole number.") from None
-        low = -1 if name in ("token", "head") else 0  # head -1 = the mean of heads (where a page offers it)
-        high = MAX_NEW_TOKENS if name == "max_new_tokens" else 100_000
+        low, high = NUMBER_RANGES[name]
         if not low <= number <= high:
             raise ValueError(f"{number} is out of range.")
         return number
-    if name == "chat":
+    if name in ("chat", "all_steps"):
         if value not in ("0", "1", "true", "false", "True", "False"):
             raise ValueError("use 0 or 1.")
         return value in ("1", "true", "True")
@@ -185,14 +196,6 @@ def _parse(name: str, value: str):
             if not lo.isdigit() or (hi and (not hi.isdigit() or int(hi) < int(lo))):
                 raise bad
         return value
-    if name == "cluster":
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"{value[:20]!r} is not a whole number.") from None
-        if not -1 <= number <= 64:
-            raise ValueError(f"{number} is out of range.")
-        return number
     if name == "names":
         return names_text(parse_names(value))
     if name == "metric":

@@ -220,9 +220,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 ]}
 
 
-from analytics import vision as _vision  # noqa: E402  (the vision metrics register themselves)
+from analytics import dit as _dit  # noqa: E402  (the vision and DiT modules list their metrics as dicts)
+from analytics import vision as _vision  # noqa: E402
 
-_vision.register(METRICS, Metric)
+for _spec in (*_vision.VISION_METRICS, *_dit.DIT_METRICS):
+    METRICS.setdefault(_spec["name"], Metric(**_spec))
 
 
 def compute(name: str, capture, **params) -> np.ndarray:

@@ -217,6 +217,69 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
     return out
 
 
+# ---- head metrics for the Head atlas (analytics.METRICS) -------------------------------------------
+
+def text_mass(capture) -> np.ndarray:
+    """[layer, head]: the attention mass image queries put on text keys, over the step-averaged maps.
+
+    In joint attention (SD3's MM-DiT) every image token's row covers image and text keys; this is the
+    share of it that reads the prompt: how much of a head is cross-attention (0 = pure image
+    self-attention)."""
+    image, text = capture.spans["image"], capture.spans["text"]
+    return np.stack([np.asarray(capture.attention(l)[:, image.start:image.stop, text.start:text.stop],
+                                dtype=np.float32).sum(-1).mean(-1) for l in range(capture.meta.n_layers)])
+
+
+def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from capture import dit_capture
+
+    image = dit_capture.generated_image(capture)
+    heat = word_heatmaps(dit_capture.image_to_text(capture), capture.meta.grid)
+    return image, heat, dit_capture.text_tokens(capture)
+
+
+def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
+    """[layer, head]: `grounding` of the capture's caption words on its own picture, over every step."""
+    from analytics.stored import ProbeMissing
+
+    image, heat, tokens = _picture_and_heatmaps(capture)
+    masks = object_masks(image, capture.spec.prompt, tokens) if image is not None else {}
+    if not masks:
+        raise ProbeMissing("Grounding needs a scene caption whose objects appear in the picture "
+                           "(e.g. “a green triangle at the center”).")
+    return grounding(heat, masks, capture.meta.grid).score(metric)
+
+
+def distance_px(capture) -> np.ndarray:
+    """[layer, head]: mean attention distance in pixels among the image tokens (analytics.vision)."""
+    from analytics import vision
+    from capture import dit_capture
+
+    return vision.distance_per_head(capture, vision.Layout.of(capture, dit_capture.generated_image(capture)))
+
+
+DIT = ("dit",)
+KUKLEVA = "Kukleva et al. 2025, RefAM (METHODS §2.5); Tang et al. 2023, DAAM"
+DIT_METRICS = [
+    dict(name="dit_text_mass", title="Text attention mass (cross-attention share)", paper=KUKLEVA, kind="head",
+         modalities=DIT,
+         explanation="Share of the image tokens' attention that reads the prompt's tokens (mean over steps): "
+                     "0 = pure image self-attention, high = a cross-attention head.",
+         compute=lambda capture, **_: text_mass(capture)),
+    dict(name="dit_grounding", title="Grounding AUROC (word maps vs object masks)", paper=KUKLEVA, kind="head",
+         modalities=DIT,
+         explanation="How well each head's word heatmaps find the objects the caption's colour and shape words "
+                     "name in the generated picture (0.5 = chance, 1 = perfect), mean over words and steps.",
+         compute=lambda capture, **_: grounding_per_head(capture), threshold=0.5),
+    dict(name="dit_attn_distance_px", title="Mean attention distance (px)",
+         paper="Dosovitskiy et al. 2021, An Image is Worth 16x16 Words (Fig. 7: mean attention distance)",
+         kind="head", modalities=DIT,
+         explanation="Attention-weighted mean distance in pixels between an image token and the image tokens it "
+                     "reads (text keys left out): small = local head, large = global.",
+         compute=lambda capture, **_: distance_px(capture)),
+]
+
+
 __all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid", "auroc",
            "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "SINK_RATIO", "SINK_CV_MAX",
-           "SINK_SHARE"]
+           "SINK_SHARE", "text_mass", "grounding_per_head", "distance_px", "DIT_METRICS"]

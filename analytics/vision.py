@@ -14,7 +14,7 @@ followed by the `grid` of patches in row-major order, each `patch_px` pixels wid
   (capture.probes_vision.token_norms), never from the attention function.
 - `attention_rollout`: the model-level flow of attention (Abnar & Zuidema 2020).
 
-`register(METRICS, Metric)` adds the vision metrics to the registry of analytics/__init__.py.
+`VISION_METRICS` lists the vision metrics; analytics/__init__.py adds them to `METRICS`.
 """
 from __future__ import annotations
 
@@ -58,14 +58,17 @@ class Layout:
         return self.n_prefix + row * cols + col
 
     @classmethod
-    def of(cls, capture) -> "Layout":
-        """The layout of a vision Capture (its grid, its "patches" span, the pixel size of its picture)."""
+    def of(cls, capture, image: np.ndarray | None = None) -> "Layout":
+        """The layout of a vision Capture (its grid, its "patches" span, the pixel size of its picture),
+        or of a DiT capture (span "image", the generated picture passed as `image`)."""
         grid = capture.meta.grid
-        if grid is None or "patches" not in capture.spans:
+        span = next((capture.spans[name] for name in ("patches", "image") if name in capture.spans), None)
+        if grid is None or span is None:
             raise ValueError(f"{capture.meta.name} is not a vision capture (no patch grid).")
-        image = capture.image() if hasattr(capture, "image") else None
+        if image is None and hasattr(capture, "image"):
+            image = capture.image()
         patch_px = image.shape[0] / grid[0] if image is not None else 1.0
-        return cls(grid=tuple(grid), n_prefix=capture.spans["patches"].start, patch_px=float(patch_px))
+        return cls(grid=tuple(grid), n_prefix=span.start, patch_px=float(patch_px))
 
 
 @lru_cache(maxsize=16)
@@ -250,9 +253,9 @@ def _all_layers(capture) -> np.ndarray:
     return np.stack([np.asarray(capture.attention(l), dtype=np.float32) for l in range(capture.meta.n_layers)])
 
 
-def distance_per_head(capture) -> np.ndarray:
-    """[layer, head] mean attention distance in pixels."""
-    layout = Layout.of(capture)
+def distance_per_head(capture, layout: Layout | None = None) -> np.ndarray:
+    """[layer, head] mean attention distance in pixels (over the step-averaged maps for a DiT)."""
+    layout = layout or Layout.of(capture)
     return np.stack([mean_attention_distance(capture.attention(l), layout) for l in range(capture.meta.n_layers)])
 
 
@@ -317,8 +320,3 @@ VISION_METRICS = [
          compute=_probe_metric("vit_grad_gate", "grad_gate"), probe="grad_gate"),
 ]
 
-
-def register(metrics: dict, metric_type) -> None:
-    """Add the vision metrics to `metrics` (analytics.METRICS), built with its Metric class."""
-    for spec in VISION_METRICS:
-        metrics.setdefault(spec["name"], metric_type(**spec))

@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from capture.types import RunSpec
 
     spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                   image=args.image)
+                   image=args.image, seed=args.seed, steps=args.steps)
     bar, update = _progress_bar(f"capture {args.model}")
     try:
         capture = run(spec, progress=update)
@@ -56,11 +56,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             "spans": {k: [v.start, v.stop] for k, v in capture.spans.items()},
             "text": capture.output.text, "notes": capture.output.notes, "image": capture.spec.image,
             "grid": m.grid, "classes": capture.output.classes, "layout": capture.layout,
+            "seed": capture.spec.seed, "sampling_steps": capture.spec.steps, "timesteps": capture.output.timesteps,
             "peak_mb": capture.timings.get("peak_mb"), "estimate_mb": capture.timings.get("estimate_mb"),
             "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
         }, ensure_ascii=False))
         return 0
-    if capture.meta.modality == "vision":
+    if capture.meta.modality == "dit":
+        print(f"sampled {capture.spec.steps or 'the default number of'} steps from seed {capture.spec.seed}; "
+              f"{len(capture.output.recorded_steps)} steps recorded ({capture.meta.grid[0]} x {capture.meta.grid[1]} "
+              f"image tokens + {len(capture.spans['text'])} text tokens); key {capture.key}")
+    elif capture.meta.modality == "vision":
         print(f"{capture.n_tokens} tokens ({capture.meta.grid[0]} x {capture.meta.grid[1]} patches); key {capture.key}")
         for label, prob in capture.output.classes:
             print(f"{prob:7.2%}  {label}")
@@ -138,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--image", help="vision models: a sample name (cat, astronaut, ...) or an image file")
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--max-new-tokens", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="diffusion models: the sampling seed")
+    r.add_argument("--steps", type=int, default=0, help="diffusion models: sampling steps (0: the model's default)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("ls", help="list cached captures")

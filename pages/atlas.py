@@ -99,7 +99,7 @@ else:
             values = _compute(metric_name, params)
     except ProbeMissing as exc:
         st.warning(str(exc))
-        if metric.probe == "hidden" and capture is None:
+        if metric.probe is None or (metric.probe == "hidden" and capture is None):
             st.stop()
         label = {"hidden": "Capture the residual stream"}.get(metric.probe, f"Run the {metric.probe} probe")
         if st.button(label, type="primary", key="atlas_run_missing"):

@@ -9,25 +9,27 @@ import streamlit as st
 
 from analytics import dit as analytics
 from capture import dit_capture, dit_presets
-from capture.interventions import InterventionError
+from capture.interventions import InterventionError, recall, remember
 from capture.run import InputError, run
 from capture.types import RunSpec
 from charts import dit as charts
 from charts.theme import plot_config
-
-MODEL = "shapes-dit"
-DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
+from pages import shared
 
 st.title("Diffusion transformer")
+state = shared.view_state()
+capture = shared.current_capture()
+shared.show_link_warnings()
+shared.status_line(capture)
+if capture is None or not dit_capture.is_dit(capture):
+    st.info("Pick a diffusion transformer in the sidebar (shapes-dit is embedded) to see its attention.")
+    st.stop()
+MODEL = capture.spec.model
+prompt, seed, steps = capture.spec.prompt, capture.spec.seed, capture.spec.steps
 st.caption("shapes-dit: a small MM-DiT (SD3-style joint attention) HeadScope trained on 32 x 32 pictures of "
            "coloured shapes, conditioned on MiniLM. Prompts read like “a red circle at the top left and a "
            "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
-           "triangle; a 3 x 3 grid of positions).")
-
-left, mid, right = st.columns([3, 1, 1])
-prompt = left.text_input("Prompt", DEFAULT_PROMPT, key="dit_prompt", max_chars=200)
-seed = int(mid.number_input("Seed", 0, 2**31 - 1, 0, key="dit_seed"))
-steps = int(right.number_input("Steps", 1, 100, 20, key="dit_steps"))
+           "triangle; a 3 x 3 grid of positions). Prompt, seed and steps are in the sidebar.")
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -47,42 +49,52 @@ def capture_of(spec: RunSpec):
         st.stop()
 
 
-capture = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps))
 meta = capture.meta
 image = dit_capture.generated_image(capture)
 grid = meta.grid
 a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
 heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
 tokens = dit_capture.text_tokens(capture)
-n_img = capture.spans["image"].stop
 stats = analytics.sink_stats(a)
 timesteps = capture.output.timesteps
 
+n_steps = len(timesteps)
+if not 0 <= state.step < n_steps:
+    shared.set_fields(step=n_steps // 2)
+if not -1 <= state.layer < meta.n_layers:
+    shared.set_fields(layer=-1)
+if not -1 <= state.head < meta.n_heads:
+    shared.set_fields(head=-1)
 col_img, col_ctl = st.columns([1, 2])
 with col_img:
-    st.plotly_chart(charts.picture(image, f"seed {seed}, {steps} steps"), key="dit_picture", config=plot_config())
+    st.plotly_chart(charts.picture(image, f"seed {seed}, {n_steps} steps"), key="dit_picture", config=plot_config())
 with col_ctl:
-    n_steps = len(timesteps)
-    all_steps = st.checkbox("Average over all steps (DAAM)", value=False, key="dit_all_steps")
-    step = st.slider("Sampling step", 0, n_steps - 1, n_steps // 2, key="dit_step", disabled=all_steps,
-                     help="0 is the first step (pure noise); the timestep falls from 1000 to 0.")
+    all_steps = shared.bind("all_steps", st.checkbox, "Average over all steps (DAAM)")
+    step = shared.bind("step", st.slider, "Sampling step", 0, n_steps - 1, disabled=all_steps,
+                       help="0 is the first step (pure noise); the timestep falls from 1000 to 0.")
     if not all_steps:
         st.caption(f"step {step}: timestep {timesteps[step]:.0f}")
-    layer_choice = st.selectbox("Layer", ["mean of layers"] + [f"layer {i}" for i in range(meta.n_layers)],
-                                key="dit_layer")
+    layer = shared.bind("layer", st.selectbox, "Layer", list(range(-1, meta.n_layers)),
+                        format_func=lambda l: "mean of layers" if l == -1 else f"layer {l}")
+    head = shared.bind("head", st.selectbox, "Heads shown", list(range(-1, meta.n_heads)),
+                       format_func=lambda h: "every head and their mean" if h == -1 else f"head {h}")
     show_padding = st.checkbox("Show [CLS], [SEP] and padding tokens", value=False, key="dit_padding")
     for note in capture.output.notes:
         st.info(note)
 
 steps_sel = None if all_steps else [step]
-layers_sel = None if layer_choice == "mean of layers" else [int(layer_choice.split()[1])]
+layers_sel = None if layer == -1 else [layer]
 h = heat if steps_sel is None else heat[steps_sel]
 h = h if layers_sel is None else h[:, layers_sel]
 per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
 words = [i for i, t in enumerate(tokens) if show_padding or t not in ("[CLS]", "[SEP]", "[PAD]")]
-panels = np.concatenate([per_head, mean_heads])[:, words].transpose(1, 0, 2, 3)  # [word, column, rows, cols]
-columns = [f"head {i}" for i in range(meta.n_heads)] + ["mean"]
+if head == -1:
+    panels = np.concatenate([per_head, mean_heads])[:, words].transpose(1, 0, 2, 3)  # [word, column, rows, cols]
+    columns = [f"head {i}" for i in range(meta.n_heads)] + ["mean"]
+else:
+    panels = per_head[head : head + 1, words].transpose(1, 0, 2, 3)  # [word, 1, rows, cols]
+    columns = [f"head {head}"]
 st.subheader("Word heatmaps")
 st.plotly_chart(charts.word_heatmaps(image, panels, [tokens[i] for i in words], columns,
                                      sinks=[bool(stats.global_sink[i]) for i in words],
@@ -123,15 +135,28 @@ with tab_ground:
 
 with tab_pag:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
-    found = st.session_state.get("dit_hunted")
-    default = [f"L{l}H{h}" for l, h in found] if found else ["L1H0"]
-    chosen = st.multiselect("Heads perturbed", labels, default=[d for d in default if d in labels], key="dit_pag_heads")
+    if "dit_pag_heads" not in st.session_state:  # first render: the link's SoftPAG if it names one, else L1H0
+        linked = recall(state.intervention)
+        if linked is not None and dit_presets.is_guidance(linked):
+            st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in linked.heads() if f"L{l}H{h}" in labels]
+            st.session_state["dit_pag_u"] = min(max(float(linked.edits[0].value), 0.0), 1.0)
+            st.session_state["dit_pag_s"] = min(max(dit_presets.pag_scale(linked), 0.0), 6.0)
+        else:
+            st.session_state["dit_pag_heads"] = [x for x in ["L1H0"] if x in labels]
+    hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
+    if hunted:
+        st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]
+    st.session_state.setdefault("dit_pag_u", 1.0)
+    st.session_state.setdefault("dit_pag_s", dit_presets.DEFAULT_PAG_SCALE)
+    chosen = st.multiselect("Heads perturbed", labels, key="dit_pag_heads")
     c1, c2 = st.columns(2)
-    u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, 1.0, 0.05, key="dit_pag_u")
-    scale = c2.slider("Guidance scale s", 0.0, 6.0, dit_presets.DEFAULT_PAG_SCALE, 0.25, key="dit_pag_s")
+    u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, step=0.05, key="dit_pag_u")
+    scale = c2.slider("Guidance scale s", 0.0, 6.0, step=0.25, key="dit_pag_s")
+    state.intervention = "none"
     if chosen and scale > 0:
         heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
         iv = dit_presets.softpag(heads, u=u, scale=scale)
+        state.intervention = remember(iv)  # the link carries the SoftPAG setting by key
         after = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv))
         st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
                                             ("before (CFG only)", f"after (SoftPAG u={u:g}, s={scale:g})")),

@@ -96,7 +96,10 @@ base = run_spec(spec, "baseline")
 if base is None:
     st.stop()
 meta = base.meta
-if not meta.causal:
+if meta.modality == "dit":
+    st.info(f"{meta.name} draws a picture: here the attention maps are compared (averaged over the sampling "
+            "steps); the Diffusion (DiT) page shows the pictures before | after, with SoftPAG.")
+elif not meta.causal:
     st.warning(f"{meta.name} is an encoder: it does not generate, so only the attention maps are compared.")
 n_prompt = len(base.spans["prompt"])
 

@@ -14,13 +14,17 @@ import numpy as np
 import streamlit as st
 
 from capture.types import Capture, RunSpec
-from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, ViewState, allowed_models
+from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_STEPS, ViewState, allowed_models
 
 EMBEDDED_TITLES = {
     "smollm2": "SmolLM2-135M (causal LM)",
     "minilm": "MiniLM-L6 (encoder)",
     "dinov2-s": "DINOv2-small (vision)",
+    "shapes-dit": "shapes-dit (text-to-image DiT)",
 }
+# pages about one modality, and the embedded model they switch to when another kind is loaded
+PAGE_MODELS = {"dit": ("dit", "shapes-dit")}
+DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 def view_state() -> ViewState:
@@ -53,10 +57,23 @@ def set_fields(**values) -> None:
 
 
 def modality_of(model: str) -> str:
-    """"text" or "vision": what the sidebar asks for (models off the embedded list take a prompt)."""
+    """"text", "vision" or "dit": what the sidebar asks for (models off the embedded list take a prompt)."""
     from capture.registry import EMBEDDED
 
     return EMBEDDED[model].modality if model in EMBEDDED else "text"
+
+
+def page_model() -> None:
+    """On a page about one modality (PAGE_MODELS), load its embedded model if another kind is selected."""
+    state = view_state()
+    wanted = PAGE_MODELS.get(state.page)
+    if wanted is None or modality_of(state.model) == wanted[0] or wanted[1] not in allowed_models():
+        return
+    prompt = DIT_PROMPT if wanted[0] == "dit" else state.prompt
+    set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers and every head
+    state.prompt, state.key = prompt, ""
+    st.session_state["f_prompt"] = prompt
+    st.toast(f"Switched the model to {EMBEDDED_TITLES.get(wanted[1], wanted[1])} for this page.")
 
 
 def sidebar() -> None:
@@ -69,21 +86,32 @@ def sidebar() -> None:
             state.model = models[0]
         bind("model", st.selectbox, "Model", models, format_func=lambda m: EMBEDDED_TITLES.get(m, m),
              help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
-        if modality_of(state.model) == "vision":
+        modality = modality_of(state.model)
+        if modality == "vision":
             image_inputs(state)
         else:
-            text_inputs(state)
+            text_inputs(state, modality)
 
 
-def text_inputs(state: ViewState) -> None:
-    drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens}
+def text_inputs(state: ViewState, modality: str = "text") -> None:
+    """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
+    The widgets are drafts: the Run button makes them the view's input."""
+    drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens,
+              "f_seed": state.seed, "f_steps": state.steps}
     for key, value in drafts.items():
         st.session_state.setdefault(key, value)
-    st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
-    st.checkbox("Wrap in the chat template", key="f_chat",
-                help="Formats the prompt as a user turn, as the instruct model was trained.")
-    st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
-                    help="0 runs the prompt only (prefill). Greedy decoding.")
+    if modality == "dit":
+        st.text_area("Prompt", height=90, max_chars=300, key="f_prompt",
+                     help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
+        left, right = st.columns(2)
+        left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
+        right.number_input("Steps", 1, MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
+    else:
+        st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
+        st.checkbox("Wrap in the chat template", key="f_chat",
+                    help="Formats the prompt as a user turn, as the instruct model was trained.")
+        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
+                        help="0 runs the prompt only (prefill). Greedy decoding.")
     st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
 
 
@@ -120,6 +148,7 @@ def _apply_drafts() -> None:
     state.prompt = st.session_state["f_prompt"]
     state.chat = bool(st.session_state["f_chat"])
     state.max_new_tokens = int(st.session_state["f_max_new"])
+    state.seed, state.steps = int(st.session_state["f_seed"]), int(st.session_state["f_steps"])
     state.key = ""
 
 
@@ -135,7 +164,9 @@ def resolve_link_key() -> None:
     if found is not None and found.spec.model in allowed_models():
         state.model, state.prompt = found.spec.model, found.spec.prompt
         state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
-        st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens)
+        state.seed, state.steps = found.spec.seed, found.spec.steps or state.steps
+        st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens,
+                                f_seed=state.seed, f_steps=state.steps)
         st.session_state["capture"] = found
     else:
         st.session_state.setdefault("link_warnings", []).append(
@@ -144,8 +175,11 @@ def resolve_link_key() -> None:
 
 
 def spec_of(state: ViewState) -> RunSpec:
-    if modality_of(state.model) == "vision":
+    modality = modality_of(state.model)
+    if modality == "vision":
         return RunSpec(model=state.model, image=state.image or None)
+    if modality == "dit":
+        return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps)
     return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
 
 

@@ -80,3 +80,20 @@ def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
     wait_idle(page, ".js-plotly-plot, [data-testid='stImage']", timeout=300_000)
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(artifacts / "browser_dit.png"))
+    seed = page.locator("input[aria-label='Seed']")  # a new seed from the sidebar, then Run
+    seed.fill("5")
+    seed.press("Enter")
+    page.get_by_role("button", name="Run").click()
+    code = "[data-testid='stCode'] code"  # the share link, written at the very end of the script run
+    page.wait_for_function(f"() => [...document.querySelectorAll(\"{code}\")].some(c => c.innerText.includes('seed=5'))",
+                           timeout=300_000)
+    wait_idle(page, ".js-plotly-plot", timeout=300_000)
+    link = page.locator(code).last.inner_text().strip()
+    assert "seed=5" in link and "page=dit" in link and "model=shapes-dit" in link
+
+    shared = fresh(chromium)  # a fresh context opens the same picture from the link alone
+    shared.goto(link)
+    shared.wait_for_selector("text=seed 5, 20 steps", timeout=300_000)
+    wait_idle(shared, ".js-plotly-plot", timeout=300_000)
+    assert shared.locator("[data-testid='stException']").count() == 0
+    shared.screenshot(path=str(artifacts / "browser_dit_shared.png"))

@@ -165,3 +165,18 @@ def test_errors_are_one_line_exit_2(cache_root, ran, case):
         assert store.keys() == [ran["key"]]
     finally:
         store.close()
+
+
+def test_run_dit_with_seed_and_steps(cache_root):
+    proc = cli(cache_root, "run", "--model", "shapes-dit", "--prompt", "a red circle at the top left", "--seed", "3",
+               "--steps", "4", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["seed"] == 3 and out["sampling_steps"] == 4 and len(out["timesteps"]) == 4
+    again = cli(cache_root, "run", "--model", "shapes-dit", "--prompt", "a red circle at the top left", "--seed", "3",
+                "--steps", "4", "--json")
+    assert json.loads(again.stdout)["key"] == out["key"] and json.loads(again.stdout)["from_cache"]
+    for bad, message in ((["--steps", "500"], "Steps must be between 1 and 200"),
+                         (["--seed", "-4"], "The seed must be a whole number")):
+        proc = cli(cache_root, "run", "--model", "shapes-dit", "--prompt", "a red circle", *bad)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -338,16 +338,82 @@ def test_charts_build():
     assert len(charts.head_contact_sheet([image] * 3, ["a", "b", "c"]).data) == 3
 
 
-def test_page_renders():
+def _app(params: dict):
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
-    page = Path(__file__).resolve().parent.parent / "pages" / "dit.py"
-    at = AppTest.from_file(str(page), default_timeout=180)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    at.query_params.update(params)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_renders():
+    at = _app({"page": "dit"})  # a text model is the default: the page switches to shapes-dit
     assert at.title[0].value == "Diffusion transformer"
+    assert at.session_state["view"].model == "shapes-dit"
     assert len(at.get("plotly_chart")) >= 4  # picture, word heatmaps, sinks, grounding (+ before | after)
-    at.slider(key="dit_step").set_value(3).run()
+    at.slider(key="w_step").set_value(3).run()
     assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["view"].step == 3
+
+
+def test_share_link_reproduces_prompt_seed_steps_step_head_and_softpag():
+    prompt = "a green triangle at the center"
+    at = _app({"page": "dit", "model": "shapes-dit", "prompt": prompt, "seed": "3", "steps": "6", "step": "2",
+               "layer": "1", "head": "2"})
+    assert at.session_state["capture"].spec == RunSpec(model="shapes-dit", prompt=prompt, seed=3, steps=6)
+    at.multiselect(key="dit_pag_heads").set_value(["L0H1", "L2H3"]).run()
+    at.slider(key="dit_pag_u").set_value(0.5).run()
+    link = at.session_state["view"].to_params()
+    assert {k: link[k] for k in ("seed", "steps", "step", "layer", "head")} == \
+        {"seed": "3", "steps": "6", "step": "2", "layer": "1", "head": "2"}
+    fresh = _app(link)  # a new session opened from the link
+    assert fresh.session_state["capture"].spec.seed == 3 and fresh.session_state["capture"].spec.steps == 6
+    assert fresh.multiselect(key="dit_pag_heads").value == ["L0H1", "L2H3"]
+    assert fresh.slider(key="dit_pag_u").value == 0.5 and fresh.slider(key="w_step").value == 2
+    assert fresh.selectbox(key="w_head").value == 2 and fresh.selectbox(key="w_layer").value == 1
+    assert fresh.session_state["view"].to_params() == link
+
+
+@pytest.mark.parametrize("metric", ["dit_text_mass", "dit_grounding", "dit_attn_distance_px"])
+def test_atlas_shows_dit_metrics(metric):
+    at = _app({"page": "atlas", "model": "shapes-dit", "prompt": "a red circle at the top left", "steps": "6",
+               "metric": metric})
+    assert not at.warning, [w.value for w in at.warning]
+    assert len(at.get("plotly_chart")) == 1 and at.metric
+
+
+class _FakeDit:
+    """A 2-layer, 1-head joint-attention capture over 4 image tokens (2 x 2 grid) and 2 text tokens."""
+
+    spans = {"image": range(0, 4), "text": range(4, 6)}
+
+    def __init__(self, maps):
+        self.maps = maps  # layer -> [head, query, key]
+        self.meta = type("Meta", (), {"n_layers": len(maps), "grid": (2, 2)})()
+
+    def attention(self, layer):
+        return self.maps[layer]
+
+
+def test_text_mass_on_hand_made_maps():
+    own = np.zeros((1, 6, 6), np.float32)
+    own[0, np.arange(6), np.arange(6)] = 1.0  # every token reads itself: no image query reads text
+    half = np.zeros((1, 6, 6), np.float32)
+    half[0, :, 0] = 0.5
+    half[0, :, 5] = 0.5  # every query: half on image token 0, half on text token 5
+    np.testing.assert_allclose(analytics.text_mass(_FakeDit([own, half])), [[0.0], [0.5]])
+
+
+def test_dit_attention_distance_in_pixels():
+    from analytics import vision
+
+    far = np.zeros((1, 6, 6), np.float32)
+    for q, k in enumerate([3, 2, 1, 0]):  # each patch reads the diagonally opposite one: sqrt(2) patches
+        far[0, q, k] = 1.0
+    layout = vision.Layout(grid=(2, 2), n_prefix=0, patch_px=16.0)
+    got = vision.distance_per_head(_FakeDit([far]), layout)
+    np.testing.assert_allclose(got, [[16 * np.sqrt(2)]], rtol=1e-6)

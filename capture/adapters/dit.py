@@ -70,6 +70,8 @@ class DitAdapter:
         steps = spec.steps or dit_model.DEFAULT_STEPS
         if not 1 <= steps <= MAX_STEPS:
             raise InputError(f"Steps must be between 1 and {MAX_STEPS}.")
+        if not 0 <= spec.seed < 2**31:
+            raise InputError("The seed must be a whole number from 0 to 2147483647.")
         notes = []
         if spec.image is not None:
             notes.append(f"{meta.name} generates images from text: the input image was ignored.")
