@@ -67,4 +67,23 @@ def mix_heads(heads: Sequence[tuple[int, int]], u: float, keys: str = "all", que
                                     for l, h in heads), preset="dit-mix")
 
 
-__all__ = ["SOFTPAG", "DEFAULT_PAG_SCALE", "is_guidance", "pag_scale", "softpag", "scale_heads", "mix_heads"]
+def redistribute_from(heads: Sequence[tuple[int, int]], positions: Sequence[int], beta: float = 0.4) -> Intervention:
+    """A direct edit: on the heads, the attention every query pays to the token `positions` (e.g. the
+    RefAM sink text tokens) times beta, the freed mass given to the other keys in proportion (rows
+    still sum to 1).  Consecutive positions form one range, so a run of padding tokens is one edit;
+    beta = 0.4 is ACT's default (METHODS §2.1)."""
+    if not heads or not positions:
+        raise InterventionError("Redistribution needs at least one head and one token to take attention from.")
+    ranges, start = [], None
+    ordered = sorted(set(int(p) for p in positions))
+    for i, p in enumerate(ordered):
+        start = p if start is None else start
+        if i + 1 == len(ordered) or ordered[i + 1] != p + 1:
+            ranges.append(f"{start}:{p + 1}")
+            start = None
+    edits = tuple(HeadEdit(layer=l, head=h, op="redistribute", value=beta, keys=keys)
+                  for l, h in heads for keys in ranges)
+    return Intervention(edits=edits, preset="dit-redistribute")
+
+
+__all__ = ["SOFTPAG", "DEFAULT_PAG_SCALE", "is_guidance", "pag_scale", "softpag", "scale_heads", "mix_heads", "redistribute_from"]

@@ -1,5 +1,6 @@
 """Diffusion transformer view: a prompt sampled by shapes-dit, its joint attention per step, word
-heatmaps per head, RefAM sink tokens, a head grounding table, and SoftPAG before | after.
+heatmaps per head, RefAM sink tokens, a head grounding table, and before | after pictures of SoftPAG /
+PAG guidance, scaled (masked) heads or attention redistributed away from sink tokens.
 
 Thin: capture.run for the captures (cached), analytics.dit for the numbers, charts.dit for the
 figures.  Widget keys start with "dit_".
@@ -55,6 +56,7 @@ grid = meta.grid
 a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
 heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
 tokens = dit_capture.text_tokens(capture)
+n_img = capture.spans["image"].stop  # text token i sits at position n_img + i
 stats = analytics.sink_stats(a)
 timesteps = capture.output.timesteps
 
@@ -101,7 +103,7 @@ st.plotly_chart(charts.word_heatmaps(image, panels, [tokens[i] for i in words], 
                                      title="What each word receives from every image patch"),
                 key="dit_words", config=plot_config())
 
-tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "SoftPAG"])
+tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Intervene"])
 with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))
@@ -135,35 +137,74 @@ with tab_ground:
 
 with tab_pag:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
-    if "dit_pag_heads" not in st.session_state:  # first render: the link's SoftPAG if it names one, else L1H0
+    sinks = [int(i) for i in np.flatnonzero(stats.global_sink)] or \
+        [i for i, t in enumerate(tokens) if t in ("[SEP]", "[PAD]")]  # RefAM's sinks, else the usual magnets
+    token_labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    held = st.session_state.get("dit_sink_tokens")
+    if held is None or any(x not in token_labels for x in held):  # first render, or another prompt's tokens
+        st.session_state["dit_sink_tokens"] = [token_labels[i] for i in sinks]
+    if "dit_pag_heads" not in st.session_state:  # first render: the link's intervention if it names one
         linked = recall(state.intervention)
+        heads_in_link = [f"L{l}H{h}" for l, h in linked.heads() if f"L{l}H{h}" in labels] if linked else []
+        st.session_state["dit_pag_heads"] = heads_in_link or [x for x in ["L1H0"] if x in labels]
         if linked is not None and dit_presets.is_guidance(linked):
-            st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in linked.heads() if f"L{l}H{h}" in labels]
             st.session_state["dit_pag_u"] = min(max(float(linked.edits[0].value), 0.0), 1.0)
             st.session_state["dit_pag_s"] = min(max(dit_presets.pag_scale(linked), 0.0), 6.0)
-        else:
-            st.session_state["dit_pag_heads"] = [x for x in ["L1H0"] if x in labels]
+        elif linked is not None and linked.preset in ("dit-scale", "dit-redistribute") and linked.edits:
+            mode = "scale" if linked.preset == "dit-scale" else "redistribute"
+            st.session_state["dit_mode"] = mode
+            st.session_state[f"dit_{mode}_value"] = min(max(float(linked.edits[0].value), 0.0), 1.0)
+            if mode == "redistribute":  # the edits' key ranges "a:b" are capture positions
+                spans = {range(*map(int, e.keys.split(":"))) for e in linked.edits}
+                st.session_state["dit_sink_tokens"] = [f"{p - n_img}:{tokens[p - n_img]}" for r in sorted(spans, key=lambda r: r.start)
+                                                       for p in r if 0 <= p - n_img < len(tokens)]
     hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
     if hunted:
         st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]
-    st.session_state.setdefault("dit_pag_u", 1.0)
-    st.session_state.setdefault("dit_pag_s", dit_presets.DEFAULT_PAG_SCALE)
-    chosen = st.multiselect("Heads perturbed", labels, key="dit_pag_heads")
-    c1, c2 = st.columns(2)
-    u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, step=0.05, key="dit_pag_u")
-    scale = c2.slider("Guidance scale s", 0.0, 6.0, step=0.25, key="dit_pag_s")
-    state.intervention = "none"
-    if chosen and scale > 0:
-        heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
-        iv = dit_presets.softpag(heads, u=u, scale=scale)
-        state.intervention = remember(iv)  # the link carries the SoftPAG setting by key
+    defaults = {"dit_mode": "softpag", "dit_pag_u": 1.0, "dit_pag_s": dit_presets.DEFAULT_PAG_SCALE,
+                "dit_scale_value": 0.0, "dit_redistribute_value": 0.4}
+    for name, value in defaults.items():
+        st.session_state.setdefault(name, value)
+    mode = st.segmented_control("Intervention", ["softpag", "scale", "redistribute"], key="dit_mode",
+                                format_func={"softpag": "SoftPAG / PAG guidance", "scale": "Scale / mask heads",
+                                             "redistribute": "Redistribute away from sink tokens"}.get) or "softpag"
+    chosen = st.multiselect("Heads", labels, key="dit_pag_heads")
+    heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
+    iv, label, problem = None, "", "Pick at least one head."
+    if mode == "softpag":
+        c1, c2 = st.columns(2)
+        u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, step=0.05, key="dit_pag_u")
+        scale = c2.slider("Guidance scale s", 0.0, 6.0, step=0.25, key="dit_pag_s")
+        if heads and scale > 0:
+            iv, label = dit_presets.softpag(heads, u=u, scale=scale), f"SoftPAG u={u:g}, s={scale:g}"
+        elif heads:
+            problem = "Pick a guidance scale above 0."
+        st.caption("A perturbed branch with these heads' image self-attention mixed toward the identity; each step "
+                   "guides away from it: ε̂ = ε + s (ε − ε_perturbed) (Ahn et al. 2025; PAG when u = 1).")
+    elif mode == "scale":
+        factor = st.slider("Head output × factor (0 masks the head)", 0.0, 1.0, step=0.05, key="dit_scale_value")
+        if heads:
+            iv, label = dit_presets.scale_heads(heads, factor), f"heads × {factor:g}"
+    else:
+        beta = st.slider("β: these tokens keep this share of their attention", 0.0, 1.0, step=0.05,
+                         key="dit_redistribute_value", help="0.4 is ACT's default; the freed attention goes to the "
+                                                            "other tokens in proportion.")
+        st.multiselect("Tokens to take attention from", token_labels, key="dit_sink_tokens",
+                       help="By default the RefAM global sinks of this run, else [SEP] and the padding.")
+        taken = [n_img + int(x.split(":", 1)[0]) for x in st.session_state["dit_sink_tokens"]]
+        if heads and taken:
+            iv, label = dit_presets.redistribute_from(heads, taken, beta), f"{len(taken)} tokens × {beta:g}"
+        elif heads:
+            problem = "Pick at least one token to take attention from."
+    state.intervention = remember(iv) if iv is not None else "none"  # the link carries the setting by key
+    if iv is not None:
         after = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv))
         st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
-                                            ("before (CFG only)", f"after (SoftPAG u={u:g}, s={scale:g})")),
+                                            ("before", f"after ({label})")),
                         key="dit_before_after", config=plot_config())
         st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
     else:
-        st.info("Pick at least one head and a guidance scale above 0.")
+        st.info(problem)
     h1, h2 = st.columns([1, 2])
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")

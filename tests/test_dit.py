@@ -417,3 +417,35 @@ def test_dit_attention_distance_in_pixels():
     layout = vision.Layout(grid=(2, 2), n_prefix=0, patch_px=16.0)
     got = vision.distance_per_head(_FakeDit([far]), layout)
     np.testing.assert_allclose(got, [[16 * np.sqrt(2)]], rtol=1e-6)
+
+
+def test_redistribute_from_merges_runs_and_moves_attention(store):
+    iv = dit_presets.redistribute_from([(1, 2)], [70, 66, 67, 68], beta=0.4)
+    assert [e.keys for e in iv.edits] == ["66:69", "70:71"] and iv.preset == "dit-redistribute"
+    with pytest.raises(Exception, match="at least one head"):
+        dit_presets.redistribute_from([], [66])
+    prompt = "a red circle at the top left"
+    spec = RunSpec(model="shapes-dit", prompt=prompt, seed=0, steps=4)
+    before = run(spec, store)
+    padding = before.spans["padding"]
+    edited = run(RunSpec(model="shapes-dit", prompt=prompt, seed=0, steps=4,
+                         intervention=dit_presets.redistribute_from([(1, 2)], list(padding), beta=0.0)), store)
+    image = edited.spans["image"]
+    was = dit_capture.step_attention(before, 0, 1)[2, image.start:image.stop, padding.start:padding.stop].astype(np.float32)
+    now = dit_capture.step_attention(edited, 0, 1)[2, image.start:image.stop, padding.start:padding.stop].astype(np.float32)
+    assert was.sum(-1).mean() > 1e-3 and now.max() == 0.0  # beta 0: the head no longer reads the padding
+    other = dit_capture.step_attention(edited, 0, 1)[1].astype(np.float32)  # head 1 of the same layer: untouched
+    np.testing.assert_allclose(other, dit_capture.step_attention(before, 0, 1)[1].astype(np.float32), atol=2e-3)
+
+
+def test_share_link_reproduces_direct_edits():
+    at = _app({"page": "dit", "model": "shapes-dit", "prompt": "a red circle at the top left", "steps": "4"})
+    for mode in ("scale", "redistribute"):
+        at.segmented_control(key="dit_mode").set_value(mode).run()
+        link = at.session_state["view"].to_params()
+        assert link["intervention"] != "none"
+        fresh = _app(link)
+        assert fresh.segmented_control(key="dit_mode").value == mode
+        if mode == "redistribute":
+            assert fresh.multiselect(key="dit_sink_tokens").value == at.multiselect(key="dit_sink_tokens").value
+        assert fresh.session_state["view"].to_params() == link
