@@ -84,8 +84,12 @@ def probe_array(model: str, probe: str, name: str):
 # ---- baseline ------------------------------------------------------------------------------------
 st.title("Interventions")
 spec = baseline_spec()
-if spec is None or not spec.prompt.strip():
+if spec is None:
     st.info("Type a prompt in the sidebar and press Run; this page then compares it with an intervened run.")
+    st.stop()
+if not spec.prompt.strip():
+    st.error("The prompt is empty: type a prompt in the sidebar and press Run; this page then compares it "
+             "with an intervened run.")
     st.stop()
 if spec.max_new_tokens == 0:
     n_new = st.number_input("Tokens to generate", 1, 256, 24, key="iv_max_new",

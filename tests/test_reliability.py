@@ -69,6 +69,55 @@ def test_no_link_ever_shows_a_traceback(params):
     assert not at.exception, (params, [e.value for e in at.exception])
 
 
+APP_PAGES = [p for p in PAGES if (ROOT / "pages" / f"{p}.py").exists()]  # the pages app.py serves
+LINK_FIELDS = [f for f in FIELDS if f not in ("page", "prompt", "max_new_tokens")] + ["junk"]
+link_value = any_text | st.sampled_from(list(allowed_models())) | st.integers(-3, 40).map(str)
+
+
+@pytest.mark.parametrize("page", APP_PAGES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(params=st.dictionaries(st.sampled_from(LINK_FIELDS), link_value, min_size=1, max_size=7))
+def test_no_link_to_any_page_shows_a_traceback(page, params):
+    """Every page, opened from a link whose other parameters are fuzzed (valid models and small numbers
+    included, so the pages really render): no traceback, the state stays valid."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.query_params.update({"page": page, **params})
+    at.run()
+    assert not at.exception, (page, params, [e.value for e in at.exception])
+    state = at.session_state["view"]
+    assert ViewState.from_params(state.to_params())[0] == state
+
+
+ODD_PROMPTS = ["\x00\x01\x1b[31m bell\x07 and a\x7f delete",
+               "ﬁ ﬂ ǅ ẞ 🙂🙃 \u202eRTL override\u200b زبان 中文 \U0001F9EC",
+               "\t\n  \r\n "]
+
+
+@pytest.mark.parametrize("page,model", [("explorer", "smollm2"), ("atlas", "smollm2"), ("intervene", "smollm2"),
+                                        ("explorer", "minilm"), ("dit", "shapes-dit")])
+@pytest.mark.parametrize("prompt", ODD_PROMPTS, ids=["control", "unicode", "whitespace"])
+def test_odd_prompts_get_a_run_or_a_clear_message(page, model, prompt):
+    """Control characters and odd Unicode typed into the sidebar: the page either shows the run or says
+    what is wrong (whitespace only: "empty"), never a traceback; a rejected prompt leaves nothing cached."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.query_params.update({"page": page, "model": model})
+    at.run()
+    at.sidebar.text_area[0].input(prompt)
+    at.sidebar.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    spec = RunSpec(model=model, prompt=prompt, **({"steps": 20} if model == "shapes-dit" else {}))
+    if prompt.strip():
+        assert cached(spec) is not None and not at.error, [e.value for e in at.error]
+    else:
+        assert any("empty" in e.value for e in at.error), [e.value for e in at.error]
+        assert cached(spec) is None
+
+
 # ---- cache faults --------------------------------------------------------------------------------
 
 def test_disk_full_midway_leaves_nothing_that_looks_complete(smollm2, store, monkeypatch):
