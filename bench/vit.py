@@ -99,6 +99,33 @@ def main() -> None:
     print(f"DINOv2-small, 224 px ({args.image}), 257 tokens, CPU threads {torch.get_num_threads()}, "
           f"best of {args.repeats}\n")
     print(table(["what", "time", "peak RSS rise", "ratio to eager"], rows))
+    print("\nVision page, server time of one interaction with a warm cache (AppTest; target <= 300 ms):\n")
+    print(table(["interaction", "median", "worst"], page_times(args.image)))
+
+
+def page_times(image: str, repeats: int = 5) -> list[list[str]]:
+    """Median and worst script-run time of switching head, layer and query patch on the Vision page."""
+    import statistics
+
+    from streamlit.testing.v1 import AppTest
+
+    from common import ROOT
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.query_params.update({"page": "vision", "model": "dinov2-s", "image": image})
+    at.run()
+    at.run()  # warm: the capture and the per-capture numbers are held by the session
+    samples: dict[str, list[float]] = {"switch head": [], "switch layer": [], "pick a query patch": []}
+    for rep in range(repeats):
+        for name, act in (("switch head", lambda: at.selectbox(key="w_head").set_value(rep % 6)),
+                          ("switch layer", lambda: at.slider(key="w_layer").set_value((5 * rep + 3) % 12)),
+                          ("pick a query patch", lambda: setattr(at.session_state["view"], "patch", f"{rep},{2 * rep}"))):
+            act()
+            t0 = time.perf_counter()
+            at.run()
+            samples[name].append(time.perf_counter() - t0)
+            assert not at.exception, [e.value for e in at.exception]
+    return [[name, f"{statistics.median(v) * 1e3:.0f} ms", f"{max(v) * 1e3:.0f} ms"] for name, v in samples.items()]
 
 
 if __name__ == "__main__":

@@ -45,18 +45,15 @@ def _context(model_name: str) -> tuple:
 
 def _compute(name: str, params: dict) -> np.ndarray:
     """The metric's values for the current capture (one-pass) or model (probe results)."""
-    key = (name, capture.key if capture is not None else model, json.dumps(params, sort_keys=True))
-    memo = st.session_state.setdefault("atlas_values", {})
-    if key not in memo:
+    def compute() -> np.ndarray:
         if METRICS[name].probe is not None and METRICS[name].probe != "hidden":
             store, revision, meta = _context(model)
             owner = capture or type("ModelOnly", (), {"store": store, "meta": meta, "key": ""})()
-            memo[key] = METRICS[name].compute(owner, store=store, revision=revision, model=model, **params)
-        else:
-            memo[key] = METRICS[name].compute(capture, **params)
-        while len(memo) > 16:
-            memo.pop(next(iter(memo)))
-    return memo[key]
+            return METRICS[name].compute(owner, store=store, revision=revision, model=model, **params)
+        return METRICS[name].compute(capture, **params)
+
+    key = (name, capture.key if capture is not None else model, json.dumps(params, sort_keys=True))
+    return shared.memo("atlas_values", key, compute)
 
 
 def _run_probe(probe: str, params: dict | None = None) -> None:

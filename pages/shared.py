@@ -56,6 +56,17 @@ def set_fields(**values) -> None:
         st.session_state[f"w_{field}"] = value
 
 
+def memo(name: str, key, compute, size: int = 16):
+    """compute() once per session and key (e.g. a capture key), kept in st.session_state[name]: the
+    per-capture numbers a page draws on every rerun (the newest `size` keys are kept)."""
+    held = st.session_state.setdefault(name, {})
+    if key not in held:
+        held[key] = compute()
+        while len(held) > size:
+            held.pop(next(iter(held)))
+    return held[key]
+
+
 def modality_of(model: str) -> str:
     """"text", "vision" or "dit": what the sidebar asks for (models off the embedded list take a prompt)."""
     from capture.registry import EMBEDDED

@@ -74,16 +74,17 @@ st.plotly_chart(charts.head_overlays(picture, maps, opacity=opacity, title=f"Eve
 
 tab_distance, tab_profile, tab_rollout = st.tabs(["Attention distance", "Distance profile", "Rollout"])
 with tab_distance:
-    distances = vision.distance_per_head(capture)
+    distances = shared.memo("vit_distances", capture.key, lambda: vision.distance_per_head(capture))
     st.plotly_chart(charts.layer_head_chart(distances, "Mean attention distance (px) per head", "px"),
                     key="vit_distance", config=plot_config())
 with tab_profile:
-    profile = vision.distance_profile(attn, layout)
+    profile = shared.memo("vit_profiles", (capture.key, layer), lambda: vision.distance_profile(attn, layout))
     st.plotly_chart(charts.distance_profile_chart(profile.distance_px, profile.strength,
                                                   f"Attention strength vs distance, layer {layer}"),
                     key="vit_profile", config=plot_config())
 with tab_rollout:
-    rollout = vision.cls_rollout(capture) if "cls" in capture.spans else None
+    rollout = shared.memo("vit_rollout", capture.key, lambda: vision.cls_rollout(capture)) \
+        if "cls" in capture.spans else None
     if rollout is None:
         st.info("This model has no CLS token to roll attention out to.")
     else:

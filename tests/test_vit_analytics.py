@@ -116,16 +116,18 @@ def test_overlay_chart():
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
     fig = charts.attention_overlay(picture, values, opacity=0.3, selected=(1, 2))
     kinds = [t.type for t in fig.data]
-    assert kinds == ["image", "heatmap", "scatter"]
+    assert kinds == ["image", "heatmap", "scatter", "scatter"]  # picture, blocks, grid lines, click targets
     heat = fig.data[1]
     assert heat.zsmooth is False and heat.opacity == 0.3 and (heat.dx, heat.dy) == (14, 14)
-    points = fig.data[2]
+    grid_lines, points = fig.data[2], fig.data[3]
+    assert grid_lines.mode == "lines" and list(grid_lines.x).count(None) == (2 - 1) + (3 - 1)
+    assert grid_lines.x[:2] == (13.5, 13.5) and grid_lines.y[-3:-1] == (13.5, 13.5)
     assert [(int(p[0]), int(p[1])) for p in points.customdata] == [(r, c) for r in range(2) for c in range(3)]
     assert [float(p[2]) for p in points.customdata] == list(values.ravel())  # the hover shows the value
     assert points.x[5] == pytest.approx(2.5 * 14 - 0.5) and points.y[5] == pytest.approx(1.5 * 14 - 0.5)
-    lines = [s for s in fig.layout.shapes if s.type == "line"]
     rects = [s for s in fig.layout.shapes if s.type == "rect"]
-    assert len(lines) == (2 - 1) + (3 - 1) and len(rects) == 1 and rects[0].x0 == pytest.approx(27.5)
+    assert len(fig.layout.shapes) == 1 and len(rects) == 1 and rects[0].x0 == pytest.approx(27.5)
+    assert not [t for t in charts.attention_overlay(picture, values, grid_lines=False).data if t.name == "grid"]
     assert charts.patch_from_selection({"points": [{"customdata": [1, 2]}]}) == (1, 2)
     assert charts.patch_from_selection({"points": [{"customdata": {"0": 1, "1": 2, "2": 0.5}}]}) == (1, 2)
     assert charts.patch_from_selection({"points": []}) is None
