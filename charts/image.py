@@ -26,14 +26,24 @@ def image_source(image: np.ndarray) -> str:
     """image  # [H, W, 3] uint8 -> a JPEG data URI (a few tens of kB instead of a JSON pixel array).
     The same picture is drawn in many panels and reruns: encoded once (keyed by its bytes)."""
     pixels = np.ascontiguousarray(image, dtype=np.uint8)
-    return _jpeg_uri(pixels.tobytes(), pixels.shape)
+    return _data_uri(pixels.tobytes(), pixels.shape, "JPEG")
+
+
+def png_source(rgba: np.ndarray) -> str:
+    """rgba  # [H, W, 4] uint8 -> a lossless PNG data URI (sharp pixel blocks, transparent where alpha is 0)."""
+    pixels = np.ascontiguousarray(rgba, dtype=np.uint8)
+    return _data_uri(pixels.tobytes(), pixels.shape, "PNG")
 
 
 @lru_cache(maxsize=16)
-def _jpeg_uri(data: bytes, shape: tuple[int, ...]) -> str:
+def _data_uri(data: bytes, shape: tuple[int, ...], fmt: str) -> str:
+    picture = Image.fromarray(np.frombuffer(data, np.uint8).reshape(shape))
     buffer = io.BytesIO()
-    Image.fromarray(np.frombuffer(data, np.uint8).reshape(shape)).convert("RGB").save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if fmt == "JPEG":
+        picture.convert("RGB").save(buffer, format="JPEG", quality=90)
+    else:
+        picture.save(buffer, format="PNG", compress_level=1)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _patch_geometry(image: np.ndarray, grid: tuple[int, int]) -> tuple[float, float]:

@@ -1,6 +1,10 @@
 """Shared look of every figure: colour scales per quantity and a layout legible on light and dark themes."""
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
+
 ATTENTION_SCALE = "Viridis"  # attention weights, everywhere
 DIVERGING_SCALE = "RdBu_r"  # differences (after - before), centred on 0
 METRIC_SCALE = "Cividis"  # head-level metrics on layer x head grids
@@ -26,3 +30,13 @@ def base_layout(title: str = "", height: int = 480) -> dict:
         plot_bgcolor="rgba(0,0,0,0)",
         font=dict(size=12),
     )
+
+
+@lru_cache(maxsize=8)
+def colour_table(scale: str = ATTENTION_SCALE, n: int = 256) -> np.ndarray:
+    """lut  # [n, 3] uint8: `n` colours evenly along a Plotly colour scale, for pictures coloured on the
+    server (lut[round(v * (n - 1))] is the colour Plotly would draw for v in [0, 1])."""
+    from plotly.colors import get_colorscale, sample_colorscale, unlabel_rgb
+
+    colours = sample_colorscale(get_colorscale(scale), list(np.linspace(0.0, 1.0, n)), colortype="rgb")
+    return np.array([unlabel_rgb(c) for c in colours], dtype=np.float64).round().astype(np.uint8)

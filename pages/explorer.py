@@ -63,12 +63,15 @@ if state.view == "model":
     fig = charts.model_grid(thumbs, scale, selected=(layer, head))
     st.plotly_chart(fig, key="model_grid", on_select=pick_head_from_grid, selection_mode="points",
                     config=config)
-    L, H, b, _ = thumbs.shape
-    grid = np.stack(np.meshgrid(np.arange(L), np.arange(H), np.arange(b), np.arange(b), indexing="ij"), -1)
-    rows = np.concatenate([grid.reshape(-1, 4), thumbs.reshape(-1, 1)], axis=1)
-    csv = "layer,head,query_block,key_block,max_weight\n" + "\n".join(
-        f"{int(r[0])},{int(r[1])},{int(r[2])},{int(r[3])},{r[4]:.5g}" for r in rows)
-    st.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_model_view.csv", mime="text/csv")
+
+    def model_view_csv() -> str:  # built on click only: 276,480 rows for 30 x 9 heads of 32 x 32 blocks
+        L, H, b, _ = thumbs.shape
+        grid = np.stack(np.meshgrid(np.arange(L), np.arange(H), np.arange(b), np.arange(b), indexing="ij"), -1)
+        rows = np.concatenate([grid.reshape(-1, 4), thumbs.reshape(-1, 1)], axis=1)
+        return "layer,head,query_block,key_block,max_weight\n" + "\n".join(
+            f"{int(r[0])},{int(r[1])},{int(r[2])},{int(r[3])},{r[4]:.5g}" for r in rows)
+
+    st.download_button("Numbers (CSV)", model_view_csv, file_name=f"{capture.key}_model_view.csv", mime="text/csv")
 
 elif state.view == "head":
     title = f"Layer {layer}, head {head} (KV head {meta.kv_head(head)})"
@@ -95,12 +98,15 @@ elif state.view == "head":
                                   scale, title=f"Detail: queries {q0}–{q0 + WINDOW - 1}, keys {k0}–{k0 + WINDOW - 1}",
                                   q_start=q0, k_start=k0, mask_future=causal)
             st.plotly_chart(fig, key="head_detail", config=config)
-    header = ",".join(["query"] + [f'"{k0 + j}:{t}"'.replace("\n", " ") for j, t in
-                                   enumerate(capture.tokens[k0 : k0 + shown.shape[1]])])
-    body = "\n".join(",".join([f'"{q0 + i}:{capture.tokens[q0 + i]}"'] + [f"{v:.5g}" for v in row])
-                     for i, row in enumerate(np.asarray(shown, dtype=np.float32)))
-    st.download_button("Numbers (CSV)", header + "\n" + body, mime="text/csv",
-                       file_name=f"{capture.key}_L{layer}_H{head}.csv")
+
+    def head_csv() -> str:  # built on click only
+        header = ",".join(["query"] + [f'"{k0 + j}:{t}"'.replace("\n", " ") for j, t in
+                                       enumerate(capture.tokens[k0 : k0 + shown.shape[1]])])
+        body = "\n".join(",".join([f'"{q0 + i}:{capture.tokens[q0 + i]}"'] + [f"{v:.5g}" for v in row])
+                         for i, row in enumerate(np.asarray(shown, dtype=np.float32)))
+        return header + "\n" + body
+
+    st.download_button("Numbers (CSV)", head_csv, mime="text/csv", file_name=f"{capture.key}_L{layer}_H{head}.csv")
 
 else:  # token view
     query = shared.bind("token", st.select_slider, "Query token", options=list(range(-1, n)),
@@ -112,9 +118,9 @@ else:  # token view
     st.html(charts.token_highlight_html(capture.tokens, rows.mean(0), q, "mean of heads"))
     for h in range(meta.n_heads):
         st.html(charts.token_highlight_html(capture.tokens, rows[h], q, f"head {h}"))
-    csv = "head,key,token,weight\n" + "\n".join(
-        f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1))
-    st.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv")
+    st.download_button("Numbers (CSV)", lambda: "head,key,token,weight\n" + "\n".join(
+        f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1)),
+        file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv")
 
 with st.expander("Text, output and top-k log-probabilities"):
     shared.show_text(capture)

@@ -71,6 +71,12 @@ def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chrom
     page.goto(server + "/?page=explorer&view=model&layer=2&head=3")
     wait_idle(page, ".js-plotly-plot")
     page.screenshot(path=str(artifacts / "browser_model_view.png"))
+    with page.expect_download() as download:  # the numbers behind the mosaic, built when asked for
+        page.get_by_role("button", name="Numbers (CSV)").click()
+    lines = open(download.value.path()).read().splitlines()
+    assert lines[0] == "layer,head,query_block,key_block,max_weight" and lines[1].startswith("0,0,0,0,")
+    bins = int(len(lines[1:]) ** 0.5 / (30 * 9) ** 0.5)
+    assert len(lines) - 1 == 30 * 9 * bins * bins and bins >= 8
     page.get_by_role("link", name="Home", exact=True).click()
     wait_idle(page, "h1:has-text('HeadScope')")
     page.screenshot(path=str(artifacts / "browser_home.png"))
