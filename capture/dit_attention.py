@@ -115,6 +115,18 @@ class _Stub:
         self.headscope_layer = layer
 
 
+
+def _split_heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """[batch, tokens, heads * head_dim] projections -> [batch, head, tokens, head_dim] each, q / k normed
+    as diffusers' processors do; also returns head_dim."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(t.shape[0], -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
 class HeadScopeProcessor:
     """A drop-in for JointAttnProcessor2_0 / AttnProcessor2_0 that records and edits (module docstring)."""
 
@@ -184,18 +196,8 @@ class HeadScopeProcessor:
         """JointAttnProcessor2_0, step for step."""
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                                   attn.to_v(hidden_states))
         if encoder_hidden_states is not None:
             eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -240,17 +242,8 @@ class HeadScopeProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, _ = _split_heads(attn, query, attn.to_k(encoder_hidden_states),
+                                            attn.to_v(encoder_hidden_states))
         hidden_states = self._attend(attn, query, key, value, attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
