@@ -11,29 +11,20 @@
 """
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import plotly.graph_objects as go
-from PIL import Image
 from plotly.subplots import make_subplots
 
-from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout
+from charts.image import layer_head_chart, png_source
+from charts.theme import ATTENTION_SCALE, base_layout
 
 UPSCALE = 8  # a 32 x 32 picture drawn from a 256 x 256 nearest-neighbour PNG: no browser blur
 
 
-def png_source(image: np.ndarray, upscale: int = UPSCALE) -> str:
-    """image  # [H, W, 3] uint8 -> a PNG data URI, upscaled by pixel repetition."""
-    big = np.repeat(np.repeat(np.asarray(image, dtype=np.uint8), upscale, axis=0), upscale, axis=1)
-    buffer = io.BytesIO()
-    Image.fromarray(big).convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _image_trace(image: np.ndarray, upscale: int = UPSCALE) -> go.Image:
-    return go.Image(source=png_source(image, upscale), x0=-0.5 + 0.5 / upscale, dx=1 / upscale,
+    """image  # [H, W, 3] uint8 as a PNG upscaled by pixel repetition (sharp at any zoom)."""
+    big = np.repeat(np.repeat(np.asarray(image, dtype=np.uint8), upscale, axis=0), upscale, axis=1)
+    return go.Image(source=png_source(big), x0=-0.5 + 0.5 / upscale, dx=1 / upscale,
                     y0=-0.5 + 0.5 / upscale, dy=1 / upscale, hoverinfo="skip")
 
 
@@ -128,19 +119,8 @@ def sink_chart(tokens: list[str], mean: np.ndarray, cv: np.ndarray, share: np.nd
 
 
 def grounding_chart(scores: np.ndarray, title: str = "", label: str = "AUROC", height: int = 300) -> go.Figure:
-    """scores  # [layer, head] as a heatmap, layer 0 at the top; each cell carries (layer, head)."""
-    scores = np.asarray(scores, dtype=np.float32)
-    layers, heads = scores.shape
-    ids = np.stack(np.mgrid[0:layers, 0:heads], axis=-1)
-    fig = go.Figure(go.Heatmap(
-        z=scores, colorscale=METRIC_SCALE, customdata=ids, texttemplate="%{z:.2f}",
-        colorbar=dict(title=dict(text=label), thickness=12),
-        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>" + label + " %{z:.3f}<extra></extra>",
-    ))
-    fig.update_layout(**base_layout(title, height))
-    fig.update_xaxes(title_text="head", dtick=1)
-    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1)
-    return fig
+    """scores  # [layer, head] as a heatmap with the values written in, layer 0 at the top."""
+    return layer_head_chart(scores, title, label, height, show_values=True)
 
 
 def timestep_profile(timesteps: list[float], values: np.ndarray, names: list[str], title: str = "",
@@ -176,5 +156,5 @@ def head_contact_sheet(images: list[np.ndarray], labels: list[str], title: str =
     return fig
 
 
-__all__ = ["png_source", "picture", "before_after", "word_heatmaps", "sink_chart", "grounding_chart",
+__all__ = ["picture", "before_after", "word_heatmaps", "sink_chart", "grounding_chart",
            "timestep_profile", "head_contact_sheet"]

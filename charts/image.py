@@ -166,14 +166,18 @@ def distance_profile_chart(distance_px: np.ndarray, strength: np.ndarray, title:
     return fig
 
 
-def layer_head_chart(values: np.ndarray, title: str = "", label: str = "", height: int = 420) -> go.Figure:
-    """values  # [layer, head] as a heatmap (layer 0 at the top); points carry (layer, head)."""
+def layer_head_chart(values: np.ndarray, title: str = "", label: str = "", height: int = 420,
+                     show_values: bool = False) -> go.Figure:
+    """values  # [layer, head] as a heatmap (layer 0 at the top); points carry (layer, head);
+    `show_values` writes each value in its cell (small grids)."""
     values = np.asarray(values, dtype=np.float32)
     layers, heads = values.shape
     ids = np.stack(np.mgrid[0:layers, 0:heads], axis=-1)
     fig = go.Figure(go.Heatmap(
         z=values, colorscale=METRIC_SCALE, customdata=ids, colorbar=dict(title=dict(text=label), thickness=12),
-        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>%{z:.4g}<extra></extra>",
+        texttemplate="%{z:.2f}" if show_values else None,
+        hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>" + (f"{label} " if label else "")
+                      + "%{z:.4g}<extra></extra>",
     ))
     fig.update_layout(**base_layout(title, height))
     fig.update_xaxes(title_text="head", dtick=1)
