@@ -6,7 +6,8 @@ from pages import shared
 capture = shared.current_capture()
 st.title("HeadScope")
 st.markdown(
-    "Explore the attention heads of language and vision transformers: capture every head's attention "
+    "Explore the attention heads of language models, vision transformers and diffusion transformers: "
+    "capture every head's attention "
     "into a disk cache, score heads with published methods, and switch interventions on chosen heads "
     "to see what changes. Every view is a link you can share."
 )
@@ -19,7 +20,7 @@ st.markdown(
 | **Head atlas** | Any head metric (sinks, locality, entropy, previous-token / induction / echo, retrieval, ablation and gradient importance, DuoAttention gates) as a layer × head map, per-token metrics over the text, and the long probes with a progress bar. |
 | **Intervene** | Toggle heads and presets (ablation, ACT, sink redistribution, DuoAttention streaming, SoftPAG, ITI steering, retrieval-head masking), rerun, and compare before \| after: text diff, log-probabilities, maps. |
 | **Vision** | For image models (DINOv2-small): attention from the CLS token or a clicked patch over the picture, per head; attention distance by layer; strength vs distance; attention rollout. |
-| **Diffusion (DiT)** | The embedded text-to-image DiT trained on shapes: word-by-word heatmaps over the image per head and timestep, sink tokens, head grounding, SoftPAG before \| after. |
+| **Diffusion (DiT)** | The embedded text-to-image DiT trained on shapes: word-by-word heatmaps over the image per head and timestep, sink tokens, head grounding, and before \| after pictures for SoftPAG / PAG, masked heads or attention moved off sink tokens. |
 | **Pattern atlas** | An autoencoder over many heads' maps, clustered: what kinds of head exist, where they sit by layer and model, before vs after an intervention. |
 """
 )
