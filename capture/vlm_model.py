@@ -32,11 +32,8 @@ and `shown` (the pixels the model sees); `answer(handle, image, question)` gener
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,27 +334,19 @@ def assembled_folder(folder: Path = MODEL_DIR) -> Path:
     digest = hashlib.sha256(trained.read_bytes()).hexdigest()[:12]
     bases = f"{registry.revision('smollm2')}|{registry.revision('dinov2-s')}|asm{ASSEMBLER_VERSION}"
     tag = hashlib.sha256(f"{digest}|{bases}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"shapes-vlm-{tag}"
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / "shapes-vlm.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes assembling at once: the second waits
-        if (out / "config.json").exists():
-            return out
+
+    def build(staging: Path) -> None:
         from safetensors.torch import load_file
 
         model, processor = base_model()
         merge_trained(model, load_file(str(trained)))
-        staging = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         save_processor(processor, staging)
         (staging / "headscope_assembly.json").write_text(json.dumps(
             {"trained": f"{TRAINED_FILE} sha256:{digest}", "bases": bases,
              "vision": "dinov2-s (capture/onnx_dinov2.py)", "text": "smollm2 (GGUF conversion)"}, indent=1))
-        os.replace(staging, out)  # atomic: a half-written folder is never seen as done
-    return out
+
+    return registry.build_once(cache_dir() / "models" / f"shapes-vlm-{tag}", build)
 
 
 def save_processor(processor: VlmProcessor, folder: Path) -> None:
