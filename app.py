@@ -22,6 +22,7 @@ PAGES = {
     "intervene": st.Page("pages/intervene.py", title="Intervene", icon=":material/tune:", url_path="intervene"),
     "vision": st.Page("pages/vision.py", title="Vision", icon=":material/image:", url_path="vision"),
     "dit": st.Page("pages/dit.py", title="Diffusion (DiT)", icon=":material/brush:", url_path="dit"),
+    "gaze": st.Page("pages/gaze.py", title="Gaze (VLM)", icon=":material/center_focus_strong:", url_path="gaze"),
     "patterns": st.Page("pages/patterns.py", title="Pattern atlas", icon=":material/scatter_plot:", url_path="patterns"),
 }
 page = st.navigation(list(PAGES.values()))

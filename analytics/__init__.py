@@ -127,6 +127,10 @@ def _duo_gate(capture, granularity: str = "head", **params) -> np.ndarray:
 
 
 def _massive_sink(capture, **params) -> np.ndarray:
+    if getattr(getattr(capture, "meta", None), "modality", "") == "vlm":  # the residual rides with a VLM capture
+        from analytics import vlm
+
+        return vlm.capture_sinks(capture, params.get("tau", sinks.VAR_TAU)).phi
     store, revision, model, _ = _context(capture, params)
     key = getattr(capture, "key", "")
     result = stored.require(store, revision, model, "hidden", stored.HiddenParams(capture=key))
@@ -198,11 +202,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "Attention from a token to earlier occurrences of the same token id.",
            _pattern("duplicate_token"), probe="patterns"),
     Metric("retrieval", "Retrieval score (copy-paste)", "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
-           "head", TEXT_AND_VISION,
+           "head", TEXT,
            "Share of the needle a head copies: its top-1 key is the needle token being emitted; > 0.1 marks a retrieval head.",
            _needle("retrieval"), probe="needle", threshold=retrieval.RETRIEVAL_THRESHOLD),
     Metric("semantic_retrieval", "Semantic retrieval score", "CompressKV (Lin et al. 2025), semantic retrieval heads",
-           "head", TEXT_AND_VISION,
+           "head", TEXT,
            "Attention mass a head puts on the needle whenever the emitted token occurs in it (no argmax condition).",
            _needle("semantic_retrieval"), probe="needle"),
     Metric("ablation", "Single-head ablation importance", "Michel et al. 2019, Are Sixteen Heads Really Better than One?",
@@ -222,8 +226,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 
 from analytics import dit as _dit  # noqa: E402  (the vision and DiT modules list their metrics as dicts)
 from analytics import vision as _vision  # noqa: E402
+from analytics import vlm as _vlm  # noqa: E402
 
-for _spec in (*_vision.VISION_METRICS, *_dit.DIT_METRICS):
+for _spec in (*_vision.VISION_METRICS, *_dit.DIT_METRICS, *_vlm.VLM_METRICS):
     METRICS.setdefault(_spec["name"], Metric(**_spec))
 
 

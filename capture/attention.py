@@ -618,6 +618,10 @@ def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, layer: int, 
         taken = keys(group)
         mass = (w * taken).sum(-1, keepdim=True)  # [nb, nh, rows, 1]
         rest = w.sum(-1, keepdim=True) - mass
+        receivers = ~taken
+        if group.mode.startswith("to:"):  # the freed mass goes to this key set only (VAR: the image tokens)
+            receivers = receivers & _key_mask(group.mode[3:], group, call, active, layer, sinks, k_end)
+            rest = (w * receivers).sum(-1, keepdim=True)
         beta = group.values.view(1, -1, 1, 1)
         target = torch.minimum(beta * mass, mass + rest)  # beta > 1 takes at most all of the rest
         change = (mass > 0) & (rest > 0)  # nothing to move, or nowhere to put it: the row stays
@@ -626,7 +630,8 @@ def _edited_weights(call: _Call, plan: _LayerPlan, active: Session, layer: int, 
             change = change & q
         factor_taken = torch.where(change, target / mass.clamp(min=1e-30), 1.0)
         factor_rest = torch.where(change, (mass + rest - target) / rest.clamp(min=1e-30), 1.0)
-        weights[group.rows][:, group.heads] = w * torch.where(taken, factor_taken, factor_rest)
+        factor = torch.where(taken, factor_taken, torch.where(receivers, factor_rest, torch.ones_like(factor_rest)))
+        weights[group.rows][:, group.heads] = w * factor
 
     if plan.stages["mix"]:
         # the keys each row can see: the mask's, less those the pre-softmax edits removed

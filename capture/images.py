@@ -2,7 +2,8 @@
 
 No torch here (PIL + numpy only), so pages can show the picture a capture saw without loading a model.
 
-- A RunSpec names its image as a sample ("cat", see `sample_names()`) or as "sha256:<hex>", the
+- A RunSpec names its image as a sample ("cat", see `sample_names()`), a procedural shapes scene
+  "scene-<seed>" (training.scenes, shapes-vlm's settings), or as "sha256:<hex>", the
   SHA-256 of an uploaded file's bytes.  Uploads live in `<cache dir>/uploads/<hex>`; the name is the
   content, so a link names no file path and the same picture always has the same cache key.
 - `store_upload(bytes)` checks the content (the format is read from the bytes, not a file name:
@@ -35,6 +36,7 @@ UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000
 HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+SCENE_RE = re.compile(r"^scene-(\d{1,9})$")  # a procedural shapes scene by seed (training.scenes, VLM settings)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,6 +133,9 @@ def load_image(ref: str | None) -> Image.Image:
         if hashlib.sha256(data).hexdigest() != match.group(1):
             raise InputError("The stored upload is damaged; upload the image again.")
         return _to_rgb(_checked(data))
+    scene = SCENE_RE.match(ref)
+    if scene:
+        return Image.fromarray(scene_picture(int(scene.group(1))))
     path = _sample_path(ref)
     if path is None:
         raise InputError(f"There is no sample image called {ref!r}; pick one of " + ", ".join(sample_names())
@@ -138,6 +143,14 @@ def load_image(ref: str | None) -> Image.Image:
     with Image.open(path) as image:
         image.load()
         return _to_rgb(image)
+
+
+def scene_picture(seed: int) -> np.ndarray:
+    """image  # [112, 112, 3] uint8: the shapes scene `seed` as shapes-vlm reads it
+    (training.scenes.make_scene(seed, scenes.VLM)); named "scene-<seed>" in a RunSpec or a link."""
+    from training import scenes
+
+    return scenes.make_scene(seed, scenes.VLM).image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

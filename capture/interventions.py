@@ -59,7 +59,10 @@ the visible keys of that set (a row that sees none of them is left as it is).
 `direction` (only for `add`) is the vector added to the head output, stored inline as a tuple of
 floats (length head_dim), so the edit is self-contained and its `key()` covers the direction.
 `mode` (only for `window`) is "" (hard window) or "mean" (RazorAttention's compensation token: the
-dropped keys become one token with the mean key and the mean value).  Both new fields are written
+dropped keys become one token with the mean key and the mean value).  For `redistribute`, mode
+"to:<key set>" (e.g. "to:image") gives the freed mass only to the visible keys of that set (less the
+taken keys), in proportion, and leaves every other key as it was (VAR: sink mass to the image tokens,
+METHODS §2.2); a row that sees none of them stays as it is.  Both new fields are written
 to JSON only when set, so the keys of edits that do not use them are the same as before.
 
 GQA: a `HeadEdit` names a query head.  An edit meant for a KV head (DuoAttention gates, Razor
@@ -115,7 +118,7 @@ class HeadEdit:
     keys: str = "all"
     queries: str = "all"
     direction: tuple[float, ...] | None = None  # `add` only: the vector added, length head_dim
-    mode: str = ""  # `window` only: "" or "mean" (compensation token)
+    mode: str = ""  # `window`: "" or "mean" (compensation token); `redistribute`: "" or "to:<key set>"
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -151,8 +154,14 @@ class HeadEdit:
             raise InterventionError(f"{where}: keys='uniform' only makes sense for mix.")
         if self.direction is not None and op != "add":
             raise InterventionError(f"{where}: only add takes a direction.")
-        if self.mode not in MODES or (self.mode and op != "window"):
-            raise InterventionError(f"{where}: mode {self.mode!r} is not known (window takes '' or 'mean').")
+        if op == "redistribute" and self.mode.startswith("to:"):
+            target = self.mode[3:]
+            if target in ("all", "uniform", "last") or not _POSITIONS.fullmatch(target):
+                raise InterventionError(f"{where}: the target of redistribute must be a key set (to:image, "
+                                        "to:span:<name>, to:a:b), not {target!r}.")
+        elif self.mode not in MODES or (self.mode and op != "window"):
+            raise InterventionError(f"{where}: mode {self.mode!r} is not known (window takes '' or 'mean'; "
+                                    "redistribute takes '' or 'to:<key set>').")
         if math.isnan(value) or (math.isinf(value) and op != "logit"):
             raise InterventionError(f"{where}: the value must be a finite number.")
         if op == "add":

@@ -121,12 +121,14 @@ def attention_overlay(image: np.ndarray, values: np.ndarray, opacity: float = 0.
 
 def head_overlays(image: np.ndarray, values: np.ndarray, opacity: float = 0.6, colorscale: str = ATTENTION_SCALE,
                   grid_lines: bool = False, selected: tuple[int, int] | None = None, title: str = "",
-                  per_row: int = 6, shared_scale: bool = False, label: str = "attention") -> go.Figure:
-    """values  # [head, rows, cols]: one overlay panel per head (each its own colour range unless shared)."""
+                  per_row: int = 6, shared_scale: bool = False, label: str = "attention",
+                  titles: list[str] | None = None) -> go.Figure:
+    """values  # [head, rows, cols]: one overlay panel per head (each its own colour range unless shared);
+    `titles` names the panels (default "head h")."""
     values = np.asarray(values, dtype=np.float32)
     n = values.shape[0]
     n_rows = -(-n // per_row)
-    fig = make_subplots(rows=n_rows, cols=min(per_row, n), subplot_titles=[f"head {h}" for h in range(n)],
+    fig = make_subplots(rows=n_rows, cols=min(per_row, n), subplot_titles=titles or [f"head {h}" for h in range(n)],
                         horizontal_spacing=0.01, vertical_spacing=0.06)
     top = float(values.max()) if shared_scale else None
     for h in range(n):

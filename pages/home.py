@@ -6,7 +6,8 @@ from pages import shared
 capture = shared.current_capture()
 st.title("HeadScope")
 st.markdown(
-    "Explore the attention heads of language models, vision transformers and diffusion transformers: "
+    "Explore the attention heads of language models, vision-language models, vision transformers and diffusion "
+    "transformers: "
     "capture every head's attention "
     "into a disk cache, score heads with published methods, and switch interventions on chosen heads "
     "to see what changes. Every view is a link you can share."
@@ -21,6 +22,7 @@ st.markdown(
 | **Intervene** | Toggle heads and presets (ablation, ACT, sink redistribution, DuoAttention streaming, SoftPAG, ITI steering, retrieval-head masking), rerun, and compare before \| after: text diff, log-probabilities, maps. |
 | **Vision** | For image models (DINOv2-small): attention from the CLS token or a clicked patch over the picture, per head; attention distance by layer; strength vs distance; attention rollout. |
 | **Diffusion (DiT)** | The embedded text-to-image DiT trained on shapes: word-by-word heatmaps over the image per head and timestep, sink tokens, head grounding, and before \| after pictures for SoftPAG / PAG, masked heads or attention moved off sink tokens. |
+| **Gaze (VLM)** | For vision-language models (shapes-vlm): a picture and a question; where the gaze moves word by word while the model reads the question (GIFT filmstrip and saliency), visual sinks, image-centric heads, VHD, and before \| after answers under VAR, GIFT or masked image attention, alone or over held-out scenes. |
 | **Pattern atlas** | An autoencoder over many heads' maps, clustered: what kinds of head exist, where they sit by layer and model, before vs after an intervention. |
 """
 )

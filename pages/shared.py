@@ -6,6 +6,7 @@ puts back the parameters Streamlit drops when the sidebar switches pages.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -21,10 +22,13 @@ EMBEDDED_TITLES = {
     "minilm": "MiniLM-L6 (encoder)",
     "dinov2-s": "DINOv2-small (vision)",
     "shapes-dit": "shapes-dit (text-to-image DiT)",
+    "shapes-vlm": "shapes-vlm (vision-language, LLaVA)",
 }
 # pages about one modality, and the embedded model they switch to when another kind is loaded
-PAGE_MODELS = {"dit": ("dit", "shapes-dit")}
+PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm")}
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
+VLM_IMAGE, VLM_QUESTION = "scene-3", "what colour is the circle?"  # scene 3 has one circle, a red one
+VLM_MAX_NEW = 8  # capture.vlm_model.MAX_NEW_TOKENS: answers are one to three words
 
 
 def view_state() -> ViewState:
@@ -68,10 +72,35 @@ def memo(name: str, key, compute, size: int = 16):
 
 
 def modality_of(model: str) -> str:
-    """"text", "vision" or "dit": what the sidebar asks for (models off the embedded list take a prompt)."""
-    from capture.registry import EMBEDDED
+    """"text", "vision", "vlm" or "dit": what the sidebar asks for (models off the embedded list take a
+    prompt, except LLaVA-family checkpoints, which take a picture and a question)."""
+    from capture.registry import EMBEDDED, VLM_TYPES
 
-    return EMBEDDED[model].modality if model in EMBEDDED else "text"
+    if model in EMBEDDED:
+        return EMBEDDED[model].modality
+    return "vlm" if _model_type(model) in VLM_TYPES else "text"
+
+
+@functools.lru_cache(maxsize=64)
+def _model_type(model: str) -> str:
+    """config.json's model_type of a local folder or a hub id already in the local cache ("" if unknown);
+    never downloads."""
+    from pathlib import Path
+
+    folder = Path(model).expanduser()
+    path = folder / "config.json" if folder.is_dir() else None
+    if path is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "config.json")
+            path = Path(found) if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - not a hub id: a text model as before
+            path = None
+    try:
+        return str(json.loads(path.read_text()).get("model_type", "")) if path is not None and path.is_file() else ""
+    except (OSError, ValueError):
+        return ""
 
 
 def page_model() -> None:
@@ -80,10 +109,14 @@ def page_model() -> None:
     wanted = PAGE_MODELS.get(state.page)
     if wanted is None or modality_of(state.model) == wanted[0] or wanted[1] not in allowed_models():
         return
-    prompt = DIT_PROMPT if wanted[0] == "dit" else state.prompt
+    prompt = {"dit": DIT_PROMPT, "vlm": VLM_QUESTION}.get(wanted[0], state.prompt)
     set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers and every head
     state.prompt, state.key = prompt, ""
     st.session_state["f_prompt"] = prompt
+    if wanted[0] == "vlm" and not state.image.startswith("scene-"):
+        state.image = VLM_IMAGE
+        for key in ("f_image_kind", "f_scene_seed", "f_sample"):
+            st.session_state.pop(key, None)
     st.toast(f"Switched the model to {EMBEDDED_TITLES.get(wanted[1], wanted[1])} for this page.")
 
 
@@ -100,6 +133,8 @@ def sidebar() -> None:
         modality = modality_of(state.model)
         if modality == "vision":
             image_inputs(state)
+        elif modality == "vlm":
+            vlm_inputs(state)
         else:
             text_inputs(state, modality)
 
@@ -153,6 +188,74 @@ def image_inputs(state: ViewState) -> None:
         st.error(problem)
 
 
+def _image_kind(ref: str) -> str:
+    return "scene" if ref.startswith("scene-") else "upload" if ref.startswith("sha256:") else "sample"
+
+
+def vlm_inputs(state: ViewState) -> None:
+    """A picture (a procedural scene by seed, a sample photo or an upload) and a question about it.
+    Drafts until Run, like the prompt; an upload is checked and stored by hash at once."""
+    from capture.adapters import InputError
+    from capture.images import sample_names, store_upload
+    from training import scenes
+
+    if not state.image:
+        state.image = VLM_IMAGE
+    kind = _image_kind(state.image)
+    st.session_state.setdefault("f_image_kind", kind)
+    st.session_state.setdefault("f_scene_seed", int(state.image[6:]) if kind == "scene" else 3)
+    samples = sample_names()
+    st.session_state.setdefault("f_sample", state.image if kind == "sample" and state.image in samples else samples[0])
+    st.session_state.setdefault("f_upload_ref", state.image if kind == "upload" else "")
+    st.session_state.setdefault("f_prompt", state.prompt)
+    choice = st.segmented_control("Picture", ["scene", "sample", "upload"], key="f_image_kind",
+                                  format_func={"scene": "Scene", "sample": "Sample photo", "upload": "Upload"}.get
+                                  ) or "scene"
+    if choice == "scene":
+        st.number_input("Scene seed", 0, 10**9 - 1, key="f_scene_seed",
+                        help="A procedural picture of 2-4 coloured shapes (training.scenes); shapes-vlm was "
+                             "trained on scenes with seeds from 1,000,000, so small seeds are new to it.")
+        scene = scenes.make_scene(int(st.session_state["f_scene_seed"]), scenes.VLM)
+        st.image(scene.image, caption=scene.caption, width=160)
+        suggestions = [qa.question for qa in scenes.questions(scene)]
+        st.selectbox("Suggested questions", ["—"] + suggestions, key="f_suggest", on_change=_use_suggestion)
+    elif choice == "sample":
+        st.selectbox("Sample photo", samples, key="f_sample")
+    else:
+        upload = st.file_uploader("Picture", type=["png", "jpg", "jpeg", "webp", "gif", "bmp"], key="f_vlm_upload",
+                                  help="PNG/JPEG/WebP/GIF/BMP, up to 20 MB; checked by content, stored by its hash.")
+        if upload is not None and st.session_state.get("f_vlm_uploaded") != upload.file_id:
+            try:
+                st.session_state["f_upload_ref"] = store_upload(upload.getvalue())
+            except InputError as exc:
+                st.error(str(exc))
+            st.session_state["f_vlm_uploaded"] = upload.file_id
+    st.text_input("Question", max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
+                  "“what colour is the circle?”, “where is the red square?”, “how many shapes are there?”.")
+    st.button("Run", type="primary", width="stretch", on_click=_apply_vlm_drafts)
+
+
+def _use_suggestion() -> None:
+    picked = st.session_state.get("f_suggest")
+    if picked and picked != "—":
+        st.session_state["f_prompt"] = picked
+
+
+def _drafted_image() -> str:
+    kind = st.session_state.get("f_image_kind") or "scene"
+    if kind == "scene":
+        return f"scene-{int(st.session_state['f_scene_seed'])}"
+    if kind == "sample":
+        return st.session_state["f_sample"]
+    return st.session_state.get("f_upload_ref") or view_state().image
+
+
+def _apply_vlm_drafts() -> None:
+    """The Run button of a VLM: the drafted picture and question become the view's input."""
+    state = view_state()
+    state.image, state.prompt, state.key = _drafted_image(), st.session_state["f_prompt"], ""
+
+
 def _apply_drafts() -> None:
     """The Run button: the drafted input becomes the view's input."""
     state = view_state()
@@ -191,6 +294,9 @@ def spec_of(state: ViewState) -> RunSpec:
         return RunSpec(model=state.model, image=state.image or None)
     if modality == "dit":
         return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps)
+    if modality == "vlm":
+        return RunSpec(model=state.model, prompt=state.prompt, image=state.image or VLM_IMAGE,
+                       max_new_tokens=state.max_new_tokens or VLM_MAX_NEW)
     return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
 
 

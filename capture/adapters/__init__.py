@@ -29,6 +29,10 @@ def adapter_for(modality: str):
         from capture.adapters.vit import VisionAdapter
 
         return VisionAdapter
+    if modality == "vlm":
+        from capture.adapters.vlm import VlmAdapter
+
+        return VlmAdapter
     if modality == "dit":
         from capture.adapters.dit import DitAdapter
 

@@ -45,6 +45,20 @@ def stored_bytes(n_layers: int, n_heads: int, n_tokens: int, causal: bool) -> in
     return n_layers * n_heads * per_head * BYTES_PER_WEIGHT
 
 
+def step_logprobs(tokenizer, new_ids: list[int], logits) -> list[StepLogprobs]:
+    """Per generated token: the chosen token and the top-k log-probabilities, from generate's
+    `output_logits` (a tuple of [batch, vocab] per step; batch row 0)."""
+    steps = []
+    for token_id, step in zip(new_ids, logits):
+        logprobs = torch.log_softmax(step[0].float(), dim=-1)  # [vocab]
+        top = torch.topk(logprobs, TOP_K)
+        steps.append(StepLogprobs(
+            token=readable(tokenizer, token_id), token_id=token_id, logprob=float(logprobs[token_id]),
+            top=[(readable(tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+        ))
+    return steps
+
+
 class _StepProgress(StoppingCriteria):
     """Reports each generation step to a progress callback; never stops generation itself."""
 
@@ -179,15 +193,7 @@ class TextAdapter:
         # the recorded pass reuses generation's sink sets (detected once on the prompt's prefill rows)
         self.sink_scores = dict(active.sink_scores)
         new_ids = [int(i) for i in result.sequences[0, len(prompt_ids):]]
-        steps = []
-        for token_id, logits in zip(new_ids, result.logits):
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)  # [vocab]
-            top = torch.topk(logprobs, TOP_K)
-            steps.append(StepLogprobs(
-                token=readable(tok, token_id), token_id=token_id, logprob=float(logprobs[token_id]),
-                top=[(readable(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
-            ))
-        return new_ids, steps
+        return new_ids, step_logprobs(tok, new_ids, result.logits)
 
     # ---- the recorded pass --------------------------------------------------------------------
     def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:

@@ -1,0 +1,384 @@
+"""Vision-language head analytics (pure numpy: no torch, no streamlit).
+
+Inputs are a VLM capture's causal maps attn  # [head, query, key] per LM layer (capture/adapters/vlm.py)
+with the spans "image" (image tokens, row-major over `grid`), "question", "prompt" and "answer", and
+the residual stream it stores beside them (hidden  # [layer, token, dim]).
+
+- **Visual sinks** (VAR, Kang et al., ICLR 2025, METHODS §2.2): massive-activation dimensions of this
+  model found from the residual stream (analytics.sinks.massive_dims: dims whose peak φ(x) = |x / RMS(x)|
+  over the prompt's text tokens in layers 2..L-1 exceeds τ = 20), a token is a sink where its peak φ on
+  those dims exceeds τ = 20 (prefill only); sinks inside the image span are the *visual sinks*.
+- **Image-centric heads** (VAR): a (head, query row) is image-centric when its visual mass
+  Σ_{j∈img} A_ij >= 0.2 (`summ`) and (mass on visual sinks) / (visual mass) <= ρ = 0.5.  VAR decides per
+  row at every decoding step; as a head score we take the share of the rows that predict a token (the
+  last prompt row and the answer rows: `decode_rows`) that pass, and call a head image-centric when
+  that share is >= 0.5 (our summary; VAR has no head-level cut-off).
+- **Gaze shifts** (GIFT, Qi et al. 2025, METHODS §2.3): while the model reads the question, each
+  question token t's attention over the image tokens, a_t (mean over heads and a layer set), and the
+  positive change g_t = max(0, a_t - a_{t-1}) (t-1 is the token before, for the first question token
+  the newline after the image).  The saliency map S = normalise(Σ_t g_t); we normalise to a maximum of
+  1 (GIFT's normalisation is unverified).  Layer set: unverified in GIFT; the default here is VAR's
+  layers 2..L-1 and every head.  The filmstrip is one g map per question word.
+- **Pointing game against ground truth**: does the saliency peak fall inside the asked object's box
+  (training.scenes QA.objects -> SceneObject.box)?  The baseline is the same test for a uniformly random
+  patch (its exact expectation: the share of patch centres inside the box).
+
+`VLM_METRICS` lists the head / token metrics; analytics/__init__.py adds them to `METRICS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from analytics.sinks import VAR_FIRST_LAYER, VAR_TAU, massive_dims, massive_scores
+from analytics.vision import Layout, grid_map
+
+VAR_SUMM = 0.2  # VAR `summ`: minimum visual attention mass of an image-centric row
+VAR_RHO = 0.5  # VAR ρ: maximum share of the visual mass on visual sinks
+CENTRIC_SHARE = 0.5  # our head-level summary: image-centric on at least half the decode rows
+PAPERS = {
+    "var": "Kang et al. 2025, See What You Are Told: Visual Attention Sink in LMMs (VAR, ICLR 2025)",
+    "gift": "Qi et al. 2025, GIFT: gaze-shift guidance (METHODS §2.3)",
+}
+
+
+# ---- rows and spans ----------------------------------------------------------------------------
+
+def decode_rows(spans: dict[str, range], n_tokens: int) -> range:
+    """The query rows that predict a token: the last prompt row and every answer row but the last
+    (which predicts nothing that was kept); the last row alone for a prefill-only capture."""
+    prompt = spans.get("prompt", range(n_tokens))
+    answer = spans.get("answer")
+    if answer is not None and len(answer):
+        return range(prompt.stop - 1, answer.stop - 1)
+    return range(n_tokens - 1, n_tokens)
+
+
+def layer_set(n_layers: int, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers gaze maps average over: `layers`, or VAR's 2..L-1 (every layer on a tiny model)."""
+    if layers is not None:
+        return [int(l) for l in layers]
+    chosen = list(range(min(VAR_FIRST_LAYER, n_layers - 1), n_layers))
+    return chosen or list(range(n_layers))
+
+
+# ---- visual mass and image-centric heads (VAR) ---------------------------------------------------
+
+def visual_mass(rows: np.ndarray, image: range) -> np.ndarray:
+    """rows  # [..., query, key] -> [..., query]: Σ_{j ∈ image} A_ij."""
+    return np.asarray(rows, dtype=np.float32)[..., image.start:image.stop].sum(-1)
+
+
+def image_centric_rows(rows: np.ndarray, image: range, visual_sinks: Sequence[int] = (),
+                       summ: float = VAR_SUMM, rho: float = VAR_RHO) -> np.ndarray:
+    """bool  # [..., query]: VAR's image-centric rows, visual mass >= summ (0.2) and the share of it on
+    the visual sinks (absolute token positions inside `image`) <= rho (0.5)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    mass = visual_mass(rows, image)
+    sinks = [int(j) for j in visual_sinks if image.start <= j < image.stop]
+    on_sinks = rows[..., sinks].sum(-1) if sinks else np.zeros_like(mass)
+    return (mass >= summ) & (on_sinks <= rho * np.maximum(mass, 1e-12))
+
+
+@dataclass(frozen=True)
+class HeadVision:
+    """Per head over the decode rows: mass  # [layer, head] mean visual mass; centric  # [layer, head]
+    the share of rows that are image-centric (VAR)."""
+
+    mass: np.ndarray
+    centric: np.ndarray
+
+    def centric_heads(self, share: float = CENTRIC_SHARE) -> np.ndarray:
+        """bool  # [layer, head]: image-centric on at least `share` of the decode rows."""
+        return self.centric >= share
+
+    def per_layer(self, share: float = CENTRIC_SHARE) -> np.ndarray:
+        """[layer]: how many heads of each layer are image-centric."""
+        return self.centric_heads(share).sum(-1)
+
+
+def head_vision(capture, visual_sinks: Sequence[int] = (), rows: range | None = None,
+                summ: float = VAR_SUMM, rho: float = VAR_RHO) -> HeadVision:
+    """`HeadVision` of a VLM capture, reading only the chosen rows (default `decode_rows`) of each layer."""
+    image = capture.spans["image"]
+    rows = rows or decode_rows(capture.spans, capture.n_tokens)
+    mass, centric = [], []
+    for layer in range(capture.meta.n_layers):
+        block = capture.rows(layer, rows.start, rows.stop)  # [head, rows, keys]
+        mass.append(visual_mass(block, image).mean(-1))
+        centric.append(image_centric_rows(block, image, visual_sinks, summ, rho).mean(-1))
+    return HeadVision(mass=np.stack(mass), centric=np.stack(centric).astype(np.float32))
+
+
+# ---- visual sinks (VAR massive activations) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class VisualSinks:
+    """dims: the model's massive dimensions; phi  # [token] peak φ on them (prompt tokens; 0 after);
+    tokens: positions with φ > tau; visual: those inside the image span; patches: their (row, col)."""
+
+    dims: list[int]
+    phi: np.ndarray
+    tokens: list[int]
+    visual: list[int]
+    patches: list[tuple[int, int]]
+    tau: float
+
+
+def visual_sinks(hidden, image: range, grid: tuple[int, int], n_prompt: int | None = None,
+                 tau: float = VAR_TAU, first_layer: int = VAR_FIRST_LAYER) -> VisualSinks:
+    """VAR sink tokens from the residual stream hidden  # [layer, token, dim] (indexable by layer),
+    prefill only (the first `n_prompt` tokens).  Defaults τ = 20, layers 2..L-1.
+
+    The massive dimensions are found on the prompt's *text* tokens (VAR: "the dimensions with outsized
+    activations on sink tokens (BOS, etc.)"), then every prompt token, image tokens included, is scored
+    on them: a projector's image features can be large in dimensions that mark no sink at all."""
+    n_tokens = np.asarray(hidden[0]).shape[0]
+    n_prompt = n_tokens if n_prompt is None else int(n_prompt)
+    text = [j for j in range(n_prompt) if not image.start <= j < image.stop]
+    dims = massive_dims(_Tokens(hidden, text or list(range(n_prompt))), tau, first_layer)
+    phi = np.zeros(n_tokens, dtype=np.float32)
+    phi[:n_prompt] = massive_scores(_Tokens(hidden, list(range(n_prompt))), dims, tau, first_layer)
+    tokens = [int(j) for j in np.flatnonzero(phi > tau)]
+    visual = [j for j in tokens if image.start <= j < image.stop]
+    patches = [divmod(j - image.start, grid[1]) for j in visual]
+    return VisualSinks(dims=dims, phi=phi, tokens=tokens, visual=visual, patches=patches, tau=tau)
+
+
+class _Tokens:
+    """hidden[l][tokens] for every layer, read one layer at a time."""
+
+    def __init__(self, hidden, tokens: list[int]):
+        self.hidden, self.tokens = hidden, tokens
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return np.asarray(self.hidden[layer], dtype=np.float32)[self.tokens]
+
+
+def stored_hidden(capture):
+    """The residual stream stored with a VLM capture (capture/adapters/vlm.py HIDDEN), [layer, token, dim]."""
+    from analytics.stored import ProbeMissing
+
+    try:
+        return capture.store.get_array(capture.key, "hidden")
+    except Exception as exc:  # noqa: BLE001 - absent or unreadable
+        raise ProbeMissing("This capture has no stored residual stream; capture it again "
+                           "(VLM captures store it since the Gaze page).") from exc
+
+
+def capture_sinks(capture, tau: float = VAR_TAU) -> VisualSinks:
+    """`visual_sinks` of a VLM capture, from its stored residual stream."""
+    return visual_sinks(stored_hidden(capture), capture.spans["image"], tuple(capture.meta.grid),
+                        capture.spans["prompt"].stop, tau)
+
+
+# ---- gaze shifts (GIFT) ----------------------------------------------------------------------------
+
+def image_rows(attn_rows: np.ndarray, layout: Layout) -> np.ndarray:
+    """attn_rows  # [..., query, key] -> [..., query, rows, cols]: each query's attention on the image."""
+    return grid_map(attn_rows, layout)
+
+
+def gaze_shifts(a: np.ndarray) -> np.ndarray:
+    """a  # [t + 1, rows, cols] (the token before the question, then each question token) ->
+    g  # [t, rows, cols], g_t = max(0, a_t - a_{t-1}) (GIFT)."""
+    a = np.asarray(a, dtype=np.float32)
+    return np.maximum(a[1:] - a[:-1], 0.0)
+
+
+def saliency(g: np.ndarray) -> np.ndarray:
+    """g  # [t, rows, cols] -> S  # [rows, cols] = Σ_t g_t normalised to a maximum of 1 (zeros stay zeros)."""
+    total = np.asarray(g, dtype=np.float32).sum(0)
+    top = float(total.max()) if total.size else 0.0
+    return total / top if top > 0 else total
+
+
+@dataclass(frozen=True)
+class Gaze:
+    """a  # [t + 1, rows, cols] image attention of the token before the question and of each question
+    token; g  # [t, rows, cols] gaze shifts; S  # [rows, cols] saliency; words: (label, indices into g)."""
+
+    a: np.ndarray
+    g: np.ndarray
+    saliency: np.ndarray
+    tokens: list[str]
+    words: list[tuple[str, list[int]]]
+    layers: list[int]
+    heads: list[int]
+
+    def filmstrip(self) -> np.ndarray:
+        """[word, rows, cols]: the gaze shift of each question word (the sum over its tokens)."""
+        if not self.words:
+            return np.zeros((0,) + self.saliency.shape, np.float32)
+        return np.stack([self.g[idx].sum(0) for _, idx in self.words])
+
+
+def question_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """Group tokens into words: a token that starts with a space (or is the first) starts a word;
+    punctuation stays with the word before it.  Returns (word, token indices)."""
+    words: list[tuple[str, list[int]]] = []
+    for i, token in enumerate(tokens):
+        text = token.replace("␣", " ").replace("Ġ", " ")
+        if not words or (text.startswith(" ") and text.strip()):
+            words.append((text.strip(), [i]))
+        else:
+            label, idx = words[-1]
+            words[-1] = (label + text.strip(), idx + [i])
+    return [(w or "␣", idx) for w, idx in words]
+
+
+def gaze(capture, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> Gaze:
+    """GIFT's gaze shifts of a VLM capture over its question tokens, mean over `heads` (default every
+    head) and `layers` (default VAR's 2..L-1)."""
+    question = capture.spans["question"]
+    if not len(question):
+        raise ValueError("This capture has no question tokens.")
+    layout = Layout.of(capture)
+    chosen = layer_set(capture.meta.n_layers, layers)
+    heads = list(range(capture.meta.n_heads)) if heads is None else [int(h) for h in heads]
+    start, stop = question.start - 1, question.stop  # the token before the question, then the question
+    total = None
+    for layer in chosen:
+        block = capture.rows(layer, start, stop)[heads]  # [head, t + 1, keys]
+        maps = image_rows(block, layout).mean(0)  # [t + 1, rows, cols]
+        total = maps if total is None else total + maps
+    a = total / len(chosen)
+    g = gaze_shifts(a)
+    tokens = [capture.tokens[i] for i in question]
+    return Gaze(a=a, g=g, saliency=saliency(g), tokens=tokens, words=question_words(tokens), layers=chosen,
+                heads=heads)
+
+
+def gaze_per_head(capture) -> np.ndarray:
+    """[layer, head]: each head's total positive gaze shift over the question (Σ_t Σ_patches g_t): how
+    much its image attention moves to new places while it reads the question."""
+    question = capture.spans["question"]
+    image = capture.spans["image"]
+    out = []
+    for layer in range(capture.meta.n_layers):
+        block = np.asarray(capture.rows(layer, question.start - 1, question.stop), np.float32)  # [head, t+1, keys]
+        a = block[..., image.start:image.stop]  # [head, t + 1, patch]
+        out.append(np.maximum(a[:, 1:] - a[:, :-1], 0.0).sum(axis=(1, 2)))
+    return np.stack(out)
+
+
+# ---- against ground truth: the pointing game -------------------------------------------------------
+
+def patch_centres(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x)  # [rows, cols] each: pixel centres of the patches of a picture of size (height, width)."""
+    rows, cols = grid
+    ph, pw = size[0] / rows, size[1] / cols
+    r, c = np.mgrid[0:rows, 0:cols]
+    return (r + 0.5) * ph, (c + 0.5) * pw
+
+
+def in_box(grid: tuple[int, int], size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """bool  # [rows, cols]: patches whose centre lies in box (x0, y0, x1, y1), x1 / y1 exclusive."""
+    y, x = patch_centres(grid, size)
+    x0, y0, x1, y1 = box
+    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+
+
+@dataclass(frozen=True)
+class Pointing:
+    """hits: the saliency peak's patch centre is in one of the asked objects' boxes, per question;
+    chance: the same for a uniformly random patch (exact expectation), per question."""
+
+    hits: np.ndarray
+    chance: np.ndarray
+
+    @property
+    def hit_rate(self) -> float:
+        return float(np.mean(self.hits)) if len(self.hits) else float("nan")
+
+    @property
+    def chance_rate(self) -> float:
+        return float(np.mean(self.chance)) if len(self.chance) else float("nan")
+
+
+def pointing(saliencies: Sequence[np.ndarray], boxes: Sequence[Sequence[tuple[int, int, int, int]]],
+             size: tuple[int, int]) -> Pointing:
+    """The pointing game: saliencies  # [rows, cols] each, with the boxes of the objects its question asks
+    about, on pictures of `size` (height, width) pixels."""
+    hits, chance = [], []
+    for s, object_boxes in zip(saliencies, boxes):
+        s = np.asarray(s, dtype=np.float32)
+        inside = np.zeros(s.shape, bool)
+        for box in object_boxes:
+            inside |= in_box(s.shape, size, box)
+        peak = np.unravel_index(int(np.argmax(s)), s.shape)
+        hits.append(bool(inside[peak]))
+        chance.append(float(inside.mean()))
+    return Pointing(hits=np.asarray(hits), chance=np.asarray(chance))
+
+
+# ---- vision-aware head divergence (VHD, read from capture.probes_vlm) ---------------------------------
+
+T_VHD_K = 10  # top-k heads averaged by T-VHD (unverified in He et al.; exposed)
+
+
+def t_vhd(vhd: np.ndarray, k: int = T_VHD_K) -> np.ndarray:
+    """vhd  # [layer, head, token] -> T-VHD  # [token]: the mean of the top-k head values at each answer
+    token (He et al., ACL 2025, METHODS §3.1); hallucinated object words tend to score lower."""
+    flat = np.asarray(vhd, dtype=np.float32).reshape(-1, np.shape(vhd)[-1])  # [layer * head, token]
+    k = max(1, min(int(k), flat.shape[0]))
+    return -np.sort(-flat, axis=0)[:k].mean(0)
+
+
+def stored_vhd(capture) -> np.ndarray:
+    """vhd  # [layer, head, answer token] stored with the capture by capture.probes_vlm.vhd."""
+    from analytics.stored import ProbeMissing
+
+    try:
+        return np.asarray(capture.store.get_array(capture.key, "vhd"), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - absent: the two-pass measurement has not run
+        raise ProbeMissing("VHD needs two extra passes (with and without the picture): press “Compute VHD” on "
+                           "the Gaze page, or call capture.probes_vlm.vhd(capture).") from exc
+
+
+# ---- metrics over a Capture ---------------------------------------------------------------------------
+
+def _sink_positions(capture) -> list[int]:
+    try:
+        return capture_sinks(capture).visual
+    except Exception:  # noqa: BLE001 - no residual stream: image-centric without sink exclusion
+        return []
+
+
+VLM = ("vlm",)
+VLM_METRICS = [
+    dict(name="vlm_visual_mass", title="Visual attention mass", paper=PAPERS["var"], kind="head", modalities=VLM,
+         explanation="Mean attention the rows that predict the answer put on the image tokens.",
+         compute=lambda capture, **_: head_vision(capture).mass, threshold=VAR_SUMM),
+    dict(name="vlm_image_centric", title="Image-centric share (VAR)", paper=PAPERS["var"], kind="head", modalities=VLM,
+         explanation="Share of the answer-predicting rows with visual mass ≥ 0.2 and ≤ 50% of it on visual sinks; "
+                     "≥ 0.5 marks an image-centric head.",
+         compute=lambda capture, **_: head_vision(capture, _sink_positions(capture)).centric,
+         threshold=CENTRIC_SHARE, params={"summ": VAR_SUMM, "rho": VAR_RHO}),
+    dict(name="vlm_gaze_shift", title="Gaze shift while reading the question (GIFT)", paper=PAPERS["gift"],
+         kind="head", modalities=VLM,
+         explanation="Total positive change of a head's image attention from one question token to the next: "
+                     "heads whose gaze follows the question.",
+         compute=lambda capture, **_: gaze_per_head(capture)),
+    dict(name="vlm_vhd", title="Vision-aware head divergence (VHD)", paper="He et al. 2025, VHD / VHR (ACL 2025)",
+         kind="head", modalities=VLM,
+         explanation="How far a head's output on the answer moves when the picture is taken away (L2, mean over "
+                     "the answer tokens): heads that use the image.",
+         compute=lambda capture, **_: stored_vhd(capture).mean(-1)),
+    dict(name="vlm_visual_sink", title="Massive-activation score φ (visual sinks)", paper=PAPERS["var"],
+         kind="token", modalities=VLM,
+         explanation="Peak |x/RMS(x)| of each prompt token on the model's massive dimensions (layers 2..L-1); "
+                     "> 20 marks a sink, inside the image a visual sink.",
+         compute=lambda capture, **_: capture_sinks(capture).phi, threshold=VAR_TAU),
+]
+
+
+__all__ = ["VAR_SUMM", "VAR_RHO", "CENTRIC_SHARE", "decode_rows", "layer_set", "visual_mass", "image_centric_rows",
+           "HeadVision", "head_vision", "VisualSinks", "visual_sinks", "capture_sinks", "stored_hidden", "gaze_shifts",
+           "saliency", "Gaze", "gaze", "gaze_per_head", "question_words", "t_vhd", "stored_vhd", "T_VHD_K", "patch_centres", "in_box", "Pointing",
+           "pointing", "VLM_METRICS"]

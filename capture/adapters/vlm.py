@@ -1,0 +1,177 @@
+"""Vision-language models of the LLaVA family: a picture and a question, a greedy answer, and the
+language model's attention over text and image tokens.
+
+A capture is made in two steps, as for text (capture/adapters/llm.py):
+1. the answer: greedy generation on the fast path (SDPA, KV cache, the spec's intervention active),
+   exactly what `capture.vlm_model.answer` writes, with the top-k log-probabilities of every step;
+2. one recorded forward of the whole model over prompt + answer (the picture goes through the vision
+   tower and the projector again; only the language model's attention layers are HeadScope's layers,
+   `registry.prepare(..., layers_of=language_model)`, so layer l of the capture is LM layer l and the
+   vision tower runs plain SDPA).  Row i of a causal map depends only on tokens 0..i, so these rows
+   are the rows each generation step computed.
+
+Inputs: `RunSpec.image` names the picture (a sample photo, "sha256:<hex>" of an upload, or a
+procedural scene "scene-<seed>": capture.images), `RunSpec.prompt` is the question, asked in the
+model's chat template (capture.vlm_model.VlmProcessor.prompt); `max_new_tokens` 0 runs the prompt only.
+
+Tokens: the text tokens as readable labels, "patch(r,c)" for the image tokens (row-major over
+`processor.grid`; a checkpoint with "full" feature selection keeps the vision CLS token first: "img:CLS",
+span "image_cls").  Spans: "image" (the patch tokens), "question" (the question's own tokens inside
+the chat template), "prompt" (every input token), "answer" and "response" (the generated tokens, both
+names: the text pages read "response").  The picture as the model saw it is stored with the capture
+("image", read back by `Capture.image()`), so overlays need neither the upload nor the model; so is
+the residual stream entering each LM layer ("hidden"  # [layer, token, dim] float16, for VAR's
+massive activations, analytics.vlm), a few MB.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import torch
+
+from capture import attention, images
+from capture.adapters import InputError, Progress
+from capture.adapters.llm import LayerWriter, _StepProgress, readable, step_logprobs, stored_bytes, TOP_K
+from capture.registry import ModelHandle
+from capture.types import Capture, Output, RunSpec
+
+HIDDEN = "hidden"  # cache entry: the residual stream of the recorded pass, [layer, token, dim] float16
+
+
+def question_span(processor, prompt_text: str, question: str, ids: list[int], after: int) -> range:
+    """The token positions of `question` in the chat-formatted prompt (the first occurrence after
+    token `after`, the end of the image), from the tokenizer's character offsets."""
+    question = question.strip()
+    encoded = processor.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    if list(encoded["input_ids"]) != list(ids):
+        raise InputError("The question could not be located in the tokenized prompt.")
+    start_char = prompt_text.find(question, offsets[after - 1][1] if after else 0)
+    if start_char < 0:
+        raise InputError("The question could not be located in the chat-formatted prompt.")
+    end_char = start_char + len(question)
+    inside = [i for i, (a, b) in enumerate(offsets) if b > start_char and a < end_char and b > a]
+    return range(inside[0], inside[-1] + 1) if inside else range(after, after)
+
+
+class VlmAdapter:
+    """LLaVA-family models (`LlavaForConditionalGeneration`) with a `capture.vlm_model.VlmProcessor`."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self.processor = handle.tokenizer  # capture.vlm_model.VlmProcessor
+        self.tokenizer = self.processor.tokenizer
+        self.sink_scores: dict = {}
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode(self, spec: RunSpec):
+        """(VlmInputs, spans of the prompt) for the spec's picture and question."""
+        if not spec.prompt.strip():
+            raise InputError("The question is empty; type a question about the picture.")
+        picture = images.load_image(spec.image)
+        inputs = self.processor.encode(picture, spec.prompt)
+        ids = [int(i) for i in inputs.input_ids[0]]
+        image = inputs.image_positions
+        spans = {"prompt": range(len(ids)), "image": image,
+                 "question": question_span(self.processor, inputs.prompt, spec.prompt, ids, image.stop)}
+        rows, cols = self.processor.grid
+        if len(image) == rows * cols + 1:  # "full" feature selection: the vision tower's CLS token comes first
+            spans["image_cls"] = range(image.start, image.start + 1)
+            spans["image"] = range(image.start + 1, image.stop)
+        return inputs, spans
+
+    def labels(self, ids: list[int], spans: dict[str, range]) -> list[str]:
+        """Readable token labels; "patch(r,c)" for the image tokens ("img:CLS" for a kept CLS token)."""
+        out = [readable(self.tokenizer, i) for i in ids]
+        for k, position in enumerate(spans["image"]):
+            row, col = self.processor.patch_of(k)
+            out[position] = f"patch({row},{col})"
+        for position in spans.get("image_cls", ()):
+            out[position] = "img:CLS"
+        return out
+
+    # ---- generation (fast path) ---------------------------------------------------------------
+    def generate(self, spec: RunSpec, inputs, spans: dict[str, range], progress: Progress, share: float):
+        """Greedy answer with the spec's intervention active: (new ids, per-step top-k), with the
+        settings of capture.vlm_model.answers (so the text is the same)."""
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else None
+        n = inputs.input_ids.shape[1]
+        session_spans = {**spans, "response": range(n, n + spec.max_new_tokens),
+                         "answer": range(n, n + spec.max_new_tokens)}
+        with attention.session(spec.intervention, spans=session_spans) as active:
+            with torch.inference_mode():
+                result = self.handle.model.generate(
+                    **inputs.model_inputs(), max_new_tokens=spec.max_new_tokens, do_sample=False,
+                    eos_token_id=eos, pad_token_id=tok.pad_token_id or 0, return_dict_in_generate=True,
+                    output_logits=True,
+                    stopping_criteria=[_StepProgress(progress, spec.max_new_tokens, share)])
+        self.sink_scores = dict(active.sink_scores)  # the recorded pass edits the very same sinks
+        new_ids = [int(i) for i in result.sequences[0, n:]]
+        return new_ids, step_logprobs(tok, new_ids, result.logits)
+
+    # ---- the recorded pass --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _residual(self, into: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Keep the residual stream entering each LM decoder layer, x^l  # [token, dim] float16, for
+        VAR's massive activations (METHODS §2.2): ~4 MB for shapes-vlm, so it rides with the capture."""
+        from capture.probes import _decoder_layers, _hidden_arg, _hooks
+
+        blocks = _decoder_layers(self.handle) or []
+
+        def hook(index: int):
+            def pre(_module, args, kwargs):
+                into[index] = _hidden_arg(args, kwargs)[0].detach().to(torch.float16)
+            return pre
+
+        with _hooks([b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]):
+            yield
+
+    def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:
+        meta = self.handle.meta
+        t0 = time.perf_counter()
+        inputs, spans = self.encode(spec)
+        prompt_ids = [int(i) for i in inputs.input_ids[0]]
+        need = stored_bytes(meta.n_layers, meta.n_heads, len(prompt_ids) + spec.max_new_tokens, causal=True)
+        if need > store.size_limit:
+            raise InputError(f"Capturing this run needs {need / 2**30:.1f} GB of cache but the cache holds "
+                             f"{store.size_limit / 2**30:.1f} GB; raise HEADSCOPE_CACHE_GB or shorten the question.")
+        store.put_array(key, "image", inputs.shown)
+        gen_share = 0.5 if spec.max_new_tokens else 0.0
+        self.sink_scores = {}
+        new_ids, steps = [], []
+        if spec.max_new_tokens:
+            new_ids, steps = self.generate(spec, inputs, spans, progress, gen_share)
+        t_gen = time.perf_counter()
+        ids = prompt_ids + new_ids
+        n_prompt = len(prompt_ids)
+        if new_ids:
+            spans["answer"] = spans["response"] = range(n_prompt, len(ids))
+        session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
+        input_ids = torch.tensor([ids])
+        residual: dict[int, torch.Tensor] = {}
+        with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer, self._residual(residual):
+            recorder = attention.Recorder(meta.n_heads, "tril", writer.submit)
+            with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
+                                   sink_scores=self.sink_scores):
+                with torch.inference_mode():
+                    out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
+                                            attention_mask=torch.ones_like(input_ids), use_cache=False,
+                                            logits_to_keep=1)
+        if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
+            store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
+        top = torch.topk(logprobs, TOP_K)
+        t_cap = time.perf_counter()
+        output = Output(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
+            token_ids=ids, steps=steps,
+            next_top=[(readable(self.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+        )
+        return Capture(
+            key=key, spec=spec, meta=meta, tokens=self.labels(ids, spans), spans=spans, output=output,
+            layout="tril", store=store,
+            timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen},
+        )

@@ -1,0 +1,220 @@
+"""VLM captures (capture/adapters/vlm.py): a tiny random LLaVA (DINOv2 tower, Llama LM, an 8 x 8 patch grid
+as shapes-vlm's) saved as a folder, and the trained shapes-vlm when its weights exist.
+
+Held: the recorded maps of every LM layer equal transformers' eager `output_attentions` of the same
+LLaVA forward; spans and token labels are right; the answer equals `vlm_model.answer`; the picture the
+model saw is stored with the capture.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from capture import images, registry, vlm_model
+from capture.run import run
+from capture.types import RunSpec
+
+QUESTION = "what colour is the circle?"
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    """A tiny random LLaVA folder: 112 px pictures, 14 px patches (64 image tokens), 3 LM layers x 4 heads (GQA 2)."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny-vlm")
+    tokenizer = vlm_model.base_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=112, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=64)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_resize": True, "size": {"height": 112, "width": 112}, "resample": 3, "do_center_crop": False,
+         "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    return folder
+
+
+def eager_maps(folder, capture) -> list[np.ndarray]:
+    """transformers' eager output_attentions of the LM over the capture's tokens: [head, n, n] per layer."""
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
+                                                          attn_implementation="eager")
+    processor = registry.load(str(folder)).tokenizer
+    pixels, _ = processor.pixels(images.load_image(capture.spec.image))
+    ids = torch.tensor([capture.output.token_ids])
+    with torch.inference_mode():
+        out = eager(input_ids=ids, pixel_values=torch.from_numpy(pixels)[None], output_attentions=True)
+    return [a[0].numpy() for a in out.attentions]
+
+
+def check_capture(capture, handle, question=QUESTION):
+    meta = capture.meta
+    assert meta.modality == "vlm" and meta.grid == handle.meta.grid
+    rows, cols = meta.grid
+    image = capture.spans["image"]
+    assert len(image) == rows * cols
+    assert capture.tokens[image.start] == "patch(0,0)" and capture.tokens[image.stop - 1] == f"patch({rows - 1},{cols - 1})"
+    assert capture.tokens[image.start + cols + 2] == "patch(1,2)"
+    question_text = "".join(capture.tokens[i] for i in capture.spans["question"]).replace("␣", " ")
+    assert question_text.strip() == question
+    assert capture.spans["prompt"].stop == capture.spans["answer"].start == capture.spans["response"].start
+    assert capture.spans["answer"].stop == capture.n_tokens
+    picture = capture.image()
+    assert picture is not None and picture.shape[2] == 3 and picture.dtype == np.uint8
+
+
+def test_tiny_vlm_capture_equals_eager(tiny_vlm, store):
+    handle = registry.load(str(tiny_vlm))
+    spec = RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-3", max_new_tokens=4)
+    capture = run(spec, store)
+    assert capture.meta.n_layers == 3 and capture.n_tokens == len(capture.output.token_ids)
+    assert capture.output.text == vlm_model.answer(handle, images.scene_picture(3), QUESTION, max_new_tokens=4)
+    if capture.output.text:  # a random model may stop at once; the answer span is then empty
+        check_capture(capture, handle)
+    ref = eager_maps(tiny_vlm, capture)
+    for layer in range(capture.meta.n_layers):
+        ours = capture.attention(layer).astype(np.float32)
+        np.testing.assert_allclose(ours, ref[layer], atol=2e-3, rtol=0)  # fp16 storage
+    assert np.array_equal(capture.image(), images.scene_picture(3))  # 112 px scene: shown as it is
+    again = run(spec, store)
+    assert again.from_cache and again.tokens == capture.tokens and again.spans == capture.spans
+
+
+def test_tiny_vlm_sample_photo_and_prefill_only(tiny_vlm, store):
+    capture = run(RunSpec(model=str(tiny_vlm), prompt="is there a cat?", image="cat"), store)
+    assert "answer" not in capture.spans and capture.output.text == ""
+    assert capture.image().shape == (112, 112, 3)
+    assert capture.spans["prompt"].stop == capture.n_tokens
+
+
+def test_vlm_input_errors(tiny_vlm, store):
+    from capture.adapters import InputError
+
+    with pytest.raises(InputError, match="question is empty"):
+        run(RunSpec(model=str(tiny_vlm), prompt="  ", image="scene-1"), store)
+    with pytest.raises(InputError, match="no sample image"):
+        run(RunSpec(model=str(tiny_vlm), prompt="what?", image="nothing-here"), store)
+
+
+@pytest.fixture(scope="module")
+def shapes_vlm():
+    if not vlm_model.trained_path().is_file():
+        pytest.skip("no trained shapes-vlm in assets/models/shapes-vlm (python -m training.shapes_vlm)")
+    return registry.load("shapes-vlm")
+
+
+def test_shapes_vlm_capture_equals_eager(shapes_vlm, store):
+    spec = RunSpec(model="shapes-vlm", prompt=QUESTION, image="scene-0", max_new_tokens=vlm_model.MAX_NEW_TOKENS)
+    capture = run(spec, store)
+    assert (capture.meta.n_layers, capture.meta.n_heads, capture.meta.grid) == (30, 9, (8, 8))
+    assert capture.output.text == vlm_model.answer(shapes_vlm, images.scene_picture(0), QUESTION)
+    check_capture(capture, shapes_vlm)
+    ref = eager_maps(vlm_model.assembled_folder(), capture)
+    for layer in range(capture.meta.n_layers):
+        np.testing.assert_allclose(capture.attention(layer).astype(np.float32), ref[layer], atol=2e-3, rtol=0)
+
+
+def test_every_vlm_metric_runs_on_a_vlm_capture(tiny_vlm, store):
+    from analytics import METRICS
+
+    capture = run(RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-5", max_new_tokens=3), store)
+    hidden = store.get_array(capture.key, "hidden")
+    assert hidden.shape == (3, capture.n_tokens, 32) and hidden.dtype == np.float16
+    names = [name for name, m in METRICS.items() if "vlm" in m.modalities]
+    assert {"vlm_visual_mass", "vlm_image_centric", "vlm_gaze_shift", "vlm_visual_sink", "sink_alpha",
+            "entropy", "massive_sink"} <= set(names)
+    for name in names:
+        if name == "vlm_vhd":  # two extra passes, on request: test_vhd_on_a_tiny_vlm
+            continue
+        scores = METRICS[name].compute(capture)
+        want = (3, 4) if METRICS[name].kind == "head" else None
+        assert np.isfinite(scores).all(), name
+        if want:
+            assert scores.shape == want, name
+    # the other multi-pass probes run text through the LM alone: they do not serve VLMs
+    assert [n for n in names if METRICS[n].multi_pass] == ["massive_sink"]  # read from the capture for a VLM
+
+
+def test_vhd_on_a_tiny_vlm(tiny_vlm, store):
+    from analytics import METRICS
+    from analytics.stored import ProbeMissing
+    from capture import probes_vlm
+
+    capture = run(RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-4", max_new_tokens=3), store)
+    with pytest.raises(ProbeMissing):
+        METRICS["vlm_vhd"].compute(capture)
+    ids, answer = probes_vlm.text_only_ids(capture)
+    assert len(ids) == capture.n_tokens - 65 and ids[answer.start:] == capture.output.token_ids[-len(answer):]
+    vhd = probes_vlm.vhd(capture)
+    assert vhd.shape == (3, 4, len(capture.spans["answer"])) and (vhd >= 0).all() and vhd.max() > 0
+    assert METRICS["vlm_vhd"].compute(capture).shape == (3, 4)
+
+
+def test_scene_references_name_procedural_pictures():
+    from capture.adapters import InputError
+    from training import scenes
+    from state import ViewState
+
+    picture = images.load_image("scene-42")
+    assert picture.size == (112, 112)
+    assert np.array_equal(np.asarray(picture), scenes.make_scene(42, scenes.VLM).image)
+    assert images.canonical_image("scene-42") == "scene-42"
+    state, warnings = ViewState.from_params({"image": "scene-42"})
+    assert state.image == "scene-42" and not warnings
+    with pytest.raises(InputError):
+        images.load_image("scene-x")
+
+
+def test_gaze_saliency_beats_a_random_patch_on_held_out_scenes(shapes_vlm):
+    """The pointing game (analytics.vlm.pointing) on 12 held-out scenes x 2 single-object questions."""
+    from capture import vlm_batch
+
+    found = vlm_batch.gaze_pointing("shapes-vlm", n_scenes=12, per_scene=2)
+    assert len(found.hits) == 24
+    assert found.hit_rate >= 2 * found.chance_rate, (found.hit_rate, found.chance_rate)
+
+
+def test_shapes_vlm_visual_sinks_and_image_centric_heads(shapes_vlm, store):
+    from analytics import vlm
+
+    capture = run(RunSpec(model="shapes-vlm", prompt=QUESTION, image="scene-3", max_new_tokens=8), store)
+    sinks = vlm.capture_sinks(capture)
+    assert sinks.dims and 0 in sinks.tokens  # SmolLM2's first token is a massive-activation sink
+    hv = vlm.head_vision(capture, sinks.visual)
+    assert hv.centric_heads().any()  # the answer to a colour question reads the picture somewhere
+
+
+def test_full_feature_selection_keeps_the_vision_cls_apart(tmp_path, store):
+    """A LLaVA with vision_feature_select_strategy "full" (CLS kept): span "image" is the patches only."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = vlm_model.base_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=5,
+                         vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration._from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"do_resize": True, "size": {"height": 28, "width": 28}, "do_center_crop": False}))
+    capture = run(RunSpec(model=str(tmp_path), prompt=QUESTION, image="scene-1", max_new_tokens=2), store)
+    cls, image = capture.spans["image_cls"], capture.spans["image"]
+    assert len(cls) == 1 and cls.stop == image.start and len(image) == 4
+    assert capture.tokens[cls.start] == "img:CLS" and capture.tokens[image.start] == "patch(0,0)"
+    ref = eager_maps(tmp_path, capture)
+    np.testing.assert_allclose(capture.attention(1).astype(np.float32), ref[1], atol=2e-3, rtol=0)
