@@ -72,7 +72,8 @@ def _middle_heads(meta: ModelMeta, skip_first: int = 2, skip_last: int = 1) -> l
     return [(l, h) for l in layers for h in range(meta.n_heads)]
 
 
-def _checked(meta: ModelMeta, heads: Heads | None) -> list[tuple[int, int]]:
+def checked_heads(meta: ModelMeta, heads: Heads | None) -> list[tuple[int, int]]:
+    """The (layer, head) pairs, sorted and without repeats; InterventionError names one outside the model."""
     out = sorted({(int(l), int(h)) for l, h in (heads or ())})
     for l, h in out:
         if not (0 <= l < meta.n_layers and 0 <= h < meta.n_heads):
@@ -81,7 +82,7 @@ def _checked(meta: ModelMeta, heads: Heads | None) -> list[tuple[int, int]]:
 
 
 def _need_heads(meta: ModelMeta, heads: Heads | None, preset: str) -> list[tuple[int, int]]:
-    out = _checked(meta, heads)
+    out = checked_heads(meta, heads)
     if not out:
         raise InterventionError(f"The {preset} preset acts on chosen heads; pick at least one head.")
     return out
@@ -109,7 +110,7 @@ def retrieval_mask(meta: ModelMeta, heads: Heads | None = None, *, scores: np.nd
     non-retrieval heads (score <= threshold; if too few, from the heads outside the top k).
     Defaults: k = 30 (the README's example), threshold 0.1.  `heads`, if given, is used as is."""
     if heads:
-        chosen = _checked(meta, heads)
+        chosen = checked_heads(meta, heads)
     else:
         if scores is None:
             raise InterventionError("Retrieval-head masking needs retrieval scores; run the retrieval probe first.")
@@ -138,7 +139,7 @@ def act(meta: ModelMeta, heads: Heads | None = None, *, tau: float = 0.1, beta: 
     sinks s_j > tau (first sink kept) keep beta of their mass; the rest goes to the other keys in
     proportion.  Defaults tau 0.1, beta 0.4.  heads=None: every head of layers 2 .. L-2 (ACT searches
     layers 2-30 of 32; it then keeps only the heads that help, which needs a calibration set)."""
-    chosen = _checked(meta, heads) or _middle_heads(meta)
+    chosen = checked_heads(meta, heads) or _middle_heads(meta)
     keys = _sinks_key(tau, include_first=not keep_first)
     edits = tuple(HeadEdit(l, h, "redistribute", beta, keys=keys) for l, h in chosen)
     return Intervention(edits=edits, preset="act")
@@ -152,7 +153,7 @@ def var(meta: ModelMeta, heads: Heads | None = None, *, p: float = 0.6, tau: flo
     activations, tau = 20 on RMS-normalised dims) and the mass goes to every non-sink token (VAR: the
     non-sink image tokens, on image-centric rows).  heads=None: every head of layers 2 .. L-2 (VAR
     skips the last layer)."""
-    chosen = _checked(meta, heads) or _middle_heads(meta)
+    chosen = checked_heads(meta, heads) or _middle_heads(meta)
     keys = _sinks_key(tau, include_first=include_first)
     edits = tuple(HeadEdit(l, h, "redistribute", p, keys=keys) for l, h in chosen)
     return Intervention(edits=edits, preset="var")
@@ -180,7 +181,7 @@ def duo_streaming(meta: ModelMeta, heads: Heads | None = None, *, gates: np.ndar
             raise InterventionError(f"DuoAttention gates must be [layer, kv_head] = ({meta.n_layers}, {meta.n_kv_heads}).")
         kv = [(int(l), int(k)) for l, k in zip(*np.nonzero(gates < threshold))]
     elif heads:
-        kv = sorted({(l, h // group) for l, h in _checked(meta, heads)})
+        kv = sorted({(l, h // group) for l, h in checked_heads(meta, heads)})
     else:
         kv = [(l, k) for l in range(meta.n_layers) for k in range(meta.n_kv_heads)]
     if sink < 0 or recent < 1:
@@ -215,7 +216,7 @@ def iti(meta: ModelMeta, heads: Heads | None = None, *, directions=None, k: int 
     if theta.shape[:2] != (meta.n_layers, meta.n_heads):
         raise InterventionError("These steering directions were computed on another model.")
     if heads:
-        chosen = _checked(meta, heads)
+        chosen = checked_heads(meta, heads)
     else:
         order = np.argsort(-np.asarray(directions.separation), axis=None, kind="stable")
         chosen = sorted(divmod(int(i), meta.n_heads) for i in order[: int(max(1, min(k, order.size)))])

@@ -36,6 +36,7 @@ import numpy as np
 
 from capture.interventions import HeadEdit, Intervention, InterventionError
 from capture.types import ModelMeta
+from capture.presets import checked_heads
 
 Heads = Sequence[tuple[int, int]]
 VAR_P = 0.6  # VAR p: the share of sink attention kept
@@ -44,14 +45,6 @@ GIFT_GAMMA_Q = 0.5
 GIFT_TOP_K = 16
 VAR_FIRST_LAYER = 2
 VHR_ALPHA = 1.5  # our default (unverified in He et al.)
-
-
-def _checked(meta: ModelMeta, heads: Heads | None) -> list[tuple[int, int]]:
-    out = sorted({(int(l), int(h)) for l, h in (heads or ())})
-    for l, h in out:
-        if not (0 <= l < meta.n_layers and 0 <= h < meta.n_heads):
-            raise InterventionError(f"Head L{l}H{h} is outside this model ({meta.n_layers} x {meta.n_heads}).")
-    return out
 
 
 def centric_heads(centric: np.ndarray, share: float = 0.5, skip_last: bool = True) -> list[tuple[int, int]]:
@@ -64,7 +57,7 @@ def centric_heads(centric: np.ndarray, share: float = 0.5, skip_last: bool = Tru
 def var(meta: ModelMeta, heads: Heads, *, sinks: Sequence[int] = (), p: float = VAR_P) -> Intervention:
     """VAR on `heads` (image-centric heads): each sink column (token positions `sinks`; none: ACT's
     "allsinks") keeps p of its mass, the rest goes to the image tokens in proportion.  Default p = 0.6."""
-    chosen = [(l, h) for l, h in _checked(meta, heads) if l < meta.n_layers - 1]
+    chosen = [(l, h) for l, h in checked_heads(meta, heads) if l < meta.n_layers - 1]
     if not chosen:
         raise InterventionError("VAR acts on image-centric heads; this input has none (outside the last layer).")
     if not 0.0 <= p <= 1.0:
@@ -84,7 +77,7 @@ def gift(meta: ModelMeta, saliency: np.ndarray, image: range, heads: Heads | Non
         raise InterventionError(f"The saliency map has {s.size} patches but the image has {len(image)} tokens.")
     if gamma < 0 or gamma_q < 0:
         raise InterventionError("GIFT's amplification coefficients must be >= 0.")
-    chosen = _checked(meta, heads) or [(l, h) for l in range(min(VAR_FIRST_LAYER, meta.n_layers - 1), meta.n_layers)
+    chosen = checked_heads(meta, heads) or [(l, h) for l in range(min(VAR_FIRST_LAYER, meta.n_layers - 1), meta.n_layers)
                                        for h in range(meta.n_heads)]
     order = [int(k) for k in np.argsort(-s, kind="stable")[: max(0, int(top_k))] if s[k] > 0]
     boosts = [(f"{image.start + k}:{image.start + k + 1}", round(math.log1p(gamma * s[k]), 4)) for k in order]
@@ -126,7 +119,7 @@ def vhr(meta: ModelMeta, vhd: np.ndarray, *, alpha: float = VHR_ALPHA) -> Interv
 
 def mask_image(meta: ModelMeta, heads: Heads) -> Intervention:
     """The chosen heads cannot see the picture: -inf on the image keys (every query row)."""
-    chosen = _checked(meta, heads)
+    chosen = checked_heads(meta, heads)
     if not chosen:
         raise InterventionError("Pick at least one head to cut off the image.")
     return Intervention(edits=tuple(HeadEdit(l, h, "logit", -math.inf, keys="image") for l, h in chosen),

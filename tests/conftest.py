@@ -70,3 +70,32 @@ def chromium():
 
     with browser() as b:
         yield b
+
+
+def save_tiny_llava(folder: Path, image_size: int, lm_layers: int) -> Path:
+    """A tiny random LLaVA saved in `folder` (Dinov2 vision tower with 14 px patches, a Llama LM with 4 heads
+    over 2 KV heads, SmolLM2's tokenizer plus <image>, a preprocessor for `image_size` px); no downloads."""
+    import json
+
+    import torch
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from capture import vlm_model
+
+    tokenizer = vlm_model.base_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=image_size, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=lm_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                         image_seq_length=(image_size // 14) ** 2)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration._from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_resize": True, "size": {"height": image_size, "width": image_size}, "resample": 3,
+         "do_center_crop": False, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+         "image_std": [0.229, 0.224, 0.225]}))
+    return folder

@@ -16,6 +16,7 @@ import torch
 from capture import images, registry, vlm_model
 from capture.run import run
 from capture.types import RunSpec
+from conftest import save_tiny_llava
 
 QUESTION = "what colour is the circle?"
 
@@ -23,25 +24,7 @@ QUESTION = "what colour is the circle?"
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
     """A tiny random LLaVA folder: 112 px pictures, 14 px patches (64 image tokens), 3 LM layers x 4 heads (GQA 2)."""
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny-vlm")
-    tokenizer = vlm_model.base_tokenizer()
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=112, patch_size=14)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=64)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"do_resize": True, "size": {"height": 112, "width": 112}, "resample": 3, "do_center_crop": False,
-         "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    return folder
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-vlm"), image_size=112, lm_layers=3)
 
 
 def eager_maps(folder, capture) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ import torch
 
 from capture import registry, vlm_model
 from training import scenes
+from conftest import save_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -153,25 +154,7 @@ def test_quality_on_a_sample(vlm, held_out):
 def tiny_llava(tmp_path_factory):
     """A tiny random LLaVA (Dinov2 vision tower, Llama LM) saved as a folder, with SmolLM2's tokenizer
     plus <image>, a 28 px preprocessor (a 2 x 2 patch grid) and no downloads."""
-    from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    tokenizer = vlm_model.base_tokenizer()
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=28, patch_size=14)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=4)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"do_resize": True, "size": {"height": 28, "width": 28}, "resample": 3, "do_center_crop": False,
-         "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    return folder
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), image_size=28, lm_layers=2)
 
 
 def test_hub_llava_loads_and_generates(tiny_llava):
