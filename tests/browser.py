@@ -93,3 +93,12 @@ def wait_idle(page, selector: str = "h1", timeout: float = 120_000) -> None:
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout)
     page.wait_for_timeout(500)
+
+
+def wait_for_link(page, fragment: str, timeout: float = 300_000) -> str:
+    """Wait until the sidebar's share link (written at the very end of a script run) contains `fragment`;
+    returns the link."""
+    code = "[data-testid='stCode'] code"
+    page.wait_for_function(f"() => [...document.querySelectorAll(\"{code}\")]"
+                           f".some(c => c.textContent.includes({fragment!r}))", timeout=timeout)
+    return page.locator(code).last.inner_text().strip()

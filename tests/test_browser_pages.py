@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser import wait_idle
+from browser import wait_for_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -59,8 +59,7 @@ def test_vision_click_a_patch_and_switch_heads(server, chromium, artifacts):
     head.click()
     head.fill("head 2")
     page.get_by_role("option", name="head 2").click()
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=stCode] code')]"
-                           ".some(c => c.textContent.includes('head=2'))", timeout=60_000)
+    wait_for_link(page, "head=2", timeout=60_000)
     wait_idle(page, ".js-plotly-plot")
     assert "patch=" in page.url
     page.screenshot(path=str(artifacts / "browser_vision.png"))
@@ -84,11 +83,9 @@ def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
     seed.fill("5")
     seed.press("Enter")
     page.get_by_role("button", name="Run").click()
-    code = "[data-testid='stCode'] code"  # the share link, written at the very end of the script run
-    page.wait_for_function(f"() => [...document.querySelectorAll(\"{code}\")].some(c => c.innerText.includes('seed=5'))",
-                           timeout=300_000)
+    wait_for_link(page, "seed=5")
     wait_idle(page, ".js-plotly-plot", timeout=300_000)
-    link = page.locator(code).last.inner_text().strip()
+    link = wait_for_link(page, "seed=5")
     assert "seed=5" in link and "page=dit" in link and "model=shapes-dit" in link
 
     shared = fresh(chromium)  # a fresh context opens the same picture from the link alone
