@@ -17,6 +17,14 @@ def fresh(chromium):
     return chromium.new_context(viewport=VIEWPORT).new_page()
 
 
+def opened(chromium, url: str, selector: str = ".js-plotly-plot"):
+    """A page in a fresh context at `url`, once `selector` is drawn and the script run has finished."""
+    page = fresh(chromium)
+    page.goto(url)
+    wait_idle(page, selector, timeout=300_000)
+    return page
+
+
 def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
     from urllib.parse import quote
 
@@ -46,9 +54,7 @@ def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
 
 
 def test_vision_click_a_patch_and_switch_heads(server, chromium, artifacts):
-    page = fresh(chromium)
-    page.goto(f"{server}/?page=vision&model=dinov2-s&image=cat&layer=11&head=-1")
-    wait_idle(page, ".js-plotly-plot", timeout=300_000)
+    page = opened(chromium, f"{server}/?page=vision&model=dinov2-s&image=cat&layer=11&head=-1")
     assert page.get_by_text("Query: CLS token").count() == 1
     plot = page.locator(".js-plotly-plot .nsewdrag").first
     box = plot.bounding_box()
@@ -66,17 +72,13 @@ def test_vision_click_a_patch_and_switch_heads(server, chromium, artifacts):
 
 
 def test_atlas_shows_a_metric_map(server, chromium, artifacts):
-    page = fresh(chromium)
-    page.goto(f"{server}/?page=atlas&metric=sink_alpha")
-    wait_idle(page, ".js-plotly-plot", timeout=300_000)
+    page = opened(chromium, f"{server}/?page=atlas&metric=sink_alpha")
     assert page.locator("h1").first.inner_text() == "Head atlas"
     page.screenshot(path=str(artifacts / "browser_atlas.png"))
 
 
 def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
-    page = fresh(chromium)
-    page.goto(f"{server}/?page=dit")
-    wait_idle(page, ".js-plotly-plot, [data-testid='stImage']", timeout=300_000)
+    page = opened(chromium, f"{server}/?page=dit", ".js-plotly-plot, [data-testid='stImage']")
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(artifacts / "browser_dit.png"))
     seed = page.locator("input[aria-label='Seed']")  # a new seed from the sidebar, then Run
