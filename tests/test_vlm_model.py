@@ -91,7 +91,7 @@ def test_branched_forward_is_the_single_question_prompt(vlm):
     branches = [maker.branch(q) for q in qas]
     packed = sv.pack(maker, [branches])
     with torch.inference_mode():
-        logits = sv.branched_logits(vlm.model, packed, image_embeds(vlm.model, processor, [scene.image]),
+        logits, _ = sv.branched_logits(vlm.model, packed, image_embeds(vlm.model, processor, [scene.image]),
                                     maker.image_start)
         for index, (qa, branch) in enumerate(zip(qas, branches)):
             inputs = processor.encode(scene.image, qa.question)

@@ -85,7 +85,7 @@ def evaluate(model, processor, scene_list: list[scenes.Scene], batch: int = 4, p
             chunk = scene_list[start:start + batch]
             qas = [scenes.questions(s, seed=0) for s in chunk]
             packed = sv.pack(maker, [[maker.branch(q) for q in qa] for qa in qas])
-            logits = sv.branched_logits(model, packed, image_embeds(model, processor, [s.image for s in chunk]),
+            logits, _ = sv.branched_logits(model, packed, image_embeds(model, processor, [s.image for s in chunk]),
                                         maker.image_start)
             ok = sv.exact(logits, packed)
             flat = [(s, q) for s, qa in zip(chunk, qas) for q in qa]
