@@ -104,15 +104,21 @@ class Recorder:
             self.on_layer(layer, layer_maps, self._overviews.pop(layer).to(torch.float16).numpy())
 
     def _pool(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
-        """Fold a block of rows into the layer's block-max overview (same blocks as capture.types.max_pool)."""
+        """Fold a block of rows into the layer's block-max overview (same blocks as capture.types.max_pool).
+
+        The block is zero-padded to whole bins (zeros never win a max of weights) and reduced in one op."""
         pooled = self._overviews[layer]  # [head, bins, bins]
         bins = pooled.shape[1]
         size = -(-n // bins)
         n_block, n_rows, n_keys = weights.shape
-        cols = torch.nn.functional.pad(weights, (0, bins * size - n_keys))  # [heads_in_block, rows, bins*size]
-        col_max = cols.view(n_block, n_rows, bins, size).amax(-1)  # [heads_in_block, rows, bins]
-        row_bins = (torch.arange(first_row, first_row + n_rows) // size)[None, :, None].expand_as(col_max)
-        pooled[first_head : first_head + n_block].scatter_reduce_(1, row_bins, col_max, "amax")
+        top = first_row % size  # rows of the first bin that an earlier block brought
+        bottom = -(top + n_rows) % size
+        padded = torch.nn.functional.pad(weights, (0, bins * size - n_keys, top, bottom))  # [heads_in_block, rows', bins*size]
+        n_bins = padded.shape[1] // size
+        block_max = padded.view(n_block, n_bins, size, bins, size).amax((2, 4))  # [heads_in_block, n_bins, bins]
+        first_bin = first_row // size
+        target = pooled[first_head : first_head + n_block, first_bin : first_bin + n_bins]
+        torch.maximum(target, block_max, out=target)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 from capture.types import ModelMeta
@@ -142,9 +141,8 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._sample, daemon=True, name="headscope-peak")
 
     def _sample(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):  # wakes at once when the block ends
             self.peak = max(self.peak, rss_bytes() - self.start)
-            time.sleep(self.interval)
 
     def __enter__(self) -> "PeakSampler":
         self._thread.start()

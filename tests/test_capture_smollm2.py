@@ -17,7 +17,7 @@ from conftest import cache_with_models
 from capture import attention, registry
 from capture.interventions import HeadEdit, Intervention
 from capture.run import cached, run
-from capture.types import RunSpec
+from capture.types import RunSpec, max_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
@@ -116,6 +116,28 @@ def test_row_and_head_agree_with_attention(generated):
         generated.attention(30)
     with pytest.raises(IndexError):
         generated.head(0, 9)
+
+
+def test_thumbnails_are_the_block_max_of_the_stored_maps(generated):
+    """The model view's thumbnails, pooled during the forward, equal max_pool of the stored maps."""
+    thumbs = np.asarray(generated.overview(), dtype=np.float32)  # [layer, head, bins, bins]
+    for layer in (0, 17):
+        expected = max_pool(generated.attention(layer).astype(np.float32), thumbs.shape[-1])
+        np.testing.assert_allclose(thumbs[layer], expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n, block", [(100, 256), (300, 256), (300, 7), (65, 16)])
+def test_recorder_thumbnails_with_blocks_that_cut_across_bins(n, block):
+    """Row blocks that start inside a thumbnail bin (and a ragged last bin) pool like max_pool."""
+    rng = np.random.default_rng(n + block)
+    heads = 3
+    full = np.tril(rng.random((heads, n, n), dtype=np.float32))
+    done = {}
+    recorder = attention.Recorder(heads, "tril", lambda layer, maps, overview: done.update(overview=overview))
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        recorder.take(0, 0, r0, n, torch.from_numpy(full[:, r0:r1, :r1].copy()))
+    np.testing.assert_array_equal(done["overview"], max_pool(full, min(32, n)).astype(np.float16))
 
 
 # ---- (b) empty intervention = plain generate -----------------------------------------------------
