@@ -139,6 +139,10 @@ class Store:
     def put_array(self, key: str, name: str, array: np.ndarray) -> None:
         self._cache.set(f"{key}/{name}", array, tag=key)
 
+    def transaction(self):
+        """A context in which many writes share one index transaction (diskcache `transact`)."""
+        return self._cache.transact()
+
     def get_array(self, key: str, name: str) -> np.ndarray:
         """A read-only memory map of one stored array; raises CorruptEntry if missing or bad."""
         value = self._cache.get(f"{key}/{name}", default=None)

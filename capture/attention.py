@@ -115,7 +115,8 @@ class Recorder:
         bottom = -(top + n_rows) % size
         padded = torch.nn.functional.pad(weights, (0, bins * size - n_keys, top, bottom))  # [heads_in_block, rows', bins*size]
         n_bins = padded.shape[1] // size
-        block_max = padded.view(n_block, n_bins, size, bins, size).amax((2, 4))  # [heads_in_block, n_bins, bins]
+        col_max = padded.view(n_block, n_bins * size, bins, size).amax(-1)  # [heads_in_block, rows', bins]
+        block_max = col_max.view(n_block, n_bins, size, bins).amax(2)  # [heads_in_block, n_bins, bins]
         first_bin = first_row // size
         target = pooled[first_head : first_head + n_block, first_bin : first_bin + n_bins]
         torch.maximum(target, block_max, out=target)

@@ -115,7 +115,7 @@ class VisionAdapter:
         t_prep = time.perf_counter()
         seen: dict[str, int] = {}
 
-        with LayerWriter(store, key, meta.n_layers, progress, 0.0) as writer:
+        with LayerWriter(store, key, meta.n_layers, progress, 0.0, need) as writer:
             def on_layer(layer: int, maps: np.ndarray, *extra) -> None:
                 seen["n"] = maps.shape[-1]
                 writer.submit(layer, maps, *extra)

@@ -152,7 +152,8 @@ class VlmAdapter:
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
-        with LayerWriter(store, key, meta.n_layers, progress, gen_share) as writer, self._residual(residual):
+        total = stored_bytes(meta.n_layers, meta.n_heads, len(ids), causal=True)
+        with LayerWriter(store, key, meta.n_layers, progress, gen_share, total) as writer, self._residual(residual):
             recorder = attention.Recorder(meta.n_heads, "tril", writer.submit)
             with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
                                    sink_scores=self.sink_scores):
