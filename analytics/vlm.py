@@ -171,6 +171,28 @@ def stored_hidden(capture):
                            "(VLM captures store it since the Gaze page).") from exc
 
 
+def stored_vision_maps(capture) -> np.ndarray:
+    """The vision tower's maps stored with a VLM capture (capture/adapters/vlm.py VISION),
+    [layer, head, token, token] with the tower's prefix tokens (CLS, registers) first."""
+    from analytics.stored import ProbeMissing
+
+    try:
+        return capture.store.get_array(capture.key, "vision_attention")
+    except Exception as exc:  # noqa: BLE001 - absent or unreadable
+        raise ProbeMissing("This capture has no vision-tower maps (older HeadScope versions did not "
+                           "store them); run it again to record them.") from exc
+
+
+def vision_cls_maps(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """maps  # [head, token, token] of one vision-tower layer -> [head, rows, cols]: what the tower's first
+    token (CLS) attends to on each patch (Caron et al. 2021's self-attention maps; prefix tokens dropped)."""
+    rows, cols = grid
+    prefix = maps.shape[-1] - rows * cols
+    if prefix < 1:
+        raise ValueError(f"a vision tower with {maps.shape[-1]} tokens has no CLS token before {rows} x {cols} patches")
+    return np.asarray(maps[:, 0, prefix:], dtype=np.float32).reshape(maps.shape[0], rows, cols)
+
+
 def capture_sinks(capture, tau: float = VAR_TAU) -> VisualSinks:
     """`visual_sinks` of a VLM capture, from its stored residual stream."""
     return visual_sinks(stored_hidden(capture), capture.spans["image"], tuple(capture.meta.grid),

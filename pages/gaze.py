@@ -88,7 +88,8 @@ st.subheader("Filmstrip")
 st.plotly_chart(charts.filmstrip(picture, found.filmstrip(), [w for w, _ in found.words], opacity=opacity),
                 key="gaze_filmstrip", config=plot_config())
 
-tab_heads, tab_sinks, tab_vhd, tab_intervene = st.tabs(["Image-centric heads", "Visual sinks", "VHD", "Intervene"])
+tab_heads, tab_sinks, tab_vhd, tab_tower, tab_intervene = st.tabs(
+    ["Image-centric heads", "Visual sinks", "VHD", "Vision tower", "Intervene"])
 with tab_heads:
     hv = shared.memo("gaze_heads", capture.key, lambda: vlm.head_vision(capture, sinks.visual))
     shifts = shared.memo("gaze_shift_heads", capture.key, lambda: vlm.gaze_per_head(capture))
@@ -143,6 +144,25 @@ with tab_vhd:
         c2.plotly_chart(charts.token_bars(answer_tokens, vlm.t_vhd(divergence),
                                           f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
                         key="gaze_vhd_tokens", config=plot_config())
+with tab_tower:
+    from analytics.stored import ProbeMissing
+    from charts.image import head_overlays
+
+    try:
+        tower = vlm.stored_vision_maps(capture)  # [layer, head, token, token]
+    except ProbeMissing as exc:
+        st.info(str(exc))
+    else:
+        tower_layer = st.slider("Vision-tower layer", 0, tower.shape[0] - 1, tower.shape[0] - 1, key="gaze_tower_layer")
+        cls_maps = vlm.vision_cls_maps(tower[tower_layer], meta.grid)  # [head, rows, cols]
+        titles = [f"head {h}" for h in range(len(cls_maps))] + ["mean of heads"]
+        st.plotly_chart(head_overlays(picture, np.concatenate([cls_maps, cls_maps.mean(0, keepdims=True)]),
+                                      opacity=opacity, titles=titles, per_row=4,
+                                      title=f"Vision tower layer {tower_layer}: the CLS token's attention over the patches"),
+                        key="gaze_tower", config=plot_config())
+        st.caption("The vision tower's own self-attention (before the projector), from its eager "
+                   "`output_attentions`; interventions act on the language model only, so these maps do not change "
+                   "with them.")
 with tab_intervene:
     from pages import gaze_intervene
 

@@ -34,6 +34,8 @@ def test_gaze_page_on_a_tiny_llava_round_trips_its_link(allowed_tiny):
     assert at.title[0].value == "Gaze"
     assert not at.warning, [w.value for w in at.warning]
     assert len(at.get("plotly_chart")) >= 4  # saliency, answer map, filmstrip, heads ...
+    tower = at.slider(key="gaze_tower_layer")  # the vision tower tab (the tiny tower has 2 layers): last layer first
+    assert tower.value == tower.max == 1
     assert any("where is the red square?" in t.value for t in at.text)
     assert at.session_state["view"].to_params() == params
     # the sidebar offers a scene by seed and a question; Run makes them the view's input

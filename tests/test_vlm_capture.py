@@ -27,17 +27,22 @@ def tiny_vlm(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("tiny-vlm"), image_size=112, lm_layers=3)
 
 
-def eager_maps(folder, capture) -> list[np.ndarray]:
-    """transformers' eager output_attentions of the LM over the capture's tokens: [head, n, n] per layer."""
+def eager_maps(folder, capture, tower: bool = False) -> list[np.ndarray]:
+    """transformers' eager output_attentions of the LM over the capture's tokens: [head, n, n] per layer
+    (with `tower`: of the vision tower over the picture instead)."""
     from transformers import LlavaForConditionalGeneration
 
     eager = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
                                                           attn_implementation="eager")
     processor = registry.load(str(folder)).tokenizer
     pixels, _ = processor.pixels(images.load_image(capture.spec.image))
+    pixels = torch.from_numpy(pixels)[None]
     ids = torch.tensor([capture.output.token_ids])
     with torch.inference_mode():
-        out = eager(input_ids=ids, pixel_values=torch.from_numpy(pixels)[None], output_attentions=True)
+        if tower:
+            out = eager.model.vision_tower(pixels, output_attentions=True)
+        else:
+            out = eager(input_ids=ids, pixel_values=pixels, output_attentions=True)
     return [a[0].numpy() for a in out.attentions]
 
 
@@ -57,6 +62,20 @@ def check_capture(capture, handle, question=QUESTION):
     assert picture is not None and picture.shape[2] == 3 and picture.dtype == np.uint8
 
 
+def check_tower_maps(folder, capture) -> None:
+    """The vision tower's stored maps equal its eager output_attentions; CLS maps cover the patch grid."""
+    from analytics import vlm
+
+    tower = vlm.stored_vision_maps(capture)  # [layer, head, token, token]
+    ref = np.stack(eager_maps(folder, capture, tower=True))
+    assert tower.shape == ref.shape and tower.shape[-1] == 1 + 64  # CLS + 8 x 8 patches
+    np.testing.assert_allclose(tower.astype(np.float32), ref, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(tower.astype(np.float32).sum(-1), 1.0, atol=5e-3)
+    cls = vlm.vision_cls_maps(tower[-1], capture.meta.grid)
+    assert cls.shape == (tower.shape[1], 8, 8)
+    np.testing.assert_array_equal(cls[1, 2, 3], tower[-1, 1, 0, 1 + 2 * 8 + 3].astype(np.float32))  # head 1, patch (2, 3)
+
+
 def test_tiny_vlm_capture_equals_eager(tiny_vlm, store):
     handle = registry.load(str(tiny_vlm))
     spec = RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-3", max_new_tokens=4)
@@ -70,6 +89,7 @@ def test_tiny_vlm_capture_equals_eager(tiny_vlm, store):
         ours = capture.attention(layer).astype(np.float32)
         np.testing.assert_allclose(ours, ref[layer], atol=2e-3, rtol=0)  # fp16 storage
     assert np.array_equal(capture.image(), images.scene_picture(3))  # 112 px scene: shown as it is
+    check_tower_maps(tiny_vlm, capture)
     again = run(spec, store)
     assert again.from_cache and again.tokens == capture.tokens and again.spans == capture.spans
 
@@ -106,6 +126,7 @@ def test_shapes_vlm_capture_equals_eager(shapes_vlm, store):
     ref = eager_maps(vlm_model.assembled_folder(), capture)
     for layer in range(capture.meta.n_layers):
         np.testing.assert_allclose(capture.attention(layer).astype(np.float32), ref[layer], atol=2e-3, rtol=0)
+    check_tower_maps(vlm_model.assembled_folder(), capture)
 
 
 def test_every_vlm_metric_runs_on_a_vlm_capture(tiny_vlm, store):
