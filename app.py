@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import shared
+from pages import shared, widgets
 
 st.set_page_config(page_title="HeadScope", page_icon=":material/visibility:", layout="wide")
 st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem}"
@@ -36,4 +36,4 @@ page.run()
 st.query_params.from_dict(state.to_params())
 with st.sidebar:
     st.markdown("**Share this view**")
-    st.code(shared.share_link(state), language=None, wrap_lines=True)
+    widgets.share_link(shared.share_link(state))

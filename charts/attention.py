@@ -1,4 +1,4 @@
-"""Plotly figures of attention maps: one head, the whole model at a glance, one token's row.
+"""Figures of attention maps: one head (Plotly), the whole model at a glance (a coloured picture), one token's row.
 
 Pure: numpy arrays and lists in, `go.Figure` (or an HTML string) out; no streamlit, no torch.
 Colours follow charts.theme so the same quantity looks the same on every page.
@@ -6,6 +6,7 @@ Colours follow charts.theme so the same quantity looks the same on every page.
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
@@ -108,45 +109,41 @@ def click_targets(xs: np.ndarray, ys: np.ndarray, hover: str, size: int) -> go.S
                       selected=dict(marker=dict(opacity=0.0)), unselected=dict(marker=dict(opacity=0.0)))
 
 
-def model_grid(thumbs: np.ndarray, scale: str = "raw", selected: tuple[int, int] | None = None,
-               title: str = "") -> go.Figure:
-    """Every head at a glance (BertViz's model view): a mosaic of thumbnails drawn as ONE picture.
+@dataclass(frozen=True)
+class Mosaic:
+    """Every head at a glance (BertViz's model view) as ONE server-coloured picture.
 
-    thumbs  # [layer, head, bins, bins] block-pooled maps.  The mosaic is coloured here (the
-    attention colour scale, a colour bar beside it) and sent as a PNG of ~100 kB instead of a heatmap
-    of ~350,000 numbers (1-2 MB of JSON for 30 x 9 heads, which the browser took seconds to draw).
-    Thumbnail (layer, head) covers ±0.5 around x = head, y = layer; one invisible marker per head
-    carries the hover text and the click.
-    """
+    `src` is a PNG data URI of n_layers x n_heads thumbnails (thumbnail (layer, head) at row layer,
+    column head; each `cell` pixels square including a transparent `gap`), ~100 kB instead of a
+    heatmap of ~350,000 numbers.  `ramp` holds CSS colours of the colour scale from `zmin` to `zmax`,
+    for a colour bar drawn beside it (pages/mosaic.py draws all of it in the browser)."""
+
+    src: str
+    n_layers: int
+    n_heads: int
+    cell: int
+    zmin: float
+    zmax: float
+    title: str
+    ramp: tuple[str, ...]
+
+
+def model_mosaic(thumbs: np.ndarray, scale: str = "raw") -> Mosaic:
+    """thumbs  # [layer, head, bins, bins] block-pooled maps -> the model view's Mosaic."""
     n_layers, n_heads, bins, _ = thumbs.shape
     gap = max(1, bins // 8)
     cell = bins + gap
     zmin, zmax = _range(scale)
     values = scaled(thumbs.reshape(-1, bins, bins), scale).reshape(thumbs.shape)  # [layer, head, bins, bins]
     unit = np.clip((np.nan_to_num(values, nan=zmin, neginf=zmin) - zmin) / (zmax - zmin), 0.0, 1.0)
+    lut = colour_table(ATTENTION_SCALE)
     rgba = np.zeros((n_layers, cell, n_heads, cell, 4), dtype=np.uint8)  # gaps stay transparent
-    rgba[:, :bins, :, :bins, :3] = colour_table(ATTENTION_SCALE)[np.rint(unit * 255).astype(np.intp)].transpose(0, 2, 1, 3, 4)
+    rgba[:, :bins, :, :bins, :3] = lut[np.rint(unit * 255).astype(np.intp)].transpose(0, 2, 1, 3, 4)
     rgba[:, :bins, :, :bins, 3] = 255
-    mosaic = rgba.reshape(n_layers * cell, n_heads * cell, 4)[: n_layers * cell - gap, : n_heads * cell - gap]
-    start = -(bins - 1) / 2 / cell  # pixel 0's centre, in head / layer units
-    fig = go.Figure(go.Image(source=png_source(mosaic), x0=start, dx=1 / cell, y0=start, dy=1 / cell,
-                             zsmooth=False, hoverinfo="skip"))
-    fig.add_trace(go.Scatter(  # the colour bar of the server-side colouring
-        x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
-        marker=dict(colorscale=ATTENTION_SCALE, cmin=zmin, cmax=zmax, color=[zmin], showscale=True,
-                    colorbar=dict(title=dict(text="max " + SCALE_TITLES[scale], side="right"), thickness=12))))
-    fig.add_trace(click_targets(np.arange(n_heads), np.arange(n_layers),
-                                "layer %{customdata[0]}, head %{customdata[1]}", size=26))
-    if selected is not None:
-        layer, head = selected
-        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5 - gap / cell, y0=layer - 0.5,
-                      y1=layer + 0.5 - gap / cell, line=dict(color="#ff4b4b", width=2))
-    fig.update_layout(**base_layout(title=title, height=min(1400, 140 + n_layers * 36)))
-    fig.update_xaxes(tickvals=list(range(n_heads)), ticktext=[f"H{h}" for h in range(n_heads)], side="top",
-                     showgrid=False, zeroline=False, range=[-0.5, n_heads - 0.5], constrain="domain")
-    fig.update_yaxes(tickvals=list(range(n_layers)), ticktext=[f"L{l}" for l in range(n_layers)],
-                     showgrid=False, zeroline=False, range=[n_layers - 0.5, -0.5], scaleanchor=None)
-    return fig
+    mosaic = rgba.reshape(n_layers * cell, n_heads * cell, 4)
+    ramp = tuple(f"rgb({r},{g},{b})" for r, g, b in lut[np.linspace(0, 255, 11).round().astype(int)])
+    return Mosaic(src=png_source(mosaic), n_layers=n_layers, n_heads=n_heads, cell=cell, zmin=zmin, zmax=zmax,
+                  title="max " + SCALE_TITLES[scale], ramp=ramp)
 
 
 def token_highlight_html(tokens: list[str], weights: np.ndarray, query: int, label: str = "") -> str:

@@ -1,10 +1,13 @@
 """Attention explorer: model view (every head at a glance), head view (one map), token view (one row)."""
+import base64
+
 import numpy as np
 import streamlit as st
 
 from charts import attention as charts
 from charts.theme import plot_config
 from pages import shared
+from pages.widgets import mosaic
 
 FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution detail window
 WINDOW = 96  # detail window size, tokens
@@ -25,10 +28,8 @@ state.q0 = min(max(state.q0, 0), max(n - WINDOW, 0))
 state.k0 = min(max(state.k0, 0), max(n - WINDOW, 0))
 
 
-def pick_head_from_grid() -> None:
-    points = st.session_state["model_grid"].selection.points
-    if points:
-        shared.set_fields(layer=int(round(points[0]["y"])), head=int(round(points[0]["x"])), view="head")
+def open_head(layer: int, head: int) -> None:
+    shared.set_fields(layer=layer, head=head, view="head")
 
 
 def centre_window_on_click() -> None:
@@ -60,9 +61,8 @@ if state.view == "model":
     thumbs = np.asarray(capture.overview(), dtype=np.float32)  # [layer, head, bins, bins]
     st.caption(f"Every head of every layer, each map max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks. "
                "Click a head to open it.")
-    fig = charts.model_grid(thumbs, scale, selected=(layer, head))
-    st.plotly_chart(fig, key="model_grid", on_select=pick_head_from_grid, selection_mode="points",
-                    config=config)
+    picture = shared.memo("model_mosaic", (capture.key, scale), lambda: charts.model_mosaic(thumbs, scale))
+    mosaic(picture, selected=(layer, head), on_pick=open_head)
 
     def model_view_csv() -> str:  # built on click only: 276,480 rows for 30 x 9 heads of 32 x 32 blocks
         L, H, b, _ = thumbs.shape
@@ -71,7 +71,11 @@ if state.view == "model":
         return "layer,head,query_block,key_block,max_weight\n" + "\n".join(
             f"{int(r[0])},{int(r[1])},{int(r[2])},{int(r[3])},{r[4]:.5g}" for r in rows)
 
-    st.download_button("Numbers (CSV)", model_view_csv, file_name=f"{capture.key}_model_view.csv", mime="text/csv")
+    down_png, down_csv = st.columns([1, 6])
+    down_png.download_button("Picture (PNG)", lambda: base64.b64decode(picture.src.split(",", 1)[1]),
+                             file_name=f"{capture.key}_model_view.png", mime="image/png", on_click="ignore")
+    down_csv.download_button("Numbers (CSV)", model_view_csv, file_name=f"{capture.key}_model_view.csv",
+                             mime="text/csv", on_click="ignore")
 
 elif state.view == "head":
     title = f"Layer {layer}, head {head} (KV head {meta.kv_head(head)})"
@@ -106,7 +110,8 @@ elif state.view == "head":
                          for i, row in enumerate(np.asarray(shown, dtype=np.float32)))
         return header + "\n" + body
 
-    st.download_button("Numbers (CSV)", head_csv, mime="text/csv", file_name=f"{capture.key}_L{layer}_H{head}.csv")
+    st.download_button("Numbers (CSV)", head_csv, mime="text/csv", file_name=f"{capture.key}_L{layer}_H{head}.csv",
+                       on_click="ignore")
 
 else:  # token view
     query = shared.bind("token", st.select_slider, "Query token", options=list(range(-1, n)),
@@ -120,7 +125,7 @@ else:  # token view
         st.html(charts.token_highlight_html(capture.tokens, rows[h], q, f"head {h}"))
     st.download_button("Numbers (CSV)", lambda: "head,key,token,weight\n" + "\n".join(
         f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1)),
-        file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv")
+        file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv", on_click="ignore")
 
 with st.expander("Text, output and top-k log-probabilities"):
     shared.show_text(capture)
@@ -131,4 +136,5 @@ with st.expander("Text, output and top-k log-probabilities"):
             hide_index=True,
         )
 st.download_button("Download the whole capture (.npz + .json)", lambda: shared.capture_zip(capture),
-                   file_name=f"headscope_{capture.key}.zip", mime="application/zip")
+                   file_name=f"headscope_{capture.key}.zip", mime="application/zip",
+                   on_click="ignore")  # no rerun: it would retire the file before the browser fetches it

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+LINK = ".hs-link"  # the share link's text in the sidebar
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -95,10 +96,14 @@ def wait_idle(page, selector: str = "h1", timeout: float = 120_000) -> None:
     page.wait_for_timeout(500)
 
 
+def shown_link(page) -> str:
+    """The share link the sidebar shows (pages/widgets.share_link)."""
+    return page.locator(LINK).last.inner_text().strip()
+
+
 def wait_for_link(page, fragment: str, timeout: float = 300_000) -> str:
     """Wait until the sidebar's share link (written at the very end of a script run) contains `fragment`;
     returns the link."""
-    code = "[data-testid='stCode'] code"
-    page.wait_for_function(f"() => [...document.querySelectorAll(\"{code}\")]"
+    page.wait_for_function(f"() => [...document.querySelectorAll(\"{LINK}\")]"
                            f".some(c => c.textContent.includes({fragment!r}))", timeout=timeout)
-    return page.locator(code).last.inner_text().strip()
+    return shown_link(page)

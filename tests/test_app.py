@@ -1,6 +1,7 @@
 """AppTest of every page, including share links with valid, out-of-range and garbage parameters."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,19 @@ def test_explorer_views_render(view):
     assert not at.warning
     if view == "token":
         assert any("mean of heads" in h.proto.body for h in at.get("html"))
+    elif view == "model":  # the mosaic component (pages/widgets.py): every head, the selected one outlined
+        (mosaic,) = component_data(at, "headscope_mosaic")
+        assert (mosaic["n_layers"], mosaic["n_heads"], mosaic["selected"]) == (30, 9, [4, 7])
+        assert mosaic["src"].startswith("data:image/png;base64,") and len(mosaic["ramp"]) == 11
     else:
         assert at.get("plotly_chart")
+    (share,) = component_data(at, "headscope_share_link")
+    assert "page=explorer" in share["link"] and "layer=4&head=7" in share["link"]
+
+
+def component_data(at: AppTest, name: str) -> list[dict]:
+    """The data of each st.components.v2 component `name` on the page (AppTest shows them as unknown elements)."""
+    return [json.loads(e.proto.json) for e in at.get("bidi_component") if e.proto.component_name == name]
 
 
 def link_params(at: AppTest) -> dict:

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from browser import wait_idle
+from browser import shown_link, wait_idle
+
+MOSAIC = ".hs-mosaic img"  # the model view (pages/widgets.mosaic)
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -51,7 +53,7 @@ def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, art
     context, page = fresh_page(chromium)
     page.goto(server + "/?page=explorer&view=head&layer=5&head=4&scale=log")
     wait_idle(page, ".js-plotly-plot")
-    link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
+    link = shown_link(page)
     assert "layer=5" in link and "head=4" in link
     context.close()
 
@@ -69,8 +71,11 @@ def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, art
 def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chromium, artifacts):
     context, page = fresh_page(chromium)
     page.goto(server + "/?page=explorer&view=model&layer=2&head=3")
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, MOSAIC)
     page.screenshot(path=str(artifacts / "browser_model_view.png"))
+    with page.expect_download() as download:  # the mosaic as a picture, built when asked for
+        page.get_by_role("button", name="Picture (PNG)").click()
+    assert open(download.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with page.expect_download() as download:  # the numbers behind the mosaic, built when asked for
         page.get_by_role("button", name="Numbers (CSV)").click()
     lines = open(download.value.path()).read().splitlines()
@@ -82,18 +87,17 @@ def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chrom
     page.screenshot(path=str(artifacts / "browser_home.png"))
     assert "layer=2" in page.url and "head=3" in page.url
     page.get_by_role("link", name="Attention explorer", exact=True).click()
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, MOSAIC)
     assert layer_head(page) == ("2", "3")
 
-    # click the thumbnail of layer 6, head 1 in the mosaic
-    plot = page.locator(".js-plotly-plot .nsewdrag").first
-    box = plot.bounding_box()
+    # hover and click the thumbnail of layer 6, head 1 in the mosaic
+    box = page.locator(MOSAIC).bounding_box()
     n_layers, n_heads = 30, 9
     x = box["x"] + box["width"] * (1 + 0.5) / n_heads
     y = box["y"] + box["height"] * (6 + 0.5) / n_layers
     page.mouse.move(x, y)
     page.wait_for_timeout(300)
-    hover = page.locator(".hoverlayer").text_content()
+    hover = page.locator(".hs-mosaic .tip").text_content()
     assert "layer 6, head 1" in hover, hover
     page.mouse.click(x, y)
     page.wait_for_function("() => document.querySelector('input[aria-label=\"Layer\"]')?.value === '6'",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser import wait_for_link, wait_idle
+from browser import shown_link, wait_for_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -42,7 +42,7 @@ def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
     wait_idle(page, "text=Before | after", timeout=300_000)
     assert page.get_by_text("Before", exact=False).count() > 0
     page.screenshot(path=str(artifacts / "browser_intervene.png"))
-    link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
+    link = shown_link(page)
     assert "intervention=" in link and "page=intervene" in link
     before_after = page.locator("text=Before | after").first.inner_text()
 

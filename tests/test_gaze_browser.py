@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
-from browser import streamlit_server, wait_idle
+from browser import shown_link, streamlit_server, wait_idle
 from capture import vlm_model
 from test_vlm_capture import tiny_vlm  # noqa: F401 - the fixture
 
@@ -49,7 +49,7 @@ def test_gaze_page_draws_filmstrip_saliency_and_heads(gaze_server, gaze_model, c
     page.get_by_text("After (VAR").first.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / "browser_gaze_intervene.png"))
-    link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
+    link = shown_link(page)
     assert "page=gaze" in link and "image=scene-3" in link and "intervention=" in link
 
     shared = chromium.new_context(viewport=VIEWPORT).new_page()  # a fresh context: only the link

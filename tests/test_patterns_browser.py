@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser import browser, streamlit_server, wait_idle
+from browser import browser, shown_link, streamlit_server, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1400, "height": 900}
@@ -48,7 +48,7 @@ def test_lasso_selection_shows_maps_and_heads_and_travels_in_the_link(atlas_key,
         assert count >= 1
         heading.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "patterns_selection.png"))
-        link = page.locator("[data-testid='stCode'] code").last.inner_text().strip()
+        link = shown_link(page)
         assert "page=patterns" in link and f"atlas={atlas_key}" in link and "points=" in link
         context.close()
 
