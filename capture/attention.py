@@ -64,7 +64,7 @@ class Recorder:
     """
 
     def __init__(self, n_heads: int, layout: str, on_layer: Callable[[int, np.ndarray, np.ndarray], None],
-                 overview_bins: int = OVERVIEW_BINS):
+                 overview_bins: int = OVERVIEW_BINS, defer: bool = False):
         self.n_heads = n_heads
         self.layout = layout
         self.on_layer = on_layer
@@ -72,12 +72,26 @@ class Recorder:
         self._buffers: dict[int, np.ndarray] = {}
         self._overviews: dict[int, torch.Tensor] = {}
         self._rows_done: dict[int, int] = {}
+        # a small pass (`small_pass`) keeps its blocks and does all the bookkeeping in `finish`, in one
+        # single-threaded stretch instead of two thread-pool resizes per layer during the forward
+        self._deferred: list[tuple] | None = [] if defer else None
 
     def take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         """weights  # [heads_in_block, rows, key] for query heads first_head.. and rows first_row.. of an
         n-token pass; in the tril layout row r's keys beyond r are ignored."""
+        if self._deferred is not None:
+            self._deferred.append((layer, first_head, first_row, n, weights))
+            return
         with one_thread():  # small bookkeeping ops: a second OpenMP thread only adds barrier waits
             self._take(layer, first_head, first_row, n, weights)
+
+    def finish(self) -> None:
+        """Hand on the layers of a deferred pass (call it after the forward; a no-op otherwise)."""
+        blocks, self._deferred = self._deferred or [], None if self._deferred is None else []
+        if blocks:
+            with one_thread():
+                for block in blocks:
+                    self._take(*block)
 
     def _take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         n_block, n_rows, n_keys = weights.shape
@@ -120,6 +134,15 @@ class Recorder:
         first_bin = first_row // size
         target = pooled[first_head : first_head + n_block, first_bin : first_bin + n_bins]
         torch.maximum(target, block_max, out=target)
+
+
+SMALL_PASS_BYTES = 64 * 2**20  # float32 weights of every layer kept until the end of the forward
+
+
+def small_pass(n_layers: int, n_heads: int, n_tokens: int) -> bool:
+    """True if every layer's float32 weights together fit in SMALL_PASS_BYTES (SmolLM2: up to ~240
+    tokens): then the recorder defers its bookkeeping and the writer its writes to after the forward."""
+    return n_layers * n_heads * n_tokens * n_tokens * 4 <= SMALL_PASS_BYTES
 
 
 @contextlib.contextmanager

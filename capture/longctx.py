@@ -184,6 +184,9 @@ class QKRecorder:
         return QKParams(scaling=float(self.scaling or self.meta.head_dim ** -0.5), softcap=self.softcap,
                         waad_window=self.window, split=self.split, reductions=tuple(self.arrays))
 
+    def finish(self) -> None:
+        """Nothing is deferred here: each layer is handed on as soon as it is computed."""
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -99,3 +99,11 @@ def save_tiny_llava(folder: Path, image_size: int, lm_layers: int) -> Path:
          "do_center_crop": False, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
          "image_std": [0.229, 0.224, 0.225]}))
     return folder
+
+
+def component_data(at, name: str) -> list[dict]:
+    """The data of each st.components.v2 component `name` on an AppTest page (AppTest shows them as
+    unknown elements; pages/widgets.py)."""
+    import json
+
+    return [json.loads(e.proto.json) for e in at.get("bidi_component") if e.proto.component_name == name]

@@ -1,11 +1,12 @@
 """AppTest of every page, including share links with valid, out-of-range and garbage parameters."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+
+from conftest import component_data
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
@@ -49,10 +50,6 @@ def test_explorer_views_render(view):
     (share,) = component_data(at, "headscope_share_link")
     assert "page=explorer" in share["link"] and "layer=4&head=7" in share["link"]
 
-
-def component_data(at: AppTest, name: str) -> list[dict]:
-    """The data of each st.components.v2 component `name` on the page (AppTest shows them as unknown elements)."""
-    return [json.loads(e.proto.json) for e in at.get("bidi_component") if e.proto.component_name == name]
 
 
 def link_params(at: AppTest) -> dict:

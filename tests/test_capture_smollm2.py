@@ -126,18 +126,25 @@ def test_thumbnails_are_the_block_max_of_the_stored_maps(generated):
         np.testing.assert_allclose(thumbs[layer], expected, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("n, block", [(100, 256), (300, 256), (300, 7), (65, 16)])
-def test_recorder_thumbnails_with_blocks_that_cut_across_bins(n, block):
-    """Row blocks that start inside a thumbnail bin (and a ragged last bin) pool like max_pool."""
+@pytest.mark.parametrize("n, block, defer", [(100, 256, False), (300, 256, False), (300, 7, False), (65, 16, False),
+                                             (300, 7, True)])
+def test_recorder_thumbnails_with_blocks_that_cut_across_bins(n, block, defer):
+    """Row blocks that start inside a thumbnail bin (and a ragged last bin) pool like max_pool; a
+    deferred recorder hands the layer on only in `finish`."""
     rng = np.random.default_rng(n + block)
     heads = 3
     full = np.tril(rng.random((heads, n, n), dtype=np.float32))
     done = {}
-    recorder = attention.Recorder(heads, "tril", lambda layer, maps, overview: done.update(overview=overview))
+    recorder = attention.Recorder(heads, "tril", lambda layer, maps, overview: done.update(overview=overview, maps=maps),
+                                  defer=defer)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
         recorder.take(0, 0, r0, n, torch.from_numpy(full[:, r0:r1, :r1].copy()))
+    assert bool(done) != defer
+    recorder.finish()
     np.testing.assert_array_equal(done["overview"], max_pool(full, min(32, n)).astype(np.float16))
+    rows, cols = np.tril_indices(n)
+    np.testing.assert_array_equal(done["maps"], full[:, rows, cols].astype(np.float16))  # the packed lower triangle
 
 
 # ---- (b) empty intervention = plain generate -----------------------------------------------------

@@ -24,6 +24,7 @@ from capture.adapters.llm import TextAdapter
 from capture.interventions import HeadEdit, Intervention
 from capture.run import run
 from capture.types import Capture, ModelMeta, RunSpec, max_pool
+from conftest import component_data
 
 N_PROMPT = 1000
 LAYERS = (0, 9, 29)
@@ -234,5 +235,8 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
     assert not at.warning, [w.value for w in at.warning]
     if view == "token":
         assert any("mean of heads" in h.proto.body for h in at.get("html"))
+    elif view == "model":  # the mosaic component, from the stored thumbnails
+        (mosaic,) = component_data(at, "headscope_mosaic")
+        assert mosaic["selected"] == [9, 4] and mosaic["src"].startswith("data:image/png")
     else:
         assert at.get("plotly_chart")

@@ -74,19 +74,17 @@ class _StepProgress(StoppingCriteria):
 class LayerWriter:
     """Writes finished layers to the cache on a background thread, so disk work overlaps the forward.
 
-    A small capture (`total_bytes` <= DEFER_BYTES) is kept in memory instead and written after the
-    forward in one cache transaction: for a 128-token input the writer thread's share of the GIL and
-    31 separate index commits cost more than the writing itself."""
+    A small pass (`defer`, capture.attention.small_pass) is kept in memory instead and written after
+    the forward in one cache transaction: for a 128-token input the writer thread's share of the GIL
+    and 31 separate index commits cost more than the writing itself."""
 
     MAX_PENDING = 2  # layers waiting to be written; bounds the memory held by the queue
-    DEFER_BYTES = 32 * 2**20
 
     def __init__(self, store, key: str, n_layers: int, progress: Progress, share_before: float,
-                 total_bytes: int | None = None):
+                 defer: bool = False):
         self.store, self.key, self.n_layers = store, key, n_layers
         self.progress, self.share_before = progress, share_before
-        self.deferred: list[tuple[str, np.ndarray]] | None = \
-            [] if total_bytes is not None and total_bytes <= self.DEFER_BYTES else None
+        self.deferred: list[tuple[str, np.ndarray]] | None = [] if defer else None
         self.pool = None if self.deferred is not None else \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="headscope-writer")
         self.pending: list[Future] = []
@@ -240,13 +238,13 @@ class TextAdapter:
             layout_info = {}
 
             input_ids = torch.tensor([ids])
-            total = None if layout == longctx.LAYOUT else stored_bytes(meta.n_layers, meta.n_heads, len(ids), meta.causal)
-            with LayerWriter(store, key, meta.n_layers, progress, gen_share, total) as writer:
+            small = layout != longctx.LAYOUT and attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
+            with LayerWriter(store, key, meta.n_layers, progress, gen_share, defer=small) as writer:
                 if layout == longctx.LAYOUT:
                     recorder = longctx.QKRecorder(meta, len(ids), writer.submit,
                                                   split=len(prompt_ids) if new_ids else None)
                 else:
-                    recorder = attention.Recorder(meta.n_heads, layout, writer.submit)
+                    recorder = attention.Recorder(meta.n_heads, layout, writer.submit, defer=small)
                 # an empty "response" span in a prefill-only run, so edits on it resolve (to nothing)
                 session_spans = {"response": range(len(ids), len(ids)), **spans}
                 try:
@@ -257,6 +255,7 @@ class TextAdapter:
                                 out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
                             else:
                                 self.handle.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+                    recorder.finish()
                 finally:
                     if layout == longctx.LAYOUT:
                         recorder.close()

@@ -115,15 +115,17 @@ class VisionAdapter:
         t_prep = time.perf_counter()
         seen: dict[str, int] = {}
 
-        with LayerWriter(store, key, meta.n_layers, progress, 0.0, need) as writer:
+        small = attention.small_pass(meta.n_layers, meta.n_heads, n_tokens)
+        with LayerWriter(store, key, meta.n_layers, progress, 0.0, defer=small) as writer:
             def on_layer(layer: int, maps: np.ndarray, *extra) -> None:
                 seen["n"] = maps.shape[-1]
                 writer.submit(layer, maps, *extra)
 
-            recorder = attention.Recorder(meta.n_heads, "full", on_layer)
+            recorder = attention.Recorder(meta.n_heads, "full", on_layer, defer=small)
             with attention.session(spec.intervention, recorder=recorder, spans=spans):
                 with torch.inference_mode():
                     out = self.handle.model(**self.forward_kwargs(pixels))
+            recorder.finish()
         classes = self.top_classes(out.logits[0]) if self.classifier and hasattr(out, "logits") else []
         t_cap = time.perf_counter()
         if seen.get("n", n_tokens) != n_tokens:  # a prefix this adapter did not expect: label what came out

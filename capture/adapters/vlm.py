@@ -170,15 +170,17 @@ class VlmAdapter:
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
-        total = stored_bytes(meta.n_layers, meta.n_heads, len(ids), causal=True)
-        with LayerWriter(store, key, meta.n_layers, progress, gen_share, total) as writer, self._residual(residual):
-            recorder = attention.Recorder(meta.n_heads, "tril", writer.submit)
+        small = attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
+        with LayerWriter(store, key, meta.n_layers, progress, gen_share, defer=small) as writer, \
+                self._residual(residual):
+            recorder = attention.Recorder(meta.n_heads, "tril", writer.submit, defer=small)
             with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
                                    sink_scores=self.sink_scores):
                 with torch.inference_mode():
                     out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
                                             attention_mask=torch.ones_like(input_ids), use_cache=False,
                                             logits_to_keep=1)
+            recorder.finish()
         if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
             store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
         store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
