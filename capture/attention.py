@@ -120,17 +120,24 @@ class Recorder:
     def _pool(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         """Fold a block of rows into the layer's block-max overview (same blocks as capture.types.max_pool).
 
-        The block is zero-padded to whole bins (zeros never win a max of weights) and reduced in one op."""
+        A block of whole bins is reduced as a view; otherwise a block that starts inside a bin is
+        zero-padded at the top (zeros never win a max of weights) and ragged bins are max_pool2d's
+        ceil mode."""
         pooled = self._overviews[layer]  # [head, bins, bins]
         bins = pooled.shape[1]
         size = -(-n // bins)
         n_block, n_rows, n_keys = weights.shape
         top = first_row % size  # rows of the first bin that an earlier block brought
-        bottom = -(top + n_rows) % size
-        padded = torch.nn.functional.pad(weights, (0, bins * size - n_keys, top, bottom))  # [heads_in_block, rows', bins*size]
-        n_bins = padded.shape[1] // size
-        col_max = padded.view(n_block, n_bins * size, bins, size).amax(-1)  # [heads_in_block, rows', bins]
-        block_max = col_max.view(n_block, n_bins, size, bins).amax(2)  # [heads_in_block, n_bins, bins]
+        if top == 0 and n_rows % size == 0 and n_keys % size == 0:
+            col_max = weights.view(n_block, n_rows, n_keys // size, size).amax(-1)  # [heads_in_block, rows, key bins]
+            block_max = col_max.view(n_block, n_rows // size, size, -1).amax(2)  # [heads_in_block, n_bins, key bins]
+        else:
+            if top:
+                weights = torch.nn.functional.pad(weights, (0, 0, top, 0))
+            block_max = torch.nn.functional.max_pool2d(weights.unsqueeze(1), size, ceil_mode=True)[:, 0]
+        n_block, n_bins, key_bins = block_max.shape
+        if key_bins < bins:  # a causal block sees only the keys up to its last row
+            block_max = torch.nn.functional.pad(block_max, (0, bins - key_bins))
         first_bin = first_row // size
         target = pooled[first_head : first_head + n_block, first_bin : first_bin + n_bins]
         torch.maximum(target, block_max, out=target)
