@@ -76,8 +76,8 @@ def server_times(key: str) -> dict:
     return times
 
 
-PAINTED = {"model": ".hs-mosaic img",  # the model view's mosaic (pages/widgets.py)
-           "head": ".js-plotly-plot .heatmaplayer image"}  # the head view's Plotly heatmap
+PAINTED = {"model": ".hs-pic img",  # the model view's mosaic (pages/widgets.py)
+           "head": ".hs-pic img"}  # one head's map
 
 
 def first_paint(key: str, repeats: int = 3) -> dict[str, float]:

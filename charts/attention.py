@@ -1,6 +1,7 @@
-"""Figures of attention maps: one head (Plotly), the whole model at a glance (a coloured picture), one token's row.
+"""Figures of attention maps: one head, a long map's overview, the whole model at a glance (each a
+coloured `Picture`, drawn by pages/widgets.py), one token's row (HTML), and Plotly click targets.
 
-Pure: numpy arrays and lists in, `go.Figure` (or an HTML string) out; no streamlit, no torch.
+Pure: numpy arrays and lists in, a `Picture`, an SVG / HTML string or a Plotly trace out; no streamlit, no torch.
 Colours follow charts.theme so the same quantity looks the same on every page.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from charts.image import png_source
-from charts.theme import ATTENTION_SCALE, LOG_FLOOR, base_layout, colour_table
+from charts.theme import ATTENTION_SCALE, LOG_FLOOR, colour_table
 
 SCALE_TITLES = {"raw": "weight", "log": "log10 weight", "row": "weight / row max"}
 
@@ -37,67 +38,6 @@ def _range(scale: str) -> tuple[float, float]:
     return (LOG_FLOOR, 0.0) if scale == "log" else (0.0, 1.0)
 
 
-def head_map(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], scale: str = "raw",
-             title: str = "", q_start: int = 0, k_start: int = 0, mask_future: bool = True) -> go.Figure:
-    """One head's map.  attn  # [query, key] (a window starting at q_start, k_start).
-
-    Hover shows the query token, the key token and the weight; cells above the diagonal of a causal
-    map are left blank rather than drawn as zero.
-    """
-    raw = np.asarray(attn, dtype=np.float32)
-    z = scaled(raw, scale)
-    if mask_future:
-        q_pos = np.arange(q_start, q_start + raw.shape[0])[:, None]
-        k_pos = np.arange(k_start, k_start + raw.shape[1])[None, :]
-        z = np.where(k_pos > q_pos, np.nan, z)
-    y = axis_labels(tokens_q, q_start)
-    x = axis_labels(tokens_k, k_start)
-    zmin, zmax = _range(scale)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=x, y=y, customdata=raw, colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax,
-        colorbar=dict(title=dict(text=SCALE_TITLES[scale], side="right"), thickness=14),
-        hovertemplate="query %{y}<br>key %{x}<br>weight %{customdata:.4f}<extra></extra>",
-        hoverongaps=False,
-    ))
-    n = max(len(x), len(y))
-    fig.update_layout(**base_layout(title=title, height=min(900, max(380, 22 * len(y) + 160))))
-    fig.update_yaxes(autorange="reversed", title="query", tickfont=dict(size=11 if n <= 40 else 9),
-                     showticklabels=len(y) <= 120, type="category")
-    fig.update_xaxes(title="key", tickangle=-60, tickfont=dict(size=11 if n <= 40 else 9),
-                     showticklabels=len(x) <= 120, type="category")
-    return fig
-
-
-def overview_map(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: str = "",
-                 window: tuple[int, int, int, int] | None = None) -> go.Figure:
-    """A block-pooled overview of a long map.  pooled  # [bins, bins] (max over each block).
-
-    Axes are in token positions (bin centres); `window` = (q0, q1, k0, k1) outlines the detail window.
-    """
-    bins = pooled.shape[0]
-    width = n_tokens / bins
-    centres = (np.arange(bins) + 0.5) * width
-    zmin, zmax = _range(scale)
-    z = scaled(pooled, scale)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=centres, y=centres, customdata=np.asarray(pooled, dtype=np.float32),
-        colorscale=ATTENTION_SCALE, zmin=zmin, zmax=zmax,
-        colorbar=dict(title=dict(text="max " + SCALE_TITLES[scale], side="right"), thickness=14),
-        hovertemplate=f"queries ≈%{{y:.0f}}<br>keys ≈%{{x:.0f}}<br>max weight in a {width:.0f}×{width:.0f} block "
-                      "%{customdata:.4f}<extra></extra>",
-    ))
-    step = max(1, bins // 32)
-    fig.add_trace(click_targets(centres[::step], centres[::step], "queries ≈%{customdata[0]:.0f}, keys ≈%{customdata[1]:.0f}",
-                                size=10))
-    if window is not None:
-        q0, q1, k0, k1 = window
-        fig.add_shape(type="rect", x0=k0, x1=k1, y0=q0, y1=q1, line=dict(color="#ff4b4b", width=2))
-    fig.update_layout(**base_layout(title=title, height=520))
-    fig.update_yaxes(range=[n_tokens, 0], title="query position")
-    fig.update_xaxes(range=[0, n_tokens], title="key position")
-    return fig
-
-
 def click_targets(xs: np.ndarray, ys: np.ndarray, hover: str, size: int) -> go.Scatter:
     """Invisible markers on a grid: Plotly selects points of scatter traces, not heatmap cells, so
     these make a heatmap clickable (Streamlit's on_select then reports the clicked x, y)."""
@@ -110,40 +50,137 @@ def click_targets(xs: np.ndarray, ys: np.ndarray, hover: str, size: int) -> go.S
 
 
 @dataclass(frozen=True)
-class Mosaic:
-    """Every head at a glance (BertViz's model view) as ONE server-coloured picture.
+class Picture:
+    """A heatmap as ONE server-coloured picture plus what the browser needs around it (pages/widgets.py
+    draws it: labels, hover, colour bar, zoom, clicks).  Sent as a PNG instead of Plotly's heatmap JSON,
+    and drawn without Plotly's 4.7 MB bundle, so a shared link paints as soon as the page does.
 
-    `src` is a PNG data URI of n_layers x n_heads thumbnails (thumbnail (layer, head) at row layer,
-    column head; each `cell` pixels square including a transparent `gap`), ~100 kB instead of a
-    heatmap of ~350,000 numbers.  `ramp` holds CSS colours of the colour scale from `zmin` to `zmax`,
-    for a colour bar drawn beside it (pages/mosaic.py draws all of it in the browser)."""
+    The picture covers rows x cols logical cells (each `cell` pixels of `src`, a PNG data URI; cells may
+    carry a transparent gap, or be transparent where masked).  `row_labels` / `col_labels` label the
+    axes ("" for no tick); `row_hover` / `col_hover` name each row / column in the hover text, and
+    `values` (rows x cols, or None) give the number it shows.  `ramp` holds CSS colours of the colour
+    scale from `zmin` to `zmax`."""
 
     src: str
-    n_layers: int
-    n_heads: int
+    rows: int
+    cols: int
     cell: int
+    row_labels: tuple[str, ...]
+    col_labels: tuple[str, ...]
+    row_hover: tuple[str, ...]
+    col_hover: tuple[str, ...]
+    hover: str  # "{row}", "{col}" and "{value}" are replaced
+    row_title: str
+    col_title: str
+    title: str
+    bar_title: str
     zmin: float
     zmax: float
-    title: str
     ramp: tuple[str, ...]
+    values: tuple[tuple[float, ...], ...] | None = None
 
 
-def model_mosaic(thumbs: np.ndarray, scale: str = "raw") -> Mosaic:
-    """thumbs  # [layer, head, bins, bins] block-pooled maps -> the model view's Mosaic."""
+def _coloured(unit: np.ndarray) -> np.ndarray:
+    """unit  # [..., ] values in [0, 1] (NaN: transparent) -> rgba  # [..., 4] uint8 on the attention scale."""
+    lut = colour_table(ATTENTION_SCALE)
+    rgba = np.zeros(unit.shape + (4,), dtype=np.uint8)
+    seen = ~np.isnan(unit)
+    rgba[seen, :3] = lut[np.rint(np.clip(unit[seen], 0.0, 1.0) * 255).astype(np.intp)]
+    rgba[seen, 3] = 255
+    return rgba
+
+
+def _ramp() -> tuple[str, ...]:
+    lut = colour_table(ATTENTION_SCALE)
+    return tuple(f"rgb({r},{g},{b})" for r, g, b in lut[np.linspace(0, 255, 11).round().astype(int)])
+
+
+def model_mosaic(thumbs: np.ndarray, scale: str = "raw") -> Picture:
+    """thumbs  # [layer, head, bins, bins] block-pooled maps -> every head at a glance (BertViz's model
+    view) as one picture of n_layers x n_heads thumbnails (~100 kB instead of a heatmap of ~350,000 numbers)."""
     n_layers, n_heads, bins, _ = thumbs.shape
     gap = max(1, bins // 8)
     cell = bins + gap
     zmin, zmax = _range(scale)
     values = scaled(thumbs.reshape(-1, bins, bins), scale).reshape(thumbs.shape)  # [layer, head, bins, bins]
-    unit = np.clip((np.nan_to_num(values, nan=zmin, neginf=zmin) - zmin) / (zmax - zmin), 0.0, 1.0)
-    lut = colour_table(ATTENTION_SCALE)
-    rgba = np.zeros((n_layers, cell, n_heads, cell, 4), dtype=np.uint8)  # gaps stay transparent
-    rgba[:, :bins, :, :bins, :3] = lut[np.rint(unit * 255).astype(np.intp)].transpose(0, 2, 1, 3, 4)
-    rgba[:, :bins, :, :bins, 3] = 255
-    mosaic = rgba.reshape(n_layers * cell, n_heads * cell, 4)
-    ramp = tuple(f"rgb({r},{g},{b})" for r, g, b in lut[np.linspace(0, 255, 11).round().astype(int)])
-    return Mosaic(src=png_source(mosaic), n_layers=n_layers, n_heads=n_heads, cell=cell, zmin=zmin, zmax=zmax,
-                  title="max " + SCALE_TITLES[scale], ramp=ramp)
+    unit = (np.nan_to_num(values, nan=zmin, neginf=zmin) - zmin) / (zmax - zmin)
+    padded = np.full((n_layers, n_heads, cell, cell), np.nan, dtype=np.float32)  # gaps stay transparent
+    padded[:, :, :bins, :bins] = unit
+    mosaic = _coloured(padded.transpose(0, 2, 1, 3).reshape(n_layers * cell, n_heads * cell))
+    layers, heads = tuple(f"L{i}" for i in range(n_layers)), tuple(f"H{h}" for h in range(n_heads))
+    return Picture(src=png_source(mosaic), rows=n_layers, cols=n_heads, cell=cell, row_labels=layers,
+                   col_labels=heads, row_hover=tuple(f"layer {i}" for i in range(n_layers)),
+                   col_hover=tuple(f"head {h}" for h in range(n_heads)), hover="{row}, {col}: click to open it",
+                   row_title="", col_title="", title="", bar_title="max " + SCALE_TITLES[scale],
+                   zmin=zmin, zmax=zmax, ramp=_ramp())
+
+
+def head_picture(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], scale: str = "raw",
+                 title: str = "", q_start: int = 0, k_start: int = 0, mask_future: bool = True) -> Picture:
+    """One head's map (or a window of it starting at q_start, k_start) with token labels; the hover shows
+    the query token, the key token and the weight; cells above a causal map's diagonal are left blank."""
+    raw = np.asarray(attn, dtype=np.float32)
+    zmin, zmax = _range(scale)
+    unit = (scaled(raw, scale) - zmin) / (zmax - zmin)
+    if mask_future:
+        q_pos = np.arange(q_start, q_start + raw.shape[0])[:, None]
+        k_pos = np.arange(k_start, k_start + raw.shape[1])[None, :]
+        unit = np.where(k_pos > q_pos, np.nan, unit)
+    rows, cols = axis_labels(tokens_q, q_start), axis_labels(tokens_k, k_start)
+    return Picture(src=png_source(_coloured(unit)), rows=raw.shape[0], cols=raw.shape[1], cell=1,
+                   row_labels=tuple(rows), col_labels=tuple(cols), row_hover=tuple(rows), col_hover=tuple(cols),
+                   hover="query {row} · key {col} · weight {value}", row_title="query", col_title="key",
+                   title=title, bar_title=SCALE_TITLES[scale], zmin=zmin, zmax=zmax, ramp=_ramp(),
+                   values=tuple(tuple(round(float(v), 4) for v in row) for row in raw))
+
+
+def overview_picture(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: str = "") -> Picture:
+    """A block-pooled overview of a long map.  pooled  # [bins, bins] (max over each block); axes in token
+    positions, a tick every 16 blocks."""
+    bins = pooled.shape[0]
+    width = n_tokens / bins
+    zmin, zmax = _range(scale)
+    unit = (scaled(pooled, scale) - zmin) / (zmax - zmin)
+    spans = tuple(f"{int(i * width)}–{int((i + 1) * width) - 1}" for i in range(bins))
+    ticks = tuple(str(int(i * width)) if i % 16 == 0 else "" for i in range(bins))
+    return Picture(src=png_source(_coloured(unit)), rows=bins, cols=bins, cell=1, row_labels=ticks, col_labels=ticks,
+                   row_hover=spans, col_hover=spans,
+                   hover="queries {row} · keys {col} · max weight {value} · click to move the window",
+                   row_title="query position", col_title="key position", title=title,
+                   bar_title="max " + SCALE_TITLES[scale], zmin=zmin, zmax=zmax, ramp=_ramp(),
+                   values=tuple(tuple(round(float(v), 4) for v in row) for row in np.asarray(pooled, np.float32)))
+
+
+def picture_svg(p: Picture, cell_px: int = 24) -> str:
+    """A Picture as a standalone SVG (the picture, axis labels and a colour bar), for "Picture (SVG)"."""
+    cell_px = max(4, min(cell_px, 1200 // max(p.rows, p.cols)))
+    label_w = max([len(t) for t in p.row_labels] + [2]) * 7 + 8
+    left, top, bar = label_w, 30 + (max([len(t) for t in p.col_labels] + [2]) * 5 if p.cols > 12 else 0), 80
+    width, height = p.cols * cell_px, p.rows * cell_px
+    font = min(11, cell_px - 1)
+    stops = "".join(f'<stop offset="{i / (len(p.ramp) - 1):.2f}" stop-color="{c}"/>' for i, c in enumerate(p.ramp))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + bar}" height="{top + height + 8}" '
+             f'font-family="sans-serif" font-size="{font}">',
+             f'<defs><linearGradient id="ramp" x1="0" y1="1" x2="0" y2="0">{stops}</linearGradient></defs>',
+             f'<text x="{left}" y="14" font-size="13" font-weight="bold">{html.escape(p.title)}</text>',
+             f'<image x="{left}" y="{top}" width="{width}" height="{height}" preserveAspectRatio="none" '
+             f'style="image-rendering:pixelated" href="{p.src}"/>']
+    rotate = p.cols > 12
+    for c, label in enumerate(p.col_labels):
+        if label and font >= 6:
+            x = left + (c + 0.5) * cell_px
+            parts.append(f'<text transform="translate({x:.1f},{top - 4}) rotate(-60)">{html.escape(label)}</text>'
+                         if rotate else f'<text x="{x:.1f}" y="{top - 6}" text-anchor="middle">{html.escape(label)}</text>')
+    parts += [f'<text x="{left - 4}" y="{top + (r + 0.5) * cell_px + font / 3:.1f}" text-anchor="end">{html.escape(label)}</text>'
+              for r, label in enumerate(p.row_labels) if label and font >= 6]
+    x = left + width + 12
+    bar_height = min(height, 240)
+    parts += [f'<rect x="{x}" y="{top}" width="12" height="{bar_height}" fill="url(#ramp)"/>',
+              f'<text x="{x + 16}" y="{top + 9}" font-size="11">{p.zmax:g}</text>',
+              f'<text x="{x + 16}" y="{top + bar_height}" font-size="11">{p.zmin:g}</text>',
+              f'<text transform="translate({x + 56},{top + bar_height / 2:.0f}) rotate(-90)" text-anchor="middle" '
+              f'font-size="11">{html.escape(p.bar_title)}</text>', "</svg>"]
+    return "".join(parts)
 
 
 def token_highlight_html(tokens: list[str], weights: np.ndarray, query: int, label: str = "") -> str:

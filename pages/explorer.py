@@ -5,9 +5,8 @@ import numpy as np
 import streamlit as st
 
 from charts import attention as charts
-from charts.theme import plot_config
 from pages import shared
-from pages.widgets import mosaic
+from pages.widgets import picture
 
 FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution detail window
 WINDOW = 96  # detail window size, tokens
@@ -32,12 +31,11 @@ def open_head(layer: int, head: int) -> None:
     shared.set_fields(layer=layer, head=head, view="head")
 
 
-def centre_window_on_click() -> None:
-    points = st.session_state["head_overview"].selection.points
-    if points:
-        q, k = int(points[0]["y"]), int(points[0]["x"])
-        shared.set_fields(q0=min(max(q - WINDOW // 2, 0), max(n - WINDOW, 0)),
-                          k0=min(max(k - WINDOW // 2, 0), max(n - WINDOW, 0)))
+def centre_window_on(row: int, col: int, bins: int) -> None:
+    """A click on block (row, col) of a `bins`-block overview: centre the detail window there."""
+    q, k = int((row + 0.5) * n / bins), int((col + 0.5) * n / bins)
+    shared.set_fields(q0=min(max(q - WINDOW // 2, 0), max(n - WINDOW, 0)),
+                      k0=min(max(k - WINDOW // 2, 0), max(n - WINDOW, 0)))
 
 
 cols = st.columns([2.6, 1, 1, 2.4])
@@ -54,15 +52,26 @@ with cols[3]:
     scale = shared.bind("scale", st.segmented_control, "Colour", ["raw", "log", "row"], required=True,
                         format_func={"raw": "weight", "log": "log", "row": "row-norm"}.get,
                         help="weight: raw attention; log: log10 (shows small weights); row-norm: each row / its max.")
-fmt = st.sidebar.radio("Figure download format", ["png", "svg"], horizontal=True, key="fig_format")
-config = plot_config(fmt)
+
+
+def downloads(drawn, name: str, csv) -> None:
+    """The figure as PNG (the picture) and SVG (picture, labels, colour bar), its numbers as CSV; each
+    built only when clicked, without a rerun (a rerun would retire the file before the browser fetches it)."""
+    png, svg, numbers = st.columns([1, 1, 5])
+    png.download_button("Picture (PNG)", lambda: base64.b64decode(drawn.src.split(",", 1)[1]),
+                        file_name=f"{capture.key}_{name}.png", mime="image/png", on_click="ignore")
+    svg.download_button("Picture (SVG)", lambda: charts.picture_svg(drawn), file_name=f"{capture.key}_{name}.svg",
+                        mime="image/svg+xml", on_click="ignore")
+    numbers.download_button("Numbers (CSV)", csv, file_name=f"{capture.key}_{name}.csv", mime="text/csv",
+                            on_click="ignore")
+
 
 if state.view == "model":
     thumbs = np.asarray(capture.overview(), dtype=np.float32)  # [layer, head, bins, bins]
     st.caption(f"Every head of every layer, each map max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks. "
                "Click a head to open it.")
-    picture = shared.memo("model_mosaic", (capture.key, scale), lambda: charts.model_mosaic(thumbs, scale))
-    mosaic(picture, selected=(layer, head), on_pick=open_head)
+    mosaic = shared.memo("model_mosaic", (capture.key, scale), lambda: charts.model_mosaic(thumbs, scale))
+    picture(mosaic, key="model_grid", on_pick=open_head, outline=(layer, layer + 1, head, head + 1))
 
     def model_view_csv() -> str:  # built on click only: 276,480 rows for 30 x 9 heads of 32 x 32 blocks
         L, H, b, _ = thumbs.shape
@@ -71,20 +80,15 @@ if state.view == "model":
         return "layer,head,query_block,key_block,max_weight\n" + "\n".join(
             f"{int(r[0])},{int(r[1])},{int(r[2])},{int(r[3])},{r[4]:.5g}" for r in rows)
 
-    down_png, down_csv = st.columns([1, 6])
-    down_png.download_button("Picture (PNG)", lambda: base64.b64decode(picture.src.split(",", 1)[1]),
-                             file_name=f"{capture.key}_model_view.png", mime="image/png", on_click="ignore")
-    down_csv.download_button("Numbers (CSV)", model_view_csv, file_name=f"{capture.key}_model_view.csv",
-                             mime="text/csv", on_click="ignore")
+    downloads(mosaic, "model_view", model_view_csv)
 
 elif state.view == "head":
     title = f"Layer {layer}, head {head} (KV head {meta.kv_head(head)})"
     causal = meta.causal
     if n <= FULL_MAP_MAX:
-        attn = capture.head(layer, head)  # [query, key]
-        fig = charts.head_map(attn, capture.tokens, capture.tokens, scale, title=title, mask_future=causal)
-        st.plotly_chart(fig, key="head_map", config=config)
-        shown, q0, k0 = attn, 0, 0
+        shown, q0, k0 = capture.head(layer, head), 0, 0  # [query, key]
+        drawn = charts.head_picture(shown, capture.tokens, capture.tokens, scale, title=title, mask_future=causal)
+        picture(drawn, key="head_map", zoom=True)
     else:
         left, right = st.columns([1, 1.25])
         with left:
@@ -92,16 +96,16 @@ elif state.view == "head":
             k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
             # stored thumbnails where the capture has them (long captures); never the whole map
             pooled = capture.head_overview(layer, head, OVERVIEW_BINS)  # [bins, bins]
-            fig = charts.overview_map(pooled, n, scale, title=f"{title}: overview (click to move the window)",
-                                      window=(q0, q0 + WINDOW, k0, k0 + WINDOW))
-            st.plotly_chart(fig, key="head_overview", on_select=centre_window_on_click,
-                            selection_mode="points", config=config)
+            bins = pooled.shape[0]
+            picture(charts.overview_picture(pooled, n, scale, title=f"{title}: overview (click to move the window)"),
+                    key="head_overview", on_pick=lambda row, col: centre_window_on(row, col, bins), zoom=True,
+                    outline=(q0 * bins // n, -(-(q0 + WINDOW) * bins // n), k0 * bins // n, -(-(k0 + WINDOW) * bins // n)))
         with right:
             shown = capture.window(layer, head, q0, q0 + WINDOW, k0, k0 + WINDOW)  # [WINDOW, WINDOW]
-            fig = charts.head_map(shown, capture.tokens[q0 : q0 + WINDOW], capture.tokens[k0 : k0 + WINDOW],
-                                  scale, title=f"Detail: queries {q0}–{q0 + WINDOW - 1}, keys {k0}–{k0 + WINDOW - 1}",
-                                  q_start=q0, k_start=k0, mask_future=causal)
-            st.plotly_chart(fig, key="head_detail", config=config)
+            drawn = charts.head_picture(shown, capture.tokens[q0 : q0 + WINDOW], capture.tokens[k0 : k0 + WINDOW],
+                                        scale, title=f"Detail: queries {q0}–{q0 + WINDOW - 1}, keys {k0}–{k0 + WINDOW - 1}",
+                                        q_start=q0, k_start=k0, mask_future=causal)
+            picture(drawn, key="head_detail", zoom=True)
 
     def head_csv() -> str:  # built on click only
         header = ",".join(["query"] + [f'"{k0 + j}:{t}"'.replace("\n", " ") for j, t in
@@ -110,8 +114,7 @@ elif state.view == "head":
                          for i, row in enumerate(np.asarray(shown, dtype=np.float32)))
         return header + "\n" + body
 
-    st.download_button("Numbers (CSV)", head_csv, mime="text/csv", file_name=f"{capture.key}_L{layer}_H{head}.csv",
-                       on_click="ignore")
+    downloads(drawn, f"L{layer}_H{head}", head_csv)
 
 else:  # token view
     query = shared.bind("token", st.select_slider, "Query token", options=list(range(-1, n)),

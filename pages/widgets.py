@@ -1,146 +1,190 @@
 """Two small browser components (`st.components.v2`: inline HTML, CSS and JavaScript, no build step).
 
-- `mosaic`: the model view.  Every head's thumbnail in one server-coloured PNG (charts.attention.Mosaic),
-  drawn as an <img> with layer / head labels, a colour bar, a hover read-out and a click that opens
-  the head (`on_pick(layer, head)`).
+- `picture`: a heatmap made by charts.attention as one server-coloured PNG (a `Picture`: the model
+  view's mosaic, one head's map, a long map's overview), drawn as an <img> with axis labels, a colour
+  bar, a hover read-out of the cell, zoom buttons (the picture then scrolls: pan) and clicks
+  (`on_pick(row, col)`).
 - `share_link`: the link of the current view with a "Copy link" button.
 
 Why not Plotly and `st.code`: a browser opening a shared link must first load the JavaScript of every
 kind of element on the page.  Plotly's bundle is 4.7 MB (~1.3 s to load and draw even on a bare page)
-and `st.code`'s syntax highlighter 1.5 MB; these components are a few kB, so a link to the model view
+and `st.code`'s syntax highlighter 1.5 MB; these components are a few kB, so a link to the explorer
 paints as soon as the page does (bench/app.py).
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Callable
 
 import streamlit as st
 
-from charts.attention import Mosaic
+from charts.attention import Picture
 
-MOSAIC_CSS = """
-.hs-mosaic { font: 12px "Source Sans Pro", sans-serif; color: var(--st-text-color); }
-.hs-mosaic .row { display: flex; align-items: flex-start; gap: 14px; }
-.hs-mosaic .grid { display: grid; position: relative; }
-.hs-mosaic .lab { display: flex; align-items: center; justify-content: center; opacity: 0.8; }
-.hs-mosaic .ylab { justify-content: flex-end; padding-right: 4px; }
-.hs-mosaic img { image-rendering: pixelated; cursor: pointer; display: block; }
-.hs-mosaic .sel { position: absolute; border: 2px solid #ff4b4b; pointer-events: none; box-sizing: border-box; }
-.hs-mosaic .tip { position: absolute; pointer-events: none; background: var(--st-secondary-background-color);
-                  border: 1px solid rgba(128,128,128,0.5); border-radius: 4px; padding: 2px 6px; white-space: nowrap;
-                  display: none; z-index: 2; }
-.hs-mosaic .bar { display: flex; gap: 6px; align-items: stretch; }
-.hs-mosaic .ramp { width: 12px; border-radius: 2px; }
-.hs-mosaic .ticks { display: flex; flex-direction: column; justify-content: space-between; }
-.hs-mosaic .bartitle { writing-mode: vertical-rl; transform: rotate(180deg); text-align: center; opacity: 0.8; }
+PICTURE_CSS = """
+.hs-pic { font: 12px "Source Sans Pro", sans-serif; color: var(--st-text-color); }
+.hs-pic .head { display: flex; align-items: center; gap: 8px; margin-bottom: 4px; }
+.hs-pic .title { font-weight: 600; font-size: 14px; }
+.hs-pic .head button { padding: 0 8px; border-radius: 4px; cursor: pointer; background: transparent;
+                       border: 1px solid rgba(128,128,128,0.5); color: var(--st-text-color); }
+.hs-pic .row { display: flex; align-items: flex-start; gap: 14px; }
+.hs-pic .scroll { overflow: auto; max-height: 760px; }
+.hs-pic .grid { display: grid; }
+.hs-pic .lab { overflow: hidden; white-space: nowrap; opacity: 0.85; }
+.hs-pic .ylab { text-align: right; padding-right: 4px; }
+.hs-pic .xlab { position: relative; overflow: visible; }
+.hs-pic .xlab span { position: absolute; bottom: 2px; left: 50%; transform-origin: 0 100%; white-space: nowrap; }
+.hs-pic .axis { opacity: 0.7; text-align: center; }
+.hs-pic .holder { position: relative; }
+.hs-pic img { image-rendering: pixelated; display: block; }
+.hs-pic .sel { position: absolute; border: 2px solid #ff4b4b; pointer-events: none; box-sizing: border-box; }
+.hs-pic .tip { position: absolute; pointer-events: none; background: var(--st-secondary-background-color);
+               border: 1px solid rgba(128,128,128,0.5); border-radius: 4px; padding: 2px 6px; white-space: nowrap;
+               display: none; z-index: 2; }
+.hs-pic .bar { display: flex; gap: 6px; align-items: stretch; }
+.hs-pic .ramp { width: 12px; border-radius: 2px; }
+.hs-pic .ticks { display: flex; flex-direction: column; justify-content: space-between; }
+.hs-pic .bartitle { writing-mode: vertical-rl; transform: rotate(180deg); text-align: center; opacity: 0.8; }
 """
 
-MOSAIC_JS = """
+PICTURE_JS = """
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
 export default function (component) {
   const { data, setTriggerValue, parentElement } = component;
   const d = data;
-  parentElement.querySelector(".hs-mosaic")?.remove();  // the last render's (the injected <style> stays)
-  const root = document.createElement("div");
-  root.className = "hs-mosaic";
-  const row = document.createElement("div");
-  row.className = "row";
-  root.appendChild(row);
-  const width = Math.max(200, (parentElement.clientWidth || 900) - 150);
-  const size = Math.max(8, Math.min(d.max_cell_px, Math.floor(width / d.n_heads)));  // px per thumbnail
-  const grid = document.createElement("div");
-  grid.className = "grid";
-  grid.style.gridTemplateColumns = `34px ${size * d.n_heads}px`;
-  grid.style.gridTemplateRows = `18px ${size * d.n_layers}px`;
-  grid.appendChild(document.createElement("div"));
-  const top = document.createElement("div");
-  top.style.display = "grid";
-  top.style.gridTemplateColumns = `repeat(${d.n_heads}, ${size}px)`;
-  for (let h = 0; h < d.n_heads; h++) {
-    const t = document.createElement("div"); t.className = "lab"; t.textContent = "H" + h; top.appendChild(t);
+  parentElement.querySelector(".hs-pic")?.remove();  // the last render's (the injected <style> stays)
+  const root = el("div", "hs-pic");
+  const avail = Math.max(240, (parentElement.clientWidth || 900) - 110);
+  const labelW = d.row_labels.some((t) => t) ? Math.min(140, 8 + 7 * Math.max(...d.row_labels.map((t) => t.length))) : 0;
+  const fit = Math.floor((avail - labelW) / d.cols);
+  const base = Math.max(d.min_cell_px, Math.min(d.max_cell_px, fit));
+  let zoom = 1;
+  const head = el("div", "head");
+  if (d.title) head.appendChild(el("span", "title", d.title));
+  const body = el("div", "row");
+  root.append(head, body);
+  if (d.zoom) {
+    for (const [label, f] of [["−", 0.5], ["+", 2], ["fit", 0]]) {
+      const b = el("button", "", label);
+      b.title = label === "fit" ? "fit the width" : (f > 1 ? "zoom in" : "zoom out");
+      b.addEventListener("click", () => { zoom = f ? Math.max(0.25, Math.min(16, zoom * f)) : 1; draw(); });
+      head.appendChild(b);
+    }
   }
-  grid.appendChild(top);
-  const left = document.createElement("div");
-  left.style.display = "grid";
-  left.style.gridTemplateRows = `repeat(${d.n_layers}, ${size}px)`;
-  const every = Math.max(1, Math.ceil(12 / size));
-  for (let l = 0; l < d.n_layers; l++) {
-    const t = document.createElement("div"); t.className = "lab ylab"; t.textContent = l % every ? "" : "L" + l;
-    left.appendChild(t);
-  }
-  grid.appendChild(left);
-  const holder = document.createElement("div");
-  holder.style.position = "relative";
-  const img = document.createElement("img");
-  img.src = d.src;
-  img.alt = d.title;
-  img.style.width = `${size * d.n_heads}px`;
-  img.style.height = `${size * d.n_layers}px`;
-  holder.appendChild(img);
-  if (d.selected) {
-    const sel = document.createElement("div");
-    sel.className = "sel";
-    Object.assign(sel.style, { left: `${d.selected[1] * size - 1}px`, top: `${d.selected[0] * size - 1}px`,
-                               width: `${size + 2}px`, height: `${size + 2}px` });
-    holder.appendChild(sel);
-  }
-  const tip = document.createElement("div");
-  tip.className = "tip";
-  holder.appendChild(tip);
-  const at = (e) => {
-    const r = img.getBoundingClientRect();
-    const head = Math.floor((e.clientX - r.left) / size), layer = Math.floor((e.clientY - r.top) / size);
-    return (head >= 0 && head < d.n_heads && layer >= 0 && layer < d.n_layers) ? [layer, head] : null;
+  const fmt = (v) => (v === null || v === undefined) ? "" : Number(v).toFixed(4);
+  const draw = () => {
+    body.innerHTML = "";
+    const size = Math.max(1, Math.round(base * zoom));  // px per cell
+    const font = Math.min(11, size - 1);
+    const rotate = d.cols > 12;
+    const xlabH = font >= 6 && d.col_labels.some((t) => t) ? (rotate ? 12 + 6 * Math.max(...d.col_labels.map((t) => t.length)) : 18) : 0;
+    const scroll = el("div", "scroll");
+    scroll.style.maxWidth = `${avail + 40}px`;
+    const grid = el("div", "grid");
+    grid.style.gridTemplateColumns = `${d.row_title ? 16 : 0}px ${labelW}px ${size * d.cols}px`;
+    grid.style.gridTemplateRows = `${xlabH}px ${size * d.rows}px ${d.col_title ? 18 : 0}px`;
+    grid.append(el("div"), el("div"));
+    const top = el("div");
+    top.style.display = "grid";
+    top.style.gridTemplateColumns = `repeat(${d.cols}, ${size}px)`;
+    d.col_labels.forEach((t) => {
+      const cell = el("div", "lab xlab");
+      if (t && font >= 6) {
+        const span = el("span", "", t);
+        span.style.fontSize = `${font}px`;
+        span.style.transform = rotate ? "rotate(-60deg)" : "translateX(-50%)";
+        cell.appendChild(span);
+      }
+      top.appendChild(cell);
+    });
+    grid.appendChild(top);
+    const ytitle = el("div", "axis", d.row_title);
+    ytitle.style.writingMode = "vertical-rl";
+    ytitle.style.transform = "rotate(180deg)";
+    const left = el("div");
+    left.style.display = "grid";
+    left.style.gridTemplateRows = `repeat(${d.rows}, ${size}px)`;
+    d.row_labels.forEach((t) => {
+      const cell = el("div", "lab ylab", font >= 6 ? t : "");
+      cell.style.fontSize = `${font}px`;
+      cell.style.lineHeight = `${size}px`;
+      left.appendChild(cell);
+    });
+    const holder = el("div", "holder");
+    const img = el("img");
+    img.src = d.src;
+    img.alt = d.title || "attention picture";
+    img.style.width = `${size * d.cols}px`;
+    img.style.height = `${size * d.rows}px`;
+    if (d.clickable) img.style.cursor = "pointer";
+    holder.appendChild(img);
+    if (d.outline) {  // [row0, row1, col0, col1), in cells
+      const [r0, r1, c0, c1] = d.outline;
+      const sel = el("div", "sel");
+      Object.assign(sel.style, { left: `${c0 * size - 1}px`, top: `${r0 * size - 1}px`,
+                                 width: `${(c1 - c0) * size + 2}px`, height: `${(r1 - r0) * size + 2}px` });
+      holder.appendChild(sel);
+    }
+    const tip = el("div", "tip");
+    holder.appendChild(tip);
+    const at = (e) => {
+      const r = img.getBoundingClientRect();
+      const c = Math.floor((e.clientX - r.left) / size), w = Math.floor((e.clientY - r.top) / size);
+      return (c >= 0 && c < d.cols && w >= 0 && w < d.rows) ? [w, c] : null;
+    };
+    img.addEventListener("mousemove", (e) => {
+      const p = at(e);
+      if (!p) { tip.style.display = "none"; return; }
+      const value = d.values ? d.values[p[0]][p[1]] : null;
+      tip.textContent = d.hover.replace("{row}", d.row_hover[p[0]]).replace("{col}", d.col_hover[p[1]])
+                               .replace("{value}", fmt(value));
+      tip.style.display = "block";
+      tip.style.left = `${Math.min((p[1] + 1) * size + 6, Math.max(0, size * d.cols - 260))}px`;
+      tip.style.top = `${(p[0] + 1) * size + 4}px`;
+    });
+    img.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+    if (d.clickable) img.addEventListener("click", (e) => { const p = at(e); if (p) setTriggerValue("picked", p); });
+    grid.append(ytitle, left, holder, el("div"), el("div"), el("div", "axis", d.col_title));
+    scroll.appendChild(grid);
+    const bar = el("div", "bar");
+    bar.style.height = `${Math.min(size * d.rows, 360)}px`;
+    bar.style.marginTop = `${xlabH}px`;
+    const ramp = el("div", "ramp");
+    ramp.style.background = `linear-gradient(to top, ${d.ramp.join(", ")})`;
+    const ticks = el("div", "ticks");
+    ticks.append(el("span", "", d.zmax), el("span", "", d.zmin));
+    bar.append(ramp, ticks, el("div", "bartitle", d.bar_title));
+    body.append(scroll, bar);
   };
-  img.addEventListener("mousemove", (e) => {
-    const p = at(e);
-    if (!p) { tip.style.display = "none"; return; }
-    tip.textContent = `layer ${p[0]}, head ${p[1]}`;
-    tip.style.display = "block";
-    tip.style.left = `${(p[1] + 1) * size + 4}px`;
-    tip.style.top = `${p[0] * size}px`;
-  });
-  img.addEventListener("mouseleave", () => { tip.style.display = "none"; });
-  img.addEventListener("click", (e) => { const p = at(e); if (p) setTriggerValue("picked", p); });
-  grid.appendChild(holder);
-  row.appendChild(grid);
-  const bar = document.createElement("div");
-  bar.className = "bar";
-  bar.style.height = `${Math.min(size * d.n_layers, 360)}px`;
-  bar.style.marginTop = "18px";
-  const ramp = document.createElement("div");
-  ramp.className = "ramp";
-  ramp.style.background = `linear-gradient(to top, ${d.ramp.join(", ")})`;
-  const ticks = document.createElement("div");
-  ticks.className = "ticks";
-  const hi = document.createElement("span"), lo = document.createElement("span");
-  hi.textContent = d.zmax; lo.textContent = d.zmin;
-  ticks.append(hi, lo);
-  const title = document.createElement("div");
-  title.className = "bartitle";
-  title.textContent = d.bar_title;
-  bar.append(ramp, ticks, title);
-  row.appendChild(bar);
+  draw();
   parentElement.appendChild(root);
 }
 """
 
-_mosaic = st.components.v2.component("headscope_mosaic", css=MOSAIC_CSS, js=MOSAIC_JS)
+_picture = st.components.v2.component("headscope_picture", css=PICTURE_CSS, js=PICTURE_JS)
 
 
-def mosaic(m: Mosaic, selected: tuple[int, int] | None, on_pick: Callable[[int, int], None],
-           key: str = "model_grid", max_cell_px: int = 36) -> None:
-    """Draw the model view's mosaic; a click on a thumbnail calls on_pick(layer, head)."""
+def picture(p: Picture, key: str, on_pick: Callable[[int, int], None] | None = None,
+            outline: tuple[int, int, int, int] | None = None, zoom: bool = False,
+            min_cell_px: int = 3, max_cell_px: int = 36) -> None:
+    """Draw a charts.attention.Picture; a click on cell (row, col) calls on_pick(row, col) when given.
+    `outline` = (row0, row1, col0, col1) cells framed in red; `zoom` adds -, + and fit buttons (the
+    picture then scrolls: zoom and pan)."""
 
     def picked() -> None:
         value = st.session_state[key].get("picked") if key in st.session_state else None
-        if value:
+        if value and on_pick is not None:
             on_pick(int(value[0]), int(value[1]))
 
-    _mosaic(data={"src": m.src, "n_layers": m.n_layers, "n_heads": m.n_heads, "ramp": list(m.ramp),
-                     "zmin": f"{m.zmin:g}", "zmax": f"{m.zmax:g}", "bar_title": m.title,
-                     "title": f"{m.n_layers} x {m.n_heads} attention thumbnails",
-                     "selected": list(selected) if selected is not None else None, "max_cell_px": max_cell_px},
-               key=key, on_picked_change=picked, height="content")
+    data = {**{f.name: getattr(p, f.name) for f in fields(p)}, "zmin": f"{p.zmin:g}", "zmax": f"{p.zmax:g}",
+            "clickable": on_pick is not None, "outline": list(outline) if outline else None, "zoom": zoom,
+            "min_cell_px": min_cell_px, "max_cell_px": max_cell_px}
+    _picture(data=data, key=key, on_picked_change=picked, height="content")
 
 
 SHARE_CSS = """

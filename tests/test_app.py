@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -41,12 +42,17 @@ def test_explorer_views_render(view):
     assert not at.warning
     if view == "token":
         assert any("mean of heads" in h.proto.body for h in at.get("html"))
-    elif view == "model":  # the mosaic component (pages/widgets.py): every head, the selected one outlined
-        (mosaic,) = component_data(at, "headscope_mosaic")
-        assert (mosaic["n_layers"], mosaic["n_heads"], mosaic["selected"]) == (30, 9, [4, 7])
+    elif view == "model":  # the picture component (pages/widgets.py): every head, the selected one outlined
+        (mosaic,) = component_data(at, "headscope_picture")
+        assert (mosaic["rows"], mosaic["cols"], mosaic["outline"]) == (30, 9, [4, 5, 7, 8])
         assert mosaic["src"].startswith("data:image/png;base64,") and len(mosaic["ramp"]) == 11
-    else:
-        assert at.get("plotly_chart")
+        assert mosaic["clickable"] and mosaic["row_labels"][4] == "L4"
+    else:  # one head's map with token labels and the weights for the hover
+        (drawn,) = component_data(at, "headscope_picture")
+        n = len(drawn["row_labels"])
+        assert drawn["title"].startswith("Layer 4, head 7") and drawn["zoom"] and not drawn["clickable"]
+        assert drawn["row_labels"][1] == "1  quick" and len(drawn["values"]) == n == drawn["cols"]
+        np.testing.assert_allclose(drawn["values"][5][:6], at.session_state["capture"].head(4, 7)[5, :6], atol=1e-4)
     (share,) = component_data(at, "headscope_share_link")
     assert "page=explorer" in share["link"] and "layer=4&head=7" in share["link"]
 
@@ -132,3 +138,40 @@ def test_unknown_capture_key_falls_back_to_the_prompt_with_a_warning():
     at = open_app({"key": "0123456789abcdef0123", "prompt": "Hello there"})
     assert any("not in this server's cache" in w.value for w in at.warning)
     assert at.sidebar.text_area[0].value == "Hello there"
+
+
+def test_pictures_place_each_cell_and_export_a_labelled_svg():
+    """charts.attention pictures: thumbnail (layer, head) sits at row layer, column head of the mosaic PNG,
+    coloured by the attention scale; a head's picture leaves a causal map's future blank; picture_svg
+    labels the axes and embeds the same picture."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from charts.attention import head_picture, model_mosaic, picture_svg
+    from charts.theme import ATTENTION_SCALE, colour_table
+
+    def pixels(p):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(p.src.split(",", 1)[1]))))
+
+    thumbs = np.zeros((3, 2, 8, 8), dtype=np.float32)
+    thumbs[2, 1, 5, 6] = 1.0  # one hot block in layer 2, head 1
+    m = model_mosaic(thumbs)
+    picture = pixels(m)
+    assert picture.shape == (3 * m.cell, 2 * m.cell, 4) and m.cell == 9  # 8 bins + a 1-pixel gap
+    lut = colour_table(ATTENTION_SCALE)
+    assert tuple(picture[2 * m.cell + 5, 1 * m.cell + 6, :3]) == tuple(lut[255])
+    assert tuple(picture[2 * m.cell + 5, 1 * m.cell + 5, :3]) == tuple(lut[0])
+    assert picture[0, 8, 3] == 0  # the gap is transparent
+    svg = picture_svg(m)
+    assert svg.startswith("<svg") and m.src in svg and "max weight" in svg
+    assert re.findall(r">(H\d+)<", svg) == ["H0", "H1"] and re.findall(r">(L\d+)<", svg) == ["L0", "L1", "L2"]
+
+    attn = np.tril(np.full((4, 4), 0.25, dtype=np.float32))
+    h = head_picture(attn, list("abcd"), list("abcd"), title="Layer 0, head 0")
+    drawn = pixels(h)
+    assert drawn.shape == (4, 4, 4) and drawn[0, 1, 3] == 0 and drawn[1, 0, 3] == 255  # future keys blank
+    assert h.row_labels == ("0 a", "1 b", "2 c", "3 d") and h.values[3][0] == 0.25
+    assert ">3 d<" in picture_svg(h) and "Layer 0, head 0" in picture_svg(h)

@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-from browser import shown_link, wait_idle
-
-MOSAIC = ".hs-mosaic img"  # the model view (pages/widgets.mosaic)
+from browser import PICTURE, shown_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -33,18 +31,25 @@ def field(page, label: str):
 def test_run_a_prompt_and_see_the_heatmap(server, chromium, artifacts):
     context, page = fresh_page(chromium)
     page.goto(server + "/?page=explorer&view=head")
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     field(page, "Prompt").fill("Alice gave Bob a book because Bob")
     field(page, "Prompt").press("Control+Enter")
     field(page, "Max new tokens").fill("5")
     field(page, "Max new tokens").press("Enter")
     page.get_by_role("button", name="Run").click()
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.js-plotly-plot .ytick text')].some(t => t.textContent.includes('Alice'))",
-        timeout=120_000)
-    wait_idle(page, ".js-plotly-plot")
-    labels = page.locator(".js-plotly-plot .ytick text").all_text_contents()
+    page.wait_for_selector(".hs-pic .ylab:has-text('Alice')", timeout=120_000)
+    wait_idle(page, PICTURE)
+    labels = page.locator(".hs-pic .ylab").all_text_contents()
     assert len(labels) > 9 + 1  # the prompt's 9 tokens and the generated ones
+    # hover a cell: query token, key token, weight
+    box = page.locator(PICTURE).bounding_box()
+    n = len(labels)
+    page.mouse.move(box["x"] + box["width"] * 0.5 / n, box["y"] + box["height"] * (n - 0.5) / n)
+    tip = page.locator(".hs-pic .tip").text_content()
+    assert tip.startswith(f"query {n - 1} ") and "key 0 " in tip and "weight 0." in tip, tip
+    page.locator(".hs-pic button", has_text="+").click()  # zoom: the picture doubles and scrolls
+    page.wait_for_timeout(300)
+    assert page.locator(PICTURE).bounding_box()["width"] > box["width"] * 1.5
     page.screenshot(path=str(artifacts / "browser_head_view.png"))
     context.close()
 
@@ -52,7 +57,7 @@ def test_run_a_prompt_and_see_the_heatmap(server, chromium, artifacts):
 def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, artifacts):
     context, page = fresh_page(chromium)
     page.goto(server + "/?page=explorer&view=head&layer=5&head=4&scale=log")
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     link = shown_link(page)
     assert "layer=5" in link and "head=4" in link
     context.close()
@@ -60,10 +65,11 @@ def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, art
     context, page = fresh_page(chromium)
     started = time.perf_counter()
     page.goto(link)
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     print(f"shared link first paint: {time.perf_counter() - started:.2f} s")
     assert layer_head(page) == ("5", "4")
-    assert "Layer 5, head 4" in page.locator(".js-plotly-plot .gtitle").first.text_content()
+    assert "Layer 5, head 4" in page.locator(".hs-pic .title").first.text_content()
+    assert page.locator(".hs-pic .bartitle").first.text_content() == "log10 weight"
     page.screenshot(path=str(artifacts / "browser_shared_link.png"))
     context.close()
 
@@ -71,11 +77,15 @@ def test_share_link_reproduces_the_view_in_a_fresh_context(server, chromium, art
 def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chromium, artifacts):
     context, page = fresh_page(chromium)
     page.goto(server + "/?page=explorer&view=model&layer=2&head=3")
-    wait_idle(page, MOSAIC)
+    wait_idle(page, PICTURE)
     page.screenshot(path=str(artifacts / "browser_model_view.png"))
     with page.expect_download() as download:  # the mosaic as a picture, built when asked for
         page.get_by_role("button", name="Picture (PNG)").click()
     assert open(download.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Picture (SVG)").click()
+    svg = open(download.value.path()).read()
+    assert svg.startswith("<svg") and ">L29<" in svg and ">H8<" in svg
     with page.expect_download() as download:  # the numbers behind the mosaic, built when asked for
         page.get_by_role("button", name="Numbers (CSV)").click()
     lines = open(download.value.path()).read().splitlines()
@@ -87,22 +97,22 @@ def test_page_switch_keeps_state_and_model_view_click_opens_a_head(server, chrom
     page.screenshot(path=str(artifacts / "browser_home.png"))
     assert "layer=2" in page.url and "head=3" in page.url
     page.get_by_role("link", name="Attention explorer", exact=True).click()
-    wait_idle(page, MOSAIC)
+    wait_idle(page, PICTURE)
     assert layer_head(page) == ("2", "3")
 
     # hover and click the thumbnail of layer 6, head 1 in the mosaic
-    box = page.locator(MOSAIC).bounding_box()
+    box = page.locator(PICTURE).bounding_box()
     n_layers, n_heads = 30, 9
     x = box["x"] + box["width"] * (1 + 0.5) / n_heads
     y = box["y"] + box["height"] * (6 + 0.5) / n_layers
     page.mouse.move(x, y)
     page.wait_for_timeout(300)
-    hover = page.locator(".hs-mosaic .tip").text_content()
+    hover = page.locator(".hs-pic .tip").text_content()
     assert "layer 6, head 1" in hover, hover
     page.mouse.click(x, y)
     page.wait_for_function("() => document.querySelector('input[aria-label=\"Layer\"]')?.value === '6'",
                            timeout=60_000)
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     assert layer_head(page) == ("6", "1")
     page.screenshot(path=str(artifacts / "browser_after_click.png"))
     context.close()

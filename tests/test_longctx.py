@@ -235,8 +235,10 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
     assert not at.warning, [w.value for w in at.warning]
     if view == "token":
         assert any("mean of heads" in h.proto.body for h in at.get("html"))
-    elif view == "model":  # the mosaic component, from the stored thumbnails
-        (mosaic,) = component_data(at, "headscope_mosaic")
-        assert mosaic["selected"] == [9, 4] and mosaic["src"].startswith("data:image/png")
-    else:
-        assert at.get("plotly_chart")
+    elif view == "model":  # the mosaic, from the stored thumbnails
+        (mosaic,) = component_data(at, "headscope_picture")
+        assert mosaic["outline"] == [9, 10, 4, 5] and mosaic["src"].startswith("data:image/png")
+    else:  # the stored 128-bin overview (clickable) and a computed 96 x 96 detail window
+        overview, detail = component_data(at, "headscope_picture")
+        assert overview["rows"] == 128 and overview["clickable"] and overview["outline"][0] == 0
+        assert detail["rows"] == detail["cols"] == 96 and len(detail["values"]) == 96

@@ -212,7 +212,7 @@ def test_eight_browser_sessions_and_two_cli_processes_at_once(smollm2, tmp_path)
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 for p in prompts[:2]]
         for i, page in enumerate(pages):
-            wait_idle(page, ".js-plotly-plot", timeout=300_000)
+            wait_idle(page, ".hs-pic img", timeout=300_000)
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("input[aria-label='Layer']").input_value() == str(i)
         for cli in clis:
