@@ -135,20 +135,22 @@ def head_picture(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], sca
 
 
 def overview_picture(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: str = "") -> Picture:
-    """A block-pooled overview of a long map.  pooled  # [bins, bins] (max over each block); axes in token
-    positions, a tick every 16 blocks."""
-    bins = pooled.shape[0]
-    width = n_tokens / bins
+    """A block-pooled overview of a long map.  pooled  # [bins, bins], the max over blocks of
+    ceil(n / bins) tokens (capture.types.max_pool); the picture keeps the blocks that hold tokens, axes
+    in token positions, a tick every 16 blocks."""
+    size = -(-n_tokens // pooled.shape[0])
+    used = -(-n_tokens // size)
+    pooled = np.asarray(pooled, dtype=np.float32)[:used, :used]
     zmin, zmax = _range(scale)
     unit = (scaled(pooled, scale) - zmin) / (zmax - zmin)
-    spans = tuple(f"{int(i * width)}–{int((i + 1) * width) - 1}" for i in range(bins))
-    ticks = tuple(str(int(i * width)) if i % 16 == 0 else "" for i in range(bins))
-    return Picture(src=png_source(_coloured(unit)), rows=bins, cols=bins, cell=1, row_labels=ticks, col_labels=ticks,
+    spans = tuple(f"{i * size}–{min(n_tokens, (i + 1) * size) - 1}" for i in range(used))
+    ticks = tuple(str(i * size) if i % 16 == 0 else "" for i in range(used))
+    return Picture(src=png_source(_coloured(unit)), rows=used, cols=used, cell=1, row_labels=ticks, col_labels=ticks,
                    row_hover=spans, col_hover=spans,
                    hover="queries {row} · keys {col} · max weight {value} · click to move the window",
                    row_title="query position", col_title="key position", title=title,
                    bar_title="max " + SCALE_TITLES[scale], zmin=zmin, zmax=zmax, ramp=_ramp(),
-                   values=tuple(tuple(round(float(v), 4) for v in row) for row in np.asarray(pooled, np.float32)))
+                   values=tuple(tuple(round(float(v), 4) for v in row) for row in pooled))
 
 
 def picture_svg(p: Picture, cell_px: int = 24) -> str:

@@ -31,9 +31,9 @@ def open_head(layer: int, head: int) -> None:
     shared.set_fields(layer=layer, head=head, view="head")
 
 
-def centre_window_on(row: int, col: int, bins: int) -> None:
-    """A click on block (row, col) of a `bins`-block overview: centre the detail window there."""
-    q, k = int((row + 0.5) * n / bins), int((col + 0.5) * n / bins)
+def centre_window_on(row: int, col: int, size: int) -> None:
+    """A click on block (row, col) of an overview of `size`-token blocks: centre the detail window there."""
+    q, k = int((row + 0.5) * size), int((col + 0.5) * size)
     shared.set_fields(q0=min(max(q - WINDOW // 2, 0), max(n - WINDOW, 0)),
                       k0=min(max(k - WINDOW // 2, 0), max(n - WINDOW, 0)))
 
@@ -96,10 +96,10 @@ elif state.view == "head":
             k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
             # stored thumbnails where the capture has them (long captures); never the whole map
             pooled = capture.head_overview(layer, head, OVERVIEW_BINS)  # [bins, bins]
-            bins = pooled.shape[0]
+            size = -(-n // pooled.shape[0])  # tokens per block (capture.types.max_pool)
             picture(charts.overview_picture(pooled, n, scale, title=f"{title}: overview (click to move the window)"),
-                    key="head_overview", on_pick=lambda row, col: centre_window_on(row, col, bins), zoom=True,
-                    outline=(q0 * bins // n, -(-(q0 + WINDOW) * bins // n), k0 * bins // n, -(-(k0 + WINDOW) * bins // n)))
+                    key="head_overview", on_pick=lambda row, col: centre_window_on(row, col, size), zoom=True,
+                    min_cell_px=1, outline=(q0 // size, -(-(q0 + WINDOW) // size), k0 // size, -(-(k0 + WINDOW) // size)))
         with right:
             shown = capture.window(layer, head, q0, q0 + WINDOW, k0, k0 + WINDOW)  # [WINDOW, WINDOW]
             drawn = charts.head_picture(shown, capture.tokens[q0 : q0 + WINDOW], capture.tokens[k0 : k0 + WINDOW],

@@ -29,9 +29,9 @@ PICTURE_CSS = """
 .hs-pic .row { display: flex; align-items: flex-start; gap: 14px; }
 .hs-pic .scroll { overflow: auto; max-height: 760px; }
 .hs-pic .grid { display: grid; }
-.hs-pic .lab { overflow: hidden; white-space: nowrap; opacity: 0.85; }
+.hs-pic .lab { overflow: visible; white-space: nowrap; opacity: 0.85; }
 .hs-pic .ylab { text-align: right; padding-right: 4px; }
-.hs-pic .xlab { position: relative; overflow: visible; }
+.hs-pic .xlab { position: relative; }
 .hs-pic .xlab span { position: absolute; bottom: 2px; left: 50%; transform-origin: 0 100%; white-space: nowrap; }
 .hs-pic .axis { opacity: 0.7; text-align: center; }
 .hs-pic .holder { position: relative; }
@@ -59,9 +59,10 @@ export default function (component) {
   const d = data;
   parentElement.querySelector(".hs-pic")?.remove();  // the last render's (the injected <style> stays)
   const root = el("div", "hs-pic");
-  const avail = Math.max(240, (parentElement.clientWidth || 900) - 110);
+  const host = parentElement.host || parentElement;  // a shadow root has no width of its own
+  const avail = Math.max(240, (host.clientWidth || 900) - 110);
   const labelW = d.row_labels.some((t) => t) ? Math.min(140, 8 + 7 * Math.max(...d.row_labels.map((t) => t.length))) : 0;
-  const fit = Math.floor((avail - labelW) / d.cols);
+  const fit = (avail - labelW) / d.cols;  // fractional: the picture fills the column
   const base = Math.max(d.min_cell_px, Math.min(d.max_cell_px, fit));
   let zoom = 1;
   const head = el("div", "head");
@@ -79,10 +80,15 @@ export default function (component) {
   const fmt = (v) => (v === null || v === undefined) ? "" : Number(v).toFixed(4);
   const draw = () => {
     body.innerHTML = "";
-    const size = Math.max(1, Math.round(base * zoom));  // px per cell
-    const font = Math.min(11, size - 1);
+    const size = base * zoom;  // px per cell
+    const font = Math.min(11, Math.max(8, size - 1));
+    const thin = (labels) => {  // drop a label that would overlap the last one shown
+      let last = -1e9;
+      return labels.map((t, i) => { if (!t || (i - last) * size < font + 1) return ""; last = i; return t; });
+    };
+    const rowLabels = thin(d.row_labels), colLabels = thin(d.col_labels);
     const rotate = d.cols > 12;
-    const xlabH = font >= 6 && d.col_labels.some((t) => t) ? (rotate ? 12 + 6 * Math.max(...d.col_labels.map((t) => t.length)) : 18) : 0;
+    const xlabH = d.col_labels.some((t) => t) ? (rotate ? 12 + 6 * Math.max(...d.col_labels.map((t) => t.length)) : 18) : 0;
     const scroll = el("div", "scroll");
     scroll.style.maxWidth = `${avail + 40}px`;
     const grid = el("div", "grid");
@@ -92,9 +98,9 @@ export default function (component) {
     const top = el("div");
     top.style.display = "grid";
     top.style.gridTemplateColumns = `repeat(${d.cols}, ${size}px)`;
-    d.col_labels.forEach((t) => {
+    colLabels.forEach((t) => {
       const cell = el("div", "lab xlab");
-      if (t && font >= 6) {
+      if (t) {
         const span = el("span", "", t);
         span.style.fontSize = `${font}px`;
         span.style.transform = rotate ? "rotate(-60deg)" : "translateX(-50%)";
@@ -109,8 +115,8 @@ export default function (component) {
     const left = el("div");
     left.style.display = "grid";
     left.style.gridTemplateRows = `repeat(${d.rows}, ${size}px)`;
-    d.row_labels.forEach((t) => {
-      const cell = el("div", "lab ylab", font >= 6 ? t : "");
+    rowLabels.forEach((t) => {
+      const cell = el("div", "lab ylab", t);
       cell.style.fontSize = `${font}px`;
       cell.style.lineHeight = `${size}px`;
       left.appendChild(cell);

@@ -125,3 +125,24 @@ def test_token_view_highlights_text(server, chromium, artifacts):
     assert page.locator(".hs-tokens").count() == 1 + 9  # mean + one line per head
     page.screenshot(path=str(artifacts / "browser_token_view.png"))
     context.close()
+
+
+def test_long_input_overview_click_moves_the_detail_window(server, chromium, artifacts):
+    """Over 160 tokens the head view is a pooled overview plus a detail window; a click on the overview
+    centres the window there (and the link carries it)."""
+    from urllib.parse import quote
+
+    prompt = " ".join(str(i % 10) for i in range(200))  # ~400 tokens in 399 characters (a link carries <= 600)
+    context, page = fresh_page(chromium)
+    page.goto(f"{server}/?page=explorer&view=head&layer=3&head=1&prompt={quote(prompt)}")
+    wait_idle(page, PICTURE, timeout=300_000)
+    overview = page.locator(PICTURE).first
+    assert "overview" in page.locator(".hs-pic .title").first.text_content()
+    box = overview.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.8)
+    page.wait_for_function("() => location.href.includes('q0=')", timeout=60_000)
+    wait_idle(page, PICTURE)
+    detail = page.locator(".hs-pic .title").nth(1).text_content()
+    assert detail.startswith("Detail: queries ") and not detail.startswith("Detail: queries 0–"), detail
+    page.screenshot(path=str(artifacts / "browser_long_head_view.png"))
+    context.close()

@@ -240,5 +240,8 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
         assert mosaic["outline"] == [9, 10, 4, 5] and mosaic["src"].startswith("data:image/png")
     else:  # the stored 128-bin overview (clickable) and a computed 96 x 96 detail window
         overview, detail = component_data(at, "headscope_picture")
-        assert overview["rows"] == 128 and overview["clickable"] and overview["outline"][0] == 0
+        n = len(at.session_state["capture"].tokens)
+        size = -(-n // 128)
+        assert overview["rows"] == -(-n // size) and overview["clickable"] and overview["outline"][0] == 0
+        assert overview["row_hover"][-1].endswith(f"–{n - 1}")  # the last block ends at the last token
         assert detail["rows"] == detail["cols"] == 96 and len(detail["values"]) == 96
