@@ -87,11 +87,12 @@ class Recorder:
 
     def finish(self) -> None:
         """Hand on the layers of a deferred pass (call it after the forward; a no-op otherwise)."""
-        blocks, self._deferred = self._deferred or [], None if self._deferred is None else []
-        if blocks:
-            with one_thread():
-                for block in blocks:
-                    self._take(*block)
+        if not self._deferred:
+            return
+        blocks, self._deferred = self._deferred, []
+        with one_thread():
+            for block in blocks:
+                self._take(*block)
 
     def _take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         n_block, n_rows, n_keys = weights.shape
