@@ -10,9 +10,10 @@ import numpy as np
 import streamlit as st
 
 from analytics import vlm
+from analytics.stored import ProbeMissing
 from analytics.vision import Layout, grid_map
 from charts import gaze as charts
-from charts.image import layer_head_chart
+from charts.image import head_overlays, layer_head_chart
 from charts.theme import plot_config
 from pages import shared
 from training import scenes
@@ -122,8 +123,6 @@ with tab_sinks:
                                             title="Peak φ of each image token on the massive dimensions"),
                     key="gaze_phi", config=plot_config())
 with tab_vhd:
-    from analytics.stored import ProbeMissing
-
     try:
         divergence = vlm.stored_vhd(capture)  # [layer, head, answer token]
     except ProbeMissing:
@@ -145,8 +144,6 @@ with tab_vhd:
                                           f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
                         key="gaze_vhd_tokens", config=plot_config())
 with tab_tower:
-    from analytics.stored import ProbeMissing
-    from charts.image import head_overlays
 
     try:
         tower = vlm.stored_vision_maps(capture)  # [layer, head, token, token]
