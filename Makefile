@@ -7,12 +7,19 @@ MODEL   ?= smollm2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test bench browser clean-cache
+KERNEL  := $(VENV)/.qk-kernel-built
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
+
+# The fused long-context kernel (capture/qk_kernel.cpp), compiled once here rather than on the first
+# long capture; without a C++ compiler this prints why and long captures use slower torch ops.
+$(KERNEL): $(STAMP) capture/qk_kernel.cpp
+	$(PY) -m capture.qk_kernel
+	touch $(KERNEL)
 
 # Debian's chromium for the real-browser tests (never `playwright install`: no downloads here).
 browser:
@@ -22,18 +29,18 @@ browser:
 	fi
 	@/usr/bin/chromium --version
 
-run: $(STAMP)
+run: $(STAMP) $(KERNEL)
 	HEADSCOPE_DEFAULT_MODEL=$(MODEL) $(PY) -m streamlit run app.py --server.address 127.0.0.1 \
 		--server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
-test: $(STAMP) browser
+test: $(STAMP) $(KERNEL) browser
 	$(PY) -m pytest
 
 # Peers the benchmarks compare against (not needed to run or test HeadScope).  bertviz --no-deps:
 # its declared boto3/requests are unused by model_view.  transformer-lens 4.3 keeps this torch and
 # transformers (checked), but brings wandb, datasets and OpenTelemetry along: bench/peers.py only.
 BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): $(STAMP) $(KERNEL)
 	$(PY) -m pip install -q ipython==8.12.3
 	$(PY) -m pip install -q --no-deps bertviz==1.4.1
 	$(PY) -m pip install -q transformer-lens==4.3.0

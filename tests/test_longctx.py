@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import analytics
 from analytics import summary
@@ -245,3 +246,32 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
         assert overview["rows"] == -(-n // size) and overview["clickable"] and overview["outline"][0] == 0
         assert overview["row_hover"][-1].endswith(f"–{n - 1}")  # the last block ends at the last token
         assert detail["rows"] == detail["cols"] == 96 and len(detail["values"]) == 96
+
+
+@pytest.mark.parametrize("n, split, softcap, tile", [(700, 650, None, 40), (333, None, 30.0, 128)])
+def test_fused_kernel_equals_torch_ops(n, split, softcap, tile, monkeypatch):
+    """capture/qk_kernel.cpp gives the torch ops' output, reductions and thumbnails (ragged row blocks,
+    bins and tiles; a response split; a softcap), and loading it leaves denormals alone."""
+    from capture import qk_kernel
+
+    monkeypatch.setattr(qk_kernel, "TILE", tile)
+    assert qk_kernel.load() is not None, f"the fused kernel did not build: {qk_kernel.problem()}"
+    assert torch.tensor(1e-40) * 1 != 0  # no flush-to-zero: -ffast-math is a compile flag only
+    meta = ModelMeta(name="t", family="llama", modality="text", n_layers=1, n_heads=6, n_kv_heads=2,
+                     head_dim=16, causal=True)
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(h, n, 16, generator=g) * 3 for h in (6, 2, 2))
+    results = []
+    for fused in (False, True):
+        rec = longctx.QKRecorder(meta, n, lambda *a: None, split=split, row_block=96, fused=fused)
+        rec.softcap = softcap
+        with torch.inference_mode():
+            out = rec._attend(0, q, k, v, 0.25, softcap)
+        results.append((out, rec))
+    (out_t, rec_t), (out_f, rec_f) = results
+    assert torch.allclose(out_f, out_t, atol=1e-5)
+    assert set(rec_f.arrays) == set(rec_t.arrays)
+    for name in rec_t.arrays:
+        np.testing.assert_allclose(rec_f.arrays[name], rec_t.arrays[name], atol=2e-4, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(rec_f._overviews[0].astype(np.float32), rec_t._overviews[0].astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(rec_f.head_overview.astype(np.float32), rec_t.head_overview.astype(np.float32), atol=1e-3)

@@ -1,0 +1,127 @@
+// The long-context ("qk") pass of one KV group's block of query rows, fused (capture/qk_kernel.py).
+//
+// For each query head of the group and each tile of `tile` rows (one GEMM each way), and within the
+// tile row by row, so that a row's scores stay in the core's cache between the passes that read them:
+//
+//   s = q kᵀ (q pre-scaled; GEMM), softcap        -> scores  # [tile, k_end]
+//   m = max_j s_j;  e_j = exp(s_j - m);  Z = sum_j e_j   (keys j <= the row's position only)
+//   entropy = m + ln Z - sum_j e_j s_j / Z;  distance = i - sum_j e_j j / Z
+//   w_j = e_j / Z: column sums (float64), block-max thumbnails, WAAD
+//   out = w v (GEMM)
+//
+// which is what capture/longctx.py computes with torch ops on whole [rows, keys] blocks; the
+// difference is only how often the weights travel through memory.  Compiled with -ffast-math for
+// vectorised expf (glibc libmvec); only the visible keys are ever read, so no infinities occur.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+struct Pool {  // one head's block-max thumbnail  # [bins, bins], row-major
+  float* data;
+  int64_t bins;
+  int64_t size;  // tokens per bin
+};
+
+inline float range_max(const float* x, int64_t a, int64_t b) {
+  float m = x[a];
+  for (int64_t j = a + 1; j < b; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// One row: x  # [>= length] its scores on entry and its weights on exit (zero past `length`,
+// up to `width`).  Returns nothing; writes the row's reductions.
+inline void row(float* x, int64_t position, int64_t length, int64_t width, float softcap, double* colsum,
+                double* colsum_resp, float* entropy, float* distance, float* waad, int64_t window,
+                Pool* pools, int n_pools) {
+  if (softcap > 0.f) {
+    const float inv_cap = 1.f / softcap;
+    for (int64_t j = 0; j < length; ++j) x[j] = std::tanh(x[j] * inv_cap) * softcap;
+  }
+  const float m = range_max(x, 0, length);
+  float z = 0.f, es = 0.f, ej = 0.f;
+  for (int64_t j = 0; j < length; ++j) {
+    const float e = std::exp(x[j] - m);
+    z += e;
+    es += e * x[j];
+    ej += e * static_cast<float>(j);
+    x[j] = e;
+  }
+  const float inv = 1.f / z;
+  *entropy = m + std::log(z) - es * inv;
+  *distance = static_cast<float>(position) - ej * inv;
+  for (int64_t j = 0; j < length; ++j) {
+    const float w = x[j] * inv;
+    x[j] = w;
+    colsum[j] += static_cast<double>(w);
+  }
+  if (colsum_resp != nullptr)
+    for (int64_t j = 0; j < length; ++j) colsum_resp[j] += static_cast<double>(x[j]);
+  std::fill(x + length, x + width, 0.f);
+  float band = 0.f;
+  for (int64_t k = 0; k < window && k <= position; ++k) band += x[position - k] * static_cast<float>(window - k);
+  *waad = static_cast<float>(window) - band;
+  for (int p = 0; p < n_pools; ++p) {
+    Pool& pool = pools[p];
+    float* target = pool.data + (position / pool.size) * pool.bins;
+    for (int64_t b = 0, a = 0; a < length; ++b, a += pool.size)
+      target[b] = std::max(target[b], range_max(x, a, std::min(a + pool.size, length)));
+  }
+}
+
+}  // namespace
+
+// q  # [G, rows, D] scaled queries of the group's heads, rows r0 .. r0+rows-1 (last dim contiguous)
+// key_t  # [D, n];  value  # [n, D]
+// out  # [G, rows, D];  entropy, distance, waad  # [G, rows] (views into the layer's arrays)
+// colsum, colsum_resp  # [G, n] float64 (colsum_resp empty: none);  rows at positions >= split add to it
+// pool_a, pool_b  # [G, bins, bins] float32 block-max thumbnails, size_a / size_b tokens per bin
+void attend_rows(torch::Tensor q, torch::Tensor key_t, torch::Tensor value, int64_t r0, torch::Tensor out,
+                 torch::Tensor entropy, torch::Tensor distance, torch::Tensor waad, torch::Tensor colsum,
+                 torch::Tensor colsum_resp, int64_t split, torch::Tensor pool_a, int64_t size_a,
+                 torch::Tensor pool_b, int64_t size_b, int64_t window, double softcap, int64_t tile) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && key_t.scalar_type() == torch::kFloat32 &&
+              value.scalar_type() == torch::kFloat32, "attend_rows takes float32 tensors");
+  TORCH_CHECK(colsum.scalar_type() == torch::kFloat64 && colsum.is_contiguous(), "colsum: contiguous float64");
+  TORCH_CHECK(pool_a.is_contiguous() && pool_b.is_contiguous(), "pools must be contiguous");
+  const int64_t G = q.size(0), rows = q.size(1), D = q.size(2);
+  const int64_t n = key_t.size(1);
+  const bool response = colsum_resp.numel() > 0;
+  tile = std::max<int64_t>(1, std::min(tile, rows));
+  torch::Tensor buffer = torch::empty({tile * (r0 + rows)}, q.options());
+  torch::Tensor block_out = torch::empty({tile, D}, q.options());
+  for (int64_t g = 0; g < G; ++g) {
+    Pool pools[2] = {{pool_a[g].data_ptr<float>(), pool_a.size(1), size_a},
+                     {pool_b[g].data_ptr<float>(), pool_b.size(1), size_b}};
+    double* cs = colsum.data_ptr<double>() + g * n;
+    double* cr = response ? colsum_resp.data_ptr<double>() + g * n : nullptr;
+    float* ent = entropy[g].data_ptr<float>();
+    float* dist = distance[g].data_ptr<float>();
+    float* wa = waad[g].data_ptr<float>();
+    const int64_t s_ent = entropy.stride(1), s_dist = distance.stride(1), s_wa = waad.stride(1);
+    for (int64_t t0 = 0; t0 < rows; t0 += tile) {
+      const int64_t t1 = std::min(rows, t0 + tile), tr = t1 - t0;
+      const int64_t k_end = r0 + t1;  // the tile's last row sees keys 0 .. r0 + t1 - 1
+      torch::Tensor scores = buffer.narrow(0, 0, tr * k_end).view({tr, k_end});
+      torch::mm_out(scores, q[g].narrow(0, t0, tr), key_t.narrow(1, 0, k_end));
+      float* s = scores.data_ptr<float>();
+      for (int64_t i = 0; i < tr; ++i) {
+        const int64_t local = t0 + i, position = r0 + local;
+        row(s + i * k_end, position, position + 1, k_end, static_cast<float>(softcap), cs,
+            (cr != nullptr && position >= split) ? cr : nullptr, ent + local * s_ent, dist + local * s_dist,
+            wa + local * s_wa, window, pools, 2);
+      }
+      torch::Tensor o = block_out.narrow(0, 0, tr);
+      torch::mm_out(o, scores, value.narrow(0, 0, k_end));
+      out[g].narrow(0, t0, tr).copy_(o);
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_rows", &attend_rows, "one KV group's rows of the qk pass, fused (capture/qk_kernel.cpp)",
+        py::call_guard<py::gil_scoped_release>());
+}
