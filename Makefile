@@ -7,7 +7,7 @@ MODEL   ?= smollm2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test bench browser clean-cache
-KERNEL  := $(VENV)/.qk-kernel-built
+KERNEL  := $(VENV)/.fused-built
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,10 +15,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# The fused long-context kernel (capture/qk_kernel.cpp), compiled once here rather than on the first
+# The fused long-context kernel (capture/fused.cpp), compiled once here rather than on the first
 # long capture; without a C++ compiler this prints why and long captures use slower torch ops.
-$(KERNEL): $(STAMP) capture/qk_kernel.cpp
-	$(PY) -m capture.qk_kernel
+$(KERNEL): $(STAMP) capture/fused.cpp
+	$(PY) -m capture.fused
 	touch $(KERNEL)
 
 # Debian's chromium for the real-browser tests (never `playwright install`: no downloads here).

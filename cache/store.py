@@ -2,7 +2,8 @@
 
 Layout of one capture with key K (DESIGN.md, "Cache"):
 
-    K/<name>   one entry per array (e.g. "K/L007" = layer 7's maps), a .npy file read as a memory map
+    K/<name>   one entry per array (e.g. "K/L007" = layer 7's maps), a .npy file read as a memory map;
+               the files of one capture share a folder of the cache directory (`ArrayDisk.array_filename`)
     K/meta     a JSON record, written LAST: a capture without it is incomplete and invisible
 
 Every entry of K carries the tag K, so a capture is evicted whole (`evict(K)`), never in parts.
@@ -19,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import io
 import json
 import os
+import re
 import threading
 import time
 import zlib
@@ -34,6 +38,7 @@ MODE_NPY = 5  # our own diskcache mode: an .npy file, db value = CRC-32 of its b
 DEFAULT_DIR = "cache_data"
 DEFAULT_GB = 20.0
 META = "meta"
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}")  # a key part usable as a file name as it is
 
 
 class CorruptEntry(Exception):
@@ -65,18 +70,31 @@ class ArrayDisk(diskcache.Disk):
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("object arrays cannot be cached")
-            filename, full_path = self.filename(key, value)
-            full_path = full_path[: -len(".val")] + ".npy"
-            filename = filename[: -len(".val")] + ".npy"
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            with open(full_path, "xb") as fh:
-                np.save(fh, np.ascontiguousarray(value), allow_pickle=False)
-            with open(full_path, "rb") as fh:
-                crc = zlib.crc32(fh.read())
-            return os.path.getsize(full_path), MODE_NPY, filename, crc
+            filename = self.array_filename(key)
+            full_path = os.path.join(self._directory, filename)
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(value), allow_pickle=False)
+            data = buffer.getbuffer()  # the .npy bytes, checksummed here instead of read back
+            try:
+                fh = open(full_path, "xb")
+            except FileNotFoundError:  # the capture's first file: its folder does not exist yet
+                os.makedirs(os.path.dirname(full_path), exist_ok=True)
+                fh = open(full_path, "xb")
+            with fh:
+                fh.write(data)
+            return len(data), MODE_NPY, filename, zlib.crc32(data)
         if isinstance(value, (str, bytes, int, float)):
             return super().store(value, read, key)
         raise TypeError(f"the capture cache stores arrays, str, bytes and numbers, not {type(value).__name__}")
+
+    def array_filename(self, key) -> str:
+        """A new file name for an array entry: one folder per capture ("K/L007" -> "K/L007-<random>.npy"),
+        so a capture costs one mkdir, not diskcache's two random sub-folders per file.  Keys that are
+        not plain names (other clients) get a hashed folder."""
+        folder, _, name = key.rpartition("/") if isinstance(key, str) else ("", "", "")
+        if not (_PLAIN.fullmatch(folder) and _PLAIN.fullmatch(name)):
+            folder, name = "x" + hashlib.sha1(repr(key).encode()).hexdigest()[:20], "entry"
+        return os.path.join(folder, f"{name}-{os.urandom(6).hex()}.npy")
 
     def fetch(self, mode, filename, value, read):
         if mode == diskcache.core.MODE_PICKLE:

@@ -44,6 +44,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from capture import fused
 from capture.interventions import (ATTENTION_OPS, OUTPUT_OPS, HeadEdit, Intervention, InterventionError,
                                    parse_positions, sink_set)
 from capture.types import OVERVIEW_BINS, pack_offset
@@ -64,8 +65,9 @@ class Recorder:
     """
 
     def __init__(self, n_heads: int, layout: str, on_layer: Callable[[int, np.ndarray, np.ndarray], None],
-                 overview_bins: int = OVERVIEW_BINS, defer: bool = False):
+                 overview_bins: int = OVERVIEW_BINS, defer: bool = False, use_kernel: bool = True):
         self.n_heads = n_heads
+        self.use_kernel = use_kernel  # whole plain layers through capture/fused.cpp when it builds
         self.layout = layout
         self.on_layer = on_layer
         self.overview_bins = overview_bins
@@ -84,6 +86,28 @@ class Recorder:
             return
         with one_thread():  # small bookkeeping ops: a second OpenMP thread only adds barrier waits
             self._take(layer, first_head, first_row, n, weights)
+
+    def record(self, layer: int, call: "_Call") -> torch.Tensor | None:
+        """Compute and record one whole plain layer with the fused kernel (capture/fused.cpp): scores,
+        softmax, fp16 maps, thumbnail and output in one pass per tile of rows.  Returns
+        attn_output  # [batch 1, query, head, head_dim], or None when the kernel is not built or the
+        call is not one it takes (the caller then computes the layer block by block with `take`)."""
+        kernel = fused.load() if self.use_kernel else None
+        if kernel is None or call.batch != 1 or call.query.dtype != torch.float32 or call.n_q != call.n_k:
+            return None
+        causal = self.layout == "tril"
+        if not (call.implicit_causal if causal else (call.mask is None and not call.causal)):
+            return None
+        n = call.n_q
+        maps = torch.empty(self.n_heads, n * (n + 1) // 2 if causal else n * n, dtype=torch.float16)
+        bins = min(self.overview_bins, n)
+        overview = torch.zeros(self.n_heads, bins, bins)  # [head, bins, bins] block maxima
+        out = torch.empty(n, self.n_heads, call.value.shape[-1])  # [query, head, head_dim]
+        kernel.record_layer(call.query[0], call.key[0], call.value[0], call.scaling, call.softcap or 0.0, causal,
+                            maps, overview, -(-n // bins), out, fused.RECORD_TILE, fused.WHOLE_LAYER_BYTES)
+        layer_maps = maps.numpy() if causal else maps.numpy().reshape(self.n_heads, n, n)
+        self.on_layer(layer, layer_maps, overview.to(torch.float16).numpy())
+        return out.unsqueeze(0)
 
     def finish(self) -> None:
         """Hand on the layers of a deferred pass (call it after the forward; a no-op otherwise)."""
@@ -473,6 +497,11 @@ def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         return attend(layer, module, query, key, value, attention_mask, scaling, kwargs), None
 
     call = _Call(module, query, key, value, attention_mask, scaling, kwargs)
+    record = getattr(active.recorder, "record", None)  # a recorder that takes whole layers (Recorder)
+    if record is not None and not plan.attention:
+        attn_output = record(layer, call)
+        if attn_output is not None:
+            return attn_output, None
     sinks, first_block = _sink_scores(active, layer, call) if plan.needs_sinks else (None, None)
     attn_output = torch.empty(call.batch, call.n_heads, n_q, value.shape[-1], dtype=query.dtype)
     for r0 in range(0, n_q, ROW_BLOCK):

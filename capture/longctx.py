@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from capture import qk_kernel
+from capture import fused
 from capture.adapters import InputError
 from capture.attention import one_thread
 from capture.interventions import ATTENTION_OPS, Intervention
@@ -159,9 +159,9 @@ class QKRecorder:
 
     def __init__(self, meta: ModelMeta, n_tokens: int, on_layer: Callable[[int, np.ndarray, np.ndarray], None],
                  split: int | None = None, window: int = WAAD_WINDOW, row_block: int = ROW_BLOCK,
-                 workers: int | None = None, fused: bool = True):
+                 workers: int | None = None, use_kernel: bool = True):
         self.meta, self.n, self.on_layer = meta, n_tokens, on_layer
-        self.fused = fused  # use capture/qk_kernel.cpp when it builds (False: torch ops only)
+        self.use_kernel = use_kernel  # capture/fused.cpp when it builds (False: torch ops only)
         self.split = split if split is not None and 0 < split < n_tokens else None
         self.window, self.row_block = int(window), int(row_block)
         self.workers = max(1, min(2, torch.get_num_threads()) if workers is None else int(workers))
@@ -246,7 +246,7 @@ class QKRecorder:
         lag_weight = (W - lags).to(torch.float32)
         blocks = list(range(0, n, B))
         split = self.split
-        kernel = qk_kernel.load() if self.fused else None
+        kernel = fused.load() if self.use_kernel else None
         no_response = torch.empty(0, dtype=torch.float64)
 
         def work(worker: int) -> tuple[torch.Tensor, torch.Tensor | None, _Pools]:
@@ -261,14 +261,14 @@ class QKRecorder:
             for r0 in blocks[worker :: self.workers]:
                 r1 = min(n, r0 + B)
                 rows = r1 - r0
-                if kernel is not None:  # the same computation, fused (capture/qk_kernel.cpp)
+                if kernel is not None:  # the same computation, fused (capture/fused.cpp)
                     for g in range(KV):
                         hs = slice(g * G, (g + 1) * G)
                         kernel.attend_rows(qs[hs, r0:r1], key_t[g], values[g], r0, out[hs, r0:r1],
                                            entropy[hs, r0:r1], distance[hs, r0:r1], waad[hs, r0:r1], colsum[hs],
                                            colsum_resp[hs] if split else no_response, split or n,
                                            pools.maps[0][hs], pools.sizes[0], pools.maps[1][hs], pools.sizes[1],
-                                           W, softcap or 0.0, qk_kernel.TILE)
+                                           W, softcap or 0.0, fused.TILE)
                     continue
                 row_pos = positions[r0:r1]
                 idx = (torch.arange(r0, r1)[:, None] - lags[None, :])  # [rows, W]: keys i - k

@@ -341,3 +341,22 @@ def test_metadata_is_plain_json_on_disk(store):
         ((mode, value),) = db.execute("SELECT mode, value FROM Cache WHERE key = ?", (f"{KEY}/meta",))
     assert mode == diskcache.core.MODE_RAW
     assert json.loads(value)["x"] == 1
+
+
+def test_a_capture_keeps_its_files_in_one_folder(store):
+    """The arrays of one capture share one folder (one mkdir per capture), which eviction removes; a
+    key that is not a plain name gets a hashed folder inside the cache directory."""
+    for name in ("L000", "L001", "overview"):
+        store.put_array(KEY, name, np.ones((2, 2), np.float16))
+    odd = "../../outside"
+    store.put_array(odd, "x y", np.zeros(3, np.float32))
+    folders = {p.parent for p in npy_files(store)}
+    assert {p.name for p in folders} >= {KEY} and len(folders) == 2
+    assert all(store.directory in p.parents for p in folders)
+    assert np.array_equal(store.get_array(odd, "x y"), np.zeros(3, np.float32))
+    store.put_array(KEY, "L000", np.full((2, 2), 2, np.float16))  # rewritten: a new file, the old one removed
+    assert np.array_equal(store.get_array(KEY, "L000"), np.full((2, 2), 2, np.float16))
+    assert len(npy_files(store)) == 4
+    store.evict(KEY)
+    store.evict(odd)
+    assert npy_files(store) == [] and not any(p.exists() for p in folders)

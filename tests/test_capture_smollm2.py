@@ -402,3 +402,44 @@ def test_two_processes_capture_one_entry(smollm2, tmp_path):
         assert len(list((root / "index").rglob("*.npy"))) == len(names) - 1  # no orphan files
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2", "minilm"])
+def test_fused_recorder_equals_the_torch_path(model, request, monkeypatch):
+    """capture/fused.cpp's record_layer (one GEMM each way at 40 tokens, row tiles at 400) gives the
+    maps, thumbnails and outputs of the block-by-block torch path, causal (packed triangle) and
+    bidirectional (full maps)."""
+    from capture import fused
+
+    kernel = fused.load()
+    assert kernel is not None, f"the fused kernel did not build: {fused.problem()}"
+    calls = []
+
+    class Counting:
+        def record_layer(self, *args):
+            calls.append(args[-5].shape)
+            return kernel.record_layer(*args)
+
+    monkeypatch.setattr(fused, "load", lambda: Counting())
+    handle = request.getfixturevalue(model)
+    meta = handle.meta
+    for n in (40, 400):
+        ids = torch.randint(200, 2000, (1, n), generator=torch.Generator().manual_seed(n))
+        results = []
+        for use_kernel in (True, False):
+            layers: dict = {}
+            recorder = attention.Recorder(meta.n_heads, "tril" if meta.causal else "full",
+                                          lambda layer, maps, overview: layers.__setitem__(layer, (maps, overview)),
+                                          use_kernel=use_kernel)
+            with attention.session(recorder=recorder), torch.inference_mode():
+                out = handle.model(input_ids=ids, **({"use_cache": False} if meta.causal else {}))
+            recorder.finish()
+            results.append((out.logits if meta.causal else out.last_hidden_state, layers))
+        assert len(calls) == meta.n_layers  # every layer of the first pass went through the kernel
+        calls.clear()
+        (out_k, maps_k), (out_t, maps_t) = results
+        assert torch.allclose(out_k, out_t, atol=1e-4, rtol=1e-4)
+        assert sorted(maps_k) == list(range(meta.n_layers))
+        for layer in (0, meta.n_layers // 2, meta.n_layers - 1):
+            np.testing.assert_allclose(maps_k[layer][0].astype(np.float32), maps_t[layer][0].astype(np.float32), atol=2e-3)
+            np.testing.assert_allclose(maps_k[layer][1].astype(np.float32), maps_t[layer][1].astype(np.float32), atol=2e-3)

@@ -250,20 +250,20 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
 
 @pytest.mark.parametrize("n, split, softcap, tile", [(700, 650, None, 40), (333, None, 30.0, 128)])
 def test_fused_kernel_equals_torch_ops(n, split, softcap, tile, monkeypatch):
-    """capture/qk_kernel.cpp gives the torch ops' output, reductions and thumbnails (ragged row blocks,
+    """capture/fused.cpp gives the torch ops' output, reductions and thumbnails (ragged row blocks,
     bins and tiles; a response split; a softcap), and loading it leaves denormals alone."""
-    from capture import qk_kernel
+    from capture import fused
 
-    monkeypatch.setattr(qk_kernel, "TILE", tile)
-    assert qk_kernel.load() is not None, f"the fused kernel did not build: {qk_kernel.problem()}"
+    monkeypatch.setattr(fused, "TILE", tile)
+    assert fused.load() is not None, f"the fused kernel did not build: {fused.problem()}"
     assert torch.tensor(1e-40) * 1 != 0  # no flush-to-zero: -ffast-math is a compile flag only
     meta = ModelMeta(name="t", family="llama", modality="text", n_layers=1, n_heads=6, n_kv_heads=2,
                      head_dim=16, causal=True)
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(h, n, 16, generator=g) * 3 for h in (6, 2, 2))
     results = []
-    for fused in (False, True):
-        rec = longctx.QKRecorder(meta, n, lambda *a: None, split=split, row_block=96, fused=fused)
+    for use_kernel in (False, True):
+        rec = longctx.QKRecorder(meta, n, lambda *a: None, split=split, row_block=96, use_kernel=use_kernel)
         rec.softcap = softcap
         with torch.inference_mode():
             out = rec._attend(0, q, k, v, 0.25, softcap)

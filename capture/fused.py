@@ -1,4 +1,4 @@
-"""The fused C++ kernel of the long-context pass (`qk_kernel.cpp`), built once with torch's cpp_extension.
+"""The fused C++ kernel of the long-context pass (`fused.cpp`), built once with torch's cpp_extension.
 
 `capture.longctx.QKRecorder` computes, per KV group and block of query rows, scores, softmax, output
 and the one-pass reductions.  In torch ops each of those reads the block's [rows, keys] weights from
@@ -8,7 +8,7 @@ close to SDPA's time.
 
 `load()` returns the compiled module, or None when it cannot be built (no C++ compiler): then the
 recorder uses the torch ops, which give the same numbers more slowly.  `make` builds it during the
-set-up (`python -m capture.qk_kernel`), so the first long capture does not wait for the compiler;
+set-up (`python -m capture.fused`), so the first long capture does not wait for the compiler;
 torch keeps the build under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds it
 when the source changes.
 """
@@ -20,10 +20,12 @@ import sys
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("qk_kernel.cpp")
+SOURCE = Path(__file__).with_name("fused.cpp")
 # -ffast-math at compile time only (vectorised expf from glibc's libmvec); linking with it would
 # add crtfastmath.o, which flushes denormals to zero for the whole process
 CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+WHOLE_LAYER_BYTES = 4 * 2**20  # record_layer: a layer with float32 scores up to this size in one GEMM each way
+RECORD_TILE = 64  # query rows per head and tile in record_layer (rounded up to whole thumbnail bins)
 TILE = 128  # query rows per head and tile (measured at 8,192 tokens: 16 rows 0.74 s a layer, 64 0.64 s, 128 0.61 s)
 
 _lock = threading.Lock()
@@ -41,7 +43,7 @@ def load(verbose: bool = False):
                 try:
                     from torch.utils.cpp_extension import load as build
 
-                    module = build(name="headscope_qk_kernel", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    module = build(name="headscope_fused", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                                    verbose=verbose)
                     _state.update(module=module, problem=None)
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back to torch ops
@@ -59,9 +61,9 @@ def problem() -> str | None:
 def main() -> int:
     """Build the kernel now (make's set-up step); exit status 0 either way, with a line saying which."""
     if load(verbose="-v" in sys.argv) is None:
-        print(f"capture.qk_kernel: not built ({problem()}); long captures will use the slower torch ops")
+        print(f"capture.fused: not built ({problem()}); long captures will use the slower torch ops")
     else:
-        print("capture.qk_kernel: fused long-context kernel ready")
+        print("capture.fused: fused long-context kernel ready")
     return 0
 
 

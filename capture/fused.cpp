@@ -12,11 +12,15 @@
 // which is what capture/longctx.py computes with torch ops on whole [rows, keys] blocks; the
 // difference is only how often the weights travel through memory.  Compiled with -ffast-math for
 // vectorised expf (glibc libmvec); only the visible keys are ever read, so no infinities occur.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -121,7 +125,111 @@ void attend_rows(torch::Tensor q, torch::Tensor key_t, torch::Tensor value, int6
   }
 }
 
+namespace {
+
+inline void to_half(const float* x, at::Half* y, int64_t length) {
+  int64_t j = 0;
+#ifdef __F16C__
+  for (; j + 8 <= length; j += 8)  // round to nearest even, as torch's .half()
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; j < length; ++j) y[j] = static_cast<at::Half>(x[j]);
+}
+
+// One row of the stored-maps pass: x  # [>= width] its logits on entry, its weights on exit (zero
+// from `length` to `width`); writes them as float16 to `map` and folds them into the thumbnail row.
+inline void record_row(float* x, int64_t length, int64_t width, float scale, float cap, at::Half* map,
+                       float* thumb, int64_t size) {
+  for (int64_t j = 0; j < length; ++j) x[j] *= scale;
+  if (cap > 0.f)
+    for (int64_t j = 0; j < length; ++j) x[j] = std::tanh(x[j] / cap) * cap;
+  const float m = range_max(x, 0, length);
+  float z = 0.f;
+  for (int64_t j = 0; j < length; ++j) {
+    const float e = std::exp(x[j] - m);
+    z += e;
+    x[j] = e;
+  }
+  const float inv = 1.f / z;
+  for (int64_t j = 0; j < length; ++j) x[j] *= inv;
+  std::fill(x + length, x + width, 0.f);
+  to_half(x, map, length);
+  for (int64_t b = 0, a = 0; a < length; ++b, a += size)
+    thumb[b] = std::max(thumb[b], range_max(x, a, std::min(a + size, length)));
+}
+
+}  // namespace
+
+// record_layer: one layer of the stored-maps pass (layouts "tril" and "full", capture/types.py).
+// q  # [H, n, D];  k, v  # [KV, n, D] (any strides with a contiguous last dim)
+// maps  # [H, width] float16: row p at p (p + 1) / 2 (tril, keys 0..p) or p n (full, all n keys)
+// overview  # [H, bins, bins] float32, zeros on entry: block maxima over `size` x `size` tokens
+// out  # [n, H, D]: softmax(scaling q kᵀ, softcapped, causal) v, as transformers' eager path in float32
+// A layer whose scores fit in `whole_bytes` is done with one batched GEMM each way (few ATen calls:
+// at 128 tokens their overhead is what counts).  A larger one goes by work items of (head, tile of
+// `tile` rows; a multiple of `size`, so no two items share a thumbnail row), so a tile's scores stay
+// in cache; items are dealt to torch's threads in two halves of equal cost (later causal rows cost more).
+void record_layer(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scaling, double softcap, bool causal,
+                  torch::Tensor maps, torch::Tensor overview, int64_t size, torch::Tensor out, int64_t tile,
+                  int64_t whole_bytes) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && maps.scalar_type() == torch::kFloat16 &&
+              maps.is_contiguous() && overview.is_contiguous() && out.is_contiguous(),
+              "record_layer: float32 q/k/v, contiguous float16 maps, contiguous overview and out");
+  const int64_t H = q.size(0), n = q.size(1), D = q.size(2), KV = k.size(0), G = H / KV;
+  const int64_t bins = overview.size(1), width = maps.size(1);
+  at::Half* maps_data = maps.data_ptr<at::Half>();
+  float* pooled_data = overview.data_ptr<float>();
+  const float scale = static_cast<float>(scaling), cap = static_cast<float>(softcap);
+  auto map_row = [&](int64_t h, int64_t p) { return maps_data + h * width + (causal ? p * (p + 1) / 2 : p * n); };
+  auto thumb_row = [&](int64_t h, int64_t p) { return pooled_data + (h * bins + p / size) * bins; };
+
+  if (H * n * n * 4 <= whole_bytes) {
+    torch::Tensor grouped = q.reshape({KV, G * n, D});                 // [kv_head, group * query, head_dim]
+    torch::Tensor scores = torch::bmm(grouped, k.transpose(1, 2));     // [kv_head, group * query, key]
+    float* s = scores.data_ptr<float>();
+    // rows of one head in one chunk at most twice: thumbnail rows are per head, so split by whole heads
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t p = 0; p < n; ++p)
+          record_row(s + (h * n + p) * n, causal ? p + 1 : n, n, scale, cap, map_row(h, p), thumb_row(h, p), size);
+    });
+    torch::Tensor o = torch::bmm(scores, v);                            // [kv_head, group * query, head_dim]
+    out.copy_(o.view({H, n, D}).transpose(0, 1));
+    return;
+  }
+  tile = std::max<int64_t>(size, (tile + size - 1) / size * size);
+  const int64_t n_tiles = (n + tile - 1) / tile;
+  std::vector<std::pair<int64_t, int64_t>> items, halves[2];  // (head, tile)
+  for (int64_t t = 0; t < n_tiles; ++t)
+    for (int64_t h = 0; h < H; ++h) items.emplace_back(h, t);
+  for (size_t i = 0; i < items.size(); ++i) halves[i % 2].push_back(items[i]);  // items rise in cost
+  items = halves[0];
+  items.insert(items.end(), halves[1].begin(), halves[1].end());
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    torch::Tensor buffer = torch::empty({tile * n}, q.options());
+    torch::Tensor block_out = torch::empty({tile, D}, q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = items[item].first, g = h / G;
+      const int64_t t0 = items[item].second * tile, t1 = std::min(n, t0 + tile), tr = t1 - t0;
+      const int64_t k_end = causal ? t1 : n;
+      torch::Tensor scores = buffer.narrow(0, 0, tr * k_end).view({tr, k_end});
+      torch::mm_out(scores, q[h].narrow(0, t0, tr), k[g].narrow(0, 0, k_end).t());
+      float* s = scores.data_ptr<float>();
+      for (int64_t i = 0; i < tr; ++i) {
+        const int64_t p = t0 + i;
+        record_row(s + i * k_end, causal ? p + 1 : n, k_end, scale, cap, map_row(h, p), thumb_row(h, p), size);
+      }
+      torch::Tensor o = block_out.narrow(0, 0, tr);
+      torch::mm_out(o, scores, v[g].narrow(0, 0, k_end));
+      out.select(1, h).narrow(0, t0, tr).copy_(o);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_rows", &attend_rows, "one KV group's rows of the qk pass, fused (capture/qk_kernel.cpp)",
+  m.def("attend_rows", &attend_rows, "one KV group's rows of the qk pass, fused (capture/fused.cpp)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("record_layer", &record_layer, "one layer of the stored-maps pass, fused (capture/fused.cpp)",
         py::call_guard<py::gil_scoped_release>());
 }
