@@ -72,17 +72,21 @@ class ArrayDisk(diskcache.Disk):
                 raise TypeError("object arrays cannot be cached")
             filename = self.array_filename(key)
             full_path = os.path.join(self._directory, filename)
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(value), allow_pickle=False)
-            data = buffer.getbuffer()  # the .npy bytes, checksummed here instead of read back
+            array = np.ascontiguousarray(value)
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+            parts = (header.getbuffer(), array.reshape(-1).view(np.uint8).data)  # .npy = header + raw data
             try:
                 fh = open(full_path, "xb")
             except FileNotFoundError:  # the capture's first file: its folder does not exist yet
                 os.makedirs(os.path.dirname(full_path), exist_ok=True)
                 fh = open(full_path, "xb")
+            crc = 0
             with fh:
-                fh.write(data)
-            return len(data), MODE_NPY, filename, zlib.crc32(data)
+                for part in parts:  # checksummed as written, not read back
+                    fh.write(part)
+                    crc = zlib.crc32(part, crc)
+            return sum(len(p) for p in parts), MODE_NPY, filename, crc
         if isinstance(value, (str, bytes, int, float)):
             return super().store(value, read, key)
         raise TypeError(f"the capture cache stores arrays, str, bytes and numbers, not {type(value).__name__}")

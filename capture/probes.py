@@ -36,7 +36,7 @@ from analytics.stored import (AblationParams, DuoParams, GradientParams, HiddenP
 from cache.store import Store
 from capture import attention, registry
 from capture.adapters import InputError, Progress, no_progress
-from capture.adapters.llm import readable
+from capture.adapters.llm import labels
 from capture.interventions import InterventionError, uniform_ablation
 from capture.types import Capture, Output, RunSpec, pack_offset, unpack_tril
 
@@ -235,7 +235,7 @@ def pattern_probe(handle: registry.ModelHandle, p: PatternParams, put, progress:
     top = {name: _top_heads(scores[name]) for name in heads.PATTERNS}
     return {
         # a capture-shaped record: Capture.from_record(key, record, store) shows the probe's maps
-        "spec": spec.to_json(), "meta": asdict(meta), "tokens": [readable(tok, i) for i in ids],
+        "spec": spec.to_json(), "meta": asdict(meta), "tokens": labels(tok, ids),
         "spans": {k: [v.start, v.stop] for k, v in spans.items()},
         "output": Output(token_ids=ids).to_json(), "layout": "tril", "timings": {},
         "token_ids": ids, "offset": offset,
@@ -440,8 +440,8 @@ def needle_probe(handle: registry.ModelHandle, p: NeedleParams, put, progress: P
             "length": length, "depth": float(depth), "needle": which, "n_prompt": len(ids),
             "span": [span.start, span.stop], "question": needle["question"], "expected": needle["answer"],
             "answer": answer, "recall": recall, "counted": recall > retrieval.ROUGE_THRESHOLD,
-            "emitted": new, "emitted_tokens": [readable(tok, i) for i in new],
-            "needle_tokens": [readable(tok, i) for i in ids[span.start : span.stop]],
+            "emitted": new, "emitted_tokens": labels(tok, new),
+            "needle_tokens": labels(tok, ids[span.start : span.stop]),
         })
         done_work += length
     counted = [t["counted"] for t in tests]

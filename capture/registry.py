@@ -105,6 +105,19 @@ def _package_dir(entry: EmbeddedModel) -> Path:
     return Path(spec.origin).parent
 
 
+_versions: dict[str, str] = {}
+
+
+def _package_version(package: str) -> str:
+    """The installed version of an embedded model's package, remembered once found (~1 ms a lookup)."""
+    if package not in _versions:
+        try:
+            _versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"  # not remembered: it may be installed while the app runs
+    return _versions[package]
+
+
 def revision(name: str) -> str:
     """A cheap fingerprint of the weights `name` resolves to, without loading them."""
     if name == "shapes-vlm":  # the trained part in assets/models/ on top of the packaged smollm2 and dinov2-s
@@ -113,11 +126,7 @@ def revision(name: str) -> str:
         return _asset_revision(name)
     if name in EMBEDDED:
         entry = EMBEDDED[name]
-        try:
-            version = importlib.metadata.version(entry.package)
-        except importlib.metadata.PackageNotFoundError:
-            version = "missing"
-        return f"{entry.package}=={version}/conv{CONVERTER_VERSION}"
+        return f"{entry.package}=={_package_version(entry.package)}/conv{CONVERTER_VERSION}"
     folder = Path(name).expanduser()
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.is_file())

@@ -30,13 +30,20 @@ TOP_K = 5
 BYTES_PER_WEIGHT = 2  # fp16 on disk
 
 
+def labels(tokenizer, token_ids) -> list[str]:
+    """Tokens as short visible labels (one tokenizer call): newlines as ↵, tabs as ⇥, a bare space as ␣."""
+    texts = tokenizer.batch_decode([[int(i)] for i in token_ids], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    out = []
+    for text in texts:
+        text = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+        out.append("␣" * max(1, len(text)) if text.strip() == "" else text)
+    return out
+
+
 def readable(tokenizer, token_id: int) -> str:
-    """A token as a short visible label: newlines as ↵, tabs as ⇥, a bare space as ␣."""
-    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
-    if text.strip() == "":
-        return "␣" * max(1, len(text))
-    return text
+    """One token as a short visible label (`labels`)."""
+    return labels(tokenizer, [token_id])[0]
 
 
 def stored_bytes(n_layers: int, n_heads: int, n_tokens: int, causal: bool) -> int:
@@ -54,7 +61,7 @@ def step_logprobs(tokenizer, new_ids: list[int], logits) -> list[StepLogprobs]:
         top = torch.topk(logprobs, TOP_K)
         steps.append(StepLogprobs(
             token=readable(tokenizer, token_id), token_id=token_id, logprob=float(logprobs[token_id]),
-            top=[(readable(tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+            top=list(zip(labels(tokenizer, top.indices), top.values.tolist())),
         ))
     return steps
 
@@ -270,14 +277,14 @@ class TextAdapter:
         if meta.causal:
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             top = torch.topk(logprobs, TOP_K)
-            next_top = [(readable(self.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+            next_top = list(zip(labels(self.tokenizer, top.indices), top.values.tolist()))
         t_cap = time.perf_counter()
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True) if new_ids else "",
             token_ids=ids, steps=steps, next_top=next_top, notes=notes,
         )
         return Capture(
-            key=key, spec=spec, meta=meta, tokens=[readable(self.tokenizer, i) for i in ids], spans=spans,
+            key=key, spec=spec, meta=meta, tokens=labels(self.tokenizer, ids), spans=spans,
             output=output, layout=layout, store=store, layout_info=layout_info,
             timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen,
                      "peak_mb": round(peak.peak / 2**20, 1), "estimate_mb": round(estimate.memory_bytes / 2**20, 1)},

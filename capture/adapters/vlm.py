@@ -35,7 +35,7 @@ import torch
 
 from capture import attention, images
 from capture.adapters import InputError, Progress
-from capture.adapters.llm import LayerWriter, _StepProgress, readable, step_logprobs, stored_bytes, TOP_K
+from capture.adapters.llm import LayerWriter, _StepProgress, labels, step_logprobs, stored_bytes, TOP_K
 from capture.registry import ModelHandle
 from capture.types import Capture, Output, RunSpec
 
@@ -87,7 +87,7 @@ class VlmAdapter:
 
     def labels(self, ids: list[int], spans: dict[str, range]) -> list[str]:
         """Readable token labels; "patch(r,c)" for the image tokens ("img:CLS" for a kept CLS token)."""
-        out = [readable(self.tokenizer, i) for i in ids]
+        out = labels(self.tokenizer, ids)
         for k, position in enumerate(spans["image"]):
             row, col = self.processor.patch_of(k)
             out[position] = f"patch({row},{col})"
@@ -190,7 +190,7 @@ class VlmAdapter:
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
             token_ids=ids, steps=steps,
-            next_top=[(readable(self.tokenizer, int(i)), float(v)) for v, i in zip(top.values, top.indices)],
+            next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
         )
         return Capture(
             key=key, spec=spec, meta=meta, tokens=self.labels(ids, spans), spans=spans, output=output,
