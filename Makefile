@@ -15,8 +15,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# The fused long-context kernel (capture/fused.cpp), compiled once here rather than on the first
-# long capture; without a C++ compiler this prints why and long captures use slower torch ops.
+# The fused capture kernels (capture/fused.cpp), compiled once here rather than on the first
+# capture; without a C++ compiler this prints why, and captures use slower torch ops.
 $(KERNEL): $(STAMP) capture/fused.cpp
 	$(PY) -m capture.fused
 	touch $(KERNEL)

@@ -268,7 +268,7 @@ class QKRecorder:
                                            entropy[hs, r0:r1], distance[hs, r0:r1], waad[hs, r0:r1], colsum[hs],
                                            colsum_resp[hs] if split else no_response, split or n,
                                            pools.maps[0][hs], pools.sizes[0], pools.maps[1][hs], pools.sizes[1],
-                                           W, softcap or 0.0, fused.TILE)
+                                           W, softcap or 0.0, fused.QK_TILE)
                     continue
                 row_pos = positions[r0:r1]
                 idx = (torch.arange(r0, r1)[:, None] - lags[None, :])  # [rows, W]: keys i - k

@@ -254,7 +254,7 @@ def test_fused_kernel_equals_torch_ops(n, split, softcap, tile, monkeypatch):
     bins and tiles; a response split; a softcap), and loading it leaves denormals alone."""
     from capture import fused
 
-    monkeypatch.setattr(fused, "TILE", tile)
+    monkeypatch.setattr(fused, "QK_TILE", tile)
     assert fused.load() is not None, f"the fused kernel did not build: {fused.problem()}"
     assert torch.tensor(1e-40) * 1 != 0  # no flush-to-zero: -ffast-math is a compile flag only
     meta = ModelMeta(name="t", family="llama", modality="text", n_layers=1, n_heads=6, n_kv_heads=2,
