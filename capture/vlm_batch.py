@@ -5,7 +5,8 @@ drawn in training) and `questions_per_scene` of its questions (training.scenes.q
 absent-object presence question, answer "no", always among them: it measures hallucination), the
 question is captured once (the answer before, and the maps and residual stream the intervention is
 built from: capture.vlm_presets.for_capture), then answered again greedily with the intervention
-active.  Captures go to a temporary store and are dropped as soon as they are used.
+active (`answers_with`: questions of the same prompt shape together, one intervention per batch row).
+Captures go to a temporary store (in RAM where /dev/shm exists) and are dropped as soon as they are used.
 
 An answer is right when it equals the ground truth after stripping and lower-casing (as
 training.eval_vlm's exact answers).  `gaze_pointing` measures, on the same kind of scenes, how often
@@ -81,15 +82,58 @@ def batch_questions(n_scenes: int = N_SCENES, per_scene: int = QUESTIONS_PER_SCE
     return out
 
 
-def _answer_with(handle, spec: RunSpec) -> str:
-    """The greedy answer to `spec` with its intervention active (the capture's generation step only)."""
+ANSWER_BATCH = 16  # questions answered together with their own interventions (row_interventions)
+
+
+def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[str]:
+    """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
+    step writes them (capture.adapters.vlm.VlmAdapter.generate), `batch` at a time.
+
+    Questions whose prompts have the same length and the same image and question spans go through one
+    `generate` with one intervention per batch row (capture.attention.session(row_interventions=...)):
+    with no padding every row's positions, spans and position sets are those of its own run.  A row
+    stops at its end-of-sequence token; what follows it is cut."""
+    import torch
+
+    from capture import attention
     from capture.adapters.vlm import VlmAdapter
 
     adapter = VlmAdapter(handle)
-    inputs, spans = adapter.encode(spec)
-    with handle.lock:
-        new_ids, _ = adapter.generate(spec, inputs, spans, no_progress, 0.0)
-    return adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    tok = adapter.tokenizer
+    eos = tok.eos_token_id
+    encoded = [adapter.encode(spec) for spec in specs]
+    groups: dict[tuple, list[int]] = {}
+    for i, (inputs, spans) in enumerate(encoded):
+        n = inputs.input_ids.shape[1]
+        shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
+        groups.setdefault(shape, []).append(i)
+    answers: list[str] = [""] * len(specs)
+    for members in groups.values():
+        for start in range(0, len(members), batch):
+            rows = members[start : start + batch]
+            inputs, spans = encoded[rows[0]]
+            n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
+            session_spans = {**spans, "response": range(n, n + max_new), "answer": range(n, n + max_new)}
+            input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
+            pixels = torch.cat([encoded[i][0].pixel_values for i in rows])  # [batch, 3, H, W]
+            with attention.session(row_interventions=[specs[i].intervention for i in rows], spans=session_spans), \
+                    handle.lock, torch.inference_mode():
+                result = handle.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
+                    max_new_tokens=max_new, do_sample=False, eos_token_id=[eos] if eos is not None else None,
+                    pad_token_id=tok.pad_token_id or 0)
+            for i, row in zip(rows, result[:, n:].tolist()):
+                if eos in row:
+                    row = row[: row.index(eos) + 1]
+                answers[i] = tok.decode(row, skip_special_tokens=True).strip()
+    return answers
+
+
+def _fast_folder() -> str | None:
+    """A RAM-backed folder for the batch's throw-away captures (/dev/shm), when there is one."""
+    import os
+
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def accuracy_change(model: str, method: str, params: dict | None = None, n_scenes: int = N_SCENES,
@@ -106,11 +150,12 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     handle = registry.load(model)
     result = BatchResult(method=method, params={**params, **({"heads": heads} if heads else {})})
     jobs = batch_questions(n_scenes, per_scene)
-    with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-") as folder:
+    edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
+    with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
         store = Store(folder, size_limit=4 * 2**30)
         try:
             for i, (scene, qa, kind) in enumerate(jobs):
-                progress(i / len(jobs), f"scene {scene.seed}: {qa.question}")
+                progress(0.8 * i / len(jobs), f"scene {scene.seed}: {qa.question}")
                 spec = RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}",
                                max_new_tokens=max_new_tokens)
                 capture = run(spec, store)
@@ -120,15 +165,18 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
                     vhd(capture, store=store)
                 try:
                     intervention = vlm_presets.for_capture(method, capture, heads=heads, **params)
+                    edited[i] = dataclasses.replace(spec, intervention=intervention)
                 except InterventionError:  # e.g. VAR on an input without image-centric heads: nothing to edit
-                    intervention = None
-                after = capture.output.text if intervention is None else \
-                    _answer_with(handle, dataclasses.replace(spec, intervention=intervention))
-                result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, capture.output.text, after,
-                                            edited=intervention is not None))
+                    pass
+                text = capture.output.text
+                result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text,
+                                            edited=i in edited))
                 store.evict(capture.key)
         finally:
             store.close()
+    progress(0.8, f"answering {len(edited)} questions with {method}")
+    for i, after in zip(edited, answers_with(handle, list(edited.values()))):
+        result.rows[i].after = after
     progress(1.0, "done")
     return result
 
@@ -164,5 +212,5 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
     return vlm.pointing(saliencies, boxes, (size, size))
 
 
-__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "gaze_pointing", "N_SCENES",
+__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "gaze_pointing", "N_SCENES",
            "QUESTIONS_PER_SCENE"]

@@ -135,3 +135,34 @@ def test_vhr_selects_heads_above_the_layer_median_without_surges():
     iv = vlm_presets.vhr(_meta(2, 4), vhd, alpha=2.0)
     assert [(e.layer, e.head, e.op, e.value) for e in iv.edits] == [(0, 2, "scale", 2.0)]
     assert vlm_presets.settings_of(iv) == ("vhr", {"alpha": 2.0})
+
+
+from test_vlm_capture import shapes_vlm  # noqa: E402,F401 - the fixture
+
+
+def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
+    """vlm_batch.answers_with: questions of one prompt shape answered together, each row with its own
+    intervention, give the answers of answering them one by one (and of plain generation when the
+    intervention is empty)."""
+    from capture import vlm_batch, vlm_presets
+    from capture.adapters.vlm import VlmAdapter
+    from capture.interventions import Intervention
+    from capture.types import RunSpec
+
+    handle = shapes_vlm
+    jobs = vlm_batch.batch_questions(n_scenes=3, per_scene=3)
+    edits = [Intervention(), vlm_presets.mask_image(handle.meta, [(l, h) for l in range(4, 20) for h in range(9)]),
+             vlm_presets.var(handle.meta, [(l, h) for l in range(2, 12) for h in range(0, 9, 2)], sinks=[0])]
+    specs = [RunSpec(model="shapes-vlm", prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=6,
+                     intervention=edits[i % len(edits)]) for i, (scene, qa, _) in enumerate(jobs)]
+    together = vlm_batch.answers_with(handle, specs)
+    alone = vlm_batch.answers_with(handle, specs, batch=1)
+    assert together == alone
+    shapes = {VlmAdapter(handle).encode(s)[0].input_ids.shape[1] for s in specs}
+    assert len(shapes) < len(specs)  # some questions really were answered together
+    adapter = VlmAdapter(handle)
+    plain = specs[0]
+    inputs, spans = adapter.encode(plain)
+    new_ids, _ = adapter.generate(plain, inputs, spans, lambda *a: None, 0.0)
+    assert together[0] == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    assert together != [together[0]] * len(together)
