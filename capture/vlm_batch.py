@@ -3,10 +3,11 @@
 For each of the first `n_scenes` held-out scenes (training.eval_vlm.held_out_scenes: captions never
 drawn in training) and `questions_per_scene` of its questions (training.scenes.questions; the
 absent-object presence question, answer "no", always among them: it measures hallucination), the
-question is captured once (the answer before, and the maps and residual stream the intervention is
-built from: capture.vlm_presets.for_capture), then answered again greedily with the intervention
-active (`answers_with`: questions of the same prompt shape together, one intervention per batch row).
-Captures go to a temporary store (in RAM where /dev/shm exists) and are dropped as soon as they are used.
+question is answered (`answer_ids`: all questions first, those of one prompt shape together), its
+answer is recorded once (the maps and residual stream the intervention is built from:
+capture.vlm_presets.for_capture), and it is answered again greedily with the intervention active
+(again in batches, one intervention per batch row).  The recorded passes go to a temporary store (in
+RAM where /dev/shm exists) and are dropped as soon as they are used.
 
 An answer is right when it equals the ground truth after stripping and lower-casing (as
 training.eval_vlm's exact answers).  `gaze_pointing` measures, on the same kind of scenes, how often
@@ -87,7 +88,15 @@ ANSWER_BATCH = 16  # questions answered together with their own interventions (r
 
 def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[str]:
     """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
-    step writes them (capture.adapters.vlm.VlmAdapter.generate), `batch` at a time.
+    step writes them (capture.adapters.vlm.VlmAdapter.generate), `batch` at a time (`answer_ids`)."""
+    from capture.adapters.vlm import VlmAdapter
+
+    tok = VlmAdapter(handle).tokenizer
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch)]
+
+
+def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[list[int]]:
+    """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
 
     Questions whose prompts have the same length and the same image and question spans go through one
     `generate` with one intervention per batch row (capture.attention.session(row_interventions=...)):
@@ -107,7 +116,7 @@ def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> lis
         n = inputs.input_ids.shape[1]
         shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
         groups.setdefault(shape, []).append(i)
-    answers: list[str] = [""] * len(specs)
+    out: list[list[int]] = [[] for _ in specs]
     for members in groups.values():
         for start in range(0, len(members), batch):
             rows = members[start : start + batch]
@@ -123,10 +132,8 @@ def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> lis
                     max_new_tokens=max_new, do_sample=False, eos_token_id=[eos] if eos is not None else None,
                     pad_token_id=tok.pad_token_id or 0)
             for i, row in zip(rows, result[:, n:].tolist()):
-                if eos in row:
-                    row = row[: row.index(eos) + 1]
-                answers[i] = tok.decode(row, skip_special_tokens=True).strip()
-    return answers
+                out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
 
 
 def _fast_folder() -> str | None:
@@ -142,23 +149,28 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     """Exact-answer accuracy before and after `method` ("var", "gift", "vhr", "mask" with params["heads"])."""
     from cache.store import Store
     from capture import registry, vlm_presets
+    from capture.adapters.vlm import VlmAdapter
     from capture.interventions import InterventionError
-    from capture.run import run
 
     params = dict(params or {})
     heads = params.pop("heads", None)
     handle = registry.load(model)
     result = BatchResult(method=method, params={**params, **({"heads": heads} if heads else {})})
     jobs = batch_questions(n_scenes, per_scene)
+    specs = [RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=max_new_tokens)
+             for scene, qa, _ in jobs]
+    progress(0.0, f"answering {len(specs)} questions")
+    before = answer_ids(handle, specs)  # all the plain answers first, a batch of one prompt shape at a time
+    adapter = VlmAdapter(handle)
     edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
     with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
         store = Store(folder, size_limit=4 * 2**30)
         try:
-            for i, (scene, qa, kind) in enumerate(jobs):
-                progress(0.8 * i / len(jobs), f"scene {scene.seed}: {qa.question}")
-                spec = RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}",
-                               max_new_tokens=max_new_tokens)
-                capture = run(spec, store)
+            for i, ((scene, qa, kind), spec) in enumerate(zip(jobs, specs)):
+                progress(0.2 + 0.6 * i / len(jobs), f"scene {scene.seed}: {qa.question}")
+                inputs, spans = adapter.encode(spec)
+                with handle.lock:  # the recorded pass of this answer, without the vision tower's maps
+                    capture = adapter.record(spec, f"q{i}", store, inputs, spans, before[i], vision=False)
                 if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
                     from capture.probes_vlm import vhd
 
@@ -212,5 +224,5 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
     return vlm.pointing(saliencies, boxes, (size, size))
 
 
-__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "gaze_pointing", "N_SCENES",
+__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "gaze_pointing", "N_SCENES",
            "QUESTIONS_PER_SCENE"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from capture import attention, images
-from capture.adapters import InputError, Progress
+from capture.adapters import InputError, Progress, no_progress
 from capture.adapters.llm import LayerWriter, _StepProgress, labels, step_logprobs, stored_bytes, TOP_K
 from capture.registry import ModelHandle
 from capture.types import Capture, Output, RunSpec
@@ -151,27 +151,38 @@ class VlmAdapter:
         meta = self.handle.meta
         t0 = time.perf_counter()
         inputs, spans = self.encode(spec)
-        prompt_ids = [int(i) for i in inputs.input_ids[0]]
-        need = stored_bytes(meta.n_layers, meta.n_heads, len(prompt_ids) + spec.max_new_tokens, causal=True)
+        need = stored_bytes(meta.n_layers, meta.n_heads, inputs.input_ids.shape[1] + spec.max_new_tokens, causal=True)
         if need > store.size_limit:
             raise InputError(f"Capturing this run needs {need / 2**30:.1f} GB of cache but the cache holds "
                              f"{store.size_limit / 2**30:.1f} GB; raise HEADSCOPE_CACHE_GB or shorten the question.")
-        store.put_array(key, "image", inputs.shown)
         gen_share = 0.5 if spec.max_new_tokens else 0.0
         self.sink_scores = {}
         new_ids, steps = [], []
         if spec.max_new_tokens:
             new_ids, steps = self.generate(spec, inputs, spans, progress, gen_share)
         t_gen = time.perf_counter()
-        ids = prompt_ids + new_ids
-        n_prompt = len(prompt_ids)
+        capture = self.record(spec, key, store, inputs, spans, new_ids, steps, progress, gen_share)
+        capture.timings["generate_s"] = t_gen - t0
+        return capture
+
+    def record(self, spec: RunSpec, key: str, store, inputs, spans: dict[str, range], new_ids: list[int],
+               steps=(), progress: Progress = no_progress, share: float = 0.0, vision: bool = True) -> Capture:
+        """The recorded pass over prompt + `new_ids` (the answer `generate` wrote, with the same
+        intervention), stored under `key`: the LM's maps, its residual stream and (`vision`) the vision
+        tower's maps.  `capture.vlm_batch` calls it with answers it generated for many questions at once."""
+        meta = self.handle.meta
+        t_gen = time.perf_counter()
+        store.put_array(key, "image", inputs.shown)
+        prompt_ids = [int(i) for i in inputs.input_ids[0]]
+        ids = prompt_ids + list(new_ids)
+        spans = dict(spans)
         if new_ids:
-            spans["answer"] = spans["response"] = range(n_prompt, len(ids))
+            spans["answer"] = spans["response"] = range(len(prompt_ids), len(ids))
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
         small = attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
-        with LayerWriter(store, key, meta.n_layers, progress, gen_share, defer=small) as writer, \
+        with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer, \
                 self._residual(residual):
             recorder = attention.Recorder(meta.n_heads, "tril", writer.submit, defer=small)
             with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
@@ -183,17 +194,18 @@ class VlmAdapter:
             recorder.finish()
         if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
             store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
-        store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
+        if vision:
+            store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
         top = torch.topk(logprobs, TOP_K)
         t_cap = time.perf_counter()
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
-            token_ids=ids, steps=steps,
+            token_ids=ids, steps=list(steps),
             next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
         )
         return Capture(
             key=key, spec=spec, meta=meta, tokens=self.labels(ids, spans), spans=spans, output=output,
             layout="tril", store=store,
-            timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen},
+            timings={"capture_s": t_cap - t_gen},
         )
