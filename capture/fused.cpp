@@ -36,15 +36,23 @@ inline float range_max(const float* x, int64_t a, int64_t b) {
   return m;
 }
 
+inline void soft_cap(float* x, int64_t length, float cap) {  // cap tanh(x / cap), as transformers (cap > 0)
+  if (cap > 0.f)
+    for (int64_t j = 0; j < length; ++j) x[j] = std::tanh(x[j] / cap) * cap;
+}
+
+// Fold one row's weights x  # [length] into its thumbnail row  # [bins]: the max of each block of `size` keys.
+inline void fold_thumbnail(const float* x, int64_t length, float* thumb, int64_t size) {
+  for (int64_t b = 0, a = 0; a < length; ++b, a += size)
+    thumb[b] = std::max(thumb[b], range_max(x, a, std::min(a + size, length)));
+}
+
 // One row: x  # [>= length] its scores on entry and its weights on exit (zero past `length`,
 // up to `width`).  Returns nothing; writes the row's reductions.
 inline void row(float* x, int64_t position, int64_t length, int64_t width, float softcap, double* colsum,
                 double* colsum_resp, float* entropy, float* distance, float* waad, int64_t window,
                 Pool* pools, int n_pools) {
-  if (softcap > 0.f) {
-    const float inv_cap = 1.f / softcap;
-    for (int64_t j = 0; j < length; ++j) x[j] = std::tanh(x[j] * inv_cap) * softcap;
-  }
+  soft_cap(x, length, softcap);
   const float m = range_max(x, 0, length);
   float z = 0.f, es = 0.f, ej = 0.f;
   for (int64_t j = 0; j < length; ++j) {
@@ -68,12 +76,8 @@ inline void row(float* x, int64_t position, int64_t length, int64_t width, float
   float band = 0.f;
   for (int64_t k = 0; k < window && k <= position; ++k) band += x[position - k] * static_cast<float>(window - k);
   *waad = static_cast<float>(window) - band;
-  for (int p = 0; p < n_pools; ++p) {
-    Pool& pool = pools[p];
-    float* target = pool.data + (position / pool.size) * pool.bins;
-    for (int64_t b = 0, a = 0; a < length; ++b, a += pool.size)
-      target[b] = std::max(target[b], range_max(x, a, std::min(a + pool.size, length)));
-  }
+  for (int p = 0; p < n_pools; ++p)
+    fold_thumbnail(x, length, pools[p].data + (position / pools[p].size) * pools[p].bins, pools[p].size);
 }
 
 }  // namespace
@@ -142,8 +146,7 @@ inline void to_half(const float* x, at::Half* y, int64_t length) {
 inline void record_row(float* x, int64_t length, int64_t width, float scale, float cap, at::Half* map,
                        float* thumb, int64_t size) {
   for (int64_t j = 0; j < length; ++j) x[j] *= scale;
-  if (cap > 0.f)
-    for (int64_t j = 0; j < length; ++j) x[j] = std::tanh(x[j] / cap) * cap;
+  soft_cap(x, length, cap);
   const float m = range_max(x, 0, length);
   float z = 0.f;
   for (int64_t j = 0; j < length; ++j) {
@@ -155,8 +158,7 @@ inline void record_row(float* x, int64_t length, int64_t width, float scale, flo
   for (int64_t j = 0; j < length; ++j) x[j] *= inv;
   std::fill(x + length, x + width, 0.f);
   to_half(x, map, length);
-  for (int64_t b = 0, a = 0; a < length; ++b, a += size)
-    thumb[b] = std::max(thumb[b], range_max(x, a, std::min(a + size, length)));
+  fold_thumbnail(x, length, thumb, size);
 }
 
 }  // namespace
