@@ -6,7 +6,7 @@ For each prompt length, on SmolLM2 (fp32, CPU):
   capture  HeadScope: every map of every layer and head computed AND written to the cache (fp16)
   read     warm-cache read of one head's full map
 Prints a Markdown table of times, peak memory rises and ratios.  Usage:
-    .venv/bin/python bench/capture.py [--lengths 128 512 2048] [--repeats 3]
+    .venv/bin/python bench/capture.py [--lengths 128 512 2048] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="hs-bench-")
