@@ -86,22 +86,25 @@ def batch_questions(n_scenes: int = N_SCENES, per_scene: int = QUESTIONS_PER_SCE
 ANSWER_BATCH = 16  # questions answered together with their own interventions (row_interventions)
 
 
-def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[str]:
+def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
+                 progress: Progress = no_progress) -> list[str]:
     """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
     step writes them (capture.adapters.vlm.VlmAdapter.generate), `batch` at a time (`answer_ids`)."""
     from capture.adapters.vlm import VlmAdapter
 
     tok = VlmAdapter(handle).tokenizer
-    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch)]
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch, progress)]
 
 
-def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[list[int]]:
+def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
+               progress: Progress = no_progress) -> list[list[int]]:
     """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
 
     Questions whose prompts have the same length and the same image and question spans go through one
     `generate` with one intervention per batch row (capture.attention.session(row_interventions=...)):
     with no padding every row's positions, spans and position sets are those of its own run.  A row
-    stops at its end-of-sequence token; what follows it is cut."""
+    stops at its end-of-sequence token; what follows it is cut.  `progress(fraction, message)` after
+    each batch."""
     import torch
 
     from capture import attention
@@ -117,9 +120,12 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH) -> list[
         shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
         groups.setdefault(shape, []).append(i)
     out: list[list[int]] = [[] for _ in specs]
+    done = 0
     for members in groups.values():
         for start in range(0, len(members), batch):
             rows = members[start : start + batch]
+            progress(done / len(specs), f"answered {done}/{len(specs)} questions")
+            done += len(rows)
             inputs, spans = encoded[rows[0]]
             n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
             session_spans = {**spans, "response": range(n, n + max_new), "answer": range(n, n + max_new)}
@@ -159,8 +165,8 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     jobs = batch_questions(n_scenes, per_scene)
     specs = [RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=max_new_tokens)
              for scene, qa, _ in jobs]
-    progress(0.0, f"answering {len(specs)} questions")
-    before = answer_ids(handle, specs)  # all the plain answers first, a batch of one prompt shape at a time
+    # all the plain answers first, a batch of one prompt shape at a time
+    before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m))
     adapter = VlmAdapter(handle)
     edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
     with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
@@ -186,8 +192,9 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
                 store.evict(capture.key)
         finally:
             store.close()
-    progress(0.8, f"answering {len(edited)} questions with {method}")
-    for i, after in zip(edited, answers_with(handle, list(edited.values()))):
+    answers = answers_with(handle, list(edited.values()),
+                           progress=lambda f, m: progress(0.8 + 0.2 * f, f"{m} with {method}"))
+    for i, after in zip(edited, answers):
         result.rows[i].after = after
     progress(1.0, "done")
     return result

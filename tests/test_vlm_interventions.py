@@ -116,9 +116,13 @@ def test_presets_act_on_a_vlm_capture(tiny_vlm, store):  # noqa: F811
 def test_batch_accuracy_change_on_a_tiny_vlm(tiny_vlm):  # noqa: F811
     from capture import vlm_batch
 
+    steps = []
     result = vlm_batch.accuracy_change(str(tiny_vlm), "mask", {"heads": [(0, 0), (1, 1)]}, n_scenes=1, per_scene=2,
-                                       max_new_tokens=2)
+                                       max_new_tokens=2, progress=lambda f, m: steps.append((f, m)))
     assert len(result.rows) == 2 and "absent" in result.kinds()
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # the bar only moves forward
+    assert any("answered" in m for _, m in steps) and any("with mask" in m for _, m in steps)
     before, after, n = result.accuracy()
     assert n == 2 and 0 <= before <= 1 and 0 <= after <= 1
     vhr = vlm_batch.accuracy_change(str(tiny_vlm), "vhr", {"alpha": 2.0}, n_scenes=1, per_scene=1, max_new_tokens=2)
