@@ -108,7 +108,8 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     import torch
 
     from capture import attention
-    from capture.adapters.vlm import VlmAdapter
+    from capture.adapters.vlm import VlmAdapter, generation_spans
+    from capture.vlm_model import greedy_settings
 
     adapter = VlmAdapter(handle)
     tok = adapter.tokenizer
@@ -128,15 +129,12 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             done += len(rows)
             inputs, spans = encoded[rows[0]]
             n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
-            session_spans = {**spans, "response": range(n, n + max_new), "answer": range(n, n + max_new)}
             input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
             pixels = torch.cat([encoded[i][0].pixel_values for i in rows])  # [batch, 3, H, W]
-            with attention.session(row_interventions=[specs[i].intervention for i in rows], spans=session_spans), \
-                    handle.lock, torch.inference_mode():
-                result = handle.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels,
-                    max_new_tokens=max_new, do_sample=False, eos_token_id=[eos] if eos is not None else None,
-                    pad_token_id=tok.pad_token_id or 0)
+            with attention.session(row_interventions=[specs[i].intervention for i in rows],
+                                   spans=generation_spans(spans, n, max_new)), handle.lock, torch.inference_mode():
+                result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                               pixel_values=pixels, **greedy_settings(tok, max_new))
             for i, row in zip(rows, result[:, n:].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out

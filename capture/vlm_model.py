@@ -197,19 +197,26 @@ def answer(handle, image, question: str, max_new_tokens: int = MAX_NEW_TOKENS) -
     return answers(handle, [(image, question)], max_new_tokens)[0]
 
 
+def greedy_settings(tokenizer, max_new_tokens: int) -> dict:
+    """`generate` keyword arguments of every shapes-vlm answer (here, the capture's generation step and
+    the batch mode), so all of them write the same text: greedy, stop at the end-of-sequence token."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": eos,
+            "pad_token_id": tokenizer.pad_token_id or 0}
+
+
 def answers(handle, pairs: list[tuple[object, str]], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers for (image, question) pairs, one generate call each (no padding effects)."""
     import torch
 
     processor: VlmProcessor = handle.tokenizer
     model = handle.model
-    eos = [processor.tokenizer.eos_token_id] if processor.tokenizer.eos_token_id is not None else None
+    settings = greedy_settings(processor.tokenizer, max_new_tokens)
     out = []
     with handle.lock, torch.inference_mode():
         for image, question in pairs:
             inputs = processor.encode(image, question)
-            ids = model.generate(**inputs.model_inputs(), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id or 0)
+            ids = model.generate(**inputs.model_inputs(), **settings)
             new = ids[0, inputs.input_ids.shape[1]:]
             out.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     return out

@@ -38,6 +38,7 @@ from capture.adapters import InputError, Progress, no_progress
 from capture.adapters.llm import LayerWriter, _StepProgress, labels, step_logprobs, stored_bytes, TOP_K
 from capture.registry import ModelHandle
 from capture.types import Capture, Output, RunSpec
+from capture.vlm_model import greedy_settings
 
 HIDDEN = "hidden"  # cache entry: the residual stream of the recorded pass, [layer, token, dim] float16
 VISION = "vision_attention"  # cache entry: the vision tower's maps, [layer, head, token, token] float16
@@ -57,6 +58,11 @@ def question_span(processor, prompt_text: str, question: str, ids: list[int], af
     end_char = start_char + len(question)
     inside = [i for i, (a, b) in enumerate(offsets) if b > start_char and a < end_char and b > a]
     return range(inside[0], inside[-1] + 1) if inside else range(after, after)
+
+
+def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> dict[str, range]:
+    """The prompt's spans plus "response" and "answer": the positions an n-token prompt's answer will take."""
+    return {**spans, "response": range(n, n + max_new_tokens), "answer": range(n, n + max_new_tokens)}
 
 
 class VlmAdapter:
@@ -100,16 +106,12 @@ class VlmAdapter:
         """Greedy answer with the spec's intervention active: (new ids, per-step top-k), with the
         settings of capture.vlm_model.answers (so the text is the same)."""
         tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else None
         n = inputs.input_ids.shape[1]
-        session_spans = {**spans, "response": range(n, n + spec.max_new_tokens),
-                         "answer": range(n, n + spec.max_new_tokens)}
-        with attention.session(spec.intervention, spans=session_spans) as active:
+        with attention.session(spec.intervention, spans=generation_spans(spans, n, spec.max_new_tokens)) as active:
             with torch.inference_mode():
                 result = self.handle.model.generate(
-                    **inputs.model_inputs(), max_new_tokens=spec.max_new_tokens, do_sample=False,
-                    eos_token_id=eos, pad_token_id=tok.pad_token_id or 0, return_dict_in_generate=True,
-                    output_logits=True,
+                    **inputs.model_inputs(), **greedy_settings(tok, spec.max_new_tokens),
+                    return_dict_in_generate=True, output_logits=True,
                     stopping_criteria=[_StepProgress(progress, spec.max_new_tokens, share)])
         self.sink_scores = dict(active.sink_scores)  # the recorded pass edits the very same sinks
         new_ids = [int(i) for i in result.sequences[0, n:]]
