@@ -102,6 +102,40 @@ def test_branched_forward_is_the_single_question_prompt(vlm):
             torch.testing.assert_close(logits[packed.question == index], plain, atol=5e-3, rtol=1e-4)
 
 
+def test_saved_trained_part_is_the_model_as_trained(held_out):
+    """What training.shapes_vlm saves (projector with the feature standardisation folded in, LoRA with
+    its scale folded into B) and vlm_model.merge_trained assembles gives the logits of the model as it
+    was while training (LoRA wrappers, projector on standardised features: `standardising`, which the
+    held-out evaluation during training also uses)."""
+    from training import shapes_vlm as sv
+
+    trained, processor = vlm_model.base_model(seed=3)
+    loras = sv.add_lora(trained, rank=4, alpha=8.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in loras.values():  # as after some training: B is no longer zero
+            w.lora_B.copy_(0.02 * torch.randn(w.lora_B.shape, generator=gen))
+    norm = (torch.randn(384, generator=gen), 0.5 + torch.rand(384, generator=gen))
+    state = sv.trained_state(trained, loras, norm)
+    assembled, _ = vlm_model.base_model(seed=4)  # another random projector: the state must replace it
+    vlm_model.merge_trained(assembled, state)
+
+    from training.eval_vlm import image_embeds
+
+    maker = sv.BranchMaker(processor)
+    scene = held_out[0]
+    packed = sv.pack(maker, [[maker.branch(q) for q in scenes.questions(scene)[:4]]])
+    with torch.inference_mode():
+        with sv.standardising(trained.model.multi_modal_projector, norm):
+            during, _ = sv.branched_logits(trained, packed, image_embeds(trained, processor, [scene.image]),
+                                           maker.image_start)
+        saved, _ = sv.branched_logits(assembled, packed, image_embeds(assembled, processor, [scene.image]),
+                                      maker.image_start)
+    # fp16 storage of the trained part: close, not equal
+    torch.testing.assert_close(saved, during, atol=0.05, rtol=0.01)
+    assert (saved.argmax(-1) == during.argmax(-1)).float().mean() >= 0.9
+
+
 def test_answers_are_short_and_of_the_right_kind(vlm, held_out):
     """Whatever its accuracy, the model answers in the format it was trained to: one answer of the
     question's kind, then it stops."""

@@ -71,7 +71,7 @@ def load(trained: Path | None = None):
 def image_embeds(model, processor, images: list[np.ndarray]) -> torch.Tensor:
     """[B, 64, hidden]: the projected image features the model puts at its image tokens."""
     pixels = torch.from_numpy(np.stack([processor.pixels(im)[0] for im in images]))
-    feats = model.model.get_image_features(pixel_values=pixels).pooler_output
+    feats = model.model.get_image_features(pixel_values=pixels.to(model.device)).pooler_output
     return torch.stack(list(feats))
 
 
@@ -84,7 +84,7 @@ def evaluate(model, processor, scene_list: list[scenes.Scene], batch: int = 4, p
         for start in range(0, len(scene_list), batch):
             chunk = scene_list[start:start + batch]
             qas = [scenes.questions(s, seed=0) for s in chunk]
-            packed = sv.pack(maker, [[maker.branch(q) for q in qa] for qa in qas])
+            packed = sv.pack(maker, [[maker.branch(q) for q in qa] for qa in qas]).to(model.device)
             logits, _ = sv.branched_logits(model, packed, image_embeds(model, processor, [s.image for s in chunk]),
                                         maker.image_start)
             ok = sv.exact(logits, packed)

@@ -36,6 +36,7 @@ Deterministic from --seed: one process, fixed thread count, seeded scenes, quest
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -166,6 +167,11 @@ class Packed:
     dense_cols: torch.Tensor | None = None  # [M] sequence index of the image token
     dense_targets: torch.Tensor | None = None  # [M] colour word (or DENSE_BACKGROUND) token ids
 
+    def to(self, device: torch.device | str) -> "Packed":
+        """The same batch with every tensor on `device` (a GPU when training there)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return Packed(**moved)
+
 
 def pack(maker: BranchMaker, per_scene: list[list[Branch]],
          dense: list[list[tuple[int, int]]] | None = None) -> Packed:
@@ -225,8 +231,8 @@ def branched_logits(model, packed: Packed, image_embeds: torch.Tensor, image_sta
 
 def exact(logits: torch.Tensor, packed: Packed) -> np.ndarray:
     """[question] bool: greedy decoding reproduces the answer (every target token is the argmax)."""
-    hit = (logits.argmax(-1) == packed.targets).numpy()
-    q = packed.question.numpy()
+    hit = (logits.argmax(-1) == packed.targets).cpu().numpy()
+    q = packed.question.cpu().numpy()
     ok = np.ones(len(packed.kinds), dtype=bool)
     np.logical_and.at(ok, q, hit)
     return ok
@@ -258,9 +264,9 @@ def vision_features(model, processor, images: list[np.ndarray], batch: int = 32)
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             pixels = torch.from_numpy(np.stack([processor.pixels(im)[0] for im in images[start:start + batch]]))
-            hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            hs = model.model.vision_tower(pixels.to(model.device), output_hidden_states=True).hidden_states
             feats = hs[config.vision_feature_layer][:, 1:]
-            out[start:start + len(feats)] = feats.numpy().astype(np.float16)
+            out[start:start + len(feats)] = feats.float().cpu().numpy().astype(np.float16)
     return out
 
 
@@ -291,8 +297,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,14 +351,19 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes: int, lr: float, lora_rank: int,
           lora_alpha: float, lora_lr: float, seed: int, threads: int, log_every: int = 10,
           normalise: bool = True, captions: bool = True, bf16: bool = False, lora_mlp: bool = False,
-          dense_weight: float = 0.0) -> dict:
+          dense_weight: float = 0.0, device: str = "cpu", max_minutes: float | None = None,
+          eval_every: int = 0, eval_scenes: int = 100) -> dict:
+    """Train and save to `out`.  `device` "cuda" trains on a GPU (same recipe; results match the CPU run
+    statistically, not bit for bit); `max_minutes` stops early (and saves) when the time is up;
+    `eval_every` > 0 measures exact answers on `eval_scenes` held-out scenes every that many steps."""
     torch.set_num_threads(threads)
     t0, cpu0 = time.time(), time.process_time()
     model, processor = vlm_model.base_model(seed)
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     seeds = training_scene_seeds(n_scenes)
-    feats = torch.from_numpy(feature_table(model, processor, seeds))  # [scene, 64, 384] float16
+    feats = torch.from_numpy(feature_table(model, processor, seeds)).to(device)  # [scene, 64, 384] float16
     t_feats = time.time() - t0
     print(f"features: {len(seeds)} scenes, {t_feats:.0f} s", flush=True)
     norm = None
@@ -380,10 +392,18 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
     order = np.concatenate([rng.permutation(len(seeds)) for _ in range(math.ceil(steps * batch / len(seeds)) + 1)])
     warmup = max(1, min(50, steps // 10))
     history, running = [], {k: [] for k in KINDS + ("caption",)}
-    losses, dense_hits = [], []
+    losses, dense_hits, held_out = [], [], []
+    if eval_every:
+        from training import eval_vlm
+
+        eval_list = eval_vlm.held_out_scenes(eval_scenes)
     model.train()
     t_train = time.time()
+    done = 0
     for step in range(steps):
+        if max_minutes is not None and time.time() - t_train > 60 * max_minutes:
+            print(f"time is up after {step} steps", flush=True)
+            break
         idx = order[step * batch:(step + 1) * batch]
         per_scene, dense = [], []
         for i in idx:
@@ -399,9 +419,9 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
                 if s not in labels:
                     labels[s] = patch_colours(scene_cache[s])
                 dense.append(dense_targets(labels[s], token_of, rng))
-        packed = pack(maker, per_scene, dense)
-        x = feats[torch.from_numpy(idx)].float()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # AVX512-BF16 matmuls: ~2x fp32 here
+        packed = pack(maker, per_scene, dense).to(device)
+        x = feats[torch.from_numpy(idx).to(device)].float()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):  # AVX512-BF16 matmuls: ~2x fp32 here
             image_embeds = projector(x if norm is None else (x - norm[0]) / norm[1])
             logits, dense_logits = branched_logits(model, packed, image_embeds, maker.image_start)
         loss = nn.functional.cross_entropy(logits.float(), packed.targets)
@@ -432,6 +452,11 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
                   + " ".join(f"{k[:6]} {v:.2f}" for k, v in acc.items())
                   + f" | {rate * 60:.1f} steps/min, eta {(steps - step - 1) / rate / 60:.1f} min", flush=True)
             running = {k: [] for k in KINDS + ("caption",)}
+        done = step + 1
+        if eval_every and (done % eval_every == 0 or done == steps):
+            held_out.append({"step": done, **held_out_exact(model, processor, eval_list, projector, norm)})
+            print(f"held-out ({eval_scenes} scenes) at step {done}: " + json.dumps(held_out[-1]), flush=True)
+            model.train()
     wall, cpu = time.time() - t0, time.process_time() - cpu0
     state = trained_state(model, loras, norm)
     record = {
@@ -442,16 +467,45 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
                     "lora_params": sum(w.lora_A.numel() + w.lora_B.numel() for w in loras.values()),
                     "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": list(targets) if loras else []},
         "training": {"seed": seed, "steps": steps, "batch_scenes": batch, "questions_per_scene": questions_per_scene,
-                     "scenes": len(seeds), "lr_projector": lr, "lr_lora": lora_lr if loras else None,
+                     "scenes": len(seeds), "steps_done": done, "device": device, "lr_projector": lr, "lr_lora": lora_lr if loras else None,
                      "optimizer": "AdamW (0.9, 0.98), no weight decay, warm-up + cosine, clip 1.0",
                      "loss": "cross-entropy on answer tokens + <|im_end|>", "threads": threads,
                      "standardised_features": normalise, "autocast_bf16": bf16,
                      "dense_colour_weight": dense_weight, "caption_task": CAPTION_QUESTION if captions else None,
                      "feature_seconds": round(t_feats, 1), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                     "final_loss": round(float(np.mean(losses[-50:])), 4), "history": history},
+                     "final_loss": round(float(np.mean(losses[-50:])), 4), "history": history,
+                     "held_out": held_out},
     }
     save(state, out, record)
     return record
+
+
+@contextlib.contextmanager
+def standardising(projector: nn.Module, norm: tuple[torch.Tensor, torch.Tensor] | None):
+    """While training the projector reads standardised features; inside this block it does so when
+    called the usual way (LLaVA's get_image_features passing raw DINOv2 features), as the saved
+    projector does with the standardisation folded in (trained_state)."""
+    if norm is None:
+        yield
+        return
+    mean, std = norm
+    handle = projector.register_forward_pre_hook(lambda _, args: ((args[0] - mean.to(args[0].device)) / std.to(args[0].device),))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def held_out_exact(model, processor, scene_list: list[scenes.Scene], projector: nn.Module,
+                   norm: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """Exact answers (overall and per kind, training.eval_vlm) on held-out scenes with the model as it is now."""
+    from training import eval_vlm
+
+    model.eval()
+    with standardising(projector, norm):
+        result = eval_vlm.summary(eval_vlm.evaluate(model, processor, scene_list, batch=16))
+    return {"overall": round(result["overall"], 3),
+            **{k: round(v["exact"], 3) for k, v in result["per_kind"].items()}}
 
 
 def save(state: dict[str, torch.Tensor], out: Path, record: dict) -> None:
@@ -465,7 +519,7 @@ def save(state: dict[str, torch.Tensor], out: Path, record: dict) -> None:
     print(f"saved to {out} ({(out / vlm_model.TRAINED_FILE).stat().st_size / 1e6:.1f} MB)", flush=True)
 
 
-DEFAULTS = dict(steps=180, batch=8, questions=12, scenes=2200, lr=2e-3, lora_rank=8, lora_alpha=16.0, lora_lr=1e-3)
+DEFAULTS = dict(steps=600, batch=8, questions=12, scenes=4800, lr=3e-3, lora_rank=16, lora_alpha=32.0, lora_lr=3e-3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -484,15 +538,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--no-normalise", action="store_true", help="raw DINOv2 features into the projector")
     parser.add_argument("--no-captions", action="store_true", help="questions only, no caption task")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AVX512-BF16 CPUs: ~1.6x faster steps)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast (default; AVX512-BF16 CPUs: ~1.6x faster steps than fp32)")
     parser.add_argument("--lora-mlp", action="store_true", help="LoRA on the MLP projections too")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to train on a GPU")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    parser.add_argument("--eval-every", type=int, default=0, help="held-out exact answers every N steps")
+    parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--dense", type=float, default=0.0,
                         help="weight of the dense loss: each image token predicts the colour under it")
     args = parser.parse_args(argv)
     record = train(args.out, args.steps, args.batch, args.questions, args.scenes, args.lr, args.lora_rank,
                    args.lora_alpha, args.lora_lr, args.seed, args.threads, args.log_every,
                    normalise=not args.no_normalise, captions=not args.no_captions, bf16=args.bf16,
-                   lora_mlp=args.lora_mlp, dense_weight=args.dense)
+                   lora_mlp=args.lora_mlp, dense_weight=args.dense, device=args.device,
+                   max_minutes=args.max_minutes, eval_every=args.eval_every, eval_scenes=args.eval_scenes)
     t = record["training"]
     print(f"done: final loss {t['final_loss']}, {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU")
 
