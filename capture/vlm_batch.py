@@ -96,15 +96,46 @@ def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch, progress)]
 
 
+def prefix_shared(intervention) -> bool:
+    """Whether `intervention` leaves the prompt's rows before the last one as they are (every edit acts
+    on the "last" query rows only, with no sink set to detect at prefill, e.g. GIFT): then the picture's
+    prefix can be computed once per scene and shared (`answer_ids`)."""
+    from capture.interventions import sink_set
+
+    return all(e.queries == "last" and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
+
+
+def _prefix_cache(handle, inputs, length: int):
+    """The key/value cache of the first `length` prompt tokens (system prompt and picture), computed
+    with nothing edited and nothing recorded: DynamicCache, [1, kv_head, length, head_dim] per layer."""
+    import torch
+
+    with torch.inference_mode():
+        return handle.model(input_ids=inputs.input_ids[:, :length], pixel_values=inputs.pixel_values,
+                            attention_mask=torch.ones_like(inputs.input_ids[:, :length]),
+                            use_cache=True).cache
+
+
+def _stacked(caches: list):
+    """One batched DynamicCache from per-row caches of equal length (copied: generate extends it)."""
+    import torch
+    from transformers import DynamicCache
+
+    return DynamicCache([(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
+                         for i in range(len(caches[0].layers))])
+
+
 def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                progress: Progress = no_progress) -> list[list[int]]:
     """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
 
     Questions whose prompts have the same length and the same image and question spans go through one
     `generate` with one intervention per batch row (capture.attention.session(row_interventions=...)):
-    with no padding every row's positions, spans and position sets are those of its own run.  A row
-    stops at its end-of-sequence token; what follows it is cut.  `progress(fraction, message)` after
-    each batch."""
+    with no padding every row's positions, spans and position sets are those of its own run.  When no
+    row's intervention touches the prompt before its last token (`prefix_shared`: none, or GIFT), the
+    system prompt and picture (~88 of ~105 tokens) are computed once per picture and each row starts
+    from that cache, so only the question's tokens are run again.  A row stops at its end-of-sequence
+    token; what follows it is cut.  `progress(fraction, message)` after each batch."""
     import torch
 
     from capture import attention
@@ -120,6 +151,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
         n = inputs.input_ids.shape[1]
         shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
         groups.setdefault(shape, []).append(i)
+    prefixes: dict[tuple[str, int], object] = {}  # (picture, length) -> its cache
     out: list[list[int]] = [[] for _ in specs]
     done = 0
     for members in groups.values():
@@ -130,11 +162,18 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             inputs, spans = encoded[rows[0]]
             n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
             input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
-            pixels = torch.cat([encoded[i][0].pixel_values for i in rows])  # [batch, 3, H, W]
-            with attention.session(row_interventions=[specs[i].intervention for i in rows],
-                                   spans=generation_spans(spans, n, max_new)), handle.lock, torch.inference_mode():
-                result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                               pixel_values=pixels, **greedy_settings(tok, max_new))
+            model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
+            shared = spans["image"].stop  # the prefix: everything up to the last image token
+            with handle.lock:
+                if all(prefix_shared(specs[i].intervention) for i in rows) and shared < n:
+                    for i in rows:
+                        if (specs[i].image, shared) not in prefixes:
+                            prefixes[(specs[i].image, shared)] = _prefix_cache(handle, encoded[i][0], shared)
+                    model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
+                with attention.session(row_interventions=[specs[i].intervention for i in rows],
+                                       spans=generation_spans(spans, n, max_new)), torch.inference_mode():
+                    result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                                   **model_inputs, **greedy_settings(tok, max_new))
             for i, row in zip(rows, result[:, n:].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
@@ -160,6 +199,8 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     heads = params.pop("heads", None)
     handle = registry.load(model)
     result = BatchResult(method=method, params={**params, **({"heads": heads} if heads else {})})
+    # masking the chosen heads needs nothing measured on the input: no recorded pass
+    fixed = vlm_presets.mask_image(handle.meta, heads or ()) if method == "mask" else None
     jobs = batch_questions(n_scenes, per_scene)
     specs = [RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=max_new_tokens)
              for scene, qa, _ in jobs]
@@ -172,6 +213,11 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
         try:
             for i, ((scene, qa, kind), spec) in enumerate(zip(jobs, specs)):
                 progress(0.2 + 0.6 * i / len(jobs), f"scene {scene.seed}: {qa.question}")
+                text = adapter.tokenizer.decode(before[i], skip_special_tokens=True).strip()
+                result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text, edited=False))
+                if fixed is not None:
+                    edited[i] = dataclasses.replace(spec, intervention=fixed)
+                    continue
                 inputs, spans = adapter.encode(spec)
                 with handle.lock:  # the recorded pass of this answer, without the vision tower's maps
                     capture = adapter.record(spec, f"q{i}", store, inputs, spans, before[i], vision=False)
@@ -184,12 +230,11 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
                     edited[i] = dataclasses.replace(spec, intervention=intervention)
                 except InterventionError:  # e.g. VAR on an input without image-centric heads: nothing to edit
                     pass
-                text = capture.output.text
-                result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text,
-                                            edited=i in edited))
                 store.evict(capture.key)
         finally:
             store.close()
+    for i in edited:
+        result.rows[i].edited = True
     answers = answers_with(handle, list(edited.values()),
                            progress=lambda f, m: progress(0.8 + 0.2 * f, f"{m} with {method}"))
     for i, after in zip(edited, answers):
@@ -229,5 +274,6 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
     return vlm.pointing(saliencies, boxes, (size, size))
 
 
-__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "gaze_pointing", "N_SCENES",
+__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "prefix_shared",
+           "gaze_pointing", "N_SCENES",
            "QUESTIONS_PER_SCENE"]

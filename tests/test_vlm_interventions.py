@@ -125,6 +125,9 @@ def test_batch_accuracy_change_on_a_tiny_vlm(tiny_vlm):  # noqa: F811
     assert any("answered" in m for _, m in steps) and any("with mask" in m for _, m in steps)
     before, after, n = result.accuracy()
     assert n == 2 and 0 <= before <= 1 and 0 <= after <= 1
+    assert all(r.edited for r in result.rows)  # the same mask on every question, no recorded pass needed
+    with pytest.raises(InterventionError, match="at least one head"):
+        vlm_batch.accuracy_change(str(tiny_vlm), "mask", n_scenes=1, per_scene=1)
     vhr = vlm_batch.accuracy_change(str(tiny_vlm), "vhr", {"alpha": 2.0}, n_scenes=1, per_scene=1, max_new_tokens=2)
     assert len(vhr.rows) == 1 and vhr.params == {"alpha": 2.0}
     pointing = vlm_batch.gaze_pointing(str(tiny_vlm), n_scenes=2, per_scene=1)
@@ -146,27 +149,33 @@ from test_vlm_capture import shapes_vlm  # noqa: E402,F401 - the fixture
 
 def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
     """vlm_batch.answers_with: questions of one prompt shape answered together, each row with its own
-    intervention, give the answers of answering them one by one (and of plain generation when the
-    intervention is empty)."""
+    intervention, give the answers of answering them one by one; where the picture's prefix is shared
+    (no edit, GIFT) they are the answers of generating from the whole prompt (adapter.generate)."""
     from capture import vlm_batch, vlm_presets
     from capture.adapters.vlm import VlmAdapter
     from capture.interventions import Intervention
     from capture.types import RunSpec
 
     handle = shapes_vlm
-    jobs = vlm_batch.batch_questions(n_scenes=3, per_scene=3)
+    adapter = VlmAdapter(handle)
+    jobs = vlm_batch.batch_questions(n_scenes=3, per_scene=4)
+    image = adapter.encode(RunSpec(model="shapes-vlm", prompt="x", image=f"scene-{jobs[0][0].seed}"))[1]["image"]
+    saliency = np.zeros(len(image))
+    saliency[[9, 10, 17, 18, 45]] = [1.0, 0.8, 0.6, 0.9, 0.5]
     edits = [Intervention(), vlm_presets.mask_image(handle.meta, [(l, h) for l in range(4, 20) for h in range(9)]),
-             vlm_presets.var(handle.meta, [(l, h) for l in range(2, 12) for h in range(0, 9, 2)], sinks=[0])]
+             vlm_presets.var(handle.meta, [(l, h) for l in range(2, 12) for h in range(0, 9, 2)], sinks=[0]),
+             vlm_presets.gift(handle.meta, saliency, image, gamma=4.0, gamma_q=2.0)]
     specs = [RunSpec(model="shapes-vlm", prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=6,
                      intervention=edits[i % len(edits)]) for i, (scene, qa, _) in enumerate(jobs)]
+    assert [vlm_batch.prefix_shared(e) for e in edits] == [True, False, False, True]
     together = vlm_batch.answers_with(handle, specs)
     alone = vlm_batch.answers_with(handle, specs, batch=1)
     assert together == alone
-    shapes = {VlmAdapter(handle).encode(s)[0].input_ids.shape[1] for s in specs}
+    shapes = {adapter.encode(s)[0].input_ids.shape[1] for s in specs}
     assert len(shapes) < len(specs)  # some questions really were answered together
-    adapter = VlmAdapter(handle)
-    plain = specs[0]
-    inputs, spans = adapter.encode(plain)
-    new_ids, _ = adapter.generate(plain, inputs, spans, lambda *a: None, 0.0)
-    assert together[0] == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    for spec, said in zip(specs, together):
+        if vlm_batch.prefix_shared(spec.intervention):  # from the shared prefix: as from the whole prompt
+            inputs, spans = adapter.encode(spec)
+            new_ids, _ = adapter.generate(spec, inputs, spans, lambda *a: None, 0.0)
+            assert said == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), spec.prompt
     assert together != [together[0]] * len(together)
