@@ -26,7 +26,10 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("fused.cpp")
 # -ffast-math at compile time only (vectorised expf from glibc's libmvec); linking with it would
 # add crtfastmath.o, which flushes denormals to zero for the whole process
-CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp: at::parallel_for (ATen/Parallel.h, inline) is only parallel where _OPENMP is defined; the
+# module then needs libgomp.so.1, which resolves to the copy torch has already loaded (same soname)
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 WHOLE_LAYER_BYTES = 4 * 2**20  # record_layer: a layer with float32 scores up to this size in one GEMM each way
 RECORD_TILE = 128  # record_layer: query rows per head and tile, rounded up to whole thumbnail bins (512 tokens: 32 rows 9.5 ms a layer, 64 5.1, 128 4.6)
 QK_TILE = 128  # attend_rows: query rows per head and tile (measured at 8,192 tokens: 16 rows 0.74 s a layer, 64 0.64 s, 128 0.61 s)
@@ -47,7 +50,7 @@ def load(verbose: bool = False):
                     from torch.utils.cpp_extension import load as build
 
                     module = build(name="headscope_fused", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                   verbose=verbose)
+                                   extra_ldflags=LDFLAGS, verbose=verbose)
                     _state.update(module=module, problem=None)
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back to torch ops
                     _state.update(module=None, problem=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
