@@ -96,13 +96,18 @@ def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch, progress)]
 
 
-def prefix_shared(intervention) -> bool:
-    """Whether `intervention` leaves the prompt's rows before the last one as they are (every edit acts
-    on the "last" query rows only, with no sink set to detect at prefill, e.g. GIFT): then the picture's
-    prefix can be computed once per scene and shared (`answer_ids`)."""
+def prefix_shared(intervention, prefix: int) -> bool:
+    """Whether `intervention` leaves the prompt's first `prefix` rows as they are: every edit acts on the
+    "last" rows (GIFT) or on rows from `prefix` on (VAR: the rows after the picture), with no sink set
+    to detect at prefill.  Then the system prompt and picture can be computed once per scene and
+    shared (`answer_ids`)."""
     from capture.interventions import sink_set
 
-    return all(e.queries == "last" and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
+    def late(queries: str) -> bool:
+        start, colon, _ = queries.partition(":")
+        return queries == "last" or (bool(colon) and start.isdigit() and int(start) >= prefix)
+
+    return all(late(e.queries) and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
 
 
 def _prefix_cache(handle, inputs, length: int):
@@ -165,7 +170,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
             shared = spans["image"].stop  # the prefix: everything up to the last image token
             with handle.lock:
-                if all(prefix_shared(specs[i].intervention) for i in rows) and shared < n:
+                if all(prefix_shared(specs[i].intervention, shared) for i in rows) and shared < n:
                     for i in rows:
                         if (specs[i].image, shared) not in prefixes:
                             prefixes[(specs[i].image, shared)] = _prefix_cache(handle, encoded[i][0], shared)

@@ -6,9 +6,10 @@ it is data: cacheable, shareable by key, and applied to generation and the recor
 
 - `var`  VAR (Kang et al., ICLR 2025, METHODS §2.2): on the image-centric heads, every sink column
          keeps p = 0.6 of its attention and the freed mass goes to the image tokens, in proportion
-         (`redistribute` with target "to:image").  Deviations: VAR picks heads per query row at every
-         step; we pick heads from the capture (image-centric share >= 0.5 over its decode rows) and
-         edit every row of them.  Sinks are VAR's (φ > 20 on the massive dims, prefill) when
+         (`redistribute` with target "to:image"), on the rows after the picture (the official code's
+         query rows: from the end of the image span at prefill, every decoding row).  Deviation: VAR
+         picks heads per query row at every step; we pick heads from the capture (image-centric
+         share >= 0.5 over its decode rows) and edit all those rows of them.  Sinks are VAR's (φ > 20 on the massive dims, prefill) when
          analytics found any, else ACT's detection with the first token included ("allsinks"); with
          several sinks the edits apply one sink at a time, so a visual sink can receive a little of an
          earlier sink's freed mass.  The last layer is skipped (VAR's `except_last_layer`).
@@ -54,16 +55,21 @@ def centric_heads(centric: np.ndarray, share: float = 0.5, skip_last: bool = Tru
     return [(int(l), int(h)) for l, h in zip(*np.nonzero(centric >= share)) if l < last]
 
 
-def var(meta: ModelMeta, heads: Heads, *, sinks: Sequence[int] = (), p: float = VAR_P) -> Intervention:
+def var(meta: ModelMeta, heads: Heads, *, sinks: Sequence[int] = (), p: float = VAR_P,
+        image: range | None = None) -> Intervention:
     """VAR on `heads` (image-centric heads): each sink column (token positions `sinks`; none: ACT's
-    "allsinks") keeps p of its mass, the rest goes to the image tokens in proportion.  Default p = 0.6."""
+    "allsinks") keeps p of its mass, the rest goes to the image tokens in proportion.  Default p = 0.6.
+    With the picture's span `image`, only the rows after it are edited, as in the official code
+    (`VARProcessor.attn_redist`: at prefill the query rows from im + P on, then every decoding row)."""
     chosen = [(l, h) for l, h in checked_heads(meta, heads) if l < meta.n_layers - 1]
     if not chosen:
         raise InterventionError("VAR acts on image-centric heads; this input has none (outside the last layer).")
     if not 0.0 <= p <= 1.0:
         raise InterventionError("VAR's p (the share of sink attention kept) must be in [0, 1].")
     keys = [f"{int(j)}:{int(j) + 1}" for j in sorted(set(sinks))] or ["allsinks"]
-    edits = tuple(HeadEdit(l, h, "redistribute", p, keys=k, mode="to:image") for l, h in chosen for k in keys)
+    queries = f"{image.stop}:" if image is not None else "all"
+    edits = tuple(HeadEdit(l, h, "redistribute", p, keys=k, queries=queries, mode="to:image")
+                  for l, h in chosen for k in keys)
     return Intervention(edits=edits, preset="vlm-var")
 
 
@@ -148,7 +154,7 @@ def for_capture(method: str, capture, heads: Heads | None = None, **params) -> I
     if heads is None:
         heads = centric_heads(vlm.head_vision(capture, sinks.visual).centric)
     if method == "var":
-        return var(meta, heads, sinks=sinks.tokens, **params)
+        return var(meta, heads, sinks=sinks.tokens, image=capture.spans["image"], **params)
     if method == "gift":
         return gift(meta, vlm.gaze(capture).saliency, capture.spans["image"], heads or None, **params)
     raise InterventionError(f"Unknown VLM intervention {method!r}; use one of {', '.join(METHODS)}.")

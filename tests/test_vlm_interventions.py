@@ -51,6 +51,9 @@ def test_var_builds_redistribute_to_the_image_and_skips_the_last_layer():
     assert iv.preset == "vlm-var" and iv.heads() == [(1, 0)]  # layer 3 is the last: skipped
     assert [(e.op, e.value, e.keys, e.mode) for e in iv.edits] == [("redistribute", 0.6, "0:1", "to:image"),
                                                                    ("redistribute", 0.6, "9:10", "to:image")]
+    assert {e.queries for e in iv.edits} == {"all"}
+    after_image = vlm_presets.var(_meta(), [(1, 0)], sinks=[0], image=range(3, 11))  # the official code's rows
+    assert {e.queries for e in after_image.edits} == {"11:"}
     assert vlm_presets.var(_meta(), [(1, 0)]).edits[0].keys == "allsinks"  # no massive-activation sinks: ACT's
     assert vlm_presets.settings_of(iv) == ("var", {"p": 0.6})
     with pytest.raises(InterventionError):
@@ -101,9 +104,10 @@ def test_presets_act_on_a_vlm_capture(tiny_vlm, store):  # noqa: F811
     assert np.abs(m[2][:, image.start:image.stop]).max() == 0  # head 2 of layer 1 no longer sees the picture
     np.testing.assert_allclose(m[2].sum(-1), 1.0, atol=3e-3)
     np.testing.assert_allclose(m[0], base.attention(1)[0].astype(np.float32), atol=1e-3)  # other heads: as before
-    var_iv = vlm_presets.var(base.meta, [(0, 1)], sinks=[0])
+    var_iv = vlm_presets.var(base.meta, [(0, 1)], sinks=[0], image=image)
     after = run(dataclasses.replace(spec, intervention=var_iv), store)
     a0, a1 = base.attention(0)[1].astype(np.float64), after.attention(0)[1].astype(np.float64)
+    np.testing.assert_allclose(a1[: image.stop], a0[: image.stop], atol=1e-3)  # the picture's rows: as they were
     rows = range(image.stop, base.n_tokens)
     np.testing.assert_allclose(a1[rows, 0], 0.6 * a0[rows, 0], atol=2e-3)
     gained = a1[rows, image.start:image.stop].sum(-1) - a0[rows, image.start:image.stop].sum(-1)
@@ -164,17 +168,19 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
     saliency[[9, 10, 17, 18, 45]] = [1.0, 0.8, 0.6, 0.9, 0.5]
     edits = [Intervention(), vlm_presets.mask_image(handle.meta, [(l, h) for l in range(4, 20) for h in range(9)]),
              vlm_presets.var(handle.meta, [(l, h) for l in range(2, 12) for h in range(0, 9, 2)], sinks=[0]),
-             vlm_presets.gift(handle.meta, saliency, image, gamma=4.0, gamma_q=2.0)]
+             vlm_presets.gift(handle.meta, saliency, image, gamma=4.0, gamma_q=2.0),
+             vlm_presets.var(handle.meta, [(l, h) for l in range(2, 20) for h in range(9)], sinks=[0], p=0.2,
+                             image=image)]
     specs = [RunSpec(model="shapes-vlm", prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=6,
                      intervention=edits[i % len(edits)]) for i, (scene, qa, _) in enumerate(jobs)]
-    assert [vlm_batch.prefix_shared(e) for e in edits] == [True, False, False, True]
+    assert [vlm_batch.prefix_shared(e, image.stop) for e in edits] == [True, False, False, True, True]
     together = vlm_batch.answers_with(handle, specs)
     alone = vlm_batch.answers_with(handle, specs, batch=1)
     assert together == alone
     shapes = {adapter.encode(s)[0].input_ids.shape[1] for s in specs}
     assert len(shapes) < len(specs)  # some questions really were answered together
     for spec, said in zip(specs, together):
-        if vlm_batch.prefix_shared(spec.intervention):  # from the shared prefix: as from the whole prompt
+        if vlm_batch.prefix_shared(spec.intervention, image.stop):  # from the shared prefix: as from the whole prompt
             inputs, spans = adapter.encode(spec)
             new_ids, _ = adapter.generate(spec, inputs, spans, lambda *a: None, 0.0)
             assert said == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), spec.prompt
