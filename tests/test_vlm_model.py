@@ -151,24 +151,22 @@ def test_answers_are_short_and_of_the_right_kind(vlm, held_out):
 
 def test_counts_shapes_in_held_out_scenes(vlm, held_out):
     """The model reads the picture: "how many shapes are there?" over 20 held-out scenes (2-4 shapes) is
-    answered with more than one number and mostly right (82% on the 300-scene evaluation)."""
+    answered with more than one number and mostly right (97% on the 300-scene evaluation)."""
     from PIL import Image
 
     question = "how many shapes are there?"
     said = vlm_model.answers(vlm, [(s.image, question) for s in held_out[:20]])
     truth = [str(len(s.objects)) for s in held_out[:20]]
     assert len(set(said)) > 1, said
-    assert np.mean([a == t for a, t in zip(said, truth)]) >= 0.6, list(zip(said, truth))
+    assert np.mean([a == t for a, t in zip(said, truth)]) >= 0.85, list(zip(said, truth))
     # a PIL picture and a numpy array are the same input
     assert vlm_model.answer(vlm, Image.fromarray(held_out[0].image), question) == said[0]
 
 
 def test_quality_on_a_sample(vlm, held_out):
-    """Exact answers on 20 held-out scenes (~30 s): the level the shipped weights reach (53.4% on the
-    README's 300 scenes) and above the best constant answer per question on the same sample.
-
-    This is a regression floor, NOT the issue's bar (>= 80%, training/eval_vlm.BAR), which the shipped
-    weights do not meet: the model is only a little better than its language prior (README, shapes-vlm)."""
+    """Exact answers on 20 held-out scenes (~30 s): near what the shipped weights reach on the README's
+    300 scenes, and far above the best constant answer per question on the same sample (what
+    a model that ignores the picture could at most get)."""
     import collections
 
     from training.eval_vlm import evaluate, summary
@@ -179,7 +177,7 @@ def test_quality_on_a_sample(vlm, held_out):
         by_question[r["question"]][r["answer"]] += 1
     blind = sum(c.most_common(1)[0][1] for c in by_question.values()) / len(records)
     result = summary(records)
-    assert result["overall"] >= 0.5 and result["overall"] > blind, (result["overall"], blind)
+    assert result["overall"] >= 0.75 and result["overall"] > blind + 0.2, (result["overall"], blind)
 
 
 # ---- the hub path: any LLaVA-family checkpoint -----------------------------------------------------------

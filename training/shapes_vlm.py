@@ -519,7 +519,7 @@ def save(state: dict[str, torch.Tensor], out: Path, record: dict) -> None:
     print(f"saved to {out} ({(out / vlm_model.TRAINED_FILE).stat().st_size / 1e6:.1f} MB)", flush=True)
 
 
-DEFAULTS = dict(steps=600, batch=8, questions=12, scenes=4800, lr=3e-3, lora_rank=16, lora_alpha=32.0, lora_lr=3e-3)
+DEFAULTS = dict(steps=600, batch=8, questions=12, scenes=20000, lr=3e-3, lora_rank=16, lora_alpha=32.0, lora_lr=3e-3)
 
 
 def main(argv: list[str] | None = None) -> None:
