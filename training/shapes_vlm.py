@@ -1,9 +1,13 @@
 """Train the embedded `shapes-vlm` (capture/vlm_model.py): the LLaVA projector (+ LoRA on SmolLM2's attention).
 
-    nice -n 19 .venv/bin/python -m training.shapes_vlm                 # the shipped weights (seed 0)
+    nice -n 19 .venv/bin/python -m training.shapes_vlm                 # the shipped recipe (seed 0), ~80 min here
+    .venv/bin/python -m training.shapes_vlm --device cuda --eval-every 150   # the same on a GPU (~4 min)
     nice -n 19 .venv/bin/python -m training.shapes_vlm --steps 60 --lora-rank 0 --out /tmp/vlm   # a quick try
 
-The shipped run: 180 steps of 8 scenes, projector lr 2e-3, LoRA rank 8 / alpha 16 / lr 1e-3, 2 threads.
+The shipped run (on a GPU, `--device cuda`): 600 steps of 8 scenes, projector and LoRA lr 3e-3, LoRA rank
+16 / alpha 32, bfloat16 autocast: 83.0% exact on 300 held-out scenes.  The same recipe on the 2-core
+CPU reached 69.2% (100 held-out scenes): 600 steps is at the edge of the jump in colour and position
+answers; ~1,000 steps get well past it (README, shapes-vlm).
 
 What is trained: LLaVA's two-layer projector (384 -> 576 -> 576, 0.55 M parameters) and, unless
 `--lora-rank 0`, rank-r LoRA updates of SmolLM2's attention projections (q, k, v, o of all 30 layers).
