@@ -52,7 +52,8 @@ def render(capture, found, hv, sinks) -> None:
     if method == "var":
         params["p"] = st.slider("p: sinks keep this share of their attention", 0.0, 1.0, step=0.05, key="gaze_iv_p",
                                 help="VAR's default is 0.6; the freed attention goes to the image tokens.")
-        st.caption(f"On the {len(centric)} image-centric heads (share ≥ 0.5, last layer left out); sinks: "
+        st.caption(f"On the {len(centric)} image-centric heads (share ≥ 0.5, last layer left out), the rows "
+                   f"after the picture (from token {capture.spans['image'].stop}); sinks: "
                    + (", ".join(f"{j}:{capture.tokens[j]}" for j in sinks.tokens) if sinks.tokens
                       else "none with φ > 20, so ACT's detected sinks") + " (Kang et al. 2025, METHODS §2.2).")
     elif method == "gift":
