@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("fused.cpp")
 # module then needs libgomp.so.1, which resolves to the copy torch has already loaded (same soname)
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
-WHOLE_LAYER_BYTES = 4 * 2**20  # record_layer: a layer with float32 scores up to this size in one GEMM each way
+WHOLE_LAYER_BYTES = 4 * 2**20  # record_layer: a layer with float32 scores up to this size goes in two bands of rows, one per thread
 RECORD_TILE = 128  # record_layer: query rows per head and tile, rounded up to whole thumbnail bins (512 tokens: 32 rows 9.5 ms a layer, 64 5.1, 128 4.6)
 QK_TILE = 128  # attend_rows: query rows per head and tile (measured at 8,192 tokens: 16 rows 0.74 s a layer, 64 0.64 s, 128 0.61 s)
 

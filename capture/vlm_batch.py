@@ -96,16 +96,21 @@ def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch, progress)]
 
 
-def prefix_shared(intervention, prefix: int) -> bool:
-    """Whether `intervention` leaves the prompt's first `prefix` rows as they are: every edit acts on the
-    "last" rows (GIFT) or on rows from `prefix` on (VAR: the rows after the picture), with no sink set
-    to detect at prefill.  Then the system prompt and picture can be computed once per scene and
-    shared (`answer_ids`)."""
-    from capture.interventions import sink_set
+def prefix_shared(intervention, prefix: int, n: int, spans: dict[str, range]) -> bool:
+    """Whether `intervention` on an `n`-token prompt with `spans` leaves its first `prefix` rows as they
+    are: every edit acts on the "last" rows (GIFT) or on rows from `prefix` on (VAR: the rows after the
+    picture), with no sink set to detect at prefill.  Then the system prompt and picture can be
+    computed once per scene and shared (`answer_ids`)."""
+    from capture.interventions import InterventionError, parse_positions, sink_set
 
     def late(queries: str) -> bool:
-        start, colon, _ = queries.partition(":")
-        return queries == "last" or (bool(colon) and start.isdigit() and int(start) >= prefix)
+        if queries == "last":
+            return True
+        try:
+            rows = parse_positions(queries, n, spans)
+        except InterventionError:
+            return False
+        return rows is not None and (len(rows) == 0 or rows.start >= prefix)
 
     return all(late(e.queries) and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
 
@@ -170,7 +175,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
             shared = spans["image"].stop  # the prefix: everything up to the last image token
             with handle.lock:
-                if all(prefix_shared(specs[i].intervention, shared) for i in rows) and shared < n:
+                if shared < n and all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
                     for i in rows:
                         if (specs[i].image, shared) not in prefixes:
                             prefixes[(specs[i].image, shared)] = _prefix_cache(handle, encoded[i][0], shared)

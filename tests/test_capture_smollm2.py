@@ -406,7 +406,7 @@ def test_two_processes_capture_one_entry(smollm2, tmp_path):
 
 @pytest.mark.parametrize("model", ["smollm2", "minilm"])
 def test_fused_recorder_equals_the_torch_path(model, request, monkeypatch):
-    """capture/fused.cpp's record_layer (one GEMM each way at 40 tokens, row tiles at 400) gives the
+    """capture/fused.cpp's record_layer (two bands of rows at 40 tokens, row tiles at 400) gives the
     maps, thumbnails and outputs of the block-by-block torch path, causal (packed triangle) and
     bidirectional (full maps)."""
     from capture import fused

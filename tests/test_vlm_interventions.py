@@ -163,7 +163,8 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
     handle = shapes_vlm
     adapter = VlmAdapter(handle)
     jobs = vlm_batch.batch_questions(n_scenes=3, per_scene=4)
-    image = adapter.encode(RunSpec(model="shapes-vlm", prompt="x", image=f"scene-{jobs[0][0].seed}"))[1]["image"]
+    probe, probe_spans = adapter.encode(RunSpec(model="shapes-vlm", prompt="x", image=f"scene-{jobs[0][0].seed}"))
+    image, n_probe = probe_spans["image"], probe.input_ids.shape[1]
     saliency = np.zeros(len(image))
     saliency[[9, 10, 17, 18, 45]] = [1.0, 0.8, 0.6, 0.9, 0.5]
     edits = [Intervention(), vlm_presets.mask_image(handle.meta, [(l, h) for l in range(4, 20) for h in range(9)]),
@@ -173,15 +174,16 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
                              image=image)]
     specs = [RunSpec(model="shapes-vlm", prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=6,
                      intervention=edits[i % len(edits)]) for i, (scene, qa, _) in enumerate(jobs)]
-    assert [vlm_batch.prefix_shared(e, image.stop) for e in edits] == [True, False, False, True, True]
+    assert [vlm_batch.prefix_shared(e, image.stop, n_probe, probe_spans) for e in edits] == [True, False, False, True, True]
     together = vlm_batch.answers_with(handle, specs)
     alone = vlm_batch.answers_with(handle, specs, batch=1)
     assert together == alone
     shapes = {adapter.encode(s)[0].input_ids.shape[1] for s in specs}
     assert len(shapes) < len(specs)  # some questions really were answered together
     for spec, said in zip(specs, together):
-        if vlm_batch.prefix_shared(spec.intervention, image.stop):  # from the shared prefix: as from the whole prompt
-            inputs, spans = adapter.encode(spec)
+        inputs, spans = adapter.encode(spec)
+        if vlm_batch.prefix_shared(spec.intervention, image.stop, inputs.input_ids.shape[1], spans):
+            # from the shared prefix: as from the whole prompt
             new_ids, _ = adapter.generate(spec, inputs, spans, lambda *a: None, 0.0)
             assert said == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), spec.prompt
     assert together != [together[0]] * len(together)

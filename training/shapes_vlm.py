@@ -426,7 +426,8 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
         packed = pack(maker, per_scene, dense).to(device)
         x = feats[torch.from_numpy(idx).to(device)].float()
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):  # AVX512-BF16 matmuls: ~2x fp32 here
-            image_embeds = projector(x if norm is None else (x - norm[0]) / norm[1])
+            with standardising(projector, norm):
+                image_embeds = projector(x)
             logits, dense_logits = branched_logits(model, packed, image_embeds, maker.image_start)
         loss = nn.functional.cross_entropy(logits.float(), packed.targets)
         if dense_logits is not None:
@@ -486,9 +487,9 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
 
 @contextlib.contextmanager
 def standardising(projector: nn.Module, norm: tuple[torch.Tensor, torch.Tensor] | None):
-    """While training the projector reads standardised features; inside this block it does so when
-    called the usual way (LLaVA's get_image_features passing raw DINOv2 features), as the saved
-    projector does with the standardisation folded in (trained_state)."""
+    """Inside this block the projector standardises the raw DINOv2 features it is given (the training
+    step, LLaVA's get_image_features in the held-out evaluation), as the saved projector does with the
+    standardisation folded into its first layer (trained_state)."""
     if norm is None:
         yield
         return
