@@ -37,6 +37,7 @@ def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
         page.keyboard.type(label)
         page.keyboard.press("Enter")
     page.keyboard.press("Escape")
+    wait_idle(page, "text=Rerun with this intervention")  # each chosen head reran the page: let it settle
     page.get_by_role("button", name="Rerun with this intervention").click()
     page.wait_for_selector("text=Before | after", timeout=300_000)
     wait_idle(page, "text=Before | after", timeout=300_000)
