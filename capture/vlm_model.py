@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,6 +353,9 @@ def assembled_folder(folder: Path = MODEL_DIR) -> Path:
         (staging / "headscope_assembly.json").write_text(json.dumps(
             {"trained": f"{TRAINED_FILE} sha256:{digest}", "bases": bases,
              "vision": "dinov2-s (capture/onnx_dinov2.py)", "text": "smollm2 (GGUF conversion)"}, indent=1))
+        for stale in staging.parent.glob("shapes-vlm-" + "[0-9a-f]" * 12):  # older trained parts: 0.6 GB each
+            if stale.name != f"shapes-vlm-{tag}":
+                shutil.rmtree(stale, ignore_errors=True)
 
     return registry.build_once(cache_dir() / "models" / f"shapes-vlm-{tag}", build)
 

@@ -169,12 +169,15 @@ def test_killed_capture_leaves_the_cache_consistent_and_a_rerun_completes(smollm
     root = cache_with_models(tmp_path / "cache")
     prompt = " ".join(["The keeper wound the clockwork that turned the lens."] * 60)  # ~700 tokens
     env = dict(os.environ, HEADSCOPE_CACHE_DIR=str(root), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, prompt], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, prompt], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.time() + 240
         while not list(root.glob("index/**/*.npy")):  # wait until layers are being written
-            assert proc.poll() is None, "the capture finished before it could be interrupted"
+            assert proc.poll() is None, f"the worker ended (rc {proc.returncode}) before it could be interrupted: " \
+                                        f"{log.read_text()[-800:]}"
             assert time.time() < deadline
             time.sleep(0.05)
         proc.send_signal(sig)

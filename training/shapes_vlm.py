@@ -356,9 +356,11 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
           lora_alpha: float, lora_lr: float, seed: int, threads: int, log_every: int = 10,
           normalise: bool = True, captions: bool = True, bf16: bool = False, lora_mlp: bool = False,
           dense_weight: float = 0.0, device: str = "cpu", max_minutes: float | None = None,
-          eval_every: int = 0, eval_scenes: int = 100) -> dict:
+          eval_every: int = 0, eval_scenes: int = 100, schedule_steps: int | None = None) -> dict:
     """Train and save to `out`.  `device` "cuda" trains on a GPU (same recipe; results match the CPU run
     statistically, not bit for bit); `max_minutes` stops early (and saves) when the time is up;
+    `schedule_steps` (default `steps`) is the length of the cosine schedule: longer than `steps`, the
+    run stops while the learning rate is still high (a flatter schedule for a short run);
     `eval_every` > 0 measures exact answers on `eval_scenes` held-out scenes every that many steps."""
     torch.set_num_threads(threads)
     t0, cpu0 = time.time(), time.process_time()
@@ -435,7 +437,7 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
             loss = loss + dense_weight * dense_loss
             dense_hits.append(float((dense_logits.argmax(-1) == packed.dense_targets).float().mean()))
         for g in optim.param_groups:
-            g["lr"] = lr_at(step, steps, g["peak"], warmup)
+            g["lr"] = lr_at(step, schedule_steps or steps, g["peak"], warmup)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -474,6 +476,7 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
         "training": {"seed": seed, "steps": steps, "batch_scenes": batch, "questions_per_scene": questions_per_scene,
                      "scenes": len(seeds), "steps_done": done, "device": device, "lr_projector": lr, "lr_lora": lora_lr if loras else None,
                      "optimizer": "AdamW (0.9, 0.98), no weight decay, warm-up + cosine, clip 1.0",
+                     "schedule_steps": schedule_steps or steps,
                      "loss": "cross-entropy on answer tokens + <|im_end|>", "threads": threads,
                      "standardised_features": normalise, "autocast_bf16": bf16,
                      "dense_colour_weight": dense_weight, "caption_task": CAPTION_QUESTION if captions else None,
@@ -550,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     parser.add_argument("--eval-every", type=int, default=0, help="held-out exact answers every N steps")
     parser.add_argument("--eval-scenes", type=int, default=100)
+    parser.add_argument("--schedule-steps", type=int, default=None,
+                        help="length of the cosine learning-rate schedule (default: --steps)")
     parser.add_argument("--dense", type=float, default=0.0,
                         help="weight of the dense loss: each image token predicts the colour under it")
     args = parser.parse_args(argv)
@@ -557,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
                    args.lora_alpha, args.lora_lr, args.seed, args.threads, args.log_every,
                    normalise=not args.no_normalise, captions=not args.no_captions, bf16=args.bf16,
                    lora_mlp=args.lora_mlp, dense_weight=args.dense, device=args.device,
-                   max_minutes=args.max_minutes, eval_every=args.eval_every, eval_scenes=args.eval_scenes)
+                   max_minutes=args.max_minutes, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
+                   schedule_steps=args.schedule_steps)
     t = record["training"]
     print(f"done: final loss {t['final_loss']}, {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU")
 
