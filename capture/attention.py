@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -47,7 +48,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from capture import fused
 from capture.interventions import (ATTENTION_OPS, OUTPUT_OPS, HeadEdit, Intervention, InterventionError,
                                    parse_positions, sink_set)
-from capture.types import OVERVIEW_BINS, pack_offset
+from capture.types import OVERVIEW_BINS, pack_offset, unpack_tril
 
 IMPLEMENTATION = "headscope"
 ROW_BLOCK = 256  # query rows per block: keeps one block's fp32 scores small and cache-friendly
@@ -58,15 +59,22 @@ class Recorder:
 
     It expects one full forward pass over the whole sequence (query length == key length), which is
     how `capture.run` records: generation first (fast path), then one pass over the final tokens.
-    `layout` is "tril" (causal: packed lower triangle, see capture.types) or "full".
+    `layout` is "tril" (causal: packed lower triangle, see capture.types) or "full".  With `prefix`
+    (layer -> maps  # [head, p(p+1)/2] float16, tril only) the first p rows were recorded by an earlier
+    pass over those tokens, and this pass continues from their key/value cache with the rest of the
+    rows (capture.vlm_batch: one picture, many questions).
     Rows arrive in blocks (`take`); a layer is handed on as soon as all its heads' rows are in,
     as `on_layer(layer, maps, overview)` with overview  # [head, bins, bins] float16, the block-max
     thumbnail the model view draws (pooled here from the fp32 rows, nearly free).
     """
 
     def __init__(self, n_heads: int, layout: str, on_layer: Callable[[int, np.ndarray, np.ndarray], None],
-                 overview_bins: int = OVERVIEW_BINS, defer: bool = False, use_kernel: bool = True):
+                 overview_bins: int = OVERVIEW_BINS, defer: bool = False, use_kernel: bool = True,
+                 prefix: dict[int, np.ndarray] | None = None):
+        if prefix and layout != "tril":
+            raise ValueError("A recorded prefix continues causal (tril) maps only.")
         self.n_heads = n_heads
+        self.prefix = prefix or {}
         self.use_kernel = use_kernel  # whole plain layers through capture/fused.cpp when it builds
         self.layout = layout
         self.on_layer = on_layer
@@ -126,6 +134,8 @@ class Recorder:
             bins = min(self.overview_bins, n)
             self._overviews[layer] = torch.zeros(self.n_heads, bins, bins)
             self._rows_done[layer] = 0
+            if layer in self.prefix:
+                self._seed(layer, n, self.prefix[layer])
         self._pool(layer, first_head, first_row, n, weights)
         out = torch.from_numpy(self._buffers[layer])[first_head : first_head + n_block]  # [heads_in_block, width]
         if self.layout == "tril":
@@ -141,6 +151,15 @@ class Recorder:
             if self.layout == "full":
                 layer_maps = layer_maps.reshape(self.n_heads, n, n)
             self.on_layer(layer, layer_maps, self._overviews.pop(layer).to(torch.float16).numpy())
+
+    def _seed(self, layer: int, n: int, packed: np.ndarray) -> None:
+        """Start layer `layer` of an n-token pass with the rows an earlier pass recorded
+        (packed  # [head, p(p+1)/2] float16): copied in, and pooled into the overview."""
+        rows = round((math.isqrt(8 * packed.shape[1] + 1) - 1) / 2)
+        self._buffers[layer][:, : packed.shape[1]] = packed
+        self._rows_done[layer] = self.n_heads * rows
+        dense = torch.from_numpy(unpack_tril(packed, rows)).float()  # [head, prefix, prefix]
+        self._pool(layer, 0, 0, n, dense)
 
     def _pool(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         """Fold a block of rows into the layer's block-max overview (same blocks as capture.types.max_pool).
@@ -166,6 +185,33 @@ class Recorder:
         first_bin = first_row // size
         target = pooled[first_head : first_head + n_block, first_bin : first_bin + n_bins]
         torch.maximum(target, block_max, out=target)
+
+
+class BranchRecorder:
+    """Splits a pass that packs several branches after a shared, already recorded prefix (each branch
+    sees the prefix and itself: capture.adapters.vlm.VlmAdapter.record_from) into one Recorder per
+    branch, each given its branch's rows with the keys it sees, the prefix's and its own, in the
+    coordinates of a pass over prefix + that branch alone."""
+
+    def __init__(self, recorders: list[Recorder], prefix: int, lengths: list[int]):
+        self.recorders = recorders
+        self.prefix = prefix  # p: the cached rows before the first branch
+        self.lengths = lengths  # tokens per branch, packed one after another from position p
+        self.starts = [prefix + sum(lengths[:b]) for b in range(len(lengths))]
+
+    def take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
+        """weights  # [heads_in_block, rows, key] for packed rows first_row.. over the n packed keys."""
+        rows = weights.shape[1]
+        for recorder, start, m in zip(self.recorders, self.starts, self.lengths):
+            lo, hi = max(first_row, start), min(first_row + rows, start + m)
+            if lo < hi:  # causal within the branch: its rows up to hi - 1 see its keys start .. hi - 1
+                keys = torch.cat([torch.arange(self.prefix), torch.arange(start, hi)])
+                block = weights[:, lo - first_row : hi - first_row].index_select(-1, keys)
+                recorder.take(layer, first_head, self.prefix + lo - start, self.prefix + m, block)
+
+    def finish(self) -> None:
+        for recorder in self.recorders:
+            recorder.finish()
 
 
 SMALL_PASS_BYTES = 64 * 2**20  # float32 weights of every layer kept until the end of the forward
@@ -516,8 +562,8 @@ def headscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
             scores = call.scores(r0, r1)  # [batch, head, rows, key]
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [batch, head, rows, key]
         del scores
-        if recording:
-            active.recorder.take(layer, 0, r0, n_q, weights[0])
+        if recording:  # a pass continuing from a cache (offset > 0) records the rows after it
+            active.recorder.take(layer, 0, call.offset + r0, n_k, weights[0])
         block_out = torch.matmul(weights.view(call.batch, call.n_kv, call.group * rows, k_end), value[:, :, :k_end])
         attn_output[:, :, r0:r1] = block_out.view(call.batch, call.n_heads, rows, -1)
     return attn_output.transpose(1, 2).contiguous(), None

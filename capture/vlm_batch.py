@@ -87,13 +87,14 @@ ANSWER_BATCH = 16  # questions answered together with their own interventions (r
 
 
 def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
-                 progress: Progress = no_progress) -> list[str]:
+                 progress: Progress = no_progress, prefixes: dict | None = None, encoded: list | None = None) -> list[str]:
     """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
     step writes them (capture.adapters.vlm.VlmAdapter.generate), `batch` at a time (`answer_ids`)."""
     from capture.adapters.vlm import VlmAdapter
 
     tok = VlmAdapter(handle).tokenizer
-    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids(handle, specs, batch, progress)]
+    return [tok.decode(ids, skip_special_tokens=True).strip()
+            for ids in answer_ids(handle, specs, batch, progress, prefixes, encoded)]
 
 
 def prefix_shared(intervention, prefix: int, n: int, spans: dict[str, range]) -> bool:
@@ -123,7 +124,7 @@ def _prefix_cache(handle, inputs, length: int):
     with torch.inference_mode():
         return handle.model(input_ids=inputs.input_ids[:, :length], pixel_values=inputs.pixel_values,
                             attention_mask=torch.ones_like(inputs.input_ids[:, :length]),
-                            use_cache=True).cache
+                            use_cache=True, logits_to_keep=1).cache
 
 
 def _stacked(caches: list):
@@ -136,16 +137,19 @@ def _stacked(caches: list):
 
 
 def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
-               progress: Progress = no_progress) -> list[list[int]]:
+               progress: Progress = no_progress, prefixes: dict | None = None,
+               encoded: list | None = None) -> list[list[int]]:
     """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
 
     Questions whose prompts have the same length and the same image and question spans go through one
     `generate` with one intervention per batch row (capture.attention.session(row_interventions=...)):
     with no padding every row's positions, spans and position sets are those of its own run.  When no
-    row's intervention touches the prompt before its last token (`prefix_shared`: none, or GIFT), the
+    row's intervention touches the prompt before its last token (`prefix_shared`: none, GIFT, VAR), the
     system prompt and picture (~88 of ~105 tokens) are computed once per picture and each row starts
-    from that cache, so only the question's tokens are run again.  A row stops at its end-of-sequence
-    token; what follows it is cut.  `progress(fraction, message)` after each batch."""
+    from that cache, so only the question's tokens are run again; `prefixes` ((picture, length) ->
+    DynamicCache, filled here where missing) lets several calls share those caches, as `encoded`
+    (VlmAdapter.encode of each spec) their inputs.  A row stops at its end-of-sequence token; what
+    follows it is cut.  `progress(fraction, message)` after each batch."""
     import torch
 
     from capture import attention
@@ -155,13 +159,13 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     adapter = VlmAdapter(handle)
     tok = adapter.tokenizer
     eos = tok.eos_token_id
-    encoded = [adapter.encode(spec) for spec in specs]
+    encoded = encoded or [adapter.encode(spec) for spec in specs]
     groups: dict[tuple, list[int]] = {}
     for i, (inputs, spans) in enumerate(encoded):
         n = inputs.input_ids.shape[1]
         shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
         groups.setdefault(shape, []).append(i)
-    prefixes: dict[tuple[str, int], object] = {}  # (picture, length) -> its cache
+    prefixes = {} if prefixes is None else prefixes  # (picture, length) -> its cache
     out: list[list[int]] = [[] for _ in specs]
     done = 0
     for members in groups.values():
@@ -202,7 +206,7 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     """Exact-answer accuracy before and after `method` ("var", "gift", "vhr", "mask" with params["heads"])."""
     from cache.store import Store
     from capture import registry, vlm_presets
-    from capture.adapters.vlm import VlmAdapter
+    from capture.adapters.vlm import RecordedPrefix, VlmAdapter
     from capture.interventions import InterventionError
 
     params = dict(params or {})
@@ -214,38 +218,52 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     jobs = batch_questions(n_scenes, per_scene)
     specs = [RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=max_new_tokens)
              for scene, qa, _ in jobs]
-    # all the plain answers first, a batch of one prompt shape at a time
-    before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m))
     adapter = VlmAdapter(handle)
+    encoded = [adapter.encode(spec) for spec in specs]
+    # each picture's system prompt and picture run once, recorded: the plain answers, the recorded
+    # passes and the edited answers (when the edits leave those rows alone) all continue from them
+    recorded: dict[tuple[str, int], RecordedPrefix] = {}
+    if fixed is None:
+        for spec, (inputs, spans) in zip(specs, encoded):
+            if (spec.image, spans["image"].stop) not in recorded:
+                with handle.lock:
+                    recorded[(spec.image, spans["image"].stop)] = adapter.record_prefix(inputs, spans["image"].stop)
+    caches = {k: r.cache for k, r in recorded.items()}
+    # all the plain answers first, a batch of one prompt shape at a time
+    before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m), prefixes=caches, encoded=encoded)
     edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
+    for i, (scene, qa, kind) in enumerate(jobs):
+        text = adapter.tokenizer.decode(before[i], skip_special_tokens=True).strip()
+        result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text, edited=False))
+        if fixed is not None:
+            edited[i] = dataclasses.replace(specs[i], intervention=fixed)
+    by_picture: dict[tuple[str, int], list[int]] = {}
+    for i, (spec, (_inputs, spans)) in enumerate(zip(specs, encoded)):
+        by_picture.setdefault((spec.image, spans["image"].stop), []).append(i)
     with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
         store = Store(folder, size_limit=4 * 2**30)
         try:
-            for i, ((scene, qa, kind), spec) in enumerate(zip(jobs, specs)):
-                progress(0.2 + 0.6 * i / len(jobs), f"scene {scene.seed}: {qa.question}")
-                text = adapter.tokenizer.decode(before[i], skip_special_tokens=True).strip()
-                result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text, edited=False))
-                if fixed is not None:
-                    edited[i] = dataclasses.replace(spec, intervention=fixed)
-                    continue
-                inputs, spans = adapter.encode(spec)
-                with handle.lock:  # the recorded pass of this answer, without the vision tower's maps
-                    capture = adapter.record(spec, f"q{i}", store, inputs, spans, before[i], vision=False)
-                if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
-                    from capture.probes_vlm import vhd
+            for done, (picture, rows) in enumerate(by_picture.items() if fixed is None else ()):
+                progress(0.2 + 0.6 * done / len(by_picture), f"{picture[0]}: recording {len(rows)} answers")
+                with handle.lock:  # the recorded passes of this picture's answers, in one forward from its prefix
+                    captures = adapter.record_from(recorded[picture], store, [
+                        (specs[i], f"q{i}", *encoded[i], before[i]) for i in rows])
+                for i, capture in zip(rows, captures):
+                    if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
+                        from capture.probes_vlm import vhd
 
-                    vhd(capture, store=store)
-                try:
-                    intervention = vlm_presets.for_capture(method, capture, heads=heads, **params)
-                    edited[i] = dataclasses.replace(spec, intervention=intervention)
-                except InterventionError:  # e.g. VAR on an input without image-centric heads: nothing to edit
-                    pass
-                store.evict(capture.key)
+                        vhd(capture, store=store)
+                    try:
+                        edited[i] = dataclasses.replace(
+                            specs[i], intervention=vlm_presets.for_capture(method, capture, heads=heads, **params))
+                    except InterventionError:  # e.g. VAR on an input without image-centric heads: nothing to edit
+                        pass
+                    store.evict(capture.key)
         finally:
             store.close()
     for i in edited:
         result.rows[i].edited = True
-    answers = answers_with(handle, list(edited.values()),
+    answers = answers_with(handle, list(edited.values()), prefixes=caches, encoded=[encoded[i] for i in edited],
                            progress=lambda f, m: progress(0.8 + 0.2 * f, f"{m} with {method}"))
     for i, after in zip(edited, answers):
         result.rows[i].after = after

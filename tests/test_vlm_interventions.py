@@ -2,6 +2,8 @@
 test_interventions_ops, the presets of capture/vlm_presets.py, and before | after runs on VLMs."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -187,3 +189,43 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
             new_ids, _ = adapter.generate(spec, inputs, spans, lambda *a: None, 0.0)
             assert said == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), spec.prompt
     assert together != [together[0]] * len(together)
+
+def test_recorded_passes_from_a_shared_prefix_equal_whole_passes(shapes_vlm, store):  # noqa: F811
+    """VlmAdapter.record_from: four questions about one picture recorded in one pass continued from the
+    picture's recorded prefix give the captures of four whole recorded passes (maps, thumbnails,
+    residual stream, tokens, spans, next-token top-k) and the same VAR and GIFT edits; the prefix's
+    cache is left as it was, ready for the next picture's questions."""
+    from capture import vlm_presets
+    from capture.adapters.vlm import HIDDEN, VlmAdapter
+    from capture.types import RunSpec
+
+    adapter = VlmAdapter(shapes_vlm)
+    questions = ["what colour is the circle?", "how many shapes are there in the picture?", "is there a red square?",
+                 "where is the triangle?"]
+    specs = [RunSpec(model="shapes-vlm", prompt=q, image="scene-5", max_new_tokens=8) for q in questions]
+    encoded = [adapter.encode(s) for s in specs]
+    answers = [adapter.generate(s, inputs, spans, lambda *a: None, 0.0)[0] for s, (inputs, spans) in zip(specs, encoded)]
+    whole = [adapter.record(s, f"whole{k}", store, inputs, spans, ids, vision=False)
+             for k, (s, (inputs, spans), ids) in enumerate(zip(specs, encoded, answers))]
+    prefix = adapter.record_prefix(encoded[0][0], encoded[0][1]["image"].stop)
+    assert prefix.length == encoded[0][1]["image"].stop and prefix.cache.get_seq_length() == prefix.length
+    branched = adapter.record_from(prefix, store, [(s, f"branch{k}", inputs, spans, ids)
+                                                   for k, (s, (inputs, spans), ids) in enumerate(zip(specs, encoded, answers))])
+    assert prefix.cache.get_seq_length() == prefix.length
+    assert len({len(c.tokens) for c in whole}) > 1  # branches of different lengths
+    meta = shapes_vlm.meta
+    for a, b in zip(whole, branched):
+        assert a.tokens == b.tokens and a.spans == b.spans
+        for layer in range(meta.n_layers):
+            for head in range(meta.n_heads):  # fp16 maps: a rounding step or two apart (other kernels)
+                np.testing.assert_allclose(np.asarray(b.head(layer, head), np.float32),
+                                           np.asarray(a.head(layer, head), np.float32), atol=1e-3)
+        np.testing.assert_allclose(b.overview(), a.overview(), atol=1e-3)
+        np.testing.assert_allclose(np.asarray(store.get_array(b.key, HIDDEN), np.float32),
+                                   np.asarray(store.get_array(a.key, HIDDEN), np.float32), rtol=2e-3, atol=0.05)
+        assert [t for t, _ in a.output.next_top] == [t for t, _ in b.output.next_top]
+        for method in ("var", "gift"):
+            assert set(vlm_presets.for_capture(method, a).edits) == set(vlm_presets.for_capture(method, b).edits)
+    with pytest.raises(ValueError):  # an edited pass cannot continue from an unedited prefix
+        edited = dataclasses.replace(specs[0], intervention=vlm_presets.mask_image(meta, [(3, 1)]))
+        adapter.record_from(prefix, store, [(edited, "edited", *encoded[0], answers[0])])

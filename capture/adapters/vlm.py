@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -63,6 +64,17 @@ def question_span(processor, prompt_text: str, question: str, ids: list[int], af
 def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> dict[str, range]:
     """The prompt's spans plus "response" and "answer": the positions an n-token prompt's answer will take."""
     return {**spans, "response": range(n, n + max_new_tokens), "answer": range(n, n + max_new_tokens)}
+
+
+@dataclass
+class RecordedPrefix:
+    """The first `length` prompt tokens (system prompt and picture) run once with nothing edited, and
+    recorded: what every question about the same picture continues from (`VlmAdapter.record(prefix=)`)."""
+    length: int
+    ids: list[int]  # its token ids
+    cache: object  # transformers DynamicCache: [1, kv_head, length, head_dim] per layer
+    maps: dict[int, np.ndarray]  # layer -> [head, length (length + 1) / 2] float16 (tril)
+    residual: torch.Tensor | None  # [layer, length, dim] float16: x^l entering each LM layer
 
 
 class VlmAdapter:
@@ -167,19 +179,31 @@ class VlmAdapter:
         capture.timings["generate_s"] = t_gen - t0
         return capture
 
+    def record_prefix(self, inputs, length: int) -> RecordedPrefix:
+        """Run and record the first `length` tokens of `inputs` (picture included) once, unedited."""
+        meta = self.handle.meta
+        maps: dict[int, np.ndarray] = {}
+        residual: dict[int, torch.Tensor] = {}
+        small = attention.small_pass(meta.n_layers, meta.n_heads, length)
+        recorder = attention.Recorder(meta.n_heads, "tril", lambda layer, m, _overview: maps.__setitem__(layer, m),
+                                      defer=small)
+        input_ids = inputs.input_ids[:, :length]
+        with self._residual(residual), attention.session(recorder=recorder, spans={"prompt": range(length)}):
+            with torch.inference_mode():
+                out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
+                                        attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
+        recorder.finish()
+        stacked = torch.stack([residual[l] for l in range(meta.n_layers)]) if len(residual) == meta.n_layers else None
+        return RecordedPrefix(length, [int(i) for i in input_ids[0]], out.cache, maps, stacked)
+
     def record(self, spec: RunSpec, key: str, store, inputs, spans: dict[str, range], new_ids: list[int],
                steps=(), progress: Progress = no_progress, share: float = 0.0, vision: bool = True) -> Capture:
         """The recorded pass over prompt + `new_ids` (the answer `generate` wrote, with the same
         intervention), stored under `key`: the LM's maps, its residual stream and (`vision`) the vision
-        tower's maps.  `capture.vlm_batch` calls it with answers it generated for many questions at once."""
+        tower's maps."""
         meta = self.handle.meta
         t_gen = time.perf_counter()
-        store.put_array(key, "image", inputs.shown)
-        prompt_ids = [int(i) for i in inputs.input_ids[0]]
-        ids = prompt_ids + list(new_ids)
-        spans = dict(spans)
-        if new_ids:
-            spans["answer"] = spans["response"] = range(len(prompt_ids), len(ids))
+        ids, spans = self._answered(store, key, inputs, spans, new_ids)
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
@@ -198,16 +222,85 @@ class VlmAdapter:
             store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
         if vision:
             store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
-        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [vocab]
-        top = torch.topk(logprobs, TOP_K)
-        t_cap = time.perf_counter()
+        return self._capture(spec, key, store, ids, spans, new_ids, steps, out.logits[0, -1], t_gen)
+
+    def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
+        """The recorded passes of several answered questions about one picture, with no intervention,
+        continued from the picture's `prefix` (`record_prefix`) in one forward: items are (spec, key,
+        inputs, spans, new_ids) as for `record(..., vision=False)`, and each capture equals that pass's.
+
+        Each question's tokens after the prefix and its answer are one branch of the sequence: a 4-D
+        mask lets a branch see the prefix and itself only, its positions continue from the prefix, and
+        attention.BranchRecorder hands its rows, with its keys only, to its own Recorder seeded with
+        the prefix's maps.  One pass for all of a picture's questions reads the weights once
+        (capture.vlm_batch's recorded passes: weight reads, not arithmetic, bound them on a CPU)."""
+        meta = self.handle.meta
+        t_gen = time.perf_counter()
+        p = prefix.length
+        answered = [self._answered(store, key, inputs, spans, new_ids) for _spec, key, inputs, spans, new_ids in items]
+        for (spec, *_rest), (ids, _spans) in zip(items, answered):
+            if not spec.intervention.empty or ids[:p] != prefix.ids:
+                raise ValueError("record_from continues plain passes whose prompt starts with the recorded prefix.")
+        tails = [ids[p:] for ids, _ in answered]  # each branch: the question's tokens after the prefix + answer
+        lengths = [len(t) for t in tails]
+        total = sum(lengths)
+        mask = torch.zeros(1, 1, total, p + total, dtype=torch.bool)  # [1, 1, query, key]: True may attend
+        mask[..., :p] = True
+        positions, ends, row = [], [], 0
+        for m in lengths:
+            mask[0, 0, row:row + m, p + row:p + row + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            positions += range(p, p + m)
+            row += m
+            ends.append(row - 1)
+        residual: dict[int, torch.Tensor] = {}
+        small = attention.small_pass(meta.n_layers, meta.n_heads, p + max(lengths))
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(LayerWriter(store, key, meta.n_layers, no_progress, 0.0, defer=small))
+                       for _spec, key, *_rest in items]
+            stack.enter_context(self._residual(residual))
+            recorder = attention.BranchRecorder(
+                [attention.Recorder(meta.n_heads, "tril", w.submit, defer=small, prefix=prefix.maps) for w in writers],
+                p, lengths)
+            try:
+                with attention.session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
+                    out = self.handle.model(input_ids=torch.tensor([[t for tail in tails for t in tail]]),
+                                            cache=prefix.cache, attention_mask=mask,
+                                            position_ids=torch.tensor([positions]), use_cache=True,
+                                            logits_to_keep=torch.tensor(ends))
+            finally:
+                if prefix.cache.get_seq_length() > p:  # back to the prefix alone (a negative count: tokens to drop)
+                    prefix.cache.crop(p - prefix.cache.get_seq_length())
+            recorder.finish()
+        captures, row = [], 0
+        for b, ((spec, key, _inputs, _spans, new_ids), (ids, spans)) in enumerate(zip(items, answered)):
+            if len(residual) == meta.n_layers and prefix.residual is not None:
+                store.put_array(key, HIDDEN, torch.stack([torch.cat([prefix.residual[l], residual[l][row:row + lengths[b]]])
+                                                          for l in range(meta.n_layers)]).numpy())
+            captures.append(self._capture(spec, key, store, ids, spans, new_ids, (), out.logits[0, b], t_gen))
+            row += lengths[b]
+        return captures
+
+    def _answered(self, store, key: str, inputs, spans: dict[str, range], new_ids: list[int]):
+        """(prompt + answer ids, spans with "answer"/"response"); stores the picture under `key`."""
+        store.put_array(key, "image", inputs.shown)
+        prompt_ids = [int(i) for i in inputs.input_ids[0]]
+        ids = prompt_ids + list(new_ids)
+        spans = dict(spans)
+        if new_ids:
+            spans["answer"] = spans["response"] = range(len(prompt_ids), len(ids))
+        return ids, spans
+
+    def _capture(self, spec: RunSpec, key: str, store, ids: list[int], spans: dict[str, range], new_ids: list[int],
+                 steps, last_logits: torch.Tensor, t_gen: float) -> Capture:
+        """The Capture of a recorded pass; last_logits  # [vocab] at its last row give the next-token top-k."""
+        top = torch.topk(torch.log_softmax(last_logits.float(), dim=-1), TOP_K)
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
             token_ids=ids, steps=list(steps),
             next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
         )
         return Capture(
-            key=key, spec=spec, meta=meta, tokens=self.labels(ids, spans), spans=spans, output=output,
+            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, spans), spans=spans, output=output,
             layout="tril", store=store,
-            timings={"capture_s": t_cap - t_gen},
+            timings={"capture_s": time.perf_counter() - t_gen},
         )
