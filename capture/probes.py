@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import json
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -130,8 +131,18 @@ def _validate(probe: str, p) -> None:
 
 # ---- model plumbing ------------------------------------------------------------------------------
 
+_BLOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, list | None]" = weakref.WeakKeyDictionary()
+
+
 def _decoder_layers(handle: registry.ModelHandle) -> list[torch.nn.Module] | None:
-    """The block (decoder layer) around each attention module, or None when they cannot be found."""
+    """The block (decoder layer) around each attention module, or None when they cannot be found
+    (looked up once per model: walking the module tree takes ~2 ms)."""
+    if handle.model not in _BLOCKS:
+        _BLOCKS[handle.model] = _find_decoder_layers(handle)
+    return _BLOCKS[handle.model]
+
+
+def _find_decoder_layers(handle: registry.ModelHandle) -> list[torch.nn.Module] | None:
     names = {id(m): n for n, m in handle.model.named_modules()}
     modules = dict(handle.model.named_modules())
     blocks = []
