@@ -6,8 +6,10 @@ absent-object presence question, answer "no", always among them: it measures hal
 question is answered (`answer_ids`: all questions first, those of one prompt shape together), its
 answer is recorded once (the maps and residual stream the intervention is built from:
 capture.vlm_presets.for_capture), and it is answered again greedily with the intervention active
-(again in batches, one intervention per batch row).  The recorded passes go to a temporary store (in
-RAM where /dev/shm exists) and are dropped as soon as they are used.
+(again in batches, one intervention per batch row).  Each picture's system prompt and picture (~88 of
+~105 tokens) run once, recorded (VlmAdapter.record_prefix); the answers and the recorded passes (all
+of a picture's in one forward: VlmAdapter.record_from) continue from it.  The recorded passes go to a
+temporary store (in RAM where /dev/shm exists) and are dropped as soon as they are used.
 
 An answer is right when it equals the ground truth after stripping and lower-casing (as
 training.eval_vlm's exact answers).  `gaze_pointing` measures, on the same kind of scenes, how often
@@ -220,15 +222,16 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
              for scene, qa, _ in jobs]
     adapter = VlmAdapter(handle)
     encoded = [adapter.encode(spec) for spec in specs]
+    by_picture: dict[tuple[str, int], list[int]] = {}  # (picture, prefix length) -> its questions
+    for i, (spec, (_inputs, spans)) in enumerate(zip(specs, encoded)):
+        by_picture.setdefault((spec.image, spans["image"].stop), []).append(i)
     # each picture's system prompt and picture run once, recorded: the plain answers, the recorded
     # passes and the edited answers (when the edits leave those rows alone) all continue from them
     recorded: dict[tuple[str, int], RecordedPrefix] = {}
-    if fixed is None:
-        for spec, (inputs, spans) in zip(specs, encoded):
-            if (spec.image, spans["image"].stop) not in recorded:
-                with handle.lock:
-                    recorded[(spec.image, spans["image"].stop)] = adapter.record_prefix(inputs, spans["image"].stop)
-    caches = {k: r.cache for k, r in recorded.items()}
+    for picture, rows in by_picture.items() if fixed is None else ():
+        with handle.lock:
+            recorded[picture] = adapter.record_prefix(encoded[rows[0]][0], picture[1])
+    caches = {picture: prefix.cache for picture, prefix in recorded.items()}
     # all the plain answers first, a batch of one prompt shape at a time
     before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m), prefixes=caches, encoded=encoded)
     edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
@@ -237,16 +240,14 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
         result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text, edited=False))
         if fixed is not None:
             edited[i] = dataclasses.replace(specs[i], intervention=fixed)
-    by_picture: dict[tuple[str, int], list[int]] = {}
-    for i, (spec, (_inputs, spans)) in enumerate(zip(specs, encoded)):
-        by_picture.setdefault((spec.image, spans["image"].stop), []).append(i)
     with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
         store = Store(folder, size_limit=4 * 2**30)
         try:
-            for done, (picture, rows) in enumerate(by_picture.items() if fixed is None else ()):
-                progress(0.2 + 0.6 * done / len(by_picture), f"{picture[0]}: recording {len(rows)} answers")
+            for done, (picture, prefix) in enumerate(recorded.items()):
+                rows = by_picture[picture]
+                progress(0.2 + 0.6 * done / len(recorded), f"{picture[0]}: recording {len(rows)} answers")
                 with handle.lock:  # the recorded passes of this picture's answers, in one forward from its prefix
-                    captures = adapter.record_from(recorded[picture], store, [
+                    captures = adapter.record_from(prefix, store, [
                         (specs[i], f"q{i}", *encoded[i], before[i]) for i in rows])
                 for i, capture in zip(rows, captures):
                     if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
