@@ -151,7 +151,7 @@ def test_answers_are_short_and_of_the_right_kind(vlm, held_out):
 
 def test_counts_shapes_in_held_out_scenes(vlm, held_out):
     """The model reads the picture: "how many shapes are there?" over 20 held-out scenes (2-4 shapes) is
-    answered with more than one number and mostly right (97% on the 300-scene evaluation)."""
+    answered with more than one number and mostly right (95% on the 300-scene evaluation)."""
     from PIL import Image
 
     question = "how many shapes are there?"
@@ -177,7 +177,7 @@ def test_quality_on_a_sample(vlm, held_out):
         by_question[r["question"]][r["answer"]] += 1
     blind = sum(c.most_common(1)[0][1] for c in by_question.values()) / len(records)
     result = summary(records)
-    assert result["overall"] >= 0.75 and result["overall"] > blind + 0.2, (result["overall"], blind)
+    assert result["overall"] >= 0.85 and result["overall"] > blind + 0.3, (result["overall"], blind)
 
 
 # ---- the hub path: any LLaVA-family checkpoint -----------------------------------------------------------
