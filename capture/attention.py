@@ -155,7 +155,7 @@ class Recorder:
     def _seed(self, layer: int, n: int, packed: np.ndarray) -> None:
         """Start layer `layer` of an n-token pass with the rows an earlier pass recorded
         (packed  # [head, p(p+1)/2] float16): copied in, and pooled into the overview."""
-        rows = round((math.isqrt(8 * packed.shape[1] + 1) - 1) / 2)
+        rows = (math.isqrt(8 * packed.shape[1] + 1) - 1) // 2  # p, from p (p + 1) / 2
         self._buffers[layer][:, : packed.shape[1]] = packed
         self._rows_done[layer] = self.n_heads * rows
         dense = torch.from_numpy(unpack_tril(packed, rows)).float()  # [head, prefix, prefix]
