@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import json
 import time
-import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -130,30 +129,6 @@ def _validate(probe: str, p) -> None:
 
 
 # ---- model plumbing ------------------------------------------------------------------------------
-
-_BLOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, list | None]" = weakref.WeakKeyDictionary()
-
-
-def _decoder_layers(handle: registry.ModelHandle) -> list[torch.nn.Module] | None:
-    """The block (decoder layer) around each attention module, or None when they cannot be found
-    (looked up once per model: walking the module tree takes ~2 ms)."""
-    if handle.model not in _BLOCKS:
-        _BLOCKS[handle.model] = _find_decoder_layers(handle)
-    return _BLOCKS[handle.model]
-
-
-def _find_decoder_layers(handle: registry.ModelHandle) -> list[torch.nn.Module] | None:
-    names = {id(m): n for n, m in handle.model.named_modules()}
-    modules = dict(handle.model.named_modules())
-    blocks = []
-    for attn in handle.attention_modules:
-        path = names.get(id(attn), "")
-        parent = modules.get(path.rsplit(".", 1)[0]) if "." in path else None
-        if parent is None:
-            return None
-        blocks.append(parent)
-    return blocks
-
 
 def _out_projections(handle: registry.ModelHandle) -> list[torch.nn.Module]:
     """The output projection (o_proj) of each layer: its input is the concatenated head outputs z."""
@@ -276,7 +251,7 @@ def hidden_probe(handle: registry.ModelHandle, p: HiddenParams, put, progress: P
     capture = load_capture(p.capture, store)
     if capture is None:
         raise InputError(f"No capture with key {p.capture} in the cache; `python -m capture ls` lists them.")
-    blocks = _decoder_layers(handle)
+    blocks = handle.decoder_layers()
     if blocks is None:
         raise InputError(f"HeadScope cannot find the decoder layers of {handle.meta.name} to read its residual stream.")
     ids = capture.output.token_ids
@@ -551,7 +526,7 @@ def ablation_sweep(handle: registry.ModelHandle, ids: list[int], scored: range, 
     vocab = int(getattr(handle.model.config, "vocab_size", 50000))
     if batch_size is None:
         batch_size = max(1, min(3 * meta.n_heads, LOGIT_BYTES_BUDGET * 8 // max(1, len(scored) * vocab * 4)))
-    blocks = _decoder_layers(handle)
+    blocks = handle.decoder_layers()
     outs = _out_projections(handle)
     with torch.inference_mode():
         clean = float(_scored_logprob(handle.model, input_ids, scored)[0])

@@ -34,7 +34,7 @@ import importlib.util
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -89,6 +89,18 @@ class ModelHandle:
     meta: ModelMeta
     attention_modules: list[nn.Module]  # the module that computes attention, per layer
     lock: threading.Lock  # one forward at a time per loaded model
+    _blocks: list | None = field(default=None, init=False, repr=False)
+
+    def decoder_layers(self) -> list[nn.Module] | None:
+        """The block (decoder layer) around each attention module, or None when they cannot be found
+        (looked up once: walking the module tree takes ~2 ms)."""
+        if self._blocks is None:
+            names = {id(m): n for n, m in self.model.named_modules()}
+            modules = dict(self.model.named_modules())
+            paths = [names.get(id(attn), "") for attn in self.attention_modules]
+            blocks = [modules.get(path.rsplit(".", 1)[0]) if "." in path else None for path in paths]
+            self._blocks = [] if any(b is None for b in blocks) else blocks
+        return self._blocks or None
 
 
 def downloads_allowed() -> bool:

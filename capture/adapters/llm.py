@@ -305,9 +305,7 @@ def last_layer_mlp_on_last_row(handle: ModelHandle) -> Iterator[None]:
     the residual add broadcasts it (the earlier rows of the layer's output are then not the model's,
     and nothing reads them).  Llama-style layers only (LAST_ROW_TYPES); SmolLM2 at 128 tokens: the
     MLP of one layer of 30, ~2% of a capture."""
-    from capture.probes import _decoder_layers
-
-    blocks = _decoder_layers(handle) if handle.model.config.model_type in LAST_ROW_TYPES else None
+    blocks = handle.decoder_layers() if handle.model.config.model_type in LAST_ROW_TYPES else None
     norm = getattr(blocks[-1], "post_attention_layernorm", None) if blocks else None
     if norm is None or not hasattr(blocks[-1], "mlp"):
         yield

@@ -134,9 +134,9 @@ class VlmAdapter:
     def _residual(self, into: dict[int, torch.Tensor]) -> Iterator[None]:
         """Keep the residual stream entering each LM decoder layer, x^l  # [token, dim] float16, for
         VAR's massive activations (METHODS §2.2): ~4 MB for shapes-vlm, so it rides with the capture."""
-        from capture.probes import _decoder_layers, _hidden_arg, _hooks
+        from capture.probes import _hidden_arg, _hooks
 
-        blocks = _decoder_layers(self.handle) or []
+        blocks = self.handle.decoder_layers() or []
 
         def hook(index: int):
             def pre(_module, args, kwargs):
