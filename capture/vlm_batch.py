@@ -118,17 +118,6 @@ def prefix_shared(intervention, prefix: int, n: int, spans: dict[str, range]) ->
     return all(late(e.queries) and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
 
 
-def _prefix_cache(handle, inputs, length: int):
-    """The key/value cache of the first `length` prompt tokens (system prompt and picture), computed
-    with nothing edited and nothing recorded: DynamicCache, [1, kv_head, length, head_dim] per layer."""
-    import torch
-
-    with torch.inference_mode():
-        return handle.model(input_ids=inputs.input_ids[:, :length], pixel_values=inputs.pixel_values,
-                            attention_mask=torch.ones_like(inputs.input_ids[:, :length]),
-                            use_cache=True, logits_to_keep=1).cache
-
-
 def _stacked(caches: list):
     """One batched DynamicCache from per-row caches of equal length (copied: generate extends it)."""
     import torch
@@ -184,7 +173,8 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                 if shared < n and all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
                     for i in rows:
                         if (specs[i].image, shared) not in prefixes:
-                            prefixes[(specs[i].image, shared)] = _prefix_cache(handle, encoded[i][0], shared)
+                            prefixes[(specs[i].image, shared)] = adapter.record_prefix(encoded[i][0], shared,
+                                                                                       record=False).cache
                     model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
                 with attention.session(row_interventions=[specs[i].intervention for i in rows],
                                        spans=generation_spans(spans, n, max_new)), torch.inference_mode():

@@ -69,12 +69,13 @@ def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> di
 @dataclass
 class RecordedPrefix:
     """The first `length` prompt tokens (system prompt and picture) run once with nothing edited, and
-    recorded: what every question about the same picture continues from (`VlmAdapter.record(prefix=)`)."""
+    (unless asked not to) recorded: what every question about the same picture continues from
+    (`VlmAdapter.record_from`, capture.vlm_batch.answer_ids)."""
     length: int
     ids: list[int]  # its token ids
     cache: object  # transformers DynamicCache: [1, kv_head, length, head_dim] per layer
-    maps: dict[int, np.ndarray]  # layer -> [head, length (length + 1) / 2] float16 (tril)
-    residual: torch.Tensor | None  # [layer, length, dim] float16: x^l entering each LM layer
+    maps: dict[int, np.ndarray]  # layer -> [head, length (length + 1) / 2] float16 (tril); {} unrecorded
+    residual: torch.Tensor | None  # [layer, length, dim] float16: x^l entering each LM layer; None unrecorded
 
 
 class VlmAdapter:
@@ -179,20 +180,22 @@ class VlmAdapter:
         capture.timings["generate_s"] = t_gen - t0
         return capture
 
-    def record_prefix(self, inputs, length: int) -> RecordedPrefix:
-        """Run and record the first `length` tokens of `inputs` (picture included) once, unedited."""
+    def record_prefix(self, inputs, length: int, record: bool = True) -> RecordedPrefix:
+        """Run the first `length` tokens of `inputs` (picture included) once, unedited; with `record`,
+        record their maps and residual stream too (the answers alone need only the cache)."""
         meta = self.handle.meta
         maps: dict[int, np.ndarray] = {}
         residual: dict[int, torch.Tensor] = {}
         small = attention.small_pass(meta.n_layers, meta.n_heads, length)
         recorder = attention.Recorder(meta.n_heads, "tril", lambda layer, m, _overview: maps.__setitem__(layer, m),
-                                      defer=small)
+                                      defer=small) if record else None
         input_ids = inputs.input_ids[:, :length]
-        with self._residual(residual), attention.session(recorder=recorder, spans={"prompt": range(length)}):
-            with torch.inference_mode():
-                out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
-                                        attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
-        recorder.finish()
+        with self._residual(residual) if record else contextlib.nullcontext(), \
+                attention.session(recorder=recorder, spans={"prompt": range(length)}), torch.inference_mode():
+            out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
+                                    attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
+        if recorder is not None:
+            recorder.finish()
         stacked = torch.stack([residual[l] for l in range(meta.n_layers)]) if len(residual) == meta.n_layers else None
         return RecordedPrefix(length, [int(i) for i in input_ids[0]], out.cache, maps, stacked)
 
