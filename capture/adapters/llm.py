@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from capture import attention, longctx, memory
+from capture import attention, linears, longctx, memory
 from capture.adapters import InputError, Progress
 from capture.registry import ModelHandle
 from capture.types import Capture, Output, RunSpec, StepLogprobs, overview_name
@@ -259,7 +259,7 @@ class TextAdapter:
                 try:
                     with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
                                            sink_scores=self.sink_scores):
-                        with torch.inference_mode():
+                        with torch.inference_mode(), linears.packed(self.handle.model):
                             if meta.causal:
                                 with last_layer_mlp_on_last_row(self.handle):
                                     out = self.handle.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)

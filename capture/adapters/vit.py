@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from capture import attention, images
+from capture import attention, images, linears
 from capture.adapters import InputError, Progress
 from capture.adapters.llm import LayerWriter, stored_bytes
 from capture.registry import ModelHandle
@@ -123,7 +123,7 @@ class VisionAdapter:
 
             recorder = attention.Recorder(meta.n_heads, "full", on_layer, defer=small)
             with attention.session(spec.intervention, recorder=recorder, spans=spans):
-                with torch.inference_mode():
+                with torch.inference_mode(), linears.packed(self.handle.model):
                     out = self.handle.model(**self.forward_kwargs(pixels))
             recorder.finish()
         classes = self.top_classes(out.logits[0]) if self.classifier and hasattr(out, "logits") else []
