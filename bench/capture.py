@@ -2,6 +2,8 @@
 
 For each prompt length, on SmolLM2 (fp32, CPU):
   sdpa     plain SDPA forward, nothing captured (the speed floor)
+  packed   the same with the linear layers on oneDNN, packed (capture.linears, as the recorded pass
+           runs them): capture / packed is what recording and persisting cost on top of the forward
   eager    transformers' eager forward with output_attentions=True (BertViz's path); persists nothing
   capture  HeadScope: every map of every layer and head computed AND written to the cache (fp16)
   read     warm-cache read of one head's full map
@@ -32,7 +34,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="hs-bench-")
     os.environ.setdefault("HEADSCOPE_CACHE_DIR", os.path.join(os.getcwd(), "cache_data"))
     from cache.store import Store
-    from capture import registry
+    from capture import linears, registry
     from capture.run import run
     from capture.types import RunSpec
 
@@ -55,6 +57,9 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
             with torch.inference_mode(), timed(results, f"sdpa{rep}"):
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            gc.collect()
+            with torch.inference_mode(), linears.packed(model), timed(results, f"packed{rep}"):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
             model.set_attn_implementation("eager")
             gc.collect()
             with torch.inference_mode(), timed(results, f"eager{rep}"):
@@ -66,7 +71,7 @@ def main() -> None:
             with timed(results, f"capture{rep}"):
                 capture = run(spec, store=store)
             assert capture.n_tokens == n, (capture.n_tokens, n)
-        best = {k: min(results[f"{k}{r}"]["s"] for r in range(args.repeats)) for k in ("sdpa", "eager", "capture")}
+        best = {k: min(results[f"{k}{r}"]["s"] for r in range(args.repeats)) for k in ("sdpa", "packed", "eager", "capture")}
         peak = {k: max(results[f"{k}{r}"]["peak"] for r in range(args.repeats)) for k in ("sdpa", "eager", "capture")}
         reads = []
         for head in range(9):  # warm-cache read: first touch of a layer pays its CRC check, so warm it once
@@ -88,6 +93,7 @@ def main() -> None:
         rows.append([
             n, f"{best['sdpa']:.2f}", f"{best['eager']:.2f}", f"{best['capture']:.2f}",
             f"{best['capture'] / best['eager']:.2f}x", f"{best['capture'] / best['sdpa']:.2f}x",
+            f"{best['capture'] / best['packed']:.2f}x",
             f"{peak['eager'] / 2**20:.0f}", f"{peak['capture'] / 2**20:.0f}",
             f"{peak['capture'] / max(peak['eager'], 1):.2f}x",
             f"{statistics.median(reads) * 1000:.1f} / {cold * 1000:.1f}",
@@ -96,6 +102,7 @@ def main() -> None:
         store.evict(capture.key)
         print(f"done {n} tokens", flush=True)
     header = ["tokens", "sdpa s", "eager+attn s", "HeadScope capture s", "vs eager (<=1.0)", "vs sdpa (<=2.5)",
+              "vs sdpa, packed linears",
               "eager peak MB", "capture peak MB", "peak vs eager (<=0.5)", "head read ms warm / first",
               "disk bytes per weight (<=2)"]
     print(table(header, rows))
