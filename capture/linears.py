@@ -58,23 +58,31 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
             and m.weight.device.type == "cpu"]
 
 
+def _layout(module: nn.Linear) -> tuple[torch.Tensor, int]:
+    """(the weight laid out for oneDNN, the weight's version it was laid out from)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT), module.weight._version
+
+
 def _pack(model: nn.Module) -> dict:
     """The model's packed linears, packed on first use (or {} when not supported or over budget)."""
+    if not supported():
+        return {}
     packs = _packed.get(model)
     if packs is None:
-        linears = _linears(model) if supported() else []
-        if sum(m.weight.numel() * 4 for m in linears) > budget_bytes():
-            linears = []
-        with torch.no_grad():
-            packs = {m: (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), ROWS_HINT), m.weight._version)
-                     for m in linears}
-        _packed[model] = packs
-    for module, (weight, version) in list(packs.items()):
+        packs = _packed[model] = {m: _layout(m) for m in _linears(model)} if bytes_to_pack(model) else {}
+    for module, (_weight, version) in list(packs.items()):
         if module.weight._version != version:  # edited in place since: lay it out again
-            with torch.no_grad():
-                packs[module] = (torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT),
-                                 module.weight._version)
+            packs[module] = _layout(module)
     return packs
+
+
+def bytes_to_pack(model: nn.Module) -> int:
+    """Memory the model's next recorded pass will take for packing (0 once packed, or if it will not be)."""
+    if model in _packed or not supported():
+        return 0
+    need = sum(m.weight.numel() * 4 for m in _linears(model))
+    return need if need <= budget_bytes() else 0
 
 
 def packed_bytes(model: nn.Module) -> int:

@@ -33,14 +33,16 @@ def test_the_pinned_torch_has_onednn_packed_linears():
 
 
 def test_packed_pass_equals_torch_to_rounding_and_leaves_nothing_behind(qwen2):
+    weights = sum(m.weight.numel() * 4 for m in qwen2.modules() if isinstance(m, torch.nn.Linear))
+    assert linears.bytes_to_pack(qwen2) == weights  # what the memory estimate sets aside for the first pass
     with torch.inference_mode():
         stock = _logits(qwen2)
         with linears.packed(qwen2):
             packed = _logits(qwen2)
         after = _logits(qwen2)
     n_linears = sum(isinstance(m, torch.nn.Linear) for m in qwen2.modules())
-    weights = sum(m.weight.numel() * 4 for m in qwen2.modules() if isinstance(m, torch.nn.Linear))
     assert linears.packed_bytes(qwen2) >= weights * 0.9  # every linear layer was packed
+    assert linears.bytes_to_pack(qwen2) == 0
     assert n_linears == 2 * 7 + 1
     assert not torch.equal(packed, stock)  # really another kernel ...
     torch.testing.assert_close(packed, stock, atol=1e-4, rtol=1e-4)  # ... with the same numbers
@@ -75,7 +77,18 @@ def test_a_model_over_the_budget_is_not_packed(qwen2, monkeypatch):
         stock = _logits(qwen2)
         with linears.packed(qwen2):
             same = _logits(qwen2)
-    assert linears.packed_bytes(qwen2) == 0
+    assert linears.packed_bytes(qwen2) == 0 and linears.bytes_to_pack(qwen2) == 0
+    torch.testing.assert_close(same, stock, atol=0, rtol=0)
+
+
+def test_turned_off_it_takes_torchs_path_even_once_packed(qwen2, monkeypatch):
+    with torch.inference_mode(), linears.packed(qwen2):
+        _logits(qwen2)
+    monkeypatch.setenv("HEADSCOPE_PACKED", "0")
+    with torch.inference_mode():
+        stock = _logits(qwen2)
+        with linears.packed(qwen2):
+            same = _logits(qwen2)
     torch.testing.assert_close(same, stock, atol=0, rtol=0)
 
 

@@ -170,7 +170,9 @@ class TextAdapter:
             )
         layout = layout or ("tril" if meta.causal else "full")
         need = memory.estimate(meta, total, layout)
-        budget = memory.available_bytes() if memory_bytes is None else int(memory_bytes)
+        # the recorded pass's first run on this model also makes its packed linear weights
+        budget = memory.available_bytes() - linears.bytes_to_pack(self.handle.model) if memory_bytes is None \
+            else int(memory_bytes)
         disk_budget = limit_bytes if disk_free is None else min(limit_bytes, disk_free)
         if need.memory_bytes <= budget and need.disk_bytes <= disk_budget:
             return need
