@@ -58,25 +58,6 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
             and m.weight.device.type == "cpu"]
 
 
-def _layout(module: nn.Linear) -> tuple[torch.Tensor, int]:
-    """(the weight laid out for oneDNN, the weight's version it was laid out from)."""
-    with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT), module.weight._version
-
-
-def _pack(model: nn.Module) -> dict:
-    """The model's packed linears, packed on first use (or {} when not supported or over budget)."""
-    if not supported():
-        return {}
-    packs = _packed.get(model)
-    if packs is None:
-        packs = _packed[model] = {m: _layout(m) for m in _linears(model)} if bytes_to_pack(model) else {}
-    for module, (_weight, version) in list(packs.items()):
-        if module.weight._version != version:  # edited in place since: lay it out again
-            packs[module] = _layout(module)
-    return packs
-
-
 def bytes_to_pack(model: nn.Module) -> int:
     """Memory the model's next recorded pass will take for packing (0 once packed, or if it will not be)."""
     if model in _packed or not supported():
@@ -88,6 +69,25 @@ def bytes_to_pack(model: nn.Module) -> int:
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of the model's packed copy (0 before its first recorded pass, or when it is not packed)."""
     return sum(weight.numel() * weight.element_size() for weight, _version in _packed.get(model, {}).values())
+
+
+def _layout(module: nn.Linear) -> tuple[torch.Tensor, int]:
+    """(the weight laid out for oneDNN, the weight's version it was laid out from)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT), module.weight._version
+
+
+def _pack(model: nn.Module) -> dict:
+    """The model's packed linears, packed on first use (or {} when not supported or over budget)."""
+    if not supported():
+        return {}
+    if model not in _packed:
+        _packed[model] = {m: _layout(m) for m in _linears(model)} if bytes_to_pack(model) else {}
+    packs = _packed[model]
+    for module, (_weight, version) in list(packs.items()):
+        if module.weight._version != version:  # edited in place since: lay it out again
+            packs[module] = _layout(module)
+    return packs
 
 
 def _packed_forward(module: nn.Linear, packs: dict):
