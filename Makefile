@@ -15,10 +15,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# The fused capture kernels (capture/fused.cpp), compiled once here rather than on the first
+# The fused capture kernels (capture/engine/fused.cpp), compiled once here rather than on the first
 # capture; without a C++ compiler this prints why, and captures use slower torch ops.
-$(KERNEL): $(STAMP) capture/fused.cpp
-	$(PY) -m capture.fused
+$(KERNEL): $(STAMP) capture/engine/fused.cpp
+	$(PY) -m capture.engine.fused
 	touch $(KERNEL)
 
 # Debian's chromium for the real-browser tests (never `playwright install`: no downloads here).

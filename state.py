@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Mapping
 
-from cache.keys import is_key
+from core.keys import is_key
 
 PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
@@ -25,7 +25,7 @@ ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", 
                  "spread")
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
-MAX_STEPS = 200  # diffusion sampling steps a link may ask for (as capture/adapters/dit.py allows)
+MAX_STEPS = 200  # diffusion sampling steps a link may ask for (as capture/dit/adapter.py allows)
 # whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
 # "the last token" for token, "the middle step" for step and "none" for cluster
 NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 100_000), "q0": (0, 100_000),
@@ -35,7 +35,7 @@ NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 10
 
 def allowed_models() -> tuple[str, ...]:
     """Models a link may name: the embedded ones plus the operator's list."""
-    from capture.registry import EMBEDDED  # torch-free
+    from capture.embedded import EMBEDDED  # torch-free
 
     from_env = [m.strip() for m in os.environ.get("HEADSCOPE_ALLOWED_MODELS", "").split(",") if m.strip()]
     return tuple(EMBEDDED) + tuple(m for m in from_env if m not in EMBEDDED)

@@ -7,7 +7,7 @@ registered here appears everywhere at once.  A metric's `compute(capture, **para
 - kind "token": scores  # [layer, head, token] or [token].
 
 One-pass metrics read the capture's maps (streamed a row block at a time; the six of them share one
-pass, see analytics.summary).  Multi-pass metrics read a probe result that `capture.probes` stored in
+pass, see analytics.summary).  Multi-pass metrics read a probe result that `probes.runner` stored in
 the cache, and raise `ProbeMissing` (with the command to run) when it is absent.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from analytics import heads, importance, locality, retrieval, sinks, stored
-from analytics.stored import ProbeMissing
+from analytics import heads, importance, locality, retrieval, sinks
+from core import probe_results as stored
+from core.errors import ProbeMissing
 
 TEXT = ("text",)
 TEXT_AND_VISION = ("text", "vlm")
@@ -33,7 +34,7 @@ class Metric:
     modalities: tuple[str, ...]
     explanation: str  # one line for the UI
     compute: Callable[..., np.ndarray]
-    probe: str | None = None  # the capture.probes probe whose stored result it reads, if any
+    probe: str | None = None  # the probes.runner probe whose stored result it reads, if any
     threshold: float | None = None  # the paper's cut-off, drawn as a contour / line where it applies
     params: dict[str, Any] = field(default_factory=dict)  # documented defaults
 

@@ -2,7 +2,7 @@
 
 Input is the image -> text block of joint (or cross) attention,
 
-    a  # [step, layer, head, image, text]   (capture.dit_capture.image_to_text)
+    a  # [step, layer, head, image, text]   (core.dit_capture.image_to_text)
 
 with image tokens in row-major order over a `grid` of (rows, cols) patches.
 
@@ -20,7 +20,7 @@ with image tokens in row-major order over a `grid` of (rows, cols) patches.
   then ranked by what they ground (`rank_heads`).
 - `referral_map`: RefAM's referral map: subject tokens aggregated over layers and steps, sinks left out.
 - `object_masks`: ground-truth masks of the words of a scene caption from a (generated) picture,
-  with the scene generator's knowledge (training.scenes: the palette and the caption grammar).
+  with the scene generator's knowledge (core.scenes: the palette and the caption grammar).
 """
 from __future__ import annotations
 
@@ -190,11 +190,11 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
     """Text-token index -> [H, W] bool mask, for the words of a scene caption whose role is in `roles`.
 
     The mask is what the picture shows of the word's object: the largest blob of the requested colour
-    (training.scenes: palette and caption grammar).  Words whose object is not found get no mask.
+    (core.scenes: palette and caption grammar).  Words whose object is not found get no mask.
     Text tokens are MiniLM's ("[CLS]", then one token per caption word); a caption that is not a
     scene caption, or tokens that do not line up with its words, give {}.
     """
-    from training import scenes
+    from core import scenes
 
     try:
         words = scenes.caption_words(caption)
@@ -231,7 +231,7 @@ def text_mass(capture) -> np.ndarray:
 
 
 def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from capture import dit_capture
+    from core import dit_capture
 
     image = dit_capture.generated_image(capture)
     heat = word_heatmaps(dit_capture.image_to_text(capture), capture.meta.grid)
@@ -240,7 +240,7 @@ def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
     """[layer, head]: `grounding` of the capture's caption words on its own picture, over every step."""
-    from analytics.stored import ProbeMissing
+    from core.errors import ProbeMissing
 
     image, heat, tokens = _picture_and_heatmaps(capture)
     masks = object_masks(image, capture.spec.prompt, tokens) if image is not None else {}
@@ -253,7 +253,7 @@ def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
 def distance_px(capture) -> np.ndarray:
     """[layer, head]: mean attention distance in pixels among the image tokens (analytics.vision)."""
     from analytics import vision
-    from capture import dit_capture
+    from core import dit_capture
 
     return vision.distance_per_head(capture, vision.Layout.of(capture, dit_capture.generated_image(capture)))
 

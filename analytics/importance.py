@@ -1,6 +1,6 @@
 """Head importance from ablation sweeps, gradients and DuoAttention gates, as [layer, head] arrays.
 
-The measurements themselves need the model and live in `capture.probes`; this module turns their
+The measurements themselves need the model and live in `probes.runner`; this module turns their
 stored results into scores and rankings.
 
 - Single-head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; Li et al.

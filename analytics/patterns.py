@@ -2,7 +2,7 @@
 
 Pure numpy (+ scikit-learn for clustering, umap-learn for the 2-D embedding): no torch, no streamlit.
 The autoencoder that turns the images into latent codes lives on the torch side
-(capture/pattern_model.py); this module encodes maps, measures traits, clusters codes, labels
+(probes/pattern_atlas.py); this module encodes maps, measures traits, clusters codes, labels
 clusters, computes head profiles, and reads/writes a finished `Atlas` to the cache.
 
 Method: Li et al., "Visual Analytics for Vision Transformers" (IEEE TVCG 2023; METHODS.md §3.2) train a
@@ -830,7 +830,7 @@ def save_model_record(store, model_key: str, maps: MapSet, codes: np.ndarray, we
 
 def load_model_record(store, model_key: str) -> tuple[MapSet, np.ndarray, dict[str, np.ndarray], dict] | None:
     """(maps, codes, weights, record) stored under `model_key`, or None."""
-    from cache.store import CorruptEntry
+    from core.errors import CorruptEntry
 
     try:
         record = store.get_meta(model_key)
@@ -862,7 +862,7 @@ def save_atlas(store, atlas: Atlas) -> None:
 
 def load_atlas(store, key: str) -> Atlas | None:
     """A stored atlas by key (no torch needed), or None when it (or its model record) is absent."""
-    from cache.store import CorruptEntry
+    from core.errors import CorruptEntry
 
     try:
         record = store.get_meta(key)

@@ -1,6 +1,6 @@
 """The one-pass head statistics from reductions stored at capture time (long-context "qk" captures).
 
-A long capture keeps no maps (capture.qk), but its recorded pass stored exact reductions of every
+A long capture keeps no maps (core.qk), but its recorded pass stored exact reductions of every
 head's float32 weights: column sums over all rows (and over the response rows), and per row the
 entropy, the mean look-back distance and WAAD with W = 10.  Every field of `HeadSummary` is a sum of
 those over a set of rows, so `stored_summary` builds it in milliseconds instead of a pass over

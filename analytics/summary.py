@@ -57,7 +57,7 @@ def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_W
     Memory: one row block per worker (2 workers by default: numpy releases the GIL, so two layers
     are reduced at once on two cores), plus the [layer, head, token] outputs.
 
-    A long-context capture that stored its reductions at capture time (capture.qk) is summarised from
+    A long-context capture that stored its reductions at capture time (core.qk) is summarised from
     them instead, without reading any map (analytics.reduced)."""
     from analytics.reduced import stored_summary
 

@@ -11,7 +11,7 @@ followed by the `grid` of patches in row-major order, each `patch_px` pixels wid
   (Li et al., TVCG 2023, METHODS.md §3.2; "distance-strength ridgeline").
 - `high_norm_tokens`: tokens whose hidden-state norm stands out, with the attention they receive
   (Darcet et al. 2024, "Vision Transformers Need Registers").  The norms come from a probe
-  (capture.probes_vision.token_norms), never from the attention function.
+  (probes.vision.token_norms), never from the attention function.
 - `attention_rollout`: the model-level flow of attention (Abnar & Zuidema 2020).
 
 `VISION_METRICS` lists the vision metrics; analytics/__init__.py adds them to `METRICS`.
@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from analytics.stored import ProbeMissing
+from core.errors import ProbeMissing
 
 PAPERS = {
     "distance": "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words (Fig. 7: mean attention distance)",
@@ -270,7 +270,7 @@ def stored_probe(capture, name: str, probe: str) -> np.ndarray:
         return np.asarray(capture.store.get_array(capture.key, name))
     except Exception as exc:  # noqa: BLE001 - absent or unreadable: the probe must (re)run
         raise ProbeMissing(f"Run the {probe} probe on this capture first "
-                           f"(capture.probes_vision.{probe}).") from exc
+                           f"(probes.vision.{probe}).") from exc
 
 
 def _probe_metric(name: str, probe: str, index: int | None = None):

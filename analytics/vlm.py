@@ -1,6 +1,6 @@
 """Vision-language head analytics (pure numpy: no torch, no streamlit).
 
-Inputs are a VLM capture's causal maps attn  # [head, query, key] per LM layer (capture/adapters/vlm.py)
+Inputs are a VLM capture's causal maps attn  # [head, query, key] per LM layer (capture/vlm/adapter.py)
 with the spans "image" (image tokens, row-major over `grid`), "question", "prompt" and "answer", and
 the residual stream it stores beside them (hidden  # [layer, token, dim]).
 
@@ -20,7 +20,7 @@ the residual stream it stores beside them (hidden  # [layer, token, dim]).
   1 (GIFT's normalisation is unverified).  Layer set: unverified in GIFT; the default here is VAR's
   layers 2..L-1 and every head.  The filmstrip is one g map per question word.
 - **Pointing game against ground truth**: does the saliency peak fall inside the asked object's box
-  (training.scenes QA.objects -> SceneObject.box)?  The baseline is the same test for a uniformly random
+  (core.scenes QA.objects -> SceneObject.box)?  The baseline is the same test for a uniformly random
   patch (its exact expectation: the share of patch centres inside the box).
 
 `VLM_METRICS` lists the head / token metrics; analytics/__init__.py adds them to `METRICS`.
@@ -161,8 +161,8 @@ class _Tokens:
 
 
 def stored_hidden(capture):
-    """The residual stream stored with a VLM capture (capture/adapters/vlm.py HIDDEN), [layer, token, dim]."""
-    from analytics.stored import ProbeMissing
+    """The residual stream stored with a VLM capture (capture/vlm/adapter.py HIDDEN), [layer, token, dim]."""
+    from core.errors import ProbeMissing
 
     try:
         return capture.store.get_array(capture.key, "hidden")
@@ -172,9 +172,9 @@ def stored_hidden(capture):
 
 
 def stored_vision_maps(capture) -> np.ndarray:
-    """The vision tower's maps stored with a VLM capture (capture/adapters/vlm.py VISION),
+    """The vision tower's maps stored with a VLM capture (capture/vlm/adapter.py VISION),
     [layer, head, token, token] with the tower's prefix tokens (CLS, registers) first."""
-    from analytics.stored import ProbeMissing
+    from core.errors import ProbeMissing
 
     try:
         return capture.store.get_array(capture.key, "vision_attention")
@@ -339,7 +339,7 @@ def pointing(saliencies: Sequence[np.ndarray], boxes: Sequence[Sequence[tuple[in
     return Pointing(hits=np.asarray(hits), chance=np.asarray(chance))
 
 
-# ---- vision-aware head divergence (VHD, read from capture.probes_vlm) ---------------------------------
+# ---- vision-aware head divergence (VHD, read from probes.vlm) ---------------------------------
 
 T_VHD_K = 10  # top-k heads averaged by T-VHD (unverified in He et al.; exposed)
 
@@ -353,14 +353,14 @@ def t_vhd(vhd: np.ndarray, k: int = T_VHD_K) -> np.ndarray:
 
 
 def stored_vhd(capture) -> np.ndarray:
-    """vhd  # [layer, head, answer token] stored with the capture by capture.probes_vlm.vhd."""
-    from analytics.stored import ProbeMissing
+    """vhd  # [layer, head, answer token] stored with the capture by probes.vlm.vhd."""
+    from core.errors import ProbeMissing
 
     try:
         return np.asarray(capture.store.get_array(capture.key, "vhd"), dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - absent: the two-pass measurement has not run
         raise ProbeMissing("VHD needs two extra passes (with and without the picture): press “Compute VHD” on "
-                           "the Gaze page, or call capture.probes_vlm.vhd(capture).") from exc
+                           "the Gaze page, or call probes.vlm.vhd(capture).") from exc
 
 
 # ---- metrics over a Capture ---------------------------------------------------------------------------

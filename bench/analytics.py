@@ -17,9 +17,8 @@ import shutil
 import tempfile
 import time
 
-from common import PeakMemory, prompt_of, table
-
 import torch
+from common import PeakMemory, prompt_of, table
 
 METRIC_NAMES = ("sink_alpha", "act_sink", "lookback", "entropy", "waad", "fai")
 
@@ -35,9 +34,10 @@ def main() -> None:
     import analytics
     from analytics.summary import forget
     from cache.store import Store
-    from capture import probes, registry
-    from capture.run import load_capture, run
-    from capture.types import RunSpec
+    from capture import registry
+    from capture.api import load_capture, run
+    from core.types import RunSpec
+    from probes import runner as probes
 
     handle = registry.load("smollm2")
     model, tok = handle.model, handle.tokenizer

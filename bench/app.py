@@ -112,8 +112,8 @@ def main() -> None:
     parser.add_argument("--no-bertviz", action="store_true")
     args = parser.parse_args()
     from capture import registry
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
 
     tokenizer = registry.load("smollm2").tokenizer
     rows = []

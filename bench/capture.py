@@ -2,7 +2,7 @@
 
 For each prompt length, on SmolLM2 (fp32, CPU):
   sdpa     plain SDPA forward, nothing captured (the speed floor)
-  packed   the same with the linear layers on oneDNN, packed (capture.linears, as the recorded pass
+  packed   the same with the linear layers on oneDNN, packed (capture.engine.linears, as the recorded pass
            runs them): capture / packed is what recording and persisting cost on top of the forward
   eager    transformers' eager forward with output_attentions=True (BertViz's path); persists nothing
   capture  HeadScope: every map of every layer and head computed AND written to the cache (fp16)
@@ -20,9 +20,8 @@ import statistics
 import tempfile
 import time
 
-from common import PeakMemory, prompt_of, table, timed
-
 import torch
+from common import PeakMemory, prompt_of, table, timed
 
 
 def main() -> None:
@@ -34,9 +33,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="hs-bench-")
     os.environ.setdefault("HEADSCOPE_CACHE_DIR", os.path.join(os.getcwd(), "cache_data"))
     from cache.store import Store
-    from capture import linears, registry
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture import registry
+    from capture.api import run
+    from capture.engine import linears
+    from core.types import RunSpec
 
     handle = registry.load("smollm2")
     model, tok = handle.model, handle.tokenizer

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from capture.memory import PeakSampler  # noqa: E402  (needs ROOT on sys.path)
+from capture.engine.memory import PeakSampler  # noqa: E402  (needs ROOT on sys.path)
 
 
 def PeakMemory() -> "PeakSampler":

@@ -51,9 +51,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from cache.store import Store
-    from capture import dit_attention, dit_capture, registry
-    from capture.adapters.dit import DitAdapter
-    from capture.types import RunSpec
+    from capture import registry
+    from capture.dit import attention as dit_attention
+    from capture.dit.adapter import DitAdapter
+    from core import dit_capture
+    from core.types import RunSpec
 
     prompt = "a red circle at the top left and a blue square at the bottom right"
     handle = registry.load("shapes-dit")
@@ -95,7 +97,7 @@ def main() -> None:
 
     def read():
         fresh = Store(workdir / "cache", size_limit=2**30)
-        from capture.run import load_capture
+        from capture.api import load_capture
 
         c = load_capture(cap.key, fresh)
         dit_capture.step_attention(c, steps // 2, 2)

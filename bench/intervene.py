@@ -3,7 +3,7 @@
 On SmolLM2 (fp32, CPU), a 256-token prompt and 32 new tokens (greedy):
   scale      generation with 10 heads' outputs scaled (o_proj pre-hook, SDPA fast path kept)
              vs plain generation, nothing captured                              target <= 1.3x
-  act        capture.run with the ACT redistribute preset (every head of layers 2..L-2: sinks
+  act        capture.api with the ACT redistribute preset (every head of layers 2..L-2: sinks
              detected on the prefill, redistributed during generation and the recorded pass)
              vs the baseline capture run (same prompt, no intervention)          target <= 1.5x
   var        the same with the VAR-style sink redistribution preset              target <= 1.5x
@@ -21,9 +21,8 @@ import shutil
 import tempfile
 import time
 
-from common import prompt_of, table
-
 import torch
+from common import prompt_of, table
 
 
 def interleaved(repeats: int, cases: dict) -> dict[str, tuple[float, float]]:
@@ -53,12 +52,13 @@ def main() -> None:
 
     os.environ.setdefault("HEADSCOPE_CACHE_DIR", os.path.join(os.getcwd(), "cache_data"))
     from cache.store import Store
-    from capture import presets, registry
-    from capture.adapters import no_progress
-    from capture.adapters.llm import TextAdapter
-    from capture.interventions import HeadEdit, Intervention
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture import registry
+    from capture.api import run
+    from capture.text import presets
+    from capture.text.adapter import TextAdapter
+    from core.interventions import HeadEdit, Intervention
+    from core.progress import no_progress
+    from core.types import RunSpec
 
     handle = registry.load("smollm2")
     meta = handle.meta

@@ -1,6 +1,6 @@
 """Pattern atlas speed: encode + train + embed + cluster ~10,000 maps from the cache, and the page's server time.
 
-  pipeline  `capture.pattern_model.build_atlas` on cached captures (SmolLM2 prompts + DINOv2-S images,
+  pipeline  `probes.pattern_atlas.build_atlas` on cached captures (SmolLM2 prompts + DINOv2-S images,
             made first if absent, untimed) in a FRESH process, so UMAP's numba compile is included once;
             nothing of the atlas is cached beforehand (its entries are evicted first).  Wall and CPU
             seconds per phase; on a machine shared with other jobs, CPU seconds are what a dedicated
@@ -43,8 +43,8 @@ def prompts(count: int) -> list[str]:
 
 def ensure_captures(n_maps: int) -> list[str]:
     """Keys of cached captures holding about `n_maps` maps (made now where missing)."""
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
 
     images = IMAGES[: max(0, min(len(IMAGES), (n_maps // 2) // DINOV2_MAPS))]
     n_text = max(1, -(-(n_maps - len(images) * DINOV2_MAPS) // SMOLLM2_MAPS))
@@ -63,8 +63,8 @@ def ensure_captures(n_maps: int) -> list[str]:
 def timed_pipeline(keys: list[str]) -> dict:
     """Run in a fresh process: build the atlas from scratch; returns timings."""
     from analytics import patterns as P
-    from capture import pattern_model as M
-    from capture.run import default_store, load_capture
+    from capture.api import default_store, load_capture
+    from probes import pattern_atlas as M
 
     store = default_store()
     captures = [load_capture(k, store) for k in keys]

@@ -2,7 +2,7 @@
 
 For each length, in this process:
   sdpa       plain SDPA forward, nothing captured (the speed floor)
-  HeadScope  `capture.run.run`: every head of every layer captured into the cache ("tril" maps up to
+  HeadScope  `capture.api.run`: every head of every layer captured into the cache ("tril" maps up to
              2,048 tokens, "qk" queries/keys + reductions above), with its peak memory; then the
              server-side compute of what the head view draws at that length (Capture.head_overview +
              a 96 x 96 Capture.window; the whole map through Capture.head up to 2,048 tokens, where
@@ -51,7 +51,7 @@ def sample():
         peak[0] = max(peak[0], rss()); time.sleep(0.005)
 import torch
 torch.set_num_threads(int(sys.argv[5]))
-from capture import registry
+from capture import embedded, registry
 from bench.common import prompt_of
 handle = registry.load("smollm2")
 tok, model = handle.tokenizer, handle.model
@@ -73,7 +73,7 @@ if peer == "eager":
     out["s"] = time.perf_counter() - t0
 elif peer in ("tl", "tl_attn"):
     from transformer_lens.model_bridge import TransformerBridge
-    folder = str(registry._smollm2_folder())
+    folder = str(embedded.smollm2_folder())
     bridge = TransformerBridge.boot_transformers(folder, dtype=torch.float32, device="cpu", tokenizer=tok)
     with torch.inference_mode():
         bridge.run_with_cache(warm)
@@ -83,7 +83,7 @@ elif peer in ("tl", "tl_attn"):
     with torch.inference_mode():
         logits, cache = bridge.run_with_cache(ids, **kw)
     out["s"] = time.perf_counter() - t0
-    out["cached_tensors"] = len(list(cache.keys()))
+    out["cached_tensors"] = len(list(core.keys()))
 elif peer == "bertviz":
     from bertviz import head_view, model_view
     model.set_attn_implementation("eager")
@@ -130,9 +130,9 @@ def peer_run(peer: str, n: int, cap_gb: float, timeout: float, threads: int) -> 
 def measure_headscope(store, prompt: str, n: int, seed: int) -> dict:
     import torch
 
-    from capture import registry
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture import embedded, registry
+    from capture.api import run
+    from core.types import RunSpec
 
     handle = registry.load("smollm2")
     model, tok = handle.model, handle.tokenizer
@@ -165,7 +165,7 @@ def measure_headscope(store, prompt: str, n: int, seed: int) -> dict:
     out["disk_mb"] = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(store.directory)
                          for f in fs if f.endswith(".npy")) / 2**20
     # server-side compute of the head view and the model view, from a fresh read of the capture
-    from capture.run import load_capture
+    from capture.api import load_capture
 
     fresh = load_capture(capture.key, store)
     t0 = time.perf_counter()
@@ -208,7 +208,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from cache.store import Store
-    from capture import registry
+    from capture import embedded, registry
 
     tok = registry.load("smollm2").tokenizer
     workdir = tempfile.mkdtemp(prefix="hs-peers-")

@@ -20,9 +20,8 @@ import shutil
 import tempfile
 import time
 
-from common import table, timed
-
 import torch
+from common import table, timed
 
 
 def best(samples: list[float]) -> float:
@@ -41,8 +40,8 @@ def main() -> None:
     os.environ.setdefault("HEADSCOPE_CACHE_DIR", os.path.join(os.getcwd(), "cache_data"))
     from cache.store import Store
     from capture import images, registry
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
 
     handle = registry.load("dinov2-s")
     model = handle.model
@@ -107,9 +106,8 @@ def page_times(image: str, repeats: int = 5) -> list[list[str]]:
     """Median and worst script-run time of switching head, layer and query patch on the Vision page."""
     import statistics
 
-    from streamlit.testing.v1 import AppTest
-
     from common import ROOT
+    from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
     at.query_params.update({"page": "vision", "model": "dinov2-s", "image": image})

@@ -20,10 +20,9 @@ import shutil
 import tempfile
 import time
 
-from common import table
-
 import numpy as np
 import torch
+from common import table
 
 QUESTION = "what colour is the circle?"
 
@@ -42,9 +41,11 @@ def main() -> None:
     from transformers import LlavaForConditionalGeneration
 
     from cache.store import Store
-    from capture import images, registry, vlm_batch, vlm_model
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture import images, registry
+    from capture.api import run
+    from capture.vlm import model as vlm_model
+    from core.types import RunSpec
+    from probes import vlm_accuracy as vlm_batch
 
     handle = registry.load(args.model)
     folder = vlm_model.assembled_folder() if args.model == "shapes-vlm" else args.model

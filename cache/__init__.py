@@ -1,5 +1,6 @@
 """The disk cache: keys, arrays and metadata; it knows nothing of models."""
-from cache.keys import is_key, stable_hash
-from cache.store import CacheError, CorruptEntry, Store, cache_dir
+from cache.store import Store, cache_dir
+from core.errors import CacheError, CorruptEntry
+from core.keys import is_key, stable_hash
 
 __all__ = ["CacheError", "CorruptEntry", "Store", "cache_dir", "is_key", "stable_hash"]

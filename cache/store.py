@@ -34,19 +34,13 @@ from typing import Iterator
 import diskcache
 import numpy as np
 
+from core.errors import CacheError, CorruptEntry
+
 MODE_NPY = 5  # our own diskcache mode: an .npy file, db value = CRC-32 of its bytes
 DEFAULT_DIR = "cache_data"
 DEFAULT_GB = 20.0
 META = "meta"
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}")  # a key part usable as a file name as it is
-
-
-class CorruptEntry(Exception):
-    """A cache entry that exists but cannot be trusted (truncated, corrupt or half-written)."""
-
-
-class CacheError(Exception):
-    """The cache cannot be written (not writable, disk full); the message is one sentence for the user."""
 
 
 class ArrayDisk(diskcache.Disk):

@@ -3,7 +3,7 @@
 No torch here (PIL + numpy only), so pages can show the picture a capture saw without loading a model.
 
 - A RunSpec names its image as a sample ("cat", see `sample_names()`), a procedural shapes scene
-  "scene-<seed>" (training.scenes, shapes-vlm's settings), or as "sha256:<hex>", the
+  "scene-<seed>" (core.scenes, shapes-vlm's settings), or as "sha256:<hex>", the
   SHA-256 of an uploaded file's bytes.  Uploads live in `<cache dir>/uploads/<hex>`; the name is the
   content, so a link names no file path and the same picture always has the same cache key.
 - `store_upload(bytes)` checks the content (the format is read from the bytes, not a file name:
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capture.adapters import InputError
+from core.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "assets" / "images"
@@ -36,7 +36,7 @@ UPLOAD_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000
 HASH_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
-SCENE_RE = re.compile(r"^scene-(\d{1,9})$")  # a procedural shapes scene by seed (training.scenes, VLM settings)
+SCENE_RE = re.compile(r"^scene-(\d{1,9})$")  # a procedural shapes scene by seed (core.scenes, VLM settings)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -147,8 +147,8 @@ def load_image(ref: str | None) -> Image.Image:
 
 def scene_picture(seed: int) -> np.ndarray:
     """image  # [112, 112, 3] uint8: the shapes scene `seed` as shapes-vlm reads it
-    (training.scenes.make_scene(seed, scenes.VLM)); named "scene-<seed>" in a RunSpec or a link."""
-    from training import scenes
+    (core.scenes.make_scene(seed, scenes.VLM)); named "scene-<seed>" in a RunSpec or a link."""
+    from core import scenes
 
     return scenes.make_scene(seed, scenes.VLM).image
 

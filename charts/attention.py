@@ -136,7 +136,7 @@ def head_picture(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], sca
 
 def overview_picture(pooled: np.ndarray, n_tokens: int, scale: str = "raw", title: str = "") -> Picture:
     """A block-pooled overview of a long map.  pooled  # [bins, bins], the max over blocks of
-    ceil(n / bins) tokens (capture.types.max_pool); the picture keeps the blocks that hold tokens, axes
+    ceil(n / bins) tokens (core.types.max_pool); the picture keeps the blocks that hold tokens, axes
     in token positions, a tick every 16 blocks."""
     size = -(-n_tokens // pooled.shape[0])
     used = -(-n_tokens // size)

@@ -36,8 +36,8 @@ st.markdown(f"{metric.explanation}  \n*{metric.paper}*")
 
 @st.cache_resource(show_spinner=False)
 def _context(model_name: str) -> tuple:
+    from capture.api import default_store
     from capture.registry import load, revision
-    from capture.run import default_store
 
     meta = load(model_name).meta
     return default_store(), revision(model_name), meta
@@ -57,10 +57,8 @@ def _compute(name: str, params: dict) -> np.ndarray:
 
 
 def _run_probe(probe: str, params: dict | None = None) -> None:
-    from capture.adapters import InputError
-    from capture.interventions import InterventionError
-    from capture.probes import hidden_states, run_probe
-    from capture.registry import ModelUnavailable
+    from core.errors import InputError, InterventionError, ModelUnavailable
+    from probes.runner import hidden_states, run_probe
 
     bar = st.progress(0.0, text=f"{probe} probe on {model}…")
     report = lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m)  # noqa: E731
@@ -156,7 +154,7 @@ elif values is not None and metric.kind == "token":
         st.html(charts.token_text(tokens, strip))
 
 with st.expander("Long probes (need the model; results are cached per model)"):
-    st.caption("Each runs once per model and parameters; the CLI equivalent is `python -m capture probe NAME --model "
+    st.caption("Each runs once per model and parameters; the CLI equivalent is `python -m headscope probe NAME --model "
                f"{model}`.")
     cols = st.columns(3)
     probes = [("patterns", "Repeated random tokens (~seconds)"), ("needle", "Needle in a haystack (~minutes)"),

@@ -96,7 +96,7 @@ elif state.view == "head":
             k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
             # stored thumbnails where the capture has them (long captures); never the whole map
             pooled = capture.head_overview(layer, head, OVERVIEW_BINS)  # [bins, bins]
-            size = -(-n // pooled.shape[0])  # tokens per block (capture.types.max_pool)
+            size = -(-n // pooled.shape[0])  # tokens per block (core.types.max_pool)
             picture(charts.overview_picture(pooled, n, scale, title=f"{title}: overview (click to move the window)"),
                     key="head_overview", on_pick=lambda row, col: centre_window_on(row, col, size), zoom=True,
                     min_cell_px=1, outline=(q0 // size, -(-(q0 + WINDOW) // size), k0 // size, -(-(k0 + WINDOW) // size)))

@@ -3,20 +3,20 @@ gaze moves while it reads the question (GIFT filmstrip and saliency), its visual
 image-centric heads, and before | after answers under VAR / GIFT / head masking.
 
 Thin: the current capture from pages.shared (picture and question in the sidebar), analytics.vlm for
-the numbers, charts.gaze / charts.image for the figures, capture.vlm_presets for the interventions.
+the numbers, charts.gaze / charts.image for the figures, capture.vlm.presets for the interventions.
 Widget keys start with "gaze_".
 """
 import numpy as np
 import streamlit as st
 
 from analytics import vlm
-from analytics.stored import ProbeMissing
 from analytics.vision import Layout, grid_map
 from charts import gaze as charts
 from charts.image import head_overlays, layer_head_chart
 from charts.theme import plot_config
+from core import scenes
+from core.errors import ProbeMissing
 from pages import shared
-from training import scenes
 
 st.title("Gaze")
 CHART_HEIGHT = 520  # the layer x head charts: 30 readable layer rows
@@ -130,7 +130,7 @@ with tab_vhd:
         st.caption("Vision-aware head divergence (He et al. 2025, METHODS §3.1): how far each head's output on the "
                    "answer moves when the picture is removed. Two extra forward passes.")
         if len(capture.spans.get("answer", range(0))) and st.button("Compute VHD", key="gaze_vhd"):
-            from capture.probes_vlm import vhd
+            from probes.vlm import vhd
 
             with st.spinner("Two passes: with and without the picture ..."):
                 divergence = vhd(capture)

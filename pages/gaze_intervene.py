@@ -1,16 +1,17 @@
 """The Gaze page's Intervene tab: VAR / GIFT / image masking built from this capture's analytics
-(capture.vlm_presets), the answer before | after, and a batch over held-out scenes (capture.vlm_batch).
+(capture.vlm.presets), the answer before | after, and a batch over held-out scenes (probes.vlm_accuracy).
 Widget keys start with "gaze_iv_"."""
 import dataclasses
 
 import numpy as np
 import streamlit as st
 
-from analytics.stored import ProbeMissing
-from capture import vlm_presets
-from capture.interventions import InterventionError, recall, remember
+from cache.interventions import recall, remember
+from capture.vlm import presets as vlm_presets
+from probes import vlm as vlm_probes
 from charts import gaze as charts
 from charts.theme import plot_config
+from core.errors import InterventionError, ProbeMissing
 from pages import shared
 
 
@@ -75,7 +76,7 @@ def render(capture, found, hv, sinks) -> None:
     intervention = None
     if method != "none":
         try:
-            intervention = vlm_presets.for_capture(method, capture, heads=heads, **params)
+            intervention = vlm_probes.for_capture(method, capture, heads=heads, **params)
         except (InterventionError, ProbeMissing) as exc:
             st.info(str(exc))
     state.intervention = remember(intervention) if intervention is not None else "none"  # the link carries it
@@ -94,13 +95,13 @@ def render(capture, found, hv, sinks) -> None:
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _capture(spec):
-    from capture.run import run
+    from capture.api import run
 
     return run(spec)
 
 
 def _after(spec):
-    from capture.adapters import InputError
+    from core.errors import InputError
 
     try:
         with st.spinner("Answering again with the intervention ..."):
@@ -111,7 +112,7 @@ def _after(spec):
 
 
 def _batch(method: str, params: dict, heads) -> None:
-    from capture import vlm_batch
+    from probes import vlm_accuracy as vlm_batch
 
     st.markdown("**Held-out scenes**")
     n = st.slider("Scenes", 1, 50, key="gaze_iv_scenes",

@@ -1,7 +1,7 @@
 """Intervene: toggle heads, pick a preset, rerun generation, and compare before | after.
 
 Baseline = the current input (`st.session_state["spec"]`, else the sidebar's view state).  The
-intervened run is `capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
+intervened run is `capture.api(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
 the same intervention is computed once and the loaded model is reused.
 """
 from __future__ import annotations
@@ -11,10 +11,12 @@ import dataclasses
 import numpy as np
 import streamlit as st
 
-from capture import presets
-from capture.interventions import Intervention, InterventionError, recall, remember
+from cache.interventions import recall, remember
+from capture.text import presets
 from charts import compare
 from charts.theme import plot_config
+from core.errors import InterventionError
+from core.interventions import Intervention
 
 MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
 
@@ -37,10 +39,9 @@ def baseline_spec():
 
 
 def run_spec(spec, what: str):
-    """capture.run with a progress bar; None (and a message) for input that cannot run."""
-    from capture.adapters import InputError
-    from capture.registry import ModelUnavailable
-    from capture.run import cached, run
+    """capture.api with a progress bar; None (and a message) for input that cannot run."""
+    from capture.api import cached, run
+    from core.errors import InputError, ModelUnavailable
 
     try:
         found = cached(spec)
@@ -57,7 +58,7 @@ def run_spec(spec, what: str):
 def scored(capture, intervention: Intervention) -> np.ndarray:
     """Teacher-forced log-prob of the baseline continuation under `intervention` (kept per session)."""
     from capture import registry
-    from capture.logprobs import continuation_logprobs
+    from capture.text.logprobs import continuation_logprobs
 
     memo = st.session_state.setdefault("iv_logprobs", {})
     key = (capture.key, intervention.key())
@@ -71,9 +72,9 @@ def scored(capture, intervention: Intervention) -> np.ndarray:
 def probe_array(model: str, probe: str, name: str):
     """A stored probe result array (default probe parameters), or None."""
     try:
-        from analytics import stored
         from capture import registry
-        from capture.run import default_store
+        from capture.api import default_store
+        from core import probe_results as stored
 
         found = stored.find(default_store(), registry.revision(model), probe, None)
         return None if found is None else np.asarray(found.array(name))
@@ -163,7 +164,7 @@ with right:
         dkey = (spec.model, spec.chat, pos, neg)
         if st.button("Compute directions", key="iv_dirs_btn"):
             from capture import registry
-            from capture.probes_steering import steering_directions
+            from probes.steering import steering_directions
 
             try:
                 with st.spinner("Collecting head outputs…"):

@@ -3,7 +3,7 @@ import numpy as np
 import streamlit as st
 
 from analytics import patterns as P
-from capture.run import default_store
+from capture.api import default_store
 from charts import patterns as charts
 from charts.theme import plot_config
 from pages import shared
@@ -66,8 +66,8 @@ def current_atlas() -> P.Atlas | None:
 
 
 def train(keys: list[str], vision: str, k: int) -> None:
-    from capture.pattern_model import build_atlas
-    from capture.run import load_capture
+    from capture.api import load_capture
+    from probes.pattern_atlas import build_atlas
 
     captures = [c for c in (load_capture(key, store) for key in keys) if c is not None]
     bar = st.progress(0.0, text="Sampling maps…")

@@ -14,7 +14,8 @@ import zipfile
 import numpy as np
 import streamlit as st
 
-from capture.types import Capture, RunSpec
+import capture
+from core.types import Capture, RunSpec
 from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_STEPS, ViewState, allowed_models
 
 EMBEDDED_TITLES = {
@@ -28,7 +29,7 @@ EMBEDDED_TITLES = {
 PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm")}
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 VLM_IMAGE, VLM_QUESTION = "scene-3", "what colour is the circle?"  # scene 3 has one circle, a red one
-VLM_MAX_NEW = 8  # capture.vlm_model.MAX_NEW_TOKENS: answers are one to three words
+VLM_MAX_NEW = 8  # capture.vlm.model.MAX_NEW_TOKENS: answers are one to three words
 
 
 def view_state() -> ViewState:
@@ -72,35 +73,8 @@ def memo(name: str, key, compute, size: int = 16):
 
 
 def modality_of(model: str) -> str:
-    """"text", "vision", "vlm" or "dit": what the sidebar asks for (models off the embedded list take a
-    prompt, except LLaVA-family checkpoints, which take a picture and a question)."""
-    from capture.registry import EMBEDDED, VLM_TYPES
-
-    if model in EMBEDDED:
-        return EMBEDDED[model].modality
-    return "vlm" if _model_type(model) in VLM_TYPES else "text"
-
-
-@functools.lru_cache(maxsize=64)
-def _model_type(model: str) -> str:
-    """config.json's model_type of a local folder or a hub id already in the local cache ("" if unknown);
-    never downloads."""
-    from pathlib import Path
-
-    folder = Path(model).expanduser()
-    path = folder / "config.json" if folder.is_dir() else None
-    if path is None:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(model, "config.json")
-            path = Path(found) if isinstance(found, str) else None
-        except Exception:  # noqa: BLE001 - not a hub id: a text model as before
-            path = None
-    try:
-        return str(json.loads(path.read_text()).get("model_type", "")) if path is not None and path.is_file() else ""
-    except (OSError, ValueError):
-        return ""
+    """"text", "vision", "vlm" or "dit": what the sidebar asks for."""
+    return capture.modality(model)
 
 
 def page_model() -> None:
@@ -163,8 +137,8 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
 
 def image_inputs(state: ViewState) -> None:
     """A sample photo or an upload (checked by content, stored by hash: links carry only the hash)."""
-    from capture.adapters import InputError
     from capture.images import sample_names, store_upload
+    from core.errors import InputError
 
     problem = None
     upload = st.session_state.get("f_upload")  # handled before the widgets so the new image shows at once
@@ -195,9 +169,9 @@ def _image_kind(ref: str) -> str:
 def vlm_inputs(state: ViewState) -> None:
     """A picture (a procedural scene by seed, a sample photo or an upload) and a question about it.
     Drafts until Run, like the prompt; an upload is checked and stored by hash at once."""
-    from capture.adapters import InputError
     from capture.images import sample_names, store_upload
-    from training import scenes
+    from core import scenes
+    from core.errors import InputError
 
     if not state.image:
         state.image = VLM_IMAGE
@@ -213,7 +187,7 @@ def vlm_inputs(state: ViewState) -> None:
                                   ) or "scene"
     if choice == "scene":
         st.number_input("Scene seed", 0, 10**9 - 1, key="f_scene_seed",
-                        help="A procedural picture of 2-4 coloured shapes (training.scenes); shapes-vlm was "
+                        help="A procedural picture of 2-4 coloured shapes (core.scenes); shapes-vlm was "
                              "trained on scenes with seeds from 1,000,000, so small seeds are new to it.")
         scene = scenes.make_scene(int(st.session_state["f_scene_seed"]), scenes.VLM)
         st.image(scene.image, caption=scene.caption, width=160)
@@ -268,7 +242,7 @@ def _apply_drafts() -> None:
 
 def resolve_link_key() -> None:
     """A link that names its input by capture key: load that capture's spec (before widgets render)."""
-    from capture.run import load_capture
+    from capture.api import load_capture
 
     state = view_state()
     held: Capture | None = st.session_state.get("capture")
@@ -305,11 +279,8 @@ def current_capture() -> Capture | None:
 
     Shows a clear message (and returns None) for input that cannot be run.
     """
-    from cache.store import CacheError
-    from capture.adapters import InputError
-    from capture.interventions import InterventionError
-    from capture.registry import ModelUnavailable
-    from capture.run import cached, run
+    from capture.api import cached, run
+    from core.errors import CacheError, InputError, InterventionError, ModelUnavailable
 
     state = view_state()
     held: Capture | None = st.session_state.get("capture")

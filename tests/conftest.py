@@ -80,7 +80,7 @@ def save_tiny_llava(folder: Path, image_size: int, lm_layers: int) -> Path:
     import torch
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from capture import vlm_model
+    from capture.vlm import model as vlm_model
 
     tokenizer = vlm_model.base_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from analytics import METRICS, ProbeMissing, heads, importance, locality, retrieval, sinks, stored
+from analytics import METRICS, ProbeMissing, heads, importance, locality, retrieval, sinks
 from analytics.summary import head_summary
+from core import probe_results as stored
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -63,7 +64,7 @@ def test_registry_has_the_fixed_names_and_fields():
 
 def test_analytics_imports_neither_torch_nor_streamlit():
     code = ("import sys, analytics, analytics.heads, analytics.retrieval, analytics.importance, analytics.sinks, "
-            "analytics.locality, analytics.stored; "
+            "analytics.locality, core.probe_results; "
             "bad = [m for m in ('torch', 'streamlit', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -309,7 +310,7 @@ def test_probe_keys_and_missing_results(store):
 
     FakeCapture.store = store
     for name in ("induction", "retrieval", "ablation", "grad_gate", "duo_gate", "massive_sink"):
-        with pytest.raises(ProbeMissing, match="run this probe first: python -m capture probe"):
+        with pytest.raises(ProbeMissing, match="run this probe first: python -m headscope probe"):
             METRICS[name].compute(FakeCapture())
     # a stored result is read back, with GQA granularity on request
     key = stored.probe_key("rev", "patterns", stored.PatternParams())

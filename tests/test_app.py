@@ -109,8 +109,8 @@ def test_running_a_new_prompt_from_the_sidebar_generates_text():
 
 
 def test_empty_prompt_gets_a_clear_message_and_nothing_is_cached():
-    from capture.run import cached
-    from capture.types import RunSpec
+    from capture.api import cached
+    from core.types import RunSpec
 
     at = open_app()
     at.sidebar.text_area[0].input("   ")

@@ -1,4 +1,4 @@
-"""Batch work (capture.batch): in-process and on a local Ray instance with 2 workers, same results.
+"""Batch work (probes.batch): in-process and on a local Ray instance with 2 workers, same results.
 
 Ray starts with num_cpus=2, no dashboard and no log forwarding; its two actors each load SmolLM2
 once and run every job they are given.
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from cache.store import Store
-from capture.batch import CaptureJob, JobResult, job_from_json, read_jobs, run_batch
-from capture.run import load_capture
-from capture.types import RunSpec
+from capture.api import load_capture
+from core.types import RunSpec
+from probes.batch import CaptureJob, JobResult, job_from_json, read_jobs, run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = [
@@ -146,14 +146,14 @@ def test_cli_batch(tmp_path, stores, in_process):
     path = tmp_path / "jobs.jsonl"
     path.write_text(json.dumps(SPECS[0].to_json()) + "\n" + json.dumps({"prompt": ""}) + "\n{oops\n")
     env = dict(os.environ, HEADSCOPE_CACHE_DIR=str(cache_root), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "capture", "batch", str(path), "--json"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "headscope", "batch", str(path), "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]  # one job failed: reported, not fatal
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["line"], r["status"]) for r in rows] == [(1, "done"), (2, "failed"), (3, "failed")]
     assert rows[0]["key"] == in_process[0][0].key
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "capture", "batch", str(path)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "headscope", "batch", str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert "1 done" not in proc.stdout and "0 done, 1 cached, 2 failed" in proc.stdout
 

@@ -11,7 +11,8 @@ import diskcache
 import numpy as np
 import pytest
 
-from cache.store import MODE_NPY, ArrayDisk, CorruptEntry, Store
+from cache.store import MODE_NPY, ArrayDisk, Store
+from core.errors import CorruptEntry
 
 KEY = "0123456789abcdef0123"
 
@@ -293,8 +294,8 @@ def test_pickled_value_is_refused_not_executed(store, tmp_path):
             store.get_array(KEY, "L000")
         assert not marker.exists()
 
-        # capture.run's reader turns that into "absent" and evicts it, still without unpickling
-        from capture.run import load_capture
+        # capture.api's reader turns that into "absent" and evicts it, still without unpickling
+        from capture.api import load_capture
 
         assert load_capture(KEY, store) is None
         assert not marker.exists()

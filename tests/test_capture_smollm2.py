@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from cache.store import Store
+from capture import registry
+from capture.api import cached, run
+from capture.engine import attention
 from conftest import cache_with_models
-from capture import attention, registry
-from capture.interventions import HeadEdit, Intervention
-from capture.run import cached, run
-from capture.types import RunSpec, max_pool
+from core.interventions import HeadEdit, Intervention
+from core.types import RunSpec
+from core.layouts import max_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog. The capital of France is"
@@ -202,7 +204,7 @@ def test_scale_zero_equals_zeroing_the_o_proj_slice(smollm2, store):
     torch.testing.assert_close(edited, by_hand, atol=1e-5, rtol=0)
     torch.testing.assert_close(_logits(smollm2, ids), base, atol=0, rtol=0)  # hooks and sessions left nothing behind
 
-    # the same edit through capture.run: maps up to and including LAYER unchanged, later ones changed,
+    # the same edit through capture.api: maps up to and including LAYER unchanged, later ones changed,
     # and the recorded pass's next-token distribution is the hand-ablated model's
     plain = run(RunSpec(model="smollm2", prompt=PROMPT), store=store)
     ablated = run(RunSpec(model="smollm2", prompt=PROMPT, intervention=iv), store=store)
@@ -342,8 +344,8 @@ WORKER = r"""
 import json, os, sys, time
 from pathlib import Path
 from capture import registry
-from capture.run import run
-from capture.types import RunSpec
+from capture.api import run
+from core.types import RunSpec
 registry.load("smollm2")
 d = Path(os.environ["HEADSCOPE_CACHE_DIR"])
 (d / f"ready{sys.argv[1]}").touch()
@@ -406,10 +408,10 @@ def test_two_processes_capture_one_entry(smollm2, tmp_path):
 
 @pytest.mark.parametrize("model", ["smollm2", "minilm"])
 def test_fused_recorder_equals_the_torch_path(model, request, monkeypatch):
-    """capture/fused.cpp's record_layer (two bands of rows at 40 tokens, row tiles at 400) gives the
+    """capture/engine/fused.cpp's record_layer (two bands of rows at 40 tokens, row tiles at 400) gives the
     maps, thumbnails and outputs of the block-by-block torch path, causal (packed triangle) and
     bidirectional (full maps)."""
-    from capture import fused
+    from capture.engine import fused
 
     kernel = fused.load()
     assert kernel is not None, f"the fused kernel did not build: {fused.problem()}"

@@ -1,4 +1,4 @@
-"""The command line, end to end in subprocesses: python -m capture run / ls / export, and its errors."""
+"""The command line, end to end in subprocesses: python -m headscope run / ls / export, and its errors."""
 from __future__ import annotations
 
 import csv
@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.keys import is_key
 from cache.store import Store
+from capture.api import load_capture
 from conftest import cache_with_models
-from capture.run import load_capture
+from core.keys import is_key
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
@@ -28,7 +28,7 @@ def cache_root(tmp_path_factory, smollm2) -> Path:
 
 def cli(cache_root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HEADSCOPE_CACHE_DIR=str(cache_root), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "capture", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "headscope", *args], cwd=ROOT, env=env, capture_output=True,
                           timeout=timeout)
     # decoded by hand: text=True would turn the progress bar's carriage returns into newlines
     proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
@@ -130,7 +130,7 @@ def test_export_csv(cache_root, ran, stored, tmp_path):
 
 def test_export_default_file_name(cache_root, ran, stored, tmp_path):
     env = dict(os.environ, HEADSCOPE_CACHE_DIR=str(cache_root), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "capture", "export", ran["key"], "--layer", "0", "--head", "0"],
+    proc = subprocess.run([sys.executable, "-m", "headscope", "export", ran["key"], "--layer", "0", "--head", "0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / f"{ran['key']}_L0_H0.npy"), stored.head(0, 0))

@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from analytics import dit as analytics
-from capture import attention, dit_attention, dit_capture, dit_presets, registry
-from capture.interventions import HeadEdit, Intervention
-from capture.run import load_capture, run
-from capture.types import RunSpec
+from capture import embedded, registry
+from capture.api import load_capture, run
+from capture.dit import attention as dit_attention
+from capture.dit import presets as dit_presets
+from capture.engine import attention
+from core import dit_capture
+from core.interventions import HeadEdit, Intervention
+from core.types import RunSpec
 
 PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
@@ -136,7 +140,7 @@ def test_mix_u1_gives_identity_maps_on_that_head(pipe):
 
 
 def test_softpag_perturbs_only_its_branch(pipe):
-    from capture import dit_model
+    from capture.dit import model as dit_model
 
     iv = dit_presets.softpag([(1, 0), (2, 1)], u=1.0, scale=3.0)
     assert dit_presets.is_guidance(iv) and dit_presets.pag_scale(iv) == 3.0
@@ -180,7 +184,7 @@ def test_sampling_is_deterministic(pipe):
 # ---- captures ---------------------------------------------------------------------------------------------
 
 def test_capture_at_a_few_timesteps_loads_back(dit, store):
-    from capture.adapters.dit import DitAdapter
+    from capture.dit.adapter import DitAdapter
 
     spec = RunSpec(model="shapes-dit", prompt=PROMPT, seed=2, steps=10)
     key = spec.key(registry.revision("shapes-dit"))
@@ -262,7 +266,7 @@ def test_word_heatmaps_layout_and_sinks():
 
 
 def test_object_masks_align_with_tokens():
-    from training import scenes
+    from core import scenes
 
     scene = scenes.make_scene(4, scenes.DIT, n_objects=2)
     tokens = ["[CLS]"] + scene.caption.split() + ["[SEP]", "[PAD]"]
@@ -293,7 +297,7 @@ def test_grounding_on_a_capture(store):
 # ---- HeadHunter-lite ------------------------------------------------------------------------------------
 
 def test_headhunter_lite_is_cached(store, monkeypatch):
-    from capture import probes_dit
+    from probes import headhunter as probes_dit
 
     params = probes_dit.HeadHunterParams(n_prompts=2, n_seeds=1, steps=4, rounds=2, candidates=2)
     first = probes_dit.headhunter("shapes-dit", params, store=store)
@@ -317,7 +321,7 @@ def test_headhunter_lite_is_cached(store, monkeypatch):
 # ---- registry and charts ----------------------------------------------------------------------------------
 
 def test_registry_entry():
-    entry = registry.EMBEDDED["shapes-dit"]
+    entry = embedded.EMBEDDED["shapes-dit"]
     assert entry.modality == "dit"
     rev = registry.revision("shapes-dit")
     assert rev.startswith("asset:shapes-dit:") and rev == registry.revision("shapes-dit") and "missing" not in rev

@@ -5,10 +5,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
+from test_vlm_capture import tiny_vlm  # noqa: F401 - the fixture
 
 from browser import shown_link, streamlit_server, wait_idle
-from capture import vlm_model
-from test_vlm_capture import tiny_vlm  # noqa: F401 - the fixture
+from capture.vlm import model as vlm_model
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 900}

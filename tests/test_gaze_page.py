@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-
-from capture import vlm_model
 from test_vlm_capture import tiny_vlm  # noqa: F401 - the fixture
+
+from capture.vlm import model as vlm_model
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 

@@ -1,4 +1,4 @@
-"""capture.interventions and RunSpec keys: validation, stable keys, JSON round trips, position sets."""
+"""core.interventions and RunSpec keys: validation, stable keys, JSON round trips, position sets."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capture.interventions import (OPS, HeadEdit, Intervention, InterventionError, ablate_heads,
-                                   parse_positions)
-from capture.types import RunSpec
+from core.errors import InterventionError
+from core.interventions import OPS, HeadEdit, Intervention, ablate_heads, parse_positions
+from core.types import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def test_key_is_the_same_in_another_process():
                       preset="duo-streaming")
     spec = RunSpec(model="smollm2", prompt="héllo", max_new_tokens=3, intervention=iv)
     code = (
-        "import json, sys; from capture.interventions import Intervention; from capture.types import RunSpec; "
+        "import json, sys; from core.interventions import Intervention; from core.types import RunSpec; "
         "s = RunSpec.from_json(json.loads(sys.argv[1])); print(s.intervention.key(), s.key('rev'))"
     )
     out = set()
@@ -224,7 +224,7 @@ def test_runspec_key_changes_with_revision_and_capture_version(monkeypatch):
     spec = RunSpec(model="smollm2", prompt="hi")
     assert spec.key("a") != spec.key("b") != spec.key("")
     assert spec.key("a") == RunSpec(model="smollm2", prompt="hi").key("a")
-    from capture import types
+    from core import types
 
     before = spec.key("a")
     monkeypatch.setattr(types, "CAPTURE_VERSION", types.CAPTURE_VERSION + 1)
@@ -232,7 +232,7 @@ def test_runspec_key_changes_with_revision_and_capture_version(monkeypatch):
 
 
 def test_runspec_key_is_a_cache_key():
-    from cache.keys import is_key
+    from core.keys import is_key
 
     assert is_key(RunSpec(model="smollm2", prompt="x").key("r"))
     assert RunSpec(model="smollm2", prompt="é").key() != RunSpec(model="smollm2", prompt="e").key()

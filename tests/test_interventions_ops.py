@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from capture import attention, presets
-from capture.interventions import (HeadEdit, Intervention, InterventionError, ablate_heads, kv_group_edits,
-                                   uniform_ablation)
+from capture.engine import attention
+from capture.text import presets
+from core.errors import InterventionError
+from core.interventions import HeadEdit, Intervention, ablate_heads, kv_group_edits, uniform_ablation
 
 PROMPT = ("The lighthouse on the northern point was built in the last years of the old century, when the "
           "harbour still sent fishing boats out before dawn and brought them back after dark. Its keepers "
@@ -29,14 +30,14 @@ PROMPT = ("The lighthouse on the northern point was built in the last years of t
 def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from capture import registry
+    from capture.engine import handle
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.2, bos_token_id=0, eos_token_id=None, pad_token_id=0)
     model = LlamaForCausalLM(config)
-    return registry.prepare("tiny-llama", model, None)
+    return handle.prepare("tiny-llama", model, None)
 
 
 @pytest.fixture(params=["tiny", "smollm2"])
@@ -349,7 +350,7 @@ def test_the_same_intervention_twice_gives_the_same_tokens(handle):
 def test_generation_with_the_kv_cache_agrees_with_one_full_pass(handle):
     """Decode steps reuse the prefill's sinks: the full (recorded-style) pass, handed the same sink
     scores or recomputing them from the prompt rows, predicts every generated token."""
-    from capture.logprobs import continuation_logprobs
+    from capture.text.logprobs import continuation_logprobs
 
     ids = prompt_ids(handle)
     iv = _mixed(handle)
@@ -367,8 +368,8 @@ def test_generation_with_the_kv_cache_agrees_with_one_full_pass(handle):
 
 
 def test_run_hands_the_generation_sinks_to_the_recorded_pass(smollm2, store):
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
 
     iv = presets.act(smollm2.meta, [(5, 4), (6, 1)])
     capture = run(RunSpec(model="smollm2", prompt=PROMPT, max_new_tokens=4, intervention=iv), store=store)
@@ -435,7 +436,7 @@ def test_act_lowers_the_mass_on_the_hidden_sinks_of_the_chosen_heads(smollm2):
 
 
 def test_every_preset_builds_and_runs(handle):
-    from capture.probes_steering import SteeringDirections
+    from probes.steering import SteeringDirections
 
     meta = handle.meta
     rng = np.random.default_rng(0)
@@ -487,7 +488,7 @@ def test_duo_streaming_masks_whole_kv_groups(handle):
 
 
 def test_steering_directions_and_iti(smollm2):
-    from capture.probes_steering import steering_directions
+    from probes.steering import steering_directions
 
     meta = smollm2.meta
     dirs = steering_directions(smollm2, ["I love this, it is wonderful.", "What a great and happy day."],
@@ -546,13 +547,13 @@ def test_a_direction_of_the_wrong_length_is_refused(handle):
 
 def test_masking_the_top_retrieval_heads_hurts_the_needle_answer_more_than_random_heads(smollm2):
     """Wu et al.'s masking (uniform attention, u = 1) on the top-10 retrieval heads vs 10 random
-    non-retrieval heads (METHODS §1.1), on the needle harness of capture.probes (needle_prompt, the
+    non-retrieval heads (METHODS §1.1), on the needle harness of probes.runner (needle_prompt, the
     copy score of analytics.retrieval).  SmolLM2-135M rarely reaches ROUGE-1 > 0.5 on these needles,
     so no test would count: the copy score is taken on the teacher-forced true answer instead of a
     generated one, and the effect is measured as the teacher-forced log-prob of that answer."""
-    probes = pytest.importorskip("capture.probes")
+    probes = pytest.importorskip("probes.runner")
     from analytics import retrieval
-    from capture.logprobs import continuation_logprobs
+    from capture.text.logprobs import continuation_logprobs
 
     meta, tok = smollm2.meta, smollm2.tokenizer
     needles = probes.load_needles()
@@ -581,7 +582,7 @@ def test_masking_the_top_retrieval_heads_hurts_the_needle_answer_more_than_rando
 
 
 def test_remembered_interventions_are_recalled_by_key_and_nothing_else(tmp_path):
-    from capture.interventions import recall, remember
+    from cache.interventions import recall, remember
 
     iv = Intervention((HeadEdit(2, 1, "logit", -math.inf, keys="0:3"),), preset="custom")
     key = remember(iv, tmp_path)

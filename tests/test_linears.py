@@ -1,4 +1,4 @@
-"""capture.linears: the recorded passes' oneDNN-packed linear layers give torch's numbers to float32
+"""capture.engine.linears: the recorded passes' oneDNN-packed linear layers give torch's numbers to float32
 rounding, leave the model as it was, and step aside where they must (gradients, budget, edits)."""
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from capture import linears
-from capture.run import run
-from capture.types import RunSpec
-
+from capture.api import run
+from capture.engine import linears
+from core.types import RunSpec
 
 
 @pytest.fixture

@@ -19,13 +19,14 @@ from analytics.maps import as_maps
 from analytics.reduced import stored_summary
 from bench.common import prompt_of
 from cache.store import Store
-from capture import longctx, memory
-from capture.adapters import InputError
-from capture.adapters.llm import TextAdapter
-from capture.interventions import HeadEdit, Intervention
-from capture.run import run
-from capture.types import Capture, ModelMeta, RunSpec, max_pool
+from capture.api import run
+from capture.engine import longctx, memory
+from capture.text.adapter import TextAdapter
 from conftest import component_data
+from core.errors import InputError
+from core.interventions import HeadEdit, Intervention
+from core.types import Capture, ModelMeta, RunSpec
+from core.layouts import max_pool
 
 N_PROMPT = 1000
 LAYERS = (0, 9, 29)
@@ -224,7 +225,7 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
     (stored 128-bin overview + a computed window), token view (a computed row)."""
     from streamlit.testing.v1 import AppTest
 
-    import capture.run as capture_run
+    import capture.api as capture_run
 
     APP = str(Path(__file__).resolve().parent.parent / "app.py")
     _, qk = pair
@@ -250,9 +251,9 @@ def test_app_browses_a_qk_capture(pair, view, monkeypatch):
 
 @pytest.mark.parametrize("n, split, softcap, tile", [(700, 650, None, 40), (333, None, 30.0, 128)])
 def test_fused_kernel_equals_torch_ops(n, split, softcap, tile, monkeypatch):
-    """capture/fused.cpp gives the torch ops' output, reductions and thumbnails (ragged row blocks,
+    """capture/engine/fused.cpp gives the torch ops' output, reductions and thumbnails (ragged row blocks,
     bins and tiles; a response split; a softcap), and loading it leaves denormals alone."""
-    from capture import fused
+    from capture.engine import fused
 
     monkeypatch.setattr(fused, "QK_TILE", tile)
     assert fused.load() is not None, f"the fused kernel did not build: {fused.problem()}"

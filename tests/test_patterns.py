@@ -123,7 +123,7 @@ def test_link_fields_are_validated():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    from capture import pattern_model as M
+    from probes import pattern_atlas as M
 
     maps, truth = P.synthetic_set(lengths=(24, 48, 96, 160), per=8, seed=0)
     mapset = P.maps_from_arrays(maps)
@@ -150,7 +150,7 @@ def test_each_synthetic_kind_gets_its_own_pure_clusters(synthetic):
 
 
 def test_same_seed_same_clusters(synthetic):
-    from capture import pattern_model as M
+    from probes import pattern_atlas as M
 
     mapset, _, atlas, model = synthetic
     again, model2 = M.atlas_from_maps(mapset, FAST)
@@ -179,9 +179,9 @@ def test_profiles_dominant_and_shift():
 @pytest.fixture(scope="module")
 def smollm2_atlas():
     """An atlas of two short SmolLM2 prompts in the default cache (trained once, then read from it)."""
-    from capture.pattern_model import build_atlas
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
+    from probes.pattern_atlas import build_atlas
 
     captures = [run(RunSpec(model="smollm2", prompt=p)) for p in PROMPTS]
     return build_atlas(captures, P.AtlasParams()), captures
@@ -201,8 +201,8 @@ def test_smollm2_has_a_sink_cluster_named_so(smollm2_atlas):
 
 
 def test_atlas_is_cached_by_captures_and_params(smollm2_atlas):
-    from capture.pattern_model import build_atlas, recluster
-    from capture.run import default_store
+    from capture.api import default_store
+    from probes.pattern_atlas import build_atlas, recluster
 
     atlas, captures = smollm2_atlas
     t0 = time.perf_counter()
@@ -295,10 +295,10 @@ def test_bad_selection_in_a_link_selects_nothing(smollm2_atlas):
 def test_before_and_after_an_intervention_profiles_move_only_downstream():
     """Two captures of the same prompt, one with layer 14's attention to the first token redistributed away:
     layers before 14 keep their maps (same codes, same clusters); layer 14's sink heads leave the sink cluster."""
-    from capture.interventions import HeadEdit, Intervention
-    from capture.pattern_model import build_atlas
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.interventions import HeadEdit, Intervention
+    from core.types import RunSpec
+    from probes.pattern_atlas import build_atlas
 
     edit = Intervention(edits=tuple(HeadEdit(layer=14, head=h, op="redistribute", value=0.0, keys="0:1")
                                     for h in range(9)))

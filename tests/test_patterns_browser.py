@@ -16,9 +16,9 @@ PROMPTS = ("The quick brown fox jumps over the lazy dog while the cat sleeps in 
 def atlas_key():
     """The SmolLM2 atlas of tests/test_patterns.py (from the default cache when it is there)."""
     from analytics.patterns import AtlasParams
-    from capture.pattern_model import build_atlas
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
+    from probes.pattern_atlas import build_atlas
 
     return build_atlas([run(RunSpec(model="smollm2", prompt=p)) for p in PROMPTS], AtlasParams()).key
 

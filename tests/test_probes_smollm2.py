@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import analytics
-from analytics import METRICS, HiddenStates, retrieval, sinks, stored
+from analytics import METRICS, HiddenStates, retrieval, sinks
 from analytics.summary import forget, head_summary
 from cache.store import Store
-from capture import attention, probes
-from capture.interventions import ablate_heads
-from capture.run import run
-from capture.types import Capture, ModelMeta, Output, RunSpec
+from capture.api import run
+from capture.engine import attention
+from core import probe_results as stored
+from core.interventions import ablate_heads
+from core.types import Capture, ModelMeta, Output, RunSpec
+from probes import runner as probes
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -53,7 +55,7 @@ def test_first_token_is_a_sink_in_most_middle_layer_heads(short_capture):
 
 
 def test_massive_activations_from_the_stored_residual_stream(short_capture, pstore):
-    with pytest.raises(analytics.ProbeMissing, match="python -m capture probe hidden"):
+    with pytest.raises(analytics.ProbeMissing, match="python -m headscope probe hidden"):
         METRICS["massive_sink"].compute(short_capture)
     result = probes.hidden_states(short_capture, pstore)
     hidden = HiddenStates(result)
@@ -108,7 +110,7 @@ def test_ablation_sweep_ranks_heads_that_matter(smollm2, pstore):
 
 
 def test_uniform_and_mean_ablation_batched_match_single_runs(smollm2):
-    from capture.interventions import uniform_ablation
+    from core.interventions import uniform_ablation
 
     ids, scored = probes._ablation_inputs(smollm2.tokenizer, stored.AblationParams(n_tokens=20, score_last=6))
     heads = [(2, 1), (2, 7), (18, 6)]
@@ -219,11 +221,11 @@ def test_cli_probe_commands(tmp_path, capsys):
     models = ROOT / "cache_data" / "models"
     if models.exists():
         (tmp_path / "models").symlink_to(models)  # reuse the converted SmolLM2
-    done = subprocess.run([sys.executable, "-m", "capture", "probe", "patterns", "--model", "smollm2", "--period", "16",
+    done = subprocess.run([sys.executable, "-m", "headscope", "probe", "patterns", "--model", "smollm2", "--period", "16",
                            "--repeats", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "probe patterns on smollm2: key" in done.stdout and "induction" in done.stdout
-    from capture.__main__ import main  # bad input fails before any model or cache is touched
+    from headscope.cli import main  # bad input fails before any model or cache is touched
 
     assert main(["probe", "ablation", "--mode", "sideways"]) == 2
     assert "zero, mean or uniform" in capsys.readouterr().err

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, GemmaConfig, GPT2Config, LlamaConfig,
-                          Qwen2Config)
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
 
-from capture import attention, registry
-from capture.interventions import HeadEdit, Intervention
-from capture.registry import ModelUnavailable
-from capture.run import run
-from capture.types import RunSpec
+from capture import registry
+from capture.api import run
+from capture.engine import attention
+from core.errors import ModelUnavailable
+from core.interventions import HeadEdit, Intervention
+from core.types import RunSpec
 
 PROMPT = "The quick brown fox jumps over the lazy dog, again and again."
 ATOL = 2e-3  # maps are stored as float16

@@ -17,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache.store import ArrayDisk, CacheError, Store
-from capture.run import cached, run
-from capture.types import RunSpec
+from cache.store import ArrayDisk, Store
+from capture.api import cached, run
 from conftest import cache_with_models
+from core.errors import CacheError
+from core.types import RunSpec
 from state import PAGES, SCALES, VIEWS, ViewState, allowed_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_disk_full_midway_leaves_nothing_that_looks_complete(smollm2, store, mon
 
 
 def test_unwritable_cache_directory_falls_back_to_a_temporary_store(monkeypatch, tmp_path):
-    import capture.run as run_module
+    import capture.api as run_module
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -158,8 +159,8 @@ def test_unwritable_cache_directory_falls_back_to_a_temporary_store(monkeypatch,
 
 WORKER = """
 import sys
-from capture.run import run
-from capture.types import RunSpec
+from capture.api import run
+from core.types import RunSpec
 run(RunSpec(model="smollm2", prompt=sys.argv[1]))
 """
 
@@ -211,7 +212,7 @@ def test_eight_browser_sessions_and_two_cli_processes_at_once(smollm2, tmp_path)
             page = b.new_context(viewport={"width": 1280, "height": 800}).new_page()
             page.goto(f"{url}/?page=explorer&view=head&layer={i}&prompt={quote(prompt)}")
             pages.append(page)
-        clis = [subprocess.Popen([sys.executable, "-m", "capture", "run", "--model", "smollm2", "--prompt", p],
+        clis = [subprocess.Popen([sys.executable, "-m", "headscope", "run", "--model", "smollm2", "--prompt", p],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 for p in prompts[:2]]
         for i, page in enumerate(pages):

@@ -1,10 +1,10 @@
-"""training.scenes: determinism, ground truth against pixels, captions that parse back, VQA pairs."""
+"""core.scenes: determinism, ground truth against pixels, captions that parse back, VQA pairs."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training import scenes
+from core import scenes
 
 CONFIGS = {"dit": scenes.DIT, "vlm": scenes.VLM}
 

@@ -98,7 +98,7 @@ def test_high_norm_tokens():
 
 
 def test_token_layout():
-    from capture.adapters.vit import token_layout
+    from capture.vision.adapter import token_layout
 
     tokens, spans = token_layout("dinov2_with_registers", 1 + 4 + 6, (2, 3))
     assert tokens[:6] == ["CLS", "reg0", "reg1", "reg2", "reg3", "patch(0,0)"] and tokens[-1] == "patch(1,2)"
@@ -145,7 +145,7 @@ def _png(size=(20, 10), mode="RGB", fmt="PNG") -> bytes:
 
 def test_uploads(tmp_path, monkeypatch):
     from capture import images
-    from capture.adapters import InputError
+    from core.errors import InputError
 
     monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path))
     ref = images.store_upload(_png())

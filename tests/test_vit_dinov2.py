@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from analytics import METRICS, vision
-from analytics.stored import ProbeMissing
-from capture import images, probes_vision
-from capture.adapters.vit import VisionAdapter
-from capture.run import run
-from capture.types import RunSpec
+from capture import images
+from capture.api import run
+from capture.vision.adapter import VisionAdapter
+from core.errors import ProbeMissing
+from core.types import RunSpec
+from probes import vision as probes_vision
 
 
 @pytest.fixture(scope="module")

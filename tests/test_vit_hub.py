@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from capture import images, registry
-from capture.run import run
-from capture.types import RunSpec
+from capture import embedded, images, registry
+from capture.api import run
+from core.types import RunSpec
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
             patch_size=8, num_channels=3)
@@ -112,7 +112,7 @@ def test_full_clip_loads_its_image_tower(folders):
 
 
 @pytest.mark.parametrize("prep", [
-    VIT_PREP, CLIP_PREP, registry.DINOV2_PREPROCESSOR,
+    VIT_PREP, CLIP_PREP, embedded.DINOV2_PREPROCESSOR,
     dict(CLIP_PREP, size={"shortest_edge": 40}, crop_size={"height": 48, "width": 48}),  # crop larger: padded
 ])
 def test_preprocessing_equals_transformers_image_processor(prep, tmp_path):

@@ -23,7 +23,7 @@ TOL = 1e-4  # fp32 vs onnxruntime (the graph multiplies q and k by sqrt(scale) e
 
 @pytest.fixture(scope="module")
 def dinov2():
-    from capture import registry
+    from capture import embedded, registry
 
     return registry.load("dinov2-s")
 
@@ -31,9 +31,9 @@ def dinov2():
 @pytest.fixture(scope="module")
 def reference(dinov2):
     """onnxruntime's hidden states and attention for the cat photo, with the graph outputs added."""
-    from capture import images, registry
+    from capture import embedded, images, registry
 
-    model = onnx.load(str(registry.dinov2_onnx_path()))
+    model = onnx.load(str(embedded.dinov2_onnx_path()))
     nodes = list(model.graph.node)
     entering = {}
     for node in nodes:
@@ -62,10 +62,10 @@ def reference(dinov2):
 
 
 def test_rebuild_places_every_initializer_by_the_graph():
-    from capture import registry
-    from capture.onnx_dinov2 import rebuild
+    from capture import embedded, registry
+    from capture.vision.onnx_dinov2 import rebuild
 
-    path = registry.dinov2_onnx_path()
+    path = embedded.dinov2_onnx_path()
     rebuilt = rebuild(path)
     c = rebuilt.config
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["patch_size"]) == (384, 12, 6, 14)
@@ -103,8 +103,8 @@ def test_rebuild_matches_onnxruntime(dinov2, reference, artifacts):
 
 
 def test_captured_maps_match_onnxruntime(dinov2, reference, store, artifacts):
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from core.types import RunSpec
 
     capture = run(RunSpec(model="dinov2-s", image="cat"), store=store)
     worst = max(float(np.abs(capture.attention(l).astype(np.float32) - reference["attn"][l][0]).max())

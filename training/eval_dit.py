@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from training import scenes  # noqa: E402
+from core import scenes  # noqa: E402
 
 BAR = 0.80  # the issue's bar: colour and position right in >= 80% of held-out samples
 
@@ -80,7 +80,7 @@ def score(images: np.ndarray, captions: list[str]) -> dict:
 
 
 def evaluate(pipe, n: int = 200, steps: int | None = None, guidance: float | None = None, seed: int = 12345) -> dict:
-    from capture import dit_model
+    from capture.dit import model as dit_model
 
     captions = held_out_captions(n, seed)
     seeds = list(range(n))
@@ -98,7 +98,7 @@ def evaluate(pipe, n: int = 200, steps: int | None = None, guidance: float | Non
 
 def choose_guidance(pipe, candidates=(1.0, 2.0, 3.0, 4.5, 6.0), n: int = 100, steps: int | None = None) -> tuple[float, dict]:
     """The CFG scale with the best colour + position accuracy on training captions."""
-    from capture import dit_model
+    from capture.dit import model as dit_model
 
     captions = train_captions(n)
     seeds = [10_000 + i for i in range(n)]
@@ -156,7 +156,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from capture import dit_model
+    from capture import registry
+    from capture.dit import model as dit_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=dit_model.MODEL_DIR)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = dit_model.load(args.model)
+    pipe = dit_model.load(registry.load("minilm"), args.model)
     settings_path = Path(args.model) / "headscope.json"
     settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
     if args.choose_guidance:

@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from capture import vlm_model  # noqa: E402
-from training import scenes  # noqa: E402
+from capture.vlm import model as vlm_model  # noqa: E402
+from core import scenes  # noqa: E402
 from training import shapes_vlm as sv  # noqa: E402
 
 BAR = 0.80  # the bar: >= 80% exact answers overall on 300 held-out scenes

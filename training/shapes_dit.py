@@ -1,4 +1,4 @@
-"""Train the embedded `shapes-dit` (capture/dit_model.py) on procedurally drawn scenes, on the CPU.
+"""Train the embedded `shapes-dit` (capture/dit/model.py) on procedurally drawn scenes, on the CPU.
 
     nice -n 19 .venv/bin/python training/shapes_dit.py            # the shipped model (seed 0, both stages)
     nice -n 19 .venv/bin/python training/shapes_dit.py --steps 200 --out /tmp/dit   # a quick one-stage try
@@ -8,7 +8,7 @@ two-object scenes); (2) 1500 steps from stage 1's EMA weights at lr 3e-4 with 70
 which is where attribute binding ("the red one at the left, the green one at the top") is learnt.
 Stage 1's weights are kept in ./cache_data/training/; `--stage1 FOLDER` reuses a stage-1 folder.
 
-Data: `training.scenes` with the DIT config (32 x 32, one or two shapes, distinct colours and cells),
+Data: `core.scenes` with the DIT config (32 x 32, one or two shapes, distinct colours and cells),
 a fresh scene every sample, captions from the training part of the caption space only
 (`scenes.held_out` keeps ~10% of captions for evaluation).  Text: MiniLM states of every caption of
 the space, computed once (about two CPU minutes) and kept in ./cache_data/ for reruns.
@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from capture import dit_model  # noqa: E402
-from training import scenes  # noqa: E402
+from capture.dit import model as dit_model  # noqa: E402
+from core import scenes  # noqa: E402
 
 
 def caption_space(config: scenes.SceneConfig = scenes.DIT) -> list[str]:

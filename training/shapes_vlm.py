@@ -1,4 +1,4 @@
-"""Train the embedded `shapes-vlm` (capture/vlm_model.py): the LLaVA projector (+ LoRA on SmolLM2's attention).
+"""Train the embedded `shapes-vlm` (capture/vlm/model.py): the LLaVA projector (+ LoRA on SmolLM2's attention).
 
     nice -n 19 .venv/bin/python -m training.shapes_vlm                 # the shipped recipe (seed 0), ~1 h on 2 cores
     .venv/bin/python -m training.shapes_vlm --device cuda --eval-every 150   # the same on a GPU (~4 min)
@@ -17,7 +17,7 @@ What is trained: LLaVA's two-layer projector (384 -> 576 -> 576, 0.55 M paramete
 DINOv2-small and SmolLM2 stay frozen.  Saved: `trained.safetensors` (fp16, the LoRA scale folded into
 B) and `headscope.json` (settings, training record) in assets/models/shapes-vlm/.
 
-Data: `training.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct colours and cells),
+Data: `core.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct colours and cells),
 captions from the training part of the caption space only (`scenes.held_out` keeps ~10% out), and
 their VQA pairs (`scenes.questions`: colour, shape, position, counts, presence incl. absent objects):
 per scene and step up to 12 questions spread over the question types, plus the caption as the answer
@@ -61,8 +61,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from capture import vlm_model  # noqa: E402
-from training import scenes  # noqa: E402
+from capture.vlm import model as vlm_model  # noqa: E402
+from core import scenes  # noqa: E402
 
 TRAIN_SEED_BASE = 1_000_000  # training scenes are make_scene(TRAIN_SEED_BASE + i); evaluation uses other seeds
 KINDS = ("colour", "shape", "position", "count", "count_colour", "count_shape", "presence", "absent")

@@ -1,0 +1,262 @@
+"""The embedded text-to-image DiT `shapes-dit`: its architecture, text conditioning and sampler.
+
+Architecture: diffusers' `SD3Transformer2DModel` (MM-DiT, joint attention), in pixel space (no VAE):
+32 x 32 RGB images in [-1, 1], 4 x 4 patches (an 8 x 8 grid of 64 image tokens), hidden 128, 4 blocks of
+4 heads (head_dim 32, RMS q/k norm).  Each joint-attention map covers [64 image tokens + 17 text tokens]
+on both axes, so one map per layer holds image self-attention (what PAG / SoftPAG perturb), image ->
+text cross-attention (word heatmaps, DAAM) and the text tokens' received attention (RefAM sinks).
+
+Text conditioning: the embedded `minilm` encoder (all-MiniLM-L6-v2).  A prompt is tokenised and padded
+to TEXT_LEN WordPiece tokens ([CLS] ... [SEP] [PAD]...); the DiT reads MiniLM's last hidden states of
+all TEXT_LEN positions (the padding positions' states too: MiniLM masks them as keys, the DiT sees
+them, as SD3 sees T5's padding) and the masked mean of the real tokens as the pooled embedding.
+
+Training (training/shapes_dit.py): rectified flow (flow matching), x_t = (1 - s) x0 + s e, the model
+predicts v = e - x0 at timestep 1000 s; captions dropped 10% of the time for classifier-free guidance.
+Sampling: `FlowMatchEulerDiscreteScheduler`, CFG, and optionally a PAG / SoftPAG perturbed branch.
+
+Weights live in assets/models/shapes-dit/ (diffusers `save_pretrained`, fp16), with `headscope.json`
+(text length, guidance default, training record).  The text encoder is never run inside a HeadScope
+session (its attention goes through `capture.engine.attention` too): prompts are encoded first, in an empty
+context, and then the DiT samples inside the session.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "assets" / "models" / "shapes-dit"
+TEXT_LEN = 17  # [CLS] + 15 words of a two-object caption + [SEP]
+IMAGE_SIZE = 32
+TRANSFORMER_CONFIG = dict(
+    sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, out_channels=3, num_layers=4,
+    attention_head_dim=32, num_attention_heads=4, joint_attention_dim=384, caption_projection_dim=128,
+    pooled_projection_dim=384, pos_embed_max_size=IMAGE_SIZE // 4, qk_norm="rms_norm",
+)
+DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale (headscope.json may override)
+DEFAULT_STEPS = 20
+
+
+def build_transformer(seed: int = 0):
+    """A freshly initialised shapes-dit transformer (deterministic in `seed`)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+
+
+class TextEncoder:
+    """MiniLM token states and pooled embeddings of prompts, cached per prompt."""
+
+    def __init__(self, handle, text_len: int = TEXT_LEN):
+        self.model = handle.model
+        self.tokenizer = handle.tokenizer
+        self.text_len = text_len
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def token_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.text_len, truncation=True)["input_ids"]
+        return list(ids)
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The TEXT_LEN token labels the DiT sees ("[CLS]", "a", "red", ..., "[SEP]", "[PAD]" ...)."""
+        return self.tokenizer.convert_ids_to_tokens(self.token_ids(prompt))
+
+    def n_real(self, prompt: str) -> int:
+        """Tokens before the padding ([CLS] .. [SEP])."""
+        enc = self.tokenizer(prompt, padding="max_length", max_length=self.text_len, truncation=True)
+        return int(sum(enc["attention_mask"]))
+
+    def encode(self, prompts: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states  # [B, TEXT_LEN, 384], pooled  # [B, 384]) float32."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        for start in range(0, len(missing), batch):
+            chunk = missing[start:start + batch]
+            # an empty context: no HeadScope session (DiT edits, recorders) can reach MiniLM's attention
+            states, pooled = contextvars.Context().run(self._run, chunk)
+            with self._lock:
+                for i, p in enumerate(chunk):
+                    self._cache[p] = (states[i], pooled[i])
+        states = torch.stack([self._cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cache[p][1] for p in prompts])
+        return states, pooled
+
+    def _run(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
+                             return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, L, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return hidden.float().clone(), pooled.float().clone()
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """x  # [B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def from_pixels(images: np.ndarray) -> torch.Tensor:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def initial_noise(seeds: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
+    """[B, 3, size, size] standard normal noise, one generator per seed (a sample depends on its seed only)."""
+    return torch.cat([torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@dataclass
+class Guidance:
+    """How the branches of one sampling step combine (v = velocity prediction of each branch):
+    v = v_u + cfg (v_c - v_u) + pag (v_c - v_p); cfg = 1 drops the unconditional branch, pag = 0 the
+    perturbed one (whose edits are `perturbation`, applied to that branch's rows only)."""
+
+    cfg: float = DEFAULT_GUIDANCE
+    pag: float = 0.0
+    perturbation: object = None  # core.interventions.Intervention for the perturbed branch
+
+
+@dataclass
+class StepInfo:
+    """What the sampler tells `on_step` before each transformer call."""
+
+    index: int  # 0 .. steps-1
+    timestep: float  # the scheduler's timestep (1000 * sigma)
+    sigma: float
+
+
+@dataclass
+class ShapesDit:
+    """The loaded shapes-dit: transformer + MiniLM + scheduler settings."""
+
+    transformer: torch.nn.Module
+    text: TextEncoder
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def guidance(self) -> float:
+        return float(self.settings.get("guidance", DEFAULT_GUIDANCE))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.settings.get("image_size", IMAGE_SIZE))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.image_size // int(self.transformer.config.patch_size)
+        return n, n
+
+    def scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(self.settings.get("shift", 1.0)))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.transformer(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled,
+                                timestep=t, return_dict=False)[0]
+
+    def sample(self, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEPS,
+               guidance: Guidance | None = None, intervention=None, on_step: Callable[[StepInfo], None] | None = None,
+               spans: dict[str, range] | None = None) -> np.ndarray:
+        """images  # [B, H, W, 3] uint8 for B prompts and seeds.
+
+        Batch rows per step: the B conditional rows first (the recorded ones: row 0 is prompt 0's
+        conditional branch), then B unconditional rows (cfg > 1), then B perturbed rows (pag > 0).
+        `intervention` (an Intervention) applies to every row; the perturbed rows get
+        `guidance.perturbation` on top.  `on_step(StepInfo)` runs before each transformer call.
+        """
+        from capture.engine import attention
+        from core.interventions import Intervention
+
+        guidance = guidance or Guidance(cfg=self.guidance)
+        intervention = intervention or Intervention()
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        b = len(prompts)
+        use_cfg = guidance.cfg != 1.0
+        use_pag = guidance.pag != 0.0 and guidance.perturbation is not None and not guidance.perturbation.empty
+        states, pooled = self.text.encode(list(prompts) + ([""] if use_cfg else []))
+        cond_s, cond_p = states[:b], pooled[:b]
+        parts_s, parts_p = [cond_s], [cond_p]
+        if use_cfg:
+            parts_s.append(states[b:].expand(b, -1, -1))
+            parts_p.append(pooled[b:].expand(b, -1))
+        if use_pag:
+            parts_s.append(cond_s)
+            parts_p.append(cond_p)
+        all_s, all_p = torch.cat(parts_s), torch.cat(parts_p)
+        n_branches = len(parts_s)
+        rows = None
+        if use_pag:
+            empty = Intervention()
+            rows = [empty] * (b * (n_branches - 1)) + [guidance.perturbation] * b
+        scheduler = self.scheduler()
+        scheduler.set_timesteps(steps)
+        x = initial_noise(seeds, self.image_size)
+        if spans is None:
+            n_img = self.grid[0] * self.grid[1]
+            spans = {"image": range(0, n_img), "text": range(n_img, n_img + self.text.text_len)}
+        with attention.session(intervention, spans=spans, row_interventions=rows), torch.inference_mode():
+            for i, t in enumerate(scheduler.timesteps):
+                if on_step is not None:
+                    on_step(StepInfo(i, float(t), float(scheduler.sigmas[i])))
+                v = self.velocity(torch.cat([x] * n_branches), t.expand(b * n_branches), all_s, all_p)
+                v_c = v[:b]
+                out = v_c
+                k = 1
+                if use_cfg:
+                    v_u = v[b * k:b * (k + 1)]
+                    k += 1
+                    out = v_u + guidance.cfg * (v_c - v_u)
+                if use_pag:
+                    v_p = v[b * k:b * (k + 1)]
+                    out = out + guidance.pag * (v_c - v_p)
+                x = scheduler.step(out, t, x, return_dict=False)[0]
+        return to_pixels(x)
+
+
+_loaded: dict[str, ShapesDit] = {}
+_load_lock = threading.Lock()
+
+
+def read_settings(folder: Path = MODEL_DIR) -> dict:
+    path = Path(folder) / "headscope.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load(minilm, folder: Path | str = MODEL_DIR) -> ShapesDit:
+    """The shapes-dit in `folder` (once per process) with `minilm` (the loaded MiniLM handle) as its text
+    encoder, and HeadScope's attention processors installed."""
+    from diffusers import SD3Transformer2DModel
+
+    from capture.dit import attention as dit_attention
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    with _load_lock:
+        if key in _loaded:
+            return _loaded[key]
+        if not (folder / "config.json").exists():
+            from core.errors import ModelUnavailable
+
+            raise ModelUnavailable(f"There is no trained shapes-dit in {folder}; run `python training/shapes_dit.py`.")
+        transformer = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+        transformer.eval()
+        dit_attention.install(transformer)
+        settings = read_settings(folder)
+        model = ShapesDit(transformer, TextEncoder(minilm, int(settings.get("text_len", TEXT_LEN))), settings)
+        _loaded[key] = model
+        return model

@@ -1,0 +1,312 @@
+"""Vision-language models of the LLaVA family: a picture and a question, a greedy answer, and the
+language model's attention over text and image tokens.
+
+A capture is made in two steps, as for text (capture/text/adapter.py):
+1. the answer: greedy generation on the fast path (SDPA, KV cache, the spec's intervention active),
+   exactly what `capture.vlm.model.answer` writes, with the top-k log-probabilities of every step;
+2. one recorded forward of the whole model over prompt + answer (the picture goes through the vision
+   tower and the projector again; only the language model's attention layers are HeadScope's layers,
+   `registry.prepare(..., layers_of=language_model)`, so layer l of the capture is LM layer l and the
+   vision tower runs plain SDPA).  Row i of a causal map depends only on tokens 0..i, so these rows
+   are the rows each generation step computed.
+
+Inputs: `RunSpec.image` names the picture (a sample photo, "sha256:<hex>" of an upload, or a
+procedural scene "scene-<seed>": capture.images), `RunSpec.prompt` is the question, asked in the
+model's chat template (capture.vlm.model.VlmProcessor.prompt); `max_new_tokens` 0 runs the prompt only.
+
+Tokens: the text tokens as readable labels, "patch(r,c)" for the image tokens (row-major over
+`processor.grid`; a checkpoint with "full" feature selection keeps the vision CLS token first: "img:CLS",
+span "image_cls").  Spans: "image" (the patch tokens), "question" (the question's own tokens inside
+the chat template), "prompt" (every input token), "answer" and "response" (the generated tokens, both
+names: the text pages read "response").  The picture as the model saw it is stored with the capture
+("image", read back by `Capture.image()`), so overlays need neither the upload nor the model; so is
+the residual stream entering each LM layer ("hidden"  # [layer, token, dim] float16, for VAR's
+massive activations, analytics.vlm), a few MB, and the vision tower's own maps
+("vision_attention", [layer, head, token, token] float16: `VlmAdapter.vision_maps`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+import capture.images as images
+from capture.engine import attention
+from capture.engine.handle import ModelHandle
+from capture.engine.writer import LayerWriter
+from capture.text.adapter import TOP_K, StepProgress, labels, step_logprobs, stored_bytes
+from capture.vlm.model import greedy_settings
+from core.errors import InputError
+from core.progress import Progress, no_progress
+from core.types import Capture, Output, RunSpec
+
+HIDDEN = "hidden"  # cache entry: the residual stream of the recorded pass, [layer, token, dim] float16
+VISION = "vision_attention"  # cache entry: the vision tower's maps, [layer, head, token, token] float16
+
+
+def question_span(processor, prompt_text: str, question: str, ids: list[int], after: int) -> range:
+    """The token positions of `question` in the chat-formatted prompt (the first occurrence after
+    token `after`, the end of the image), from the tokenizer's character offsets."""
+    question = question.strip()
+    encoded = processor.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    if list(encoded["input_ids"]) != list(ids):
+        raise InputError("The question could not be located in the tokenized prompt.")
+    start_char = prompt_text.find(question, offsets[after - 1][1] if after else 0)
+    if start_char < 0:
+        raise InputError("The question could not be located in the chat-formatted prompt.")
+    end_char = start_char + len(question)
+    inside = [i for i, (a, b) in enumerate(offsets) if b > start_char and a < end_char and b > a]
+    return range(inside[0], inside[-1] + 1) if inside else range(after, after)
+
+
+def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> dict[str, range]:
+    """The prompt's spans plus "response" and "answer": the positions an n-token prompt's answer will take."""
+    return {**spans, "response": range(n, n + max_new_tokens), "answer": range(n, n + max_new_tokens)}
+
+
+@dataclass
+class RecordedPrefix:
+    """The first `length` prompt tokens (system prompt and picture) run once with nothing edited, and
+    (unless asked not to) recorded: what every question about the same picture continues from
+    (`VlmAdapter.record_from`, probes.vlm_accuracy.answer_ids)."""
+    length: int
+    ids: list[int]  # its token ids
+    cache: object  # transformers DynamicCache: [1, kv_head, length, head_dim] per layer
+    maps: dict[int, np.ndarray]  # layer -> [head, length (length + 1) / 2] float16 (tril); {} unrecorded
+    residual: torch.Tensor | None  # [layer, length, dim] float16: x^l entering each LM layer; None unrecorded
+
+
+class VlmAdapter:
+    """LLaVA-family models (`LlavaForConditionalGeneration`) with a `capture.vlm.model.VlmProcessor`."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self.processor = handle.tokenizer  # capture.vlm.model.VlmProcessor
+        self.tokenizer = self.processor.tokenizer
+        self.sink_scores: dict = {}
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode(self, spec: RunSpec):
+        """(VlmInputs, spans of the prompt) for the spec's picture and question."""
+        if not spec.prompt.strip():
+            raise InputError("The question is empty; type a question about the picture.")
+        picture = images.load_image(spec.image)
+        inputs = self.processor.encode(picture, spec.prompt)
+        ids = [int(i) for i in inputs.input_ids[0]]
+        image = inputs.image_positions
+        spans = {"prompt": range(len(ids)), "image": image,
+                 "question": question_span(self.processor, inputs.prompt, spec.prompt, ids, image.stop)}
+        rows, cols = self.processor.grid
+        if len(image) == rows * cols + 1:  # "full" feature selection: the vision tower's CLS token comes first
+            spans["image_cls"] = range(image.start, image.start + 1)
+            spans["image"] = range(image.start + 1, image.stop)
+        return inputs, spans
+
+    def labels(self, ids: list[int], spans: dict[str, range]) -> list[str]:
+        """Readable token labels; "patch(r,c)" for the image tokens ("img:CLS" for a kept CLS token)."""
+        out = labels(self.tokenizer, ids)
+        for k, position in enumerate(spans["image"]):
+            row, col = self.processor.patch_of(k)
+            out[position] = f"patch({row},{col})"
+        for position in spans.get("image_cls", ()):
+            out[position] = "img:CLS"
+        return out
+
+    # ---- generation (fast path) ---------------------------------------------------------------
+    def generate(self, spec: RunSpec, inputs, spans: dict[str, range], progress: Progress, share: float):
+        """Greedy answer with the spec's intervention active: (new ids, per-step top-k), with the
+        settings of capture.vlm.model.answers (so the text is the same)."""
+        tok = self.tokenizer
+        n = inputs.input_ids.shape[1]
+        with attention.session(spec.intervention, spans=generation_spans(spans, n, spec.max_new_tokens)) as active:
+            with torch.inference_mode():
+                result = self.handle.model.generate(
+                    **inputs.model_inputs(), **greedy_settings(tok, spec.max_new_tokens),
+                    return_dict_in_generate=True, output_logits=True,
+                    stopping_criteria=[StepProgress(progress, spec.max_new_tokens, share)])
+        self.sink_scores = dict(active.sink_scores)  # the recorded pass edits the very same sinks
+        new_ids = [int(i) for i in result.sequences[0, n:]]
+        return new_ids, step_logprobs(tok, new_ids, result.logits)
+
+    # ---- the recorded pass --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _residual(self, into: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Keep the residual stream entering each LM decoder layer, x^l  # [token, dim] float16, for
+        VAR's massive activations (METHODS §2.2): ~4 MB for shapes-vlm, so it rides with the capture."""
+        from capture.engine.hooks import hidden_arg, removing
+
+        blocks = self.handle.decoder_layers() or []
+
+        def hook(index: int):
+            def pre(_module, args, kwargs):
+                into[index] = hidden_arg(args, kwargs)[0].detach().to(torch.float16)
+            return pre
+
+        with removing([b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]):
+            yield
+
+    def vision_maps(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """maps  # [layer, head, token, token] float16: the vision tower's own attention over the picture
+        (its CLS token first, then the patches row-major), from transformers' eager `output_attentions`
+        in one extra pass of the tower alone (DINOv2-S at 112 px: 12 x 6 maps of 65 x 65, ~10 ms).
+        Interventions act on the language model only, so these maps are the same with or without one."""
+        tower = self.handle.model.model.vision_tower
+        previous = tower.config._attn_implementation
+        tower.set_attn_implementation("eager")
+        try:
+            with torch.inference_mode():
+                maps = tower(pixel_values, output_attentions=True).attentions  # per layer [1, head, token, token]
+        finally:
+            tower.set_attn_implementation(previous)
+        return torch.stack([m[0] for m in maps]).to(torch.float16).numpy()
+
+    def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:
+        meta = self.handle.meta
+        t0 = time.perf_counter()
+        inputs, spans = self.encode(spec)
+        need = stored_bytes(meta.n_layers, meta.n_heads, inputs.input_ids.shape[1] + spec.max_new_tokens, causal=True)
+        if need > store.size_limit:
+            raise InputError(f"Capturing this run needs {need / 2**30:.1f} GB of cache but the cache holds "
+                             f"{store.size_limit / 2**30:.1f} GB; raise HEADSCOPE_CACHE_GB or shorten the question.")
+        gen_share = 0.5 if spec.max_new_tokens else 0.0
+        self.sink_scores = {}
+        new_ids, steps = [], []
+        if spec.max_new_tokens:
+            new_ids, steps = self.generate(spec, inputs, spans, progress, gen_share)
+        t_gen = time.perf_counter()
+        capture = self.record(spec, key, store, inputs, spans, new_ids, steps, progress, gen_share)
+        capture.timings["generate_s"] = t_gen - t0
+        return capture
+
+    def record_prefix(self, inputs, length: int, record: bool = True) -> RecordedPrefix:
+        """Run the first `length` tokens of `inputs` (picture included) once, unedited; with `record`,
+        record their maps and residual stream too (the answers alone need only the cache)."""
+        meta = self.handle.meta
+        maps: dict[int, np.ndarray] = {}
+        residual: dict[int, torch.Tensor] = {}
+        small = attention.small_pass(meta.n_layers, meta.n_heads, length)
+        recorder = attention.Recorder(meta.n_heads, "tril", lambda layer, m, _overview: maps.__setitem__(layer, m),
+                                      defer=small) if record else None
+        input_ids = inputs.input_ids[:, :length]
+        with self._residual(residual) if record else contextlib.nullcontext(), \
+                attention.session(recorder=recorder, spans={"prompt": range(length)}), torch.inference_mode():
+            out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
+                                    attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
+        if recorder is not None:
+            recorder.finish()
+        stacked = torch.stack([residual[l] for l in range(meta.n_layers)]) if len(residual) == meta.n_layers else None
+        return RecordedPrefix(length, [int(i) for i in input_ids[0]], out.cache, maps, stacked)
+
+    def record(self, spec: RunSpec, key: str, store, inputs, spans: dict[str, range], new_ids: list[int],
+               steps=(), progress: Progress = no_progress, share: float = 0.0, vision: bool = True) -> Capture:
+        """The recorded pass over prompt + `new_ids` (the answer `generate` wrote, with the same
+        intervention), stored under `key`: the LM's maps, its residual stream and (`vision`) the vision
+        tower's maps."""
+        meta = self.handle.meta
+        t_gen = time.perf_counter()
+        ids, spans = self._answered(store, key, inputs, spans, new_ids)
+        session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
+        input_ids = torch.tensor([ids])
+        residual: dict[int, torch.Tensor] = {}
+        small = attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
+        with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer, \
+                self._residual(residual):
+            recorder = attention.Recorder(meta.n_heads, "tril", writer.submit, defer=small)
+            with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
+                                   sink_scores=self.sink_scores):
+                with torch.inference_mode():
+                    out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
+                                            attention_mask=torch.ones_like(input_ids), use_cache=False,
+                                            logits_to_keep=1)
+            recorder.finish()
+        if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
+            store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
+        if vision:
+            store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
+        return self._capture(spec, key, store, ids, spans, new_ids, steps, out.logits[0, -1], t_gen)
+
+    def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
+        """The recorded passes of several answered questions about one picture, with no intervention,
+        continued from the picture's `prefix` (`record_prefix`) in one forward: items are (spec, key,
+        inputs, spans, new_ids) as for `record(..., vision=False)`, and each capture equals that pass's.
+
+        Each question's tokens after the prefix and its answer are one branch of the sequence: a 4-D
+        mask lets a branch see the prefix and itself only, its positions continue from the prefix, and
+        attention.BranchRecorder hands its rows, with its keys only, to its own Recorder seeded with
+        the prefix's maps.  One pass for all of a picture's questions reads the weights once
+        (probes.vlm_accuracy's recorded passes: weight reads, not arithmetic, bound them on a CPU)."""
+        meta = self.handle.meta
+        t_gen = time.perf_counter()
+        p = prefix.length
+        answered = [self._answered(store, key, inputs, spans, new_ids) for _spec, key, inputs, spans, new_ids in items]
+        for (spec, *_rest), (ids, _spans) in zip(items, answered):
+            if not spec.intervention.empty or ids[:p] != prefix.ids:
+                raise ValueError("record_from continues plain passes whose prompt starts with the recorded prefix.")
+        tails = [ids[p:] for ids, _ in answered]  # each branch: the question's tokens after the prefix + answer
+        lengths = [len(t) for t in tails]
+        total = sum(lengths)
+        mask = torch.zeros(1, 1, total, p + total, dtype=torch.bool)  # [1, 1, query, key]: True may attend
+        mask[..., :p] = True
+        positions, ends, row = [], [], 0
+        for m in lengths:
+            mask[0, 0, row:row + m, p + row:p + row + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            positions += range(p, p + m)
+            row += m
+            ends.append(row - 1)
+        residual: dict[int, torch.Tensor] = {}
+        small = attention.small_pass(meta.n_layers, meta.n_heads, p + max(lengths))
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(LayerWriter(store, key, meta.n_layers, no_progress, 0.0, defer=small))
+                       for _spec, key, *_rest in items]
+            stack.enter_context(self._residual(residual))
+            recorder = attention.BranchRecorder(
+                [attention.Recorder(meta.n_heads, "tril", w.submit, defer=small, prefix=prefix.maps) for w in writers],
+                p, lengths)
+            try:
+                with attention.session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
+                    out = self.handle.model(input_ids=torch.tensor([[t for tail in tails for t in tail]]),
+                                            cache=prefix.cache, attention_mask=mask,
+                                            position_ids=torch.tensor([positions]), use_cache=True,
+                                            logits_to_keep=torch.tensor(ends))
+            finally:
+                if prefix.cache.get_seq_length() > p:  # back to the prefix alone (a negative count: tokens to drop)
+                    prefix.cache.crop(p - prefix.cache.get_seq_length())
+            recorder.finish()
+        captures, row = [], 0
+        for b, ((spec, key, _inputs, _spans, new_ids), (ids, spans)) in enumerate(zip(items, answered)):
+            if len(residual) == meta.n_layers and prefix.residual is not None:
+                store.put_array(key, HIDDEN, torch.stack([torch.cat([prefix.residual[l], residual[l][row:row + lengths[b]]])
+                                                          for l in range(meta.n_layers)]).numpy())
+            captures.append(self._capture(spec, key, store, ids, spans, new_ids, (), out.logits[0, b], t_gen))
+            row += lengths[b]
+        return captures
+
+    def _answered(self, store, key: str, inputs, spans: dict[str, range], new_ids: list[int]):
+        """(prompt + answer ids, spans with "answer"/"response"); stores the picture under `key`."""
+        store.put_array(key, "image", inputs.shown)
+        prompt_ids = [int(i) for i in inputs.input_ids[0]]
+        ids = prompt_ids + list(new_ids)
+        spans = dict(spans)
+        if new_ids:
+            spans["answer"] = spans["response"] = range(len(prompt_ids), len(ids))
+        return ids, spans
+
+    def _capture(self, spec: RunSpec, key: str, store, ids: list[int], spans: dict[str, range], new_ids: list[int],
+                 steps, last_logits: torch.Tensor, t_gen: float) -> Capture:
+        """The Capture of a recorded pass; last_logits  # [vocab] at its last row give the next-token top-k."""
+        top = torch.topk(torch.log_softmax(last_logits.float(), dim=-1), TOP_K)
+        output = Output(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
+            token_ids=ids, steps=list(steps),
+            next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
+        )
+        return Capture(
+            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, spans), spans=spans, output=output,
+            layout="tril", store=store,
+            timings={"capture_s": time.perf_counter() - t_gen},
+        )

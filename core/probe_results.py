@@ -1,0 +1,200 @@
+"""Probe results in the cache: their parameters, their keys, and reading them back.
+
+A probe (`probes.runner`) is a multi-pass measurement that needs the model.  Its result is stored
+in the same `cache.store.Store` as captures, under
+
+    key = stable_hash({"revision": model revision, "probe": name, "params": params, "version": PROBE_VERSION})
+
+as arrays (`store.put_array(key, name, array)`) plus a JSON record written last (`store.put_meta`),
+with `"kind": "probe"` so capture listings skip it.  This module is torch-free, so `analytics`
+can read results and the metrics registry can say "run this probe first" when one is absent.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from core.errors import ProbeMissing
+from core.keys import stable_hash
+
+PROBE_VERSION = 1
+KIND = "probe"
+
+
+# ---- parameters of each probe (defaults are the keys' defaults) --------------------------------
+
+@dataclass(frozen=True)
+class PatternParams:
+    """Repeated random tokens (RazorAttention §1.4, shortened): BOS + `period` ids from [low, high),
+    repeated `repeats` times."""
+
+    period: int = 64
+    repeats: int = 3
+    seed: int = 0
+    low: int = 10000
+    high: int = 12500
+
+
+@dataclass(frozen=True)
+class NeedleParams:
+    """Needle-in-a-haystack sweep (Wu et al. §1.1, shortened).  Lengths are prompt tokens; depths in %
+    of the context; needles index assets/needles.json (empty = all, cycled over the cells)."""
+
+    lengths: tuple[int, ...] = (256, 512, 1024)
+    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    needles: tuple[int, ...] = ()
+    max_new_tokens: int = 24
+    chat: bool = True
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    """Single-head ablation of every head.  The score is the drop in the summed log-prob of the scored
+    tokens: `target` appended to the prompt when given, else the last `score_last` prompt tokens.
+    An empty prompt means the first `n_tokens` tokens of assets/haystack.txt."""
+
+    mode: str = "zero"  # zero | mean | uniform
+    prompt: str = ""
+    target: str = ""
+    n_tokens: int = 128
+    score_last: int = 32
+    layers: tuple[int, ...] = ()  # sweep only these layers' heads (empty = every layer); others stay NaN
+
+
+@dataclass(frozen=True)
+class GradientParams:
+    """Michel et al. |dL/d gate| over `n_texts` chunks of `n_tokens` tokens of assets/haystack.txt."""
+
+    n_texts: int = 4
+    n_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class DuoParams:
+    """Mini DuoAttention gate optimisation on synthetic passkey data (see probes.runner.duo_probe)."""
+
+    steps: int = 24
+    context: int = 256
+    sink: int = 16
+    recent: int = 64
+    lr: float = 0.05
+    reg: float = 0.05
+    passkeys: int = 2
+    words: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HiddenParams:
+    """The residual stream entering every layer, for one capture (VAR massive activations)."""
+
+    capture: str = ""
+
+
+PARAMS: dict[str, type] = {
+    "patterns": PatternParams,
+    "needle": NeedleParams,
+    "ablation": AblationParams,
+    "gradient": GradientParams,
+    "duo": DuoParams,
+    "hidden": HiddenParams,
+}
+
+
+def params_of(probe: str, params: Any = None, **overrides) -> Any:
+    """The probe's params dataclass, from an instance, a dict or keyword overrides of the defaults."""
+    if probe not in PARAMS:
+        raise ValueError(f"unknown probe {probe!r}; probes are {', '.join(PARAMS)}")
+    cls = PARAMS[probe]
+    if isinstance(params, cls):
+        base = asdict(params)
+    else:
+        base = dict(params or {})
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(base) - names)
+    if unknown:
+        raise ValueError(f"the {probe} probe has no parameter {', '.join(unknown)}")
+    for f in fields(cls):  # lists from JSON / argparse become tuples, so keys are stable
+        if f.name in base and isinstance(base[f.name], list):
+            base[f.name] = tuple(base[f.name])
+    return cls(**base)
+
+
+def probe_key(revision: str, probe: str, params: Any) -> str:
+    """The cache key of a probe result."""
+    record = asdict(params_of(probe, params))
+    return stable_hash({"revision": revision, "probe": probe, "params": record, "version": PROBE_VERSION})
+
+
+def cli_hint(probe: str, model: str, params: Any) -> str:
+    """The command that computes this probe result."""
+    p = params_of(probe, params)
+    default = PARAMS[probe]()
+    args = ["python", "-m", "headscope", "probe", probe]
+    if probe == "hidden":
+        return " ".join(args + [p.capture or "KEY"])
+    args += ["--model", model]
+    for f in fields(p):
+        value = getattr(p, f.name)
+        if value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args += [flag] + [str(v) for v in value]
+        else:
+            args += [flag, str(value)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# ---- reading results ---------------------------------------------------------------------------
+
+@dataclass
+class ProbeResult:
+    """A stored probe result: its JSON record and lazily read arrays."""
+
+    key: str
+    record: dict
+    store: Any
+
+    @property
+    def summary(self) -> dict:
+        return self.record.get("summary", {})
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.record.get("arrays", []):
+            raise KeyError(f"probe result {self.key} has no array {name!r}")
+        return self.store.get_array(self.key, name)
+
+
+def find(store, revision: str, probe: str, params: Any = None) -> ProbeResult | None:
+    """The stored result of (model revision, probe, params), or None."""
+    if store is None:
+        return None
+    key = probe_key(revision, probe, params)
+    try:
+        record = store.get_meta(key)
+    except Exception:  # noqa: BLE001 - a corrupt record is an absent one; the probe rewrites it
+        return None
+    if not record or record.get("kind") != KIND:
+        return None
+    return ProbeResult(key=key, record=record, store=store)
+
+
+def require(store, revision: str, model: str, probe: str, params: Any = None) -> ProbeResult:
+    """`find`, or ProbeMissing with the command that makes the result."""
+    found = find(store, revision, probe, params)
+    if found is None:
+        raise ProbeMissing(f"No {probe} probe result for {model} in the cache; run this probe first: "
+                           f"{cli_hint(probe, model, params)}")
+    return found
+
+
+__all__ = ["AblationParams", "DuoParams", "GradientParams", "HiddenParams", "KIND", "NeedleParams", "PARAMS",
+           "PROBE_VERSION", "PatternParams", "ProbeMissing", "ProbeResult", "cli_hint", "find", "params_of",
+           "probe_key", "require"]

@@ -1,0 +1,122 @@
+"""`python -m headscope probe ...`: the probe subcommands (probes.runner), wired into headscope.cli.
+
+    python -m headscope probe patterns --model smollm2 [--period 64 --repeats 3 --seed 0]
+    python -m headscope probe needle   --model smollm2 [--lengths 256 512 --depths 0 50 100]
+    python -m headscope probe ablation --model smollm2 [--mode zero|mean|uniform --prompt ... --target ...]
+    python -m headscope probe gradient --model smollm2 [--n-texts 4 --n-tokens 128]
+    python -m headscope probe duo      --model smollm2 [--steps 40 --context 384]
+    python -m headscope probe hidden   KEY            # residual stream of a cached capture
+
+Flags mirror the fields of each probe's parameters (core.probe_results); omitted ones keep the defaults
+that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
+raises InputError: one sentence and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from headscope.terminal import progress_bar
+
+HELP = {
+    "patterns": "repeated random tokens: previous-token, induction, echo, duplicate-token scores",
+    "needle": "needle-in-a-haystack sweep: retrieval and semantic retrieval scores",
+    "ablation": "ablate every head alone (batched): drop in target log-prob",
+    "gradient": "Michel et al. gradient head importance |dL/d gate|",
+    "duo": "mini DuoAttention gate optimisation on synthetic passkeys",
+    "hidden": "store the residual stream of a cached capture (massive activations)",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `probe` and its subcommands to the top-level subparsers."""
+    from core.probe_results import PARAMS
+
+    probe = sub.add_parser("probe", help="multi-pass head measurements (stored in the cache)")
+    probes = probe.add_subparsers(dest="probe", required=True)
+    for name, cls in PARAMS.items():
+        q = probes.add_parser(name, help=HELP[name], description=(cls.__doc__ or "").strip())
+        if name == "hidden":
+            q.add_argument("capture", help="capture key (python -m headscope ls lists them)")
+        else:
+            q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
+            for f in fields(cls):
+                default = f.default
+                flag = "--" + f.name.replace("_", "-")
+                if isinstance(default, bool):
+                    q.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=f"default: {default}")
+                elif isinstance(default, tuple):
+                    kind = float if name == "needle" and f.name == "depths" else int
+                    q.add_argument(flag, dest=f.name, nargs="+", type=kind, default=argparse.SUPPRESS,
+                                   help=f"default: {' '.join(str(v) for v in default) or 'all'}")
+                else:
+                    q.add_argument(flag, dest=f.name, type=type(default), default=argparse.SUPPRESS,
+                                   help=f"default: {default}")
+        if name == "ablation":
+            q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
+        q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
+        q.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    probe.set_defaults(func=cmd_probe)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from core.errors import InputError
+    from core.probe_results import PARAMS
+    from probes.runner import run_probe
+
+    name = args.probe
+    cls = PARAMS[name]
+    options = {}
+    if name == "hidden":
+        from capture.api import default_store, load_capture
+        from core.keys import is_key
+
+        if not is_key(args.capture):
+            raise InputError(f"{args.capture!r} is not a capture key; `python -m headscope ls` lists them.")
+        capture = load_capture(args.capture)
+        if capture is None:
+            raise InputError(f"No capture with key {args.capture} in the cache; `python -m headscope ls` lists them.")
+        model, params = capture.spec.model, {"capture": args.capture}
+        options["store"] = default_store()
+    else:
+        model = args.model
+        params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
+        if name == "ablation" and args.batch is not None:
+            if args.batch < 1:
+                raise InputError("--batch must be 1 or more.")
+            options["batch_size"] = args.batch
+    bar, update = progress_bar(f"probe {name} {model}")
+    try:
+        if name == "hidden":
+            result = run_probe(name, model, params, options.pop("store"), update, args.force)
+        else:
+            result = run_probe(name, model, params, None, update, args.force, **options)
+    finally:
+        bar.close()
+    record = result.record
+    if args.json:
+        print(json.dumps({"key": result.key, **record}, ensure_ascii=False))
+        return 0
+    print(f"probe {name} on {model}: key {result.key}, {record.get('seconds', 0):.1f} s to compute, "
+          f"{len(record.get('arrays', []))} arrays")
+    summary = record.get("summary", {})
+    for label, value in summary.items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            heads = ", ".join(f"L{v[0]}H{v[1]}" + (f"={v[2]:.3g}" if len(v) > 2 else "") for v in value[:8])
+            print(f"  {label}: {heads}")
+        elif isinstance(value, dict):
+            for sub, rows in value.items():
+                heads = ", ".join(f"L{v[0]}H{v[1]}={v[2]:.3g}" for v in rows[:5])
+                print(f"  {label} {sub}: {heads}")
+        else:
+            print(f"  {label}: {value}")
+    if name == "needle":
+        for t in record.get("tests", []):
+            mark = "counted" if t["counted"] else "not counted"
+            print(f"  {t['length']:>5} tok  depth {t['depth']:>5.1f}%  needle {t['needle']}  "
+                  f"ROUGE-1 {t['recall']:.2f} ({mark}): {t['answer'][:60]!r}")
+    sys.stdout.flush()
+    return 0

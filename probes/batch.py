@@ -1,0 +1,362 @@
+"""Batch work: many captures (or probes) through one function, in-process by default, on Ray when asked.
+
+    from probes.batch import CaptureJob, ProbeJob, run_batch
+
+    jobs = [CaptureJob(RunSpec(model="smollm2", prompt=p)) for p in prompts]
+    results = run_batch(jobs)                                   # in this process, one after another
+    results = run_batch(jobs, ray=True, workers=2)              # a local Ray instance, 2 actors
+    results = run_batch(jobs, ray=True, address="auto")         # an existing cluster (or "host:6379",
+                                                                # "ray://host:10001")
+    run_batch([ProbeJob("needle", "smollm2", {"lengths": [512]})], ray=True)
+
+(DESIGN.md, "Scale-out".)  Whatever runs a job, its result lands in the same cache (`store`, default
+`capture.api.default_store()`): on Ray every actor opens the same cache directory, which must
+therefore be shared by the nodes (a local disk for a local instance, a network file system for a
+cluster), and every node needs this checkout on the same path.  The cache's per-key lock makes two
+workers that meet the same job compute it once.
+
+- A job already in the cache is skipped ("cached") before anything is started; a batch whose jobs
+  are all cached never starts Ray.
+- A job that raises is retried `retries` times (default once), on any free worker; a Ray actor that
+  dies (out of memory, killed) is restarted once and its job retried.  Invalid input (InputError,
+  InterventionError, ModelUnavailable: the same answer every time) is reported without a retry.  A
+  failure is a `JobResult` with status "failed" and the error's first line; the batch goes on.
+- Ray actors keep their models loaded (`capture.registry.load` caches per process), so a model is
+  loaded once per worker, not once per job.  Each actor takes `num_cpus=1` (Ray then runs torch
+  single-threaded in it): `workers` actors use `workers` cores.
+- `progress(done, total, result)` is called as each job finishes (cached ones included).
+
+A job is any object with `label()`, `cached(store) -> key | None` and `execute(store) -> dict`
+(the dict must hold "key"); `CaptureJob` and `ProbeJob` are the two HeadScope has.  Jobs travel to
+Ray actors by pickling, so a job class must be importable on the workers.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+from core.types import RunSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKERS = 2
+DEFAULT_RETRIES = 1
+OBJECT_STORE_BYTES = 128 * 2**20  # a local instance ships small dicts only
+# environment the workers need to behave like this process (cache and model locations, thresholds)
+FORWARDED_ENV_PREFIXES = ("HEADSCOPE_", "HF_", "TRANSFORMERS_")
+
+
+class Job(Protocol):
+    def label(self) -> str: ...
+
+    def cached(self, store) -> str | None: ...
+
+    def execute(self, store) -> dict: ...
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """Capture one RunSpec (capture.api.run)."""
+
+    spec: RunSpec
+
+    def label(self) -> str:
+        prompt = " ".join(self.spec.prompt.split())
+        return f"{self.spec.model}: {prompt[:40]}{'…' if len(prompt) > 40 else ''}"
+
+    def cached(self, store) -> str | None:
+        from capture.api import cached
+
+        found = cached(self.spec, store)
+        return None if found is None else found.key
+
+    def execute(self, store) -> dict:
+        from capture.api import run
+
+        capture = run(self.spec, store=store)
+        return {"key": capture.key, "n_tokens": capture.n_tokens, "layout": capture.layout,
+                "text": capture.output.text, "from_cache": capture.from_cache,
+                "peak_mb": capture.timings.get("peak_mb")}
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """Run one probe (probes.runner.run_probe) with the given parameters."""
+
+    probe: str
+    model: str = "smollm2"
+    params: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs; a dict is accepted and converted
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, dict):
+            items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.params.items()))
+            object.__setattr__(self, "params", items)
+
+    def label(self) -> str:
+        return f"probe {self.probe} on {self.model}"
+
+    def _params(self):
+        from core import probe_results as stored
+
+        return stored.params_of(self.probe, dict(self.params))
+
+    def cached(self, store) -> str | None:
+        from capture import registry
+        from core import probe_results as stored
+
+        revision = registry.revision(self.model)
+        found = stored.find(store, revision, self.probe, self._params())
+        return None if found is None else found.key
+
+    def execute(self, store) -> dict:
+        from probes.runner import run_probe
+
+        result = run_probe(self.probe, self.model, self._params(), store)
+        return {"key": result.key, "seconds": result.record.get("seconds")}
+
+
+@dataclass
+class JobResult:
+    """What became of one job.  status: "cached" (skipped), "done" or "failed"."""
+
+    index: int
+    label: str
+    status: str
+    key: str | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "label": self.label, "status": self.status, "key": self.key,
+                "attempts": self.attempts, "seconds": round(self.seconds, 3), "error": self.error,
+                "info": self.info}
+
+
+def _final(exc: BaseException) -> bool:
+    """Errors that give the same answer every time: report, do not retry."""
+    from core.errors import InputError, InterventionError, ModelUnavailable
+
+    return isinstance(exc, (InputError, InterventionError, ModelUnavailable, TypeError, ValueError))
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _store(store):
+    if store is not None:
+        return store
+    from capture.api import default_store
+
+    return default_store()
+
+
+def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, address: str | None = None,
+              workers: int = DEFAULT_WORKERS, retries: int = DEFAULT_RETRIES,
+              progress: Callable[[int, int, JobResult], None] | None = None) -> list[JobResult]:
+    """Run every job (a RunSpec counts as `CaptureJob(spec)`), skipping those already cached.
+
+    ray=False runs them here, one after another; ray=True runs them on `workers` Ray actors, on a
+    local instance started for the batch (`ray.init(num_cpus=workers)`, shut down after) or, with
+    `address`, on that cluster (joined, left running).  Returns one JobResult per job, in order."""
+    jobs = [CaptureJob(j) if isinstance(j, RunSpec) else j for j in jobs]
+    store = _store(store)
+    total = len(jobs)
+    results: list[JobResult | None] = [None] * total
+    done = 0
+
+    def finish(result: JobResult) -> None:
+        nonlocal done
+        results[result.index] = result
+        done += 1
+        if progress is not None:
+            progress(done, total, result)
+
+    pending = []
+    for i, job in enumerate(jobs):
+        try:
+            key = job.cached(store)
+        except Exception as exc:  # noqa: BLE001 - a job that cannot even be looked up is a failed job
+            finish(JobResult(i, _label(job), "failed", attempts=0, error=_message(exc)))
+            continue
+        if key is not None:
+            finish(JobResult(i, job.label(), "cached", key=key))
+        else:
+            pending.append(i)
+    if pending:
+        if ray or address:
+            _run_on_ray(jobs, pending, store, address, workers, retries, finish)
+        else:
+            for i in pending:
+                finish(_run_here(i, jobs[i], store, retries))
+    return [r for r in results if r is not None]
+
+
+def _label(job) -> str:
+    try:
+        return job.label()
+    except Exception:  # noqa: BLE001
+        return repr(job)[:60]
+
+
+def _run_here(index: int, job: Job, store, retries: int) -> JobResult:
+    attempts, t0 = 0, time.perf_counter()
+    while True:
+        attempts += 1
+        try:
+            info = job.execute(store)
+            return JobResult(index, job.label(), "done", key=info.get("key"), attempts=attempts,
+                             seconds=time.perf_counter() - t0, info=info)
+        except Exception as exc:  # noqa: BLE001 - reported per job, the batch goes on
+            if _final(exc) or attempts > retries:
+                return JobResult(index, _label(job), "failed", attempts=attempts,
+                                 seconds=time.perf_counter() - t0, error=_message(exc))
+
+
+# ---- Ray -----------------------------------------------------------------------------------------
+
+class _Worker:
+    """A Ray actor: one process with its own loaded models and a handle on the shared cache."""
+
+    def __init__(self, cache_dir: str, size_limit: int):
+        from cache.store import Store
+
+        self.store = Store(cache_dir, size_limit=size_limit)
+
+    def execute(self, job) -> dict:
+        return job.execute(self.store)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables a worker gets: this checkout on PYTHONPATH, HeadScope's and HF's settings."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    return env
+
+
+def start_ray(address: str | None = None, workers: int = DEFAULT_WORKERS) -> bool:
+    """Connect to Ray (a local instance with `workers` CPUs, or the cluster at `address`); returns
+    True if this call started or joined it (and so should shut it down), False if already connected."""
+    try:
+        import ray
+    except ImportError as exc:
+        from core.errors import InputError
+
+        raise InputError("Ray is not installed in this environment; `pip install ray==2.60.0` (requirements.txt) "
+                         "or run the batch without --ray.") from exc
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env,
+                 object_store_memory=OBJECT_STORE_BYTES, configure_logging=False)
+    return True
+
+
+def _run_on_ray(jobs: list, pending: list[int], store, address: str | None, workers: int, retries: int,
+                finish: Callable[[JobResult], None]) -> None:
+    started = start_ray(address, workers)
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        actor_cls = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=0)(_Worker)
+        n_actors = max(1, min(workers, len(pending)))
+        actors = [actor_cls.remote(str(store.directory), int(store.size_limit)) for _ in range(n_actors)]
+        queue = [(i, 1) for i in pending]  # (job index, attempt)
+        started_at: dict[int, float] = {}
+        running: dict = {}  # future -> (index, attempt, actor)
+        idle = list(actors)
+        while queue or running:
+            while queue and idle:
+                i, attempt = queue.pop(0)
+                actor = idle.pop(0)
+                started_at.setdefault(i, time.perf_counter())
+                running[actor.execute.remote(jobs[i])] = (i, attempt, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            future = ready[0]
+            i, attempt, actor = running.pop(future)
+            idle.append(actor)
+            seconds = time.perf_counter() - started_at[i]
+            try:
+                info = ray.get(future)
+                finish(JobResult(i, jobs[i].label(), "done", key=info.get("key"), attempts=attempt,
+                                 seconds=seconds, info=info))
+                continue
+            except RayTaskError as exc:  # the job raised inside the worker
+                cause = getattr(exc, "cause", None) or exc
+                error, final = _message(cause), _final(cause)
+            except RayActorError as exc:  # the worker died (restarted once by Ray)
+                error, final = f"worker died: {_message(exc)}", False
+            except Exception as exc:  # noqa: BLE001
+                error, final = _message(exc), False
+            if final or attempt > retries:
+                finish(JobResult(i, _label(jobs[i]), "failed", attempts=attempt, seconds=seconds, error=error))
+            else:
+                queue.append((i, attempt + 1))
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---- reading a batch file --------------------------------------------------------------------------
+
+def job_from_json(data: Any) -> Job:
+    """One line of a batch file: a RunSpec-like object ({"model", "prompt", "max_new_tokens", ...}), or a
+    probe ({"probe": "needle", "model": "smollm2", "params": {...}})."""
+    if not isinstance(data, dict):
+        raise ValueError("each line must be a JSON object")
+    if "probe" in data:
+        unknown = set(data) - {"probe", "model", "params"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))} for a probe")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError("params must be an object")
+        return ProbeJob(str(data["probe"]), str(data.get("model", "smollm2")), params)
+    fields = set(RunSpec.__dataclass_fields__)
+    unknown = set(data) - fields
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; a line takes {', '.join(sorted(fields))}")
+    data = dict(data)
+    data.setdefault("model", "smollm2")
+    return CaptureJob(RunSpec.from_json(data))
+
+
+def read_jobs(path: str | os.PathLike) -> list[tuple[int, Job | None, str | None]]:
+    """(line number, job or None, error or None) for each non-blank, non-comment line of a JSONL file."""
+    import json
+
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                out.append((number, job_from_json(json.loads(text)), None))
+            except Exception as exc:  # noqa: BLE001 - a bad line is reported, the others run
+                out.append((number, None, f"line {number}: {_message(exc)}"))
+    return out
+
+
+__all__ = ["CaptureJob", "Job", "JobResult", "ProbeJob", "job_from_json", "read_jobs", "run_batch", "start_ray",
+           "worker_env"]

@@ -1,0 +1,98 @@
+"""Vision-aware head divergence (VHD, He et al., ACL 2025, METHODS §3.1): two passes over one VLM capture.
+
+VHD_{l,h}(t) = d(z^{l,h}_t | image + text, z^{l,h}_t | text only): the distance between a head's output
+(the o_proj input, capture.engine.attention's `head_outputs` hook) at the same answer token with and without
+the picture.  The image branch is the capture's own tokens with its pixels; the text-only branch is the
+same chat prompt with the image tokens (and the newline after them) removed, then the same answer
+tokens.  Both passes run without the capture's intervention (VHD describes the model), on the fast path.
+
+The distance d is unverified in the paper; `distance` "l2" (default: ‖z_img − z_txt‖) or "cos"
+(1 − cosine).  The result, vhd  # [layer, head, answer token] float32, is stored with the capture
+("vhd"; analytics.vlm reads it, T-VHD_t = the mean of the top-k values at token t, k = 10 by default).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from analytics import vlm
+from capture import registry
+from capture.vlm import presets
+from capture.engine import attention
+from core.errors import InputError, InterventionError
+from core.interventions import Intervention
+
+VHD = "vhd"  # cache entry beside the capture's maps
+
+
+def _head_outputs(handle, positions: range, **inputs) -> torch.Tensor:
+    """z  # [layer, len(positions), head, head_dim]: head outputs at `positions` of one forward."""
+    found: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, z: torch.Tensor) -> None:
+        found[layer] = z[0, positions.start:positions.stop].float().clone()
+
+    with attention.session(head_outputs=keep), torch.inference_mode():
+        handle.model(**inputs, use_cache=False, logits_to_keep=1)
+    return torch.stack([found[l] for l in range(handle.meta.n_layers)])
+
+
+def text_only_ids(capture) -> tuple[list[int], range]:
+    """The capture's tokens without the image tokens (and the newline after them), and where its answer
+    tokens sit in that sequence."""
+    ids = list(capture.output.token_ids)
+    image = capture.spans["image"]
+    start = capture.spans.get("image_cls", image).start  # a kept vision CLS token goes too
+    stop = image.stop + (1 if image.stop < len(ids) and capture.tokens[image.stop] == "↵" else 0)
+    kept = ids[:start] + ids[stop:]
+    answer = capture.spans["answer"]
+    shift = stop - start
+    return kept, range(answer.start - shift, answer.stop - shift)
+
+
+def vhd(capture, distance: str = "l2", store=None) -> np.ndarray:
+    """vhd  # [layer, head, answer token] of a VLM capture with an answer; stored with the capture."""
+    from capture import images
+
+    if capture.meta.modality != "vlm" or not len(capture.spans.get("answer", range(0))):
+        raise InputError("VHD compares head outputs on the answer tokens of a VLM capture; this one has none.")
+    if distance not in ("l2", "cos"):
+        raise InputError("VHD's distance is l2 or cos.")
+    handle = registry.load(capture.spec.model)
+    processor = handle.tokenizer
+    pixels, _ = processor.pixels(images.load_image(capture.spec.image))
+    ids = torch.tensor([capture.output.token_ids])
+    text_ids, text_answer = text_only_ids(capture)
+    with handle.lock:
+        z_img = _head_outputs(handle, capture.spans["answer"], input_ids=ids,
+                              pixel_values=torch.from_numpy(pixels)[None])  # [layer, t, head, head_dim]
+        z_txt = _head_outputs(handle, text_answer, input_ids=torch.tensor([text_ids]))
+    if distance == "l2":
+        d = (z_img - z_txt).norm(dim=-1)  # [layer, t, head]
+    else:
+        d = 1 - torch.nn.functional.cosine_similarity(z_img, z_txt, dim=-1)
+    out = d.permute(0, 2, 1).contiguous().numpy().astype(np.float32)  # [layer, head, t]
+    (store or capture.store).put_array(capture.key, VHD, out)
+    return out
+
+
+__all__ = ["vhd", "text_only_ids", "VHD"]
+
+
+def for_capture(method: str, capture, heads: presets.Heads | None = None, **params) -> Intervention:
+    """The intervention `method` ("var", "gift", "mask") builds for one VLM capture from its analytics
+    (analytics.vlm: visual sinks, image-centric heads, gaze saliency).  `heads` overrides the heads the
+    method would pick (the image-centric ones); "mask" needs them."""
+    meta = capture.meta
+    if method == "mask":
+        return presets.mask_image(meta, heads or ())
+    if method == "vhr":
+        return presets.vhr(meta, vlm.stored_vhd(capture).mean(-1), **params)
+    sinks = vlm.capture_sinks(capture)
+    if heads is None:
+        heads = presets.centric_heads(vlm.head_vision(capture, sinks.visual).centric)
+    if method == "var":
+        return presets.var(meta, heads, sinks=sinks.tokens, image=capture.spans["image"], **params)
+    if method == "gift":
+        return presets.gift(meta, vlm.gaze(capture).saliency, capture.spans["image"], heads or None, **params)
+    raise InterventionError(f"Unknown VLM intervention {method!r}; use one of {', '.join(presets.METHODS)}.")

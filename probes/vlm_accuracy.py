@@ -1,0 +1,301 @@
+"""Before | after accuracy of a VLM intervention over held-out shapes scenes.
+
+For each of the first `n_scenes` held-out scenes (training.eval_vlm.held_out_scenes: captions never
+drawn in training) and `questions_per_scene` of its questions (core.scenes.questions; the
+absent-object presence question, answer "no", always among them: it measures hallucination), the
+question is answered (`answer_ids`: all questions first, those of one prompt shape together), its
+answer is recorded once (the maps and residual stream the intervention is built from:
+probes.vlm.for_capture), and it is answered again greedily with the intervention active
+(again in batches, one intervention per batch row).  Each picture's system prompt and picture (~88 of
+~105 tokens) run once, recorded (VlmAdapter.record_prefix); the answers and the recorded passes (all
+of a picture's in one forward: VlmAdapter.record_from) continue from it.  The recorded passes go to a
+temporary store (in RAM where /dev/shm exists) and are dropped as soon as they are used.
+
+An answer is right when it equals the ground truth after stripping and lower-casing (as
+training.eval_vlm's exact answers).  `gaze_pointing` measures, on the same kind of scenes, how often
+the GIFT saliency peak falls in the asked object's box (analytics.vlm.pointing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.progress import Progress, no_progress
+from core.types import RunSpec
+
+N_SCENES = 10
+QUESTIONS_PER_SCENE = 4
+POINTING_KINDS = ("colour", "shape", "position", "presence")  # questions about one object that is there
+
+
+@dataclass
+class BatchRow:
+    seed: int
+    question: str
+    kind: str  # core.scenes.QA.kind, "absent" for presence questions about an absent object
+    expected: str
+    before: str
+    after: str
+    edited: bool = True  # False: the method found nothing to edit on this input (after = before)
+
+    @property
+    def right_before(self) -> bool:
+        return self.before.strip().lower() == self.expected
+
+    @property
+    def right_after(self) -> bool:
+        return self.after.strip().lower() == self.expected
+
+
+@dataclass
+class BatchResult:
+    method: str
+    params: dict
+    rows: list[BatchRow] = field(default_factory=list)
+
+    def accuracy(self, kind: str | None = None) -> tuple[float, float, int]:
+        """(before, after, n) over the rows of `kind` (None: all)."""
+        rows = [r for r in self.rows if kind is None or r.kind == kind]
+        if not rows:
+            return float("nan"), float("nan"), 0
+        return (float(np.mean([r.right_before for r in rows])), float(np.mean([r.right_after for r in rows])),
+                len(rows))
+
+    def kinds(self) -> list[str]:
+        return sorted({r.kind for r in self.rows})
+
+
+def batch_questions(n_scenes: int = N_SCENES, per_scene: int = QUESTIONS_PER_SCENE, seed: int = 0):
+    """[(scene, QA, kind)]: per held-out scene, its absent-object question and per_scene - 1 others (seeded)."""
+    from core import scenes
+    from training.eval_vlm import held_out_scenes
+
+    out = []
+    for scene in held_out_scenes(n_scenes):
+        qas = scenes.questions(scene)
+        absent = [qa for qa in qas if qa.kind == "presence" and not qa.objects]
+        rest = [qa for qa in qas if qa not in absent]
+        rng = np.random.default_rng([scene.seed, seed, 5])
+        picked = absent[:1] + [rest[int(i)] for i in rng.choice(len(rest), size=min(per_scene - len(absent[:1]),
+                                                                                      len(rest)), replace=False)]
+        out += [(scene, qa, "absent" if qa in absent else qa.kind) for qa in picked]
+    return out
+
+
+ANSWER_BATCH = 16  # questions answered together with their own interventions (row_interventions)
+
+
+def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
+                 progress: Progress = no_progress, prefixes: dict | None = None, encoded: list | None = None) -> list[str]:
+    """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
+    step writes them (capture.vlm.adapter.VlmAdapter.generate), `batch` at a time (`answer_ids`)."""
+    from capture.vlm.adapter import VlmAdapter
+
+    tok = VlmAdapter(handle).tokenizer
+    return [tok.decode(ids, skip_special_tokens=True).strip()
+            for ids in answer_ids(handle, specs, batch, progress, prefixes, encoded)]
+
+
+def prefix_shared(intervention, prefix: int, n: int, spans: dict[str, range]) -> bool:
+    """Whether `intervention` on an `n`-token prompt with `spans` leaves its first `prefix` rows as they
+    are: every edit acts on the "last" rows (GIFT) or on rows from `prefix` on (VAR: the rows after the
+    picture), with no sink set to detect at prefill.  Then the system prompt and picture can be
+    computed once per scene and shared (`answer_ids`)."""
+    from core.errors import InterventionError
+    from core.interventions import parse_positions, sink_set
+
+    def late(queries: str) -> bool:
+        if queries == "last":
+            return True
+        try:
+            rows = parse_positions(queries, n, spans)
+        except InterventionError:
+            return False
+        return rows is not None and (len(rows) == 0 or rows.start >= prefix)
+
+    return all(late(e.queries) and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
+
+
+def _stacked(caches: list):
+    """One batched DynamicCache from per-row caches of equal length (copied: generate extends it)."""
+    import torch
+    from transformers import DynamicCache
+
+    return DynamicCache([(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
+                         for i in range(len(caches[0].layers))])
+
+
+def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
+               progress: Progress = no_progress, prefixes: dict | None = None,
+               encoded: list | None = None) -> list[list[int]]:
+    """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
+
+    Questions whose prompts have the same length and the same image and question spans go through one
+    `generate` with one intervention per batch row (capture.engine.attention.session(row_interventions=...)):
+    with no padding every row's positions, spans and position sets are those of its own run.  When no
+    row's intervention touches the prompt before its last token (`prefix_shared`: none, GIFT, VAR), the
+    system prompt and picture (~88 of ~105 tokens) are computed once per picture and each row starts
+    from that cache, so only the question's tokens are run again; `prefixes` ((picture, length) ->
+    DynamicCache, filled here where missing) lets several calls share those caches, as `encoded`
+    (VlmAdapter.encode of each spec) their inputs.  A row stops at its end-of-sequence token; what
+    follows it is cut.  `progress(fraction, message)` after each batch."""
+    import torch
+
+    from capture.engine import attention
+    from capture.vlm.adapter import VlmAdapter, generation_spans
+    from capture.vlm.model import greedy_settings
+
+    adapter = VlmAdapter(handle)
+    tok = adapter.tokenizer
+    eos = tok.eos_token_id
+    encoded = encoded or [adapter.encode(spec) for spec in specs]
+    groups: dict[tuple, list[int]] = {}
+    for i, (inputs, spans) in enumerate(encoded):
+        n = inputs.input_ids.shape[1]
+        shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
+        groups.setdefault(shape, []).append(i)
+    prefixes = {} if prefixes is None else prefixes  # (picture, length) -> its cache
+    out: list[list[int]] = [[] for _ in specs]
+    done = 0
+    for members in groups.values():
+        for start in range(0, len(members), batch):
+            rows = members[start : start + batch]
+            progress(done / len(specs), f"answered {done}/{len(specs)} questions")
+            done += len(rows)
+            inputs, spans = encoded[rows[0]]
+            n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
+            input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
+            model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
+            shared = spans["image"].stop  # the prefix: everything up to the last image token
+            with handle.lock:
+                if shared < n and all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
+                    for i in rows:
+                        if (specs[i].image, shared) not in prefixes:
+                            prefixes[(specs[i].image, shared)] = adapter.record_prefix(encoded[i][0], shared,
+                                                                                       record=False).cache
+                    model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
+                with attention.session(row_interventions=[specs[i].intervention for i in rows],
+                                       spans=generation_spans(spans, n, max_new)), torch.inference_mode():
+                    result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                                   **model_inputs, **greedy_settings(tok, max_new))
+            for i, row in zip(rows, result[:, n:].tolist()):
+                out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
+
+
+def _fast_folder() -> str | None:
+    """A RAM-backed folder for the batch's throw-away captures (/dev/shm), when there is one."""
+    import os
+
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+def accuracy_change(model: str, method: str, params: dict | None = None, n_scenes: int = N_SCENES,
+                    per_scene: int = QUESTIONS_PER_SCENE, max_new_tokens: int = 8,
+                    progress: Progress = no_progress) -> BatchResult:
+    """Exact-answer accuracy before and after `method` ("var", "gift", "vhr", "mask" with params["heads"])."""
+    from cache.store import Store
+    from capture import registry
+    from capture.vlm import presets as vlm_presets
+    from probes import vlm as vlm_probes
+    from capture.vlm.adapter import RecordedPrefix, VlmAdapter
+    from core.errors import InterventionError
+
+    params = dict(params or {})
+    heads = params.pop("heads", None)
+    handle = registry.load(model)
+    result = BatchResult(method=method, params={**params, **({"heads": heads} if heads else {})})
+    # masking the chosen heads needs nothing measured on the input: no recorded pass
+    fixed = vlm_presets.mask_image(handle.meta, heads or ()) if method == "mask" else None
+    jobs = batch_questions(n_scenes, per_scene)
+    specs = [RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=max_new_tokens)
+             for scene, qa, _ in jobs]
+    adapter = VlmAdapter(handle)
+    encoded = [adapter.encode(spec) for spec in specs]
+    by_picture: dict[tuple[str, int], list[int]] = {}  # (picture, prefix length) -> its questions
+    for i, (spec, (_inputs, spans)) in enumerate(zip(specs, encoded)):
+        by_picture.setdefault((spec.image, spans["image"].stop), []).append(i)
+    # each picture's system prompt and picture run once, recorded: the plain answers, the recorded
+    # passes and the edited answers (when the edits leave those rows alone) all continue from them
+    recorded: dict[tuple[str, int], RecordedPrefix] = {}
+    for picture, rows in by_picture.items() if fixed is None else ():
+        with handle.lock:
+            recorded[picture] = adapter.record_prefix(encoded[rows[0]][0], picture[1])
+    caches = {picture: prefix.cache for picture, prefix in recorded.items()}
+    # all the plain answers first, a batch of one prompt shape at a time
+    before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m), prefixes=caches, encoded=encoded)
+    edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
+    for i, (scene, qa, kind) in enumerate(jobs):
+        text = adapter.tokenizer.decode(before[i], skip_special_tokens=True).strip()
+        result.rows.append(BatchRow(scene.seed, qa.question, kind, qa.answer, text, text, edited=False))
+        if fixed is not None:
+            edited[i] = dataclasses.replace(specs[i], intervention=fixed)
+    with tempfile.TemporaryDirectory(prefix="headscope-vlm-batch-", dir=_fast_folder()) as folder:
+        store = Store(folder, size_limit=4 * 2**30)
+        try:
+            for done, (picture, prefix) in enumerate(recorded.items()):
+                rows = by_picture[picture]
+                progress(0.2 + 0.6 * done / len(recorded), f"{picture[0]}: recording {len(rows)} answers")
+                with handle.lock:  # the recorded passes of this picture's answers, in one forward from its prefix
+                    captures = adapter.record_from(prefix, store, [
+                        (specs[i], f"q{i}", *encoded[i], before[i]) for i in rows])
+                for i, capture in zip(rows, captures):
+                    if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
+                        from probes.vlm import vhd
+
+                        vhd(capture, store=store)
+                    try:
+                        edited[i] = dataclasses.replace(
+                            specs[i], intervention=vlm_probes.for_capture(method, capture, heads=heads, **params))
+                    except InterventionError:  # e.g. VAR on an input without image-centric heads: nothing to edit
+                        pass
+                    store.evict(capture.key)
+        finally:
+            store.close()
+    for i in edited:
+        result.rows[i].edited = True
+    answers = answers_with(handle, list(edited.values()), prefixes=caches, encoded=[encoded[i] for i in edited],
+                           progress=lambda f, m: progress(0.8 + 0.2 * f, f"{m} with {method}"))
+    for i, after in zip(edited, answers):
+        result.rows[i].after = after
+    progress(1.0, "done")
+    return result
+
+
+def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=None, heads=None,
+                  progress: Progress = no_progress):
+    """analytics.vlm.Pointing of the GIFT saliency over held-out scenes' single-object questions
+    (colour, shape, position, present-object presence), `per_scene` of them per scene."""
+    from analytics import vlm
+    from cache.store import Store
+    from capture.api import run
+    from core import scenes
+    from training.eval_vlm import held_out_scenes
+
+    saliencies, boxes = [], []
+    with tempfile.TemporaryDirectory(prefix="headscope-vlm-gaze-") as folder:
+        store = Store(folder, size_limit=4 * 2**30)
+        try:
+            chosen = held_out_scenes(n_scenes)
+            for i, scene in enumerate(chosen):
+                progress(i / len(chosen), f"scene {scene.seed}")
+                qas = [qa for qa in scenes.questions(scene) if qa.kind in POINTING_KINDS and len(qa.objects) == 1]
+                rng = np.random.default_rng([scene.seed, 7])
+                for k in rng.choice(len(qas), size=min(per_scene, len(qas)), replace=False):
+                    qa = qas[int(k)]
+                    capture = run(RunSpec(model=model, prompt=qa.question, image=f"scene-{scene.seed}"), store)
+                    saliencies.append(vlm.gaze(capture, layers=layers, heads=heads).saliency)
+                    boxes.append([scene.objects[j].box for j in qa.objects])
+                    store.evict(capture.key)
+        finally:
+            store.close()
+    size = scenes.VLM.size
+    return vlm.pointing(saliencies, boxes, (size, size))
+
+
+__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "prefix_shared",
+           "gaze_pointing", "N_SCENES",
+           "QUESTIONS_PER_SCENE"]
