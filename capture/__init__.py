@@ -28,8 +28,22 @@ from core.interventions import HeadEdit, Intervention, ablate_heads, kv_group_ed
 from core.progress import Progress, no_progress
 from core.types import Capture, ModelMeta, Output, RunSpec
 
+# torch-backed names, loaded on first use so that `import capture` stays torch-free
+_LAZY = {"continuation_logprobs": "capture.text.logprobs"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'capture' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = ["run", "cached", "load_capture", "default_store", "load", "modality", "revision", "EMBEDDED",
            "DEFAULT_MODEL", "RunSpec", "Capture", "ModelMeta", "Output", "Intervention", "HeadEdit", "ablate_heads",
            "uniform_ablation", "kv_group_edits", "remember", "recall", "presets", "vlm_presets", "dit_presets",
            "sample_names", "scene_picture", "store_upload", "store_file", "Progress", "no_progress", "USER_ERRORS",
-           "HeadScopeError", "InputError", "InterventionError", "ModelUnavailable", "CacheError", "ProbeMissing"]
+           "HeadScopeError", "InputError", "InterventionError", "ModelUnavailable", "CacheError", "ProbeMissing", "continuation_logprobs"]
