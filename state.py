@@ -35,7 +35,7 @@ NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 10
 
 def allowed_models() -> tuple[str, ...]:
     """Models a link may name: the embedded ones plus the operator's list."""
-    from capture.embedded import EMBEDDED  # torch-free
+    from capture import EMBEDDED  # torch-free
 
     from_env = [m.strip() for m in os.environ.get("HEADSCOPE_ALLOWED_MODELS", "").split(",") if m.strip()]
     return tuple(EMBEDDED) + tuple(m for m in from_env if m not in EMBEDDED)

@@ -4,7 +4,9 @@ import json
 import numpy as np
 import streamlit as st
 
+import probes
 from analytics import METRICS, ProbeMissing, importance
+from capture import InputError, InterventionError, ModelUnavailable, default_store, load, revision
 from charts import atlas as charts
 from charts.theme import plot_config
 from pages import shared
@@ -36,9 +38,6 @@ st.markdown(f"{metric.explanation}  \n*{metric.paper}*")
 
 @st.cache_resource(show_spinner=False)
 def _context(model_name: str) -> tuple:
-    from capture.api import default_store
-    from capture.registry import load, revision
-
     meta = load(model_name).meta
     return default_store(), revision(model_name), meta
 
@@ -57,16 +56,13 @@ def _compute(name: str, params: dict) -> np.ndarray:
 
 
 def _run_probe(probe: str, params: dict | None = None) -> None:
-    from core.errors import InputError, InterventionError, ModelUnavailable
-    from probes.runner import hidden_states, run_probe
-
     bar = st.progress(0.0, text=f"{probe} probe on {model}…")
     report = lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m)  # noqa: E731
     try:
         if probe == "hidden":
-            hidden_states(capture, progress=report)
+            probes.hidden_states(capture, progress=report)
         else:
-            run_probe(probe, model, params or {}, progress=report)
+            probes.run_probe(probe, model, params or {}, progress=report)
     except (InputError, InterventionError, ModelUnavailable) as exc:
         st.error(str(exc))
         return
@@ -157,10 +153,10 @@ with st.expander("Long probes (need the model; results are cached per model)"):
     st.caption("Each runs once per model and parameters; the CLI equivalent is `python -m headscope probe NAME --model "
                f"{model}`.")
     cols = st.columns(3)
-    probes = [("patterns", "Repeated random tokens (~seconds)"), ("needle", "Needle in a haystack (~minutes)"),
+    long_probes = [("patterns", "Repeated random tokens (~seconds)"), ("needle", "Needle in a haystack (~minutes)"),
               ("ablation", "Ablate every head (~1-2 min)"), ("gradient", "Gradient importance (~seconds)"),
               ("duo", "Mini DuoAttention (~2 min)"), ("hidden", "Residual stream of this capture")]
-    for i, (probe, label) in enumerate(probes):
+    for i, (probe, label) in enumerate(long_probes):
         disabled = probe == "hidden" and capture is None
         if cols[i % 3].button(label, key=f"atlas_probe_{probe}", disabled=disabled, width="stretch"):
             _run_probe(probe, {"mode": params.get("mode", "zero")} if probe == "ablation" else None)

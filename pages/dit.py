@@ -2,21 +2,17 @@
 heatmaps per head, RefAM sink tokens, a head grounding table, and before | after pictures of SoftPAG /
 PAG guidance, scaled (masked) heads or attention redistributed away from sink tokens.
 
-Thin: capture.api for the captures (cached), analytics.dit for the numbers, charts.dit for the
+Thin: the capture front door for the captures (cached), analytics.dit for the numbers, charts.dit for the
 figures.  Widget keys start with "dit_".
 """
 import numpy as np
 import streamlit as st
 
+import probes
 from analytics import dit as analytics
-from cache.interventions import recall, remember
-from capture.api import run
-from capture.dit import presets as dit_presets
+from capture import InputError, InterventionError, RunSpec, dit_capture, dit_presets, recall, remember, run
 from charts import dit as charts
 from charts.theme import plot_config
-from core import dit_capture
-from core.errors import InputError, InterventionError
-from core.types import RunSpec
 from pages import shared
 
 st.title("Diffusion transformer")
@@ -211,10 +207,8 @@ with tab_pag:
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
-        from probes.headhunter import HeadHunterParams, headhunter
-
         bar = st.progress(0.0, "HeadHunter")
-        result = headhunter(MODEL, HeadHunterParams(objective=objective),
+        result = probes.headhunter(MODEL, probes.HeadHunterParams(objective=objective),
                             progress=lambda f, m: bar.progress(min(1.0, f), m))
         st.session_state["dit_hunted"] = result.heads
         st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())

@@ -9,13 +9,13 @@ Widget keys start with "gaze_".
 import numpy as np
 import streamlit as st
 
+import probes
 from analytics import vlm
 from analytics.vision import Layout, grid_map
+from capture import ProbeMissing, scenes
 from charts import gaze as charts
 from charts.image import head_overlays, layer_head_chart
 from charts.theme import plot_config
-from core import scenes
-from core.errors import ProbeMissing
 from pages import shared
 
 st.title("Gaze")
@@ -130,10 +130,8 @@ with tab_vhd:
         st.caption("Vision-aware head divergence (He et al. 2025, METHODS §3.1): how far each head's output on the "
                    "answer moves when the picture is removed. Two extra forward passes.")
         if len(capture.spans.get("answer", range(0))) and st.button("Compute VHD", key="gaze_vhd"):
-            from probes.vlm import vhd
-
             with st.spinner("Two passes: with and without the picture ..."):
-                divergence = vhd(capture)
+                divergence = probes.vhd(capture)
     if divergence is not None:
         answer_tokens = [capture.tokens[i] for i in capture.spans["answer"]]
         c1, c2 = st.columns(2)

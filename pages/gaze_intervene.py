@@ -6,12 +6,10 @@ import dataclasses
 import numpy as np
 import streamlit as st
 
-from cache.interventions import recall, remember
-from capture.vlm import presets as vlm_presets
-from probes import vlm as vlm_probes
+import probes
+from capture import InputError, InterventionError, ProbeMissing, recall, remember, run, vlm_presets
 from charts import gaze as charts
 from charts.theme import plot_config
-from core.errors import InterventionError, ProbeMissing
 from pages import shared
 
 
@@ -76,7 +74,7 @@ def render(capture, found, hv, sinks) -> None:
     intervention = None
     if method != "none":
         try:
-            intervention = vlm_probes.for_capture(method, capture, heads=heads, **params)
+            intervention = probes.for_capture(method, capture, heads=heads, **params)
         except (InterventionError, ProbeMissing) as exc:
             st.info(str(exc))
     state.intervention = remember(intervention) if intervention is not None else "none"  # the link carries it
@@ -95,14 +93,10 @@ def render(capture, found, hv, sinks) -> None:
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _capture(spec):
-    from capture.api import run
-
     return run(spec)
 
 
 def _after(spec):
-    from core.errors import InputError
-
     try:
         with st.spinner("Answering again with the intervention ..."):
             return _capture(spec)
@@ -112,15 +106,13 @@ def _after(spec):
 
 
 def _batch(method: str, params: dict, heads) -> None:
-    from probes import vlm_accuracy as vlm_batch
-
     st.markdown("**Held-out scenes**")
     n = st.slider("Scenes", 1, 50, key="gaze_iv_scenes",
-                  help=f"{vlm_batch.QUESTIONS_PER_SCENE} questions per scene, the absent-object one always among them.")
+                  help=f"{probes.QUESTIONS_PER_SCENE} questions per scene, the absent-object one always among them.")
     if st.button("Measure the accuracy change", key="gaze_iv_batch", disabled=method == "none"):
         bar = st.progress(0.0, "batch")
         model = shared.view_state().model
-        st.session_state["gaze_iv_result"] = vlm_batch.accuracy_change(
+        st.session_state["gaze_iv_result"] = probes.accuracy_change(
             model, method, {**params, **({"heads": heads} if heads else {})}, n_scenes=int(n),
             progress=lambda f, m: bar.progress(min(1.0, f), m))
         bar.empty()

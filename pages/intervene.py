@@ -1,7 +1,7 @@
 """Intervene: toggle heads, pick a preset, rerun generation, and compare before | after.
 
 Baseline = the current input (`st.session_state["spec"]`, else the sidebar's view state).  The
-intervened run is `capture.api(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
+intervened run is `capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
 the same intervention is computed once and the loaded model is reused.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import dataclasses
 import numpy as np
 import streamlit as st
 
-from cache.interventions import recall, remember
-from capture.text import presets
+import capture
+import probes
+from analytics import METRICS
+from capture import Intervention, InterventionError, presets, recall, remember
 from charts import compare
 from charts.theme import plot_config
-from core.errors import InterventionError
-from core.interventions import Intervention
 
 MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
 
@@ -39,45 +39,35 @@ def baseline_spec():
 
 
 def run_spec(spec, what: str):
-    """capture.api with a progress bar; None (and a message) for input that cannot run."""
-    from capture.api import cached, run
-    from core.errors import InputError, ModelUnavailable
-
+    """capture.run with a progress bar; None (and a message) for input that cannot run."""
     try:
-        found = cached(spec)
+        found = capture.cached(spec)
         if found is None:
             bar = st.progress(0.0, text=f"{what}…")
-            found = run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"{what}: {m}"))
+            found = capture.run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"{what}: {m}"))
             bar.empty()
         return found
-    except (InputError, InterventionError, ModelUnavailable) as exc:
+    except (capture.InputError, InterventionError, capture.ModelUnavailable) as exc:
         st.error(str(exc))
         return None
 
 
-def scored(capture, intervention: Intervention) -> np.ndarray:
+def scored(baseline, intervention: Intervention) -> np.ndarray:
     """Teacher-forced log-prob of the baseline continuation under `intervention` (kept per session)."""
-    from capture import registry
-    from capture.text.logprobs import continuation_logprobs
-
     memo = st.session_state.setdefault("iv_logprobs", {})
-    key = (capture.key, intervention.key())
+    key = (baseline.key, intervention.key())
     if key not in memo:
-        n_prompt = len(capture.spans["prompt"])
-        memo[key] = continuation_logprobs(registry.load(capture.spec.model), capture.output.token_ids, n_prompt,
-                                          intervention).logprobs
+        n_prompt = len(baseline.spans["prompt"])
+        memo[key] = capture.continuation_logprobs(capture.load(baseline.spec.model), baseline.output.token_ids,
+                                                  n_prompt, intervention).logprobs
     return memo[key]
 
 
-def probe_array(model: str, probe: str, name: str):
-    """A stored probe result array (default probe parameters), or None."""
+def stored_scores(model: str, metric: str, **params):
+    """A probe metric read from its stored result (default probe parameters), or None."""
     try:
-        from capture import registry
-        from capture.api import default_store
-        from core import probe_results as stored
-
-        found = stored.find(default_store(), registry.revision(model), probe, None)
-        return None if found is None else np.asarray(found.array(name))
+        return METRICS[metric].compute(None, store=capture.default_store(), revision=capture.revision(model),
+                                       model=model, **params)
     except Exception:  # noqa: BLE001 - absent or unreadable: the preset falls back to the chosen heads
         return None
 
@@ -146,14 +136,14 @@ with right:
                                          float(prm.step), key=key, help=prm.help)
     extra = {}
     if "scores" in preset.needs:
-        scores = probe_array(spec.model, "needle", "retrieval")
+        scores = stored_scores(spec.model, "retrieval")
         if scores is None:
             st.caption("No retrieval probe result: the chosen heads are masked (or K random heads).")
             if params.get("random") or not heads:
                 scores = np.zeros((meta.n_layers, meta.n_heads))
         extra["scores"] = scores
     if "gates" in preset.needs:
-        gates = probe_array(spec.model, "duo", "alpha")
+        gates = stored_scores(spec.model, "duo_gate", granularity="kv")
         if gates is not None and not heads:
             extra["gates"] = gates
             st.caption("Streaming heads from the stored DuoAttention gates.")
@@ -163,12 +153,9 @@ with right:
         memo = st.session_state.setdefault("iv_dirs", {})
         dkey = (spec.model, spec.chat, pos, neg)
         if st.button("Compute directions", key="iv_dirs_btn"):
-            from capture import registry
-            from probes.steering import steering_directions
-
             try:
                 with st.spinner("Collecting head outputs…"):
-                    memo[dkey] = steering_directions(registry.load(spec.model), pos.splitlines(), neg.splitlines(),
+                    memo[dkey] = probes.steering_directions(capture.load(spec.model), pos.splitlines(), neg.splitlines(),
                                                      chat=spec.chat)
             except InterventionError as exc:
                 st.error(str(exc))

@@ -2,8 +2,9 @@
 import numpy as np
 import streamlit as st
 
+import probes
 from analytics import patterns as P
-from capture.api import default_store
+from capture import default_store, load_capture
 from charts import patterns as charts
 from charts.theme import plot_config
 from pages import shared
@@ -66,14 +67,11 @@ def current_atlas() -> P.Atlas | None:
 
 
 def train(keys: list[str], vision: str, k: int) -> None:
-    from capture.api import load_capture
-    from probes.pattern_atlas import build_atlas
-
     captures = [c for c in (load_capture(key, store) for key in keys) if c is not None]
     bar = st.progress(0.0, text="Sampling maps…")
     params = P.AtlasParams(vision=vision, cluster=P.ClusterParams(k=k))
     try:
-        atlas = build_atlas(captures, params, store,
+        atlas = probes.build_atlas(captures, params, store,
                             progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
     except ValueError as exc:
         bar.empty()

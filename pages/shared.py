@@ -15,7 +15,7 @@ import numpy as np
 import streamlit as st
 
 import capture
-from core.types import Capture, RunSpec
+from capture import Capture, RunSpec
 from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_STEPS, ViewState, allowed_models
 
 EMBEDDED_TITLES = {
@@ -137,20 +137,17 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
 
 def image_inputs(state: ViewState) -> None:
     """A sample photo or an upload (checked by content, stored by hash: links carry only the hash)."""
-    from capture.images import sample_names, store_upload
-    from core.errors import InputError
-
     problem = None
     upload = st.session_state.get("f_upload")  # handled before the widgets so the new image shows at once
     if upload is not None and st.session_state.get("f_uploaded") != upload.file_id:
         try:
-            ref = store_upload(upload.getvalue())
-        except InputError as exc:
+            ref = capture.store_upload(upload.getvalue())
+        except capture.InputError as exc:
             problem = str(exc)
         else:
             set_fields(image=ref)
         st.session_state["f_uploaded"] = upload.file_id
-    samples = sample_names()
+    samples = capture.sample_names()
     if not state.image:
         set_fields(image="cat" if "cat" in samples else samples[0])
     options = samples + ([state.image] if state.image not in samples else [])
@@ -169,16 +166,12 @@ def _image_kind(ref: str) -> str:
 def vlm_inputs(state: ViewState) -> None:
     """A picture (a procedural scene by seed, a sample photo or an upload) and a question about it.
     Drafts until Run, like the prompt; an upload is checked and stored by hash at once."""
-    from capture.images import sample_names, store_upload
-    from core import scenes
-    from core.errors import InputError
-
     if not state.image:
         state.image = VLM_IMAGE
     kind = _image_kind(state.image)
     st.session_state.setdefault("f_image_kind", kind)
     st.session_state.setdefault("f_scene_seed", int(state.image[6:]) if kind == "scene" else 3)
-    samples = sample_names()
+    samples = capture.sample_names()
     st.session_state.setdefault("f_sample", state.image if kind == "sample" and state.image in samples else samples[0])
     st.session_state.setdefault("f_upload_ref", state.image if kind == "upload" else "")
     st.session_state.setdefault("f_prompt", state.prompt)
@@ -189,9 +182,9 @@ def vlm_inputs(state: ViewState) -> None:
         st.number_input("Scene seed", 0, 10**9 - 1, key="f_scene_seed",
                         help="A procedural picture of 2-4 coloured shapes (core.scenes); shapes-vlm was "
                              "trained on scenes with seeds from 1,000,000, so small seeds are new to it.")
-        scene = scenes.make_scene(int(st.session_state["f_scene_seed"]), scenes.VLM)
+        scene = capture.scenes.make_scene(int(st.session_state["f_scene_seed"]), capture.scenes.VLM)
         st.image(scene.image, caption=scene.caption, width=160)
-        suggestions = [qa.question for qa in scenes.questions(scene)]
+        suggestions = [qa.question for qa in capture.scenes.questions(scene)]
         st.selectbox("Suggested questions", ["—"] + suggestions, key="f_suggest", on_change=_use_suggestion)
     elif choice == "sample":
         st.selectbox("Sample photo", samples, key="f_sample")
@@ -200,8 +193,8 @@ def vlm_inputs(state: ViewState) -> None:
                                   help="PNG/JPEG/WebP/GIF/BMP, up to 20 MB; checked by content, stored by its hash.")
         if upload is not None and st.session_state.get("f_vlm_uploaded") != upload.file_id:
             try:
-                st.session_state["f_upload_ref"] = store_upload(upload.getvalue())
-            except InputError as exc:
+                st.session_state["f_upload_ref"] = capture.store_upload(upload.getvalue())
+            except capture.InputError as exc:
                 st.error(str(exc))
             st.session_state["f_vlm_uploaded"] = upload.file_id
     st.text_input("Question", max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
@@ -242,13 +235,11 @@ def _apply_drafts() -> None:
 
 def resolve_link_key() -> None:
     """A link that names its input by capture key: load that capture's spec (before widgets render)."""
-    from capture.api import load_capture
-
     state = view_state()
     held: Capture | None = st.session_state.get("capture")
     if not state.key or (held is not None and held.key == state.key):
         return
-    found = load_capture(state.key)
+    found = capture.load_capture(state.key)
     if found is not None and found.spec.model in allowed_models():
         state.model, state.prompt = found.spec.model, found.spec.prompt
         state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
@@ -279,21 +270,18 @@ def current_capture() -> Capture | None:
 
     Shows a clear message (and returns None) for input that cannot be run.
     """
-    from capture.api import cached, run
-    from core.errors import CacheError, InputError, InterventionError, ModelUnavailable
-
     state = view_state()
     held: Capture | None = st.session_state.get("capture")
     spec = spec_of(state)
     if held is not None and held.spec == spec:
         return held
     try:
-        found = cached(spec)
+        found = capture.cached(spec)
         if found is None:
             bar = st.progress(0.0, text=f"Running {spec.model}…")
-            found = run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+            found = capture.run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
             bar.empty()
-    except (CacheError, InputError, InterventionError, ModelUnavailable) as exc:
+    except (capture.CacheError, capture.InputError, capture.InterventionError, capture.ModelUnavailable) as exc:
         st.error(str(exc))
         return None
     st.session_state["capture"] = found

@@ -29,6 +29,7 @@ _WHERE = {
     "steering_directions": "probes.steering", "SteeringDirections": "probes.steering",
     "vhd": "probes.vlm", "for_capture": "probes.vlm",
     "accuracy_change": "probes.vlm_accuracy", "gaze_pointing": "probes.vlm_accuracy",
+    "QUESTIONS_PER_SCENE": "probes.vlm_accuracy",
     "vit_token_norms": ("probes.vision", "token_norms"), "vit_ablation": ("probes.vision", "ablation"),
     "vit_grad_gate": ("probes.vision", "grad_gate"),
 }
