@@ -6,7 +6,7 @@ import streamlit as st
 
 import probes
 from analytics import METRICS, ProbeMissing, importance
-from capture import InputError, InterventionError, ModelUnavailable, default_store, load, revision
+from capture import default_store, load, revision
 from charts import atlas as charts
 from charts.theme import plot_config
 from pages import shared
@@ -56,17 +56,12 @@ def _compute(name: str, params: dict) -> np.ndarray:
 
 
 def _run_probe(probe: str, params: dict | None = None) -> None:
-    bar = st.progress(0.0, text=f"{probe} probe on {model}…")
-    report = lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m)  # noqa: E731
-    try:
-        if probe == "hidden":
-            probes.hidden_states(capture, progress=report)
-        else:
-            probes.run_probe(probe, model, params or {}, progress=report)
-    except (InputError, InterventionError, ModelUnavailable) as exc:
-        st.error(str(exc))
+    if probe == "hidden":
+        result = shared.run_with_progress(f"Residual stream of this capture of {model}", probes.hidden_states, capture)
+    else:
+        result = shared.run_with_progress(f"{probe} probe on {model}", probes.run_probe, probe, model, params or {})
+    if result is None:
         return
-    bar.empty()
     st.session_state.pop("atlas_values", None)
     st.rerun()
 

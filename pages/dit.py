@@ -10,7 +10,7 @@ import streamlit as st
 
 import probes
 from analytics import dit as analytics
-from capture import InputError, InterventionError, RunSpec, dit_capture, dit_presets, recall, remember, run
+from capture import RunSpec, dit_capture, dit_presets, recall, remember
 from charts import dit as charts
 from charts.theme import plot_config
 from pages import shared
@@ -29,23 +29,6 @@ st.caption("shapes-dit: a small MM-DiT (SD3-style joint attention) HeadScope tra
            "coloured shapes, conditioned on MiniLM. Prompts read like “a red circle at the top left and a "
            "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
            "triangle; a 3 x 3 grid of positions). Prompt, seed and steps are in the sidebar.")
-
-
-@st.cache_resource(show_spinner=False, max_entries=32)
-def _capture(spec: RunSpec):
-    return run(spec)
-
-
-def capture_of(spec: RunSpec):
-    try:
-        with st.spinner("Sampling (every step's attention is recorded) ..."):
-            return _capture(spec)
-    except (InputError, InterventionError) as exc:
-        st.error(str(exc))
-        st.stop()
-    except Exception as exc:  # noqa: BLE001 - a model that cannot load says so in one line
-        st.error(f"{MODEL} could not run: {exc}")
-        st.stop()
 
 
 meta = capture.meta
@@ -196,7 +179,10 @@ with tab_pag:
             problem = "Pick at least one token to take attention from."
     state.intervention = remember(iv) if iv is not None else "none"  # the link carries the setting by key
     if iv is not None:
-        after = capture_of(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv))
+        after = shared.run_capture(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv),
+                                   f"Sampling with {label}")
+        if after is None:
+            st.stop()
         st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
                                             ("before", f"after ({label})")),
                         key="dit_before_after", config=plot_config())
@@ -207,12 +193,12 @@ with tab_pag:
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
-        bar = st.progress(0.0, "HeadHunter")
-        result = probes.headhunter(MODEL, probes.HeadHunterParams(objective=objective),
-                            progress=lambda f, m: bar.progress(min(1.0, f), m))
-        st.session_state["dit_hunted"] = result.heads
-        st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())
-        st.rerun()
+        result = shared.run_with_progress("HeadHunter", probes.headhunter, MODEL,
+                                          probes.HeadHunterParams(objective=objective))
+        if result is not None:
+            st.session_state["dit_hunted"] = result.heads
+            st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())
+            st.rerun()
     if "dit_hunt_result" in st.session_state:
         record, single, sheet = st.session_state["dit_hunt_result"]
         st.write(f"HeadHunter ({record['params']['objective']}): {record['note']} (baseline "

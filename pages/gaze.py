@@ -130,8 +130,8 @@ with tab_vhd:
         st.caption("Vision-aware head divergence (He et al. 2025, METHODS §3.1): how far each head's output on the "
                    "answer moves when the picture is removed. Two extra forward passes.")
         if len(capture.spans.get("answer", range(0))) and st.button("Compute VHD", key="gaze_vhd"):
-            with st.spinner("Two passes: with and without the picture ..."):
-                divergence = probes.vhd(capture)
+            divergence = shared.run_with_progress("VHD: two passes, with and without the picture",
+                                                  lambda progress: probes.vhd(capture))
     if divergence is not None:
         answer_tokens = [capture.tokens[i] for i in capture.spans["answer"]]
         c1, c2 = st.columns(2)

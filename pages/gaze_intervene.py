@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 import probes
-from capture import InputError, InterventionError, ProbeMissing, recall, remember, run, vlm_presets
+from capture import InterventionError, ProbeMissing, recall, remember, vlm_presets
 from charts import gaze as charts
 from charts.theme import plot_config
 from pages import shared
@@ -79,7 +79,8 @@ def render(capture, found, hv, sinks) -> None:
             st.info(str(exc))
     state.intervention = remember(intervention) if intervention is not None else "none"  # the link carries it
     if intervention is not None:
-        after = _after(dataclasses.replace(capture.spec, intervention=intervention))
+        after = shared.run_capture(dataclasses.replace(capture.spec, intervention=intervention),
+                                   "Answering again with the intervention")
         if after is not None:
             left, right = st.columns(2)
             left.markdown("**Before**")
@@ -91,31 +92,15 @@ def render(capture, found, hv, sinks) -> None:
     _batch(method, params, heads)
 
 
-@st.cache_resource(show_spinner=False, max_entries=32)
-def _capture(spec):
-    return run(spec)
-
-
-def _after(spec):
-    try:
-        with st.spinner("Answering again with the intervention ..."):
-            return _capture(spec)
-    except (InputError, InterventionError) as exc:
-        st.error(str(exc))
-        return None
-
-
 def _batch(method: str, params: dict, heads) -> None:
     st.markdown("**Held-out scenes**")
     n = st.slider("Scenes", 1, 50, key="gaze_iv_scenes",
                   help=f"{probes.QUESTIONS_PER_SCENE} questions per scene, the absent-object one always among them.")
     if st.button("Measure the accuracy change", key="gaze_iv_batch", disabled=method == "none"):
-        bar = st.progress(0.0, "batch")
-        model = shared.view_state().model
-        st.session_state["gaze_iv_result"] = probes.accuracy_change(
-            model, method, {**params, **({"heads": heads} if heads else {})}, n_scenes=int(n),
-            progress=lambda f, m: bar.progress(min(1.0, f), m))
-        bar.empty()
+        found = shared.run_with_progress("Held-out scenes", probes.accuracy_change, shared.view_state().model, method,
+                                         {**params, **({"heads": heads} if heads else {})}, n_scenes=int(n))
+        if found is not None:
+            st.session_state["gaze_iv_result"] = found
     result = st.session_state.get("gaze_iv_result")
     if result is None:
         return

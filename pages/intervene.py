@@ -1,8 +1,8 @@
 """Intervene: toggle heads, pick a preset, rerun generation, and compare before | after.
 
-Baseline = the current input (`st.session_state["spec"]`, else the sidebar's view state).  The
-intervened run is `capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so
-the same intervention is computed once and the loaded model is reused.
+Baseline = the current input (the sidebar's view state).  The intervened run is
+`capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so the same
+intervention is computed once and the loaded model is reused.
 """
 from __future__ import annotations
 
@@ -17,39 +17,9 @@ from analytics import METRICS
 from capture import Intervention, InterventionError, presets, recall, remember
 from charts import compare
 from charts.theme import plot_config
+from pages import shared
 
 MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
-
-
-def _shared():
-    try:
-        from pages import shared
-
-        return shared
-    except Exception:  # noqa: BLE001 - the page also runs on its own (tests, a bare `streamlit run`)
-        return None
-
-
-def baseline_spec():
-    spec = st.session_state.get("spec")
-    shared = _shared()
-    if spec is None and shared is not None:
-        spec = shared.spec_of(shared.view_state())
-    return spec
-
-
-def run_spec(spec, what: str):
-    """capture.run with a progress bar; None (and a message) for input that cannot run."""
-    try:
-        found = capture.cached(spec)
-        if found is None:
-            bar = st.progress(0.0, text=f"{what}…")
-            found = capture.run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"{what}: {m}"))
-            bar.empty()
-        return found
-    except (capture.InputError, InterventionError, capture.ModelUnavailable) as exc:
-        st.error(str(exc))
-        return None
 
 
 def scored(baseline, intervention: Intervention) -> np.ndarray:
@@ -74,10 +44,7 @@ def stored_scores(model: str, metric: str, **params):
 
 # ---- baseline ------------------------------------------------------------------------------------
 st.title("Interventions")
-spec = baseline_spec()
-if spec is None:
-    st.info("Type a prompt in the sidebar and press Run; this page then compares it with an intervened run.")
-    st.stop()
+spec = shared.spec_of(shared.view_state())
 if not spec.prompt.strip():
     st.error("The prompt is empty: type a prompt in the sidebar and press Run; this page then compares it "
              "with an intervened run.")
@@ -87,7 +54,7 @@ if spec.max_new_tokens == 0:
                             help="The input is prefill-only; interventions are compared on a generated continuation.")
     spec = dataclasses.replace(spec, max_new_tokens=int(n_new))
 spec = dataclasses.replace(spec, intervention=Intervention())
-base = run_spec(spec, "baseline")
+base = shared.run_capture(spec, "baseline")
 if base is None:
     st.stop()
 meta = base.meta
@@ -153,12 +120,10 @@ with right:
         memo = st.session_state.setdefault("iv_dirs", {})
         dkey = (spec.model, spec.chat, pos, neg)
         if st.button("Compute directions", key="iv_dirs_btn"):
-            try:
-                with st.spinner("Collecting head outputs…"):
-                    memo[dkey] = probes.steering_directions(capture.load(spec.model), pos.splitlines(), neg.splitlines(),
-                                                     chat=spec.chat)
-            except InterventionError as exc:
-                st.error(str(exc))
+            found = shared.run_with_progress("Collecting head outputs", lambda progress: probes.steering_directions(
+                capture.load(spec.model), pos.splitlines(), neg.splitlines(), chat=spec.chat))
+            if found is not None:
+                memo[dkey] = found
         extra["directions"] = memo.get(dkey)
     try:
         intervention = presets.build(name, meta, heads or None, **params, **extra)
@@ -181,21 +146,19 @@ with left:
                     key="iv_grid", on_select=toggle_from_grid, selection_mode="points", config=plot_config())
 
 # ---- link state: the active intervention travels by key ------------------------------------------
-shared = _shared()
-state = shared.view_state() if shared is not None else None
+state = shared.view_state()
 active: Intervention | None = st.session_state.get("iv_active")
-if active is None and state is not None and getattr(state, "intervention", "none") != "none":
+if active is None and state.intervention != "none":
     active = recall(state.intervention)
     if active is None:
         st.warning("The linked intervention is not stored on this server; pick heads and a preset instead.")
 if active is None or active.empty:
     st.info("Pick heads and a preset, then press Rerun to compare.")
     st.stop()
-if state is not None:
-    state.intervention = remember(active)
+state.intervention = remember(active)
 
 # ---- before | after ------------------------------------------------------------------------------
-after = run_spec(dataclasses.replace(spec, intervention=active), "intervened run")
+after = shared.run_capture(dataclasses.replace(spec, intervention=active), "intervened run")
 if after is None:
     st.stop()
 st.subheader(f"Before | after · {active.preset or 'custom'} on {len(active.heads())} heads")
@@ -241,7 +204,7 @@ if saved:
     if st.button(f"Compare all {len(saved)} with the baseline", key="iv_compare_saved"):
         rows = []
         for label, iv in saved.items():
-            run_ = run_spec(dataclasses.replace(spec, intervention=iv), f"{label}")
+            run_ = shared.run_capture(dataclasses.replace(spec, intervention=iv), label)
             if run_ is None:
                 continue
             d = compare.token_diff(before_tokens, run_.tokens[n_prompt:])

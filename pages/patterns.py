@@ -68,16 +68,14 @@ def current_atlas() -> P.Atlas | None:
 
 def train(keys: list[str], vision: str, k: int) -> None:
     captures = [c for c in (load_capture(key, store) for key in keys) if c is not None]
-    bar = st.progress(0.0, text="Sampling maps…")
     params = P.AtlasParams(vision=vision, cluster=P.ClusterParams(k=k))
     try:
-        atlas = probes.build_atlas(captures, params, store,
-                            progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
-    except ValueError as exc:
-        bar.empty()
+        atlas = shared.run_with_progress("Pattern atlas", probes.build_atlas, captures, params, store)
+    except ValueError as exc:  # probes.pattern_atlas says "too few maps" with a ValueError, not yet an InputError
         st.error(str(exc))
         return
-    bar.empty()
+    if atlas is None:
+        return
     st.session_state["pattern_atlas"] = atlas
     state.atlas, state.points, state.cluster, state.names = atlas.key, "", -1, ""
     st.rerun()

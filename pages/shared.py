@@ -1,4 +1,5 @@
-"""What every page shares: the view state, the sidebar run controls, the current capture, the status line.
+"""What every page shares: the view state, the sidebar run controls, the current capture, the status line,
+and one way to run long work (`run_with_progress`).
 
 The `ViewState` in `st.session_state["view"]` is the single source of truth.  Widgets are bound
 to its fields (`bind`); app.py writes it to `st.query_params` at the end of every run, which also
@@ -6,10 +7,10 @@ puts back the parameters Streamlit drops when the sidebar switches pages.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import zipfile
+from typing import Callable, TypeVar
 
 import numpy as np
 import streamlit as st
@@ -265,6 +266,37 @@ def spec_of(state: ViewState) -> RunSpec:
     return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
 
 
+T = TypeVar("T")  # what a piece of long work returns
+
+
+def run_with_progress(label: str, work: Callable[..., T], *args, stored: Callable[..., T | None] | None = None,
+                      **kwargs) -> T | None:
+    """`work(*args, progress=..., **kwargs)` under a progress bar fed by its (fraction, message) reports.
+
+    `stored(*args)`, when given, is asked first: a result it finds is returned without drawing a bar.
+    Work that reports nothing (`lambda progress: ...`) shows its label over an empty bar until it ends.
+    A `capture.USER_ERRORS` (bad input, a model that cannot be had, a cache that cannot be written ...)
+    is shown as its one sentence and None is returned; nothing the session holds is touched.
+    """
+    try:
+        if stored is not None and (found := stored(*args)) is not None:
+            return found
+        bar = st.progress(0.0, text=f"{label}…")
+        try:
+            return work(*args, progress=lambda fraction, message: bar.progress(
+                min(max(fraction, 0.0), 1.0), text=f"{label}: {message}"), **kwargs)
+        finally:
+            bar.empty()
+    except capture.USER_ERRORS as exc:
+        st.error(str(exc))
+        return None
+
+
+def run_capture(spec: RunSpec, label: str) -> Capture | None:
+    """The capture of `spec`: from the cache, else run under a progress bar; None after a one-sentence error."""
+    return run_with_progress(label, capture.run, spec, stored=capture.cached)
+
+
 def current_capture() -> Capture | None:
     """The capture of the current input: from memory, the cache, or computed with a progress bar.
 
@@ -275,14 +307,8 @@ def current_capture() -> Capture | None:
     spec = spec_of(state)
     if held is not None and held.spec == spec:
         return held
-    try:
-        found = capture.cached(spec)
-        if found is None:
-            bar = st.progress(0.0, text=f"Running {spec.model}…")
-            found = capture.run(spec, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
-            bar.empty()
-    except (capture.CacheError, capture.InputError, capture.InterventionError, capture.ModelUnavailable) as exc:
-        st.error(str(exc))
+    found = run_capture(spec, f"Running {spec.model}")
+    if found is None:
         return None
     st.session_state["capture"] = found
     if len(state.prompt) > MAX_LINK_PROMPT:
