@@ -6,7 +6,7 @@ import streamlit as st
 
 import probes
 from analytics import METRICS, ProbeMissing, importance
-from capture import default_store, load, revision
+from capture import USER_ERRORS, default_store, load, revision
 from charts import atlas as charts
 from charts.theme import plot_config
 from pages import shared
@@ -36,20 +36,19 @@ metric = METRICS[metric_name]
 st.markdown(f"{metric.explanation}  \n*{metric.paper}*")
 
 
-@st.cache_resource(show_spinner=False)
-def _context(model_name: str) -> tuple:
-    meta = load(model_name).meta
-    return default_store(), revision(model_name), meta
-
-
 def _compute(name: str, params: dict) -> np.ndarray:
-    """The metric's values for the current capture (one-pass) or model (probe results)."""
+    """The metric's values for the current capture (one-pass) or model (probe results, read from the cache
+    by the model's revision: the model itself is loaded only for the GQA group of a per-KV-head metric when
+    no capture is loaded)."""
+    entry = METRICS[name]
+
     def compute() -> np.ndarray:
-        if METRICS[name].probe is not None and METRICS[name].probe != "hidden":
-            store, revision, meta = _context(model)
-            owner = capture or type("ModelOnly", (), {"store": store, "meta": meta, "key": ""})()
-            return METRICS[name].compute(owner, store=store, revision=revision, model=model, **params)
-        return METRICS[name].compute(capture, **params)
+        if entry.probe in (None, "hidden"):
+            return entry.compute(capture, **params)
+        where = {"store": default_store(), "revision": revision(model), "model": model}
+        if capture is None and name in GRANULAR:
+            where["group_size"] = load(model).meta.group_size
+        return entry.compute(capture, **where, **params)
 
     key = (name, capture.key if capture is not None else model, json.dumps(params, sort_keys=True))
     return shared.memo("atlas_values", key, compute)
@@ -90,6 +89,8 @@ else:
         label = {"hidden": "Capture the residual stream"}.get(metric.probe, f"Run the {metric.probe} probe")
         if st.button(label, type="primary", key="atlas_run_missing"):
             _run_probe(metric.probe, {"mode": params["mode"]} if metric.probe == "ablation" else None)
+    except USER_ERRORS as exc:  # a model that cannot be had, a cache that cannot be read
+        st.error(str(exc))
 
 config = plot_config(st.session_state.get("fig_format", "png"))
 n_layers = values.shape[0] if values is not None and values.ndim >= 2 else (capture.meta.n_layers if capture else 1)
