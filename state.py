@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Mapping
 
 from core.keys import is_key
+from core.types import MAX_STEPS
 
 PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
@@ -25,7 +26,6 @@ ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", 
                  "spread")
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
-MAX_STEPS = 200  # diffusion sampling steps a link may ask for (as capture/dit/adapter.py allows)
 # whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
 # "the last token" for token, "the middle step" for step and "none" for cluster
 NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 100_000), "q0": (0, 100_000),

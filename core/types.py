@@ -38,6 +38,7 @@ class ArrayStore(Protocol):
 
 CAPTURE_VERSION = 1  # bump when the stored format or the capture maths change
 OVERVIEW_BINS = 32  # thumbnail resolution of the model view (keeps its figure ~2 MB)
+MAX_STEPS = 200  # the most DiT sampling steps a RunSpec may ask for (capture.dit checks it; links are held to it)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ import base64
 import numpy as np
 import streamlit as st
 
+from capture import HEAD_OVERVIEW_BINS
 from charts import attention as charts
 from pages import shared
 from pages.widgets import picture
 
 FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution detail window
 WINDOW = 96  # detail window size, tokens
-OVERVIEW_BINS = 128
 
 state = shared.view_state()
 capture = shared.current_capture()
@@ -95,7 +95,7 @@ elif state.view == "head":
             q0 = shared.bind("q0", st.slider, "Detail window: first query", 0, n - WINDOW)
             k0 = shared.bind("k0", st.slider, "Detail window: first key", 0, n - WINDOW)
             # stored thumbnails where the capture has them (long captures); never the whole map
-            pooled = capture.head_overview(layer, head, OVERVIEW_BINS)  # [bins, bins]
+            pooled = capture.head_overview(layer, head, HEAD_OVERVIEW_BINS)  # [bins, bins]
             size = -(-n // pooled.shape[0])  # tokens per block (core.types.max_pool)
             picture(charts.overview_picture(pooled, n, scale, title=f"{title}: overview (click to move the window)"),
                     key="head_overview", on_pick=lambda row, col: centre_window_on(row, col, size), zoom=True,

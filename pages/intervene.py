@@ -18,6 +18,7 @@ from capture import Intervention, InterventionError, presets, recall, remember
 from charts import compare
 from charts.theme import plot_config
 from pages import shared
+from state import MAX_NEW_TOKENS
 
 MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
 
@@ -50,7 +51,7 @@ if not spec.prompt.strip():
              "with an intervened run.")
     st.stop()
 if spec.max_new_tokens == 0:
-    n_new = st.number_input("Tokens to generate", 1, 256, 24, key="iv_max_new",
+    n_new = st.number_input("Tokens to generate", 1, MAX_NEW_TOKENS, 24, key="iv_max_new",
                             help="The input is prefill-only; interventions are compared on a generated continuation.")
     spec = dataclasses.replace(spec, max_new_tokens=int(n_new))
 spec = dataclasses.replace(spec, intervention=Intervention())

@@ -21,16 +21,6 @@ st.title("Pattern atlas")
 shared.show_link_warnings()
 
 
-def memo(name: str, key, build):
-    """Keep one value per name for this session while `key` stays the same (figures, profiles)."""
-    cache = st.session_state.setdefault("_patterns_memo", {})
-    if name in cache and cache[name][0] == key:
-        return cache[name][1]
-    value = build()
-    cache[name] = (key, value)
-    return value
-
-
 def capture_options() -> dict[str, str]:
     """{capture key: label} of every complete capture in the cache (metadata only: no arrays read)."""
     def build():
@@ -48,7 +38,7 @@ def capture_options() -> dict[str, str]:
             tag = " · intervention" if edits.get("edits") or edits.get("preset") else ""
             out[key] = f"{record['meta']['name']} · {what} · {len(record['tokens'])} tok{tag} · {key[:6]}"
         return out
-    return memo("options", tuple(store.keys()), build)
+    return shared.memo("pat_options", tuple(store.keys()), build, size=1)
 
 
 def current_atlas() -> P.Atlas | None:
@@ -211,7 +201,7 @@ def scatter_figure():
                           title="Every map, placed by its autoencoder code (UMAP)", colour_title=COLOUR_TITLES[colour])
 
 
-fig = memo("scatter", (atlas.key, colour, tuple(names), state.points, state.cluster), scatter_figure)
+fig = shared.memo("pat_scatter", (atlas.key, colour, tuple(names), state.points, state.cluster), scatter_figure, size=1)
 st.plotly_chart(fig, key="atlas_scatter", on_select=on_select, selection_mode=("points", "box", "lasso"),
                 config=config)
 st.caption("Lasso or box-select points (or click one) to see their maps and heads; double-click to clear. "
@@ -231,8 +221,8 @@ if selected.size:
         where = f" q{maps.query[i]}" if maps.query[i] >= 0 else ""
         return f"{s.model}<br>L{maps.layer[i]} H{maps.head[i]}{where}"
 
-    st.plotly_chart(memo("sel_tiles", (atlas.key, tuple(shown)), lambda: charts.tiles(
-        maps.images[shown], [tile_title(i) for i in shown], cols=8)), key="selected_tiles", config=config,
+    st.plotly_chart(shared.memo("pat_sel_tiles", (atlas.key, tuple(shown)), lambda: charts.tiles(
+        maps.images[shown], [tile_title(i) for i in shown], cols=8), size=1), key="selected_tiles", config=config,
         width="content")
     families = set(maps.family()[shown])
     hints = ([charts.TEXT_COLUMNS_HINT] if "text" in families else []) + ([charts.VISION_HINT] if "image" in families else [])
@@ -245,9 +235,9 @@ if selected.size:
 # ---- prototypes, heads, comparisons --------------------------------------------------------------------------
 
 def prototypes_view() -> None:
-    st.plotly_chart(memo("gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
+    st.plotly_chart(shared.memo("pat_gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
         atlas.prototypes, atlas.nearest, maps.images, names, counts,
-        title="Each cluster: its decoded centre, then the maps nearest to it")), key="gallery", config=config,
+        title="Each cluster: its decoded centre, then the maps nearest to it"), size=1), key="gallery", config=config,
         width="content")
     st.caption("Labels are automatic (from sink, diagonal, previous-token and local mass, entropy and spread); "
                "rename a cluster below. Names travel with the share link.")
@@ -274,7 +264,7 @@ def heads_view() -> None:
     groups = atlas.groups()
     group = st.selectbox("Model", groups, key="pat_group")
     src = next(s for s in maps.sources if s.group == group)
-    profiles = memo("profiles", (atlas.key, group), lambda: atlas.profiles(group))
+    profiles = shared.memo("pat_profiles", (atlas.key, group), lambda: atlas.profiles(group), size=1)
     layer = min(max(state.layer, 0), src.n_layers - 1)
     head = min(max(state.head, 0), src.n_heads - 1)
 
@@ -292,16 +282,18 @@ def heads_view() -> None:
 
     left, right = st.columns([1.1, 1])
     with left:
-        st.plotly_chart(memo("dominant", (atlas.key, group, tuple(names), layer, head), lambda: charts.dominant_grid(
-            *P.dominant(profiles), names, title=f"{group}: each head's most frequent cluster", selected=(layer, head))),
-            key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
+        st.plotly_chart(shared.memo("pat_dominant", (atlas.key, group, tuple(names), layer, head),
+                                    lambda: charts.dominant_grid(*P.dominant(profiles), names, selected=(layer, head),
+                                                                 title=f"{group}: each head's most frequent cluster"),
+                                    size=1),
+                        key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
     with right:
-        st.plotly_chart(memo("head_profile", (atlas.key, group, tuple(names), layer, head), profile_figure),
-                        key="head_profile", config=config)
+        st.plotly_chart(shared.memo("pat_head_profile", (atlas.key, group, tuple(names), layer, head), profile_figure,
+                                    size=1), key="head_profile", config=config)
         st.caption("Click a head in the grid to see its profile.")
-    comp = memo("composition", (atlas.key, tuple(names)), lambda: charts.composition(
+    comp = shared.memo("pat_composition", (atlas.key, tuple(names)), lambda: charts.composition(
         {g: P.layer_composition(atlas.profiles(g)) for g in groups}, names,
-        title="How each layer's heads split over the clusters"))
+        title="How each layer's heads split over the clusters"), size=1)
     st.plotly_chart(comp, key="composition", config=config)
 
 
@@ -333,7 +325,8 @@ def compare_view() -> None:
                 charts.shift_grid(shift, title="How far each head's cluster mix moved (0 = same, 1 = disjoint)"),
                 int((np.nan_to_num(shift) >= 0.5).sum()))
 
-    fig_a, fig_b, fig_shift, moved = memo("compare", (atlas.key, before, after, tuple(names)), figures)
+    fig_a, fig_b, fig_shift, moved = shared.memo("pat_compare", (atlas.key, before, after, tuple(names)), figures,
+                                                 size=1)
     a.plotly_chart(fig_a, key="dom_before", config=config)
     b.plotly_chart(fig_b, key="dom_after", config=config)
     st.plotly_chart(fig_shift, key="shift_grid", config=config)

@@ -17,20 +17,12 @@ import streamlit as st
 
 import capture
 from capture import Capture, RunSpec
-from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_STEPS, ViewState, allowed_models
+from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, ViewState, allowed_models
 
-EMBEDDED_TITLES = {
-    "smollm2": "SmolLM2-135M (causal LM)",
-    "minilm": "MiniLM-L6 (encoder)",
-    "dinov2-s": "DINOv2-small (vision)",
-    "shapes-dit": "shapes-dit (text-to-image DiT)",
-    "shapes-vlm": "shapes-vlm (vision-language, LLaVA)",
-}
 # pages about one modality, and the embedded model they switch to when another kind is loaded
 PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm")}
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 VLM_IMAGE, VLM_QUESTION = "scene-3", "what colour is the circle?"  # scene 3 has one circle, a red one
-VLM_MAX_NEW = 8  # capture.vlm.model.MAX_NEW_TOKENS: answers are one to three words
 
 
 def view_state() -> ViewState:
@@ -73,6 +65,11 @@ def memo(name: str, key, compute, size: int = 16):
     return held[key]
 
 
+def model_title(model: str) -> str:
+    """What the model menu shows: an embedded model's short label, else the name itself."""
+    return capture.EMBEDDED[model].label if model in capture.EMBEDDED else model
+
+
 def modality_of(model: str) -> str:
     """"text", "vision", "vlm" or "dit": what the sidebar asks for."""
     return capture.modality(model)
@@ -92,7 +89,7 @@ def page_model() -> None:
         state.image = VLM_IMAGE
         for key in ("f_image_kind", "f_scene_seed", "f_sample"):
             st.session_state.pop(key, None)
-    st.toast(f"Switched the model to {EMBEDDED_TITLES.get(wanted[1], wanted[1])} for this page.")
+    st.toast(f"Switched the model to {model_title(wanted[1])} for this page.")
 
 
 def sidebar() -> None:
@@ -103,7 +100,7 @@ def sidebar() -> None:
         models = list(allowed_models())
         if state.model not in models:
             state.model = models[0]
-        bind("model", st.selectbox, "Model", models, format_func=lambda m: EMBEDDED_TITLES.get(m, m),
+        bind("model", st.selectbox, "Model", models, format_func=model_title,
              help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
         modality = modality_of(state.model)
         if modality == "vision":
@@ -126,7 +123,7 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
                      help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
         left, right = st.columns(2)
         left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
-        right.number_input("Steps", 1, MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
+        right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
     else:
         st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
         st.checkbox("Wrap in the chat template", key="f_chat",
@@ -262,7 +259,7 @@ def spec_of(state: ViewState) -> RunSpec:
         return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps)
     if modality == "vlm":
         return RunSpec(model=state.model, prompt=state.prompt, image=state.image or VLM_IMAGE,
-                       max_new_tokens=state.max_new_tokens or VLM_MAX_NEW)
+                       max_new_tokens=state.max_new_tokens or capture.VLM_MAX_NEW_TOKENS)
     return RunSpec(model=state.model, prompt=state.prompt, chat=state.chat, max_new_tokens=state.max_new_tokens)
 
 

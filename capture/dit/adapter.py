@@ -27,10 +27,9 @@ from capture.engine.handle import ModelHandle
 from core import dit_capture
 from core.errors import InputError
 from core.progress import Progress
-from core.types import OVERVIEW_BINS, Capture, ModelMeta, Output, RunSpec
+from core.types import MAX_STEPS, OVERVIEW_BINS, Capture, ModelMeta, Output, RunSpec
 from core.layouts import max_pool, overview_name
 
-MAX_STEPS = 200
 MAX_PROMPT_CHARS = 500
 
 
