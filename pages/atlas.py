@@ -150,8 +150,8 @@ with st.expander("Long probes (need the model; results are cached per model)"):
                f"{model}`.")
     cols = st.columns(3)
     long_probes = [("patterns", "Repeated random tokens (~seconds)"), ("needle", "Needle in a haystack (~minutes)"),
-              ("ablation", "Ablate every head (~1-2 min)"), ("gradient", "Gradient importance (~seconds)"),
-              ("duo", "Mini DuoAttention (~2 min)"), ("hidden", "Residual stream of this capture")]
+                   ("ablation", "Ablate every head (~1-2 min)"), ("gradient", "Gradient importance (~seconds)"),
+                   ("duo", "Mini DuoAttention (~2 min)"), ("hidden", "Residual stream of this capture")]
     for i, (probe, label) in enumerate(long_probes):
         disabled = probe == "hidden" and capture is None
         if cols[i % 3].button(label, key=f"atlas_probe_{probe}", disabled=disabled, width="stretch"):

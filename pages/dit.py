@@ -2,8 +2,8 @@
 heatmaps per head, RefAM sink tokens, a head grounding table, and before | after pictures of SoftPAG /
 PAG guidance, scaled (masked) heads or attention redistributed away from sink tokens.
 
-Thin: the capture front door for the captures (cached), analytics.dit for the numbers, charts.dit for the
-figures.  Widget keys start with "dit_".
+Thin: the capture front door for the captures (cached), analytics.dit for the numbers, charts.dit for
+the figures.  Widget keys start with "dit_".
 """
 import numpy as np
 import streamlit as st
