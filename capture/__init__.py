@@ -3,9 +3,9 @@
     import capture
 
     spec = capture.RunSpec(model="smollm2", prompt="The capital of France is", max_new_tokens=5)
-    cap = capture.api(spec)                      # from the cache when it is there, else the model runs
+    cap = capture.run(spec)                      # from the cache when it is there, else the model runs
     cap.head(3, 2)                               # [query, key] float16, read lazily from the cache
-    pruned = capture.api(capture.RunSpec(model="smollm2", prompt=spec.prompt, max_new_tokens=5,
+    pruned = capture.run(capture.RunSpec(model="smollm2", prompt=spec.prompt, max_new_tokens=5,
                                          intervention=capture.ablate_heads([(3, 2)])))
 
 Pages, notebooks, the command line and probes come in through this door; the rooms behind it are
