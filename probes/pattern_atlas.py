@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from analytics import patterns as P
+from cache.atlas import KIND, load_atlas, load_model, save_atlas, save_model
 from core.keys import stable_hash
 from core.progress import Progress, no_progress
 
@@ -165,7 +166,7 @@ def cached_embedding(store, codes: np.ndarray, model_key_: str, params: P.AtlasP
     xy = P.embed_2d(codes, params.cluster)
     seconds = time.perf_counter() - t0
     store.put_array(key, "xy", xy)
-    store.put_meta(key, {"kind": P.KIND, "part": "embedding", "model_key": model_key_, "seconds": seconds})
+    store.put_meta(key, {"kind": KIND, "part": "embedding", "model_key": model_key_, "seconds": seconds})
     return xy, seconds
 
 
@@ -227,14 +228,14 @@ def build_atlas(captures: list, params: P.AtlasParams = P.AtlasParams(), store=N
         raise ValueError("Pick at least one capture to train on.")
     mkey = model_key([c.key for c in captures], params)
     akey = atlas_key(mkey, params)
-    found = P.load_atlas(store, akey)
+    found = load_atlas(store, akey, P.atlas_from_store)
     if found is not None:
         return found
     with store.lock(akey):
-        found = P.load_atlas(store, akey)
+        found = load_atlas(store, akey, P.atlas_from_store)
         if found is not None:
             return found
-        stored = P.load_model_record(store, mkey)
+        stored = load_model(store, mkey, P.model_from_store)
         if stored is not None:
             maps, codes, weights, record = stored
             model, loss, timings = model_from(weights, params.latent), record.get("loss", []), record.get("timings", {})
@@ -248,9 +249,9 @@ def build_atlas(captures: list, params: P.AtlasParams = P.AtlasParams(), store=N
             model, loss = train(maps.images, params, _span(progress, 0.1, 0.7))
             codes = encode(model, maps.images)
             timings["train_s"], timings["train_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-            P.save_model_record(store, mkey, maps, codes, weights_of(model), params, loss, timings)
+            save_model(store, mkey, *P.model_to_store(maps, codes, params, loss, timings), weights_of(model))
         atlas = finish(maps, codes, model, params, akey, mkey, _span(progress, 0.7, 1.0), timings, loss, store)
-        P.save_atlas(store, atlas)
+        save_atlas(store, atlas.key, *P.atlas_to_store(atlas))
         return atlas
 
 
@@ -261,14 +262,14 @@ def recluster(atlas: P.Atlas, cluster: P.ClusterParams, store=None, progress: Pr
     store = store or default_store()
     params = replace(atlas.params, cluster=cluster)
     akey = atlas_key(atlas.model_key, params)
-    found = P.load_atlas(store, akey)
+    found = load_atlas(store, akey, P.atlas_from_store)
     if found is not None:
         return found
-    stored = P.load_model_record(store, atlas.model_key)
+    stored = load_model(store, atlas.model_key, P.model_from_store)
     if stored is None:
         raise ValueError("The autoencoder of this atlas is no longer in the cache; train it again.")
     maps, codes, weights, record = stored
     out = finish(maps, codes, model_from(weights, params.latent), params, akey, atlas.model_key, progress,
                  record.get("timings", {}), record.get("loss", []), store)
-    P.save_atlas(store, out)
+    save_atlas(store, out.key, *P.atlas_to_store(out))
     return out

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from analytics import patterns as P
+from analytics.patterns.encode import _text_columns
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 KIND_WORDS = {"diagonal": "diagonal", "previous": "previous token", "sink": "sink (first column)",
@@ -34,12 +35,12 @@ def test_text_encoding_lines_up_each_kind_whatever_the_length(n):
 
 
 def test_text_columns_put_every_key_in_one_column():
-    cols = P._text_columns(300, tuple(int(q) for q in P.text_queries(300)))
+    cols = _text_columns(300, tuple(int(q) for q in P.text_queries(300)))
     assert cols.min() >= 0 and cols.max() < P.SIZE
     q = P.text_queries(300)
     assert (cols[:, 0] == 0).all() and (cols[np.arange(32), q] == P.SELF_COLUMN).all()
     assert (cols[np.arange(32), q - 1] == P.SELF_COLUMN - 1).all()
-    future = P._text_columns(40, (10,))[0]
+    future = _text_columns(40, (10,))[0]
     assert future[11] == P.SELF_COLUMN + 1 and future[39] > future[11]  # encoders: keys ahead to the right
 
 
@@ -161,6 +162,31 @@ def test_same_seed_same_clusters(synthetic):
     assert not np.array_equal(M.encode(other, mapset.images[:4]), M.encode(model, mapset.images[:4]))
 
 
+def test_atlas_round_trips_through_the_store_and_an_unreadable_record_goes(synthetic, store):
+    import dataclasses
+
+    from cache.atlas import atlas_records, load_atlas, load_model, save_atlas, save_model
+    from probes import pattern_atlas as M
+
+    mapset, _, trained, model = synthetic
+    atlas = dataclasses.replace(trained, key="atlas0", model_key="model0")
+    weights = M.weights_of(model)
+    save_model(store, "model0", *P.model_to_store(atlas.maps, atlas.codes, atlas.params, atlas.loss, {}), weights)
+    save_atlas(store, "atlas0", *P.atlas_to_store(atlas))
+    maps, codes, stored_weights, _ = load_model(store, "model0", P.model_from_store)
+    np.testing.assert_allclose(maps.images, mapset.images, atol=1e-3)  # float16 on disk
+    assert maps.sources == mapset.sources and codes.dtype == np.float32 and list(stored_weights) == list(weights)
+    loaded = load_atlas(store, "atlas0", P.atlas_from_store)
+    assert loaded.labels == atlas.labels and loaded.k == atlas.k and loaded.params == atlas.params
+    np.testing.assert_array_equal(loaded.cluster, atlas.cluster)
+    assert loaded.cluster.dtype == np.int64 and loaded.scores == atlas.scores and loaded.chosen == atlas.chosen
+    assert [key for key, _ in atlas_records(store)] == ["atlas0"]
+    meta, arrays = P.atlas_to_store(atlas)
+    del meta["params"]  # an older layout: read as absent, and evicted
+    save_atlas(store, "atlas0", meta, arrays)
+    assert load_atlas(store, "atlas0", P.atlas_from_store) is None and store.get_meta("atlas0") is None
+
+
 def test_profiles_dominant_and_shift():
     labels = np.array([0, 0, 1, 1, 1, 2])
     layer = np.array([0, 0, 0, 1, 1, 1])
@@ -201,6 +227,7 @@ def test_smollm2_has_a_sink_cluster_named_so(smollm2_atlas):
 
 
 def test_atlas_is_cached_by_captures_and_params(smollm2_atlas):
+    from cache.atlas import load_atlas
     from capture.api import default_store
     from probes.pattern_atlas import build_atlas, recluster
 
@@ -209,7 +236,7 @@ def test_atlas_is_cached_by_captures_and_params(smollm2_atlas):
     again = build_atlas(list(reversed(captures)), P.AtlasParams())  # order of the selection does not matter
     assert time.perf_counter() - t0 < 10 and again.key == atlas.key
     np.testing.assert_array_equal(again.cluster, atlas.cluster)
-    loaded = P.load_atlas(default_store(), atlas.key)
+    loaded = load_atlas(default_store(), atlas.key, P.atlas_from_store)
     assert loaded.labels == atlas.labels and loaded.maps.sources == atlas.maps.sources
     three = recluster(atlas, P.ClusterParams(k=3))  # re-uses the autoencoder and the embedding
     assert three.k == 3 and three.model_key == atlas.model_key
