@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analytics.summary import WAAD_WINDOW, summary_of
+from analytics.one_pass import WAAD_WINDOW
+from analytics.summary import summary_of
 
 SPLIT_FRAC = 0.3  # bottom / top 30 % of heads by look-back distance
 TOKEN_SET_FRAC = 0.4  # preplan / anchor sets: top 40 %

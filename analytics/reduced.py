@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from analytics.maps import as_maps, selected_rows
-from analytics.summary import WAAD_WINDOW, HeadSummary
+from analytics.one_pass import WAAD_WINDOW, HeadSummary
 
 
 def _column_sums(red: dict, params, sel: range, n: int) -> np.ndarray | None:

@@ -17,37 +17,15 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from threading import Lock
 
 import numpy as np
 
 from analytics.maps import BLOCK_ROWS, Maps, as_maps, selected_rows
+from analytics.one_pass import WAAD_WINDOW, HeadSummary
+from analytics.reduced import stored_summary
 
-WAAD_WINDOW = 10  # W of METHODS.md §4 (Li et al. 2025)
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class HeadSummary:
-    """Per-head reductions of one capture's maps.  Shapes name their axes."""
-
-    n_tokens: int
-    rows: range  # the query rows that lookback, entropy, WAAD and FAI use
-    window: int  # WAAD window W
-    received: np.ndarray  # [layer, head, key]  ACT s_j = sum_i A_ij / (number of rows that see j), every row
-    lookback: np.ndarray  # [layer, head]  attention-weighted mean look-back distance over `rows`
-    entropy: np.ndarray  # [layer, head]  mean row entropy (nats) over `rows`, row 0 left out
-    waad: np.ndarray  # [layer, head, query]  per-head WAAD_t for t in `rows`, NaN elsewhere
-    fai: np.ndarray  # [layer, head, key]  per-head FAI_s = mean over t in `rows`, t >= s, of A_ts
-
-    @property
-    def n_layers(self) -> int:
-        return self.lookback.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.lookback.shape[1]
 
 
 def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_WINDOW,
@@ -59,8 +37,6 @@ def head_summary(source, rows: str | range | None = "auto", window: int = WAAD_W
 
     A long-context capture that stored its reductions at capture time (core.qk) is summarised from
     them instead, without reading any map (analytics.reduced)."""
-    from analytics.reduced import stored_summary
-
     found = stored_summary(source, rows, window)
     if found is not None:
         return found
