@@ -28,6 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analytics.metric import Metric
+from analytics.vision import Layout, distance_per_head
+from core import dit_capture, scenes
+from core.errors import ProbeMissing
+
 SINK_RATIO = 2.0  # a sink receives >= 2 x the median text token's mean attention ...
 SINK_CV_MAX = 0.5  # ... and is spatially flat: std / mean over image positions <= 0.5
 SINK_SHARE = 0.5  # a global sink: flagged in at least half of the (layer, head) maps
@@ -194,8 +199,6 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
     Text tokens are MiniLM's ("[CLS]", then one token per caption word); a caption that is not a
     scene caption, or tokens that do not line up with its words, give {}.
     """
-    from core import scenes
-
     try:
         words = scenes.caption_words(caption)
     except ValueError:
@@ -231,8 +234,6 @@ def text_mass(capture) -> np.ndarray:
 
 
 def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from core import dit_capture
-
     image = dit_capture.generated_image(capture)
     heat = word_heatmaps(dit_capture.image_to_text(capture), capture.meta.grid)
     return image, heat, dit_capture.text_tokens(capture)
@@ -240,8 +241,6 @@ def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
     """[layer, head]: `grounding` of the capture's caption words on its own picture, over every step."""
-    from core.errors import ProbeMissing
-
     image, heat, tokens = _picture_and_heatmaps(capture)
     masks = object_masks(image, capture.spec.prompt, tokens) if image is not None else {}
     if not masks:
@@ -252,31 +251,28 @@ def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
 
 def distance_px(capture) -> np.ndarray:
     """[layer, head]: mean attention distance in pixels among the image tokens (analytics.vision)."""
-    from analytics import vision
-    from core import dit_capture
-
-    return vision.distance_per_head(capture, vision.Layout.of(capture, dit_capture.generated_image(capture)))
+    return distance_per_head(capture, Layout.of(capture, dit_capture.generated_image(capture)))
 
 
 DIT = ("dit",)
 KUKLEVA = "Kukleva et al. 2025, RefAM (METHODS §2.5); Tang et al. 2023, DAAM"
 DIT_METRICS = [
-    dict(name="dit_text_mass", title="Text attention mass (cross-attention share)", paper=KUKLEVA, kind="head",
-         modalities=DIT,
-         explanation="Share of the image tokens' attention that reads the prompt's tokens (mean over steps): "
-                     "0 = pure image self-attention, high = a cross-attention head.",
-         compute=lambda capture, **_: text_mass(capture)),
-    dict(name="dit_grounding", title="Grounding AUROC (word maps vs object masks)", paper=KUKLEVA, kind="head",
-         modalities=DIT,
-         explanation="How well each head's word heatmaps find the objects the caption's colour and shape words "
-                     "name in the generated picture (0.5 = chance, 1 = perfect), mean over words and steps.",
-         compute=lambda capture, **_: grounding_per_head(capture), threshold=0.5),
-    dict(name="dit_attn_distance_px", title="Mean attention distance (px)",
-         paper="Dosovitskiy et al. 2021, An Image is Worth 16x16 Words (Fig. 7: mean attention distance)",
-         kind="head", modalities=DIT,
-         explanation="Attention-weighted mean distance in pixels between an image token and the image tokens it "
-                     "reads (text keys left out): small = local head, large = global.",
-         compute=lambda capture, **_: distance_px(capture)),
+    Metric(name="dit_text_mass", title="Text attention mass (cross-attention share)", paper=KUKLEVA, kind="head",
+           modalities=DIT,
+           explanation="Share of the image tokens' attention that reads the prompt's tokens (mean over steps): "
+                       "0 = pure image self-attention, high = a cross-attention head.",
+           compute=lambda capture, **_: text_mass(capture)),
+    Metric(name="dit_grounding", title="Grounding AUROC (word maps vs object masks)", paper=KUKLEVA, kind="head",
+           modalities=DIT,
+           explanation="How well each head's word heatmaps find the objects the caption's colour and shape words "
+                       "name in the generated picture (0.5 = chance, 1 = perfect), mean over words and steps.",
+           compute=lambda capture, **_: grounding_per_head(capture), threshold=0.5),
+    Metric(name="dit_attn_distance_px", title="Mean attention distance (px)",
+           paper="Dosovitskiy et al. 2021, An Image is Worth 16x16 Words (Fig. 7: mean attention distance)",
+           kind="head", modalities=DIT,
+           explanation="Attention-weighted mean distance in pixels between an image token and the image tokens it "
+                       "reads (text keys left out): small = local head, large = global.",
+           compute=lambda capture, **_: distance_px(capture)),
 ]
 
 

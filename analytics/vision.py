@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from analytics.metric import Metric
 from core.errors import ProbeMissing
 
 PAPERS = {
@@ -286,37 +287,37 @@ def _token_norm(capture, layer: int = -1, **_params) -> np.ndarray:
 
 VISION = ("vision",)
 VISION_METRICS = [
-    dict(name="attn_distance_px", title="Mean attention distance (px)", paper=PAPERS["distance"], kind="head",
-         modalities=VISION,
-         explanation="Attention-weighted mean distance in pixels from each patch to the patches it reads: "
-                     "small = local (convolution-like) head, large = global.",
-         compute=lambda capture, **_: distance_per_head(capture)),
-    dict(name="rollout", title="Attention rollout from CLS", paper=PAPERS["rollout"], kind="token", modalities=VISION,
-         explanation="How much each input token flows into the CLS token through all layers "
-                     "(head-averaged attention plus the residual, multiplied up the stack).",
-         compute=lambda capture, **p: cls_rollout(capture, **p),
-         params={"head_fusion": "mean", "residual": True, "discard_ratio": 0.0}),
-    dict(name="token_norm", title="Hidden-state norm (high-norm artifacts)", paper=PAPERS["registers"],
-         kind="token", modalities=VISION,
-         explanation="L2 norm of each token's hidden state; patches far above the median are the "
-                     "artifact tokens that hold global information.",
-         compute=_token_norm, probe="token_norms", params={"layer": -1}),
-    dict(name="vit_ablation_cls", title="Ablation: CLS embedding change (1 - cos)", paper=PAPERS["michel"],
-         kind="head", modalities=VISION,
-         explanation="How far the image embedding turns when this one head's output is zeroed.",
-         compute=_probe_metric("vit_ablation", "ablation", 0), probe="ablation"),
-    dict(name="vit_ablation_patch", title="Ablation: patch feature change (1 - cos)", paper=PAPERS["michel"],
-         kind="head", modalities=VISION,
-         explanation="Mean change of the patch features when this one head's output is zeroed.",
-         compute=_probe_metric("vit_ablation", "ablation", 1), probe="ablation"),
-    dict(name="vit_ablation_prob", title="Ablation: drop in predicted-class probability", paper=PAPERS["michel"],
-         kind="head", modalities=VISION,
-         explanation="Image classifiers: how much the top class's probability falls when this head is zeroed.",
-         compute=_probe_metric("vit_ablation", "ablation", 2), probe="ablation"),
-    dict(name="vit_grad_gate", title="Gradient head-gate importance |dL/dξ|", paper=PAPERS["michel"],
-         kind="head", modalities=VISION,
-         explanation="Gradient of the loss (classifiers) or of the CLS embedding's projection on itself "
-                     "(encoders) with respect to a gate on the head's output: a one-pass proxy for ablation.",
-         compute=_probe_metric("vit_grad_gate", "grad_gate"), probe="grad_gate"),
+    Metric(name="attn_distance_px", title="Mean attention distance (px)", paper=PAPERS["distance"], kind="head",
+           modalities=VISION,
+           explanation="Attention-weighted mean distance in pixels from each patch to the patches it reads: "
+                       "small = local (convolution-like) head, large = global.",
+           compute=lambda capture, **_: distance_per_head(capture)),
+    Metric(name="rollout", title="Attention rollout from CLS", paper=PAPERS["rollout"], kind="token", modalities=VISION,
+           explanation="How much each input token flows into the CLS token through all layers "
+                       "(head-averaged attention plus the residual, multiplied up the stack).",
+           compute=lambda capture, **p: cls_rollout(capture, **p),
+           params={"head_fusion": "mean", "residual": True, "discard_ratio": 0.0}),
+    Metric(name="token_norm", title="Hidden-state norm (high-norm artifacts)", paper=PAPERS["registers"],
+           kind="token", modalities=VISION,
+           explanation="L2 norm of each token's hidden state; patches far above the median are the "
+                       "artifact tokens that hold global information.",
+           compute=_token_norm, probe="token_norms", params={"layer": -1}),
+    Metric(name="vit_ablation_cls", title="Ablation: CLS embedding change (1 - cos)", paper=PAPERS["michel"],
+           kind="head", modalities=VISION,
+           explanation="How far the image embedding turns when this one head's output is zeroed.",
+           compute=_probe_metric("vit_ablation", "ablation", 0), probe="ablation"),
+    Metric(name="vit_ablation_patch", title="Ablation: patch feature change (1 - cos)", paper=PAPERS["michel"],
+           kind="head", modalities=VISION,
+           explanation="Mean change of the patch features when this one head's output is zeroed.",
+           compute=_probe_metric("vit_ablation", "ablation", 1), probe="ablation"),
+    Metric(name="vit_ablation_prob", title="Ablation: drop in predicted-class probability", paper=PAPERS["michel"],
+           kind="head", modalities=VISION,
+           explanation="Image classifiers: how much the top class's probability falls when this head is zeroed.",
+           compute=_probe_metric("vit_ablation", "ablation", 2), probe="ablation"),
+    Metric(name="vit_grad_gate", title="Gradient head-gate importance |dL/dξ|", paper=PAPERS["michel"],
+           kind="head", modalities=VISION,
+           explanation="Gradient of the loss (classifiers) or of the CLS embedding's projection on itself "
+                       "(encoders) with respect to a gate on the head's output: a one-pass proxy for ablation.",
+           compute=_probe_metric("vit_grad_gate", "grad_gate"), probe="grad_gate"),
 ]
 

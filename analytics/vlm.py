@@ -32,8 +32,10 @@ from typing import Sequence
 
 import numpy as np
 
+from analytics.metric import Metric
 from analytics.sinks import VAR_FIRST_LAYER, VAR_TAU, massive_dims, massive_scores
 from analytics.vision import Layout, grid_map
+from core.errors import ProbeMissing
 
 VAR_SUMM = 0.2  # VAR `summ`: minimum visual attention mass of an image-centric row
 VAR_RHO = 0.5  # VAR ρ: maximum share of the visual mass on visual sinks
@@ -162,8 +164,6 @@ class _Tokens:
 
 def stored_hidden(capture):
     """The residual stream stored with a VLM capture (capture/vlm/adapter.py HIDDEN), [layer, token, dim]."""
-    from core.errors import ProbeMissing
-
     try:
         return capture.store.get_array(capture.key, "hidden")
     except Exception as exc:  # noqa: BLE001 - absent or unreadable
@@ -174,8 +174,6 @@ def stored_hidden(capture):
 def stored_vision_maps(capture) -> np.ndarray:
     """The vision tower's maps stored with a VLM capture (capture/vlm/adapter.py VISION),
     [layer, head, token, token] with the tower's prefix tokens (CLS, registers) first."""
-    from core.errors import ProbeMissing
-
     try:
         return capture.store.get_array(capture.key, "vision_attention")
     except Exception as exc:  # noqa: BLE001 - absent or unreadable
@@ -354,8 +352,6 @@ def t_vhd(vhd: np.ndarray, k: int = T_VHD_K) -> np.ndarray:
 
 def stored_vhd(capture) -> np.ndarray:
     """vhd  # [layer, head, answer token] stored with the capture by probes.vlm.vhd."""
-    from core.errors import ProbeMissing
-
     try:
         return np.asarray(capture.store.get_array(capture.key, "vhd"), dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - absent: the two-pass measurement has not run
@@ -374,29 +370,31 @@ def _sink_positions(capture) -> list[int]:
 
 VLM = ("vlm",)
 VLM_METRICS = [
-    dict(name="vlm_visual_mass", title="Visual attention mass", paper=PAPERS["var"], kind="head", modalities=VLM,
-         explanation="Mean attention the rows that predict the answer put on the image tokens.",
-         compute=lambda capture, **_: head_vision(capture).mass, threshold=VAR_SUMM),
-    dict(name="vlm_image_centric", title="Image-centric share (VAR)", paper=PAPERS["var"], kind="head", modalities=VLM,
-         explanation="Share of the answer-predicting rows with visual mass ≥ 0.2 and ≤ 50% of it on visual sinks; "
-                     "≥ 0.5 marks an image-centric head.",
-         compute=lambda capture, **_: head_vision(capture, _sink_positions(capture)).centric,
-         threshold=CENTRIC_SHARE, params={"summ": VAR_SUMM, "rho": VAR_RHO}),
-    dict(name="vlm_gaze_shift", title="Gaze shift while reading the question (GIFT)", paper=PAPERS["gift"],
-         kind="head", modalities=VLM,
-         explanation="Total positive change of a head's image attention from one question token to the next: "
-                     "heads whose gaze follows the question.",
-         compute=lambda capture, **_: gaze_per_head(capture)),
-    dict(name="vlm_vhd", title="Vision-aware head divergence (VHD)", paper="He et al. 2025, VHD / VHR (ACL 2025)",
-         kind="head", modalities=VLM,
-         explanation="How far a head's output on the answer moves when the picture is taken away (L2, mean over "
-                     "the answer tokens): heads that use the image.",
-         compute=lambda capture, **_: stored_vhd(capture).mean(-1)),
-    dict(name="vlm_visual_sink", title="Massive-activation score φ (visual sinks)", paper=PAPERS["var"],
-         kind="token", modalities=VLM,
-         explanation="Peak |x/RMS(x)| of each prompt token on the model's massive dimensions (layers 2..L-1); "
-                     "> 20 marks a sink, inside the image a visual sink.",
-         compute=lambda capture, **_: capture_sinks(capture).phi, threshold=VAR_TAU),
+    Metric(name="vlm_visual_mass", title="Visual attention mass", paper=PAPERS["var"], kind="head",
+           modalities=VLM,
+           explanation="Mean attention the rows that predict the answer put on the image tokens.",
+           compute=lambda capture, **_: head_vision(capture).mass, threshold=VAR_SUMM),
+    Metric(name="vlm_image_centric", title="Image-centric share (VAR)", paper=PAPERS["var"], kind="head",
+           modalities=VLM,
+           explanation="Share of the answer-predicting rows with visual mass ≥ 0.2 and ≤ 50% of it on visual "
+                       "sinks; ≥ 0.5 marks an image-centric head.",
+           compute=lambda capture, **_: head_vision(capture, _sink_positions(capture)).centric,
+           threshold=CENTRIC_SHARE, params={"summ": VAR_SUMM, "rho": VAR_RHO}),
+    Metric(name="vlm_gaze_shift", title="Gaze shift while reading the question (GIFT)", paper=PAPERS["gift"],
+           kind="head", modalities=VLM,
+           explanation="Total positive change of a head's image attention from one question token to the next: "
+                       "heads whose gaze follows the question.",
+           compute=lambda capture, **_: gaze_per_head(capture)),
+    Metric(name="vlm_vhd", title="Vision-aware head divergence (VHD)", paper="He et al. 2025, VHD / VHR (ACL 2025)",
+           kind="head", modalities=VLM,
+           explanation="How far a head's output on the answer moves when the picture is taken away (L2, mean over "
+                       "the answer tokens): heads that use the image.",
+           compute=lambda capture, **_: stored_vhd(capture).mean(-1)),
+    Metric(name="vlm_visual_sink", title="Massive-activation score φ (visual sinks)", paper=PAPERS["var"],
+           kind="token", modalities=VLM,
+           explanation="Peak |x/RMS(x)| of each prompt token on the model's massive dimensions (layers 2..L-1); "
+                       "> 20 marks a sink, inside the image a visual sink.",
+           compute=lambda capture, **_: capture_sinks(capture).phi, threshold=VAR_TAU),
 ]
 
 

@@ -33,8 +33,8 @@ from analytics.patterns.selection import parse_selection, selection_heads, selec
 __all__ = ["Atlas", "AtlasParams", "ClusterParams", "Clustering", "ENCODINGS", "MapSet", "SELF_COLUMN", "SIZE",
            "SYNTHETIC_KINDS", "Source", "TRAITS", "TRAIT_TITLES", "atlas_from_store", "atlas_to_store", "cluster_codes",
            "cluster_labels", "cluster_modalities", "cluster_traits", "describe", "dominant", "embed_2d",
-           "encode_text_map", "encode_text_rows", "encode_vision_rows", "head_profiles", "layer_composition", "majority",
-           "maps_from_arrays", "model_from_store", "model_to_store", "nearest_members", "parse_selection", "patch_span",
-           "profile_shift", "purity", "query_lattice", "sample_capture", "sample_maps", "selection_heads",
+           "encode_text_map", "encode_text_rows", "encode_vision_rows", "head_profiles", "layer_composition",
+           "majority", "maps_from_arrays", "model_from_store", "model_to_store", "nearest_members", "parse_selection",
+           "patch_span", "profile_shift", "purity", "query_lattice", "sample_capture", "sample_maps", "selection_heads",
            "selection_text", "standardise", "synthetic_map", "synthetic_set", "text_queries", "text_traits",
            "vision_traits", "warm_umap"]
