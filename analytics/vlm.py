@@ -19,9 +19,7 @@ the residual stream it stores beside them (hidden  # [layer, token, dim]).
   the newline after the image).  The saliency map S = normalise(Σ_t g_t); we normalise to a maximum of
   1 (GIFT's normalisation is unverified).  Layer set: unverified in GIFT; the default here is VAR's
   layers 2..L-1 and every head.  The filmstrip is one g map per question word.
-- **Pointing game against ground truth**: does the saliency peak fall inside the asked object's box
-  (core.scenes QA.objects -> SceneObject.box)?  The baseline is the same test for a uniformly random
-  patch (its exact expectation: the share of patch centres inside the box).
+- The GIFT saliency is checked against ground truth with the pointing game (analytics.pointing).
 
 `VLM_METRICS` lists the head / token metrics; analytics/__init__.py adds them to `METRICS`.
 """
@@ -287,56 +285,6 @@ def gaze_per_head(capture) -> np.ndarray:
     return np.stack(out)
 
 
-# ---- against ground truth: the pointing game -------------------------------------------------------
-
-def patch_centres(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(y, x)  # [rows, cols] each: pixel centres of the patches of a picture of size (height, width)."""
-    rows, cols = grid
-    ph, pw = size[0] / rows, size[1] / cols
-    r, c = np.mgrid[0:rows, 0:cols]
-    return (r + 0.5) * ph, (c + 0.5) * pw
-
-
-def in_box(grid: tuple[int, int], size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
-    """bool  # [rows, cols]: patches whose centre lies in box (x0, y0, x1, y1), x1 / y1 exclusive."""
-    y, x = patch_centres(grid, size)
-    x0, y0, x1, y1 = box
-    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-
-
-@dataclass(frozen=True)
-class Pointing:
-    """hits: the saliency peak's patch centre is in one of the asked objects' boxes, per question;
-    chance: the same for a uniformly random patch (exact expectation), per question."""
-
-    hits: np.ndarray
-    chance: np.ndarray
-
-    @property
-    def hit_rate(self) -> float:
-        return float(np.mean(self.hits)) if len(self.hits) else float("nan")
-
-    @property
-    def chance_rate(self) -> float:
-        return float(np.mean(self.chance)) if len(self.chance) else float("nan")
-
-
-def pointing(saliencies: Sequence[np.ndarray], boxes: Sequence[Sequence[tuple[int, int, int, int]]],
-             size: tuple[int, int]) -> Pointing:
-    """The pointing game: saliencies  # [rows, cols] each, with the boxes of the objects its question asks
-    about, on pictures of `size` (height, width) pixels."""
-    hits, chance = [], []
-    for s, object_boxes in zip(saliencies, boxes):
-        s = np.asarray(s, dtype=np.float32)
-        inside = np.zeros(s.shape, bool)
-        for box in object_boxes:
-            inside |= in_box(s.shape, size, box)
-        peak = np.unravel_index(int(np.argmax(s)), s.shape)
-        hits.append(bool(inside[peak]))
-        chance.append(float(inside.mean()))
-    return Pointing(hits=np.asarray(hits), chance=np.asarray(chance))
-
-
 # ---- vision-aware head divergence (VHD, read from probes.vlm) ---------------------------------
 
 T_VHD_K = 10  # top-k heads averaged by T-VHD (unverified in He et al.; exposed)
@@ -400,5 +348,5 @@ VLM_METRICS = [
 
 __all__ = ["VAR_SUMM", "VAR_RHO", "CENTRIC_SHARE", "decode_rows", "layer_set", "visual_mass", "image_centric_rows",
            "HeadVision", "head_vision", "VisualSinks", "visual_sinks", "capture_sinks", "stored_hidden", "gaze_shifts",
-           "saliency", "Gaze", "gaze", "gaze_per_head", "question_words", "t_vhd", "stored_vhd", "T_VHD_K", "patch_centres", "in_box", "Pointing",
-           "pointing", "VLM_METRICS"]
+           "saliency", "Gaze", "gaze", "gaze_per_head", "question_words", "t_vhd", "stored_vhd", "T_VHD_K",
+           "VLM_METRICS"]

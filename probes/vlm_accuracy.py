@@ -13,7 +13,7 @@ temporary store (in RAM where /dev/shm exists) and are dropped as soon as they a
 
 An answer is right when it equals the ground truth after stripping and lower-casing (as
 training.eval_vlm's exact answers).  `gaze_pointing` measures, on the same kind of scenes, how often
-the GIFT saliency peak falls in the asked object's box (analytics.vlm.pointing).
+the GIFT saliency peak falls in the asked object's box (analytics.pointing).
 """
 from __future__ import annotations
 
@@ -267,9 +267,10 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
 
 def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=None, heads=None,
                   progress: Progress = no_progress):
-    """analytics.vlm.Pointing of the GIFT saliency over held-out scenes' single-object questions
+    """analytics.pointing.Pointing of the GIFT saliency over held-out scenes' single-object questions
     (colour, shape, position, present-object presence), `per_scene` of them per scene."""
     from analytics import vlm
+    from analytics.pointing import pointing
     from cache.store import Store
     from capture.api import run
     from core import scenes
@@ -293,7 +294,7 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
         finally:
             store.close()
     size = scenes.VLM.size
-    return vlm.pointing(saliencies, boxes, (size, size))
+    return pointing(saliencies, boxes, (size, size))
 
 
 __all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "prefix_shared",

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from analytics import vlm
+from analytics.pointing import in_box, pointing
 from analytics.vision import Layout
 
 IMAGE = range(2, 6)  # a 2 x 2 grid of image tokens at positions 2..5
@@ -74,12 +75,12 @@ def test_pointing_game():
     size = (112, 112)  # an 8 x 8 grid of 14 px patches
     s = np.zeros((8, 8), np.float32)
     s[2, 3] = 1.0  # peak at patch (2, 3): centre (35, 49)
-    hit = vlm.pointing([s], [[(42, 28, 56, 42)]], size)  # the box holds that centre
-    miss = vlm.pointing([s], [[(0, 0, 20, 20)]], size)
+    hit = pointing([s], [[(42, 28, 56, 42)]], size)  # the box holds that centre
+    miss = pointing([s], [[(0, 0, 20, 20)]], size)
     assert hit.hits.tolist() == [True] and miss.hits.tolist() == [False]
     assert hit.chance_rate == pytest.approx(1 / 64)  # one patch centre of 64 in the box
-    assert vlm.pointing([s], [[(0, 0, 20, 20), (42, 28, 56, 42)]], size).hit_rate == 1.0  # any asked object
-    assert vlm.in_box((8, 8), size, (0, 0, 112, 112)).all()
+    assert pointing([s], [[(0, 0, 20, 20), (42, 28, 56, 42)]], size).hit_rate == 1.0  # any asked object
+    assert in_box((8, 8), size, (0, 0, 112, 112)).all()
 
 
 class _Capture:

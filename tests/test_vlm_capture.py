@@ -182,7 +182,7 @@ def test_scene_references_name_procedural_pictures():
 
 
 def test_gaze_saliency_beats_a_random_patch_on_held_out_scenes(shapes_vlm):
-    """The pointing game (analytics.vlm.pointing) on 12 held-out scenes x 2 single-object questions."""
+    """The pointing game (analytics.pointing) on 12 held-out scenes x 2 single-object questions."""
     from probes import vlm_accuracy as vlm_batch
 
     found = vlm_batch.gaze_pointing("shapes-vlm", n_scenes=12, per_scene=2)
