@@ -4,6 +4,8 @@ Pure: numpy arrays and lists in, `go.Figure` out; no streamlit, no torch.
 """
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -83,8 +85,6 @@ def token_strip(tokens: list[str], values: np.ndarray, title: str = "", value_na
 
 def token_text(tokens: list[str], values: np.ndarray) -> str:
     """The text with each token's background shaded by its value (an HTML string for st.html / markdown)."""
-    import html
-
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)

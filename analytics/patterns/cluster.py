@@ -10,14 +10,19 @@
 - `purity` / `majority`: how well clusters recover known kinds (the synthetic maps of
   analytics.patterns.sample).
 
-Pure numpy + scikit-learn + umap-learn: no torch, no streamlit.
+Pure numpy + scikit-learn + umap-learn: no torch, no streamlit.  scikit-learn and umap-learn are
+imported inside the functions that use them: they take seconds to load, and a page that opens a
+stored atlas never needs them.
 """
 from __future__ import annotations
 
 import threading
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,6 @@ _WARM: dict[str, float] = {}  # "seconds" once UMAP's kernels are compiled in th
 def warm_umap() -> float:
     """Compile UMAP's numba kernels once per process (~8 s of CPU on a cold process); returns the seconds
     it took (0 once warm).  Runs the code path `embed_2d` uses (precomputed neighbours, spectral start)."""
-    import time
-
     with _WARM_LOCK:
         if "seconds" in _WARM:
             return 0.0
@@ -56,8 +59,6 @@ def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
 
     Handing UMAP the neighbours skips its approximate NN-descent, whose numba compile alone costs
     ~30 s of CPU per process; exact k-NN of 10,000 16-d codes takes well under a second."""
-    import warnings
-
     import umap
     from sklearn.neighbors import NearestNeighbors
 
@@ -81,8 +82,6 @@ def standardise(codes: np.ndarray) -> np.ndarray:
 def embed_2d(codes: np.ndarray, params: ClusterParams = ClusterParams()) -> np.ndarray:
     """xy  # [map, 2] float32: UMAP of the standardised codes (exact neighbours, seeded, single-threaded:
     deterministic)."""
-    from threadpoolctl import threadpool_limits
-
     z = standardise(codes)
     n = len(z)
     if n < 16:  # too few for a neighbour graph: a line is as good as anything
@@ -143,8 +142,6 @@ def cluster_codes(codes: np.ndarray, xy: np.ndarray | None = None, params: Clust
     within SILHOUETTE_TOLERANCE of the best score (the silhouette of attention maps tends to creep up
     with k as one pattern splits by input length; the parsimonious pick keeps one cluster per pattern).
     Deterministic for a given seed."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1):  # OpenMP k-means on one thread: same clusters, 3-20x less CPU on a shared machine
         return _cluster_codes(codes, xy, params, family)
 
