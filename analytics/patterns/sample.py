@@ -19,6 +19,7 @@ import numpy as np
 from analytics.patterns.encode import (SIZE, TRAITS, encode_text_rows, encode_vision_rows, patch_span, query_lattice,
                                        text_queries, text_traits, vision_traits)
 
+
 # ---- sampled maps ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
