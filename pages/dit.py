@@ -193,7 +193,7 @@ with tab_pag:
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
-        result = shared.run_with_progress("HeadHunter", probes.headhunter, MODEL,
+        result = shared.run_with_progress("HeadHunter", probes.run_headhunter, MODEL,
                                           probes.HeadHunterParams(objective=objective))
         if result is not None:
             st.session_state["dit_hunted"] = result.heads

@@ -5,7 +5,7 @@
     probes.run_probe("ablation", "smollm2")            # single-head ablation of every head, cached
     probes.run_probe("needle", "smollm2")              # retrieval heads on a needle-in-a-haystack sweep
     probes.hidden_states(capture)                      # the residual stream of one capture (VAR sinks)
-    probes.headhunter("shapes-dit")                    # HeadHunter-lite on the diffusion model
+    probes.run_headhunter("shapes-dit")                # HeadHunter-lite on the diffusion model
     probes.run_batch(jobs, ray=True)                   # many captures / probes, in-process or on Ray
 
 Each probe runs the model through `capture` and scores it with `analytics`; its result is stored in
@@ -23,7 +23,7 @@ _WHERE = {
     "ablation_sweep": "probes.runner", "needle_prompt": "probes.runner", "load_needles": "probes.runner",
     "run_batch": "probes.batch", "CaptureJob": "probes.batch", "ProbeJob": "probes.batch",
     "JobResult": "probes.batch", "read_jobs": "probes.batch", "job_from_json": "probes.batch",
-    "headhunter": "probes.headhunter", "HeadHunterParams": "probes.headhunter",
+    "run_headhunter": ("probes.headhunter", "headhunter"), "HeadHunterParams": "probes.headhunter",
     "HeadHunterResult": "probes.headhunter",
     "build_atlas": "probes.pattern_atlas", "recluster": "probes.pattern_atlas",
     "steering_directions": "probes.steering", "SteeringDirections": "probes.steering",

@@ -297,7 +297,7 @@ def test_grounding_on_a_capture(store):
 # ---- HeadHunter-lite ------------------------------------------------------------------------------------
 
 def test_headhunter_lite_is_cached(store, monkeypatch):
-    from probes import headhunter as probes_dit
+    import probes.headhunter as probes_dit
 
     params = probes_dit.HeadHunterParams(n_prompts=2, n_seeds=1, steps=4, rounds=2, candidates=2)
     first = probes_dit.headhunter("shapes-dit", params, store=store)
