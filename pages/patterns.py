@@ -4,7 +4,6 @@ import streamlit as st
 
 import probes
 from analytics import patterns as P
-from cache.atlas import atlas_records, load_atlas
 from capture import default_store, load_capture
 from charts import patterns as charts
 from charts.theme import plot_config
@@ -48,7 +47,7 @@ def current_atlas() -> P.Atlas | None:
     held = st.session_state.get("pattern_atlas")
     if held is not None and held.key == state.atlas:
         return held
-    found = load_atlas(store, state.atlas, P.atlas_from_store)
+    found = probes.stored_atlas(state.atlas, store)
     if found is None:
         st.warning("The linked pattern atlas is not in this server's cache; train it below.")
         state.atlas, state.points, state.cluster = "", "", -1
@@ -75,7 +74,7 @@ def train(keys: list[str], vision: str, k: int) -> None:
 atlas = current_atlas()
 options = capture_options()
 with st.expander("Train on these captures", expanded=atlas is None):
-    stored = atlas_records(store)
+    stored = probes.stored_atlases(store)
     if stored and atlas is None:
         labels = {key: f"{len(rec.get('labels', []))} clusters · {key[:8]}" for key, rec in stored}
         pick = st.selectbox("Open a stored atlas", [""] + list(labels), format_func=lambda k: labels.get(k, "—"))

@@ -26,6 +26,7 @@ _WHERE = {
     "run_headhunter": ("probes.headhunter", "headhunter"), "HeadHunterParams": "probes.headhunter",
     "HeadHunterResult": "probes.headhunter",
     "build_atlas": "probes.pattern_atlas", "recluster": "probes.pattern_atlas",
+    "stored_atlas": "probes.atlas_store", "stored_atlases": "probes.atlas_store",
     "steering_directions": "probes.steering", "SteeringDirections": "probes.steering",
     "vhd": "probes.vlm", "for_capture": "probes.vlm",
     "accuracy_change": "probes.vlm_accuracy", "gaze_pointing": "probes.vlm_accuracy",
