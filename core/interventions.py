@@ -19,7 +19,7 @@ The six primitives (DESIGN.md, "Attention capture and interventions"; METHODS.md
 |               | `value` most recent keys, i - j < value (+ a    |                              |
 |               | mean token); encoders: |i - j| < value          |                              |
 
-Composition order inside one forward (per head; `capture.engine.attention` implements it):
+Composition order inside one forward (per head; `capture.engine.edits` implements it):
 
     1. logit          pre-softmax, on the scores
     2. window         pre-softmax: keys outside sinks + window get -inf (mode "mean": one extra
@@ -68,7 +68,8 @@ to JSON only when set, so the keys of edits that do not use them are the same as
 GQA: a `HeadEdit` names a query head.  An edit meant for a KV head (DuoAttention gates, Razor
 selection) is the same edit on every query head of its group: `kv_group_edits(...)`.
 
-This module is torch-free; the tensor code is in `capture.engine.attention`.
+This module is torch-free; the tensor code is in `capture.engine.edits` (attention-level ops) and
+`capture.engine.head_outputs` (scale, add).
 """
 from __future__ import annotations
 

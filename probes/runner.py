@@ -33,9 +33,10 @@ from analytics import heads, retrieval
 from analytics.importance import rank_heads
 from cache.store import Store
 from capture import registry
-from capture.engine import attention
 from capture.engine.handle import ModelHandle, attention_layers
 from capture.engine.hooks import hidden_arg, removing, with_hidden
+from capture.engine.recorder import Recorder
+from capture.engine.session import session
 from capture.text.adapter import labels
 from core import probe_results as stored
 from core.errors import InputError, InterventionError
@@ -198,8 +199,8 @@ def pattern_probe(handle: ModelHandle, p: PatternParams, put, progress: Progress
             scores[name][layer] = layer_scores[name][0]
         progress(0.05 + 0.9 * (layer + 1) / meta.n_layers, f"probe layer {layer + 1}/{meta.n_layers}")
 
-    recorder = attention.Recorder(meta.n_heads, "tril", on_layer)
-    with attention.session(recorder=recorder), torch.inference_mode():
+    recorder = Recorder(meta.n_heads, "tril", on_layer)
+    with session(recorder=recorder), torch.inference_mode():
         handle.model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
     for name in heads.PATTERNS:
         put(name, scores[name])
@@ -338,7 +339,7 @@ def _greedy(handle: ModelHandle, ids: list[int], max_new: int) -> list[int]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_set))
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     input_ids = torch.tensor([ids])
-    with attention.session(), torch.inference_mode():
+    with session(), torch.inference_mode():
         out = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     generation_config=config, stopping_criteria=StoppingCriteriaList([NewlineStop()]))
     new = []
@@ -366,8 +367,8 @@ def decode_step_rows(handle: ModelHandle, ids: list[int], n_prompt: int, n_steps
             rows[:, t, : p + 1] = packed[:, pack_offset(p) : pack_offset(p) + p + 1]
         on_layer(layer, rows)
 
-    recorder = attention.Recorder(handle.meta.n_heads, "tril", take)
-    with attention.session(recorder=recorder), torch.inference_mode():
+    recorder = Recorder(handle.meta.n_heads, "tril", take)
+    with session(recorder=recorder), torch.inference_mode():
         handle.model(input_ids=torch.tensor([seq]), use_cache=False, logits_to_keep=1)
 
 
@@ -500,9 +501,9 @@ def ablation_sweep(handle: ModelHandle, ids: list[int], scored: range, mode: str
     """(clean log-prob, ablated log-prob  # [layer, head]) of the scored tokens, one head ablated at a time.
 
     Batched: each forward carries B copies of the prompt and row b ablates a different head:
-    - zero:    `attention.session(head_gates=...)`, gate 0 on that head in that row (z <- 0);
+    - zero:    `session(head_gates=...)`, gate 0 on that head in that row (z <- 0);
     - mean:    an o_proj pre-hook of this module, z <- its clean mean over the prompt's positions;
-    - uniform: `attention.session(row_interventions=...)`, a uniform-attention edit (mix towards
+    - uniform: `session(row_interventions=...)`, a uniform-attention edit (mix towards
                uniform, u = 1) on that head in that row (Wu et al.'s masking: the head outputs the mean
                of the visible values).
     Heads go in layer order and the rows share the clean prefix: the batch runs at width 1 up to the
@@ -531,12 +532,12 @@ def ablation_sweep(handle: ModelHandle, ids: list[int], scored: range, mode: str
         for b, (l, h) in enumerate(batch):
             gates.setdefault(l, torch.ones(B, meta.n_heads))[b, h] = 0.0
         if mode == "zero":
-            make_session = lambda: attention.session(head_gates=gates)  # noqa: E731
+            make_session = lambda: session(head_gates=gates)  # noqa: E731
         elif mode == "uniform":
             rows = [uniform_ablation([head]) for head in batch]
-            make_session = lambda: attention.session(row_interventions=rows)  # noqa: E731
+            make_session = lambda: session(row_interventions=rows)  # noqa: E731
         else:
-            make_session = attention.session
+            make_session = session
         hooks = []
         if mode == "mean":
             for l, g in gates.items():
@@ -620,7 +621,7 @@ def gradient_probe(handle: ModelHandle, p: GradientParams, put, progress: Progre
         for t in range(p.n_texts):
             ids = torch.tensor([_haystack_ids(handle.tokenizer, p.n_tokens, start=t * p.n_tokens)])
             gates = {l: torch.ones(1, meta.n_heads, requires_grad=True) for l in range(meta.n_layers)}
-            with attention.session(head_gates=gates):
+            with session(head_gates=gates):
                 logits = handle.model(input_ids=ids, use_cache=False).logits[0, :-1]
                 loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
             loss.backward()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from capture.engine import attention
 from capture.engine.handle import ModelHandle
+from capture.engine.session import session
 from core.errors import InterventionError
 
 
@@ -47,7 +47,7 @@ def last_token_head_outputs(handle: ModelHandle, prompts: list[str], chat: bool 
         def keep(layer: int, z: torch.Tensor, p=p) -> None:  # z  # [batch, query, head, head_dim]
             out[p, layer] = z[0, -1].float().numpy()
 
-        with handle.lock, attention.session(head_outputs=keep), torch.inference_mode():
+        with handle.lock, session(head_outputs=keep), torch.inference_mode():
             handle.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return out
 

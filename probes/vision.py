@@ -10,7 +10,7 @@ it without torch and it is evicted with the capture:
   forward, never from the attention function.
 - `ablation`     -> "vit_ablation"  [3, layer, head], each head's output zeroed alone (METHODS §3.2,
   the pruning importance of Michel et al. 2019), batched: one forward per `batch` heads, each batch
-  row ablating a different head through the per-row `head_gates` of capture.engine.attention:
+  row ablating a different head through the per-row `head_gates` of capture.engine.session:
     [0] 1 - cos(CLS embedding ablated, CLS embedding) (SigLIP, which has no CLS: the mean patch),
     [1] mean over patches of 1 - cos(patch feature ablated, patch feature),
     [2] classifiers: p(c*) - p_ablated(c*), c* the predicted class (NaN for plain encoders).
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from capture import registry
-from capture.engine import attention
 from capture.engine.handle import ModelHandle
+from capture.engine.session import session
 from capture.vision.adapter import VisionAdapter
 from core.types import Capture
 
@@ -66,7 +66,7 @@ def token_norms(capture: Capture, refresh: bool = False) -> np.ndarray:
     if found is not None:
         return found
     handle, _, kwargs = _setup(capture)
-    with handle.lock, attention.session(capture.spec.intervention, spans=capture.spans), torch.inference_mode():
+    with handle.lock, session(capture.spec.intervention, spans=capture.spans), torch.inference_mode():
         out = handle.model(**kwargs, output_hidden_states=True)
     norms = torch.stack([h[0].float().norm(dim=-1) for h in out.hidden_states]).numpy()
     return _keep(capture, TOKEN_NORMS, norms.astype(np.float32))
@@ -85,7 +85,7 @@ def _features(adapter: VisionAdapter, out) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _call(handle, adapter: VisionAdapter, kwargs: dict, batch: int, gates: dict, capture: Capture):
     inputs = dict(kwargs, pixel_values=kwargs["pixel_values"].expand(batch, -1, -1, -1))
-    with attention.session(capture.spec.intervention, spans=capture.spans, head_gates=gates):
+    with session(capture.spec.intervention, spans=capture.spans, head_gates=gates):
         return handle.model(**inputs, output_hidden_states=adapter.classifier)
 
 

@@ -1,10 +1,11 @@
 """Vision-aware head divergence (VHD, He et al., ACL 2025, METHODS §3.1): two passes over one VLM capture.
 
 VHD_{l,h}(t) = d(z^{l,h}_t | image + text, z^{l,h}_t | text only): the distance between a head's output
-(the o_proj input, capture.engine.attention's `head_outputs` hook) at the same answer token with and without
-the picture.  The image branch is the capture's own tokens with its pixels; the text-only branch is the
-same chat prompt with the image tokens (and the newline after them) removed, then the same answer
-tokens.  Both passes run without the capture's intervention (VHD describes the model), on the fast path.
+(the o_proj input, a session's `head_outputs` callback in capture.engine.head_outputs) at the same answer
+token with and without the picture.  The image branch is the capture's own tokens with its pixels;
+the text-only branch is the same chat prompt with the image tokens (and the newline after them)
+removed, then the same answer tokens.  Both passes run without the capture's intervention (VHD
+describes the model), on the fast path.
 
 The distance d is unverified in the paper; `distance` "l2" (default: ‖z_img − z_txt‖) or "cos"
 (1 − cosine).  The result, vhd  # [layer, head, answer token] float32, is stored with the capture
@@ -18,7 +19,7 @@ import torch
 from analytics import vlm
 from capture import registry
 from capture.vlm import presets
-from capture.engine import attention
+from capture.engine.session import session
 from core.errors import InputError, InterventionError
 from core.interventions import Intervention
 
@@ -32,7 +33,7 @@ def _head_outputs(handle, positions: range, **inputs) -> torch.Tensor:
     def keep(layer: int, z: torch.Tensor) -> None:
         found[layer] = z[0, positions.start:positions.stop].float().clone()
 
-    with attention.session(head_outputs=keep), torch.inference_mode():
+    with session(head_outputs=keep), torch.inference_mode():
         handle.model(**inputs, use_cache=False, logits_to_keep=1)
     return torch.stack([found[l] for l in range(handle.meta.n_layers)])
 

@@ -134,7 +134,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
 
     Questions whose prompts have the same length and the same image and question spans go through one
-    `generate` with one intervention per batch row (capture.engine.attention.session(row_interventions=...)):
+    `generate` with one intervention per batch row (capture.engine.session.session(row_interventions=...)):
     with no padding every row's positions, spans and position sets are those of its own run.  When no
     row's intervention touches the prompt before its last token (`prefix_shared`: none, GIFT, VAR), the
     system prompt and picture (~88 of ~105 tokens) are computed once per picture and each row starts
@@ -144,7 +144,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
     follows it is cut.  `progress(fraction, message)` after each batch."""
     import torch
 
-    from capture.engine import attention
+    from capture.engine.session import session
     from capture.vlm.adapter import VlmAdapter, generation_spans
     from capture.vlm.model import greedy_settings
 
@@ -177,8 +177,8 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                             prefixes[(specs[i].image, shared)] = adapter.record_prefix(encoded[i][0], shared,
                                                                                        record=False).cache
                     model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
-                with attention.session(row_interventions=[specs[i].intervention for i in rows],
-                                       spans=generation_spans(spans, n, max_new)), torch.inference_mode():
+                with session(row_interventions=[specs[i].intervention for i in rows],
+                             spans=generation_spans(spans, n, max_new)), torch.inference_mode():
                     result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                                    **model_inputs, **greedy_settings(tok, max_new))
             for i, row in zip(rows, result[:, n:].tolist()):

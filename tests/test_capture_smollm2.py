@@ -16,6 +16,8 @@ from cache.store import Store
 from capture import registry
 from capture.api import cached, run
 from capture.engine import attention
+from capture.engine.recorder import Recorder
+from capture.engine.session import session
 from conftest import cache_with_models
 from core.interventions import HeadEdit, Intervention
 from core.types import RunSpec
@@ -137,8 +139,8 @@ def test_recorder_thumbnails_with_blocks_that_cut_across_bins(n, block, defer):
     heads = 3
     full = np.tril(rng.random((heads, n, n), dtype=np.float32))
     done = {}
-    recorder = attention.Recorder(heads, "tril", lambda layer, maps, overview: done.update(overview=overview, maps=maps),
-                                  defer=defer)
+    recorder = Recorder(heads, "tril", lambda layer, maps, overview: done.update(overview=overview, maps=maps),
+                        defer=defer)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
         recorder.take(0, 0, r0, n, torch.from_numpy(full[:, r0:r1, :r1].copy()))
@@ -185,7 +187,7 @@ def test_scale_zero_equals_zeroing_the_o_proj_slice(smollm2, store):
     d = smollm2.meta.head_dim
 
     base = _logits(smollm2, ids)
-    with attention.session(iv):
+    with session(iv):
         edited = _logits(smollm2, ids)
 
     def zero_head(_module, args):
@@ -221,7 +223,7 @@ def test_scale_zero_equals_zeroing_the_o_proj_slice(smollm2, store):
 def test_scale_one_changes_nothing(smollm2):
     ids = torch.tensor([smollm2.tokenizer(PROMPT)["input_ids"]])
     base = _logits(smollm2, ids)
-    with attention.session(Intervention(edits=(HeadEdit(layer=LAYER, head=HEAD, op="scale", value=1.0),))):
+    with session(Intervention(edits=(HeadEdit(layer=LAYER, head=HEAD, op="scale", value=1.0),))):
         same = _logits(smollm2, ids)
     torch.testing.assert_close(same, base, atol=0, rtol=0)
 
@@ -430,10 +432,10 @@ def test_fused_recorder_equals_the_torch_path(model, request, monkeypatch):
         results = []
         for use_kernel in (True, False):
             layers: dict = {}
-            recorder = attention.Recorder(meta.n_heads, "tril" if meta.causal else "full",
-                                          lambda layer, maps, overview: layers.__setitem__(layer, (maps, overview)),
-                                          use_kernel=use_kernel)
-            with attention.session(recorder=recorder), torch.inference_mode():
+            recorder = Recorder(meta.n_heads, "tril" if meta.causal else "full",
+                                lambda layer, maps, overview: layers.__setitem__(layer, (maps, overview)),
+                                use_kernel=use_kernel)
+            with session(recorder=recorder), torch.inference_mode():
                 out = handle.model(input_ids=ids, **({"use_cache": False} if meta.causal else {}))
             recorder.finish()
             results.append((out.logits if meta.causal else out.last_hidden_state, layers))

@@ -14,7 +14,7 @@ from capture import embedded, registry
 from capture.api import load_capture, run
 from capture.dit import attention as dit_attention
 from capture.dit import presets as dit_presets
-from capture.engine import attention
+from capture.engine.session import session
 from core import dit_capture
 from core.interventions import HeadEdit, Intervention
 from core.types import RunSpec
@@ -111,7 +111,7 @@ def test_hub_transformers_with_headscope_processor(kind):
     # mix u = 1 on one head: that head's recorded map is the identity, the output changes
     got.clear()
     edit = Intervention(edits=(HeadEdit(1, 1, "mix", 1.0),))
-    with torch.no_grad(), dit_attention.recording(recorder), attention.session(edit):
+    with torch.no_grad(), dit_attention.recording(recorder), session(edit):
         edited = model(**inputs, return_dict=False)[0]
     w = got[(1, main)]
     np.testing.assert_array_equal(w[1], np.eye(n, dtype=np.float32))

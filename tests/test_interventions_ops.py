@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from capture.engine import attention
+from capture.engine.edits import sink_mask
+from capture.engine.session import session
 from capture.text import presets
 from core.errors import InterventionError
 from core.interventions import HeadEdit, Intervention, ablate_heads, kv_group_edits, uniform_ablation
@@ -75,7 +77,7 @@ def forward(handle, ids, intervention=Intervention(), record=False, **kwargs):
     recorder = FullRecorder() if record else None
     n = ids.shape[1]
     spans = {"prompt": range(n), "response": range(n, n)}
-    with attention.session(intervention, recorder=recorder, spans=spans, **kwargs) as active, torch.inference_mode():
+    with session(intervention, recorder=recorder, spans=spans, **kwargs) as active, torch.inference_mode():
         logits = handle.model(input_ids=ids, use_cache=False).logits
     return logits, (recorder.maps if record else None), active
 
@@ -86,7 +88,7 @@ def generate(handle, ids, intervention=Intervention(), n_new=8):
     config = GenerationConfig(max_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
     n = ids.shape[1]
     spans = {"prompt": range(n), "response": range(n, n + n_new)}
-    with attention.session(intervention, spans=spans) as active, torch.inference_mode():
+    with session(intervention, spans=spans) as active, torch.inference_mode():
         out = handle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, n:].tolist(), active
 
@@ -142,7 +144,7 @@ def test_output_edits_keep_the_sdpa_fast_path(handle, monkeypatch):
     def explicit(*_a, **_k):
         raise AssertionError("the explicit attention path ran")
 
-    monkeypatch.setattr(attention, "_Call", explicit)
+    monkeypatch.setattr(attention, "AttentionCall", explicit)
     layer, head = layer_and_head(handle)
     iv = Intervention((HeadEdit(layer, head, "scale", 0.0),
                        HeadEdit(layer, head + 1, "add", 1.0, direction=(0.1,) * handle.meta.head_dim,
@@ -232,7 +234,7 @@ def test_window_on_sinks_keeps_the_detected_sinks(smollm2):
     _, after, head, active = _edited_map(smollm2, dict(op="window", value=4, keys="sinks"))
     layer, _ = layer_and_head(smollm2)
     scores = active.sink_scores[layer][0, head]
-    keep = attention.sink_mask(scores, 0.1, include_first=False).numpy()
+    keep = sink_mask(scores, 0.1, include_first=False).numpy()
     a = after[head]
     n = a.shape[0]
     i, j = np.indices((n, n))
@@ -361,7 +363,7 @@ def test_generation_with_the_kv_cache_agrees_with_one_full_pass(handle):
     assert scored.top_ids.tolist() == tokens
     n = len(full)
     spans = {"prompt": range(ids.shape[1]), "response": range(ids.shape[1], n)}
-    with attention.session(iv, spans=spans) as fresh, torch.inference_mode():
+    with session(iv, spans=spans) as fresh, torch.inference_mode():
         handle.model(input_ids=torch.tensor([full]), use_cache=False)
     for layer, scores in active.sink_scores.items():
         assert torch.allclose(fresh.sink_scores[layer], scores, atol=1e-6)
@@ -423,7 +425,7 @@ def test_act_lowers_the_mass_on_the_hidden_sinks_of_the_chosen_heads(smollm2):
     _, after, active = forward(smollm2, ids, iv, record=True)
     with_sinks = 0
     for layer, head in chosen:
-        hidden = attention.sink_mask(active.sink_scores[layer][0, head], 0.1, include_first=False).numpy()
+        hidden = sink_mask(active.sink_scores[layer][0, head], 0.1, include_first=False).numpy()
         if not hidden.any():
             continue
         with_sinks += 1

@@ -16,6 +16,7 @@ from analytics.summary import forget, head_summary
 from cache.store import Store
 from capture.api import run
 from capture.engine import attention
+from capture.engine.session import session
 from core import probe_results as stored
 from core.interventions import ablate_heads
 from core.types import Capture, ModelMeta, Output, RunSpec
@@ -88,7 +89,7 @@ def test_pattern_probe_finds_an_induction_head(smollm2, pstore):
 
 
 def _single_ablation(handle, ids, scored, head) -> float:
-    with attention.session(ablate_heads([head])), torch.inference_mode():
+    with session(ablate_heads([head])), torch.inference_mode():
         return float(probes._scored_logprob(handle.model, torch.tensor([ids]), scored)[0])
 
 
@@ -116,7 +117,7 @@ def test_uniform_and_mean_ablation_batched_match_single_runs(smollm2):
     heads = [(2, 1), (2, 7), (18, 6)]
     clean, ablated = probes.ablation_sweep(smollm2, ids, scored, "uniform", heads_list=heads, batch_size=3)
     for head in heads:
-        with attention.session(uniform_ablation([head])), torch.inference_mode():
+        with session(uniform_ablation([head])), torch.inference_mode():
             single = float(probes._scored_logprob(smollm2.model, torch.tensor([ids]), scored)[0])
         assert ablated[head] == pytest.approx(single, abs=1e-3)
     _, mean_ablated = probes.ablation_sweep(smollm2, ids, scored, "mean", heads_list=heads, batch_size=2)

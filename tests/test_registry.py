@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GemmaConfi
 from capture import registry
 from capture.api import run
 from capture.engine import attention
+from capture.engine.session import session
 from core.errors import ModelUnavailable
 from core.interventions import HeadEdit, Intervention
 from core.types import RunSpec
@@ -138,7 +139,7 @@ def test_tiny_model_scale_edit_hits_the_output_projection(tiny, kind):
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state)[0].float()
 
     base = forward()
-    with attention.session(Intervention(edits=(HeadEdit(layer=layer, head=head, op="scale", value=0.0),))):
+    with session(Intervention(edits=(HeadEdit(layer=layer, head=head, op="scale", value=0.0),))):
         edited = forward()
 
     def zero_head(_module, args):

@@ -14,12 +14,12 @@ the layer's output is computed by the very same calls (SDPA), so images are bit-
 default processors' (tests/test_dit.py holds this).  Recording does not change the output either:
 the weights are computed on the side, softmax(q k^T * scale) in fp32, for the recorded batch row.
 
-Edits come from the active `capture.engine.attention.session` (the one mechanism of DESIGN.md):
+Edits come from the active `capture.engine.session.session` (the one mechanism of DESIGN.md):
 - attention-level edits (mix, logit, redistribute, window) on a layer: the layer's attention is
   computed by `capture.engine.attention.headscope_attention`, which applies them per head and batch row
   (row interventions: the perturbed branch of PAG / SoftPAG) and hands the edited weights of batch
   row 0 to the session's recorder;
-- output-level edits (scale, add) and head gates: `capture.engine.attention.scale_head_outputs`, applied to
+- output-level edits (scale, add) and head gates: `capture.engine.head_outputs.scale_head_outputs`, applied to
   the concatenated head outputs of the whole joint sequence before the output projections.
 
 Recording: `recording(...)` makes a `DitRecorder` active (a ContextVar); the sampler sets its `step`
@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from capture.engine import attention
+from capture.engine.head_outputs import scale_head_outputs
+from capture.engine.session import current_session
+from core.errors import InterventionError
 
 OnMap = Callable[[int, int, str, np.ndarray], None]
 
@@ -46,7 +49,7 @@ class DitRecorder:
 
     steps   the step indices to record (None: every step); `step` is set by the sampler.
     on_map  called with (step, layer, kind, maps  # [head, query, key] float16), kind "joint" | "self" | "cross".
-    Also usable as a `capture.engine.attention` session recorder (`take`): edited layers hand their rows to it.
+    Also usable as a `capture.engine.session` session recorder (`take`): edited layers hand their rows to it.
     """
 
     def __init__(self, on_map: OnMap, steps: set[int] | None = None, layers: set[int] | None = None):
@@ -65,7 +68,7 @@ class DitRecorder:
         """weights  # [head, query, key] (any float dtype)."""
         self.on_map(self.step, layer, kind, weights.to(torch.float16).numpy())
 
-    # the session-recorder interface of capture.engine.attention (edited layers)
+    # the session-recorder interface of capture.engine.recorder (edited layers)
     def take(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
         if not self.wants(layer):
             return
@@ -135,20 +138,20 @@ class HeadScopeProcessor:
             raise ValueError(f"unknown attention kind {kind!r}")
         self.layer, self.kind, self.n_heads = layer, kind, n_heads
         self._stub = _Stub(layer)
-        self._output_hook = attention.scale_head_outputs(layer, n_heads)
+        self._output_hook = scale_head_outputs(layer, n_heads)
 
     # ---- the core: q, k, v -> per-head outputs, with edits and recording --------------------------------
     def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
         """query, key, value  # [batch, head, n, head_dim] -> [batch, n_q, head * head_dim] (before to_out)."""
         batch, heads, n_q, head_dim = query.shape
-        active = attention.current_session() if self.kind != "cross" else None
+        active = current_session() if self.kind != "cross" else None
         recorder = _RECORDER.get()
         record = recorder is not None and recorder.wants(self.layer)
         edited = active is not None and bool(active.attention_edits(self.layer))
         if edited:
             if attention_mask is not None:
-                raise attention.InterventionError("HeadScope edits diffusers attention without masks only.")
+                raise InterventionError("HeadScope edits diffusers attention without masks only.")
             if record:
                 recorder.kind_of[self.layer] = self.kind
             previous = active.recorder

@@ -176,7 +176,7 @@ class ShapesDit:
         `intervention` (an Intervention) applies to every row; the perturbed rows get
         `guidance.perturbation` on top.  `on_step(StepInfo)` runs before each transformer call.
         """
-        from capture.engine import attention
+        from capture.engine.session import session
         from core.interventions import Intervention
 
         guidance = guidance or Guidance(cfg=self.guidance)
@@ -209,7 +209,7 @@ class ShapesDit:
         if spans is None:
             n_img = self.grid[0] * self.grid[1]
             spans = {"image": range(0, n_img), "text": range(n_img, n_img + self.text.text_len)}
-        with attention.session(intervention, spans=spans, row_interventions=rows), torch.inference_mode():
+        with session(intervention, spans=spans, row_interventions=rows), torch.inference_mode():
             for i, t in enumerate(scheduler.timesteps):
                 if on_step is not None:
                     on_step(StepInfo(i, float(t), float(scheduler.sigmas[i])))

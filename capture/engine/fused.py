@@ -1,6 +1,6 @@
 """The fused C++ kernels of HeadScope's recorded passes (`fused.cpp`), built once with torch's cpp_extension.
 
-- `record_layer`: one plain layer of the stored-maps pass (capture.engine.attention.Recorder.record): scores,
+- `record_layer`: one plain layer of the stored-maps pass (capture.engine.recorder.Recorder.record): scores,
   float32 softmax, fp16 maps (packed lower triangle or full), block-max thumbnails and the output.
 - `attend_rows`: one KV group's block of query rows of the long-context pass (capture.engine.longctx):
   scores, softmax, output and the one-pass reductions.

@@ -70,6 +70,7 @@ def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "tex
     `layers_of`: the submodule whose attention layers HeadScope indexes, edits and records (a VLM's
     language model); attention elsewhere (its vision tower) runs plain SDPA."""
     from capture.engine import attention
+    from capture.engine.head_outputs import scale_head_outputs
 
     attention.register()
     model.eval()
@@ -83,7 +84,7 @@ def prepare(name: str, model: nn.Module, tokenizer: object, modality: str = "tex
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     for index, (attn, out) in enumerate(layers):
         attn.headscope_layer = index
-        out.register_forward_pre_hook(attention.scale_head_outputs(index, n_heads))
+        out.register_forward_pre_hook(scale_head_outputs(index, n_heads))
     meta = ModelMeta(
         name=name,
         family=model.config.model_type if modality == "vlm" else config.model_type,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from capture.engine import fused
-from capture.engine.attention import one_thread
+from capture.engine.recorder import one_thread
 from core.errors import InputError
 from core.interventions import ATTENTION_OPS, Intervention
 from core.qk import HEAD_OVERVIEW_BINS, LAYOUT, QKParams

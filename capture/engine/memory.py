@@ -28,7 +28,7 @@ from core.types import ModelMeta
 BYTES_PER_WEIGHT = 2  # fp16 maps on disk and in the recorder's buffers
 QK_BYTES = 4  # float32 queries and keys (core.qk explains why)
 ACTIVATION_FLOATS = 64  # x hidden size floats per token: the forward's transient tensors and allocator slack (measured: ~60 for SmolLM2)
-ROW_BLOCK_TRIL = 256  # capture.engine.attention.ROW_BLOCK
+ROW_BLOCK_TRIL = 256  # capture.engine.call.ROW_BLOCK
 PENDING_LAYERS = 3  # the layer being recorded + LayerWriter.MAX_PENDING waiting to be written
 AVAILABLE_SHARE = 0.8
 REDUCTION_ARRAYS = 5  # core.qk.REDUCTIONS

@@ -16,7 +16,7 @@ from core.layouts import overview_name
 class LayerWriter:
     """Writes finished layers to the cache on a background thread, so disk work overlaps the forward.
 
-    A small pass (`defer`, capture.engine.attention.small_pass) is kept in memory instead and written after
+    A small pass (`defer`, capture.engine.recorder.small_pass) is kept in memory instead and written after
     the forward in one cache transaction: for a 128-token input the writer thread's share of the GIL
     and 31 separate index commits cost more than the writing itself."""
 

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from capture.engine import attention, linears, longctx, memory
+from capture.engine import linears, longctx, memory
 from capture.engine.handle import ModelHandle
+from capture.engine.recorder import Recorder, small_pass
+from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from core.errors import InputError
 from core.progress import Progress
@@ -87,7 +89,7 @@ class TextAdapter:
 
     def __init__(self, handle: ModelHandle):
         self.handle = handle
-        self.sink_scores: dict = {}  # layer -> ACT sink scores of the last generation (attention.Session)
+        self.sink_scores: dict = {}  # layer -> ACT sink scores of the last generation (Session.sink_scores)
         self.tokenizer = handle.tokenizer
         config = handle.model.config
         self.max_tokens = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -161,7 +163,7 @@ class TextAdapter:
         input_ids = torch.tensor([prompt_ids])
         n = len(prompt_ids)
         spans = {"prompt": range(n), "response": range(n, n + spec.max_new_tokens)}
-        with attention.session(spec.intervention, spans=spans) as active:
+        with session(spec.intervention, spans=spans) as active:
             with torch.inference_mode():
                 result = self.handle.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
@@ -201,18 +203,18 @@ class TextAdapter:
             layout_info = {}
 
             input_ids = torch.tensor([ids])
-            small = layout != longctx.LAYOUT and attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
+            small = layout != longctx.LAYOUT and small_pass(meta.n_layers, meta.n_heads, len(ids))
             with LayerWriter(store, key, meta.n_layers, progress, gen_share, defer=small) as writer:
                 if layout == longctx.LAYOUT:
                     recorder = longctx.QKRecorder(meta, len(ids), writer.submit,
                                                   split=len(prompt_ids) if new_ids else None)
                 else:
-                    recorder = attention.Recorder(meta.n_heads, layout, writer.submit, defer=small)
+                    recorder = Recorder(meta.n_heads, layout, writer.submit, defer=small)
                 # an empty "response" span in a prefill-only run, so edits on it resolve (to nothing)
                 session_spans = {"response": range(len(ids), len(ids)), **spans}
                 try:
-                    with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
-                                           sink_scores=self.sink_scores):
+                    with session(spec.intervention, recorder=recorder, spans=session_spans,
+                                 sink_scores=self.sink_scores):
                         with torch.inference_mode(), linears.packed(self.handle.model):
                             if meta.causal:
                                 with last_layer_mlp_on_last_row(self.handle):

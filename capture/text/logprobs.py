@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from capture.engine import attention
 from capture.engine.handle import ModelHandle
+from capture.engine.session import session
 from core.errors import InterventionError
 from core.interventions import Intervention
 
@@ -35,7 +35,7 @@ def continuation_logprobs(handle: ModelHandle, token_ids: list[int], n_prompt: i
     intervention.validate(meta.n_layers, meta.n_heads, meta.head_dim)
     ids = torch.tensor([token_ids])
     spans = {"prompt": range(n_prompt), "response": range(n_prompt, len(token_ids))}
-    with handle.lock, attention.session(intervention, spans=spans), torch.inference_mode():
+    with handle.lock, session(intervention, spans=spans), torch.inference_mode():
         logits = handle.model(input_ids=ids, use_cache=False, logits_to_keep=n_cont + 1).logits[0, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [continuation, vocab]
     target = ids[0, n_prompt:]

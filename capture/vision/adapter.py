@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 import capture.images as images
-from capture.engine import attention, linears
+from capture.engine import linears
 from capture.engine.handle import ModelHandle
+from capture.engine.recorder import Recorder, small_pass
+from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from capture.text.adapter import stored_bytes
 from core.errors import InputError
@@ -118,14 +120,14 @@ class VisionAdapter:
         t_prep = time.perf_counter()
         seen: dict[str, int] = {}
 
-        small = attention.small_pass(meta.n_layers, meta.n_heads, n_tokens)
+        small = small_pass(meta.n_layers, meta.n_heads, n_tokens)
         with LayerWriter(store, key, meta.n_layers, progress, 0.0, defer=small) as writer:
             def on_layer(layer: int, maps: np.ndarray, *extra) -> None:
                 seen["n"] = maps.shape[-1]
                 writer.submit(layer, maps, *extra)
 
-            recorder = attention.Recorder(meta.n_heads, "full", on_layer, defer=small)
-            with attention.session(spec.intervention, recorder=recorder, spans=spans):
+            recorder = Recorder(meta.n_heads, "full", on_layer, defer=small)
+            with session(spec.intervention, recorder=recorder, spans=spans):
                 with torch.inference_mode(), linears.packed(self.handle.model):
                     out = self.handle.model(**self.forward_kwargs(pixels))
             recorder.finish()

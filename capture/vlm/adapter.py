@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import capture.images as images
-from capture.engine import attention
 from capture.engine.handle import ModelHandle
+from capture.engine.recorder import BranchRecorder, Recorder, small_pass
+from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from capture.text.adapter import TOP_K, StepProgress, labels, step_logprobs, stored_bytes
 from capture.vlm.model import greedy_settings
@@ -123,7 +124,7 @@ class VlmAdapter:
         settings of capture.vlm.model.answers (so the text is the same)."""
         tok = self.tokenizer
         n = inputs.input_ids.shape[1]
-        with attention.session(spec.intervention, spans=generation_spans(spans, n, spec.max_new_tokens)) as active:
+        with session(spec.intervention, spans=generation_spans(spans, n, spec.max_new_tokens)) as active:
             with torch.inference_mode():
                 result = self.handle.model.generate(
                     **inputs.model_inputs(), **greedy_settings(tok, spec.max_new_tokens),
@@ -189,12 +190,12 @@ class VlmAdapter:
         meta = self.handle.meta
         maps: dict[int, np.ndarray] = {}
         residual: dict[int, torch.Tensor] = {}
-        small = attention.small_pass(meta.n_layers, meta.n_heads, length)
-        recorder = attention.Recorder(meta.n_heads, "tril", lambda layer, m, _overview: maps.__setitem__(layer, m),
-                                      defer=small) if record else None
+        small = small_pass(meta.n_layers, meta.n_heads, length)
+        recorder = Recorder(meta.n_heads, "tril", lambda layer, m, _overview: maps.__setitem__(layer, m),
+                            defer=small) if record else None
         input_ids = inputs.input_ids[:, :length]
         with self._residual(residual) if record else contextlib.nullcontext(), \
-                attention.session(recorder=recorder, spans={"prompt": range(length)}), torch.inference_mode():
+                session(recorder=recorder, spans={"prompt": range(length)}), torch.inference_mode():
             out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
                                     attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
         if recorder is not None:
@@ -213,12 +214,12 @@ class VlmAdapter:
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
-        small = attention.small_pass(meta.n_layers, meta.n_heads, len(ids))
+        small = small_pass(meta.n_layers, meta.n_heads, len(ids))
         with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer, \
                 self._residual(residual):
-            recorder = attention.Recorder(meta.n_heads, "tril", writer.submit, defer=small)
-            with attention.session(spec.intervention, recorder=recorder, spans=session_spans,
-                                   sink_scores=self.sink_scores):
+            recorder = Recorder(meta.n_heads, "tril", writer.submit, defer=small)
+            with session(spec.intervention, recorder=recorder, spans=session_spans,
+                         sink_scores=self.sink_scores):
                 with torch.inference_mode():
                     out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
                                             attention_mask=torch.ones_like(input_ids), use_cache=False,
@@ -237,7 +238,7 @@ class VlmAdapter:
 
         Each question's tokens after the prefix and its answer are one branch of the sequence: a 4-D
         mask lets a branch see the prefix and itself only, its positions continue from the prefix, and
-        attention.BranchRecorder hands its rows, with its keys only, to its own Recorder seeded with
+        BranchRecorder hands its rows, with its keys only, to its own Recorder seeded with
         the prefix's maps.  One pass for all of a picture's questions reads the weights once
         (probes.vlm_accuracy's recorded passes: weight reads, not arithmetic, bound them on a CPU)."""
         meta = self.handle.meta
@@ -259,16 +260,16 @@ class VlmAdapter:
             row += m
             ends.append(row - 1)
         residual: dict[int, torch.Tensor] = {}
-        small = attention.small_pass(meta.n_layers, meta.n_heads, p + max(lengths))
+        small = small_pass(meta.n_layers, meta.n_heads, p + max(lengths))
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(LayerWriter(store, key, meta.n_layers, no_progress, 0.0, defer=small))
                        for _spec, key, *_rest in items]
             stack.enter_context(self._residual(residual))
-            recorder = attention.BranchRecorder(
-                [attention.Recorder(meta.n_heads, "tril", w.submit, defer=small, prefix=prefix.maps) for w in writers],
+            recorder = BranchRecorder(
+                [Recorder(meta.n_heads, "tril", w.submit, defer=small, prefix=prefix.maps) for w in writers],
                 p, lengths)
             try:
-                with attention.session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
+                with session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
                     out = self.handle.model(input_ids=torch.tensor([[t for tail in tails for t in tail]]),
                                             cache=prefix.cache, attention_mask=mask,
                                             position_ids=torch.tensor([positions]), use_cache=True,
