@@ -1,6 +1,6 @@
 """Pattern detectors on the repeated-random-token probe: previous-token, duplicate-token, induction, echo.
 
-The probe (RazorAttention, METHODS.md §1.4; built by `probes.runner.pattern_probe`): a first token
+The probe (RazorAttention, METHODS.md §1.4; built by `probes.patterns.pattern_probe`): a first token
 (BOS where the tokenizer has one) followed by P random token ids, repeated R times, one causal forward.
 Positions: the first token sits at 0 (`offset` = 1), copy r of period token k at offset + r*P + k.
 Razor's defaults are P = 2500 ids drawn from [10000, 12500) and R = 4; HeadScope's probe is shortened

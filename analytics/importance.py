@@ -1,7 +1,7 @@
 """Head importance from ablation sweeps, gradients and DuoAttention gates, as [layer, head] arrays.
 
-The measurements themselves need the model and live in `probes.runner`; this module turns their
-stored results into scores and rankings.
+The measurements themselves need the model and live in `probes.ablation`, `probes.gradient` and
+`probes.duo`; this module turns their stored results into scores and rankings.
 
 - Single-head ablation (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; Li et al.
   TVCG 2023 for ViTs; METHODS.md §3.2, §10.1): importance = clean target log-prob - ablated target

@@ -1,7 +1,7 @@
 """Retrieval heads from needle-in-a-haystack decoding: copy-paste (Wu et al. 2024) and semantic
 (CompressKV) scores, and the ROUGE-1 recall that decides which tests count.
 
-Input per test (built by `probes.runner.needle_probe`): the last attention row of every decode step
+Input per test (built by `probes.needle.needle_probe`): the last attention row of every decode step
 (the row of the query that emitted y_t), the emitted ids y_t, the prompt ids and the needle span [s, e).
 
 - Retrieval score (Wu et al. 2024, `retrieval_calculate`, METHODS.md §1.1): at step t each head takes

@@ -37,7 +37,7 @@ def main() -> None:
     from capture import registry
     from capture.api import load_capture, run
     from core.types import RunSpec
-    from probes import runner as probes
+    from probes.ablation import ablation_sweep
 
     handle = registry.load("smollm2")
     model, tok = handle.model, handle.tokenizer
@@ -76,7 +76,7 @@ def main() -> None:
             plain_s = time.perf_counter() - t0
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            clean, ablated = probes.ablation_sweep(handle, ids, scored, "zero")
+            clean, ablated = ablation_sweep(handle, ids, scored, "zero")
             sweep_s = time.perf_counter() - t0
         assert ablated.shape == (handle.meta.n_layers, handle.meta.n_heads)
         rows.append([f"ablation sweep, all {n_heads} heads, {len(ids)} tokens (batched)", f"{sweep_s:.2f}",

@@ -74,7 +74,7 @@ class GradientParams:
 
 @dataclass(frozen=True)
 class DuoParams:
-    """Mini DuoAttention gate optimisation on synthetic passkey data (see probes.runner.duo_probe)."""
+    """Mini DuoAttention gate optimisation on synthetic passkey data (see probes.duo.duo_probe)."""
 
     steps: int = 24
     context: int = 256

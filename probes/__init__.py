@@ -19,8 +19,8 @@ import importlib
 
 # public name -> the module that defines it (loaded on first use: most of them import torch)
 _WHERE = {
-    "run_probe": "probes.runner", "hidden_states": "probes.runner", "pattern_capture": "probes.runner",
-    "ablation_sweep": "probes.runner", "needle_prompt": "probes.runner", "load_needles": "probes.runner",
+    "run_probe": "probes.runner", "hidden_states": "probes.runner", "pattern_capture": "probes.patterns",
+    "ablation_sweep": "probes.ablation", "needle_prompt": "probes.needle", "load_needles": "probes.needle",
     "run_batch": "probes.batch", "CaptureJob": "probes.batch", "ProbeJob": "probes.batch",
     "JobResult": "probes.batch", "read_jobs": "probes.batch", "job_from_json": "probes.batch",
     "run_headhunter": ("probes.headhunter", "headhunter"), "HeadHunterParams": "probes.headhunter",

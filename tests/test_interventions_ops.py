@@ -549,11 +549,11 @@ def test_a_direction_of_the_wrong_length_is_refused(handle):
 
 def test_masking_the_top_retrieval_heads_hurts_the_needle_answer_more_than_random_heads(smollm2):
     """Wu et al.'s masking (uniform attention, u = 1) on the top-10 retrieval heads vs 10 random
-    non-retrieval heads (METHODS §1.1), on the needle harness of probes.runner (needle_prompt, the
+    non-retrieval heads (METHODS §1.1), on the needle harness of probes.needle (needle_prompt, the
     copy score of analytics.retrieval).  SmolLM2-135M rarely reaches ROUGE-1 > 0.5 on these needles,
     so no test would count: the copy score is taken on the teacher-forced true answer instead of a
     generated one, and the effect is measured as the teacher-forced log-prob of that answer."""
-    probes = pytest.importorskip("probes.runner")
+    probes = pytest.importorskip("probes.needle")
     from analytics import retrieval
     from capture.text.logprobs import continuation_logprobs
 

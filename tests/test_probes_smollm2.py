@@ -20,7 +20,9 @@ from capture.engine.session import session
 from core import probe_results as stored
 from core.interventions import ablate_heads
 from core.types import Capture, ModelMeta, Output, RunSpec
-from probes import runner as probes
+import probes
+from probes import ablation, duo, needle
+from probes.common import haystack_ids
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -90,7 +92,7 @@ def test_pattern_probe_finds_an_induction_head(smollm2, pstore):
 
 def _single_ablation(handle, ids, scored, head) -> float:
     with session(ablate_heads([head])), torch.inference_mode():
-        return float(probes._scored_logprob(handle.model, torch.tensor([ids]), scored)[0])
+        return float(ablation._scored_logprob(handle.model, torch.tensor([ids]), scored)[0])
 
 
 def test_ablation_sweep_ranks_heads_that_matter(smollm2, pstore):
@@ -101,7 +103,7 @@ def test_ablation_sweep_ranks_heads_that_matter(smollm2, pstore):
     assert drop.shape == (30, 9) and np.isfinite(drop[[0, 17, 18]]).all() and np.isnan(drop[1]).all()
     ranked = [r for r in analytics.importance.rank_heads(np.abs(drop)) if np.isfinite(r[2])]
     top, bottom = ranked[0][:2], ranked[-1][:2]
-    ids, scored = probes._ablation_inputs(smollm2.tokenizer, params)
+    ids, scored = ablation._ablation_inputs(smollm2.tokenizer, params)
     clean = result.summary["clean_logprob"]
     # independent single-head runs through the intervention path agree with the batched sweep
     moved_top = abs(_single_ablation(smollm2, ids, scored, top) - clean)
@@ -113,12 +115,12 @@ def test_ablation_sweep_ranks_heads_that_matter(smollm2, pstore):
 def test_uniform_and_mean_ablation_batched_match_single_runs(smollm2):
     from core.interventions import uniform_ablation
 
-    ids, scored = probes._ablation_inputs(smollm2.tokenizer, stored.AblationParams(n_tokens=20, score_last=6))
+    ids, scored = ablation._ablation_inputs(smollm2.tokenizer, stored.AblationParams(n_tokens=20, score_last=6))
     heads = [(2, 1), (2, 7), (18, 6)]
     clean, ablated = probes.ablation_sweep(smollm2, ids, scored, "uniform", heads_list=heads, batch_size=3)
     for head in heads:
         with session(uniform_ablation([head])), torch.inference_mode():
-            single = float(probes._scored_logprob(smollm2.model, torch.tensor([ids]), scored)[0])
+            single = float(ablation._scored_logprob(smollm2.model, torch.tensor([ids]), scored)[0])
         assert ablated[head] == pytest.approx(single, abs=1e-3)
     _, mean_ablated = probes.ablation_sweep(smollm2, ids, scored, "mean", heads_list=heads, batch_size=2)
     assert np.isfinite(mean_ablated[2, 1]) and mean_ablated[2, 1] != pytest.approx(clean, abs=1e-6)
@@ -130,11 +132,11 @@ def test_gradient_importance_agrees_with_ablation_at_the_extremes(smollm2, pstor
     assert grads.shape == (1, 30, 9) and np.isfinite(grads).all()
     imp = analytics.importance.gradient_importance(grads)
     ranked = analytics.importance.rank_heads(imp)
-    ids = probes._haystack_ids(smollm2.tokenizer, 48)
+    ids = haystack_ids(smollm2.tokenizer, 48)
     scored = range(1, 48)
     _, ablated = probes.ablation_sweep(smollm2, ids, scored, "zero", heads_list=[ranked[0][:2], ranked[-1][:2]])
     with torch.inference_mode():
-        clean = float(probes._scored_logprob(smollm2.model, torch.tensor([ids]), scored)[0])
+        clean = float(ablation._scored_logprob(smollm2.model, torch.tensor([ids]), scored)[0])
     assert abs(ablated[ranked[0][:2]] - clean) > abs(ablated[ranked[-1][:2]] - clean)
 
 
@@ -157,9 +159,9 @@ def test_needle_probe_scores_and_answers(smollm2, pstore):
 def test_decode_rows_equal_eager_generation_rows(smollm2):
     """The recorded pass's rows are the rows each decode step computed (eager, output_attentions)."""
     ids = smollm2.tokenizer("The lighthouse keeper lit the lamp and")["input_ids"]
-    new = probes._greedy(smollm2, ids, 3)
+    new = needle._greedy(smollm2, ids, 3)
     got = {}
-    probes.decode_step_rows(smollm2, ids + new, len(ids), len(new), lambda l, rows: got.__setitem__(l, rows))
+    needle.decode_step_rows(smollm2, ids + new, len(ids), len(new), lambda l, rows: got.__setitem__(l, rows))
     model = smollm2.model
     model.set_attn_implementation("eager")
     try:
@@ -173,7 +175,7 @@ def test_decode_rows_equal_eager_generation_rows(smollm2):
 
 
 def test_duo_probe_mini(smollm2, pstore):
-    ids, positions = probes.passkey_sample(smollm2.tokenizer, 128, 1, 4, np.random.default_rng(0))
+    ids, positions = duo.passkey_sample(smollm2.tokenizer, 128, 1, 4, np.random.default_rng(0))
     assert len(positions) >= 4 and max(positions) < len(ids)
     small = {"steps": 1, "context": 96, "sink": 4, "recent": 16, "passkeys": 1, "words": 4}
     result = probes.run_probe("duo", "smollm2", small, store=pstore)
