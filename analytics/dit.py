@@ -30,7 +30,7 @@ import numpy as np
 
 from analytics.metric import Metric
 from analytics.vision import Layout, distance_per_head
-from core import dit_capture, scenes
+from core import dit_capture, scene_reading, scenes
 from core.errors import ProbeMissing
 
 SINK_RATIO = 2.0  # a sink receives >= 2 x the median text token's mean attention ...
@@ -207,10 +207,10 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
     if len(text_tokens) < offset + len(words) or any(text_tokens[offset + i] != w for i, (w, _, _) in enumerate(words)):
         return {}
     specs = scenes.parse_caption(caption)
-    colours = scenes.colour_masks(image)
+    colours = scene_reading.colour_masks(image)
     blobs = {}
     for index, spec in enumerate(specs):
-        blob = scenes.largest_component(colours[spec.colour])
+        blob = scene_reading.largest_component(colours[spec.colour])
         if blob.sum() >= 4:
             blobs[index] = blob
     out = {}

@@ -9,7 +9,7 @@ After Ahn et al. 2025 (HeadHunter / SoftPAG, METHODS §7.1), scaled down for a C
    or when nothing improves.
 
 The objective is read from generated pixels with the scene generator's knowledge
-(core.scenes.check_image): "colour" = share of requested objects whose colour is present (the
+(core.scene_reading.check_image): "colour" = share of requested objects whose colour is present (the
 issue's objective), "position", "shape", or "all" (their mean).  Prompts are training-split
 captions (the held-out ones stay for evaluation).  Papers' unverified parts: the objective models
 (here: a pixel check), candidates per round and rounds (here: 6 and 3).
@@ -95,11 +95,11 @@ def find(store: Store, model: str, params: HeadHunterParams) -> HeadHunterResult
 
 
 def objective_of(images: np.ndarray, captions: list[str], objective: str) -> float:
-    from core import scenes
+    from core import scene_reading
 
     values = []
     for image, caption in zip(images, captions):
-        for c in scenes.check_image(image, caption):
+        for c in scene_reading.check_image(image, caption):
             parts = {"colour": c.colour_ok, "position": c.position_ok, "shape": c.shape_ok}
             values.append(np.mean(list(parts.values())) if objective == "all" else parts[objective])
     return float(np.mean(values)) if values else 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import scenes
+from core import scene_reading, scenes
 
 CONFIGS = {"dit": scenes.DIT, "vlm": scenes.VLM}
 
@@ -39,10 +39,10 @@ def test_ground_truth_matches_pixels(name):
             ys, xs = np.nonzero(obj.mask)
             assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
             # the object sits in its named cell of the 3 x 3 grid
-            assert scenes.cell_of(ys.mean() + 0.5, xs.mean() + 0.5, config.size) == obj.cell
+            assert scene_reading.cell_of(ys.mean() + 0.5, xs.mean() + 0.5, config.size) == obj.cell
             assert scenes.position_name(*obj.cell) == obj.position
         # the background is neutral grey: no coloured pixel outside the objects
-        assert (scenes.chroma(image)[~union] == 0).all()
+        assert (scene_reading.chroma(image)[~union] == 0).all()
         if config.distinct_colours:
             assert len({o.colour for o in scene.objects}) == len(scene.objects)
 
@@ -82,7 +82,7 @@ def test_readback_of_drawn_scenes():
     ok, shape_ok, total = 0, 0, 0
     for seed in range(200):
         scene = scenes.make_scene(seed, scenes.DIT)
-        for check in scenes.check_image(scene.image, scene.caption):
+        for check in scene_reading.check_image(scene.image, scene.caption):
             total += 1
             ok += check.colour_ok and check.position_ok
             shape_ok += check.shape_ok

@@ -4,7 +4,7 @@
     nice -n 19 .venv/bin/python training/eval_dit.py --n 40 --no-write
 
 For each held-out caption (never drawn in training: `scenes.held_out`) one sample (seed = its index)
-is generated with the model's default steps and guidance, then read back with `scenes.check_image`:
+is generated with the model's default steps and guidance, then read back with `scene_reading.check_image`:
 per requested object, the largest blob of its colour (palette distance on high-chroma pixels) -
 colour right if the blob is there, position right if its centroid lies in the requested 3 x 3 cell,
 shape right if its outline best matches the requested shape.  A sample is right for colour
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from core import scenes  # noqa: E402
+from core import scene_reading, scenes  # noqa: E402
 
 BAR = 0.80  # the bar: colour and position right in >= 80% of held-out samples
 
@@ -61,7 +61,7 @@ def score(images: np.ndarray, captions: list[str]) -> dict:
     per_object = {"colour": [], "position": [], "shape": []}
     by_count: dict[int, dict[str, list]] = {}
     for image, caption in zip(images, captions):
-        checks = scenes.check_image(image, caption)
+        checks = scene_reading.check_image(image, caption)
         c = [x.colour_ok for x in checks]
         p = [x.position_ok for x in checks]
         s = [x.shape_ok for x in checks]
