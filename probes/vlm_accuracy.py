@@ -1,11 +1,11 @@
 """Before | after accuracy of a VLM intervention over held-out shapes scenes.
 
-For each of the first `n_scenes` held-out scenes (training.eval_vlm.held_out_scenes: captions never
+For each of the first `n_scenes` held-out scenes (core.scene_splits.held_out_scenes: captions never
 drawn in training) and `questions_per_scene` of its questions (core.scenes.questions; the
 absent-object presence question, answer "no", always among them: it measures hallucination), the
-question is answered (`answer_ids`: all questions first, those of one prompt shape together), its
-answer is recorded once (the maps and residual stream the intervention is built from:
-probes.vlm.for_capture), and it is answered again greedily with the intervention active
+question is answered (capture.vlm.answers: all questions first, those of one prompt shape
+together), its answer is recorded once (the maps and residual stream the intervention is built
+from: probes.vlm.for_capture), and it is answered again greedily with the intervention active
 (again in batches, one intervention per batch row).  Each picture's system prompt and picture (~88 of
 ~105 tokens) run once, recorded (VlmAdapter.record_prefix); the answers and the recorded passes (all
 of a picture's in one forward: VlmAdapter.record_from) continue from it.  The recorded passes go to a
@@ -71,7 +71,7 @@ class BatchResult:
 def batch_questions(n_scenes: int = N_SCENES, per_scene: int = QUESTIONS_PER_SCENE, seed: int = 0):
     """[(scene, QA, kind)]: per held-out scene, its absent-object question and per_scene - 1 others (seeded)."""
     from core import scenes
-    from training.eval_vlm import held_out_scenes
+    from core.scene_splits import held_out_scenes
 
     out = []
     for scene in held_out_scenes(n_scenes):
@@ -82,107 +82,6 @@ def batch_questions(n_scenes: int = N_SCENES, per_scene: int = QUESTIONS_PER_SCE
         picked = absent[:1] + [rest[int(i)] for i in rng.choice(len(rest), size=min(per_scene - len(absent[:1]),
                                                                                       len(rest)), replace=False)]
         out += [(scene, qa, "absent" if qa in absent else qa.kind) for qa in picked]
-    return out
-
-
-ANSWER_BATCH = 16  # questions answered together with their own interventions (row_interventions)
-
-
-def answers_with(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
-                 progress: Progress = no_progress, prefixes: dict | None = None, encoded: list | None = None) -> list[str]:
-    """The greedy answers to `specs`, each with its own intervention active, as the capture's generation
-    step writes them (capture.vlm.adapter.VlmAdapter.generate), `batch` at a time (`answer_ids`)."""
-    from capture.vlm.adapter import VlmAdapter
-
-    tok = VlmAdapter(handle).tokenizer
-    return [tok.decode(ids, skip_special_tokens=True).strip()
-            for ids in answer_ids(handle, specs, batch, progress, prefixes, encoded)]
-
-
-def prefix_shared(intervention, prefix: int, n: int, spans: dict[str, range]) -> bool:
-    """Whether `intervention` on an `n`-token prompt with `spans` leaves its first `prefix` rows as they
-    are: every edit acts on the "last" rows (GIFT) or on rows from `prefix` on (VAR: the rows after the
-    picture), with no sink set to detect at prefill.  Then the system prompt and picture can be
-    computed once per scene and shared (`answer_ids`)."""
-    from core.errors import InterventionError
-    from core.interventions import parse_positions, sink_set
-
-    def late(queries: str) -> bool:
-        if queries == "last":
-            return True
-        try:
-            rows = parse_positions(queries, n, spans)
-        except InterventionError:
-            return False
-        return rows is not None and (len(rows) == 0 or rows.start >= prefix)
-
-    return all(late(e.queries) and sink_set(e.keys) is None and "sink" not in e.mode for e in intervention.edits)
-
-
-def _stacked(caches: list):
-    """One batched DynamicCache from per-row caches of equal length (copied: generate extends it)."""
-    import torch
-    from transformers import DynamicCache
-
-    return DynamicCache([(torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
-                         for i in range(len(caches[0].layers))])
-
-
-def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
-               progress: Progress = no_progress, prefixes: dict | None = None,
-               encoded: list | None = None) -> list[list[int]]:
-    """The greedy answers' new token ids (up to and with the end-of-sequence token), `batch` at a time.
-
-    Questions whose prompts have the same length and the same image and question spans go through one
-    `generate` with one intervention per batch row (capture.engine.session.session(row_interventions=...)):
-    with no padding every row's positions, spans and position sets are those of its own run.  When no
-    row's intervention touches the prompt before its last token (`prefix_shared`: none, GIFT, VAR), the
-    system prompt and picture (~88 of ~105 tokens) are computed once per picture and each row starts
-    from that cache, so only the question's tokens are run again; `prefixes` ((picture, length) ->
-    DynamicCache, filled here where missing) lets several calls share those caches, as `encoded`
-    (VlmAdapter.encode of each spec) their inputs.  A row stops at its end-of-sequence token; what
-    follows it is cut.  `progress(fraction, message)` after each batch."""
-    import torch
-
-    from capture.engine.session import session
-    from capture.vlm.adapter import VlmAdapter, generation_spans
-    from capture.vlm.model import greedy_settings
-
-    adapter = VlmAdapter(handle)
-    tok = adapter.tokenizer
-    eos = tok.eos_token_id
-    encoded = encoded or [adapter.encode(spec) for spec in specs]
-    groups: dict[tuple, list[int]] = {}
-    for i, (inputs, spans) in enumerate(encoded):
-        n = inputs.input_ids.shape[1]
-        shape = (n, specs[i].max_new_tokens, *sorted((k, v.start, v.stop) for k, v in spans.items()))
-        groups.setdefault(shape, []).append(i)
-    prefixes = {} if prefixes is None else prefixes  # (picture, length) -> its cache
-    out: list[list[int]] = [[] for _ in specs]
-    done = 0
-    for members in groups.values():
-        for start in range(0, len(members), batch):
-            rows = members[start : start + batch]
-            progress(done / len(specs), f"answered {done}/{len(specs)} questions")
-            done += len(rows)
-            inputs, spans = encoded[rows[0]]
-            n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
-            input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
-            model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
-            shared = spans["image"].stop  # the prefix: everything up to the last image token
-            with handle.lock:
-                if shared < n and all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
-                    for i in rows:
-                        if (specs[i].image, shared) not in prefixes:
-                            prefixes[(specs[i].image, shared)] = adapter.record_prefix(encoded[i][0], shared,
-                                                                                       record=False).cache
-                    model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
-                with session(row_interventions=[specs[i].intervention for i in rows],
-                             spans=generation_spans(spans, n, max_new)), torch.inference_mode():
-                    result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                                   **model_inputs, **greedy_settings(tok, max_new))
-            for i, row in zip(rows, result[:, n:].tolist()):
-                out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
 
 
@@ -202,6 +101,7 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     from capture.vlm import presets as vlm_presets
     from probes import vlm as vlm_probes
     from capture.vlm.adapter import RecordedPrefix, VlmAdapter
+    from capture.vlm.answers import answer_ids, answers_with
     from core.errors import InterventionError
 
     params = dict(params or {})
@@ -274,7 +174,7 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
     from cache.store import Store
     from capture.api import run
     from core import scenes
-    from training.eval_vlm import held_out_scenes
+    from core.scene_splits import held_out_scenes
 
     saliencies, boxes = [], []
     with tempfile.TemporaryDirectory(prefix="headscope-vlm-gaze-") as folder:
@@ -297,6 +197,5 @@ def gaze_pointing(model: str, n_scenes: int = 20, per_scene: int = 3, layers=Non
     return pointing(saliencies, boxes, (size, size))
 
 
-__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "answers_with", "answer_ids", "prefix_shared",
-           "gaze_pointing", "N_SCENES",
+__all__ = ["BatchRow", "BatchResult", "batch_questions", "accuracy_change", "gaze_pointing", "N_SCENES",
            "QUESTIONS_PER_SCENE"]

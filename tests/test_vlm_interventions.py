@@ -157,11 +157,12 @@ from test_vlm_capture import shapes_vlm  # noqa: E402,F401 - the fixture
 
 
 def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
-    """vlm_batch.answers_with: questions of one prompt shape answered together, each row with its own
+    """capture.vlm.answers.answers_with: questions of one prompt shape answered together, each row with its own
     intervention, give the answers of answering them one by one; where the picture's prefix is shared
     (no edit, GIFT) they are the answers of generating from the whole prompt (adapter.generate)."""
     from capture.vlm import presets as vlm_presets
     from capture.vlm.adapter import VlmAdapter
+    from capture.vlm.answers import answers_with, prefix_shared
     from core.interventions import Intervention
     from core.types import RunSpec
     from probes import vlm_accuracy as vlm_batch
@@ -180,15 +181,15 @@ def test_batched_answers_equal_one_at_a_time(shapes_vlm):  # noqa: F811
                              image=image)]
     specs = [RunSpec(model="shapes-vlm", prompt=qa.question, image=f"scene-{scene.seed}", max_new_tokens=6,
                      intervention=edits[i % len(edits)]) for i, (scene, qa, _) in enumerate(jobs)]
-    assert [vlm_batch.prefix_shared(e, image.stop, n_probe, probe_spans) for e in edits] == [True, False, False, True, True]
-    together = vlm_batch.answers_with(handle, specs)
-    alone = vlm_batch.answers_with(handle, specs, batch=1)
+    assert [prefix_shared(e, image.stop, n_probe, probe_spans) for e in edits] == [True, False, False, True, True]
+    together = answers_with(handle, specs)
+    alone = answers_with(handle, specs, batch=1)
     assert together == alone
     shapes = {adapter.encode(s)[0].input_ids.shape[1] for s in specs}
     assert len(shapes) < len(specs)  # some questions really were answered together
     for spec, said in zip(specs, together):
         inputs, spans = adapter.encode(spec)
-        if vlm_batch.prefix_shared(spec.intervention, image.stop, inputs.input_ids.shape[1], spans):
+        if prefix_shared(spec.intervention, image.stop, inputs.input_ids.shape[1], spans):
             # from the shared prefix: as from the whole prompt
             new_ids, _ = adapter.generate(spec, inputs, spans, lambda *a: None, 0.0)
             assert said == adapter.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), spec.prompt

@@ -74,7 +74,7 @@ def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> di
 class RecordedPrefix:
     """The first `length` prompt tokens (system prompt and picture) run once with nothing edited, and
     (unless asked not to) recorded: what every question about the same picture continues from
-    (`VlmAdapter.record_from`, probes.vlm_accuracy.answer_ids)."""
+    (`VlmAdapter.record_from`, capture.vlm.answers.answer_ids)."""
     length: int
     ids: list[int]  # its token ids
     cache: object  # transformers DynamicCache: [1, kv_head, length, head_dim] per layer
