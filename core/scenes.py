@@ -22,13 +22,11 @@ Attributes:
 Objects of one scene sit in different cells (they never overlap) and, by default, have different
 colours, so "the red object" always names one object.  `parse_caption` reads a caption back into
 attributes; `questions` writes VQA pairs (colour of a named shape, shape of a named colour, position,
-counts, yes/no presence including absent objects).  `held_out(caption)` is a fixed hash split of
-the caption space: training code never draws a held-out caption, evaluation uses only those.  Reading
-a (generated) picture back against its caption is core.scene_reading.
+counts, yes/no presence including absent objects).  Which scenes are for training and which are held
+out is core.scene_splits; reading a (generated) picture back against its caption is core.scene_reading.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -183,12 +181,6 @@ def caption_words(caption: str) -> list[tuple[str, int | None, str]]:
     return out
 
 
-def held_out(caption: str, fraction: float = 0.1) -> bool:
-    """A fixed split of the caption space (by hash): True for the captions kept out of training."""
-    digest = hashlib.sha256(caption.encode()).digest()
-    return int.from_bytes(digest[:4], "big") < fraction * 2**32
-
-
 # ---- drawing -------------------------------------------------------------------------------------------
 
 def shape_mask(shape: str, size: int, center: tuple[float, float], radius: float) -> np.ndarray:
@@ -279,16 +271,6 @@ def scene_from_caption(caption: str, seed: int, config: SceneConfig = DIT) -> Sc
     return render(parse_caption(caption), seed, config)
 
 
-def random_caption(rng: np.random.Generator, config: SceneConfig = DIT, split: str = "train") -> str:
-    """A caption drawn from the training ("train") or the held-out ("held_out") part of the space."""
-    if split not in ("train", "held_out"):
-        raise ValueError("split is 'train' or 'held_out'")
-    while True:
-        caption = caption_of(random_specs(rng, config))
-        if held_out(caption) == (split == "held_out"):
-            return caption
-
-
 def caption_vocabulary(config: SceneConfig = DIT) -> list[str]:
     """Every word a caption of `config` can contain, sorted."""
     words = {"a", "an", "at", "the", "and"} | set(COLOURS) | set(SHAPES)
@@ -306,6 +288,15 @@ class QA:
     answer: str
     kind: str  # "colour" | "shape" | "position" | "count" | "count_colour" | "count_shape" | "presence"
     objects: tuple[int, ...] = ()  # the objects the answer is about (empty for an absent object)
+
+
+KINDS = ("colour", "shape", "position", "count", "count_colour", "count_shape", "presence", "absent")
+
+
+def kind_of(qa: QA) -> str:
+    """The question type as the evaluations report it (one of KINDS): presence questions about absent
+    objects (answer "no") are their own kind, "absent", since they measure hallucination."""
+    return "absent" if qa.kind == "presence" and qa.answer == "no" else qa.kind
 
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -368,5 +359,5 @@ def answer_vocabulary() -> list[str]:
 
 __all__ = ["SHAPES", "COLOURS", "POSITIONS", "SIZES", "BACKGROUNDS", "SceneConfig", "DIT", "VLM", "ObjectSpec",
            "SceneObject", "Scene", "make_scene", "render", "scene_from_caption", "caption_of", "parse_caption",
-           "caption_words", "held_out", "random_caption", "random_specs", "caption_vocabulary", "shape_mask",
-           "questions", "QA", "answer_vocabulary", "position_name", "position_cell"]
+           "caption_words", "random_specs", "caption_vocabulary", "shape_mask",
+           "questions", "QA", "KINDS", "kind_of", "answer_vocabulary", "position_name", "position_cell"]

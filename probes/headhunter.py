@@ -110,7 +110,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
     """Run (or fetch from the cache) the greedy head search; see the module docstring."""
     from capture.dit import model as dit_model
     from capture.dit import presets as dit_presets
-    from core import scenes
+    from core import scene_splits, scenes
 
     p = params or HeadHunterParams()
     if p.objective not in ("colour", "position", "shape", "all"):
@@ -137,7 +137,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
             raise InputError(f"HeadHunter searches diffusion transformers; {model} is not one.")
         pipe: dit_model.ShapesDit = handle.tokenizer
         rng = np.random.default_rng(p.prompt_seed)
-        prompts = [scenes.random_caption(rng, scenes.DIT, split="train") for _ in range(p.n_prompts)]
+        prompts = [scene_splits.random_caption(rng, scenes.DIT, split="train") for _ in range(p.n_prompts)]
         captions = [c for c in prompts for _ in range(p.n_seeds)]
         seeds = [s for _ in prompts for s in range(p.n_seeds)]
         layers, heads = handle.meta.n_layers, handle.meta.n_heads

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import scene_reading, scenes
+from core import scene_reading, scene_splits, scenes
 
 CONFIGS = {"dit": scenes.DIT, "vlm": scenes.VLM}
 
@@ -92,11 +92,23 @@ def test_readback_of_drawn_scenes():
 
 def test_held_out_split():
     rng = np.random.default_rng(0)
-    held = [scenes.random_caption(rng, split="held_out") for _ in range(50)]
-    train = [scenes.random_caption(rng, split="train") for _ in range(50)]
-    assert all(scenes.held_out(c) for c in held) and not any(scenes.held_out(c) for c in train)
-    share = np.mean([scenes.held_out(scenes.make_scene(s).caption) for s in range(2000)])
+    held = [scene_splits.random_caption(rng, split="held_out") for _ in range(50)]
+    train = [scene_splits.random_caption(rng, split="train") for _ in range(50)]
+    assert all(scene_splits.held_out(c) for c in held) and not any(scene_splits.held_out(c) for c in train)
+    share = np.mean([scene_splits.held_out(scenes.make_scene(s).caption) for s in range(2000)])
     assert 0.05 < share < 0.15
+
+
+def test_vlm_scene_splits_are_apart():
+    """shapes-vlm's held-out scenes (seeds from 0) and training scenes (seeds from TRAIN_SEED_BASE) share
+    neither a seed nor a caption."""
+    held = scene_splits.held_out_scenes(20)
+    train = scene_splits.training_scene_seeds(60)
+    assert all(scene_splits.held_out(s.caption) and s.seed < scene_splits.TRAIN_SEED_BASE for s in held)
+    assert train[0] >= scene_splits.TRAIN_SEED_BASE and len(set(train)) == 60
+    train_captions = {scenes.make_scene(seed, scenes.VLM).caption for seed in train}
+    assert not any(scene_splits.held_out(c) for c in train_captions)
+    assert not train_captions & {s.caption for s in held}
 
 
 def test_questions():

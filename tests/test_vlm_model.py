@@ -27,7 +27,7 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def held_out():
-    from training.eval_vlm import held_out_scenes
+    from core.scene_splits import held_out_scenes
 
     return held_out_scenes(40)
 

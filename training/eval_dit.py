@@ -3,7 +3,7 @@
     nice -n 19 .venv/bin/python training/eval_dit.py                 # 200 held-out captions, writes results
     nice -n 19 .venv/bin/python training/eval_dit.py --n 40 --no-write
 
-For each held-out caption (never drawn in training: `scenes.held_out`) one sample (seed = its index)
+For each held-out caption (never drawn in training: `scene_splits.held_out`) one sample (seed = its index)
 is generated with the model's default steps and guidance, then read back with `scene_reading.check_image`:
 per requested object, the largest blob of its colour (palette distance on high-chroma pixels) -
 colour right if the blob is there, position right if its centroid lies in the requested 3 x 3 cell,
@@ -31,19 +31,19 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from core import scene_reading, scenes  # noqa: E402
+from core import scene_reading, scene_splits, scenes  # noqa: E402
 
 BAR = 0.80  # the bar: colour and position right in >= 80% of held-out samples
 
 
 def held_out_captions(n: int, seed: int = 12345) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [scenes.random_caption(rng, scenes.DIT, split="held_out") for _ in range(n)]
+    return [scene_splits.random_caption(rng, scenes.DIT, split="held_out") for _ in range(n)]
 
 
 def train_captions(n: int, seed: int = 777) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [scenes.random_caption(rng, scenes.DIT, split="train") for _ in range(n)]
+    return [scene_splits.random_caption(rng, scenes.DIT, split="train") for _ in range(n)]
 
 
 def generate(pipe, captions: list[str], seeds: list[int], steps: int, guidance=None, batch: int = 50,

@@ -4,9 +4,9 @@
     nice -n 19 .venv/bin/python -m training.eval_vlm --n 40 --no-write
     nice -n 19 .venv/bin/python -m training.eval_vlm --trained /tmp/vlm --no-write   # a trained part not shipped
 
-Scenes: `scenes.make_scene(seed, scenes.VLM)` for seeds 0, 1, 2, ... whose caption is held out
-(`scenes.held_out`: never drawn in training, whose scenes have seeds from 1,000,000 on), the first `n`
-of them.  Questions: every question `scenes.questions(scene, seed=0)` writes (colour, shape, position,
+Scenes: `core.scene_splits.held_out_scenes(n)`, the first `n` of `scenes.make_scene(seed, scenes.VLM)`
+for seeds 0, 1, 2, ... whose caption is held out (`scene_splits.held_out`: never drawn in training, whose
+scenes have seeds from 1,000,000 on).  Questions: every question `scenes.questions(scene, seed=0)` writes (colour, shape, position,
 count, count_colour, count_shape, presence; presence questions about absent objects, answer "no", are
 reported on their own as "absent": they measure hallucination).
 
@@ -35,23 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from capture.vlm import model as vlm_model  # noqa: E402
-from core import scenes  # noqa: E402
+from core import scene_splits, scenes  # noqa: E402
 from training import shapes_vlm as sv  # noqa: E402
 
 BAR = 0.80  # the issue's bar: >= 80% exact answers overall on 300 held-out scenes
-
-
-def held_out_scenes(n: int) -> list[scenes.Scene]:
-    """The first `n` scenes (seeds 0, 1, ...) whose caption is held out of training."""
-    out, seed = [], 0
-    while len(out) < n:
-        scene = scenes.make_scene(seed, scenes.VLM)
-        if scenes.held_out(scene.caption):
-            out.append(scene)
-        seed += 1
-        if seed >= sv.TRAIN_SEED_BASE:
-            raise RuntimeError("evaluation seeds ran into the training seeds")
-    return out
 
 
 def load(trained: Path | None = None):
@@ -90,7 +77,7 @@ def evaluate(model, processor, scene_list: list[scenes.Scene], batch: int = 4, p
             ok = sv.exact(logits, packed)
             flat = [(s, q) for s, qa in zip(chunk, qas) for q in qa]
             for (s, q), good in zip(flat, ok):
-                records.append({"seed": s.seed, "question": q.question, "answer": q.answer, "kind": sv.kind_of(q),
+                records.append({"seed": s.seed, "question": q.question, "answer": q.answer, "kind": scenes.kind_of(q),
                                 "exact": bool(good)})
             if progress and (start // batch) % 10 == 9:
                 print(f"  {start + len(chunk)}/{len(scene_list)} scenes, {time.time() - t0:.0f} s", flush=True)
@@ -101,7 +88,7 @@ def summary(records: list[dict]) -> dict:
     """Accuracy overall, per kind, and for all presence questions (yes and absent together)."""
     out = {"n_questions": len(records), "overall": float(np.mean([r["exact"] for r in records]))}
     per = {}
-    for kind in sv.KINDS:
+    for kind in scenes.KINDS:
         got = [r["exact"] for r in records if r["kind"] == kind]
         if got:
             per[kind] = {"n": len(got), "exact": float(np.mean(got))}
@@ -148,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, processor = load(args.trained)
-    scene_list = held_out_scenes(args.n)
+    scene_list = scene_splits.held_out_scenes(args.n)
     records = evaluate(model, processor, scene_list, progress=True)
     result = summary(records)
     result.update({"n_scenes": args.n, "seconds": round(time.time() - t0, 1), "split": "held_out",

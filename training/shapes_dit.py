@@ -10,7 +10,7 @@ Stage 1's weights are kept in ./cache_data/training/; `--stage1 FOLDER` reuses a
 
 Data: `core.scenes` with the DIT config (32 x 32, one or two shapes, distinct colours and cells),
 a fresh scene every sample, captions from the training part of the caption space only
-(`scenes.held_out` keeps ~10% of captions for evaluation).  Text: MiniLM states of every caption of
+(`scene_splits.held_out` keeps ~10% of captions for evaluation).  Text: MiniLM states of every caption of
 the space, computed once (about two CPU minutes) and kept in ./cache_data/ for reruns.
 
 Objective: rectified flow.  x0 the image in [-1, 1], e ~ N(0, I), sigma from a logit-normal(0, 1)
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from capture.dit import model as dit_model  # noqa: E402
-from core import scenes  # noqa: E402
+from core import scene_splits, scenes  # noqa: E402
 
 
 def caption_space(config: scenes.SceneConfig = scenes.DIT) -> list[str]:
@@ -98,7 +98,7 @@ class Batches:
             n = None if self.two_share is None else (2 if rng.random() < self.two_share else 1)
             specs = scenes.random_specs(rng, self.config, n)
             caption = scenes.caption_of(specs)
-            if scenes.held_out(caption):
+            if scene_splits.held_out(caption):
                 continue
             scene = scenes.render(specs, int(rng.integers(2**31)), self.config)
             images.append(scene.image)
@@ -205,7 +205,7 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
         "training": {"seed": seed, "init": Path(init).name if init else None, "two_object_share": two_share or 0.5,
                      "steps": steps, "batch": batch, "lr": lr, "caption_dropout": drop,
                      "ema_decay": ema_decay, "objective": "rectified flow, v = noise - x0, logit-normal sigma",
-                     "captions": len(captions), "held_out": sum(scenes.held_out(c) for c in captions),
+                     "captions": len(captions), "held_out": sum(scene_splits.held_out(c) for c in captions),
                      "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                      "final_loss": round(float(np.mean(losses[-200:])), 5),
                      "loss_history": [(s, round(v, 5)) for s, v in history]},

@@ -18,7 +18,7 @@ DINOv2-small and SmolLM2 stay frozen.  Saved: `trained.safetensors` (fp16, the L
 B) and `headscope.json` (settings, training record) in assets/models/shapes-vlm/.
 
 Data: `core.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct colours and cells),
-captions from the training part of the caption space only (`scenes.held_out` keeps ~10% out), and
+captions from the training part of the caption space only (`scene_splits.held_out` keeps ~10% out), and
 their VQA pairs (`scenes.questions`: colour, shape, position, counts, presence incl. absent objects):
 per scene and step up to 12 questions spread over the question types, plus the caption as the answer
 to "describe the picture." (LLaVA's stage-1 task; dense supervision of every object).
@@ -62,32 +62,15 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from capture.vlm import model as vlm_model  # noqa: E402
-from core import scenes  # noqa: E402
+from core import scene_splits, scenes  # noqa: E402
 
-TRAIN_SEED_BASE = 1_000_000  # training scenes are make_scene(TRAIN_SEED_BASE + i); evaluation uses other seeds
-KINDS = ("colour", "shape", "position", "count", "count_colour", "count_shape", "presence", "absent")
 CAPTION_QUESTION = "describe the picture."  # an extra training task: the scene's caption (LLaVA's stage-1 kind)
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def kind_of(qa: scenes.QA) -> str:
-    """The question type, with presence questions about absent objects ("no") as their own kind."""
-    return "absent" if qa.kind == "presence" and qa.answer == "no" else qa.kind
-
-
 def caption_qa(scene: scenes.Scene) -> scenes.QA:
     return scenes.QA(CAPTION_QUESTION, scene.caption, "caption", tuple(range(len(scene.objects))))
-
-
-def training_scene_seeds(n: int) -> list[int]:
-    """The first `n` scene seeds (from TRAIN_SEED_BASE) whose caption is not held out."""
-    out, seed = [], TRAIN_SEED_BASE
-    while len(out) < n:
-        if not scenes.held_out(scenes.make_scene(seed, scenes.VLM).caption):
-            out.append(seed)
-        seed += 1
-    return out
 
 
 # ---- dense patch supervision: each image token names the colour under it --------------------------------
@@ -156,7 +139,7 @@ class BranchMaker:
             target = self.processor.token_ids(qa.answer) + [self.end]
             self._cache[key] = (prompt + target, len(prompt))
         ids, n_prompt = self._cache[key]
-        return Branch(ids, n_prompt, kind_of(qa), qa.answer)
+        return Branch(ids, n_prompt, scenes.kind_of(qa), qa.answer)
 
 
 @dataclass
@@ -249,7 +232,7 @@ def pick_questions(qas: list[scenes.QA], k: int, rng: np.random.Generator) -> li
     """Up to k questions, spread over the question types (round robin over kinds in random order)."""
     groups: dict[str, list[scenes.QA]] = {}
     for qa in qas:
-        groups.setdefault(kind_of(qa), []).append(qa)
+        groups.setdefault(scenes.kind_of(qa), []).append(qa)
     for g in groups.values():
         rng.shuffle(g)
     order = list(groups)
@@ -371,7 +354,7 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    seeds = training_scene_seeds(n_scenes)
+    seeds = scene_splits.training_scene_seeds(n_scenes)
     feats = torch.from_numpy(feature_table(model, processor, seeds)).to(device)  # [scene, 64, 384] float16
     t_feats = time.time() - t0
     print(f"features: {len(seeds)} scenes, {t_feats:.0f} s", flush=True)
@@ -400,12 +383,10 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
     rng = np.random.default_rng([seed, 11])
     order = np.concatenate([rng.permutation(len(seeds)) for _ in range(math.ceil(steps * batch / len(seeds)) + 1)])
     warmup = max(1, min(50, steps // 10))
-    history, running = [], {k: [] for k in KINDS + ("caption",)}
+    history, running = [], {k: [] for k in scenes.KINDS + ("caption",)}
     losses, dense_hits, held_out = [], [], []
     if eval_every:
-        from training import eval_vlm
-
-        eval_list = eval_vlm.held_out_scenes(eval_scenes)
+        eval_list = scene_splits.held_out_scenes(eval_scenes)
     model.train()
     t_train = time.time()
     done = 0
@@ -461,7 +442,7 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
                   + (f"dense {np.mean(dense_hits[-log_every:]):.2f} " if dense_hits else "")
                   + " ".join(f"{k[:6]} {v:.2f}" for k, v in acc.items())
                   + f" | {rate * 60:.1f} steps/min, eta {(steps - step - 1) / rate / 60:.1f} min", flush=True)
-            running = {k: [] for k in KINDS + ("caption",)}
+            running = {k: [] for k in scenes.KINDS + ("caption",)}
         done = step + 1
         if eval_every and (done % eval_every == 0 or done == steps):
             held_out.append({"step": done, **held_out_exact(model, processor, eval_list, projector, norm)})
