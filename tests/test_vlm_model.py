@@ -83,18 +83,18 @@ def test_encode_layout(vlm):
 def test_branched_forward_is_the_single_question_prompt(vlm):
     """Training and evaluation put many questions over one image prefix; each branch must be exactly
     the plain single-question prompt."""
-    from training import shapes_vlm as sv
+    from training import vlm_branches as vb
     from training.eval_vlm import image_embeds
 
     processor = vlm.tokenizer
     scene = scenes.make_scene(11, scenes.VLM)
     qas = scenes.questions(scene)[:3]
-    maker = sv.BranchMaker(processor)
+    maker = vb.BranchMaker(processor)
     branches = [maker.branch(q) for q in qas]
-    packed = sv.pack(maker, [branches])
+    packed = vb.pack(maker, [branches])
     with torch.inference_mode():
-        logits, _ = sv.branched_logits(vlm.model, packed, image_embeds(vlm.model, processor, [scene.image]),
-                                    maker.image_start)
+        logits, _ = vb.branched_logits(vlm.model, packed, image_embeds(vlm.model, processor, [scene.image]),
+                                       maker.image_start)
         for index, (qa, branch) in enumerate(zip(qas, branches)):
             inputs = processor.encode(scene.image, qa.question)
             n = inputs.input_ids.shape[1]
@@ -109,29 +109,30 @@ def test_saved_trained_part_is_the_model_as_trained(held_out):
     its scale folded into B) and vlm_model.merge_trained assembles gives the logits of the model as it
     was while training (LoRA wrappers, projector on standardised features: `standardising`, which the
     held-out evaluation during training also uses)."""
-    from training import shapes_vlm as sv
+    from training import vlm_branches as vb
+    from training import vlm_lora
 
     trained, processor = vlm_model.base_model(seed=3)
-    loras = sv.add_lora(trained, rank=4, alpha=8.0)
+    loras = vlm_lora.add_lora(trained, rank=4, alpha=8.0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for w in loras.values():  # as after some training: B is no longer zero
             w.lora_B.copy_(0.02 * torch.randn(w.lora_B.shape, generator=gen))
     norm = (torch.randn(384, generator=gen), 0.5 + torch.rand(384, generator=gen))
-    state = sv.trained_state(trained, loras, norm)
+    state = vlm_lora.trained_state(trained, loras, norm)
     assembled, _ = vlm_model.base_model(seed=4)  # another random projector: the state must replace it
     vlm_model.merge_trained(assembled, state)
 
     from training.eval_vlm import image_embeds
 
-    maker = sv.BranchMaker(processor)
+    maker = vb.BranchMaker(processor)
     scene = held_out[0]
-    packed = sv.pack(maker, [[maker.branch(q) for q in scenes.questions(scene)[:4]]])
+    packed = vb.pack(maker, [[maker.branch(q) for q in scenes.questions(scene)[:4]]])
     with torch.inference_mode():
-        with sv.standardising(trained.model.multi_modal_projector, norm):
-            during, _ = sv.branched_logits(trained, packed, image_embeds(trained, processor, [scene.image]),
+        with vlm_lora.standardising(trained.model.multi_modal_projector, norm):
+            during, _ = vb.branched_logits(trained, packed, image_embeds(trained, processor, [scene.image]),
                                            maker.image_start)
-        saved, _ = sv.branched_logits(assembled, packed, image_embeds(assembled, processor, [scene.image]),
+        saved, _ = vb.branched_logits(assembled, packed, image_embeds(assembled, processor, [scene.image]),
                                       maker.image_start)
     # fp16 storage of the trained part: close, not equal
     torch.testing.assert_close(saved, during, atol=0.05, rtol=0.01)

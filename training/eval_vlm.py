@@ -11,7 +11,7 @@ count, count_colour, count_shape, presence; presence questions about absent obje
 reported on their own as "absent": they measure hallucination).
 
 Exact answer: greedy decoding produces the answer and then <|im_end|>.  Measured in one forward per
-scene: all its questions as branches over one shared image prefix (training.shapes_vlm.pack; each
+scene: all its questions as branches over one shared image prefix (training.vlm_branches.pack; each
 branch is exactly the single-question prompt), a question is right when every answer token and the
 closing <|im_end|> is the argmax given the tokens before it, which is exactly when greedy decoding
 writes that answer.  `--generate K` also runs `generate` on the first K scenes' questions and
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from capture.vlm import model as vlm_model  # noqa: E402
 from core import scene_splits, scenes  # noqa: E402
-from training import shapes_vlm as sv  # noqa: E402
+from training.vlm_branches import BranchMaker, branched_logits, exact, pack  # noqa: E402
 
 BAR = 0.80  # the issue's bar: >= 80% exact answers overall on 300 held-out scenes
 
@@ -64,17 +64,17 @@ def image_embeds(model, processor, images: list[np.ndarray]) -> torch.Tensor:
 
 def evaluate(model, processor, scene_list: list[scenes.Scene], batch: int = 4, progress: bool = False) -> list[dict]:
     """One record per question: scene seed, question, answer, kind, exact (bool)."""
-    maker = sv.BranchMaker(processor)
+    maker = BranchMaker(processor)
     records = []
     t0 = time.time()
     with torch.inference_mode():
         for start in range(0, len(scene_list), batch):
             chunk = scene_list[start:start + batch]
             qas = [scenes.questions(s, seed=0) for s in chunk]
-            packed = sv.pack(maker, [[maker.branch(q) for q in qa] for qa in qas]).to(model.device)
-            logits, _ = sv.branched_logits(model, packed, image_embeds(model, processor, [s.image for s in chunk]),
-                                        maker.image_start)
-            ok = sv.exact(logits, packed)
+            packed = pack(maker, [[maker.branch(q) for q in qa] for qa in qas]).to(model.device)
+            logits, _ = branched_logits(model, packed, image_embeds(model, processor, [s.image for s in chunk]),
+                                     maker.image_start)
+            ok = exact(logits, packed)
             flat = [(s, q) for s, qa in zip(chunk, qas) for q in qa]
             for (s, q), good in zip(flat, ok):
                 records.append({"seed": s.seed, "question": q.question, "answer": q.answer, "kind": scenes.kind_of(q),

@@ -17,20 +17,21 @@ What is trained: LLaVA's two-layer projector (384 -> 576 -> 576, 0.55 M paramete
 DINOv2-small and SmolLM2 stay frozen.  Saved: `trained.safetensors` (fp16, the LoRA scale folded into
 B) and `headscope.json` (settings, training record) in assets/models/shapes-vlm/.
 
-Data: `core.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct colours and cells),
-captions from the training part of the caption space only (`scene_splits.held_out` keeps ~10% out), and
-their VQA pairs (`scenes.questions`: colour, shape, position, counts, presence incl. absent objects):
-per scene and step up to 12 questions spread over the question types, plus the caption as the answer
-to "describe the picture." (LLaVA's stage-1 task; dense supervision of every object).
+Data (training/vlm_data.py): `core.scenes` with the VLM config (112 x 112, 2-4 shapes of distinct
+colours and cells), captions from the training part of the caption space only
+(`core.scene_splits.training_scene_seeds`; `scene_splits.held_out` keeps ~10% out), and their VQA pairs
+(`scenes.questions`: colour, shape, position, counts, presence incl. absent objects): per scene and step
+up to 12 questions spread over the question types, plus the caption as the answer to "describe the
+picture." (LLaVA's stage-1 task; dense supervision of every object).
 
 The projector is trained on standardised DINOv2 features (per-dimension mean and std of the training
 features); the standardisation is folded into its first linear layer when saving, so the saved
-projector is LLaVA's, reading raw features.
+projector is LLaVA's, reading raw features (training/vlm_lora.py, with the LoRA wrappers).
 
 Cheap on a CPU by construction:
 - DINOv2 is frozen, so its features (hidden states after layer 11, CLS dropped: [64, 384] per scene)
-  are computed once for the training scenes and kept in ./cache_data/training/.
-- One sequence per scene holds many questions: the shared prefix (system prompt, "<|im_start|>user\\n",
+  are computed once for the training scenes and kept in ./cache_data/training/ (vlm_data.feature_table).
+- One sequence per scene holds many questions (training/vlm_branches.py): the shared prefix (system prompt, "<|im_start|>user\\n",
   64 image tokens) once, then one branch per question ("\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"
   + answer + "<|im_end|>").  A 4-D attention mask lets each branch see the prefix and itself only, and
   its position ids continue from the prefix, so every branch is exactly the single-question prompt the
@@ -39,17 +40,17 @@ Cheap on a CPU by construction:
   applied at those positions only.
 
 Deterministic from --seed: one process, fixed thread count, seeded scenes, question sampling and init.
+This module holds the training loop (`train`), saving and the command line; the held-out measure while
+training (`--eval-every`) is training/eval_vlm.py's.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the CPU is shared: never spin waiting for work
@@ -63,273 +64,12 @@ from torch import nn  # noqa: E402
 
 from capture.vlm import model as vlm_model  # noqa: E402
 from core import scene_splits, scenes  # noqa: E402
+from training import eval_vlm  # noqa: E402
+from training.vlm_branches import BranchMaker, branched_logits, exact, pack  # noqa: E402
+from training.vlm_data import (CAPTION_QUESTION, DENSE_BACKGROUND, caption_qa, dense_targets,  # noqa: E402
+                               feature_table, patch_colours, pick_questions)
+from training.vlm_lora import LORA_TARGETS, MLP_TARGETS, add_lora, standardising, trained_state  # noqa: E402
 
-CAPTION_QUESTION = "describe the picture."  # an extra training task: the scene's caption (LLaVA's stage-1 kind)
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def caption_qa(scene: scenes.Scene) -> scenes.QA:
-    return scenes.QA(CAPTION_QUESTION, scene.caption, "caption", tuple(range(len(scene.objects))))
-
-
-# ---- dense patch supervision: each image token names the colour under it --------------------------------
-
-DENSE_BACKGROUND = "none"  # the target of an image token over background
-DENSE_COVER = 0.4  # an image token is labelled with an object's colour when the object covers >= 40% of its patch
-
-
-def patch_colours(scene: scenes.Scene, grid: int = 8) -> list[str | None]:
-    """Per image token (row-major over the grid): the colour of the object covering >= DENSE_COVER of
-    its patch, DENSE_BACKGROUND where no object touches it, None for partly covered patches (no target)."""
-    size = scene.image.shape[0]
-    step = size // grid
-    out: list[str | None] = []
-    cover = np.stack([o.mask for o in scene.objects]).reshape(len(scene.objects), grid, step, grid, step).mean((2, 4))
-    for r in range(grid):
-        for c in range(grid):
-            best = int(cover[:, r, c].argmax())
-            if cover[best, r, c] >= DENSE_COVER:
-                out.append(scene.objects[best].colour)
-            elif cover[:, r, c].max() == 0:
-                out.append(DENSE_BACKGROUND)
-            else:
-                out.append(None)
-    return out
-
-
-def dense_targets(labels: list[str | None], token_of: dict[str, int], rng: np.random.Generator
-                  ) -> list[tuple[int, int]]:
-    """(image token index, target token id): every object patch and as many background patches."""
-    objects = [(i, token_of[w]) for i, w in enumerate(labels) if w not in (None, DENSE_BACKGROUND)]
-    background = [i for i, w in enumerate(labels) if w == DENSE_BACKGROUND]
-    keep = rng.permutation(len(background))[: len(objects)]
-    return objects + [(background[int(k)], token_of[DENSE_BACKGROUND]) for k in sorted(keep)]
-
-
-# ---- branched sequences: many single-question prompts over one shared image prefix -------------------
-
-@dataclass
-class Branch:
-    ids: list[int]  # the tokens after the prefix: question part + answer + <|im_end|>
-    n_prompt: int  # how many of `ids` belong to the prompt (the rest are targets)
-    kind: str
-    answer: str
-
-
-class BranchMaker:
-    """Token ids of the shared prefix and of each (question, answer) branch, cached per pair."""
-
-    def __init__(self, processor: vlm_model.VlmProcessor):
-        self.processor = processor
-        self.end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        ids = processor.token_ids(processor.prompt("what colour is the circle?"))
-        last = max(i for i, t in enumerate(ids) if t == processor.image_token_id)
-        self.prefix = ids[: last + 1]
-        self.image_start = self.prefix.index(processor.image_token_id)
-        self._cache: dict[tuple[str, str], tuple[list[int], int]] = {}
-
-    def branch(self, qa: scenes.QA) -> Branch:
-        key = (qa.question, qa.answer)
-        if key not in self._cache:
-            ids = self.processor.token_ids(self.processor.prompt(qa.question))
-            if ids[: len(self.prefix)] != self.prefix:
-                raise ValueError(f"the prompt of {qa.question!r} does not start with the shared prefix")
-            prompt = ids[len(self.prefix):]
-            target = self.processor.token_ids(qa.answer) + [self.end]
-            self._cache[key] = (prompt + target, len(prompt))
-        ids, n_prompt = self._cache[key]
-        return Branch(ids, n_prompt, scenes.kind_of(qa), qa.answer)
-
-
-@dataclass
-class Packed:
-    ids: torch.Tensor  # [B, L] long
-    mask: torch.Tensor  # [B, 1, L, L] bool (True: may attend)
-    positions: torch.Tensor  # [B, L] long
-    rows: torch.Tensor  # [N] batch row of each target
-    cols: torch.Tensor  # [N] sequence index whose logits predict the target
-    targets: torch.Tensor  # [N] target token ids
-    question: torch.Tensor  # [N] which question (over the batch) each target belongs to
-    kinds: list[str]  # per question
-    answers: list[str]  # per question
-    dense_rows: torch.Tensor | None = None  # [M] batch row of each dense (image token) target
-    dense_cols: torch.Tensor | None = None  # [M] sequence index of the image token
-    dense_targets: torch.Tensor | None = None  # [M] colour word (or DENSE_BACKGROUND) token ids
-
-    def to(self, device: torch.device | str) -> "Packed":
-        """The same batch with every tensor on `device` (a GPU when training there)."""
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return Packed(**moved)
-
-
-def pack(maker: BranchMaker, per_scene: list[list[Branch]],
-         dense: list[list[tuple[int, int]]] | None = None) -> Packed:
-    """One sequence per scene: prefix, then its branches; padded to the longest.  `dense[r]` lists
-    (image token index, target id) pairs of scene r, predicted from the image token's own position."""
-    p = len(maker.prefix)
-    lengths = [p + sum(len(b.ids) for b in branches) for branches in per_scene]
-    n, length = len(per_scene), max(lengths)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, 1, length, length, dtype=torch.bool)
-    positions = torch.zeros(n, length, dtype=torch.long)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    rows, cols, targets, question, kinds, answers = [], [], [], [], [], []
-    for r, branches in enumerate(per_scene):
-        ids[r, :p] = torch.tensor(maker.prefix)
-        mask[r, 0, :p, :p] = causal[:p, :p]
-        positions[r, :p] = torch.arange(p)
-        start = p
-        for b in branches:
-            m = len(b.ids)
-            ids[r, start:start + m] = torch.tensor(b.ids)
-            mask[r, 0, start:start + m, :p] = True
-            mask[r, 0, start:start + m, start:start + m] = causal[:m, :m]
-            positions[r, start:start + m] = torch.arange(p, p + m)
-            q = len(kinds)
-            for j in range(b.n_prompt, m):  # logits at j - 1 predict token j
-                rows.append(r)
-                cols.append(start + j - 1)
-                targets.append(b.ids[j])
-                question.append(q)
-            kinds.append(b.kind)
-            answers.append(b.answer)
-            start += m
-        for i in range(start, length):  # padding rows see themselves only (no empty softmax rows)
-            mask[r, 0, i, i] = True
-            positions[r, i] = i
-    packed = Packed(ids, mask, positions, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets),
-                    torch.tensor(question), kinds, answers)
-    if dense:
-        pairs = [(r, maker.image_start + i, t) for r, items in enumerate(dense) for i, t in items]
-        packed.dense_rows, packed.dense_cols, packed.dense_targets = (torch.tensor(v) for v in zip(*pairs))
-    return packed
-
-
-def branched_logits(model, packed: Packed, image_embeds: torch.Tensor, image_start: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits  # [N, vocab] at the answer targets, dense  # [M, vocab] at the dense image-token targets
-    or None); image_embeds  # [B, 64, hidden] (projected)."""
-    lm = model.model.language_model
-    embeds = lm.embed_tokens(packed.ids)
-    n_img = image_embeds.shape[1]
-    embeds = torch.cat([embeds[:, :image_start], image_embeds.to(embeds.dtype), embeds[:, image_start + n_img:]], 1)
-    hidden = lm(inputs_embeds=embeds, attention_mask=packed.mask, position_ids=packed.positions).last_hidden_state
-    dense = None if packed.dense_rows is None else model.lm_head(hidden[packed.dense_rows, packed.dense_cols])
-    return model.lm_head(hidden[packed.rows, packed.cols]), dense
-
-
-def exact(logits: torch.Tensor, packed: Packed) -> np.ndarray:
-    """[question] bool: greedy decoding reproduces the answer (every target token is the argmax)."""
-    hit = (logits.argmax(-1) == packed.targets).cpu().numpy()
-    q = packed.question.cpu().numpy()
-    ok = np.ones(len(packed.kinds), dtype=bool)
-    np.logical_and.at(ok, q, hit)
-    return ok
-
-
-def pick_questions(qas: list[scenes.QA], k: int, rng: np.random.Generator) -> list[scenes.QA]:
-    """Up to k questions, spread over the question types (round robin over kinds in random order)."""
-    groups: dict[str, list[scenes.QA]] = {}
-    for qa in qas:
-        groups.setdefault(scenes.kind_of(qa), []).append(qa)
-    for g in groups.values():
-        rng.shuffle(g)
-    order = list(groups)
-    rng.shuffle(order)
-    out = []
-    while len(out) < k and any(groups.values()):
-        for kind in order:
-            if groups[kind] and len(out) < k:
-                out.append(groups[kind].pop())
-    return out
-
-
-# ---- frozen DINOv2 features ---------------------------------------------------------------------------
-
-def vision_features(model, processor, images: list[np.ndarray], batch: int = 32) -> np.ndarray:
-    """[n, 64, 384] float16: DINOv2 hidden states at LLaVA's feature layer, CLS dropped (pre-projector)."""
-    config = model.config
-    out = np.empty((len(images), vlm_model.N_IMAGE_TOKENS, config.vision_config.hidden_size), dtype=np.float16)
-    with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            pixels = torch.from_numpy(np.stack([processor.pixels(im)[0] for im in images[start:start + batch]]))
-            hs = model.model.vision_tower(pixels.to(model.device), output_hidden_states=True).hidden_states
-            feats = hs[config.vision_feature_layer][:, 1:]
-            out[start:start + len(feats)] = feats.float().cpu().numpy().astype(np.float16)
-    return out
-
-
-def feature_table(model, processor, seeds: list[int]) -> np.ndarray:
-    cache = ROOT / "cache_data" / "training" / f"shapes-vlm-feats-{len(seeds)}-{seeds[0]}-{seeds[-1]}.npy"
-    if cache.exists():
-        table = np.load(cache)
-        if table.shape[0] == len(seeds):
-            return table
-    t0 = time.time()
-    parts = []
-    for start in range(0, len(seeds), 256):
-        chunk = seeds[start:start + 256]
-        parts.append(vision_features(model, processor, [scenes.make_scene(s, scenes.VLM).image for s in chunk]))
-        print(f"  DINOv2 features {start + len(chunk)}/{len(seeds)} ({time.time() - t0:.0f} s)", flush=True)
-    table = np.concatenate(parts)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, table)
-    return table
-
-
-# ---- LoRA ---------------------------------------------------------------------------------------------
-
-class LoraLinear(nn.Module):
-    """y = W x + scale * B (A x); A Kaiming-uniform, B zero (the start is the base model)."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-
-def add_lora(model, rank: int, alpha: float, targets=LORA_TARGETS) -> dict[str, LoraLinear]:
-    """Wrap the language model's projections named in `targets` ("self_attn.q_proj", "mlp.up_proj", ...)
-    in every layer; returns {parameter prefix: wrapper}."""
-    out = {}
-    for i, layer in enumerate(model.model.language_model.layers):
-        for name in targets:
-            owner_name, attr = name.split(".")
-            owner = getattr(layer, owner_name)
-            wrapped = LoraLinear(getattr(owner, attr), rank, alpha)
-            setattr(owner, attr, wrapped)
-            out[f"model.language_model.layers.{i}.{name}"] = wrapped
-    return out
-
-
-def trained_state(model, loras: dict[str, LoraLinear], norm: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """What is saved (fp16): the projector's weights and each LoRA pair, B scaled.  `norm` = (mean, std)
-    of the features the projector was trained on, folded into linear_1 (so the saved projector reads
-    raw DINOv2 features, as LLaVA's does): W x' + b with x' = (x - m) / s is (W / s) x + b - W (m / s)."""
-    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()
-             if k.startswith("model.multi_modal_projector.")}
-    if norm is not None:
-        mean, std = norm
-        w = state["model.multi_modal_projector.linear_1.weight"]
-        state["model.multi_modal_projector.linear_1.bias"] = state["model.multi_modal_projector.linear_1.bias"] - w @ (mean / std)
-        state["model.multi_modal_projector.linear_1.weight"] = w / std
-    state = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
-    for prefix, w in loras.items():
-        state[prefix + ".lora_A"] = w.lora_A.detach().to(torch.float16).contiguous()
-        state[prefix + ".lora_B"] = (w.lora_B.detach() * w.scale).to(torch.float16).contiguous()
-    return state
-
-
-# ---- training -----------------------------------------------------------------------------------------
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
@@ -472,27 +212,9 @@ def train(out: Path, steps: int, batch: int, questions_per_scene: int, n_scenes:
     return record
 
 
-@contextlib.contextmanager
-def standardising(projector: nn.Module, norm: tuple[torch.Tensor, torch.Tensor] | None):
-    """Inside this block the projector standardises the raw DINOv2 features it is given (the training
-    step, LLaVA's get_image_features in the held-out evaluation), as the saved projector does with the
-    standardisation folded into its first layer (trained_state)."""
-    if norm is None:
-        yield
-        return
-    mean, std = norm
-    handle = projector.register_forward_pre_hook(lambda _, args: ((args[0] - mean.to(args[0].device)) / std.to(args[0].device),))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def held_out_exact(model, processor, scene_list: list[scenes.Scene], projector: nn.Module,
                    norm: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
     """Exact answers (overall and per kind, training.eval_vlm) on held-out scenes with the model as it is now."""
-    from training import eval_vlm
-
     model.eval()
     with standardising(projector, norm):
         result = eval_vlm.summary(eval_vlm.evaluate(model, processor, scene_list, batch=16))
