@@ -53,10 +53,15 @@ class RunSpec:
     seed: int = 0
     steps: int = 0
     intervention: Intervention = Intervention()
+    height: int = 0  # DiT picture size in pixels; 0 = the model's default (left out of the JSON and the key)
+    width: int = 0
 
     def to_json(self) -> dict:
         record = asdict(self)
         record["intervention"] = self.intervention.to_json()
+        for name in ("height", "width"):  # unset sizes stay out, so keys made before they existed hold
+            if not record[name]:
+                del record[name]
         return record
 
     @classmethod
