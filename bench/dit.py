@@ -52,6 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from cache.store import Store
     from capture import registry
+    from capture.dit import attend as dit_attend
     from capture.dit import attention as dit_attention
     from capture.dit.adapter import DitAdapter
     from core import dit_capture
@@ -71,7 +72,7 @@ def main() -> None:
         def on_step(info):
             recorder.step = info.index
 
-        with dit_attention.recording(recorder):
+        with dit_attend.recording(recorder):
             pipe.sample([prompt], [0], steps=steps, on_step=on_step)
 
     record_wall, record_cpu = measure(record, args.repeats)

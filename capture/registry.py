@@ -22,6 +22,9 @@ Vision-language models of the LLaVA family (`LlavaForConditionalGeneration`) loa
 `shapes-vlm` is one: DINOv2-S + SmolLM2 with a projector and LoRA trained by training/shapes_vlm.py
 (assets/models/shapes-vlm/), merged once into a LLaVA folder under the cache directory.
 
+A local diffusers pipeline folder (one with model_index.json) whose transformer HeadScope knows (SD3 /
+SD3.5, Flux, PixArt, Sana) loads through capture.dit.load with modality "dit".
+
 Any other name goes through `from_pretrained` with `trust_remote_code=False`.  Hub downloads are
 off unless the operator sets HEADSCOPE_ALLOW_DOWNLOADS=1 (a shared link must not make the server
 fetch arbitrary models); a model already in the local Hugging Face cache loads either way.
@@ -36,6 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from capture.embedded import EMBEDDED, dinov2_folder, embedded_revision, package_dir, smollm2_folder
+from capture.dit.load import is_pipeline, load_pipeline
 from capture.engine.handle import ModelHandle
 from capture.text.load import load_text
 from capture.vision.load import VISION_TOWERS, VISION_TYPES, is_vision, load_vision
@@ -61,9 +65,12 @@ def revision(name: str) -> str:
 
 def modality(name: str) -> str:
     """"text", "vision", "vlm" or "dit": what kind of input `name` takes, without loading it (an embedded
-    model's entry, else the model_type of its config.json in a local folder or the local hub cache)."""
+    model's entry, a diffusers pipeline folder (model_index.json), else the model_type of its config.json
+    in a local folder or the local hub cache)."""
     if name in EMBEDDED:
         return EMBEDDED[name].modality
+    if is_pipeline(Path(name).expanduser()):
+        return "dit"
     config = _local_config(name)
     model_type, archs = str(config.get("model_type", "")), config.get("architectures") or []
     if model_type in VLM_TYPES:
@@ -109,7 +116,8 @@ def _source(name: str) -> tuple[str, dict]:
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise ModelUnavailable(f"The folder {name} has no config.json; point at a saved transformers model.")
+            raise ModelUnavailable(f"The folder {name} has neither config.json (a transformers model) nor "
+                                   "model_index.json (a diffusers pipeline).")
         return str(folder), {}
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise ModelUnavailable(f"There is no model folder at {name}; check the path.")
@@ -151,6 +159,8 @@ def _load_cached(name: str) -> ModelHandle:
         from capture.dit.adapter import handle
 
         return handle(name, minilm=_load_cached("minilm"))  # under _load_lock already: not load()
+    if is_pipeline(Path(name).expanduser()):  # a diffusers pipeline folder (capture.dit.load)
+        return load_pipeline(name, Path(name).expanduser())
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 

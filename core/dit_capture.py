@@ -1,31 +1,94 @@
 """Reading a DiT capture back (torch-free: pages and analytics may import it).
 
-A DiT capture (capture/dit/adapter.py) stores, under its key:
+A DiT capture (capture/dit/adapter.py) stores one of two layouts, said by `layout(capture).mode`.
+
+"full" (small maps: shapes-dit, tiny pipelines; every map of every step fits in FULL_BYTES):
 
     T007   layer 7's maps at every recorded sampling step  # [step, head, query, key] float16
-           (read as a memory map: one step of one head reads only those bytes)
+           (a memory map: one step of one head reads only those bytes)
     L007   layer 7's maps averaged over the recorded steps  # [head, query, key] float16
            (what `Capture.attention(7)` returns, so every generic view works on a DiT capture)
+    X007   cross-attention families only (PixArt, Sana): the word maps of layer 7's cross-attention
+           # [step, cross head, image, text] float16
     overviewNNNN, generated (the image  # [H, W, 3] uint8), meta
 
-Axis order of every map: the image tokens "patch(r,c)" row by row (span "image"), then the text
-tokens (span "text": "[CLS]", the words, "[SEP]", then "[PAD]"s; sub-spans "prompt" for [CLS] ..
-[SEP] and "padding").  `Output.recorded_steps[i]` is the sampling step of index i of the T arrays,
+"split" (real sizes: a full SD3 map at 1,024² is ~4,400 tokens square per head, layer and step):
+
+    XS012  step 12's image -> text maps of every layer  # [layer, head, image, column] float16
+    YS012  step 12's text -> image maps (joint attention only)  # [layer, head, column, image] float16
+    PS012  step 12's image -> image maps pooled into regions  # [layer, head, region, region] float16
+    L007   layer 7's coarse map averaged over the steps  # [head, m, m] float16, m = regions + columns
+           (the generic views see regions "region(r,c)" and columns; rows still sum to 1)
+    Q012_007  queries and keys of layer 7 at kept step 12  # [2, head, n, head_dim] float32, from
+           which any map of that step is recomputed on request (`step_attention`)
+    T012_007  layer 7's full map at step 12, for the layers asked for  # [head, n, n] float16
+
+Axis order of full maps: the model's (`layout(capture).labels`): image tokens "patch(r,c)" row by row
+and text tokens, image first except Flux.  A layer's full map is its self- or joint-attention; a
+cross-attention family's word maps (image -> text) come from its cross-attention modules, which may
+have another head count (`layout(capture).cross_heads`).  Columns: every text token, and in "split"
+captures each run of padding tokens as one column (the attention it receives summed; what it pays
+averaged).  `Output.recorded_steps[i]` is the sampling step of index i of the step axis,
 `Output.timesteps[i]` its scheduler timestep (1000 = pure noise).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from core.errors import CorruptEntry
+from core.errors import CorruptEntry, InputError
 from core.types import Capture
+
+IMAGE_NAME = "generated"
+FULL_BYTES = 256 * 2**20  # a capture whose full maps of every step fit here keeps them all ("full")
+REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
+SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
+           "<s>", "<unk>", "!", "<none>"}
 
 
 def steps_name(layer: int) -> str:
     return f"T{layer:03d}"
 
 
-IMAGE_NAME = "generated"
+def cross_name(layer: int) -> str:
+    return f"X{layer:03d}"
+
+
+def step_file(kind: str, step: int, layer: int | None = None) -> str:
+    """Names of the per-step arrays of a "split" capture: XS012, YS012, PS012, Q012_007, T012_007."""
+    return f"{kind}{step:03d}" + ("" if layer is None else f"_{layer:03d}")
+
+
+@dataclass
+class DitLayout:
+    """How a DiT capture is stored (Capture.layout_info["dit"]); the defaults are those of captures made
+    before pipelines existed (shapes-dit, "full", joint attention, image first)."""
+
+    mode: str = "full"
+    cross: bool = False  # a cross-attention family: word maps in X / XS from the cross modules
+    cross_heads: int = 0  # their heads (0: the layer's own)
+    labels: list[str] = field(default_factory=list)  # "split": the full axis (the capture's tokens are coarse)
+    image: tuple[int, int] = (0, 0)  # "split": image and text ranges on the full axis
+    text: tuple[int, int] = (0, 0)
+    pool: int = 1  # "split": patches per region side
+    regions: tuple[int, int] = (0, 0)
+    columns: list = field(default_factory=list)  # "split": [label, [full-axis positions]] per column
+    kept: list[int] = field(default_factory=list)  # "split": step indices whose queries and keys are kept
+    full_layers: list[int] = field(default_factory=list)  # "split": layers whose full maps are kept at `kept`
+    frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale]
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "DitLayout":
+        data = dict(data or {})
+        for name in ("image", "text", "regions"):
+            if name in data:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+
+def layout(capture: Capture) -> DitLayout:
+    return DitLayout.from_json(capture.layout_info.get("dit"))
 
 
 def is_dit(capture: Capture) -> bool:
@@ -46,36 +109,149 @@ def n_steps(capture: Capture) -> int:
     return len(capture.output.recorded_steps)
 
 
-def step_attention(capture: Capture, index: int, layer: int) -> np.ndarray:
-    """attn  # [head, query, key] float16 of `layer` at recorded step index `index` (0 .. n_steps-1)."""
+def region_of(grid: tuple[int, int], pool: int) -> np.ndarray:
+    """[patch] -> region index: patch (r, c) of a row-major grid lies in region (r // pool, c // pool)."""
+    rows, cols = grid
+    region_cols = -(-cols // pool)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return (r // pool) * region_cols + c // pool
+
+
+def pool_for(grid: tuple[int, int]) -> int:
+    """Patches per region side so that the regions fit REGION_SIDE x REGION_SIDE."""
+    return max(1, -(-max(grid) // REGION_SIDE))
+
+
+# ---- the maps ------------------------------------------------------------------------------------------
+
+def _check(capture: Capture, index: int) -> None:
     if not 0 <= index < n_steps(capture):
         raise IndexError(f"step index {index} out of range 0..{n_steps(capture) - 1}")
-    stored = capture.store.get_array(capture.key, steps_name(layer))
-    return np.asarray(stored[index])
 
 
 def all_steps(capture: Capture, layer: int) -> np.ndarray:
-    """attn  # [step, head, query, key] float16 of one layer (a memory map)."""
+    """attn  # [step, head, query, key] float16 of one layer (a memory map); "full" captures only."""
+    if layout(capture).mode != "full":
+        raise InputError("This capture keeps full maps at its kept steps only (core.dit_capture.step_attention).")
     return capture.store.get_array(capture.key, steps_name(layer))
 
 
-def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:
-    """a  # [step, layer, head, image, text] float32: image-token queries over text-token keys, every
-    layer; index None = every recorded step, else that one step (step axis of length 1)."""
-    image, text = capture.spans["image"], capture.spans["text"]
-    steps = range(n_steps(capture)) if index is None else [index]
-    out = np.empty((len(steps), capture.meta.n_layers, capture.meta.n_heads, len(image), len(text)), np.float32)
-    for layer in range(capture.meta.n_layers):
-        stored = all_steps(capture, layer)
-        for i, s in enumerate(steps):
-            out[i, layer] = stored[s][:, image.start:image.stop, text.start:text.stop]
+def step_attention(capture: Capture, index: int, layer: int) -> np.ndarray:
+    """attn  # [head, n, n] float16 of `layer` at recorded step index `index` on the full axis: stored, or
+    recomputed from the kept queries and keys of that step ("split" captures)."""
+    _check(capture, index)
+    info = layout(capture)
+    if info.mode == "full":
+        return np.asarray(capture.store.get_array(capture.key, steps_name(layer))[index])
+    if index not in info.kept:
+        kept = ", ".join(str(capture.output.recorded_steps[i]) for i in info.kept) or "none"
+        raise InputError(f"This capture keeps full maps at sampling steps {kept} only; its word maps, text -> image "
+                         "maps and pooled image maps cover every step.")
+    if layer in info.full_layers:
+        return np.asarray(capture.store.get_array(capture.key, step_file("T", index, layer)))
+    return recompute(capture, index, layer)
+
+
+def recompute(capture: Capture, index: int, layer: int) -> np.ndarray:
+    """attn  # [head, n, n] float16 from the kept queries and keys (softmax(q kᵀ · scale), or Sana's linear
+    map φ(q)·φ(k) normalised per row), placed on the full axis; rows the module does not compute stay 0."""
+    info = layout(capture)
+    q0, k0, n_q, n_k, kernel, scale = info.frames[layer]
+    qk = np.asarray(capture.store.get_array(capture.key, step_file("Q", index, layer)), dtype=np.float32)
+    query, key = qk[0], qk[1]  # [head, n_q, head_dim], [head, n_k, head_dim]
+    n = len(info.labels)
+    out = np.zeros((query.shape[0], n, n), dtype=np.float16)
+    for r0 in range(0, n_q, 512):
+        r1 = min(n_q, r0 + 512)
+        scores = np.matmul(query[:, r0:r1], key.transpose(0, 2, 1))  # [head, rows, n_k]
+        if kernel == "linear":
+            weights = scores / (scores.sum(-1, keepdims=True) + np.float32(1e-15))
+        else:
+            scores *= np.float32(scale)
+            scores -= scores.max(-1, keepdims=True)
+            weights = np.exp(scores)
+            weights /= weights.sum(-1, keepdims=True)
+        out[:, q0 + r0:q0 + r1, k0:k0 + n_k] = weights
     return out
 
 
+def _per_step(capture: Capture, kind: str, steps) -> np.ndarray:
+    return np.stack([np.asarray(capture.store.get_array(capture.key, step_file(kind, s)), dtype=np.float32)
+                     for s in steps])
+
+
+def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:
+    """a  # [step, layer, head, image, column] float32: image-token queries over the text columns, every
+    layer; index None = every recorded step, else that one step (step axis of length 1).  Cross-attention
+    families: the cross-attention's heads."""
+    steps = range(n_steps(capture)) if index is None else [index]
+    info = layout(capture)
+    if info.mode == "split":
+        return _per_step(capture, "XS", steps)
+    image, text = capture.spans["image"], capture.spans["text"]
+    arrays = []
+    for layer in range(capture.meta.n_layers):
+        name = cross_name(layer) if info.cross else steps_name(layer)
+        stored = capture.store.get_array(capture.key, name)
+        arrays.append(np.stack([np.asarray(stored[s] if info.cross else
+                                           stored[s][:, image.start:image.stop, text.start:text.stop],
+                                           dtype=np.float32) for s in steps]))
+    return np.stack(arrays, axis=1)
+
+
+def text_to_image(capture: Capture, index: int | None = None) -> np.ndarray:
+    """a  # [step, layer, head, column, image] float32: what the text tokens read of the image (joint
+    attention only; a cross-attention family's text is never a query)."""
+    info = layout(capture)
+    if info.cross:
+        raise InputError(f"{capture.meta.name} reads the prompt through cross-attention: its text tokens never "
+                         "attend to the image.")
+    steps = range(n_steps(capture)) if index is None else [index]
+    if info.mode == "split":
+        return _per_step(capture, "YS", steps)
+    image, text = capture.spans["image"], capture.spans["text"]
+    return np.stack([np.stack([np.asarray(capture.store.get_array(capture.key, steps_name(layer))[s]
+                                          [:, text.start:text.stop, image.start:image.stop], dtype=np.float32)
+                               for s in steps]) for layer in range(capture.meta.n_layers)], axis=1)
+
+
+def image_regions(capture: Capture, index: int) -> np.ndarray:
+    """p  # [layer, head, region, region] float32 at recorded step `index`: image -> image attention pooled
+    into regions ("split"; a "full" capture's regions are its patches)."""
+    _check(capture, index)
+    if layout(capture).mode == "split":
+        return _per_step(capture, "PS", [index])[0]
+    image = capture.spans["image"]
+    return np.stack([np.asarray(capture.store.get_array(capture.key, steps_name(layer))[index]
+                                [:, image.start:image.stop, image.start:image.stop], dtype=np.float32)
+                     for layer in range(capture.meta.n_layers)])
+
+
 def text_tokens(capture: Capture) -> list[str]:
+    """The labels of the word maps' text axis (its columns)."""
     text = capture.spans["text"]
     return capture.tokens[text.start:text.stop]
 
 
-__all__ = ["steps_name", "IMAGE_NAME", "is_dit", "generated_image", "n_steps", "step_attention", "all_steps",
-           "image_to_text", "text_tokens"]
+def column_positions(capture: Capture) -> list[list[int]]:
+    """The full-axis positions each text column stands for (what an edit on that column must name)."""
+    info = layout(capture)
+    if info.mode == "split":
+        return [list(p) for _label, p in info.columns]
+    return [[p] for p in capture.spans["text"]]
+
+
+def word_columns(capture: Capture) -> list[int]:
+    """Indices of the text columns that are words (not [CLS], padding, end-of-text ...)."""
+    return [i for i, t in enumerate(text_tokens(capture)) if t.split(" x")[0] not in SPECIAL]
+
+
+def patch_grid(capture: Capture) -> tuple[int, int]:
+    """(rows, cols) of the image axis of the word maps: the patch grid."""
+    return tuple(capture.meta.grid)
+
+
+__all__ = ["IMAGE_NAME", "FULL_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name", "cross_name",
+           "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "all_steps", "step_attention",
+           "recompute", "image_to_text", "text_to_image", "image_regions", "text_tokens", "column_positions",
+           "word_columns", "patch_grid"]

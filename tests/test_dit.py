@@ -12,6 +12,7 @@ import torch
 from analytics import dit as analytics
 from capture import embedded, registry
 from capture.api import load_capture, run
+from capture.dit import attend as dit_attend
 from capture.dit import attention as dit_attention
 from capture.dit import presets as dit_presets
 from capture.engine.session import session
@@ -40,7 +41,7 @@ def _record(pipe, prompts, seeds, steps, **kwargs):
     def on_step(info):
         recorder.step = info.index
 
-    with dit_attention.recording(recorder):
+    with dit_attend.recording(recorder):
         images = pipe.sample(prompts, seeds, steps=steps, on_step=on_step, **kwargs)
     return images, got
 
@@ -97,7 +98,7 @@ def test_hub_transformers_with_headscope_processor(kind):
     assert len(layers) == 2
     got = {}
     recorder = dit_attention.DitRecorder(lambda s, l, k, w: got.__setitem__((l, k), w.astype(np.float32)))
-    with torch.no_grad(), dit_attention.recording(recorder):
+    with torch.no_grad(), dit_attend.recording(recorder):
         recorded = model(**inputs, return_dict=False)[0]
     assert torch.equal(reference, recorded)
     main = "joint" if kind == "sd3" else "self"
@@ -111,7 +112,7 @@ def test_hub_transformers_with_headscope_processor(kind):
     # mix u = 1 on one head: that head's recorded map is the identity, the output changes
     got.clear()
     edit = Intervention(edits=(HeadEdit(1, 1, "mix", 1.0),))
-    with torch.no_grad(), dit_attention.recording(recorder), session(edit):
+    with torch.no_grad(), dit_attend.recording(recorder), session(edit):
         edited = model(**inputs, return_dict=False)[0]
     w = got[(1, main)]
     np.testing.assert_array_equal(w[1], np.eye(n, dtype=np.float32))

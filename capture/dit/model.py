@@ -22,6 +22,7 @@ context, and then the DiT samples inside the session.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import threading
@@ -226,6 +227,62 @@ class ShapesDit:
                     out = out + guidance.pag * (v_c - v_p)
                 x = scheduler.step(out, t, x, return_dict=False)[0]
         return to_pixels(x)
+
+
+    # ---- the interface capture.dit.adapter shares with capture.dit.pipeline.PipelineDit ------------------
+    default_steps = DEFAULT_STEPS
+    cross_heads = 0  # joint attention: the word maps are the layers' own
+
+    @property
+    def default_side(self) -> int:
+        return self.image_size
+
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        return self.grid
+
+    def text_length(self, prompt: str) -> tuple[int, int]:
+        return self.text.text_len, self.text.text_len
+
+    def check_size(self, name: str, height: int, width: int) -> None:
+        if (height, width) != (self.image_size, self.image_size):
+            from core.errors import InputError
+
+            raise InputError(f"{name} samples {self.image_size} x {self.image_size} pictures only.")
+
+    def run(self, prompt: str, seed: int, steps: int, height: int, width: int, intervention=None, recorder=None,
+            on_step: Callable[[int], None] | None = None):
+        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run of one
+        prompt, recorded by `recorder` (capture.dit.record.MapRecorder) when given; a SoftPAG / PAG
+        intervention (capture.dit.presets) becomes the guidance branch, any other edits every branch."""
+        from capture.dit import presets
+        from capture.dit.attend import recording
+        from capture.dit.tokens import shapes_layout
+        from core.interventions import Intervention
+
+        intervention = intervention or Intervention()
+        layout = shapes_layout(self.grid, self.text.tokens(prompt), self.text.n_real(prompt))
+        notes = []
+        if len(self.text.tokenizer(prompt)["input_ids"]) > self.text.text_len:
+            notes.append(f"The prompt is longer than the {self.text.text_len} tokens shapes-dit reads; the rest was cut.")
+        guidance, direct = Guidance(cfg=self.guidance), intervention
+        if presets.is_guidance(intervention):
+            guidance = Guidance(cfg=self.guidance, pag=presets.pag_scale(intervention), perturbation=intervention)
+            direct = Intervention()
+        timesteps: dict[int, float] = {}
+
+        def step(info: StepInfo) -> None:
+            timesteps[info.index] = info.timestep
+            if recorder is not None:
+                recorder.begin_step(info.index)
+            if on_step is not None:
+                on_step(info.index)
+
+        if recorder is not None:
+            recorder.start(layout)
+        with recording(recorder) if recorder is not None else contextlib.nullcontext():
+            image = self.sample([prompt], [seed], steps=steps, guidance=guidance, intervention=direct, on_step=step,
+                                spans=layout.spans())[0]
+        return image, layout, [timesteps[i] for i in range(steps)], notes
 
 
 _loaded: dict[str, ShapesDit] = {}

@@ -1,0 +1,63 @@
+"""The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
+
+One `Family` per transformer class (capture.dit.families.sd3, .flux, .pixart, .sana): what differs
+between them for HeadScope is the order of the joint sequence (Flux: text first), whether the pipeline
+batches an unconditional branch before the conditional one (classifier-free guidance), which text
+encoders' states the transformer reads (their token ids are caught on the way in, so the labels are
+those of the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the
+largest side it is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption
+cleaning, which needs extra packages, and no aspect-ratio binning, so a picture is sampled at the size
+asked for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from capture.dit.tokens import TokenLayout, padding_start
+
+
+@dataclass(frozen=True)
+class Family:
+    """What HeadScope needs to know about one pipeline family (module docstring)."""
+
+    name: str
+    transformer: str  # diffusers class name of the pipeline's transformer
+    text_first: bool  # Flux: [text, image]; the others [image, text]
+    cfg: bool  # the pipeline runs [unconditional, conditional] rows when its guidance scale is above 1
+    encoders: tuple[tuple[str, str, str], ...]  # (segment name, text encoder attribute, tokenizer attribute)
+    unit_of: Callable  # pipe -> pixels per patch side (VAE scale factor x patch size)
+    max_side: Callable  # (pipe, default side) -> the largest picture side HeadScope samples
+    call_kwargs: dict = field(default_factory=dict)  # fixed arguments of the pipeline call
+    select: Callable | None = None  # (ids, pipe, call kwargs) -> the ids the transformer reads (Sana)
+    missing: Callable | None = None  # (pipe, segment) -> how many zero tokens stand in for an absent encoder
+
+    def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
+               call: dict) -> tuple[TokenLayout, list[str]]:
+        """The run's token axis from the token ids caught at each text encoder (`caught`: encoder
+        attribute -> the prompt's ids), and notes; falls back to "<text i>" labels when the ids do not
+        add up to the `n_text` tokens the transformer read."""
+        text, segments, padding, notes = [], [], [], []
+        for name, encoder, tokenizer_attr in self.encoders:
+            tokenizer = getattr(pipe, tokenizer_attr, None)
+            ids = caught.get(encoder)
+            start = len(text)
+            if ids is None or tokenizer is None:
+                count = self.missing(pipe, name) if self.missing else 0
+                text += ["<none>"] * count
+                if count:
+                    notes.append(f"{self.name}: no {name} encoder in this pipeline; its {count} positions are zeros.")
+            else:
+                ids = self.select(ids, pipe, call) if self.select else ids
+                text += tokenizer.convert_ids_to_tokens(ids)
+                pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                padding.append(range(start + pad, start + len(ids)))
+            segments.append((name, range(start, len(text))))
+        if len(text) != n_text:
+            notes.append(f"The transformer read {n_text} text positions; HeadScope labels them by position.")
+            text, segments, padding = [f"<text {i}>" for i in range(n_text)], [], []
+        return TokenLayout(grid=grid, text=text, text_first=self.text_first, segments=segments,
+                           padding=padding), notes
+
+
+__all__ = ["Family"]

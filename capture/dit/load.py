@@ -1,0 +1,81 @@
+"""Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
+
+`load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
+(capture.dit.families: SD3 / SD3.5, Flux, PixArt-α / Σ, Sana), loads the pipeline with
+`DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's
+processors in the transformer (capture.dit.attention.install) and describes it as a ModelHandle:
+the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
+layer per self- or joint-attention module, `meta.grid` the patch grid at the default picture size.
+It runs in float32 on the CPU.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from pathlib import Path
+
+from capture.engine.handle import ModelHandle
+from core.errors import ModelUnavailable
+from core.types import ModelMeta
+
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart",
+            "SanaTransformer2DModel": "sana"}
+KNOWN = "SD3 / SD3.5, Flux, PixArt-α / Σ and Sana"
+
+
+def is_pipeline(folder: Path) -> bool:
+    return (Path(folder) / "model_index.json").is_file()
+
+
+def transformer_class(folder: Path) -> str | None:
+    """The diffusers class of the pipeline's transformer (None when it has none, or the index is unreadable)."""
+    try:
+        entry = json.loads((Path(folder) / "model_index.json").read_text()).get("transformer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
+
+
+def family_of(name: str, folder: Path):
+    """The capture.dit.families Family of a pipeline folder; ModelUnavailable (one sentence) otherwise."""
+    cls = transformer_class(folder)
+    if cls is None:
+        raise ModelUnavailable(f"The pipeline in {name} has no diffusion transformer; HeadScope captures {KNOWN} "
+                               "pipelines.")
+    if cls not in FAMILIES:
+        raise ModelUnavailable(f"HeadScope does not know the {cls} transformer of {name}; it captures {KNOWN} "
+                               "pipelines.")
+    return importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}").FAMILY
+
+
+def load_pipeline(name: str, folder: Path) -> ModelHandle:
+    """The pipeline in `folder`, ready for capture (module docstring)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from capture.dit.attention import install
+    from capture.dit.pipeline import PipelineDit
+
+    family = family_of(name, folder)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelUnavailable(f"The pipeline in {name} could not be loaded ({first[:200]}).") from exc
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        layers = install(pipe.transformer)
+    except ValueError as exc:
+        raise ModelUnavailable(f"{name}: {exc}; HeadScope captures {KNOWN} pipelines.") from exc
+    runner = PipelineDit(pipe, family)
+    first = layers[0]
+    heads = int(first.heads)
+    meta = ModelMeta(name=name, family=family.name, modality="dit", n_layers=len(layers), n_heads=heads,
+                     n_kv_heads=heads, head_dim=int(first.to_q.out_features) // heads, causal=False,
+                     grid=runner.grid_of(runner.default_side, runner.default_side))
+    return ModelHandle(name=name, model=pipe.transformer, tokenizer=runner, meta=meta, attention_modules=layers,
+                       lock=threading.Lock())
+
+
+__all__ = ["FAMILIES", "family_of", "is_pipeline", "load_pipeline", "transformer_class"]

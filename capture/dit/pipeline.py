@@ -1,0 +1,184 @@
+"""Sampling from a diffusers pipeline with HeadScope's recording, edits and SoftPAG / PAG guidance.
+
+`PipelineDit.run` calls the pipeline exactly as a person would (`pipe(prompt, height, width,
+num_inference_steps, generator=seed, output_type="np")`, plus the family's fixed arguments), with
+HeadScope's processors installed in its transformer (capture.dit.attention.install), so without an
+intervention the picture is the plain pipeline's, bit for bit.  Around the transformer it hangs:
+
+- forward pre-hooks on the text encoders that catch the prompt's token ids (the labels of the text
+  tokens; the encoders themselves run outside the recorded pass, untouched);
+- a forward pre-hook on the transformer that, before each call, tells the recorder the step and the
+  batch row of the conditional branch (the last row of the pipeline's batch: [unconditional,
+  conditional] with classifier-free guidance, the only row without), and at the first call builds the
+  run's token axis (capture.dit.tokens) for the recorder and the session's spans;
+- for SoftPAG / PAG (capture.dit.presets): the pre-hook appends a copy of the conditional row, which
+  the session perturbs (its row intervention), and a forward hook folds it back into the conditional
+  output, c' = c + (s / g) (c - p), so the pipeline's own guidance u + g (c' - u) becomes
+  u + g (c - u) + s (c - p) (Ahn et al. 2024, PAG; g = 1 without classifier-free guidance, e.g. Flux).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable
+
+import numpy as np
+import torch
+
+from capture.dit import presets
+from capture.dit.attend import recording
+from capture.dit.attention import attention_modules
+from capture.dit.families import Family
+from capture.dit.tokens import TokenLayout
+from capture.engine.session import session
+from core.errors import InputError
+from core.interventions import Intervention
+
+
+def _expand(value, batch: int, row: int):
+    """A transformer argument with the conditional row `row` appended (tensors of `batch` rows, in dicts too)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return torch.cat([value, value[row:row + 1]])
+    if isinstance(value, dict):
+        return {k: _expand(v, batch, row) for k, v in value.items()}
+    return value
+
+
+class PipelineDit:
+    """A loaded diffusers pipeline of a known family (held in the ModelHandle's `tokenizer` slot)."""
+
+    def __init__(self, pipe, family: Family):
+        self.pipe, self.family = pipe, family
+        params = inspect.signature(type(pipe).__call__).parameters
+        self.defaults = {name: params[name].default for name in ("num_inference_steps", "guidance_scale",
+                                                                 "max_sequence_length") if name in params}
+        side = getattr(pipe, "default_sample_size", None) or int(pipe.transformer.config.sample_size)
+        self.default_side = int(side) * int(pipe.vae_scale_factor)
+        self.unit = int(family.unit_of(pipe))
+        self.max_side = int(family.max_side(pipe, self.default_side))
+        cross = [m for _p, m, kind in attention_modules(pipe.transformer) if kind == "cross"]
+        self.cross_heads = int(cross[0].heads) if cross else 0  # PixArt, Sana: the word maps' heads
+
+    def text_length(self, prompt: str) -> tuple[int, int]:
+        """(text positions the transformer reads, word-map columns of a "split" capture), estimated from
+        the tokenizers before the run: every position, and the prompt's tokens plus one column per
+        padding run."""
+        total = columns = 0
+        for segment, _encoder, attr in self.family.encoders:
+            tokenizer = getattr(self.pipe, attr, None)
+            length = int(self.pipe.tokenizer_max_length) if segment == "clip" else \
+                int(self.defaults.get("max_sequence_length", 0) or getattr(tokenizer, "model_max_length", 0))
+            if tokenizer is None:
+                length = self.family.missing(self.pipe, segment) if self.family.missing else 0
+                total, columns = total + length, columns + min(length, 1)
+                continue
+            words = len(tokenizer(prompt, truncation=True, max_length=length)["input_ids"])
+            total, columns = total + length, columns + min(words, length) + 1
+        return total, columns
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.defaults.get("num_inference_steps", 20))
+
+    @property
+    def guidance(self) -> float:
+        return float(self.defaults.get("guidance_scale", 1.0))
+
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.unit, width // self.unit
+
+    def check_size(self, name: str, height: int, width: int) -> None:
+        """InputError unless both sides are whole patches, from two patches to the family's largest side."""
+        low = 2 * self.unit
+        if height % self.unit or width % self.unit or not (low <= height <= self.max_side and low <= width <= self.max_side):
+            raise InputError(f"{name} samples pictures whose sides are multiples of {self.unit} px from {low} to "
+                             f"{self.max_side} px; {width} x {height} is not one.")
+
+    def call_kwargs(self) -> dict:
+        kwargs = dict(self.family.call_kwargs)
+        if "max_sequence_length" in self.defaults:
+            kwargs["max_sequence_length"] = self.defaults["max_sequence_length"]
+        return kwargs
+
+    def run(self, prompt: str, seed: int, steps: int, height: int, width: int,
+               intervention: Intervention = Intervention(), recorder=None,
+               on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, TokenLayout, list[float], list[str]]:
+        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run."""
+        pipe, family = self.pipe, self.family
+        guided = presets.is_guidance(intervention)
+        direct = Intervention() if guided else intervention
+        scale = presets.pag_scale(intervention)
+        branches = 2 if family.cfg and self.guidance > 1.0 else 1
+        rows = [Intervention()] * branches + [intervention] if guided else None
+        call = self.call_kwargs()
+        caught: dict[str, list[int]] = {}
+        state: dict = {"calls": 0, "layout": None, "notes": []}
+        hooks = []
+
+        def catch(attr: str):
+            def hook(_module, args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if attr not in caught and ids is not None:
+                    caught[attr] = [int(i) for i in ids[0].tolist()]
+            return hook
+
+        for _segment, attr, _tokenizer in family.encoders:
+            encoder = getattr(pipe, attr, None)
+            if encoder is not None:
+                hooks.append(encoder.register_forward_pre_hook(catch(attr), with_kwargs=True))
+
+        def before(_module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            batch = hidden.shape[0]
+            if state["layout"] is None:
+                text = kwargs["encoder_hidden_states"].shape[1]
+                state["layout"], state["notes"] = family.layout(pipe, caught, self.grid_of(height, width), text, call)
+                active.spans.update(state["layout"].spans())
+                if recorder is not None:
+                    recorder.start(state["layout"], hidden.device)
+            step = state["calls"]
+            state["calls"] += 1
+            if recorder is not None:
+                recorder.begin_step(step)
+                recorder.row = batch - 1
+            if on_step is not None:
+                on_step(step)
+            if not guided:
+                return None
+            state["batch"] = batch
+            return (tuple(_expand(a, batch, batch - 1) for a in args),  # (Flux's *_ids carry no batch)
+                    {k: v if k.endswith("_ids") else _expand(v, batch, batch - 1) for k, v in kwargs.items()})
+
+        def after(_module, _args, _kwargs, output):
+            batch = state["batch"]
+            sample = output[0]
+            cond, perturbed = sample[batch - 1], sample[batch]
+            g = self.guidance if batch > 1 else 1.0
+            guided_cond = cond + (scale / g) * (cond - perturbed)
+            sample = torch.cat([sample[:batch - 1], guided_cond[None]])
+            if isinstance(output, tuple):
+                return (sample,) + tuple(output[1:])
+            output.sample = sample
+            return output
+
+        transformer = pipe.transformer
+        hooks.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
+        if guided:
+            hooks.append(transformer.register_forward_hook(after, with_kwargs=True))
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        try:
+            with contextlib.ExitStack() as stack:
+                active = stack.enter_context(session(direct, row_interventions=rows))
+                if recorder is not None:
+                    stack.enter_context(recording(recorder))
+                result = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                              generator=generator, output_type="np", **call)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        image = (np.asarray(result.images[0]) * 255).round().astype(np.uint8)
+        timesteps = [float(t) for t in pipe.scheduler.timesteps][:steps]
+        return image, state["layout"], timesteps, state["notes"]
+
+
+__all__ = ["PipelineDit"]

@@ -1,0 +1,244 @@
+"""Recording a DiT capture: which maps are kept, the recorder that keeps them, and what it costs.
+
+`RecordPlan` picks the layout of core.dit_capture: "full" when every map of every recorded step fits
+in core.dit_capture.FULL_BYTES (shapes-dit, tiny pipelines), else "split": every step's and layer's
+image -> text and text -> image maps for every head, image -> image pooled into regions, a coarse map per
+layer (regions and text columns, averaged over the steps) for the generic views, the queries and keys
+of the kept steps (default: the middle step) so any map of those steps is recomputed on request, and
+the full maps of the kept steps at the layers asked for (`full_layers`, none by default).
+
+`MapRecorder` is a capture.dit.attention recorder: the processors hand it each module's map of the
+conditional batch row, block by block, on the device the model runs on; it folds them into the kept
+arrays there (index_add over the coarse tokens: memory-bound, no n x n x m products), moves one step's
+arrays to the CPU as float16 when the step ends, and writes them on a background thread while the next
+step runs (capture.dit.write).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from capture.dit.attend import Frame
+from capture.dit.tokens import TokenLayout
+from core import dit_capture
+from core.dit_capture import DitLayout, region_of
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """What a DiT capture keeps (module docstring); `steps` limits a "full" capture's recorded steps."""
+
+    steps: tuple[int, ...] | None = None
+    mode: str = "auto"  # "auto" | "full" | "split"
+    kept: tuple[int, ...] | None = None  # "split": steps whose queries and keys are kept (None: the middle one)
+    full_layers: tuple[int, ...] = ()  # "split": layers whose full maps are kept at the kept steps
+
+    def resolve(self, n_layers: int, n_heads: int, n: int, steps: int) -> "RecordPlan":
+        """The plan with "auto" decided and the kept steps filled in."""
+        mode = self.mode
+        if mode == "auto":
+            recorded = len(self.steps) if self.steps is not None else steps
+            mode = "full" if n_layers * recorded * n_heads * n * n * 2 <= dit_capture.FULL_BYTES else "split"
+        kept = tuple(s for s in (self.kept if self.kept is not None else (steps // 2,)) if 0 <= s < steps)
+        return RecordPlan(self.steps if mode == "full" else None, mode, kept, tuple(self.full_layers))
+
+    def recorded(self, steps: int) -> list[int]:
+        return [s for s in (sorted(self.steps) if self.steps is not None else range(steps)) if 0 <= s < steps]
+
+
+class _FullSink:
+    def __init__(self, target: np.ndarray, frame: Frame, cross: bool):
+        self.target, self.frame, self.cross = target, frame, cross
+
+    def rows(self, r0: int, weights: torch.Tensor) -> None:
+        w = weights.to(torch.float16).cpu().numpy()  # [head, rows, key]
+        if self.cross:  # the word maps: image rows over the text keys
+            self.target[:, r0:r0 + w.shape[1]] = w
+        else:
+            q = self.frame.q0 + r0
+            self.target[:, q:q + w.shape[1], self.frame.k0:self.frame.k0 + w.shape[2]] = w
+
+    def close(self) -> None:
+        pass
+
+
+class _SplitSink:
+    """Folds one module's rows into the step's arrays ("split")."""
+
+    def __init__(self, rec: "MapRecorder", layer: int, kind: str, frame: Frame, full: torch.Tensor | None):
+        self.rec, self.layer, self.kind, self.frame, self.full = rec, layer, kind, frame, full
+
+    def rows(self, r0: int, weights: torch.Tensor) -> None:
+        rec, layer = self.rec, self.layer
+        weights = weights.float()
+        heads, rows, n_k = weights.shape
+        q = torch.arange(self.frame.q0 + r0, self.frame.q0 + r0 + rows, device=weights.device)
+        k = torch.arange(self.frame.k0, self.frame.k0 + n_k, device=weights.device)
+        if self.full is not None:
+            q0 = self.frame.q0 + r0
+            self.full[:, q0:q0 + rows, self.frame.k0:self.frame.k0 + n_k] = weights.to(torch.float16)
+        by_key = torch.zeros(heads, rows, rec.m, device=weights.device)
+        by_key.index_add_(2, rec.coarse[k], weights)  # [head, rows, coarse]: keys summed per coarse token
+        image_rows = rec.is_image[q]
+        if self.kind == "cross":  # PixArt / Sana: the word maps of the cross-attention, nothing else
+            rec.x[layer][:, rec.image_index[q[image_rows]]] += by_key[:, image_rows][:, :, rec.columns]
+            return
+        if not rec.cross:  # joint attention: the word maps are the image rows' text columns
+            rec.x[layer][:, rec.image_index[q[image_rows]]] += by_key[:, image_rows][:, :, rec.columns]
+        weight = rec.row_weight[q].view(1, rows, 1)
+        rec.c[layer].index_add_(1, rec.coarse[q], by_key * weight)  # coarse rows: members averaged
+        if rec.y is not None and not bool(image_rows.all()):
+            text_rows = ~image_rows
+            on_image = weights[:, text_rows][:, :, rec.is_image[k]] * weight[:, text_rows]
+            rec.y[layer].index_add_(1, rec.column_of[q[text_rows]], on_image)
+
+    def close(self) -> None:
+        pass
+
+
+class MapRecorder:
+    """The capture recorder (module docstring).  `begin_step(i)` before each transformer call; `start`
+    once the run's token axis is known (pipelines: at the first transformer call); `finish()` at the end."""
+
+    def __init__(self, plan: RecordPlan, steps: int, n_layers: int, n_heads: int, cross: bool, cross_heads: int,
+                 writer):
+        self.plan, self.n_steps, self.n_layers, self.n_heads = plan, steps, n_layers, n_heads
+        self.cross, self.cross_heads = cross, cross_heads
+        self.writer = writer
+        self.wanted = plan.recorded(steps)
+        self.slot = {s: i for i, s in enumerate(self.wanted)}
+        self.step, self.row = 0, 0
+        self.layout: TokenLayout | None = None
+        self.frames: dict[int, list] = {}
+
+    # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
+    def wants(self, layer: int) -> bool:
+        return self.step in self.slot
+
+    def wants_qk(self, layer: int) -> bool:
+        return self.plan.mode == "split" and self.step in self.plan.kept
+
+    def qk(self, layer: int, frame: Frame, query: torch.Tensor, key: torch.Tensor, kernel: str, scale: float) -> None:
+        """Keep a layer's queries and keys of this step  # [head, n, head_dim] each, for recomputing its maps."""
+        self.frames[layer] = [frame.q0, frame.k0, query.shape[1], key.shape[1], kernel, float(scale)]
+        if query.shape == key.shape:
+            qk = torch.stack([query, key]).float().cpu().numpy()  # [2, head, n, head_dim]
+            self.writer.put(dit_capture.step_file("Q", self.step, layer), qk)
+
+    def open(self, layer: int, kind: str, frame: Frame, heads: int, n_q: int, n_k: int):
+        if self.plan.mode == "full":
+            slot = self.slot[self.step]
+            target = self.x[layer][slot] if kind == "cross" else self.t[layer][slot]
+            return _FullSink(target, frame, kind == "cross")
+        full = None
+        if kind != "cross" and self.step in self.plan.kept and layer in self.plan.full_layers:
+            full = self.full.setdefault(layer, torch.zeros(heads, self.layout.n, self.layout.n, dtype=torch.float16,
+                                                           device=self.device))
+        return _SplitSink(self, layer, kind, frame, full)
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def start(self, layout: TokenLayout, device: torch.device | str = "cpu") -> None:
+        """Allocate for the run's token axis (idempotent)."""
+        if self.layout is not None:
+            return
+        self.layout, self.device = layout, device
+        n, heads, words = layout.n, self.n_heads, self.cross_heads or self.n_heads
+        if self.plan.mode == "full":
+            steps = len(self.wanted)
+            self.t = [np.zeros((steps, heads, n, n), np.float16) for _ in range(self.n_layers)]
+            self.x = [np.zeros((steps, words, layout.n_image, len(layout.text)), np.float16)
+                      for _ in range(self.n_layers)] if self.cross else None
+            return
+        self.columns_list = layout.columns(grouped=True)
+        self.pool = dit_capture.pool_for(layout.grid)
+        self.region_grid = (-(-layout.grid[0] // self.pool), -(-layout.grid[1] // self.pool))
+        n_regions, n_columns = self.region_grid[0] * self.region_grid[1], len(self.columns_list)
+        self.m = n_regions + n_columns
+        region_base, column_base = (n_columns, 0) if layout.text_first else (0, n_regions)
+        coarse = np.zeros(n, np.int64)
+        coarse[layout.image.start:layout.image.stop] = region_base + region_of(layout.grid, self.pool)
+        column_of = np.zeros(n, np.int64)
+        for c, (_label, positions) in enumerate(self.columns_list):
+            coarse[positions] = column_base + c
+            column_of[positions] = c
+        counts = np.bincount(coarse, minlength=self.m)
+        is_image = np.zeros(n, bool)
+        is_image[layout.image.start:layout.image.stop] = True
+        image_index = np.zeros(n, np.int64)
+        image_index[layout.image.start:layout.image.stop] = np.arange(layout.n_image)
+        as_tensor = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        self.coarse, self.column_of, self.is_image = as_tensor(coarse), as_tensor(column_of), as_tensor(is_image)
+        self.image_index = as_tensor(image_index)
+        self.row_weight = as_tensor((1.0 / counts[coarse]).astype(np.float32))
+        self.columns = as_tensor(np.arange(column_base, column_base + n_columns))
+        self.region_slice = slice(region_base, region_base + n_regions)
+        self.mean = torch.zeros(self.n_layers, heads, self.m, self.m, device=device)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        layout, heads, words = self.layout, self.n_heads, self.cross_heads or self.n_heads
+        zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
+        self.x = [zeros(words, layout.n_image, len(self.columns_list)) for _ in range(self.n_layers)]
+        self.y = None if self.cross else [zeros(heads, len(self.columns_list), layout.n_image)
+                                          for _ in range(self.n_layers)]
+        self.c = [zeros(heads, self.m, self.m) for _ in range(self.n_layers)]
+        self.full: dict[int, torch.Tensor] = {}
+
+    def begin_step(self, step: int) -> None:
+        if self.plan.mode == "split" and self.layout is not None and step != self.step and self.step in self.slot:
+            self._end_step()
+        self.step = step
+
+    def _end_step(self) -> None:
+        """Hand one step's arrays to the writer and start the next step's."""
+        f16 = lambda t: t.to(torch.float16).cpu().numpy()  # noqa: E731
+        step = self.step
+        self.writer.put(dit_capture.step_file("XS", step), f16(torch.stack(self.x)))
+        if self.y is not None:
+            self.writer.put(dit_capture.step_file("YS", step), f16(torch.stack(self.y)))
+        coarse = torch.stack(self.c)  # [layer, head, m, m]
+        self.writer.put(dit_capture.step_file("PS", step), f16(coarse[:, :, self.region_slice, self.region_slice]))
+        self.mean += coarse
+        for layer, full in self.full.items():
+            self.writer.put(dit_capture.step_file("T", step, layer), full.cpu().numpy())
+        self._fresh()
+
+    def finish(self) -> list[np.ndarray]:
+        """End the run: the per-layer maps the generic views read (full: the step mean of T; split: the
+        coarse mean), after handing the rest to the writer."""
+        if self.plan.mode == "full":
+            for layer in range(self.n_layers):
+                self.writer.put(dit_capture.steps_name(layer), self.t[layer])
+                if self.cross:
+                    self.writer.put(dit_capture.cross_name(layer), self.x[layer])
+            return [t.astype(np.float32).mean(0).astype(np.float16) if len(t) else np.zeros(t.shape[1:], np.float16)
+                    for t in self.t]
+        if self.step in self.slot:
+            self._end_step()
+        mean = (self.mean / max(1, len(self.wanted))).to(torch.float16).cpu().numpy()
+        return [mean[layer] for layer in range(self.n_layers)]
+
+    def tokens_and_info(self) -> tuple[list[str], dict[str, range], DitLayout]:
+        """The capture's tokens and spans, and its layout_info["dit"]."""
+        layout = self.layout
+        info = DitLayout(mode=self.plan.mode, cross=self.cross, cross_heads=self.cross_heads if self.cross else 0)
+        if self.plan.mode == "full":
+            return layout.labels(), layout.spans(), info
+        rows, cols = self.region_grid
+        regions = [f"region({r},{c})" for r in range(rows) for c in range(cols)]
+        columns = [label for label, _p in self.columns_list]
+        tokens = columns + regions if layout.text_first else regions + columns
+        image = range(len(columns), len(tokens)) if layout.text_first else range(0, len(regions))
+        text = range(0, len(columns)) if layout.text_first else range(len(regions), len(tokens))
+        info.labels, info.image = layout.labels(), (layout.image.start, layout.image.stop)
+        info.text, info.pool, info.regions = (layout.text_span.start, layout.text_span.stop), self.pool, (rows, cols)
+        info.columns = [[label, list(p)] for label, p in self.columns_list]
+        info.kept = [self.slot[s] for s in self.plan.kept if s in self.slot]
+        info.full_layers = list(self.plan.full_layers)
+        info.frames = [self.frames.get(layer) for layer in range(self.n_layers)]
+        return tokens, {"image": image, "text": text}, info
+
+
+__all__ = ["MapRecorder", "RecordPlan"]

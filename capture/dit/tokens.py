@@ -1,0 +1,97 @@
+"""The token axis of a DiT capture: image patches and text tokens, in the model's order (torch-free).
+
+SD3, PixArt, Sana and shapes-dit put the image first ([patch(0,0) ... patch(R-1,C-1), text tokens]);
+Flux puts the text first.  The text is one or more segments, one per text encoder whose states the
+transformer reads (SD3: CLIP, then T5; Flux and PixArt: T5; Sana: Gemma; shapes-dit: MiniLM), each
+ending in a run of padding tokens.
+
+Spans: "image", "text", each segment by name (pipelines), "prompt" (the last segment's tokens before
+its padding) and "padding" (that segment's padding run).  Columns (the text axis of the word maps of
+a capture too large for full maps, capture.dit.record): every text token but the padding, and one
+column per padding run that stands for the whole run ("<pad> x240": the attention it receives summed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLayout:
+    """One run's token axis."""
+
+    grid: tuple[int, int]  # (rows, cols) of image patches
+    text: list[str]  # text token labels, in order
+    text_first: bool = False
+    segments: list[tuple[str, range]] = field(default_factory=list)  # (encoder, its range within the text)
+    padding: list[range] = field(default_factory=list)  # padding runs within the text, the last segment's last
+
+    @property
+    def n_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n(self) -> int:
+        return self.n_image + len(self.text)
+
+    @property
+    def image(self) -> range:
+        start = len(self.text) if self.text_first else 0
+        return range(start, start + self.n_image)
+
+    @property
+    def text_span(self) -> range:
+        start = 0 if self.text_first else self.n_image
+        return range(start, start + len(self.text))
+
+    def labels(self) -> list[str]:
+        rows, cols = self.grid
+        patches = [f"patch({r},{c})" for r in range(rows) for c in range(cols)]
+        return list(self.text) + patches if self.text_first else patches + list(self.text)
+
+    def spans(self) -> dict[str, range]:
+        t0 = self.text_span.start
+        spans = {"image": self.image, "text": self.text_span}
+        for name, r in self.segments:
+            spans[name] = range(t0 + r.start, t0 + r.stop)
+        last = self.segments[-1][1] if self.segments else range(0, len(self.text))
+        pad = self.padding[-1] if self.padding and self.padding[-1].stop == last.stop else range(last.stop, last.stop)
+        spans["prompt"] = range(t0 + last.start, t0 + pad.start)
+        spans["padding"] = range(t0 + pad.start, t0 + pad.stop)
+        return spans
+
+    def columns(self, grouped: bool) -> list[tuple[str, list[int]]]:
+        """(label, capture positions) per word-map column: every text token, or (`grouped`) each padding
+        run as one column."""
+        t0 = self.text_span.start
+        runs = {r.start: r for r in self.padding if len(r)} if grouped else {}
+        out, i = [], 0
+        while i < len(self.text):
+            run = runs.get(i)
+            if run is not None:
+                out.append((f"{self.text[i]} x{len(run)}", [t0 + j for j in run]))
+                i = run.stop
+            else:
+                out.append((self.text[i], [t0 + i]))
+                i += 1
+        return out
+
+
+def padding_start(ids: list[int], pad_id: int | None, eos_id: int | None) -> int:
+    """Where the trailing run of padding ids starts (len(ids) when there is none).  When the padding token
+    is the end-of-text token (CLIP), the first of the run is the real end of the text and stays out."""
+    if pad_id is None:
+        return len(ids)
+    start = len(ids)
+    while start > 0 and ids[start - 1] == pad_id:
+        start -= 1
+    if pad_id == eos_id and start < len(ids):
+        start += 1
+    return start
+
+
+def shapes_layout(grid: tuple[int, int], text_tokens: list[str], n_real: int) -> TokenLayout:
+    """shapes-dit: patches row by row, then MiniLM's tokens ([CLS] .. [SEP], then [PAD]s)."""
+    return TokenLayout(grid=grid, text=list(text_tokens), padding=[range(n_real, len(text_tokens))])
+
+
+__all__ = ["TokenLayout", "padding_start", "shapes_layout"]

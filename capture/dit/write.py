@@ -1,0 +1,107 @@
+"""Writing a DiT capture to the cache, and what one will take before it runs.
+
+`ArrayWriter` writes arrays on one background thread while sampling goes on (at most MAX_PENDING
+waiting, which bounds the memory the queue holds); `finish` adds the per-layer maps the generic views
+read, their overview thumbnails and the image.  The metadata record is written last by capture.api.run.
+
+`estimate` adds up a capture's disk and its memory above the loaded pipeline (bytes), for both
+layouts of core.dit_capture:
+- "full": every recorded step's map of every layer, its step mean, the cross-attention word maps; all
+  of it is held in memory until the end of the run;
+- "split": per step and layer the image -> text and text -> image maps (image tokens x text columns, per
+  head), the pooled image maps and the coarse map; the kept steps' queries and keys (float32) and
+  full maps; in memory one step's arrays twice (the step being recorded and the one being written) and
+  the explicit row block of the recorded map (scores, weights and their coarse fold).
+`check` refuses a run that does not fit with one sentence naming what to change.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from capture.engine import memory
+from core import dit_capture
+from core.errors import InputError
+from core.layouts import max_pool, overview_name
+from core.types import OVERVIEW_BINS
+
+MAX_PENDING = 8
+ROW_BLOCK = 256  # capture.engine.call.ROW_BLOCK
+
+
+class ArrayWriter:
+    """`put(name, array)` stores the array under the capture's key on a background thread."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key = store, key
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headscope-dit-writer")
+        self.pending: list[Future] = []
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        while len(self.pending) >= MAX_PENDING:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self.store.put_array, self.key, name, np.ascontiguousarray(array)))
+
+    def finish(self, means: list[np.ndarray], image: np.ndarray) -> None:
+        """Per layer the map the generic views read (L), their thumbnails and the image; then wait for all."""
+        for layer, mean in enumerate(means):
+            self.put(f"L{layer:03d}", mean)
+        bins = min(OVERVIEW_BINS, means[0].shape[-1])
+        self.put(overview_name(bins), np.stack([max_pool(m, bins) for m in means]))
+        self.put(dit_capture.IMAGE_NAME, image)
+        self.close()
+
+    def close(self) -> None:
+        try:
+            for job in self.pending:
+                job.result()  # re-raises a failed write
+        finally:
+            self.pending.clear()
+            self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ArrayWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int, n_text: int, n_columns: int,
+             steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0) -> memory.Estimate:
+    """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring)."""
+    n, words = n_image + n_text, cross_heads or n_heads
+    row_block = 3 * n_heads * ROW_BLOCK * n * 4  # scores, weights, their fold over the coarse tokens
+    if mode == "full":
+        maps = n_layers * (steps + 1) * n_heads * n * n * 2
+        words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0
+        disk = maps + words_bytes
+        return memory.Estimate(layout="full", n_tokens=n, memory_bytes=int(disk + row_block), disk_bytes=int(disk))
+    regions = min(n_image, dit_capture.REGION_SIDE ** 2)
+    m = regions + n_columns
+    per_step = n_layers * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image)
+                           + n_heads * regions * regions) * 2
+    coarse = n_layers * n_heads * m * m * 2
+    qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
+    full = kept * full_layers * n_heads * n * n * 2
+    disk = steps * per_step + coarse + qk + full
+    held = 2 * per_step * 2 + 3 * coarse * 2 + n_layers * 2 * n_heads * n * head_dim * 4 + full_layers * n_heads * n * n * 2
+    return memory.Estimate(layout="split", n_tokens=n, memory_bytes=int(held + row_block), disk_bytes=int(disk))
+
+
+def check(need: memory.Estimate, name: str, size: tuple[int, int], steps: int, disk_budget: int,
+          memory_budget: int | None = None) -> None:
+    """Refuse (InputError, one sentence) a capture that does not fit its disk or memory budget."""
+    memory_budget = memory.available_bytes() if memory_budget is None else memory_budget
+    what = f"Capturing {name} at {size[1]} x {size[0]} px for {steps} steps"
+    if need.disk_bytes > disk_budget:
+        raise InputError(f"{what} needs {need.disk_gb:.1f} GB of cache (the maps of every step and layer), but the "
+                         f"cache can take {disk_budget / 2**30:.1f} GB; sample fewer steps or a smaller picture, or "
+                         "free disk space or raise HEADSCOPE_CACHE_GB.")
+    if need.memory_bytes > memory_budget:
+        raise InputError(f"{what} needs about {need.memory_gb:.1f} GB of memory for the recorded maps, but "
+                         f"{memory_budget / 2**30:.1f} GB is available to it; sample a smaller picture, or free "
+                         "memory or set HEADSCOPE_CAPTURE_GB.")
+
+
+__all__ = ["ArrayWriter", "check", "estimate"]

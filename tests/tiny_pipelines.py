@@ -1,0 +1,170 @@
+"""Tiny random-weight diffusers pipelines of the four families HeadScope loads, built here (no hub).
+
+Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
+with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
+Unigram, Gemma's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in its first
+block, Flux (one double- and one single-stream block), PixArt-Σ and Sana (linear self-attention).  At
+32 x 32 px their transformers see 64 (SD3, PixArt, Flux) or 256 (Sana) image tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("a an the red orange yellow green blue purple circle square triangle at top bottom left right center "
+         "and of in on with cat dog photo painting").split()
+SIZE = 32  # pixels per side the tests sample at
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    merges = []
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for word in WORDS:  # merges that rebuild each word from its letters, left to right
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            if (current, part) not in merges:
+                merges.append((current, part))
+            current += part
+            vocab.setdefault(current, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=12)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in WORDS]
+    pieces += [(ch, -5.0) for ch in "abcdefghijklmnopqrstuvwxyz"] + [("▁", -3.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def gemma_tokenizer():
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    merges = []
+    for ch in "abcdefghijklmnopqrstuvwxyz▁":
+        vocab.setdefault(ch, len(vocab))
+    for word in WORDS:
+        parts = ["▁"] + list(word)
+        current = parts[0]
+        for part in parts[1:]:
+            if (current, part) not in merges:
+                merges.append((current, part))
+            current += part
+            vocab.setdefault(current, len(vocab))
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+def t5_encoder(vocab: int, width: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+
+
+def clip_encoder(vocab: int, projection: bool = True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=16, intermediate_size=37,
+                            num_attention_heads=2, num_hidden_layers=1, vocab_size=vocab, projection_dim=16,
+                            max_position_embeddings=12)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def kl_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4, 4),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+                                        pooled_projection_dim=32, out_channels=4, qk_norm="rms_norm",
+                                        dual_attention_layers=(0,), pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(),
+                                    text_encoder=clip_encoder(len(clip)), tokenizer=clip,
+                                    text_encoder_2=clip_encoder(len(clip)), tokenizer_2=clip_tokenizer(),
+                                    text_encoder_3=t5_encoder(len(t5)), tokenizer_3=t5)
+
+
+def flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    return FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(),
+                        text_encoder=clip_encoder(len(clip), projection=False), tokenizer=clip,
+                        text_encoder_2=t5_encoder(len(t5)), tokenizer_2=t5)
+
+
+def pixart():
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    t5 = t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=16, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    return PixArtSigmaPipeline(transformer=transformer, scheduler=DPMSolverMultistepScheduler(), vae=kl_vae(),
+                               text_encoder=t5_encoder(len(t5)), tokenizer=t5)
+
+
+def sana():
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    gemma = gemma_tokenizer()
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=16)
+    torch.manual_seed(0)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    torch.manual_seed(0)
+    encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192,
+                                       num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2,
+                                       vocab_size=len(gemma)))
+    return SanaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                        text_encoder=encoder, tokenizer=gemma)
+
+
+FAMILIES = ("sd3", "flux", "pixart", "sana")
+
+
+def save(family: str, folder: Path) -> Path:
+    """The tiny `family` pipeline saved in `folder` (save_pretrained)."""
+    globals()[family]().save_pretrained(folder)
+    return folder
