@@ -20,7 +20,12 @@ with image tokens in row-major order over a `grid` of (rows, cols) patches.
   then ranked by what they ground (`rank_heads`).
 - `referral_map`: RefAM's referral map: subject tokens aggregated over layers and steps, sinks left out.
 - `object_masks`: ground-truth masks of the words of a scene caption from a (generated) picture,
-  with the scene generator's knowledge (core.scenes: the palette and the caption grammar).
+  with the scene generator's knowledge (core.scenes: the palette and the caption grammar), found among
+  any model's text tokens (`word_positions`).
+
+Every family HeadScope loads gives the same arrays (core.dit_capture): SD3 and Flux from their joint
+attention, PixArt and Sana from their cross-attention (whose head count may differ from the layer's:
+Sana), a capture too large for full maps with each padding run as one text column.
 """
 from __future__ import annotations
 
@@ -191,20 +196,48 @@ def rank_heads(scores: np.ndarray, top: int | None = None) -> list[tuple[int, in
     return out[:top] if top else out
 
 
+def _piece(token: str) -> str:
+    """A token's text without the tokenizer's word markers: WordPiece "##", SentencePiece "▁", byte-BPE
+    "Ġ", CLIP's "</w>"."""
+    token = token[2:] if token.startswith("##") else token
+    token = token[1:] if token[:1] in ("▁", "Ġ") else token
+    return token.replace("</w>", "").lower()
+
+
+def word_positions(words: list[str], text_tokens: list[str]) -> list[int] | None:
+    """The text-token index where each of `words` starts, the words read in order from consecutive tokens
+    (a word may span several sub-word tokens); the last place they all line up (SD3 reads the prompt
+    twice, CLIP's tokens then T5's: the T5 ones), or None when they never do."""
+    pieces = [_piece(t) for t in text_tokens]
+    for start in range(len(pieces) - 1, -1, -1):
+        found, i = [], start
+        for word in words:
+            found.append(i)
+            read = ""
+            while len(read) < len(word) and i < len(pieces):
+                read += pieces[i]
+                i += 1
+            if read != word.lower():
+                break
+        else:
+            return found
+    return None
+
+
 def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=("colour", "shape")) -> dict[int, np.ndarray]:
     """Text-token index -> [H, W] bool mask, for the words of a scene caption whose role is in `roles`.
 
     The mask is what the picture shows of the word's object: the largest blob of the requested colour
-    (core.scenes: palette and caption grammar).  Words whose object is not found get no mask.
-    Text tokens are MiniLM's ("[CLS]", then one token per caption word); a caption that is not a
-    scene caption, or tokens that do not line up with its words, give {}.
+    (core.scenes: palette and caption grammar).  Words whose object is not found get no mask.  The
+    words are found among any model's text tokens (`word_positions`: MiniLM's, CLIP's, T5's, Gemma's);
+    a caption that is not a scene caption, or tokens that do not spell its words, give {}.
     """
     try:
         words = scenes.caption_words(caption)
     except ValueError:
         return {}
-    offset = 1 if text_tokens and text_tokens[0] == "[CLS]" else 0
-    if len(text_tokens) < offset + len(words) or any(text_tokens[offset + i] != w for i, (w, _, _) in enumerate(words)):
+    positions = word_positions([w for w, _, _ in words], text_tokens)
+    if positions is None:
         return {}
     specs = scenes.parse_caption(caption)
     colours = scene_reading.colour_masks(image)
@@ -213,11 +246,8 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
         blob = scene_reading.largest_component(colours[spec.colour])
         if blob.sum() >= 4:
             blobs[index] = blob
-    out = {}
-    for i, (_word, obj, role) in enumerate(words):
-        if obj is not None and role in roles and obj in blobs:
-            out[offset + i] = blobs[obj]
-    return out
+    return {positions[i]: blobs[obj] for i, (_word, obj, role) in enumerate(words)
+            if obj is not None and role in roles and obj in blobs}
 
 
 # ---- head metrics for the Head atlas (analytics.METRICS) -------------------------------------------
@@ -225,9 +255,14 @@ def object_masks(image: np.ndarray, caption: str, text_tokens: list[str], roles=
 def text_mass(capture) -> np.ndarray:
     """[layer, head]: the attention mass image queries put on text keys, over the step-averaged maps.
 
-    In joint attention (SD3's MM-DiT) every image token's row covers image and text keys; this is the
-    share of it that reads the prompt: how much of a head is cross-attention (0 = pure image
-    self-attention)."""
+    In joint attention (SD3's MM-DiT, Flux) every image token's row covers image and text keys; this is
+    the share of it that reads the prompt: how much of a head is cross-attention (0 = pure image
+    self-attention; SD3.5's image-only layers are 0 by construction).  A capture too large for full maps
+    holds coarse maps (regions and text columns), whose image rows carry the same mass.  PixArt and Sana
+    read the prompt in separate cross-attention modules, whose rows are all text: no share to measure."""
+    if dit_capture.layout(capture).cross:
+        raise ProbeMissing(f"{capture.meta.name} reads the prompt through separate cross-attention modules; the "
+                           "text mass is a joint-attention measure (SD3, Flux, shapes-dit).")
     image, text = capture.spans["image"], capture.spans["text"]
     return np.stack([np.asarray(capture.attention(l)[:, image.start:image.stop, text.start:text.stop],
                                 dtype=np.float32).sum(-1).mean(-1) for l in range(capture.meta.n_layers)])
@@ -250,8 +285,15 @@ def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
 
 
 def distance_px(capture) -> np.ndarray:
-    """[layer, head]: mean attention distance in pixels among the image tokens (analytics.vision)."""
-    return distance_per_head(capture, Layout.of(capture, dit_capture.generated_image(capture)))
+    """[layer, head]: mean attention distance in pixels among the image tokens (analytics.vision); in a
+    capture too large for full maps, among the regions of its coarse maps (centre to centre)."""
+    image = dit_capture.generated_image(capture)
+    info = dit_capture.layout(capture)
+    if info.mode != "split":
+        return distance_per_head(capture, Layout.of(capture, image))
+    patch_px = image.shape[0] / capture.meta.grid[0] if image is not None else 1.0
+    return distance_per_head(capture, Layout(grid=info.regions, n_prefix=capture.spans["image"].start,
+                                             patch_px=patch_px * info.pool))
 
 
 DIT = ("dit",)
@@ -277,5 +319,5 @@ DIT_METRICS = [
 
 
 __all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid", "auroc",
-           "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "SINK_RATIO", "SINK_CV_MAX",
+           "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "word_positions", "SINK_RATIO", "SINK_CV_MAX",
            "SINK_SHARE", "text_mass", "grounding_per_head", "distance_px", "DIT_METRICS"]

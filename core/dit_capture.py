@@ -88,7 +88,8 @@ class DitLayout:
 
 
 def layout(capture: Capture) -> DitLayout:
-    return DitLayout.from_json(capture.layout_info.get("dit"))
+    """How `capture` is stored (a capture-like object without layout_info: the defaults)."""
+    return DitLayout.from_json(getattr(capture, "layout_info", {}).get("dit"))
 
 
 def is_dit(capture: Capture) -> bool:

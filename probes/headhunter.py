@@ -14,9 +14,13 @@ issue's objective), "position", "shape", or "all" (their mean).  Prompts are tra
 captions (the held-out ones stay for evaluation).  Papers' unverified parts: the objective models
 (here: a pixel check), candidates per round and rounds (here: 6 and 3).
 
+Any DiT HeadScope loads is searched the same way (shapes-dit in one batch per run; a diffusers
+pipeline one sampling run per prompt and seed, at `height` x `width` or its default size): its
+heads are the layers' self- or joint-attention heads, perturbed as capture.dit.presets.softpag says.
+
 The result is cached in the Store under a key of (model revision, parameters): arrays "single"
 [layer, head] (objective with that head perturbed) and "single_images" (the per-head contact sheet
-of the first prompt / seed), and a JSON record (kind "probe", probe "headhunter") with the baseline,
+of the first prompt / seed, shrunk to at most THUMB_SIDE pixels a side), and a JSON record (kind "probe", probe "headhunter") with the baseline,
 the chosen heads and every round.  A second call with the same parameters is served from the cache.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from core.progress import Progress, no_progress
 
 PROBE = "headhunter"
 VERSION = 2
+THUMB_SIDE = 64  # the per-head contact sheet keeps pictures at most this many pixels a side
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class HeadHunterParams:
     rounds: int = 3
     candidates: int = 6  # best single heads considered in the greedy rounds
     prompt_seed: int = 4242
+    height: int = 0  # picture size in pixels; 0 = the model's default (left out of the key)
+    width: int = 0
 
 
 @dataclass
@@ -72,12 +79,24 @@ class HeadHunterResult:
         return np.asarray(self.store.get_array(self.key, "single"))
 
     def single_images(self) -> np.ndarray:
-        """[layer, head, H, W, 3] uint8: the first prompt / seed with each single head perturbed."""
+        """[layer, head, H, W, 3] uint8: the first prompt / seed with each single head perturbed (thumbnails)."""
         return np.asarray(self.store.get_array(self.key, "single_images"))
 
 
 def probe_key(revision: str, params: HeadHunterParams) -> str:
-    return stable_hash({"revision": revision, "probe": PROBE, "params": asdict(params), "version": VERSION})
+    fields = {k: v for k, v in asdict(params).items() if v or k not in ("height", "width")}  # unset sizes: old keys
+    return stable_hash({"revision": revision, "probe": PROBE, "params": fields, "version": VERSION})
+
+
+def thumbnail(images: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+    """images  # [..., H, W, 3] uint8 shrunk by a whole factor (block means) until no side exceeds `side`."""
+    h, w = images.shape[-3:-1]
+    f = max(1, -(-max(h, w) // side))
+    if f == 1:
+        return images
+    h, w = h // f * f, w // f * f
+    blocks = images[..., :h, :w, :].reshape(images.shape[:-3] + (h // f, f, w // f, f, 3)).astype(np.float32)
+    return blocks.mean(axis=(-4, -2)).round().astype(np.uint8)
 
 
 def find(store: Store, model: str, params: HeadHunterParams) -> HeadHunterResult | None:
@@ -108,9 +127,11 @@ def objective_of(images: np.ndarray, captions: list[str], objective: str) -> flo
 def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None, store: Store | None = None,
                progress: Progress = no_progress, force: bool = False) -> HeadHunterResult:
     """Run (or fetch from the cache) the greedy head search; see the module docstring."""
-    from capture.dit import model as dit_model
     from capture.dit import presets as dit_presets
+    from capture.dit.adapter import DitAdapter
     from core import scene_splits, scenes
+    from core.interventions import Intervention
+    from core.types import RunSpec
 
     p = params or HeadHunterParams()
     if p.objective not in ("colour", "position", "shape", "all"):
@@ -135,7 +156,8 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         handle = registry.load(model)
         if handle.meta.modality != "dit":
             raise InputError(f"HeadHunter searches diffusion transformers; {model} is not one.")
-        pipe: dit_model.ShapesDit = handle.tokenizer
+        sampler = handle.tokenizer  # capture.dit.model.ShapesDit or capture.dit.pipeline.PipelineDit
+        height, width = DitAdapter(handle).size(RunSpec(model=model, height=p.height, width=p.width))
         rng = np.random.default_rng(p.prompt_seed)
         prompts = [scene_splits.random_caption(rng, scenes.DIT, split="train") for _ in range(p.n_prompts)]
         captions = [c for c in prompts for _ in range(p.n_seeds)]
@@ -146,24 +168,21 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         t0 = time.perf_counter()
 
         def run(selected: list[tuple[int, int]]) -> tuple[float, np.ndarray]:
-            guidance = dit_model.Guidance(cfg=pipe.guidance)
-            if selected:
-                guidance = dit_model.Guidance(cfg=pipe.guidance, pag=p.scale,
-                                              perturbation=dit_presets.softpag(selected, p.u, p.scale))
+            iv = dit_presets.softpag(selected, p.u, p.scale) if selected else Intervention()
             with handle.lock:
-                images = pipe.sample(captions, seeds, steps=p.steps, guidance=guidance)
+                images = sampler.sample_many(captions, seeds, p.steps, height, width, iv)
             done[0] += 1
             progress(min(0.99, done[0] / total), f"HeadHunter: {done[0]} sampling runs")
             return objective_of(images, captions, p.objective), images
 
         baseline, base_images = run([])
         single = np.zeros((layers, heads), dtype=np.float32)
-        sheet = np.zeros((layers, heads) + base_images.shape[1:], dtype=np.uint8)
+        sheet = np.zeros((layers, heads) + thumbnail(base_images[0]).shape, dtype=np.uint8)
         for layer in range(layers):
             for head in range(heads):
                 value, images = run([(layer, head)])
                 single[layer, head] = value
-                sheet[layer, head] = images[0]
+                sheet[layer, head] = thumbnail(images[0])
         order = sorted(((float(single[l, h]), l, h) for l in range(layers) for h in range(heads)), reverse=True)
         pool = [(l, h) for _v, l, h in order[: max(1, p.candidates)]]
         if float(single[pool[0]]) > baseline:
@@ -202,7 +221,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         store.evict(key)
         store.put_array(key, "single", single)
         store.put_array(key, "single_images", sheet)
-        store.put_array(key, "baseline_images", base_images)
+        store.put_array(key, "baseline_images", thumbnail(base_images))
         store.put_meta(key, record)
         progress(1.0, "done")
     found = find(store, model, p)

@@ -302,6 +302,12 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     rows = coarse.sum(-1)[:, split.spans["image"].start:split.spans["image"].stop]
     np.testing.assert_allclose(rows, 1.0, atol=5e-3)
     assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, 2, 64, 64)
+    # the head metrics read the coarse maps alike (8 x 8 patches: one patch per region)
+    from analytics import dit as analytics
+
+    np.testing.assert_allclose(analytics.distance_px(split), analytics.distance_px(full), rtol=1e-2)
+    if family == "sd3":
+        np.testing.assert_allclose(analytics.text_mass(split), analytics.text_mass(full), atol=3e-3)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
@@ -347,3 +353,49 @@ def test_an_edit_on_a_head_that_does_not_exist_is_refused(folders, store):
     with pytest.raises(USER_ERRORS, match="linear"):
         run(_spec(folders["sana"], intervention=Intervention(edits=(HeadEdit(0, 0, "logit", -1.0, keys="0:4"),))),
             store)
+
+
+# ---- analytics and HeadHunter on every family ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
+    from analytics import dit as analytics
+    from core import scenes
+    from core.errors import ProbeMissing
+
+    caps, _store = captures
+    cap = caps[family]
+    a = dit_capture.image_to_text(cap)  # [step, layer, head, image, text]
+    heat = analytics.word_heatmaps(a, cap.meta.grid)
+    assert heat.shape[:3] == (STEPS, cap.meta.n_layers, 2) and heat.shape[-2:] == cap.meta.grid
+    stats = analytics.sink_stats(a)
+    assert stats.share.shape == (len(dit_capture.text_tokens(cap)),)
+    # the prompt's words are found among the model's own tokens (SD3: T5's, after CLIP's), so a picture of
+    # the scene it names grounds its colour and shape words
+    tokens = dit_capture.text_tokens(cap)
+    spelled = [t.strip("▁").replace("</w>", "") for t in tokens]
+    words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
+    where = analytics.word_positions(words, tokens)
+    assert where is not None and [spelled[i] for i in where] == words
+    if family == "sd3":
+        assert where[0] == cap.spans["t5"].start - cap.spans["text"].start
+    scene = scenes.scene_from_caption(PROMPT, 1)
+    masks = analytics.object_masks(scene.image, PROMPT, tokens)
+    assert sorted(masks) == [where[1], where[2]]  # "red", "circle"
+    assert analytics.distance_px(cap).shape == (cap.meta.n_layers, cap.meta.n_heads)
+    if family in ("pixart", "sana"):
+        with pytest.raises(ProbeMissing, match="cross-attention"):
+            analytics.text_mass(cap)
+    else:
+        mass = analytics.text_mass(cap)
+        assert mass.shape == (cap.meta.n_layers, 2) and ((0 <= mass) & (mass <= 1.001)).all()
+
+
+def test_headhunter_lite_searches_a_pipeline(folders, store):
+    import probes.headhunter as hunt
+
+    params = hunt.HeadHunterParams(n_prompts=1, n_seeds=1, steps=2, rounds=1, candidates=1, height=SIZE, width=SIZE)
+    found = hunt.headhunter(str(folders["flux"]), params, store=store)
+    assert found.single().shape == (2, 2) and found.single_images().shape == (2, 2, SIZE, SIZE, 3)
+    assert 0.0 <= found.baseline <= 1.0 and found.best >= found.baseline
+    assert hunt.probe_key("r", hunt.HeadHunterParams()) == hunt.probe_key("r", hunt.HeadHunterParams(height=0))

@@ -249,25 +249,36 @@ class ShapesDit:
 
             raise InputError(f"{name} samples {self.image_size} x {self.image_size} pictures only.")
 
-    def run(self, prompt: str, seed: int, steps: int, height: int, width: int, intervention=None, recorder=None,
-            on_step: Callable[[int], None] | None = None):
-        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run of one
-        prompt, recorded by `recorder` (capture.dit.record.MapRecorder) when given; a SoftPAG / PAG
-        intervention (capture.dit.presets) becomes the guidance branch, any other edits every branch."""
+    def branches(self, intervention=None) -> tuple[Guidance, object]:
+        """(how the branches combine, the intervention on every branch): a SoftPAG / PAG intervention
+        (capture.dit.presets) becomes the perturbed guidance branch, any other edits every branch."""
         from capture.dit import presets
-        from capture.dit.attend import recording
-        from capture.dit.tokens import shapes_layout
         from core.interventions import Intervention
 
         intervention = intervention or Intervention()
+        if presets.is_guidance(intervention):
+            return Guidance(cfg=self.guidance, pag=presets.pag_scale(intervention), perturbation=intervention), \
+                Intervention()
+        return Guidance(cfg=self.guidance), intervention
+
+    def sample_many(self, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
+                    intervention=None) -> np.ndarray:
+        """images  # [B, H, W, 3] uint8, one per (prompt, seed), in one batch."""
+        guidance, direct = self.branches(intervention)
+        return self.sample(prompts, seeds, steps=steps, guidance=guidance, intervention=direct)
+
+    def run(self, prompt: str, seed: int, steps: int, height: int, width: int, intervention=None, recorder=None,
+            on_step: Callable[[int], None] | None = None):
+        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run of one
+        prompt, recorded by `recorder` (capture.dit.record.MapRecorder) when given."""
+        from capture.dit.attend import recording
+        from capture.dit.tokens import shapes_layout
+
         layout = shapes_layout(self.grid, self.text.tokens(prompt), self.text.n_real(prompt))
         notes = []
         if len(self.text.tokenizer(prompt)["input_ids"]) > self.text.text_len:
             notes.append(f"The prompt is longer than the {self.text.text_len} tokens shapes-dit reads; the rest was cut.")
-        guidance, direct = Guidance(cfg=self.guidance), intervention
-        if presets.is_guidance(intervention):
-            guidance = Guidance(cfg=self.guidance, pag=presets.pag_scale(intervention), perturbation=intervention)
-            direct = Intervention()
+        guidance, direct = self.branches(intervention)
         timesteps: dict[int, float] = {}
 
         def step(info: StepInfo) -> None:

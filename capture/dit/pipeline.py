@@ -100,6 +100,11 @@ class PipelineDit:
             kwargs["max_sequence_length"] = self.defaults["max_sequence_length"]
         return kwargs
 
+    def sample_many(self, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
+                    intervention: Intervention = Intervention()) -> np.ndarray:
+        """images  # [B, H, W, 3] uint8, one run per (prompt, seed)."""
+        return np.stack([self.run(p, s, steps, height, width, intervention)[0] for p, s in zip(prompts, seeds)])
+
     def run(self, prompt: str, seed: int, steps: int, height: int, width: int,
                intervention: Intervention = Intervention(), recorder=None,
                on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, TokenLayout, list[float], list[str]]:
