@@ -1,6 +1,7 @@
 """Figures for diffusion transformers (plotly; pure: no streamlit, no torch).
 
-- `picture`: a generated image, drawn crisp (nearest-neighbour upscaled).
+- `picture`: a generated image, drawn crisp (a 32 px picture nearest-neighbour upscaled, a 1,024 px one
+  shrunk to a 256 px PNG: the figure stays small whatever the model samples).
 - `word_heatmaps`: small multiples, one row per text token, one column per head (and a mean column):
   the token's received attention over the image, drawn over the picture; sink tokens flagged.
 - `sink_chart`: received attention per text token (mean over image positions) and its spatial
@@ -18,14 +19,24 @@ from plotly.subplots import make_subplots
 from charts.image import layer_head_chart, png_source
 from charts.theme import ATTENTION_SCALE, base_layout
 
-UPSCALE = 8  # a 32 x 32 picture drawn from a 256 x 256 nearest-neighbour PNG: no browser blur
+DRAWN = 256  # pictures are drawn from a PNG about this many pixels a side: small ones upscaled by pixel
+# repetition (a 32 x 32 shapes-dit picture from 256 x 256: no browser blur), large ones shrunk by block means
+PANEL = 128  # the word-heatmap panels draw the picture at most this many pixels a side
 
 
-def _image_trace(image: np.ndarray, upscale: int = UPSCALE) -> go.Image:
-    """image  # [H, W, 3] uint8 as a PNG upscaled by pixel repetition (sharp at any zoom)."""
-    big = np.repeat(np.repeat(np.asarray(image, dtype=np.uint8), upscale, axis=0), upscale, axis=1)
-    return go.Image(source=png_source(big), x0=-0.5 + 0.5 / upscale, dx=1 / upscale,
-                    y0=-0.5 + 0.5 / upscale, dy=1 / upscale, hoverinfo="skip")
+def _image_trace(image: np.ndarray, side: int = DRAWN) -> go.Image:
+    """image  # [H, W, 3] uint8 as a PNG of about `side` pixels a side, on axes of the picture's own pixels."""
+    image = np.asarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    up = max(1, side // max(h, w))
+    down = max(1, -(-max(h, w) // side))
+    if down > 1:  # block means over down x down pixels
+        hh, ww = h // down * down, w // down * down
+        image = image[:hh, :ww].reshape(hh // down, down, ww // down, down, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    big = np.repeat(np.repeat(image, up, axis=0), up, axis=1)
+    step = down / up  # picture pixels per drawn pixel
+    return go.Image(source=png_source(big), x0=-0.5 + step / 2, dx=step, y0=-0.5 + step / 2, dy=step,
+                    hoverinfo="skip")
 
 
 def _axes(fig: go.Figure, height: int, width: int) -> None:
@@ -61,7 +72,7 @@ def _overlay(fig: go.Figure, image: np.ndarray, values: np.ndarray, row: int, co
     rows, cols = values.shape
     h, w = image.shape[:2]
     ph, pw = h / rows, w / cols
-    fig.add_trace(_image_trace(image), row=row, col=col)
+    fig.add_trace(_image_trace(image, PANEL), row=row, col=col)
     fig.add_trace(go.Heatmap(
         z=values, x0=pw / 2 - 0.5, dx=pw, y0=ph / 2 - 0.5, dy=ph, zsmooth=False, opacity=opacity,
         colorscale=ATTENTION_SCALE, zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
@@ -146,7 +157,7 @@ def head_contact_sheet(images: list[np.ndarray], labels: list[str], title: str =
     fig = make_subplots(rows=rows, cols=min(per_row, max(1, n)), subplot_titles=labels, horizontal_spacing=0.01,
                         vertical_spacing=0.08 / rows)
     for i, img in enumerate(images):
-        fig.add_trace(_image_trace(img), row=i // per_row + 1, col=i % per_row + 1)
+        fig.add_trace(_image_trace(img, PANEL), row=i // per_row + 1, col=i % per_row + 1)
     if images:
         h, w = images[0].shape[:2]
         _axes(fig, h, w)
