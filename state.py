@@ -24,13 +24,15 @@ MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
 MAX_NEW_TOKENS = 256
 ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance",
                  "spread")
+MAX_SIDE = 4096  # diffusion: the largest picture side a link may ask for (each model refuses sides it cannot sample)
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 # whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
 # "the last token" for token, "the middle step" for step and "none" for cluster
 NUMBER_RANGES = {"layer": (-1, 100_000), "head": (-1, 100_000), "token": (-1, 100_000), "q0": (0, 100_000),
                  "k0": (0, 100_000), "max_new_tokens": (0, MAX_NEW_TOKENS), "seed": (0, 2**31 - 1),
-                 "steps": (1, MAX_STEPS), "step": (-1, MAX_STEPS - 1), "cluster": (-1, 64)}
+                 "steps": (1, MAX_STEPS), "step": (-1, MAX_STEPS - 1), "cluster": (-1, 64),
+                 "width": (0, MAX_SIDE), "height": (0, MAX_SIDE)}
 
 
 def allowed_models() -> tuple[str, ...]:
@@ -74,6 +76,8 @@ class ViewState:
     steps: int = 20  # diffusion: sampling steps
     step: int = -1  # diffusion: the sampling step shown; -1 = the middle one
     all_steps: bool = False  # diffusion: average the maps over every step (DAAM) instead of one step
+    width: int = 0  # diffusion: picture size in pixels; 0 = the model's default
+    height: int = 0
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""

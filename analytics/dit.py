@@ -318,6 +318,6 @@ DIT_METRICS = [
 ]
 
 
-__all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid", "auroc",
-           "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "word_positions", "SINK_RATIO", "SINK_CV_MAX",
-           "SINK_SHARE", "text_mass", "grounding_per_head", "distance_px", "DIT_METRICS"]
+__all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid",
+           "auroc", "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "word_positions", "SINK_RATIO",
+           "SINK_CV_MAX", "SINK_SHARE", "text_mass", "grounding_per_head", "distance_px", "DIT_METRICS"]

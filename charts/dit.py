@@ -32,7 +32,8 @@ def _image_trace(image: np.ndarray, side: int = DRAWN) -> go.Image:
     down = max(1, -(-max(h, w) // side))
     if down > 1:  # block means over down x down pixels
         hh, ww = h // down * down, w // down * down
-        image = image[:hh, :ww].reshape(hh // down, down, ww // down, down, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        blocks = image[:hh, :ww].reshape(hh // down, down, ww // down, down, 3)
+        image = blocks.mean(axis=(1, 3)).round().astype(np.uint8)
     big = np.repeat(np.repeat(image, up, axis=0), up, axis=1)
     step = down / up  # picture pixels per drawn pixel
     return go.Image(source=png_source(big), x0=-0.5 + step / 2, dx=step, y0=-0.5 + step / 2, dy=step,

@@ -2,6 +2,7 @@
 
     python -m headscope run --model smollm2 --prompt "The capital of France is" --max-new-tokens 20
     python -m headscope run --model smollm2 --prompt "..." --json        # one JSON object, for scripts
+    python -m headscope run --model ./sd3-medium --prompt "a red cube" --size 512x512 --steps 28  # a diffusers folder
     python -m headscope ls                                              # cached captures
     python -m headscope export KEY --layer 3 --head 2 --format csv -o map.csv
     python -m headscope probe patterns --model smollm2                  # head probes (headscope/probe_cli.py)
@@ -18,24 +19,37 @@ from pathlib import Path
 
 import numpy as np
 
+from core import dit_capture
 from core.errors import USER_ERRORS, CliError
 from headscope.batch_cli import add_parser as add_batch_parser
 from headscope.probe_cli import add_parser as add_probe_parser
 from headscope.terminal import progress_bar
 
 
+def picture_size(text: str | None) -> tuple[int, int]:
+    """--size WIDTHxHEIGHT -> (height, width) in pixels; (0, 0), the model's default, when not given."""
+    if not text:
+        return 0, 0
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise CliError(f"--size is WIDTHxHEIGHT in pixels, e.g. 512x512, not {text[:20]!r}.")
+    return int(height), int(width)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from capture.api import run
     from core.types import RunSpec
 
+    height, width = picture_size(args.size)
     spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                   image=args.image, seed=args.seed, steps=args.steps)
+                   image=args.image, seed=args.seed, steps=args.steps, height=height, width=width)
     bar, update = progress_bar(f"capture {args.model}")
     try:
         capture = run(spec, progress=update)
     finally:
         bar.close()
     m = capture.meta
+    picture = dit_capture.generated_image(capture) if m.modality == "dit" else None
     if args.json:
         print(json.dumps({
             "key": capture.key, "from_cache": capture.from_cache, "model": m.name, "family": m.family,
@@ -45,12 +59,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             "text": capture.output.text, "notes": capture.output.notes, "image": capture.spec.image,
             "grid": m.grid, "classes": capture.output.classes, "layout": capture.layout,
             "seed": capture.spec.seed, "sampling_steps": capture.spec.steps, "timesteps": capture.output.timesteps,
+            "width": None if picture is None else picture.shape[1],
+            "height": None if picture is None else picture.shape[0],
             "peak_mb": capture.timings.get("peak_mb"), "estimate_mb": capture.timings.get("estimate_mb"),
             "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
         }, ensure_ascii=False))
         return 0
     if capture.meta.modality == "dit":
-        print(f"sampled {capture.spec.steps or 'the default number of'} steps from seed {capture.spec.seed}; "
+        print(f"sampled a {picture.shape[1]} x {picture.shape[0]} picture in "
+              f"{capture.spec.steps or 'the default number of'} steps from seed {capture.spec.seed}; "
               f"{len(capture.output.recorded_steps)} steps recorded ({capture.meta.grid[0]} x {capture.meta.grid[1]} "
               f"image tokens + {len(capture.spans['text'])} text tokens); key {capture.key}")
     elif capture.meta.modality == "vision":
@@ -133,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=0)
     r.add_argument("--seed", type=int, default=0, help="diffusion models: the sampling seed")
     r.add_argument("--steps", type=int, default=0, help="diffusion models: sampling steps (0: the model's default)")
+    r.add_argument("--size", help="diffusion models: picture size WIDTHxHEIGHT in pixels, e.g. 512x512 "
+                                  "(the model's default when not given)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("ls", help="list cached captures")

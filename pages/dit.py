@@ -25,10 +25,15 @@ if capture is None or not dit_capture.is_dit(capture):
     st.stop()
 MODEL = capture.spec.model
 prompt, seed, steps = capture.spec.prompt, capture.spec.seed, capture.spec.steps
-st.caption("shapes-dit: a small MM-DiT (SD3-style joint attention) HeadScope trained on 32 x 32 pictures of "
-           "coloured shapes, conditioned on MiniLM. Prompts read like “a red circle at the top left and a "
-           "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
-           "triangle; a 3 x 3 grid of positions). Prompt, seed and steps are in the sidebar.")
+if MODEL == "shapes-dit":
+    st.caption("shapes-dit: a small MM-DiT (SD3-style joint attention) HeadScope trained on 32 x 32 pictures of "
+               "coloured shapes, conditioned on MiniLM. Prompts read like “a red circle at the top left and a "
+               "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
+               "triangle; a 3 x 3 grid of positions). Prompt, seed and steps are in the sidebar.")
+else:
+    st.caption(f"{MODEL}: a {capture.meta.family} diffusion pipeline, {capture.meta.n_layers} layers x "
+               f"{capture.meta.n_heads} heads, {capture.meta.grid[1]} x {capture.meta.grid[0]} image patches. Prompt, "
+               "seed, steps and picture size are in the sidebar.")
 
 
 meta = capture.meta
@@ -37,7 +42,9 @@ grid = meta.grid
 a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
 heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
 tokens = dit_capture.text_tokens(capture)
-n_img = capture.spans["image"].stop  # text token i sits at position n_img + i
+positions = dit_capture.column_positions(capture)  # text column i stands for these capture positions
+column_of = {p: c for c, ps in enumerate(positions) for p in ps}
+word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
 stats = analytics.sink_stats(a)
 timesteps = capture.output.timesteps
 
@@ -46,7 +53,7 @@ if not 0 <= state.step < n_steps:
     shared.set_fields(step=n_steps // 2)
 if not -1 <= state.layer < meta.n_layers:
     shared.set_fields(layer=-1)
-if not -1 <= state.head < meta.n_heads:
+if not -1 <= state.head < word_heads:
     shared.set_fields(head=-1)
 col_img, col_ctl = st.columns([1, 2])
 with col_img:
@@ -59,9 +66,9 @@ with col_ctl:
         st.caption(f"step {step}: timestep {timesteps[step]:.0f}")
     layer = shared.bind("layer", st.selectbox, "Layer", list(range(-1, meta.n_layers)),
                         format_func=lambda l: "mean of layers" if l == -1 else f"layer {l}")
-    head = shared.bind("head", st.selectbox, "Heads shown", list(range(-1, meta.n_heads)),
+    head = shared.bind("head", st.selectbox, "Heads shown", list(range(-1, word_heads)),
                        format_func=lambda h: "every head and their mean" if h == -1 else f"head {h}")
-    show_padding = st.checkbox("Show [CLS], [SEP] and padding tokens", value=False, key="dit_padding")
+    show_padding = st.checkbox("Show special and padding tokens", value=False, key="dit_padding")
     for note in capture.output.notes:
         st.info(note)
 
@@ -71,10 +78,10 @@ h = heat if steps_sel is None else heat[steps_sel]
 h = h if layers_sel is None else h[:, layers_sel]
 per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
-words = [i for i, t in enumerate(tokens) if show_padding or t not in ("[CLS]", "[SEP]", "[PAD]")]
+words = list(range(len(tokens))) if show_padding else dit_capture.word_columns(capture)
 if head == -1:
     panels = np.concatenate([per_head, mean_heads])[:, words].transpose(1, 0, 2, 3)  # [word, column, rows, cols]
-    columns = [f"head {i}" for i in range(meta.n_heads)] + ["mean"]
+    columns = [f"head {i}" for i in range(word_heads)] + ["mean"]
 else:
     panels = per_head[head : head + 1, words].transpose(1, 0, 2, 3)  # [word, 1, rows, cols]
     columns = [f"head {head}"]
@@ -118,8 +125,9 @@ with tab_ground:
 
 with tab_pag:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
+    plain_words = set(dit_capture.word_columns(capture))
     sinks = [int(i) for i in np.flatnonzero(stats.global_sink)] or \
-        [i for i, t in enumerate(tokens) if t in ("[SEP]", "[PAD]")]  # RefAM's sinks, else the usual magnets
+        [i for i in range(1, len(tokens)) if i not in plain_words]  # RefAM's sinks, else end and padding tokens
     token_labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
     held = st.session_state.get("dit_sink_tokens")
     if held is None or any(x not in token_labels for x in held):  # first render, or another prompt's tokens
@@ -137,8 +145,8 @@ with tab_pag:
             st.session_state[f"dit_{mode}_value"] = min(max(float(linked.edits[0].value), 0.0), 1.0)
             if mode == "redistribute":  # the edits' key ranges "a:b" are capture positions
                 spans = {range(*map(int, e.keys.split(":"))) for e in linked.edits}
-                st.session_state["dit_sink_tokens"] = [f"{p - n_img}:{tokens[p - n_img]}" for r in sorted(spans, key=lambda r: r.start)
-                                                       for p in r if 0 <= p - n_img < len(tokens)]
+                hit = sorted({column_of[p] for r in spans for p in r if p in column_of})
+                st.session_state["dit_sink_tokens"] = [f"{c}:{tokens[c]}" for c in hit]
     hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
     if hunted:
         st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]
@@ -171,15 +179,16 @@ with tab_pag:
                          key="dit_redistribute_value", help="0.4 is ACT's default; the freed attention goes to the "
                                                             "other tokens in proportion.")
         st.multiselect("Tokens to take attention from", token_labels, key="dit_sink_tokens",
-                       help="By default the RefAM global sinks of this run, else [SEP] and the padding.")
-        taken = [n_img + int(x.split(":", 1)[0]) for x in st.session_state["dit_sink_tokens"]]
+                       help="By default the RefAM global sinks of this run, else the end-of-text and padding tokens.")
+        taken = [p for x in st.session_state["dit_sink_tokens"] for p in positions[int(x.split(":", 1)[0])]]
         if heads and taken:
             iv, label = dit_presets.redistribute_from(heads, taken, beta), f"{len(taken)} tokens × {beta:g}"
         elif heads:
             problem = "Pick at least one token to take attention from."
     state.intervention = remember(iv) if iv is not None else "none"  # the link carries the setting by key
     if iv is not None:
-        after = shared.run_capture(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv),
+        after = shared.run_capture(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv,
+                                           height=capture.spec.height, width=capture.spec.width),
                                    f"Sampling with {label}")
         if after is None:
             st.stop()
@@ -194,7 +203,8 @@ with tab_pag:
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
         result = shared.run_with_progress("HeadHunter", probes.run_headhunter, MODEL,
-                                          probes.HeadHunterParams(objective=objective))
+                                          probes.HeadHunterParams(objective=objective, height=capture.spec.height,
+                                                                  width=capture.spec.width))
         if result is not None:
             st.session_state["dit_hunted"] = result.heads
             st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())

@@ -17,7 +17,7 @@ import streamlit as st
 
 import capture
 from capture import Capture, RunSpec
-from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, ViewState, allowed_models
+from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
 
 # pages about one modality, and the embedded model they switch to when another kind is loaded
 PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm")}
@@ -83,8 +83,8 @@ def page_model() -> None:
         return
     prompt = {"dit": DIT_PROMPT, "vlm": VLM_QUESTION}.get(wanted[0], state.prompt)
     set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers and every head
-    state.prompt, state.key = prompt, ""
-    st.session_state["f_prompt"] = prompt
+    state.prompt, state.key, state.width, state.height = prompt, "", 0, 0
+    st.session_state.update(f_prompt=prompt, f_width=0, f_height=0)
     if wanted[0] == "vlm" and not state.image.startswith("scene-"):
         state.image = VLM_IMAGE
         for key in ("f_image_kind", "f_scene_seed", "f_sample"):
@@ -115,7 +115,7 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
     """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
     The widgets are drafts: the Run button makes them the view's input."""
     drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens,
-              "f_seed": state.seed, "f_steps": state.steps}
+              "f_seed": state.seed, "f_steps": state.steps, "f_width": state.width, "f_height": state.height}
     for key, value in drafts.items():
         st.session_state.setdefault(key, value)
     if modality == "dit":
@@ -124,6 +124,8 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
         left, right = st.columns(2)
         left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
         right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
+        left.number_input("Width (px)", 0, MAX_SIDE, step=16, key="f_width", help="0: the model's default size.")
+        right.number_input("Height (px)", 0, MAX_SIDE, step=16, key="f_height", help="0: the model's default size.")
     else:
         st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
         st.checkbox("Wrap in the chat template", key="f_chat",
@@ -228,6 +230,7 @@ def _apply_drafts() -> None:
     state.chat = bool(st.session_state["f_chat"])
     state.max_new_tokens = int(st.session_state["f_max_new"])
     state.seed, state.steps = int(st.session_state["f_seed"]), int(st.session_state["f_steps"])
+    state.width, state.height = int(st.session_state["f_width"]), int(st.session_state["f_height"])
     state.key = ""
 
 
@@ -242,8 +245,9 @@ def resolve_link_key() -> None:
         state.model, state.prompt = found.spec.model, found.spec.prompt
         state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
         state.seed, state.steps = found.spec.seed, found.spec.steps or state.steps
+        state.width, state.height = found.spec.width, found.spec.height
         st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens,
-                                f_seed=state.seed, f_steps=state.steps)
+                                f_seed=state.seed, f_steps=state.steps, f_width=state.width, f_height=state.height)
         st.session_state["capture"] = found
     else:
         st.session_state.setdefault("link_warnings", []).append(
@@ -256,7 +260,8 @@ def spec_of(state: ViewState) -> RunSpec:
     if modality == "vision":
         return RunSpec(model=state.model, image=state.image or None)
     if modality == "dit":
-        return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps)
+        return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps,
+                       height=state.height, width=state.width)
     if modality == "vlm":
         return RunSpec(model=state.model, prompt=state.prompt, image=state.image or VLM_IMAGE,
                        max_new_tokens=state.max_new_tokens or capture.VLM_MAX_NEW_TOKENS)

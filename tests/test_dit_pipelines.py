@@ -399,3 +399,56 @@ def test_headhunter_lite_searches_a_pipeline(folders, store):
     assert found.single().shape == (2, 2) and found.single_images().shape == (2, 2, SIZE, SIZE, 3)
     assert 0.0 <= found.baseline <= 1.0 and found.best >= found.baseline
     assert hunt.probe_key("r", hunt.HeadHunterParams()) == hunt.probe_key("r", hunt.HeadHunterParams(height=0))
+
+
+# ---- the page and the command line ---------------------------------------------------------------------
+
+def test_page_takes_a_pipeline_and_its_link_carries_the_size(folders, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    model = str(folders["sd3"])
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def open_page(params: dict) -> AppTest:
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+        at.query_params.update(params)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    import capture.api
+
+    monkeypatch.setattr(capture.api, "_default_store", None)  # a store in this test's cache directory
+    link = {"page": "dit", "model": model, "prompt": PROMPT, "seed": "3", "steps": "2", "width": "32",
+            "height": "32", "step": "1", "layer": "0", "head": "1"}
+    at = open_page(link)
+    spec = at.session_state["capture"].spec
+    assert (spec.model, spec.height, spec.width, spec.steps, spec.seed) == (model, 32, 32, 2, 3)
+    assert len(at.get("plotly_chart")) >= 4
+    at.segmented_control(key="dit_mode").set_value("scale").run()
+    assert not at.exception, [e.value for e in at.exception]
+    params = at.session_state["view"].to_params()
+    assert {k: params[k] for k in ("width", "height", "steps", "step", "head")} == \
+        {"width": "32", "height": "32", "steps": "2", "step": "1", "head": "1"}
+    fresh = open_page(params)
+    assert fresh.session_state["view"].to_params() == params
+    assert fresh.segmented_control(key="dit_mode").value == "scale"
+
+
+def test_cli_size(folders, tmp_path, monkeypatch, capsys):
+    from headscope.cli import main
+
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    import capture.api
+
+    monkeypatch.setattr(capture.api, "_default_store", None)
+    assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--steps", "2", "--size", "48x32",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["grid"] == [8, 12] and out["width"] == 48 and out["height"] == 32  # 4 px patches
+    assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--size", "big"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "WIDTHxHEIGHT" in err and "\n" not in err

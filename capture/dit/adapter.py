@@ -100,9 +100,10 @@ class DitAdapter:
                          f"scale {dit_presets.pag_scale(spec.intervention):g}; the maps shown are the conditional "
                          "branch's.")
         if plan.mode == "split":
-            notes.append(f"{height} x {width} px: the word maps and text -> image maps of every step are kept, the full "
-                         f"maps at step {', '.join(str(s) for s in plan.kept)} (recomputed from its queries and keys); "
-                         "the views show image regions.")
+            kept = ", ".join(str(s) for s in plan.kept)
+            notes.append(f"{width} x {height} px: the word maps and text -> image maps of every step are kept, the "
+                         f"full maps at step {kept} (recomputed from its queries and keys); the views show image "
+                         "regions.")
         tokens, spans, info = recorder.tokens_and_info()
         layout_info = {} if info == type(info)() else {"dit": dataclasses.asdict(info)}
         wanted = recorder.wanted

@@ -255,5 +255,5 @@ def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch
     return out.transpose(1, 2).reshape(batch, n_q, heads * value.shape[-1])
 
 
-__all__ = ["Attend", "Frame", "KINDS", "LINEAR_EPSILON", "current_recorder", "linear_map", "edited", "module_view", "record_rows", "recording",
-           "softmax_rows"]
+__all__ = ["Attend", "Frame", "KINDS", "LINEAR_EPSILON", "current_recorder", "edited", "linear_map", "module_view",
+           "record_rows", "recording", "softmax_rows"]

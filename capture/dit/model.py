@@ -277,7 +277,8 @@ class ShapesDit:
         layout = shapes_layout(self.grid, self.text.tokens(prompt), self.text.n_real(prompt))
         notes = []
         if len(self.text.tokenizer(prompt)["input_ids"]) > self.text.text_len:
-            notes.append(f"The prompt is longer than the {self.text.text_len} tokens shapes-dit reads; the rest was cut.")
+            notes.append(f"The prompt is longer than the {self.text.text_len} tokens shapes-dit reads; the rest "
+                         "was cut.")
         guidance, direct = self.branches(intervention)
         timesteps: dict[int, float] = {}
 

@@ -90,7 +90,8 @@ class PipelineDit:
     def check_size(self, name: str, height: int, width: int) -> None:
         """InputError unless both sides are whole patches, from two patches to the family's largest side."""
         low = 2 * self.unit
-        if height % self.unit or width % self.unit or not (low <= height <= self.max_side and low <= width <= self.max_side):
+        sides_fit = low <= height <= self.max_side and low <= width <= self.max_side
+        if height % self.unit or width % self.unit or not sides_fit:
             raise InputError(f"{name} samples pictures whose sides are multiples of {self.unit} px from {low} to "
                              f"{self.max_side} px; {width} x {height} is not one.")
 

@@ -87,4 +87,5 @@ def redistribute_from(heads: Sequence[tuple[int, int]], positions: Sequence[int]
     return Intervention(edits=edits, preset="dit-redistribute")
 
 
-__all__ = ["SOFTPAG", "DEFAULT_PAG_SCALE", "is_guidance", "pag_scale", "softpag", "scale_heads", "mix_heads", "redistribute_from"]
+__all__ = ["SOFTPAG", "DEFAULT_PAG_SCALE", "is_guidance", "pag_scale", "softpag", "scale_heads", "mix_heads",
+           "redistribute_from"]

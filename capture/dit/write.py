@@ -85,7 +85,8 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
     full = kept * full_layers * n_heads * n * n * 2
     disk = steps * per_step + coarse + qk + full
-    held = 2 * per_step * 2 + 3 * coarse * 2 + n_layers * 2 * n_heads * n * head_dim * 4 + full_layers * n_heads * n * n * 2
+    held = (2 * per_step * 2 + 3 * coarse * 2 + n_layers * 2 * n_heads * n * head_dim * 4
+            + full_layers * n_heads * n * n * 2)
     return memory.Estimate(layout="split", n_tokens=n, memory_bytes=int(held + row_block), disk_bytes=int(disk))
 
 
