@@ -5,10 +5,19 @@ On the embedded shapes-dit (32 x 32, 20 steps, classifier-free guidance: 2 rows 
   record    the same sampling with every layer's maps of every head recorded in memory
   capture   a full capture: sampling + recording + writing every map to the cache    target <= 1.5 x sample
   read      warm-cache read of one layer's maps at one step (a memory-mapped slice)
-plus bytes on disk per captured step.  Times are medians of --repeats runs; wall and CPU seconds
-(the CPU ratio is what the capture costs when the machine is shared).  Prints a Markdown table.
+plus bytes on disk per captured step.
 
-    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20]
+On diffusers pipeline folders (`--pipeline FOLDER`, repeatable; `--tiny` builds the tiny random SD3,
+Flux, PixArt-Σ and Sana pipelines of tests/tiny_pipelines.py in a temporary folder):
+  plain     the pipeline as diffusers loads it, its own attention processors
+  headscope the same call through HeadScope's processors, nothing recorded
+  capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
+  split     a capture in the layout of real sizes: every step's image -> text and text -> image maps,
+            pooled image maps, coarse maps, the middle step's queries and keys             target <= 1.5 x plain
+Times are medians of --repeats runs; wall and CPU seconds (the CPU ratio is what the capture costs when
+the machine is shared).  Prints Markdown tables.
+
+    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--pipeline FOLDER] [--size 32]
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import table
+from common import ROOT, table
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -39,17 +48,9 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-
+def shapes_dit(args) -> None:
     import numpy as np
-    import torch
 
-    torch.set_num_threads(args.threads)
     from cache.store import Store
     from capture import registry
     from capture.dit import attend as dit_attend
@@ -124,6 +125,107 @@ def main() -> None:
     print(f"shapes-dit, {steps} steps, {n_tokens} tokens per map ({cap.meta.n_layers} layers x {cap.meta.n_heads} "
           f"heads), CFG (2 rows per step), {args.threads} threads, median of {args.repeats}\n")
     print(table(["measure", "wall", "CPU", "x sample (wall)", "target", "met"], rows))
+
+
+def pipeline(folder: Path, args) -> list[list[str]]:
+    """One table row per measure of one pipeline folder."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from cache.store import Store
+    from capture import registry
+    from capture.dit.adapter import DitAdapter
+    from capture.dit.record import RecordPlan
+    from core.types import RunSpec
+
+    prompt = "a red circle at the top left"
+    size, steps = args.size, args.pipeline_steps
+    handle = registry.load(str(folder))
+    runner = handle.tokenizer
+    plain = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    call = runner.call_kwargs()
+
+    def plain_call():
+        plain(prompt=prompt, height=size, width=size, num_inference_steps=steps, output_type="np",
+              generator=torch.Generator().manual_seed(0), **call)
+
+    def headscope_call():
+        runner.run(prompt, 0, steps, size, size)
+
+    workdir = Path(tempfile.mkdtemp(prefix="hs-dit-bench-"))
+    counter = iter(range(10**6))
+    made, disk = {}, {}
+
+    def capture_with(plan: RecordPlan | None, label: str):
+        store = Store(workdir / label, size_limit=2**31)
+
+        def go():
+            spec = RunSpec(model=str(folder), prompt=prompt, seed=next(counter), steps=steps, height=size, width=size)
+            key = spec.key(registry.revision(spec.model))
+            cap = DitAdapter(handle, plan=plan).capture(spec, key, store, lambda f, m: None)
+            store.put_meta(key, cap.record())
+            made[label] = cap
+
+        def timed() -> tuple[float, float]:
+            result = measure(go, args.repeats)
+            store.close()
+            disk[label] = folder_bytes(workdir / label) / args.repeats
+            return result
+        return timed
+
+    plain_call(), headscope_call()  # warm-up
+    results = {"plain": measure(plain_call, args.repeats), "headscope": measure(headscope_call, args.repeats),
+               "capture": capture_with(None, "capture")(),
+               "split": capture_with(RecordPlan(mode="split"), "split")()}
+    shutil.rmtree(workdir, ignore_errors=True)
+    base = results["plain"][0]
+    meta = handle.meta
+    name = f"{meta.family} ({meta.n_layers} layers x {meta.n_heads} heads, {made['capture'].n_tokens} tokens)"
+    rows = []
+    for label, (wall, cpu) in results.items():
+        target = "<= 1.5 x plain" if label in ("capture", "split") else ""
+        met = ("yes" if wall <= 1.5 * base else "NO") if target else ""
+        stored = f"{disk[label] / 2**20:.2f} MiB" if label in disk else ""  # all files of one capture
+        rows.append([name if label == "plain" else "", label, f"{wall * 1000:.0f} ms", f"{cpu * 1000:.0f} ms",
+                     f"{wall / base:.2f}", stored, target, met])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="shapes-dit sampling steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="also the tiny random pipelines of tests/tiny_pipelines.py")
+    parser.add_argument("--pipeline", action="append", default=[], help="a diffusers pipeline folder (repeatable)")
+    parser.add_argument("--size", type=int, default=32, help="pipelines: picture side in pixels")
+    parser.add_argument("--pipeline-steps", type=int, default=2, help="pipelines: sampling steps")
+    parser.add_argument("--no-shapes", action="store_true", help="skip shapes-dit")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not args.no_shapes:
+        shapes_dit(args)
+    folders = [Path(p) for p in args.pipeline]
+    workdir = None
+    if args.tiny:
+        import sys
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_pipelines
+
+        workdir = Path(tempfile.mkdtemp(prefix="hs-dit-pipelines-"))
+        folders += [tiny_pipelines.save(family, workdir / family) for family in tiny_pipelines.FAMILIES]
+    if folders:
+        rows = [row for folder in folders for row in pipeline(folder, args)]
+        print(f"\npipelines, {args.size} x {args.size} px, {args.pipeline_steps} steps, {args.threads} threads, "
+              f"median of {args.repeats}\n")
+        print(table(["pipeline", "run", "wall", "CPU", "x plain (wall)", "stored", "target", "met"], rows))
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

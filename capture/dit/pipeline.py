@@ -155,6 +155,9 @@ class PipelineDit:
             return (tuple(_expand(a, batch, batch - 1) for a in args),  # (Flux's *_ids carry no batch)
                     {k: v if k.endswith("_ids") else _expand(v, batch, batch - 1) for k, v in kwargs.items()})
 
+        def ended(_module, _args, _output):
+            recorder.end_step()
+
         def after(_module, _args, _kwargs, output):
             batch = state["batch"]
             sample = output[0]
@@ -171,6 +174,8 @@ class PipelineDit:
         hooks.append(transformer.register_forward_pre_hook(before, with_kwargs=True))
         if guided:
             hooks.append(transformer.register_forward_hook(after, with_kwargs=True))
+        if recorder is not None:
+            hooks.append(transformer.register_forward_hook(ended))
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         try:
             with contextlib.ExitStack() as stack:

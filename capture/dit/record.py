@@ -49,16 +49,17 @@ class RecordPlan:
 
 
 class _FullSink:
-    def __init__(self, target: np.ndarray, frame: Frame, cross: bool):
+    def __init__(self, target: torch.Tensor, frame: Frame, cross: bool):
         self.target, self.frame, self.cross = target, frame, cross
 
     def rows(self, r0: int, weights: torch.Tensor) -> None:
-        w = weights.to(torch.float16).cpu().numpy()  # [head, rows, key]
+        """weights  # [head, rows, key] into the float16 buffer on the CPU (copy_ converts and moves)."""
+        rows, keys = weights.shape[1:]
         if self.cross:  # the word maps: image rows over the text keys
-            self.target[:, r0:r0 + w.shape[1]] = w
+            self.target[:, r0:r0 + rows].copy_(weights)
         else:
             q = self.frame.q0 + r0
-            self.target[:, q:q + w.shape[1], self.frame.k0:self.frame.k0 + w.shape[2]] = w
+            self.target[:, q:q + rows, self.frame.k0:self.frame.k0 + keys].copy_(weights)
 
     def close(self) -> None:
         pass
@@ -71,36 +72,40 @@ class _SplitSink:
         self.rec, self.layer, self.kind, self.frame, self.full = rec, layer, kind, frame, full
 
     def rows(self, r0: int, weights: torch.Tensor) -> None:
+        """weights  # [head, rows, key] of query rows q0 + r0 .. on keys k0 .. (the capture's positions)."""
         rec, layer = self.rec, self.layer
         weights = weights.float()
         heads, rows, n_k = weights.shape
-        q = torch.arange(self.frame.q0 + r0, self.frame.q0 + r0 + rows, device=weights.device)
-        k = torch.arange(self.frame.k0, self.frame.k0 + n_k, device=weights.device)
+        q0, k0 = self.frame.q0 + r0, self.frame.k0
         if self.full is not None:
-            q0 = self.frame.q0 + r0
-            self.full[:, q0:q0 + rows, self.frame.k0:self.frame.k0 + n_k] = weights.to(torch.float16)
+            self.full[:, q0:q0 + rows, k0:k0 + n_k] = weights.to(torch.float16)
         by_key = torch.zeros(heads, rows, rec.m, device=weights.device)
-        by_key.index_add_(2, rec.coarse[k], weights)  # [head, rows, coarse]: keys summed per coarse token
-        image_rows = rec.is_image[q]
-        if self.kind == "cross":  # PixArt / Sana: the word maps of the cross-attention, nothing else
-            rec.x[layer][:, rec.image_index[q[image_rows]]] += by_key[:, image_rows][:, :, rec.columns]
+        by_key.index_add_(2, rec.coarse[k0:k0 + n_k], weights)  # [head, rows, coarse]: keys summed per coarse token
+        image = rec.layout.image  # the block's image rows, as a range of its rows
+        i0 = min(max(image.start - q0, 0), rows)
+        i1 = min(max(image.stop - q0, 0), rows)
+        if i1 > i0 and (self.kind == "cross" or not rec.cross):  # the word maps: image rows over the text columns
+            first = q0 + i0 - image.start
+            rec.x[layer][:, first:first + i1 - i0] += by_key[:, i0:i1, rec.columns]
+        if self.kind == "cross":  # PixArt / Sana: the cross-attention gives the word maps, nothing else
             return
-        if not rec.cross:  # joint attention: the word maps are the image rows' text columns
-            rec.x[layer][:, rec.image_index[q[image_rows]]] += by_key[:, image_rows][:, :, rec.columns]
-        weight = rec.row_weight[q].view(1, rows, 1)
-        rec.c[layer].index_add_(1, rec.coarse[q], by_key * weight)  # coarse rows: members averaged
-        if rec.y is not None and not bool(image_rows.all()):
-            text_rows = ~image_rows
-            on_image = weights[:, text_rows][:, :, rec.is_image[k]] * weight[:, text_rows]
-            rec.y[layer].index_add_(1, rec.column_of[q[text_rows]], on_image)
+        weight = rec.row_weight[q0:q0 + rows].view(1, rows, 1)
+        rec.c[layer].index_add_(1, rec.coarse[q0:q0 + rows], by_key * weight)  # coarse rows: members averaged
+        if rec.y is not None and i1 - i0 < rows:  # text rows over the image keys at patch resolution
+            text = [r for r in (range(0, i0), range(i1, rows)) if len(r)]
+            ki0, ki1 = image.start - k0, image.stop - k0
+            for r in text:
+                on_image = weights[:, r.start:r.stop, ki0:ki1] * weight[:, r.start:r.stop]
+                rec.y[layer].index_add_(1, rec.column_of[q0 + r.start:q0 + r.stop], on_image)
 
     def close(self) -> None:
         pass
 
 
 class MapRecorder:
-    """The capture recorder (module docstring).  `begin_step(i)` before each transformer call; `start`
-    once the run's token axis is known (pipelines: at the first transformer call); `finish()` at the end."""
+    """The capture recorder (module docstring).  `begin_step(i)` before each transformer call and, where the
+    sampler can tell, `end_step()` after it; `start` once the run's token axis is known (pipelines: at the
+    first transformer call); `finish()` at the end."""
 
     def __init__(self, plan: RecordPlan, steps: int, n_layers: int, n_heads: int, cross: bool, cross_heads: int,
                  writer):
@@ -110,8 +115,11 @@ class MapRecorder:
         self.wanted = plan.recorded(steps)
         self.slot = {s: i for i, s in enumerate(self.wanted)}
         self.step, self.row = 0, 0
+        self.ended: set[int] = set()  # steps whose arrays went to the writer
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
+        self.means: list[np.ndarray] = []
+        self.kept_qk: dict[int, list] = {}  # kept steps' queries and keys, written with their step
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -125,7 +133,7 @@ class MapRecorder:
         self.frames[layer] = [frame.q0, frame.k0, query.shape[1], key.shape[1], kernel, float(scale)]
         if query.shape == key.shape:
             qk = torch.stack([query, key]).float().cpu().numpy()  # [2, head, n, head_dim]
-            self.writer.put(dit_capture.step_file("Q", self.step, layer), qk)
+            self.kept_qk.setdefault(self.step, []).append((dit_capture.step_file("Q", self.step, layer), qk))
 
     def open(self, layer: int, kind: str, frame: Frame, heads: int, n_q: int, n_k: int):
         if self.plan.mode == "full":
@@ -147,8 +155,8 @@ class MapRecorder:
         n, heads, words = layout.n, self.n_heads, self.cross_heads or self.n_heads
         if self.plan.mode == "full":
             steps = len(self.wanted)
-            self.t = [np.zeros((steps, heads, n, n), np.float16) for _ in range(self.n_layers)]
-            self.x = [np.zeros((steps, words, layout.n_image, len(layout.text)), np.float16)
+            self.t = [torch.zeros(steps, heads, n, n, dtype=torch.float16) for _ in range(self.n_layers)]
+            self.x = [torch.zeros(steps, words, layout.n_image, len(layout.text), dtype=torch.float16)
                       for _ in range(self.n_layers)] if self.cross else None
             return
         self.columns_list = layout.columns(grouped=True)
@@ -164,15 +172,10 @@ class MapRecorder:
             coarse[positions] = column_base + c
             column_of[positions] = c
         counts = np.bincount(coarse, minlength=self.m)
-        is_image = np.zeros(n, bool)
-        is_image[layout.image.start:layout.image.stop] = True
-        image_index = np.zeros(n, np.int64)
-        image_index[layout.image.start:layout.image.stop] = np.arange(layout.n_image)
         as_tensor = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-        self.coarse, self.column_of, self.is_image = as_tensor(coarse), as_tensor(column_of), as_tensor(is_image)
-        self.image_index = as_tensor(image_index)
+        self.coarse, self.column_of = as_tensor(coarse), as_tensor(column_of)
         self.row_weight = as_tensor((1.0 / counts[coarse]).astype(np.float32))
-        self.columns = as_tensor(np.arange(column_base, column_base + n_columns))
+        self.columns = slice(column_base, column_base + n_columns)
         self.region_slice = slice(region_base, region_base + n_regions)
         self.mean = torch.zeros(self.n_layers, heads, self.m, self.m, device=device)
         self._fresh()
@@ -187,36 +190,53 @@ class MapRecorder:
         self.full: dict[int, torch.Tensor] = {}
 
     def begin_step(self, step: int) -> None:
-        if self.plan.mode == "split" and self.layout is not None and step != self.step and self.step in self.slot:
-            self._end_step()
+        if step != self.step:
+            self.end_step()
         self.step = step
+
+    def end_step(self) -> None:
+        """The transformer call of the current step is over: hand what it completed to the writer, so the
+        writing overlaps the sampler's next step (or its decoding after the last)."""
+        if self.layout is None or self.step not in self.slot or self.step in self.ended:
+            return
+        self.ended.add(self.step)
+        if self.plan.mode == "split":
+            self._end_step()
+        elif self.step == self.wanted[-1]:
+            self._end_full()
+
+    def _end_full(self) -> None:
+        """All steps of a "full" capture are in: its arrays go to the writer, the step means are taken here."""
+        arrays = [(dit_capture.steps_name(layer), self.t[layer].numpy()) for layer in range(self.n_layers)]
+        if self.cross:
+            arrays += [(dit_capture.cross_name(layer), self.x[layer].numpy()) for layer in range(self.n_layers)]
+        self.writer.put_many(arrays)  # written on the writer's thread while the means are taken here
+        self.means = [t.float().mean(0).half().numpy() for t in self.t]
 
     def _end_step(self) -> None:
         """Hand one step's arrays to the writer and start the next step's."""
         f16 = lambda t: t.to(torch.float16).cpu().numpy()  # noqa: E731
         step = self.step
-        self.writer.put(dit_capture.step_file("XS", step), f16(torch.stack(self.x)))
-        if self.y is not None:
-            self.writer.put(dit_capture.step_file("YS", step), f16(torch.stack(self.y)))
         coarse = torch.stack(self.c)  # [layer, head, m, m]
-        self.writer.put(dit_capture.step_file("PS", step), f16(coarse[:, :, self.region_slice, self.region_slice]))
+        arrays = [(dit_capture.step_file("XS", step), f16(torch.stack(self.x))),
+                  (dit_capture.step_file("PS", step), f16(coarse[:, :, self.region_slice, self.region_slice]))]
+        if self.y is not None:
+            arrays.append((dit_capture.step_file("YS", step), f16(torch.stack(self.y))))
+        arrays += [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
+        arrays += self.kept_qk.pop(step, [])
+        self.writer.put_many(arrays)
         self.mean += coarse
-        for layer, full in self.full.items():
-            self.writer.put(dit_capture.step_file("T", step, layer), full.cpu().numpy())
         self._fresh()
 
     def finish(self) -> list[np.ndarray]:
         """End the run: the per-layer maps the generic views read (full: the step mean of T; split: the
         coarse mean), after handing the rest to the writer."""
+        self.end_step()
         if self.plan.mode == "full":
-            for layer in range(self.n_layers):
-                self.writer.put(dit_capture.steps_name(layer), self.t[layer])
-                if self.cross:
-                    self.writer.put(dit_capture.cross_name(layer), self.x[layer])
-            return [t.astype(np.float32).mean(0).astype(np.float16) if len(t) else np.zeros(t.shape[1:], np.float16)
-                    for t in self.t]
-        if self.step in self.slot:
-            self._end_step()
+            if not self.wanted:  # nothing recorded: empty step axes, zero means
+                self._end_full()
+                return [np.zeros(t.shape[1:], np.float16) for t in self.t]
+            return self.means
         mean = (self.mean / max(1, len(self.wanted))).to(torch.float16).cpu().numpy()
         return [mean[layer] for layer in range(self.n_layers)]
 
