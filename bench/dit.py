@@ -14,8 +14,9 @@ Flux, PixArt-Σ and Sana pipelines of tests/tiny_pipelines.py in a temporary fol
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
   split     a capture in the layout of real sizes: every step's image -> text and text -> image maps,
             pooled image maps, coarse maps, the middle step's queries and keys             target <= 1.5 x plain
-Times are medians of --repeats runs; wall and CPU seconds (the CPU ratio is what the capture costs when
-the machine is shared).  Prints Markdown tables.
+Times are medians of --repeats runs (the pipelines' four runs taken in turn, so a slow spell of a shared
+machine hits each alike); wall and CPU seconds (the CPU ratio is what the capture costs when the
+machine is shared).  Prints Markdown tables.
 
     .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--pipeline FOLDER] [--size 32]
 """
@@ -157,8 +158,10 @@ def pipeline(folder: Path, args) -> list[list[str]]:
     counter = iter(range(10**6))
     made, disk = {}, {}
 
+    stores = {}
+
     def capture_with(plan: RecordPlan | None, label: str):
-        store = Store(workdir / label, size_limit=2**31)
+        store = stores[label] = Store(workdir / label, size_limit=2**31)
 
         def go():
             spec = RunSpec(model=str(folder), prompt=prompt, seed=next(counter), steps=steps, height=size, width=size)
@@ -166,18 +169,21 @@ def pipeline(folder: Path, args) -> list[list[str]]:
             cap = DitAdapter(handle, plan=plan).capture(spec, key, store, lambda f, m: None)
             store.put_meta(key, cap.record())
             made[label] = cap
+        return go
 
-        def timed() -> tuple[float, float]:
-            result = measure(go, args.repeats)
-            store.close()
-            disk[label] = folder_bytes(workdir / label) / args.repeats
-            return result
-        return timed
-
-    plain_call(), headscope_call()  # warm-up
-    results = {"plain": measure(plain_call, args.repeats), "headscope": measure(headscope_call, args.repeats),
-               "capture": capture_with(None, "capture")(),
-               "split": capture_with(RecordPlan(mode="split"), "split")()}
+    runs = {"plain": plain_call, "headscope": headscope_call, "capture": capture_with(None, "capture"),
+            "split": capture_with(RecordPlan(mode="split"), "split")}
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
+    for _ in range(args.repeats):  # round robin: a slow spell of a shared machine hits every run alike
+        for label, run in runs.items():
+            times[label].append(measure(run, 1))
+    results = {label: (statistics.median(w for w, _c in t), statistics.median(c for _w, c in t))
+               for label, t in times.items()}
+    for label, store in stores.items():
+        store.close()
+        disk[label] = folder_bytes(workdir / label) / (args.repeats + 1)
     shutil.rmtree(workdir, ignore_errors=True)
     base = results["plain"][0]
     meta = handle.meta

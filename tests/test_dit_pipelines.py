@@ -22,7 +22,8 @@ import tiny_pipelines
 from capture import registry
 from capture.api import run
 from capture.dit import presets as dit_presets
-from capture.dit.adapter import DitAdapter
+from capture import api as capture_api
+from capture.dit.adapter import DitAdapter, plan_key
 from capture.dit.record import RecordPlan
 from core import dit_capture
 from core.errors import USER_ERRORS, InputError, ModelUnavailable
@@ -268,11 +269,13 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     full = caps[family]
     handle = registry.load(str(folders[family]))
     spec = _spec(folders[family])
-    key = spec.key(registry.revision(spec.model))
+    plan = RecordPlan(mode="split", kept=(1,), full_layers=(0,))
+    key = plan_key(spec, plan, registry.revision(spec.model))
+    assert key != spec.key(registry.revision(spec.model)) == plan_key(spec, RecordPlan(), registry.revision(spec.model))
     with handle.lock:
-        split = DitAdapter(handle, plan=RecordPlan(mode="split", kept=(1,), full_layers=(0,))).capture(
-            spec, key, store, lambda f, m: None)
+        split = DitAdapter(handle, plan=plan).capture(spec, key, store, lambda f, m: None)
     store.put_meta(key, split.record())
+    assert capture_api.cached(spec, store) is None and capture_api.load_capture(key, store).key == key
     info = dit_capture.layout(split)
     assert info.mode == "split" and info.kept == [1] and info.labels == full.tokens
     np.testing.assert_array_equal(dit_capture.generated_image(split), dit_capture.generated_image(full))

@@ -26,6 +26,7 @@ from capture.dit.record import MapRecorder, RecordPlan
 from capture.dit.write import ArrayWriter, check, estimate
 from capture.engine.handle import ModelHandle
 from core.errors import InputError
+from core.keys import stable_hash
 from core.progress import Progress
 from core.types import MAX_STEPS, Capture, Output, RunSpec
 
@@ -93,7 +94,8 @@ class DitAdapter:
                                                                     spec.intervention, recorder, on_step)
             t_sample = time.perf_counter()
             progress(0.9, "writing the maps")
-            writer.finish(recorder.finish(), image)
+            recorder.finish()
+            writer.finish(image)
         notes += run_notes
         if dit_presets.is_guidance(spec.intervention):
             notes.append(f"SoftPAG: {len(spec.intervention.heads())} head(s) perturbed in a guidance branch, "
@@ -112,6 +114,14 @@ class DitAdapter:
                        output=output, layout="full", store=store, layout_info=layout_info,
                        timings={"sample_s": t_sample - t0, "write_s": time.perf_counter() - t_sample,
                                 "estimate_mb": need.memory_bytes / 2**20, "disk_mb": need.disk_bytes / 2**20})
+
+
+def plan_key(spec: RunSpec, plan: RecordPlan, revision: str) -> str:
+    """The cache key of a capture of `spec` that keeps what `plan` says: the spec's own key for the default
+    plan, else one that also hashes the plan, so a capture with picked steps and layers never stands in
+    for (nor is served as) the default capture of the same spec.  Use with `DitAdapter(handle, plan=plan)`."""
+    key = spec.key(revision)
+    return key if plan == RecordPlan() else stable_hash({"capture": key, "plan": dataclasses.asdict(plan)})
 
 
 def _disk_budget(store) -> int:
@@ -143,4 +153,4 @@ def handle(name: str = "shapes-dit", folder=None, minilm=None) -> ModelHandle:
                        lock=threading.Lock())
 
 
-__all__ = ["DitAdapter", "MAX_PROMPT_CHARS", "handle"]
+__all__ = ["DitAdapter", "MAX_PROMPT_CHARS", "handle", "plan_key"]

@@ -118,7 +118,6 @@ class MapRecorder:
         self.ended: set[int] = set()  # steps whose arrays went to the writer
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
-        self.means: list[np.ndarray] = []
         self.kept_qk: dict[int, list] = {}  # kept steps' queries and keys, written with their step
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
@@ -202,6 +201,9 @@ class MapRecorder:
         self.ended.add(self.step)
         if self.plan.mode == "split":
             self._end_step()
+            if self.step == self.wanted[-1]:  # the coarse maps' step mean: the generic views' maps
+                mean = (self.mean / len(self.wanted)).to(torch.float16).cpu().numpy()
+                self.writer.put_views([mean[layer] for layer in range(self.n_layers)])
         elif self.step == self.wanted[-1]:
             self._end_full()
 
@@ -211,7 +213,8 @@ class MapRecorder:
         if self.cross:
             arrays += [(dit_capture.cross_name(layer), self.x[layer].numpy()) for layer in range(self.n_layers)]
         self.writer.put_many(arrays)  # written on the writer's thread while the means are taken here
-        self.means = [t.float().mean(0).half().numpy() for t in self.t]
+        self.writer.put_views([t.float().mean(0).half().numpy() if len(t) else np.zeros(t.shape[1:], np.float16)
+                               for t in self.t])
 
     def _end_step(self) -> None:
         """Hand one step's arrays to the writer and start the next step's."""
@@ -228,17 +231,12 @@ class MapRecorder:
         self.mean += coarse
         self._fresh()
 
-    def finish(self) -> list[np.ndarray]:
-        """End the run: the per-layer maps the generic views read (full: the step mean of T; split: the
-        coarse mean), after handing the rest to the writer."""
+    def finish(self) -> None:
+        """End the run: whatever the last step completed goes to the writer, with the per-layer maps the
+        generic views read (full: the step mean of T; split: the coarse maps' step mean)."""
         self.end_step()
-        if self.plan.mode == "full":
-            if not self.wanted:  # nothing recorded: empty step axes, zero means
-                self._end_full()
-                return [np.zeros(t.shape[1:], np.float16) for t in self.t]
-            return self.means
-        mean = (self.mean / max(1, len(self.wanted))).to(torch.float16).cpu().numpy()
-        return [mean[layer] for layer in range(self.n_layers)]
+        if not self.wanted and self.plan.mode == "full":  # nothing recorded: empty step axes, zero maps
+            self._end_full()
 
     def tokens_and_info(self) -> tuple[list[str], dict[str, range], DitLayout]:
         """The capture's tokens and spans, and its layout_info["dit"]."""

@@ -1,8 +1,9 @@
 """Writing a DiT capture to the cache, and what one will take before it runs.
 
 `ArrayWriter` writes arrays on one background thread while sampling goes on (at most MAX_PENDING
-waiting, which bounds the memory the queue holds); `finish` adds the per-layer maps the generic views
-read, their overview thumbnails and the image.  The metadata record is written last by capture.api.run.
+groups waiting, which bounds the memory the queue holds), a group per cache transaction; `put_views`
+adds the per-layer maps the generic views read and their overview thumbnails, `finish` the image.
+The metadata record is written last by capture.api.run.
 
 `estimate` adds up a capture's disk and its memory above the loaded pipeline (bytes), for both
 layouts of core.dit_capture:
@@ -62,12 +63,15 @@ class ArrayWriter:
             for name, array in items:
                 self.store.put_array(self.key, name, array)
 
-    def finish(self, means: list[np.ndarray], image: np.ndarray) -> None:
-        """Per layer the map the generic views read (L), their thumbnails and the image; then wait for all."""
-        bins = min(OVERVIEW_BINS, means[0].shape[-1])
-        self.put_many([(f"L{layer:03d}", mean) for layer, mean in enumerate(means)]
-                      + [(overview_name(bins), np.stack([pooled(m, bins) for m in means])),
-                         (dit_capture.IMAGE_NAME, image)])
+    def put_views(self, maps: list[np.ndarray]) -> None:
+        """Per layer the map the generic views read (L  # [head, n, n] float16), and their thumbnails."""
+        bins = min(OVERVIEW_BINS, maps[0].shape[-1])
+        self.put_many([(f"L{layer:03d}", m) for layer, m in enumerate(maps)]
+                      + [(overview_name(bins), np.stack([pooled(m, bins) for m in maps]))])
+
+    def finish(self, image: np.ndarray) -> None:
+        """The sampled image; then wait until everything is written."""
+        self.put(dit_capture.IMAGE_NAME, image)
         self.close()
 
     def close(self) -> None:
