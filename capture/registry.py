@@ -57,6 +57,10 @@ def revision(name: str) -> str:
     if name in EMBEDDED:
         return embedded_revision(name)
     folder = Path(name).expanduser()
+    if is_pipeline(folder):  # a diffusers pipeline keeps its weights in one sub-folder per component
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return "local:" + stable_hash([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                       for p in files])
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.is_file())
         return "local:" + stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])

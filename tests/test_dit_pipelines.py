@@ -263,7 +263,7 @@ def test_redistribute_away_from_padding(family, folders, captures):
 
 # ---- the layout of real sizes -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, store):
     caps, _store = captures
     full = caps[family]
@@ -285,7 +285,7 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     t0 = full.spans["text"].start
     grouped = np.stack([a_full[..., [p - t0 for p in cols]].sum(-1) for cols in columns], -1)
     np.testing.assert_allclose(dit_capture.image_to_text(split), grouped, atol=4e-3)
-    if family != "pixart":
+    if family in ("sd3", "flux"):
         b_full = dit_capture.text_to_image(full)
         grouped_rows = np.stack([b_full[..., [p - t0 for p in cols], :].mean(-2) for cols in columns], -2)
         np.testing.assert_allclose(dit_capture.text_to_image(split), grouped_rows, atol=4e-3)
@@ -300,16 +300,21 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
         dit_capture.step_attention(split, 0, 0)
     # the coarse maps of the generic views: regions and columns, rows summing to 1
     back = dit_capture.layout(split)
-    assert split.tokens[split.spans["image"].start].startswith("region(") and back.regions == (8, 8)
+    grid = full.meta.grid  # at most 16 x 16 patches: one patch per region
+    assert split.tokens[split.spans["image"].start].startswith("region(") and back.regions == grid
     coarse = split.attention(0).astype(np.float32)
     rows = coarse.sum(-1)[:, split.spans["image"].start:split.spans["image"].stop]
-    np.testing.assert_allclose(rows, 1.0, atol=5e-3)
-    assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, 2, 64, 64)
+    if family == "sana":  # a step mean: a linear-attention row is empty in the steps where φ(q) is all zeros
+        np.testing.assert_allclose(rows * STEPS, np.round(rows * STEPS), atol=1e-2)
+    else:
+        np.testing.assert_allclose(rows, 1.0, atol=5e-3)
+    regions = grid[0] * grid[1]
+    assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, 2, regions, regions)
     # the head metrics read the coarse maps alike (8 x 8 patches: one patch per region)
     from analytics import dit as analytics
 
     np.testing.assert_allclose(analytics.distance_px(split), analytics.distance_px(full), rtol=1e-2)
-    if family != "pixart":
+    if family in ("sd3", "flux"):
         np.testing.assert_allclose(analytics.text_mass(split), analytics.text_mass(full), atol=3e-3)
 
 
