@@ -29,6 +29,7 @@ Sana), a capture too large for full maps with each padding run as one text colum
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,12 +160,16 @@ class Grounding:
     iou: np.ndarray  # [step, layer, head, word]
 
     def score(self, metric: str = "auroc", steps=None) -> np.ndarray:
-        """[layer, head]: the metric averaged over words (and the chosen steps, None = all)."""
+        """[layer, head]: the metric averaged over words (and the chosen steps, None = all); nan for a head
+        with no scored word (e.g. every word's object missing from the picture)."""
         values = self.auroc if metric == "auroc" else self.iou
         if steps is not None:
             values = np.take(values, np.atleast_1d(steps), axis=0)
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(values, axis=(0, 3)) if values.size else np.zeros(values.shape[1:3])
+        if not values.size:
+            return np.zeros(values.shape[1:3])
+        with warnings.catch_warnings():  # an all-nan head is nan, said once in the docstring, not warned
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(values, axis=(0, 3))
 
 
 def grounding(heat: np.ndarray, masks: dict[int, np.ndarray], grid: tuple[int, int],
