@@ -118,7 +118,6 @@ class MapRecorder:
         self.ended: set[int] = set()  # steps whose arrays went to the writer
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
-        self.kept_qk: dict[int, list] = {}  # kept steps' queries and keys, written with their step
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -132,7 +131,7 @@ class MapRecorder:
         self.frames[layer] = [frame.q0, frame.k0, query.shape[1], key.shape[1], kernel, float(scale)]
         if query.shape == key.shape:
             qk = torch.stack([query, key]).float().cpu().numpy()  # [2, head, n, head_dim]
-            self.kept_qk.setdefault(self.step, []).append((dit_capture.step_file("Q", self.step, layer), qk))
+            self.writer.put(dit_capture.step_file("Q", self.step, layer), qk)  # now: one layer's is 100s of MB
 
     def open(self, layer: int, kind: str, frame: Frame, heads: int, n_q: int, n_k: int):
         if self.plan.mode == "full":
@@ -226,7 +225,6 @@ class MapRecorder:
         if self.y is not None:
             arrays.append((dit_capture.step_file("YS", step), f16(torch.stack(self.y))))
         arrays += [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
-        arrays += self.kept_qk.pop(step, [])
         self.writer.put_many(arrays)
         self.mean += coarse
         self._fresh()

@@ -11,8 +11,9 @@ layouts of core.dit_capture:
   of it is held in memory until the end of the run;
 - "split": per step and layer the image -> text and text -> image maps (image tokens x text columns, per
   head), the pooled image maps and the coarse map; the kept steps' queries and keys (float32) and
-  full maps; in memory one step's arrays twice (the step being recorded and the one being written) and
-  the explicit row block of the recorded map (scores, weights and their coarse fold).
+  full maps; in memory one step's arrays twice (the step being recorded and the one being written),
+  the queries and keys waiting to be written (at most MAX_PENDING layers) and the explicit row block of
+  the recorded map (scores, weights and their coarse fold).
 `check` refuses a run that does not fit with one sentence naming what to change.
 """
 from __future__ import annotations
@@ -107,7 +108,8 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
     full = kept * full_layers * n_heads * n * n * 2
     disk = steps * per_step + coarse + qk + full
-    held = (2 * per_step * 2 + 3 * coarse * 2 + n_layers * 2 * n_heads * n * head_dim * 4
+    qk_layer = 2 * n_heads * n * head_dim * 4  # one layer's queries and keys, waiting to be written
+    held = (2 * per_step * 2 + 3 * coarse * 2 + min(n_layers, MAX_PENDING) * qk_layer
             + full_layers * n_heads * n * n * 2)
     return memory.Estimate(layout="split", n_tokens=n, memory_bytes=int(held + row_block), disk_bytes=int(disk))
 
