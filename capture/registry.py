@@ -40,6 +40,7 @@ from pathlib import Path
 
 from capture.embedded import EMBEDDED, dinov2_folder, embedded_revision, package_dir, smollm2_folder
 from capture.dit.load import is_pipeline, load_pipeline
+from capture.engine.device import device_name, dtype_name, keyed_revision
 from capture.engine.handle import ModelHandle
 from capture.text.load import load_text
 from capture.vision.load import VISION_TOWERS, VISION_TYPES, is_vision, load_vision
@@ -53,7 +54,12 @@ def downloads_allowed() -> bool:
 
 
 def revision(name: str) -> str:
-    """A cheap fingerprint of the weights `name` resolves to, without loading them."""
+    """A cheap fingerprint of the weights `name` resolves to, without loading them, with the dtype they
+    run in when it is not float32 (capture.engine.device.keyed_revision: float32 keys stay as they were)."""
+    return keyed_revision(_weights_revision(name))
+
+
+def _weights_revision(name: str) -> str:
     if name in EMBEDDED:
         return embedded_revision(name)
     folder = Path(name).expanduser()
@@ -158,11 +164,13 @@ _load_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)
-def _load_cached(name: str) -> ModelHandle:
+def _load_cached(name: str, placement: tuple[str, str]) -> ModelHandle:
+    """The model `name` as loaded for `placement` (device_name(), dtype_name()): a model is loaded again when
+    HEADSCOPE_DEVICE or HEADSCOPE_DTYPE changes (the loaders read capture.engine.device)."""
     if name == "shapes-dit":  # a diffusers transformer + MiniLM + sampler (capture.dit.model)
         from capture.dit.adapter import handle
 
-        return handle(name, minilm=_load_cached("minilm"))  # under _load_lock already: not load()
+        return handle(name, minilm=_load_cached("minilm", placement))  # under _load_lock already: not load()
     if is_pipeline(Path(name).expanduser()):  # a diffusers pipeline folder (capture.dit.load)
         return load_pipeline(name, Path(name).expanduser())
     from transformers import AutoConfig
@@ -184,8 +192,10 @@ def load(name: str) -> ModelHandle:
     """The model called `name`, loaded once per process (its `meta.revision` filled in)."""
     if not name or not name.strip():
         raise ModelUnavailable("No model given; pick one of " + ", ".join(EMBEDDED) + " or a Hugging Face id.")
+    device = device_name()
+    placement = (device, dtype_name(device))
     with _load_lock:
-        handle = _load_cached(name.strip())
+        handle = _load_cached(name.strip(), placement)
     if handle.meta.revision != revision(name.strip()):
         handle.meta = dataclasses.replace(handle.meta, revision=revision(name.strip()))
     return handle
