@@ -41,7 +41,7 @@ from core.errors import CorruptEntry, InputError
 from core.types import Capture
 
 IMAGE_NAME = "generated"
-FULL_BYTES = 256 * 2**20  # a capture whose full maps of every step fit here keeps them all ("full")
+FULL_BYTES = 64 * 2**20  # a capture whose full maps of every step fit here keeps them all ("full")
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
            "<s>", "<unk>", "!", "<none>"}

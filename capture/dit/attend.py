@@ -213,6 +213,9 @@ def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor
                 kernel: str = "softmax") -> None:
     """Hand the unedited map of one batch row to `sink`, ROW_BLOCK query rows at a time.
     query  # [head, n_q, head_dim], key  # [head, n_k, head_dim]."""
+    if kernel == "linear" and getattr(sink, "pooled_only", False):  # folded without forming the n x n map
+        sink.linear(query, key)
+        return
     key_t = key.float().transpose(-1, -2)  # [head, head_dim, key]
     n_q = query.shape[1]
     for r0 in range(0, n_q, ROW_BLOCK):

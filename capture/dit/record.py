@@ -73,14 +73,43 @@ class _SplitSink:
 
     def rows(self, r0: int, weights: torch.Tensor) -> None:
         """weights  # [head, rows, key] of query rows q0 + r0 .. on keys k0 .. (the capture's positions)."""
-        rec, layer = self.rec, self.layer
         weights = weights.float()
         heads, rows, n_k = weights.shape
         q0, k0 = self.frame.q0 + r0, self.frame.k0
         if self.full is not None:
             self.full[:, q0:q0 + rows, k0:k0 + n_k] = weights.to(torch.float16)
-        by_key = torch.zeros(heads, rows, rec.m, device=weights.device)
-        by_key.index_add_(2, rec.coarse[k0:k0 + n_k], weights)  # [head, rows, coarse]: keys summed per coarse token
+        by_key = torch.zeros(heads, rows, self.rec.m, device=weights.device)
+        by_key.index_add_(2, self.rec.coarse[k0:k0 + n_k], weights)  # keys summed per coarse token
+        self.fold(r0, by_key, weights)
+
+    @property
+    def pooled_only(self) -> bool:
+        """True when nothing but the coarse fold is wanted (no full map), so a linear-attention module can
+        hand its rows already summed over the coarse keys (`linear`)."""
+        return self.full is None
+
+    def linear(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Sana's linear map, folded without forming it: Σ_{j in g} A_ij = φ(q_i)·(Σ_{j in g} φ(k_j)) / Z_i,
+        Z_i = φ(q_i)·Σ_j φ(k_j) + 1e-15, for each coarse token g.  query  # [head, n_q, head_dim] and
+        key  # [head, n_k, head_dim], both through φ = ReLU.  O(n (m + 1) d) instead of O(n² d)."""
+        from capture.dit.attend import LINEAR_EPSILON
+
+        heads, n_k, dim = key.shape
+        k0 = self.frame.k0
+        by_group = torch.zeros(heads, self.rec.m, dim, device=key.device)
+        by_group.index_add_(1, self.rec.coarse[k0:k0 + n_k], key.float())  # [head, coarse, head_dim]
+        total = key.float().sum(1)  # [head, head_dim]
+        for r0 in range(0, query.shape[1], 256):
+            q = query[:, r0:r0 + 256].float()
+            z = (q @ total.unsqueeze(-1)) + LINEAR_EPSILON  # [head, rows, 1]
+            self.fold(r0, (q @ by_group.transpose(1, 2)) / z, None)
+
+    def fold(self, r0: int, by_key: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Fold rows q0 + r0 .. (by_key  # [head, rows, coarse]: their weights summed per coarse key) into the
+        step's word maps and coarse map; `weights` (the rows themselves) give the text rows' image maps."""
+        rec, layer = self.rec, self.layer
+        rows = by_key.shape[1]
+        q0, k0 = self.frame.q0 + r0, self.frame.k0
         image = rec.layout.image  # the block's image rows, as a range of its rows
         i0 = min(max(image.start - q0, 0), rows)
         i1 = min(max(image.stop - q0, 0), rows)
