@@ -28,6 +28,7 @@ Composition order inside one forward (per head; `capture.engine.edits` implement
     3. redistribute   post-softmax
     4. mix            post-softmax
        A @ V, then in the o_proj pre-hook:
+       head_patches   (activation patching: a head's output replaced, `session(head_patches=...)`)
     5. head_gates     (the analytics gates, `session(head_gates=...)`)
     6. scale, add     on the head output z
 

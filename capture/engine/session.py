@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -40,6 +40,10 @@ class Group:
     values: torch.Tensor  # float32 [n]
     directions: torch.Tensor | None = None  # float32 [n, head_dim] (add)
 
+    def to(self, device: torch.device) -> "Group":
+        return replace(self, heads=self.heads.to(device), values=self.values.to(device),
+                       directions=None if self.directions is None else self.directions.to(device))
+
 
 @dataclass
 class LayerPlan:
@@ -48,6 +52,11 @@ class LayerPlan:
     stages: dict[str, list[Group]]  # "logit" | "window" | "redistribute" | "mix" -> groups in order
     output: list[Group]  # scale / add, in per-head tuple order
     max_head: int = -1
+    device: torch.device = torch.device("cpu")  # where the groups' tensors are (the layer's device)
+
+    def to(self, device: torch.device) -> "LayerPlan":
+        return LayerPlan(stages={op: [g.to(device) for g in groups] for op, groups in self.stages.items()},
+                         output=[g.to(device) for g in self.output], max_head=self.max_head, device=device)
 
     @property
     def attention(self) -> bool:
@@ -131,11 +140,16 @@ class Session:
     # batch can ablate a different head in each row (ablation sweeps) and gates can carry gradients
     # (Michel et al. head importance)
     head_gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    # per-layer replacements of head outputs (activation patching, Wang et al. 2022): layer -> (mask  # bool
+    # [batch, head], values  # [batch or 1, query, head, head_dim]); row b's masked heads output the values
+    head_patches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     row_interventions: tuple[Intervention, ...] | None = None
     sink_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     head_outputs: Callable[[int, torch.Tensor], None] | None = None
-    # query positions of the current call per layer, set by the attention function, read by the o_proj hook
+    # query positions of the current call per layer (on the capture's token axis), set by the attention
+    # function, read by the o_proj hook
     query_positions: dict[int, range] = field(default_factory=dict)
+    decoder_first: int = 0  # an encoder-decoder: the axis position of the decoder's current first row
     _plans: dict[int, LayerPlan] = field(default_factory=dict, repr=False)
     sink_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # thresholded sinks, by layer, set, group
 
@@ -152,14 +166,33 @@ class Session:
             edits += iv.for_layer(layer)
         return edits
 
-    def plan(self, layer: int) -> LayerPlan:
+    def plan(self, layer: int, device: torch.device | None = None) -> LayerPlan:
+        """The layer's edits, planned once per session (their tensors on `device`, the layer's, when given)."""
         found = self._plans.get(layer)
         if found is None:
             sources = [(slice(None), self.intervention.for_layer(layer))]
             for b, iv in enumerate(self.row_interventions or ()):
                 sources.append((slice(b, b + 1), iv.for_layer(layer)))
             found = self._plans[layer] = _layer_plan(sources)
+        if device is not None and found.device != device:
+            found = self._plans[layer] = found.to(device)
         return found
+
+    def place(self, group: str | None, n_q: int, n_k: int) -> tuple[int, int]:
+        """(q_first, k_first): where a call's first query row and first key sit on the capture's token axis.
+
+        A decoder-only model or an encoder: at the call's causal offset, keys from 0.  An encoder-decoder
+        (capture.text.seq2seq; `group` is the layer's ModelMeta.groups name, spans "encoder" and
+        "decoder" are set): decoder tokens follow the encoder's, so a decoder self-attention call starts
+        at the decoder span plus its offset; a cross-attention call has the rows of the decoder call
+        that precedes it in the same block and the encoder's keys."""
+        if group is None or group == "encoder":
+            return n_k - n_q, 0
+        start = self.spans["decoder"].start
+        if group == "decoder":
+            self.decoder_first = start + n_k - n_q
+            return self.decoder_first, start
+        return self.decoder_first, 0
 
     def check_batch(self, batch: int) -> None:
         if self.row_interventions is not None and batch != len(self.row_interventions):
@@ -180,6 +213,7 @@ _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("heads
 def session(intervention: Intervention = Intervention(), recorder: Recorder | None = None,
             spans: dict[str, range] | None = None,
             head_gates: dict[int, torch.Tensor] | None = None,
+            head_patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
             row_interventions: list[Intervention] | tuple[Intervention, ...] | None = None,
             sink_scores: dict[int, torch.Tensor] | None = None,
             head_outputs: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[Session]:
@@ -195,6 +229,9 @@ def session(intervention: Intervention = Intervention(), recorder: Recorder | No
     spans              named position ranges ("prompt", "response", ...) that position sets refer to;
                        "prompt" also fixes the rows `sinks` is detected on and the `last` query set.
     head_gates         layer -> gate  # [batch, head], multiplies head outputs (differentiable).
+    head_patches       layer -> (mask  # bool [batch, head], values  # [batch or 1, query, head, head_dim]):
+                       in row b every head with mask[b, h] outputs values[b, :, h] instead of its own z
+                       (activation patching: values recorded in another run; one forward, query count fixed).
     sink_scores        sink scores from an earlier session over the same prompt (`Session.sink_scores`),
                        so generation and the recorded pass use the very same sink sets.
     head_outputs       callback(layer, z) receiving each layer's head outputs (steering directions).
@@ -204,7 +241,8 @@ def session(intervention: Intervention = Intervention(), recorder: Recorder | No
         if not isinstance(iv, Intervention):
             raise InterventionError("Interventions must be core.interventions.Intervention objects.")
     active = Session(intervention=intervention, recorder=recorder, spans=dict(spans or {}),
-                     head_gates=dict(head_gates or {}), row_interventions=rows,
+                     head_gates=dict(head_gates or {}), head_patches=dict(head_patches or {}),
+                     row_interventions=rows,
                      sink_scores=dict(sink_scores or {}), head_outputs=head_outputs)
     token = _SESSION.set(active)
     try:
