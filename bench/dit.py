@@ -14,7 +14,7 @@ Flux, PixArt-Σ and Sana pipelines of tests/tiny_pipelines.py in a temporary fol
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
   split     a capture in the layout of real sizes: every step's image -> text and text -> image maps,
             pooled image maps, coarse maps, the middle step's queries and keys             target <= 1.5 x plain
-Times are medians of --repeats runs (the pipelines' four runs taken in turn, so a slow spell of a shared
+Times are medians of --repeats runs (the runs of one table taken in turn, so a slow spell of a shared
 machine hits each alike); wall and CPU seconds (the CPU ratio is what the capture costs when the
 machine is shared).  Prints Markdown tables.
 
@@ -45,6 +45,16 @@ def measure(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def in_turn(runs: list, repeats: int) -> list[tuple[float, float]]:
+    """(median wall, median CPU) of each run, the runs taken in turn (round robin), so a slow spell of a
+    shared machine hits each alike."""
+    times: list[list[tuple[float, float]]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            times[i].append(measure(run, 1))
+    return [(statistics.median(w for w, _c in t), statistics.median(c for _w, c in t)) for t in times]
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -66,7 +76,8 @@ def shapes_dit(args) -> None:
     steps = args.steps
     pipe.sample([prompt], [0], steps=steps)  # warm-up (text encoding cached, kernels ready)
 
-    sample_wall, sample_cpu = measure(lambda: pipe.sample([prompt], [0], steps=steps), args.repeats)
+    def sample():
+        pipe.sample([prompt], [0], steps=steps)
 
     def record():
         recorder = dit_attention.DitRecorder(lambda *a: None)
@@ -76,8 +87,6 @@ def shapes_dit(args) -> None:
 
         with dit_attend.recording(recorder):
             pipe.sample([prompt], [0], steps=steps, on_step=on_step)
-
-    record_wall, record_cpu = measure(record, args.repeats)
 
     workdir = Path(tempfile.mkdtemp(prefix="hs-dit-bench-"))
     store = Store(workdir / "cache", size_limit=2**30)
@@ -92,7 +101,8 @@ def shapes_dit(args) -> None:
         store.put_meta(key, cap.record())
         made.append(cap)
 
-    capture_wall, capture_cpu = measure(capture, args.repeats)
+    (sample_wall, sample_cpu), (record_wall, record_cpu), (capture_wall, capture_cpu) = in_turn(
+        [sample, record, capture], args.repeats)
     cap = made[-1]
     t_bytes = sum(np.asarray(store.get_array(cap.key, dit_capture.steps_name(l))).nbytes for l in range(cap.meta.n_layers))
     total_bytes = folder_bytes(workdir / "cache") / len(made)
@@ -175,12 +185,7 @@ def pipeline(folder: Path, args) -> list[list[str]]:
             "split": capture_with(RecordPlan(mode="split"), "split")}
     for run in runs.values():  # warm-up
         run()
-    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
-    for _ in range(args.repeats):  # round robin: a slow spell of a shared machine hits every run alike
-        for label, run in runs.items():
-            times[label].append(measure(run, 1))
-    results = {label: (statistics.median(w for w, _c in t), statistics.median(c for _w, c in t))
-               for label, t in times.items()}
+    results = dict(zip(runs, in_turn(list(runs.values()), args.repeats)))
     for label, store in stores.items():
         store.close()
         disk[label] = folder_bytes(workdir / label) / (args.repeats + 1)

@@ -460,3 +460,13 @@ def test_cli_size(folders, tmp_path, monkeypatch, capsys):
     assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--size", "big"]) == 2
     err = capsys.readouterr().err.strip()
     assert "WIDTHxHEIGHT" in err and "\n" not in err
+
+
+def test_bfloat16_pipeline_has_its_own_key(folders, captures, monkeypatch):
+    """HEADSCOPE_DTYPE (capture.engine.device) reaches the pipeline: a bfloat16 run (allowed on the CPU) is
+    another capture than the float32 one, its maps still computed in float32 (rows sum to 1)."""
+    caps, store = captures
+    monkeypatch.setenv("HEADSCOPE_DTYPE", "bfloat16")
+    half = run(_spec(folders["pixart"]), store)
+    assert half.key != caps["pixart"].key and registry.load(str(folders["pixart"])).model.dtype == torch.bfloat16
+    np.testing.assert_allclose(dit_capture.image_to_text(half).sum(-1), 1.0, atol=5e-3)

@@ -6,7 +6,10 @@
 processors in the transformer (capture.dit.attention.install) and describes it as a ModelHandle:
 the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
 layer per self- or joint-attention module, `meta.grid` the patch grid at the default picture size.
-It runs in float32 on the CPU.
+It runs where capture.engine.device says (HEADSCOPE_DEVICE, HEADSCOPE_DTYPE: bfloat16 or float16 on a
+GPU, float32 on the CPU), text encoders and VAE included; the recorded maps are computed in float32
+whatever the dtype, and a capture in another dtype than float32 has its own key (the registry folds the
+dtype into the revision).
 """
 from __future__ import annotations
 
@@ -51,15 +54,16 @@ def family_of(name: str, folder: Path):
 
 def load_pipeline(name: str, folder: Path) -> ModelHandle:
     """The pipeline in `folder`, ready for capture (module docstring)."""
-    import torch
     from diffusers import DiffusionPipeline
 
     from capture.dit.attention import install
+    from capture.engine import device
     from capture.dit.pipeline import PipelineDit
 
     family = family_of(name, folder)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=device.dtype(), local_files_only=True)
+        pipe.to(device.device())
     except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelUnavailable(f"The pipeline in {name} could not be loaded ({first[:200]}).") from exc

@@ -94,11 +94,14 @@ class TextEncoder:
     def _run(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
                              return_tensors="pt")
+        where = next(self.model.parameters()).device  # MiniLM runs where HEADSCOPE_DEVICE puts it
         with torch.inference_mode():
-            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            hidden = self.model(input_ids=enc["input_ids"].to(where),
+                                attention_mask=enc["attention_mask"].to(where)).last_hidden_state
+        hidden = hidden.float().cpu()  # the DiT itself runs in float32 on the CPU
         mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, L, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return hidden.float().clone(), pooled.float().clone()
+        return hidden.clone(), pooled.clone()
 
 
 def to_pixels(x: torch.Tensor) -> np.ndarray:
@@ -322,7 +325,7 @@ def load(minilm, folder: Path | str = MODEL_DIR) -> ShapesDit:
             from core.errors import ModelUnavailable
 
             raise ModelUnavailable(f"There is no trained shapes-dit in {folder}; run `python training/shapes_dit.py`.")
-        transformer = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+        transformer = SD3Transformer2DModel.from_pretrained(str(folder), dtype=torch.float32)
         transformer.eval()
         dit_attention.install(transformer)
         settings = read_settings(folder)
