@@ -21,7 +21,8 @@ heads are the layers' self- or joint-attention heads, perturbed as capture.dit.p
 The result is cached in the Store under a key of (model revision, parameters): arrays "single"
 [layer, head] (objective with that head perturbed) and "single_images" (the per-head contact sheet
 of the first prompt / seed, shrunk to at most THUMB_SIDE pixels a side), and a JSON record (kind
-"probe", probe "headhunter") with the baseline, the chosen heads and every round.  A second call with the same parameters is served from the cache.
+"probe", probe "headhunter") with the baseline, the chosen heads and every round.  A second call with
+the same parameters is served from the cache.
 """
 from __future__ import annotations
 
