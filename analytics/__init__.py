@@ -6,7 +6,8 @@ objects (analytics.metric) in one list, and this front door assembles them, text
 - analytics.text    TEXT_METRICS: the one-pass statistics of the maps and the stored probe scores,
 - analytics.vision  VISION_METRICS: ViT distances, rollout, token norms, ablation and gradient gates,
 - analytics.dit     DIT_METRICS: cross-attention share, grounding, attention distance of DiTs,
-- analytics.vlm     VLM_METRICS: visual mass, image-centric heads, gaze shifts, VHD, visual sinks.
+- analytics.vlm     VLM_METRICS: visual mass, image-centric heads, gaze shifts, VHD, visual sinks,
+- analytics.attribution  ATTRIBUTION_METRICS: direct logit attribution and activation patching.
 
 A metric's `compute(capture, **params)` returns scores  # [layer, head] (kind "head") or
 # [layer, head, token] / [token] (kind "token"); one that reads a stored probe result raises
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from analytics.attribution import ATTRIBUTION_METRICS
 from analytics.dit import DIT_METRICS
 from analytics.metric import Metric
 from analytics.text import TEXT_METRICS, HiddenStates
@@ -23,7 +25,7 @@ from analytics.vision import VISION_METRICS
 from analytics.vlm import VLM_METRICS
 from core.errors import ProbeMissing
 
-_ALL = (*TEXT_METRICS, *VISION_METRICS, *DIT_METRICS, *VLM_METRICS)
+_ALL = (*TEXT_METRICS, *ATTRIBUTION_METRICS, *VISION_METRICS, *DIT_METRICS, *VLM_METRICS)
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
 assert len(METRICS) == len(_ALL), "two metrics share a name"
 

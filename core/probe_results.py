@@ -94,6 +94,41 @@ class HiddenParams:
     capture: str = ""
 
 
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"  # Wang et al. 2022's template
+IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"  # the subject flipped
+
+
+@dataclass(frozen=True)
+class PatchingParams:
+    """Activation patching of each head's output between a clean and a corrupted prompt of the same token
+    length (Wang et al. 2022, IOI).  The metric, at the last position, is the logit difference target -
+    foil (`logit_diff`) or the probability of target (`prob`); "denoise" patches clean outputs into the
+    corrupted run, "noise" corrupted outputs into the clean run.  With `sender` (layer, head): path
+    patching, the sender's patched output reaching only the `receivers` input (q, k or v) of later heads."""
+
+    clean: str = IOI_CLEAN
+    corrupted: str = IOI_CORRUPTED
+    target: str = " Mary"
+    foil: str = " John"
+    metric: str = "logit_diff"  # logit_diff | prob
+    direction: str = "denoise"  # denoise | noise
+    layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+    sender: tuple[int, ...] = ()  # (layer, head): path patching from this head; empty = per-head patching
+    receivers: str = "q"  # path patching: the receivers' input the sender reaches, q | k | v
+
+
+@dataclass(frozen=True)
+class DLAParams:
+    """Direct logit attribution in one capture: every head, MLP and the embedding at every position,
+    through the final norm (its scale frozen from the run) and the unembedding onto `target` (minus
+    `foil` when given); target "" = each position's next token (the model's top prediction at the last;
+    an image classifier's top class)."""
+
+    capture: str = ""
+    target: str = ""
+    foil: str = ""
+
+
 PARAMS: dict[str, type] = {
     "patterns": PatternParams,
     "needle": NeedleParams,
@@ -101,7 +136,10 @@ PARAMS: dict[str, type] = {
     "gradient": GradientParams,
     "duo": DuoParams,
     "hidden": HiddenParams,
+    "patching": PatchingParams,
+    "dla": DLAParams,
 }
+CAPTURE_PROBES = ("hidden", "dla")  # probes of one capture, named by its key
 
 
 def params_of(probe: str, params: Any = None, **overrides) -> Any:
@@ -135,12 +173,10 @@ def cli_hint(probe: str, model: str, params: Any) -> str:
     p = params_of(probe, params)
     default = PARAMS[probe]()
     args = ["python", "-m", "headscope", "probe", probe]
-    if probe == "hidden":
-        return " ".join(args + [p.capture or "KEY"])
-    args += ["--model", model]
+    args += [p.capture or "KEY"] if probe in CAPTURE_PROBES else ["--model", model]
     for f in fields(p):
         value = getattr(p, f.name)
-        if value == getattr(default, f.name):
+        if value == getattr(default, f.name) or f.name == "capture":
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -195,6 +231,6 @@ def require(store, revision: str, model: str, probe: str, params: Any = None) ->
     return found
 
 
-__all__ = ["AblationParams", "DuoParams", "GradientParams", "HiddenParams", "KIND", "NeedleParams", "PARAMS",
-           "PROBE_VERSION", "PatternParams", "ProbeMissing", "ProbeResult", "cli_hint", "find", "params_of",
-           "probe_key", "require"]
+__all__ = ["AblationParams", "CAPTURE_PROBES", "DLAParams", "DuoParams", "GradientParams", "HiddenParams", "KIND",
+           "IOI_CLEAN", "IOI_CORRUPTED", "NeedleParams", "PARAMS", "PatchingParams", "PROBE_VERSION", "PatternParams",
+           "ProbeMissing", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]

@@ -6,6 +6,9 @@
     python -m headscope probe gradient --model smollm2 [--n-texts 4 --n-tokens 128]
     python -m headscope probe duo      --model smollm2 [--steps 40 --context 384]
     python -m headscope probe hidden   KEY            # residual stream of a cached capture
+    python -m headscope probe patching --model smollm2 [--clean ... --corrupted ... --target ' Mary' --foil ' John'
+                                       --metric logit_diff|prob --direction denoise|noise --sender 9 3 --receivers q]
+    python -m headscope probe dla      KEY [--target ' Mary' --foil ' John']   # direct logit attribution
 
 Flags mirror the fields of each probe's parameters (core.probe_results); omitted ones keep the defaults
 that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
@@ -27,22 +30,27 @@ HELP = {
     "gradient": "Michel et al. gradient head importance |dL/d gate|",
     "duo": "mini DuoAttention gate optimisation on synthetic passkeys",
     "hidden": "store the residual stream of a cached capture (massive activations)",
+    "patching": "activation patching of every head from a clean prompt into a corrupted one (or path patching)",
+    "dla": "direct logit attribution of a cached capture: every head, MLP and the embedding",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `probe` and its subcommands to the top-level subparsers."""
-    from core.probe_results import PARAMS
+    from core.probe_results import CAPTURE_PROBES, PARAMS
 
     probe = sub.add_parser("probe", help="multi-pass head measurements (stored in the cache)")
     probes = probe.add_subparsers(dest="probe", required=True)
     for name, cls in PARAMS.items():
         q = probes.add_parser(name, help=HELP[name], description=(cls.__doc__ or "").strip())
-        if name == "hidden":
+        if name in CAPTURE_PROBES:
             q.add_argument("capture", help="capture key (python -m headscope ls lists them)")
         else:
             q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
+        if name != "hidden":
             for f in fields(cls):
+                if f.name == "capture":
+                    continue
                 default = f.default
                 flag = "--" + f.name.replace("_", "-")
                 if isinstance(default, bool):
@@ -57,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    help=f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
+        if name == "patching":
+            q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default: by length)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
         q.add_argument("--json", action="store_true", help="print the stored record as JSON")
     probe.set_defaults(func=cmd_probe)
@@ -64,13 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from core.errors import InputError
-    from core.probe_results import PARAMS
+    from core.probe_results import CAPTURE_PROBES, PARAMS
     from probes.runner import run_probe
 
     name = args.probe
     cls = PARAMS[name]
     options = {}
-    if name == "hidden":
+    if name in CAPTURE_PROBES:
         from capture.api import default_store, load_capture
         from core.keys import is_key
 
@@ -79,18 +89,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
         capture = load_capture(args.capture)
         if capture is None:
             raise InputError(f"No capture with key {args.capture} in the cache; `python -m headscope ls` lists them.")
-        model, params = capture.spec.model, {"capture": args.capture}
+        model = capture.spec.model
+        params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        params["capture"] = args.capture
         options["store"] = default_store()
     else:
         model = args.model
         params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
-        if name == "ablation" and args.batch is not None:
+        if name in ("ablation", "patching") and args.batch is not None:
             if args.batch < 1:
                 raise InputError("--batch must be 1 or more.")
             options["batch_size"] = args.batch
     bar, update = progress_bar(f"probe {name} {model}")
     try:
-        if name == "hidden":
+        if name in CAPTURE_PROBES:
             result = run_probe(name, model, params, options.pop("store"), update, args.force)
         else:
             result = run_probe(name, model, params, None, update, args.force, **options)

@@ -4,6 +4,8 @@
 
     probes.run_probe("ablation", "smollm2")            # single-head ablation of every head, cached
     probes.run_probe("needle", "smollm2")              # retrieval heads on a needle-in-a-haystack sweep
+    probes.run_probe("patching", "smollm2")            # activation patching of every head (IOI prompt)
+    probes.run_probe("dla", "smollm2", {"capture": capture.key})  # direct logit attribution of a capture
     probes.hidden_states(capture)                      # the residual stream of one capture (VAR sinks)
     probes.run_headhunter("shapes-dit")                # HeadHunter-lite on the diffusion model
     probes.run_batch(jobs, ray=True)                   # many captures / probes, in-process or on Ray
@@ -33,6 +35,8 @@ _WHERE = {
     "QUESTIONS_PER_SCENE": "probes.vlm_accuracy",
     "vit_token_norms": ("probes.vision", "token_norms"), "vit_ablation": ("probes.vision", "ablation"),
     "vit_grad_gate": ("probes.vision", "grad_gate"),
+    "patching_sweep": "probes.patching", "path_patching_sweep": "probes.path_patching",
+    "attribute": "probes.dla", "dla_probe": "probes.dla",
 }
 
 

@@ -5,17 +5,19 @@
     run_probe("ablation", "smollm2")   single-head ablation of every head, batched (zero | mean | uniform)
     run_probe("gradient", "smollm2")   Michel et al. |dL/d gate| per head
     run_probe("duo", "smollm2")        mini DuoAttention gate optimisation on synthetic passkeys
+    run_probe("patching", "smollm2")   activation patching of every head, clean -> corrupted (path patching with a sender)
+    run_probe("dla", "smollm2", {"capture": key})  direct logit attribution of a capture's tokens
     hidden_states(capture)             the residual stream entering every layer of one capture (VAR)
 
 Each kind lives in its own module (probes.patterns, probes.needle, probes.ablation, probes.gradient,
-probes.duo, probes.hidden) as a function (handle, params, put, progress, **options) -> record that
+probes.duo, probes.hidden, probes.patching, probes.dla) as a function (handle, params, put, progress, **options) -> record that
 stores its arrays with `put(name, array)` and returns the JSON record's own fields.  `run_probe`
 validates the parameters, holds the model's lock while the probe runs, and stores the result under
 `core.probe_results.probe_key(model revision, probe, params)`: arrays first, then a JSON record with
 `"kind": "probe"` (written last, so a crash never leaves a result that looks whole).  A second call
 with the same parameters is served from the cache.  Every probe reports progress through a
 `(fraction, message)` callback.  Command line: `python -m headscope probe
-{patterns,needle,ablation,gradient,duo,hidden} ...`.
+{patterns,needle,ablation,gradient,duo,hidden,patching,dla} ...`.
 
 Deviations from the papers' defaults are listed in each probe's docstring (short contexts and small
 probes so that a CPU finishes in minutes).
@@ -36,10 +38,13 @@ from core.probe_results import HiddenParams, ProbeResult
 from core.progress import Progress, no_progress
 from core.types import Capture
 from probes.ablation import ABLATION_MODES, ablation_probe
+from probes.dla import dla_probe
 from probes.duo import duo_probe
 from probes.gradient import gradient_probe
 from probes.hidden import hidden_probe
 from probes.needle import needle_probe
+from probes.patch_runs import METRICS as PATCHING_METRICS
+from probes.patching import DIRECTIONS, patching_probe
 from probes.patterns import pattern_probe
 
 PROBES: dict[str, Callable] = {
@@ -49,6 +54,8 @@ PROBES: dict[str, Callable] = {
     "gradient": gradient_probe,
     "duo": duo_probe,
     "hidden": hidden_probe,
+    "patching": patching_probe,
+    "dla": dla_probe,
 }
 
 
@@ -92,7 +99,7 @@ def run_probe(probe: str, model: str = "smollm2", params=None, store: Store | No
             store.put_array(key, name, np.ascontiguousarray(array))
             names.append(name)
 
-        if probe == "hidden":
+        if probe in stored.CAPTURE_PROBES:
             options["store"] = store
         t0 = time.perf_counter()
         with handle.lock:
@@ -123,6 +130,13 @@ def _validate(probe: str, p) -> None:
     elif probe == "gradient":
         if p.n_texts < 1 or p.n_tokens < 4:
             raise InputError("The gradient probe needs n_texts >= 1 and n_tokens >= 4.")
+    elif probe == "patching":
+        if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS or p.receivers not in ("q", "k", "v"):
+            raise InputError("Patching takes metric logit_diff or prob, direction denoise or noise, receivers q, k or v.")
+        if p.sender and len(p.sender) != 2:
+            raise InputError("The path-patching sender is two numbers: its layer and its head.")
+    elif probe == "dla" and not p.capture:
+        raise InputError("The dla probe needs the key of a capture; `python -m headscope ls` lists them.")
     elif probe == "duo":
         if p.steps < 1 or p.context < 64 or p.sink < 1 or p.recent < 1 or p.passkeys < 1 or p.words < 1:
             raise InputError("The duo probe needs steps, sink, recent, passkeys, words >= 1 and context >= 64.")

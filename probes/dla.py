@@ -1,0 +1,253 @@
+"""Direct logit attribution (DLA): how much each head, each MLP and the embedding write, at one position,
+along the unembedding direction of a token (or of a token difference).
+
+The residual stream entering the final norm is a sum of components (Elhage et al. 2021, "A Mathematical
+Framework for Transformer Circuits"): x = embedding + sum_l (sum_h z_h W_O_h^T + b_O) + sum_l mlp_l.
+The final norm is linear once its scale is frozen at the value it took in the run (RMSNorm:
+s = 1 / sqrt(mean(x^2) + eps); LayerNorm: s = 1 / sqrt(var(x) + eps), with its centring), so
+
+    logit(target) - logit(foil) = sum over components c of  s * (c . e) + const,
+    e = w * (W_U[target] - W_U[foil])   (centred for a LayerNorm),  const = b . (W_U[target] - W_U[foil]) + lm_head bias
+
+exactly, at the run's own scale: the standard approximation (TransformerLens' `accumulated_resid` /
+`apply_ln_to_stack` with the cached scale) is in reading a component's term as its effect, since
+removing the component would change s.  The probe records the components of every position in one
+forward (z through the o_proj pre-hook's `head_outputs` callback, the MLP outputs and the embedding
+through forward hooks) and projects each position onto its own direction: by default the next token of
+the text (the model's top prediction at the last position), or one given token / token difference.
+
+Families: Llama-style causal LMs (Llama, SmolLM2, Mistral, Qwen2) and GPT-2, and ViT image classifiers
+(the class logit, read at the CLS token); anything else is refused with one sentence.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cache.store import Store
+from capture.engine.handle import ModelHandle, attention_layers
+from capture.engine.hooks import hidden_arg, removing
+from capture.engine.session import session
+from core.errors import InputError
+from core.probe_results import DLAParams
+from core.progress import Progress
+from probes.common import top_heads
+
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+VISION_FAMILIES = ("vit",)
+
+
+def one_token(tokenizer, text: str, role: str) -> int:
+    """The id of `text` as one token (no special tokens); InputError naming its pieces otherwise."""
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if len(ids) != 1:
+        pieces = " + ".join(repr(tokenizer.decode([i])) for i in ids) or "nothing"
+        raise InputError(f"The {role} {text!r} is {len(ids)} tokens ({pieces}), not one; pick a word that is one "
+                         "token (with its leading space, like ' Mary').")
+    return ids[0]
+
+
+def _class_id(config, text: str) -> int:
+    """An image classifier's class by label (case-insensitive) or index."""
+    labels = {str(v).lower(): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if text.strip().lower() in labels:
+        return labels[text.strip().lower()]
+    if text.strip().isdigit() and int(text) < len(labels):
+        return int(text)
+    raise InputError(f"{text!r} is not a class of this classifier; give a label it has or a class number.")
+
+
+def _family_check(handle: ModelHandle) -> None:
+    meta = handle.meta
+    known = TEXT_FAMILIES if meta.modality == "text" else VISION_FAMILIES if meta.modality == "vision" else ()
+    classifier = meta.modality != "vision" or hasattr(handle.model, "classifier")
+    if meta.family not in known or not classifier or (meta.modality == "text" and not meta.causal):
+        raise InputError(f"Direct logit attribution knows Llama-style causal LMs, GPT-2 and ViT image classifiers; "
+                         f"{meta.name} ({meta.family}, {meta.modality}) is none of them.")
+
+
+def _final_norm(handle: ModelHandle) -> torch.nn.Module:
+    """The norm between the last block and the unembedding (Llama `norm`, GPT-2 `ln_f`, ViT `layernorm`)."""
+    base = getattr(handle.model, getattr(handle.model, "base_model_prefix", ""), handle.model)
+    for name in ("norm", "ln_f", "layernorm", "final_layernorm"):
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return getattr(base, name)
+    raise InputError(f"HeadScope cannot find the final norm of {handle.meta.name}.")
+
+
+def _unembedding(handle: ModelHandle) -> torch.nn.Module:
+    head = handle.model.classifier if handle.meta.modality == "vision" else handle.model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise InputError(f"{handle.meta.name}'s output head is not one linear map; DLA needs one.")
+    return head
+
+
+def _out_weight(out: torch.nn.Module) -> torch.Tensor:
+    """The output projection as W  # [dim, head * head_dim] (nn.Linear; GPT-2's Conv1D stores it transposed)."""
+    return out.weight.T if type(out).__name__ == "Conv1D" else out.weight
+
+
+def blocks_of(handle: ModelHandle) -> list[torch.nn.Module]:
+    """The block around each attention layer: the ancestor that is an item of a ModuleList (a Llama
+    decoder layer, a GPT-2 `h[i]`, a ViT `encoder.layer[i]`)."""
+    modules = dict(handle.model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    found = []
+    for attn in handle.attention_modules:
+        path = names.get(id(attn), "")
+        while "." in path and not isinstance(modules.get(path.rsplit(".", 1)[0]), torch.nn.ModuleList):
+            path = path.rsplit(".", 1)[0]
+        if "." not in path:
+            raise InputError(f"HeadScope cannot find the layers of {handle.meta.name}.")
+        found.append(modules[path])
+    return found
+
+
+def _mlp_hook(block: torch.nn.Module, store: list, layer: int):
+    """A forward hook recording the MLP's contribution to the residual  # [token, dim]."""
+    if isinstance(getattr(block, "mlp", None), torch.nn.Module):
+        def hook(_module, _args, out):
+            store[layer] = out[0].float()
+        return block.mlp.register_forward_hook(hook)
+    if isinstance(getattr(block, "output", None), torch.nn.Module):  # ViT: ViTOutput adds the residual itself
+        def hook(_module, args, out):
+            store[layer] = (out[0] - args[1][0]).float()
+        return block.output.register_forward_hook(hook)
+    raise InputError("HeadScope cannot find the MLP of this model's layers.")
+
+
+def _forward(handle: ModelHandle, inputs: dict) -> dict:
+    """One forward; the components of the residual stream at every position, float32, and the logits."""
+    blocks = blocks_of(handle)
+    L = handle.meta.n_layers
+    z: list = [None] * L  # z[l]  # [token, head, head_dim]
+    mlp: list = [None] * L  # mlp[l]  # [token, dim]
+    held: dict = {}
+
+    def take_z(layer: int, heads: torch.Tensor) -> None:
+        z[layer] = heads[0].float().clone()
+
+    def embedding(_module, args, kwargs):
+        held["embed"] = hidden_arg(args, kwargs)[0].float()  # [token, dim]
+
+    def final(_module, args):
+        held["final"] = args[0][0].float()  # [token, dim] the residual entering the final norm
+
+    hooks = [blocks[0].register_forward_pre_hook(embedding, with_kwargs=True),
+             _final_norm(handle).register_forward_pre_hook(final)]
+    hooks += [_mlp_hook(block, mlp, l) for l, block in enumerate(blocks)]
+    with removing(hooks), session(head_outputs=take_z):
+        out = handle.model(**inputs)
+    held.update(z=z, mlp=mlp, logits=out.logits[0].float())  # text [token, vocab]; a classifier [class]
+    return held
+
+
+@torch.inference_mode()
+def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = None,
+              foils: torch.Tensor | None = None) -> dict:
+    """Every component's term at every position, onto targets  # [token] minus foils  # [token] (None:
+    no foil); targets None = the next token of the text and the top prediction at the last position
+    (a classifier: its top class, at every position).
+
+    Returns heads [layer, head, token], mlps [layer, token], embed, bias, logit, scale, targets [token]
+    and residual_error: |final residual - the components| / |final residual|, the largest over positions
+    (~1e-7: the components are the residual stream).  `logit` is the model's own logit (difference); the
+    terms sum to it, at the frozen scale, to float rounding."""
+    _family_check(handle)
+    held = _forward(handle, inputs)
+    final, logits = held["final"], held["logits"]  # [token, dim]
+    n = final.shape[0]
+    if targets is None:
+        top = logits.argmax(-1)  # text [token]; a classifier: one class
+        if handle.meta.modality == "text":
+            targets = torch.cat([inputs["input_ids"][0, 1:], top[-1:]])
+        else:
+            targets = top.expand(n)
+    unembed = _unembedding(handle)
+    W_U = unembed.weight.float()  # [vocab, dim]
+    u = W_U[targets] - (W_U[foils] if foils is not None else 0)  # [token, dim]
+    const = torch.zeros(n)
+    if unembed.bias is not None:
+        b_U = unembed.bias.float()
+        const += b_U[targets] - (b_U[foils] if foils is not None else 0)
+    norm = _final_norm(handle)
+    weight = norm.weight.float()
+    e = weight * u  # [token, dim]
+    if isinstance(norm, torch.nn.LayerNorm):
+        scale = torch.rsqrt(final.var(-1, unbiased=False) + norm.eps)  # [token]
+        e = e - e.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the direction
+        norm_bias = u @ norm.bias.float() if norm.bias is not None else 0
+    else:
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        scale = torch.rsqrt(final.pow(2).mean(-1) + eps)  # [token]
+        norm_bias = 0
+    e = e * scale[:, None]  # the frozen scale: each term is linear in its component
+    L, H = handle.meta.n_layers, handle.meta.n_heads
+    heads = torch.zeros(L, H, n)
+    bias = const + norm_bias
+    rebuilt = held["embed"] + sum(held["mlp"])  # [token, dim], the attention outputs added below
+    for l, (_, out) in enumerate(attention_layers(handle.model)):
+        W_O = _out_weight(out).float()  # [dim, head * head_dim]
+        z = held["z"][l]  # [token, head, head_dim]
+        heads[l] = (z * (e @ W_O).view(n, H, -1)).sum(-1).T  # [head, token]
+        rebuilt = rebuilt + z.reshape(n, -1) @ W_O.T
+        if out.bias is not None:
+            bias = bias + e @ out.bias.float()
+            rebuilt = rebuilt + out.bias.float()
+    mlps = torch.stack([(m * e).sum(-1) for m in held["mlp"]])  # [layer, token]
+    embed = (held["embed"] * e).sum(-1)  # [token]
+    logit = (norm(final).float() * u).sum(-1) + const  # the model's own logit (difference)
+    error = ((final - rebuilt).norm(dim=-1) / final.norm(dim=-1).clamp_min(1e-12)).max()
+    return {"heads": heads.numpy(), "mlps": mlps.numpy(), "embed": embed.numpy(), "bias": bias.numpy(),
+            "logit": logit.numpy(), "scale": scale.numpy(), "targets": targets.numpy().astype(np.int64),
+            "residual_error": float(error)}
+
+
+def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store: Store | None = None) -> dict:
+    """DLA of one capture's tokens (DLAParams): stores heads [layer, head, token], mlps [layer, token], embed,
+    bias, logit, scale and targets [token]; the record names the answer position (the last token; a ViT's
+    CLS token) and sum_error, the largest |sum of terms - the model's logit| over positions."""
+    from capture.api import load_capture
+    from capture.vision.adapter import VisionAdapter
+
+    capture = load_capture(p.capture, store)
+    if capture is None:
+        raise InputError(f"No capture with key {p.capture} in the cache; `python -m headscope ls` lists them.")
+    _family_check(handle)
+    if capture.spec.intervention.edits:
+        raise InputError("DLA reads the plain model; this capture ran with an intervention.")
+    progress(0.1, "one forward with the components recorded")
+    if handle.meta.modality == "vision":
+        adapter = VisionAdapter(handle)
+        inputs = adapter.forward_kwargs(adapter.encode(capture.spec)[0])
+        tok = None
+        target = torch.tensor([_class_id(handle.model.config, p.target)]) if p.target else None
+        foil = torch.tensor([_class_id(handle.model.config, p.foil)]) if p.foil else None
+        position = 0
+    else:
+        ids = capture.output.token_ids
+        inputs = {"input_ids": torch.tensor([ids]), "use_cache": False}
+        tok = handle.tokenizer
+        n = len(ids)
+        target = torch.full((n,), one_token(tok, p.target, "target")) if p.target else None
+        foil = torch.full((n,), one_token(tok, p.foil, "foil")) if p.foil else None
+        position = n - 1
+    if target is not None and foil is not None and bool((target == foil).all()):
+        raise InputError("The target and the foil are the same token; their logit difference is always 0.")
+    if handle.meta.modality == "vision" and target is not None:
+        target = target.expand(capture.n_tokens)
+        foil = None if foil is None else foil.expand(capture.n_tokens)
+    terms = attribute(handle, inputs, target, foil)
+    progress(0.9, "storing")
+    total = terms["heads"].sum((0, 1)) + terms["mlps"].sum(0) + terms["embed"] + terms["bias"]  # [token]
+    for name in ("heads", "mlps", "embed", "bias", "logit", "scale", "targets"):
+        put(name, terms[name])
+    target_id = int(terms["targets"][position])
+    label = (handle.model.config.id2label.get(target_id, str(target_id)) if tok is None
+             else tok.decode([target_id]))
+    return {"n_tokens": int(terms["logit"].shape[0]), "capture": p.capture, "answer_position": position,
+            "summary": {"answer": label, "logit": float(terms["logit"][position]),
+                        "sum_error": float(np.abs(total - terms["logit"]).max()),
+                        "residual_error": terms["residual_error"],
+                        "top": top_heads(terms["heads"][:, :, position]),
+                        "bottom": top_heads(-terms["heads"][:, :, position])}}
