@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import shared, widgets
+from pages import shared, sidebar, widgets
 
-st.set_page_config(page_title="HeadScope", page_icon=":material/visibility:", layout="wide")
+# an emoji icon is drawn in the browser (a :material/...: page icon is fetched from a font CDN)
+st.set_page_config(page_title="HeadScope", page_icon="🔎", layout="wide")
 st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem}"
         ".hs-tok{padding:1px 0;border-radius:3px}"
         ".hs-label{font-weight:600;display:inline-block;min-width:8.5em}</style>")
@@ -29,10 +30,13 @@ page = st.navigation(list(PAGES.values()))
 if link_opened and state.page in PAGES and PAGES[state.page] is not page:
     st.switch_page(PAGES[state.page])  # a shared link opens on the page it names
 state.page = next(name for name, p in PAGES.items() if p is page)
-shared.resolve_link_key()
-shared.page_model()
-shared.sidebar()
-page.run()
+sidebar.resolve_link_key()
+sidebar.page_model()
+sidebar.render()
+try:
+    page.run()
+except shared.PageStop:  # the page had nothing more to show; the link and the share box still come
+    pass
 st.query_params.from_dict(state.to_params())
 with st.sidebar:
     st.markdown("**Share this view**")

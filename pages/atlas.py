@@ -15,12 +15,11 @@ PER_TOKEN_BY_HEAD = {"act_sink"}  # token metrics shaped [layer, head, token]
 GRANULAR = {"prev_token", "induction", "echo", "duplicate_token", "duo_gate"}  # query heads or KV heads
 
 view = shared.view_state()
+st.title("Head atlas")
 capture = shared.current_capture()
 model = view.model
 if capture is not None and capture.spec.model != model:
     capture = None  # a capture of another model: probe results are per model
-
-st.title("Head atlas")
 if capture is None:
     st.info("No capture of this model is loaded: one-pass metrics need a run (sidebar), probe metrics only the model.")
 modality = capture.meta.modality if capture is not None else "text"
@@ -85,7 +84,7 @@ else:
     except ProbeMissing as exc:
         st.warning(str(exc))
         if metric.probe is None or (metric.probe == "hidden" and capture is None):
-            st.stop()
+            shared.stop()
         label = {"hidden": "Capture the residual stream"}.get(metric.probe, f"Run the {metric.probe} probe")
         if st.button(label, type="primary", key="atlas_run_missing"):
             _run_probe(metric.probe, {"mode": params["mode"]} if metric.probe == "ablation" else None)

@@ -22,7 +22,7 @@ shared.show_link_warnings()
 shared.status_line(capture)
 if capture is None or not dit_capture.is_dit(capture):
     st.info("Pick a diffusion transformer in the sidebar (shapes-dit is embedded) to see its attention.")
-    st.stop()
+    shared.stop()
 MODEL = capture.spec.model
 prompt, seed, steps = capture.spec.prompt, capture.spec.seed, capture.spec.steps
 if MODEL == "shapes-dit":
@@ -191,7 +191,7 @@ with tab_pag:
                                            height=capture.spec.height, width=capture.spec.width),
                                    f"Sampling with {label}")
         if after is None:
-            st.stop()
+            shared.stop()
         st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
                                             ("before", f"after ({label})")),
                         key="dit_before_after", config=plot_config())

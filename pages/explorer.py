@@ -13,12 +13,12 @@ FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution
 WINDOW = 96  # detail window size, tokens
 
 state = shared.view_state()
-capture = shared.current_capture()
 st.title("Attention explorer")
+capture = shared.current_capture()
 shared.show_link_warnings()
 shared.status_line(capture)
 if capture is None:
-    st.stop()
+    shared.stop()
 meta = capture.meta
 n = capture.n_tokens
 for warning in state.clamp(meta.n_layers, meta.n_heads, n):

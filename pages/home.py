@@ -3,8 +3,8 @@ import streamlit as st
 
 from pages import shared
 
-capture = shared.current_capture()
 st.title("HeadScope")
+capture = shared.current_capture()
 st.markdown(
     "Explore the attention heads of language models, vision-language models, vision transformers and diffusion "
     "transformers: "

@@ -49,7 +49,7 @@ spec = shared.spec_of(shared.view_state())
 if not spec.prompt.strip():
     st.error("The prompt is empty: type a prompt in the sidebar and press Run; this page then compares it "
              "with an intervened run.")
-    st.stop()
+    shared.stop()
 if spec.max_new_tokens == 0:
     n_new = st.number_input("Tokens to generate", 1, MAX_NEW_TOKENS, 24, key="iv_max_new",
                             help="The input is prefill-only; interventions are compared on a generated continuation.")
@@ -57,7 +57,7 @@ if spec.max_new_tokens == 0:
 spec = dataclasses.replace(spec, intervention=Intervention())
 base = shared.run_capture(spec, "baseline")
 if base is None:
-    st.stop()
+    shared.stop()
 meta = base.meta
 if meta.modality == "dit":
     st.info(f"{meta.name} draws a picture: here the attention maps are compared (averaged over the sampling "
@@ -155,13 +155,13 @@ if active is None and state.intervention != "none":
         st.warning("The linked intervention is not stored on this server; pick heads and a preset instead.")
 if active is None or active.empty:
     st.info("Pick heads and a preset, then press Rerun to compare.")
-    st.stop()
+    shared.stop()
 state.intervention = remember(active)
 
 # ---- before | after ------------------------------------------------------------------------------
 after = shared.run_capture(dataclasses.replace(spec, intervention=active), "intervened run")
 if after is None:
-    st.stop()
+    shared.stop()
 st.subheader(f"Before | after · {active.preset or 'custom'} on {len(active.heads())} heads")
 before_tokens, after_tokens = base.tokens[n_prompt:], after.tokens[n_prompt:]
 diff = compare.token_diff(before_tokens, after_tokens)

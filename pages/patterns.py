@@ -107,7 +107,7 @@ with st.expander("Train on these captures", expanded=atlas is None):
 if atlas is None:
     st.info("Pick cached captures above and train: a small convolutional autoencoder learns the attention maps of "
             "every head, UMAP lays its codes out in 2-D, and k-means groups them into pattern types.")
-    st.stop()
+    shared.stop()
 
 # ---- names, colours, selection --------------------------------------------------------------------------------
 maps = atlas.maps

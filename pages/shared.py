@@ -1,26 +1,28 @@
-"""What every page shares: the view state, the sidebar run controls, the current capture, the status line,
-and one way to run long work (`run_with_progress`).
+"""What every page shares: the view state, the current capture, the status line, and one way to run long
+work (`run_with_progress`, `run_capture`: an estimate first, a progress line, a Stop button).
 
 The `ViewState` in `st.session_state["view"]` is the single source of truth.  Widgets are bound
 to its fields (`bind`); app.py writes it to `st.query_params` at the end of every run, which also
-puts back the parameters Streamlit drops when the sidebar switches pages.
+puts back the parameters Streamlit drops when the sidebar switches pages.  The sidebar's input widgets
+are in pages/sidebar.py.  A page that has nothing more to show calls `stop()` (not `st.stop()`), so the
+share box still comes.
 """
 from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
-from typing import Callable, TypeVar
+from dataclasses import dataclass
+from typing import Callable, NoReturn, TypeVar
 
 import numpy as np
 import streamlit as st
 
 import capture
 from capture import Capture, RunSpec
-from state import MAX_LINK_PROMPT, MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
+from state import MAX_LINK_PROMPT, ViewState
 
-# pages about one modality, and the embedded model they switch to when another kind is loaded
-PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm")}
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 VLM_IMAGE, VLM_QUESTION = "scene-3", "what colour is the circle?"  # scene 3 has one circle, a red one
 
@@ -75,186 +77,6 @@ def modality_of(model: str) -> str:
     return capture.modality(model)
 
 
-def page_model() -> None:
-    """On a page about one modality (PAGE_MODELS), load its embedded model if another kind is selected."""
-    state = view_state()
-    wanted = PAGE_MODELS.get(state.page)
-    if wanted is None or modality_of(state.model) == wanted[0] or wanted[1] not in allowed_models():
-        return
-    prompt = {"dit": DIT_PROMPT, "vlm": VLM_QUESTION}.get(wanted[0], state.prompt)
-    set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers and every head
-    state.prompt, state.key, state.width, state.height = prompt, "", 0, 0
-    st.session_state.update(f_prompt=prompt, f_width=0, f_height=0)
-    if wanted[0] == "vlm" and not state.image.startswith("scene-"):
-        state.image = VLM_IMAGE
-        for key in ("f_image_kind", "f_scene_seed", "f_sample"):
-            st.session_state.pop(key, None)
-    st.toast(f"Switched the model to {model_title(wanted[1])} for this page.")
-
-
-def sidebar() -> None:
-    """Model, input and generation settings, and the Run button: the same on every page."""
-    state = view_state()
-    with st.sidebar:
-        st.markdown("### Input")
-        models = list(allowed_models())
-        if state.model not in models:
-            state.model = models[0]
-        bind("model", st.selectbox, "Model", models, format_func=model_title,
-             help="Embedded models need no download. Operators can allow more with HEADSCOPE_ALLOWED_MODELS.")
-        modality = modality_of(state.model)
-        if modality == "vision":
-            image_inputs(state)
-        elif modality == "vlm":
-            vlm_inputs(state)
-        else:
-            text_inputs(state, modality)
-
-
-def text_inputs(state: ViewState, modality: str = "text") -> None:
-    """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
-    The widgets are drafts: the Run button makes them the view's input."""
-    drafts = {"f_prompt": state.prompt, "f_chat": state.chat, "f_max_new": state.max_new_tokens,
-              "f_seed": state.seed, "f_steps": state.steps, "f_width": state.width, "f_height": state.height}
-    for key, value in drafts.items():
-        st.session_state.setdefault(key, value)
-    if modality == "dit":
-        st.text_area("Prompt", height=90, max_chars=300, key="f_prompt",
-                     help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
-        left, right = st.columns(2)
-        left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
-        right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
-        left.number_input("Width (px)", 0, MAX_SIDE, step=16, key="f_width", help="0: the model's default size.")
-        right.number_input("Height (px)", 0, MAX_SIDE, step=16, key="f_height", help="0: the model's default size.")
-    else:
-        st.text_area("Prompt", height=140, max_chars=20_000, key="f_prompt")
-        st.checkbox("Wrap in the chat template", key="f_chat",
-                    help="Formats the prompt as a user turn, as the instruct model was trained.")
-        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
-                        help="0 runs the prompt only (prefill). Greedy decoding.")
-    st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
-
-
-def image_inputs(state: ViewState) -> None:
-    """A sample photo or an upload (checked by content, stored by hash: links carry only the hash)."""
-    problem = None
-    upload = st.session_state.get("f_upload")  # handled before the widgets so the new image shows at once
-    if upload is not None and st.session_state.get("f_uploaded") != upload.file_id:
-        try:
-            ref = capture.store_upload(upload.getvalue())
-        except capture.InputError as exc:
-            problem = str(exc)
-        else:
-            set_fields(image=ref)
-        st.session_state["f_uploaded"] = upload.file_id
-    samples = capture.sample_names()
-    if not state.image:
-        set_fields(image="cat" if "cat" in samples else samples[0])
-    options = samples + ([state.image] if state.image not in samples else [])
-    bind("image", st.selectbox, "Image", options,
-         format_func=lambda name: f"upload {name[7:19]}…" if name.startswith("sha256:") else f"sample: {name}")
-    st.file_uploader("…or upload a picture", type=["png", "jpg", "jpeg", "webp", "gif", "bmp"], key="f_upload",
-                     help="PNG/JPEG/WebP/GIF/BMP, up to 20 MB; checked by content, stored by its hash.")
-    if problem:
-        st.error(problem)
-
-
-def _image_kind(ref: str) -> str:
-    return "scene" if ref.startswith("scene-") else "upload" if ref.startswith("sha256:") else "sample"
-
-
-def vlm_inputs(state: ViewState) -> None:
-    """A picture (a procedural scene by seed, a sample photo or an upload) and a question about it.
-    Drafts until Run, like the prompt; an upload is checked and stored by hash at once."""
-    if not state.image:
-        state.image = VLM_IMAGE
-    kind = _image_kind(state.image)
-    st.session_state.setdefault("f_image_kind", kind)
-    st.session_state.setdefault("f_scene_seed", int(state.image[6:]) if kind == "scene" else 3)
-    samples = capture.sample_names()
-    st.session_state.setdefault("f_sample", state.image if kind == "sample" and state.image in samples else samples[0])
-    st.session_state.setdefault("f_upload_ref", state.image if kind == "upload" else "")
-    st.session_state.setdefault("f_prompt", state.prompt)
-    choice = st.segmented_control("Picture", ["scene", "sample", "upload"], key="f_image_kind",
-                                  format_func={"scene": "Scene", "sample": "Sample photo", "upload": "Upload"}.get
-                                  ) or "scene"
-    if choice == "scene":
-        st.number_input("Scene seed", 0, 10**9 - 1, key="f_scene_seed",
-                        help="A procedural picture of 2-4 coloured shapes (core.scenes); shapes-vlm was "
-                             "trained on scenes with seeds from 1,000,000, so small seeds are new to it.")
-        scene = capture.scenes.make_scene(int(st.session_state["f_scene_seed"]), capture.scenes.VLM)
-        st.image(scene.image, caption=scene.caption, width=160)
-        suggestions = [qa.question for qa in capture.scenes.questions(scene)]
-        st.selectbox("Suggested questions", ["—"] + suggestions, key="f_suggest", on_change=_use_suggestion)
-    elif choice == "sample":
-        st.selectbox("Sample photo", samples, key="f_sample")
-    else:
-        upload = st.file_uploader("Picture", type=["png", "jpg", "jpeg", "webp", "gif", "bmp"], key="f_vlm_upload",
-                                  help="PNG/JPEG/WebP/GIF/BMP, up to 20 MB; checked by content, stored by its hash.")
-        if upload is not None and st.session_state.get("f_vlm_uploaded") != upload.file_id:
-            try:
-                st.session_state["f_upload_ref"] = capture.store_upload(upload.getvalue())
-            except capture.InputError as exc:
-                st.error(str(exc))
-            st.session_state["f_vlm_uploaded"] = upload.file_id
-    st.text_input("Question", max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
-                  "“what colour is the circle?”, “where is the red square?”, “how many shapes are there?”.")
-    st.button("Run", type="primary", width="stretch", on_click=_apply_vlm_drafts)
-
-
-def _use_suggestion() -> None:
-    picked = st.session_state.get("f_suggest")
-    if picked and picked != "—":
-        st.session_state["f_prompt"] = picked
-
-
-def _drafted_image() -> str:
-    kind = st.session_state.get("f_image_kind") or "scene"
-    if kind == "scene":
-        return f"scene-{int(st.session_state['f_scene_seed'])}"
-    if kind == "sample":
-        return st.session_state["f_sample"]
-    return st.session_state.get("f_upload_ref") or view_state().image
-
-
-def _apply_vlm_drafts() -> None:
-    """The Run button of a VLM: the drafted picture and question become the view's input."""
-    state = view_state()
-    state.image, state.prompt, state.key = _drafted_image(), st.session_state["f_prompt"], ""
-
-
-def _apply_drafts() -> None:
-    """The Run button: the drafted input becomes the view's input."""
-    state = view_state()
-    state.prompt = st.session_state["f_prompt"]
-    state.chat = bool(st.session_state["f_chat"])
-    state.max_new_tokens = int(st.session_state["f_max_new"])
-    state.seed, state.steps = int(st.session_state["f_seed"]), int(st.session_state["f_steps"])
-    state.width, state.height = int(st.session_state["f_width"]), int(st.session_state["f_height"])
-    state.key = ""
-
-
-def resolve_link_key() -> None:
-    """A link that names its input by capture key: load that capture's spec (before widgets render)."""
-    state = view_state()
-    held: Capture | None = st.session_state.get("capture")
-    if not state.key or (held is not None and held.key == state.key):
-        return
-    found = capture.load_capture(state.key)
-    if found is not None and found.spec.model in allowed_models():
-        state.model, state.prompt = found.spec.model, found.spec.prompt
-        state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
-        state.seed, state.steps = found.spec.seed, found.spec.steps or state.steps
-        state.width, state.height = found.spec.width, found.spec.height
-        st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens,
-                                f_seed=state.seed, f_steps=state.steps, f_width=state.width, f_height=state.height)
-        st.session_state["capture"] = found
-    else:
-        st.session_state.setdefault("link_warnings", []).append(
-            "The linked capture is not in this server's cache; showing the prompt from the link instead.")
-        state.key = ""
-
-
 def spec_of(state: ViewState) -> RunSpec:
     modality = modality_of(state.model)
     if modality == "vision":
@@ -269,26 +91,113 @@ def spec_of(state: ViewState) -> RunSpec:
 
 
 T = TypeVar("T")  # what a piece of long work returns
+STOPPED = "stopped_work"  # labels of work the user stopped: a rerun does not start it again by itself
+_MEASURED: dict[str, float] = {}  # seconds per unit of each kind of work, as last measured in this server
+
+
+class PageStop(Exception):
+    """Raised by `stop()`: the page ends here.  app.py catches it and still writes the link and the share
+    box, which `st.stop()` (it ends app.py too) would leave out."""
+
+
+def stop() -> NoReturn:
+    raise PageStop
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How long a piece of long work should take, said before it starts: `units` x seconds per unit.
+
+    `each_s` is the time per unit measured on the reference machine (2 CPU cores, README); once this
+    server has run the same kind of work (`what`, e.g. "ablation smollm2"), its own measured time is
+    used instead."""
+
+    what: str
+    units: int
+    unit: str  # "heads", "sampling runs", "scenes" ...
+    each_s: float
+    fixed_s: float = 0.0  # loading the model and the like
+
+    def seconds(self) -> float:
+        return self.fixed_s + self.units * _MEASURED.get(self.what, self.each_s)
+
+    def text(self) -> str:
+        each = _MEASURED.get(self.what, self.each_s)
+        where = "measured on this server" if self.what in _MEASURED else "on a 2-core CPU"
+        return (f"about {duration(self.seconds())} ({self.units:,} {self.unit} × {each:.2g} s, {where}"
+                + (f", plus ~{self.fixed_s:.0f} s to load" if self.fixed_s >= 1 else "") + ")")
+
+    def learn(self, elapsed: float) -> None:
+        if self.units > 0:
+            _MEASURED[self.what] = max(elapsed - self.fixed_s, 0.0) / self.units
+
+
+def duration(seconds: float) -> str:
+    """"45 s", "3 min 20 s", "1 h 5 min"."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(s, 1)} s"
+    if s < 3600:
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 and s < 600 else "")
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def clear_stopped() -> None:
+    """Forget stopped work (the sidebar's Run starts everything afresh)."""
+    st.session_state.pop(STOPPED, None)
+
+
+def _stop_work(label: str) -> None:
+    st.session_state.setdefault(STOPPED, set()).add(label)
+
+
+def _restart_work(label: str) -> None:
+    st.session_state.get(STOPPED, set()).discard(label)
 
 
 def run_with_progress(label: str, work: Callable[..., T], *args, stored: Callable[..., T | None] | None = None,
-                      **kwargs) -> T | None:
-    """`work(*args, progress=..., **kwargs)` under a progress bar fed by its (fraction, message) reports.
+                      estimate: Estimate | None = None, **kwargs) -> T | None:
+    """`work(*args, progress=..., **kwargs)` under a progress bar fed by its (fraction, message) reports,
+    with the estimate said before it starts, the time so far and left, and a Stop button.
 
     `stored(*args)`, when given, is asked first: a result it finds is returned without drawing a bar.
     Work that reports nothing (`lambda progress: ...`) shows its label over an empty bar until it ends.
-    A `capture.USER_ERRORS` (bad input, a model that cannot be had, a cache that cannot be written ...)
-    is shown as its one sentence and None is returned; nothing the session holds is touched.
+    Stop: the click reruns the page, and Streamlit ends the running script at its next element update,
+    which is the bar's at the work's next report, so the work stops there.  Captures and probes write
+    their metadata record last (DESIGN.md, "Cache"): a stopped one leaves nothing that reads as complete.
+    The stopped label is remembered, so the rerun shows "Stopped" and a button to start again instead of
+    starting it over.  A `capture.USER_ERRORS` (bad input, a model that cannot be had, a cache that
+    cannot be written ...) is shown as its one sentence and None is returned.
     """
     try:
         if stored is not None and (found := stored(*args)) is not None:
             return found
-        bar = st.progress(0.0, text=f"{label}…")
+        if label in st.session_state.get(STOPPED, ()):
+            st.info(f"Stopped: {label}. Nothing partial was kept.")
+            st.button("Start again", key=f"restart_{label}", on_click=_restart_work, args=(label,))
+            return None
+        slot = st.empty()
+        with slot.container():
+            if estimate is not None:
+                st.caption(f"{label}: {estimate.text()}.")
+            bar = st.progress(0.0, text=f"{label}…")
+            st.button("Stop", key=f"stop_{label}", on_click=_stop_work, args=(label,),
+                      help="Ends the work at its next progress report; nothing partial is kept.")
+        t0 = time.perf_counter()
+
+        def report(fraction: float, message: str) -> None:
+            done = min(max(fraction, 0.0), 1.0)
+            elapsed = time.perf_counter() - t0
+            left = f", ~{duration(elapsed * (1 - done) / done)} left" if 0.05 <= done < 1 else ""
+            bar.progress(done, text=f"{label}: {message} ({duration(elapsed)}{left})")
+
         try:
-            return work(*args, progress=lambda fraction, message: bar.progress(
-                min(max(fraction, 0.0), 1.0), text=f"{label}: {message}"), **kwargs)
+            result = work(*args, progress=report, **kwargs)
         finally:
-            bar.empty()
+            slot.empty()
+        if estimate is not None:
+            estimate.learn(time.perf_counter() - t0)
+        return result
     except capture.USER_ERRORS as exc:
         st.error(str(exc))
         return None

@@ -11,18 +11,20 @@ from charts.theme import plot_config
 from pages import shared
 
 state = shared.view_state()
-capture = shared.current_capture()
 st.title("Vision")
+capture = shared.current_capture()
 shared.show_link_warnings()
 shared.status_line(capture)
 if capture is None or capture.meta.modality != "vision" or capture.image() is None:
     st.info("Pick a vision model in the sidebar (for example DINOv2-small on the sample image 'cat') to see "
             "attention over the picture.")
-    st.stop()
+    shared.stop()
 
 meta = capture.meta
 layout = vision.Layout.of(capture)
 picture = capture.image()
+if state.layer == -1:  # the page switched to a vision model: the last layer, where CLS attention is sharpest
+    shared.set_fields(layer=meta.n_layers - 1)
 for warning in state.clamp(meta.n_layers, meta.n_heads, capture.n_tokens, mean_head=True):
     st.warning(warning)
 if capture.output.classes:
