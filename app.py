@@ -12,7 +12,9 @@ from pages import shared, sidebar, widgets
 st.set_page_config(page_title="HeadScope", page_icon="🔎", layout="wide")
 st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem}"
         ".hs-tok{padding:1px 0;border-radius:3px}"
-        ".hs-label{font-weight:600;display:inline-block;min-width:8.5em}</style>")
+        ".hs-label{font-weight:600;display:inline-block;min-width:8.5em}"
+        # less empty space above the title: the main comparison of each page sits higher at 1280 x 800
+        "[data-testid='stMainBlockContainer']{padding-top:2.5rem}</style>")
 
 state = shared.view_state()
 link_opened = st.session_state.pop("link_opened", False)
@@ -25,6 +27,8 @@ PAGES = {
     "dit": st.Page("pages/dit.py", title="Diffusion (DiT)", icon=":material/brush:", url_path="dit"),
     "gaze": st.Page("pages/gaze.py", title="Gaze (VLM)", icon=":material/center_focus_strong:", url_path="gaze"),
     "patterns": st.Page("pages/patterns.py", title="Pattern atlas", icon=":material/scatter_plot:", url_path="patterns"),
+    "attribution": st.Page("pages/attribution.py", title="Attribution", icon=":material/account_tree:",
+                           url_path="attribution"),
 }
 page = st.navigation(list(PAGES.values()))
 if link_opened and state.page in PAGES and PAGES[state.page] is not page:

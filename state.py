@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Mapping
 
 from core.keys import is_key
+from core.probe_results import IOI_CLEAN, IOI_CORRUPTED
 from core.types import MAX_STEPS
 
-PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns")
+PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns", "attribution")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
 VIEWS = ("model", "head", "token")
 MAX_LINK_PROMPT = 600  # longer prompts travel by capture key
@@ -25,6 +26,10 @@ MAX_NEW_TOKENS = 256
 ATLAS_COLOURS = ("cluster", "layer", "model", "input", "first", "self", "near", "local", "entropy", "distance",
                  "spread")
 MAX_SIDE = 4096  # diffusion: the largest picture side a link may ask for (each model refuses sides it cannot sample)
+MEASURES = ("logit_diff", "prob")  # attribution: the patching metric at the last position
+DIRECTIONS = ("denoise", "noise")  # attribution: clean into corrupted, or corrupted into clean
+RECEIVERS = ("q", "k", "v")  # attribution: the path-patching receivers' input
+MAX_LINK_TOKEN = 40  # characters of an attribution target / foil token
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 # whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
@@ -78,6 +83,13 @@ class ViewState:
     all_steps: bool = False  # diffusion: average the maps over every step (DAAM) instead of one step
     width: int = 0  # diffusion: picture size in pixels; 0 = the model's default
     height: int = 0
+    clean: str = IOI_CLEAN  # attribution: the clean and corrupted prompts (same token length)
+    corrupted: str = IOI_CORRUPTED
+    target: str = " Mary"  # attribution: the answer token, and the foil of a logit difference
+    foil: str = " John"
+    measure: str = "logit_diff"  # attribution: MEASURES
+    direction: str = "denoise"  # attribution: DIRECTIONS
+    receivers: str = "q"  # attribution: path patching from the selected head into later heads' RECEIVERS
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -170,10 +182,20 @@ def _parse(name: str, value: str):
                           (value.startswith("sha256:") and is_hex(value[7:], 64))):
             raise ValueError("images are named samples or sha256:<hash> of an upload, never paths.")
         return value
-    if name == "prompt":
+    if name in ("prompt", "clean", "corrupted"):
         if len(value) > MAX_LINK_PROMPT:
             raise ValueError("prompt too long for a link.")
         return "".join(ch for ch in value if ch in "\n\t" or ch.isprintable())
+    if name in ("target", "foil"):
+        if len(value) > MAX_LINK_TOKEN or not all(ch.isprintable() for ch in value):
+            raise ValueError("not a token.")
+        return value
+    if name == "measure":
+        return _choice(value, MEASURES)
+    if name == "direction":
+        return _choice(value, DIRECTIONS)
+    if name == "receivers":
+        return _choice(value, RECEIVERS)
     if name == "patch":
         parts = value.split(",")
         if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):

@@ -29,6 +29,8 @@ from analytics.text import _context, _probe_params
 from core import probe_results as stored
 from core.errors import InputError
 
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")  # the causal LMs whose DLA probes.dla can decompose
+
 
 def patching_effect(patched: np.ndarray, clean: float, corrupted: float, direction: str = "denoise") -> np.ndarray:
     """patched  # [layer, head] metric values -> the share of the clean - corrupted gap each head accounts
@@ -156,25 +158,84 @@ def _add_head(graph: HeadGraph, heads: np.ndarray, l: int, h: int, position: int
         graph.edges.append(Edge(token, head_id(l, h), float(row[j]) * abs(value), "attention"))
 
 
-# ---- metrics: the stored results as head scores ----------------------------------------------------
+# ---- the stored results, read back ----------------------------------------------------------------
+
+@dataclass
+class DLA:
+    """A stored dla probe result (probes.dla): every term at every position of one capture."""
+
+    result: stored.ProbeResult
+
+    @property
+    def answer_position(self) -> int:
+        return int(self.result.record["answer_position"])
+
+    def position(self, position: int = -1) -> int:
+        """-1 -> the answer position; InputError outside the capture."""
+        n = int(self.result.record["n_tokens"])
+        at = self.answer_position if position == -1 else position
+        if not 0 <= at < n:
+            raise InputError(f"Position {position} is outside the capture's {n} tokens (0..{n - 1}).")
+        return at
+
+    def heads(self, position: int = -1) -> np.ndarray:
+        """DLA  # [layer, head] at `position`."""
+        return np.asarray(self.result.array("heads")[:, :, self.position(position)], dtype=np.float32)
+
+    def terms(self, position: int = -1) -> dict:
+        """mlps  # [layer], embed, bias, logit (the model's own) and the answer's token id at `position`."""
+        at = self.position(position)
+        return {"mlps": np.asarray(self.result.array("mlps")[:, at]), "embed": float(self.result.array("embed")[at]),
+                "bias": float(self.result.array("bias")[at]), "logit": float(self.result.array("logit")[at]),
+                "target": int(self.result.array("targets")[at])}
+
+
+@dataclass
+class Patching:
+    """A stored patching probe result (probes.patching / probes.path_patching)."""
+
+    result: stored.ProbeResult
+
+    @property
+    def clean(self) -> float:
+        return float(self.result.summary["clean"])
+
+    @property
+    def corrupted(self) -> float:
+        return float(self.result.summary["corrupted"])
+
+    @property
+    def patched(self) -> np.ndarray:
+        """The metric with each head patched  # [layer, head] (NaN where not measured)."""
+        return np.asarray(self.result.array("patched"), dtype=np.float64)
+
+    @property
+    def effect(self) -> np.ndarray:
+        """patching_effect  # [layer, head]."""
+        return patching_effect(self.patched, self.clean, self.corrupted, self.result.summary["direction"])
+
+
+def read_dla(capture, **params) -> DLA:
+    """The stored DLA of `capture` (params: target, foil; store, revision, model as analytics.text reads
+    probe results), or ProbeMissing with the command that makes it."""
+    store, revision, model, _ = _context(capture, params)
+    p = _probe_params("dla", dict(params, capture=getattr(capture, "key", "")))
+    return DLA(stored.require(store, revision, model, "dla", p))
+
+
+def read_patching(capture=None, **params) -> Patching:
+    """The stored patching result of these PatchingParams fields (the defaults: the IOI prompt), or ProbeMissing."""
+    store, revision, model, _ = _context(capture, params)
+    return Patching(stored.require(store, revision, model, "patching", _probe_params("patching", params)))
+
 
 def _dla(capture, position: int = -1, **params) -> np.ndarray:
     """DLA  # [layer, head] at `position` (-1: the answer position) from the stored dla probe of this capture."""
-    store, revision, model, _ = _context(capture, params)
-    p = _probe_params("dla", dict(params, capture=getattr(capture, "key", "")))
-    result = stored.require(store, revision, model, "dla", p)
-    heads = result.array("heads")  # [layer, head, token]
-    at = int(result.record.get("answer_position", heads.shape[-1] - 1)) if position == -1 else position
-    if not 0 <= at < heads.shape[-1]:
-        raise InputError(f"Position {position} is outside the capture's {heads.shape[-1]} tokens (0..{heads.shape[-1] - 1}).")
-    return np.asarray(heads[:, :, at], dtype=np.float32)
+    return read_dla(capture, **params).heads(position)
 
 
 def _patching(capture, **params) -> np.ndarray:
-    store, revision, model, _ = _context(capture, params)
-    result = stored.require(store, revision, model, "patching", _probe_params("patching", params))
-    s = result.summary
-    return patching_effect(result.array("patched"), s["clean"], s["corrupted"], s["direction"]).astype(np.float32)
+    return read_patching(capture, **params).effect.astype(np.float32)
 
 
 ATTRIBUTION_METRICS = [
@@ -190,5 +251,5 @@ ATTRIBUTION_METRICS = [
            _patching, probe="patching", params={"direction": "denoise", "metric": "logit_diff"}),
 ]
 
-__all__ = ["ATTRIBUTION_METRICS", "Edge", "HeadGraph", "Node", "head_graph", "head_id", "patching_effect",
-           "rank_agreement"]
+__all__ = ["ATTRIBUTION_METRICS", "DLA", "Edge", "HeadGraph", "Node", "Patching", "TEXT_FAMILIES", "head_graph",
+           "head_id", "patching_effect", "rank_agreement", "read_dla", "read_patching"]

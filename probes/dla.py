@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from analytics.attribution import TEXT_FAMILIES
 from cache.store import Store
 from capture.engine.handle import ModelHandle, attention_layers
 from capture.engine.hooks import hidden_arg, removing
@@ -33,7 +34,6 @@ from core.probe_results import DLAParams
 from core.progress import Progress
 from probes.common import top_heads
 
-TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 VISION_FAMILIES = ("vit",)
 
 

@@ -83,7 +83,8 @@ def patching_probe(handle: ModelHandle, p: PatchingParams, put, progress: Progre
         source_value, dest_value, patched = patching_sweep(handle, source, dest, answer, heads_list, batch_size,
                                                            progress)
     put("patched", patched.astype(np.float32))
-    clean_value, corrupted_value = (source_value, dest_value) if p.direction == "denoise" else (dest_value, source_value)
+    denoise = p.direction == "denoise"
+    clean_value, corrupted_value = (source_value, dest_value) if denoise else (dest_value, source_value)
     effect = patching_effect(patched, clean_value, corrupted_value, p.direction)
     labels = [tok.decode([i]) for i in clean]
     return {"n_tokens": len(clean), "tokens": labels, "corrupted_tokens": [tok.decode([i]) for i in corrupted],

@@ -40,9 +40,9 @@ def projection(attention: torch.nn.Module, which: str, n_heads: int, n_kv: int, 
                      "this model's attention has neither.")
 
 
-def path_patching_sweep(handle: ModelHandle, source: list[int], dest: list[int], answer: Answer, sender: tuple[int, ...],
-                  receivers: str = "q", batch_size: int | None = None, progress: Progress = no_progress
-                  ) -> tuple[float, float, np.ndarray]:
+def path_patching_sweep(handle: ModelHandle, source: list[int], dest: list[int], answer: Answer,
+                        sender: tuple[int, ...], receivers: str = "q", batch_size: int | None = None,
+                        progress: Progress = no_progress) -> tuple[float, float, np.ndarray]:
     """(source metric, destination metric, patched  # [layer, head]): the metric with the sender's path to
     each receiver's `receivers` input patched (NaN for layers up to the sender's)."""
     meta = handle.meta

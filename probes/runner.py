@@ -5,13 +5,14 @@
     run_probe("ablation", "smollm2")   single-head ablation of every head, batched (zero | mean | uniform)
     run_probe("gradient", "smollm2")   Michel et al. |dL/d gate| per head
     run_probe("duo", "smollm2")        mini DuoAttention gate optimisation on synthetic passkeys
-    run_probe("patching", "smollm2")   activation patching of every head, clean -> corrupted (path patching with a sender)
+    run_probe("patching", "smollm2")   activation patching of every head, clean -> corrupted (or path patching)
     run_probe("dla", "smollm2", {"capture": key})  direct logit attribution of a capture's tokens
     hidden_states(capture)             the residual stream entering every layer of one capture (VAR)
 
 Each kind lives in its own module (probes.patterns, probes.needle, probes.ablation, probes.gradient,
-probes.duo, probes.hidden, probes.patching, probes.dla) as a function (handle, params, put, progress, **options) -> record that
-stores its arrays with `put(name, array)` and returns the JSON record's own fields.  `run_probe`
+probes.duo, probes.hidden, probes.patching, probes.dla) as a function (handle, params, put, progress,
+**options) -> record that stores its arrays with `put(name, array)` and returns the JSON record's own
+fields.  `run_probe`
 validates the parameters, holds the model's lock while the probe runs, and stores the result under
 `core.probe_results.probe_key(model revision, probe, params)`: arrays first, then a JSON record with
 `"kind": "probe"` (written last, so a crash never leaves a result that looks whole).  A second call
@@ -132,7 +133,8 @@ def _validate(probe: str, p) -> None:
             raise InputError("The gradient probe needs n_texts >= 1 and n_tokens >= 4.")
     elif probe == "patching":
         if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS or p.receivers not in ("q", "k", "v"):
-            raise InputError("Patching takes metric logit_diff or prob, direction denoise or noise, receivers q, k or v.")
+            raise InputError("Patching takes metric logit_diff or prob, direction denoise or noise, "
+                             "receivers q, k or v.")
         if p.sender and len(p.sender) != 2:
             raise InputError("The path-patching sender is two numbers: its layer and its head.")
     elif probe == "dla" and not p.capture:
