@@ -1,8 +1,11 @@
 """Vision-language head analytics (pure numpy: no torch, no streamlit).
 
-Inputs are a VLM capture's causal maps attn  # [head, query, key] per LM layer (capture/vlm/adapter.py)
-with the spans "image" (image tokens, row-major over `grid`), "question", "prompt" and "answer", and
-the residual stream it stores beside them (hidden  # [layer, token, dim]).
+Inputs are a VLM capture's maps attn  # [head, query, key] per LM layer (capture/vlm/adapter.py: causal
+"tril", or "full" where the model's mask is not causal) with the spans "question", "prompt" and
+"answer", its image tokens and their boxes on the picture (analytics.vlm_picture.PictureLayout: stored
+per capture, or one grid over the "image" span), and the residual stream it stores beside them
+(hidden  # [layer, token, dim]).  Per-token quantities are computed on the image tokens, then painted
+onto the picture's raster for the figures and the pointing game.
 
 - **Visual sinks** (VAR, Kang et al., ICLR 2025, METHODS §2.2): massive-activation dimensions of this
   model found from the residual stream (analytics.sinks.massive_dims: dims whose peak φ(x) = |x / RMS(x)|
@@ -32,7 +35,7 @@ import numpy as np
 
 from analytics.metric import Metric
 from analytics.sinks import VAR_FIRST_LAYER, VAR_TAU, massive_dims, massive_scores
-from analytics.vision import Layout, grid_map
+from analytics.vlm_picture import PictureLayout
 from core.errors import ProbeMissing
 
 VAR_SUMM = 0.2  # VAR `summ`: minimum visual attention mass of an image-centric row
@@ -66,18 +69,31 @@ def layer_set(n_layers: int, layers: Sequence[int] | None = None) -> list[int]:
 
 # ---- visual mass and image-centric heads (VAR) ---------------------------------------------------
 
-def visual_mass(rows: np.ndarray, image: range) -> np.ndarray:
-    """rows  # [..., query, key] -> [..., query]: Σ_{j ∈ image} A_ij."""
-    return np.asarray(rows, dtype=np.float32)[..., image.start:image.stop].sum(-1)
+def _keys(image) -> slice | np.ndarray:
+    """An index over the key axis for the image tokens: `image` a range (consecutive), a slice, or positions."""
+    if isinstance(image, range):
+        return slice(image.start, image.stop)
+    return image if isinstance(image, slice) else np.asarray(image, np.int64)
 
 
-def image_centric_rows(rows: np.ndarray, image: range, visual_sinks: Sequence[int] = (),
+def _members(image) -> set[int]:
+    return set(range(image.start, image.stop)) if isinstance(image, slice) else {int(j) for j in image}
+
+
+def visual_mass(rows: np.ndarray, image) -> np.ndarray:
+    """rows  # [..., query, key] -> [..., query]: Σ_{j ∈ image} A_ij (`image`: the image tokens' positions,
+    a range when they are consecutive)."""
+    return np.asarray(rows, dtype=np.float32)[..., _keys(image)].sum(-1)
+
+
+def image_centric_rows(rows: np.ndarray, image, visual_sinks: Sequence[int] = (),
                        summ: float = VAR_SUMM, rho: float = VAR_RHO) -> np.ndarray:
     """bool  # [..., query]: VAR's image-centric rows, visual mass >= summ (0.2) and the share of it on
-    the visual sinks (absolute token positions inside `image`) <= rho (0.5)."""
+    the visual sinks (absolute token positions among the image tokens `image`) <= rho (0.5)."""
     rows = np.asarray(rows, dtype=np.float32)
     mass = visual_mass(rows, image)
-    sinks = [int(j) for j in visual_sinks if image.start <= j < image.stop]
+    members = _members(image)
+    sinks = [int(j) for j in visual_sinks if int(j) in members]
     on_sinks = rows[..., sinks].sum(-1) if sinks else np.zeros_like(mass)
     return (mass >= summ) & (on_sinks <= rho * np.maximum(mass, 1e-12))
 
@@ -102,7 +118,7 @@ class HeadVision:
 def head_vision(capture, visual_sinks: Sequence[int] = (), rows: range | None = None,
                 summ: float = VAR_SUMM, rho: float = VAR_RHO) -> HeadVision:
     """`HeadVision` of a VLM capture, reading only the chosen rows (default `decode_rows`) of each layer."""
-    image = capture.spans["image"]
+    image = PictureLayout.of(capture).keys
     rows = rows or decode_rows(capture.spans, capture.n_tokens)
     mass, centric = [], []
     for layer in range(capture.meta.n_layers):
@@ -117,7 +133,8 @@ def head_vision(capture, visual_sinks: Sequence[int] = (), rows: range | None = 
 @dataclass(frozen=True)
 class VisualSinks:
     """dims: the model's massive dimensions; phi  # [token] peak φ on them (prompt tokens; 0 after);
-    tokens: positions with φ > tau; visual: those inside the image span; patches: their (row, col)."""
+    tokens: positions with φ > tau; visual: those among the image tokens; patches: their (row, col) on
+    the grid (on a capture's picture raster: the raster cells their boxes cover, `capture_sinks`)."""
 
     dims: list[int]
     phi: np.ndarray
@@ -127,23 +144,25 @@ class VisualSinks:
     tau: float
 
 
-def visual_sinks(hidden, image: range, grid: tuple[int, int], n_prompt: int | None = None,
+def visual_sinks(hidden, image, grid: tuple[int, int], n_prompt: int | None = None,
                  tau: float = VAR_TAU, first_layer: int = VAR_FIRST_LAYER) -> VisualSinks:
     """VAR sink tokens from the residual stream hidden  # [layer, token, dim] (indexable by layer),
-    prefill only (the first `n_prompt` tokens).  Defaults τ = 20, layers 2..L-1.
+    prefill only (the first `n_prompt` tokens), `image` the image tokens' positions (row-major over
+    `grid`).  Defaults τ = 20, layers 2..L-1.
 
     The massive dimensions are found on the prompt's *text* tokens (VAR: "the dimensions with outsized
     activations on sink tokens (BOS, etc.)"), then every prompt token, image tokens included, is scored
     on them: a projector's image features can be large in dimensions that mark no sink at all."""
     n_tokens = np.asarray(hidden[0]).shape[0]
     n_prompt = n_tokens if n_prompt is None else int(n_prompt)
-    text = [j for j in range(n_prompt) if not image.start <= j < image.stop]
+    order = {int(j): k for k, j in enumerate(image)}  # position -> index among the image tokens
+    text = [j for j in range(n_prompt) if j not in order]
     dims = massive_dims(_Tokens(hidden, text or list(range(n_prompt))), tau, first_layer)
     phi = np.zeros(n_tokens, dtype=np.float32)
     phi[:n_prompt] = massive_scores(_Tokens(hidden, list(range(n_prompt))), dims, tau, first_layer)
     tokens = [int(j) for j in np.flatnonzero(phi > tau)]
-    visual = [j for j in tokens if image.start <= j < image.stop]
-    patches = [divmod(j - image.start, grid[1]) for j in visual]
+    visual = [j for j in tokens if j in order]
+    patches = [divmod(order[j], grid[1]) for j in visual]
     return VisualSinks(dims=dims, phi=phi, tokens=tokens, visual=visual, patches=patches, tau=tau)
 
 
@@ -175,42 +194,52 @@ def stored_vision_maps(capture) -> np.ndarray:
     try:
         return capture.store.get_array(capture.key, "vision_attention")
     except Exception as exc:  # noqa: BLE001 - absent or unreadable
-        raise ProbeMissing("This capture has no vision-tower maps (older HeadScope versions did not "
-                           "store them); run it again to record them.") from exc
+        raise ProbeMissing("This capture has no vision-tower maps: HeadScope records a tower that is a ViT over "
+                           "one view of the picture (not Qwen2-VL's), and older captures did not store them.") from exc
+
+
+def tower_grid(capture) -> tuple[int, int]:
+    """(rows, cols) of the patches in the stored vision-tower maps (the model's grid for older captures)."""
+    try:
+        return tuple(int(x) for x in capture.store.get_array(capture.key, "vision_grid"))
+    except Exception:  # noqa: BLE001 - stored before the grid was: the tower saw the model's grid
+        return tuple(capture.meta.grid)
 
 
 def vision_cls_maps(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """maps  # [head, token, token] of one vision-tower layer -> [head, rows, cols]: what the tower's first
-    token (CLS) attends to on each patch (Caron et al. 2021's self-attention maps; prefix tokens dropped)."""
+    token (CLS) attends to on each patch (Caron et al. 2021's self-attention maps; prefix tokens dropped);
+    a tower without a CLS token (SigLIP) gives the mean attention each patch receives from the patches."""
     rows, cols = grid
     prefix = maps.shape[-1] - rows * cols
-    if prefix < 1:
-        raise ValueError(f"a vision tower with {maps.shape[-1]} tokens has no CLS token before {rows} x {cols} patches")
-    return np.asarray(maps[:, 0, prefix:], dtype=np.float32).reshape(maps.shape[0], rows, cols)
+    if prefix < 0:
+        raise ValueError(f"a vision tower with {maps.shape[-1]} tokens has fewer than {rows} x {cols} patches")
+    weights = maps[:, 0, prefix:] if prefix else np.asarray(maps, dtype=np.float32).mean(1)
+    return np.asarray(weights, dtype=np.float32).reshape(maps.shape[0], rows, cols)
 
 
 def capture_sinks(capture, tau: float = VAR_TAU) -> VisualSinks:
-    """`visual_sinks` of a VLM capture, from its stored residual stream."""
-    return visual_sinks(stored_hidden(capture), capture.spans["image"], tuple(capture.meta.grid),
-                        capture.spans["prompt"].stop, tau)
+    """`visual_sinks` of a VLM capture, from its stored residual stream; `patches` are the cells of its
+    picture's raster (analytics.vlm_picture) that its visual sinks' boxes cover."""
+    layout = PictureLayout.of(capture)
+    found = visual_sinks(stored_hidden(capture), layout.positions.tolist(), layout.raster,
+                         capture.spans["prompt"].stop, tau)
+    cells = sorted({cell for j in found.visual for cell in layout.cells(layout.index(j))})
+    return VisualSinks(dims=found.dims, phi=found.phi, tokens=found.tokens, visual=found.visual, patches=cells,
+                       tau=found.tau)
 
 
 # ---- gaze shifts (GIFT) ----------------------------------------------------------------------------
 
-def image_rows(attn_rows: np.ndarray, layout: Layout) -> np.ndarray:
-    """attn_rows  # [..., query, key] -> [..., query, rows, cols]: each query's attention on the image."""
-    return grid_map(attn_rows, layout)
-
-
 def gaze_shifts(a: np.ndarray) -> np.ndarray:
-    """a  # [t + 1, rows, cols] (the token before the question, then each question token) ->
-    g  # [t, rows, cols], g_t = max(0, a_t - a_{t-1}) (GIFT)."""
+    """a  # [t + 1, ...] (the token before the question, then each question token; per image token or
+    per raster cell) -> g  # [t, ...], g_t = max(0, a_t - a_{t-1}) (GIFT)."""
     a = np.asarray(a, dtype=np.float32)
     return np.maximum(a[1:] - a[:-1], 0.0)
 
 
 def saliency(g: np.ndarray) -> np.ndarray:
-    """g  # [t, rows, cols] -> S  # [rows, cols] = Σ_t g_t normalised to a maximum of 1 (zeros stay zeros)."""
+    """g  # [t, ...] -> S  # [...] = Σ_t g_t normalised to a maximum of 1 (zeros stay zeros)."""
     total = np.asarray(g, dtype=np.float32).sum(0)
     top = float(total.max()) if total.size else 0.0
     return total / top if top > 0 else total
@@ -218,8 +247,10 @@ def saliency(g: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Gaze:
-    """a  # [t + 1, rows, cols] image attention of the token before the question and of each question
-    token; g  # [t, rows, cols] gaze shifts; S  # [rows, cols] saliency; words: (label, indices into g)."""
+    """On the picture's raster (analytics.vlm_picture): a  # [t + 1, rows, cols] image attention of the token
+    before the question and of each question token, g  # [t, rows, cols] gaze shifts, S  # [rows, cols]
+    saliency; per image token: token_saliency  # [image token] (what GIFT's edit reads, S_j), positions
+    their sequence positions; words: (label, indices into g)."""
 
     a: np.ndarray
     g: np.ndarray
@@ -228,6 +259,8 @@ class Gaze:
     words: list[tuple[str, list[int]]]
     layers: list[int]
     heads: list[int]
+    token_saliency: np.ndarray
+    positions: list[int]
 
     def filmstrip(self) -> np.ndarray:
         """[word, rows, cols]: the gaze shift of each question word (the sum over its tokens)."""
@@ -252,35 +285,36 @@ def question_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
 
 def gaze(capture, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> Gaze:
     """GIFT's gaze shifts of a VLM capture over its question tokens, mean over `heads` (default every
-    head) and `layers` (default VAR's 2..L-1)."""
+    head) and `layers` (default VAR's 2..L-1): per image token, then painted onto the picture's raster."""
     question = capture.spans["question"]
     if not len(question):
         raise ValueError("This capture has no question tokens.")
-    layout = Layout.of(capture)
+    layout = PictureLayout.of(capture)
     chosen = layer_set(capture.meta.n_layers, layers)
     heads = list(range(capture.meta.n_heads)) if heads is None else [int(h) for h in heads]
     start, stop = question.start - 1, question.stop  # the token before the question, then the question
     total = None
     for layer in chosen:
         block = capture.rows(layer, start, stop)[heads]  # [head, t + 1, keys]
-        maps = image_rows(block, layout).mean(0)  # [t + 1, rows, cols]
-        total = maps if total is None else total + maps
-    a = total / len(chosen)
-    g = gaze_shifts(a)
+        on_image = layout.image_keys(block).mean(0)  # [t + 1, image token]
+        total = on_image if total is None else total + on_image
+    a = total / len(chosen)  # [t + 1, image token]
+    g = gaze_shifts(a)  # [t, image token]
     tokens = [capture.tokens[i] for i in question]
-    return Gaze(a=a, g=g, saliency=saliency(g), tokens=tokens, words=question_words(tokens), layers=chosen,
-                heads=heads)
+    return Gaze(a=layout.paint(a), g=layout.paint(g), saliency=saliency(layout.paint(g)), tokens=tokens,
+                words=question_words(tokens), layers=chosen, heads=heads, token_saliency=saliency(g),
+                positions=layout.positions.tolist())
 
 
 def gaze_per_head(capture) -> np.ndarray:
     """[layer, head]: each head's total positive gaze shift over the question (Σ_t Σ_patches g_t): how
     much its image attention moves to new places while it reads the question."""
     question = capture.spans["question"]
-    image = capture.spans["image"]
+    layout = PictureLayout.of(capture)
     out = []
     for layer in range(capture.meta.n_layers):
         block = np.asarray(capture.rows(layer, question.start - 1, question.stop), np.float32)  # [head, t+1, keys]
-        a = block[..., image.start:image.stop]  # [head, t + 1, patch]
+        a = layout.image_keys(block)  # [head, t + 1, image token]
         out.append(np.maximum(a[:, 1:] - a[:, :-1], 0.0).sum(axis=(1, 2)))
     return np.stack(out)
 
@@ -348,5 +382,6 @@ VLM_METRICS = [
 
 __all__ = ["VAR_SUMM", "VAR_RHO", "CENTRIC_SHARE", "decode_rows", "layer_set", "visual_mass", "image_centric_rows",
            "HeadVision", "head_vision", "VisualSinks", "visual_sinks", "capture_sinks", "stored_hidden", "gaze_shifts",
+           "tower_grid", "vision_cls_maps", "stored_vision_maps",
            "saliency", "Gaze", "gaze", "gaze_per_head", "question_words", "t_vhd", "stored_vhd", "T_VHD_K",
            "VLM_METRICS"]

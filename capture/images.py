@@ -153,6 +153,29 @@ def scene_picture(seed: int) -> np.ndarray:
     return scenes.make_scene(seed, scenes.VLM).image
 
 
+PICTURE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}  # 8 bits a channel
+
+
+def as_picture(image) -> Image.Image:
+    """An RGB PIL picture from a PIL image or a uint8 array [H, W] / [H, W, 3 or 4], for a model's processor;
+    InputError with one sentence for another type, mode or dtype, or more than MAX_PIXELS pixels."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise InputError(f"A picture array must be uint8 [height, width, 3]; this one is {image.dtype} "
+                             f"{list(image.shape)}.")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise InputError(f"A picture must be a PIL image or a uint8 array, not {type(image).__name__}.")
+    if image.mode not in PICTURE_MODES:
+        raise InputError(f"Pictures in PIL mode {image.mode} (more than 8 bits a channel) are not supported; "
+                         "convert the picture to RGB first.")
+    width, height = image.size
+    if width * height > MAX_PIXELS or min(width, height) < 1:
+        raise InputError(f"The picture is {width} x {height} pixels; HeadScope takes 1 to {MAX_PIXELS / 1e6:g} "
+                         "megapixels.")
+    return _to_rgb(image)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (as most viewers show it)."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -206,16 +229,22 @@ class ImagePrep:
 
     @classmethod
     def from_pretrained(cls, source: str, image_size: int = 224, **kwargs) -> "ImagePrep":
-        """Read preprocessor_config.json from a folder or the local Hugging Face cache (defaults if absent)."""
+        """Read preprocessor_config.json from a folder or the local Hugging Face cache, else the
+        "image_processor" record of processor_config.json (where transformers 5 saves a processor's
+        image processor); defaults if neither is there."""
         from transformers.utils import cached_file
 
-        try:
-            path = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False, **kwargs)
-        except Exception:  # noqa: BLE001 - no processor config: the model's own size, ViT defaults
-            path = None
-        data = json.loads(Path(path).read_text()) if path else {}
-        return cls.from_dict(data, image_size)
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            try:
+                path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False, **kwargs)
+            except Exception:  # noqa: BLE001 - no such file
+                path = None
+            data = json.loads(Path(path).read_text()) if path else {}
+            data = data.get("image_processor", {}) if name == "processor_config.json" else data
+            if data:
+                return cls.from_dict(data, image_size)
+        return cls.from_dict({}, image_size)
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) of the pixels the model receives for a width x height picture."""

@@ -16,9 +16,10 @@ Vision models (ViT, DeiT, DINOv2, CLIP / SigLIP vision towers, any `...ForImageC
 with their image preprocessing (`capture.images.ImagePrep`) in the handle's `tokenizer` slot and
 modality "vision".
 
-Vision-language models of the LLaVA family (`LlavaForConditionalGeneration`) load with a
-`capture.vlm.model.VlmProcessor` (tokenizer, image preprocessing, chat template, image token) in the
-`tokenizer` slot and modality "vlm"; HeadScope's layers are the language model's.  The embedded
+Vision-language models (`AutoModelForImageTextToText`: LLaVA, LLaVA-NeXT / OneVision, Qwen2-VL / Qwen2.5-VL,
+Idefics3 / SmolVLM, Gemma 3, PaliGemma; capture.vlm.load) load with their processor (tokenizer, image
+processor, chat template, image token) in the `tokenizer` slot and modality "vlm"; HeadScope's layers
+are the language model's.  Any other image-text-to-text model is refused with one sentence.  The embedded
 `shapes-vlm` is one: DINOv2-S + SmolLM2 with a projector and LoRA trained by training/shapes_vlm.py
 (assets/models/shapes-vlm/), merged once into a LLaVA folder under the cache directory.
 
@@ -44,7 +45,7 @@ from capture.engine.device import device_name, dtype_name, keyed_revision
 from capture.engine.handle import ModelHandle
 from capture.text.load import load_text
 from capture.vision.load import VISION_TOWERS, VISION_TYPES, is_vision, load_vision
-from capture.vlm.load import VLM_TYPES, is_vlm, load_vlm
+from capture.vlm.load import is_vlm, is_vlm_config, load_vlm
 from core.errors import ModelUnavailable
 from core.keys import stable_hash
 
@@ -83,11 +84,11 @@ def modality(name: str) -> str:
         return "dit"
     config = _local_config(name)
     model_type, archs = str(config.get("model_type", "")), config.get("architectures") or []
-    if model_type in VLM_TYPES:
-        return "vlm"
     if model_type in VISION_TYPES or model_type in VISION_TOWERS or \
             any(str(a).endswith("ForImageClassification") for a in archs):
         return "vision"
+    if is_vlm_config(model_type, bool(config.get("vision_config")), bool(config.get("text_config"))):
+        return "vlm"
     return "text"
 
 

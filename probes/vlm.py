@@ -2,9 +2,10 @@
 
 VHD_{l,h}(t) = d(z^{l,h}_t | image + text, z^{l,h}_t | text only): the distance between a head's output
 (the o_proj input, a session's `head_outputs` callback in capture.engine.head_outputs) at the same answer
-token with and without the picture.  The image branch is the capture's own tokens with its pixels;
-the text-only branch is the same chat prompt with the image tokens (and the newline after them)
-removed, then the same answer tokens.  Both passes run without the capture's intervention (VHD
+token with and without the picture.  The image branch is the capture's own tokens with its picture
+inputs; the text-only branch is the same chat prompt with the picture removed (the image tokens and the
+newline after them, or the whole picture block with its marker tokens: span "image_block"), then the
+same answer tokens, its per-token inputs (token_type_ids ...) cut alike.  Both passes run without the capture's intervention (VHD
 describes the model), on the fast path.
 
 The distance d is unverified in the paper; `distance` "l2" (default: ‖z_img − z_txt‖) or "cos"
@@ -38,16 +39,25 @@ def _head_outputs(handle, positions: range, **inputs) -> torch.Tensor:
     return torch.stack([found[l] for l in range(handle.meta.n_layers)])
 
 
-def text_only_ids(capture) -> tuple[list[int], range]:
-    """The capture's tokens without the image tokens (and the newline after them), and where its answer
-    tokens sit in that sequence."""
-    ids = list(capture.output.token_ids)
+def picture_tokens(capture) -> range:
+    """The positions the text-only branch leaves out: the picture block with its markers ("image_block"),
+    else the image tokens (with a kept vision CLS token) and the newline after them."""
+    if "image_block" in capture.spans:
+        return capture.spans["image_block"]
     image = capture.spans["image"]
-    start = capture.spans.get("image_cls", image).start  # a kept vision CLS token goes too
-    stop = image.stop + (1 if image.stop < len(ids) and capture.tokens[image.stop] == "↵" else 0)
-    kept = ids[:start] + ids[stop:]
+    start = capture.spans.get("image_cls", image).start
+    stop = image.stop + (1 if image.stop < capture.n_tokens and capture.tokens[image.stop] == "↵" else 0)
+    return range(start, stop)
+
+
+def text_only_ids(capture) -> tuple[list[int], range]:
+    """The capture's tokens without the picture (`picture_tokens`), and where its answer tokens sit in
+    that sequence."""
+    ids = list(capture.output.token_ids)
+    removed = picture_tokens(capture)
+    kept = ids[:removed.start] + ids[removed.stop:]
     answer = capture.spans["answer"]
-    shift = stop - start
+    shift = len(removed)
     return kept, range(answer.start - shift, answer.stop - shift)
 
 
@@ -60,14 +70,15 @@ def vhd(capture, distance: str = "l2", store=None) -> np.ndarray:
     if distance not in ("l2", "cos"):
         raise InputError("VHD's distance is l2 or cos.")
     handle = registry.load(capture.spec.model)
-    processor = handle.tokenizer
-    pixels, _ = processor.pixels(images.load_image(capture.spec.image))
-    ids = torch.tensor([capture.output.token_ids])
-    text_ids, text_answer = text_only_ids(capture)
+    inputs = handle.tokenizer.encode(images.load_image(capture.spec.image), capture.spec.prompt)
+    with_image = inputs.answered(list(capture.output.token_ids))  # the capture's tokens and its picture inputs
+    removed = picture_tokens(capture)
+    kept = [i for i in range(capture.n_tokens) if i not in removed]
+    text_only = {name: with_image[name][:, kept] for name in ("input_ids", "attention_mask", *inputs.token_inputs)}
+    _ids, text_answer = text_only_ids(capture)
     with handle.lock:
-        z_img = _head_outputs(handle, capture.spans["answer"], input_ids=ids,
-                              pixel_values=torch.from_numpy(pixels)[None])  # [layer, t, head, head_dim]
-        z_txt = _head_outputs(handle, text_answer, input_ids=torch.tensor([text_ids]))
+        z_img = _head_outputs(handle, capture.spans["answer"], **with_image)  # [layer, t, head, head_dim]
+        z_txt = _head_outputs(handle, text_answer, **text_only)
     if distance == "l2":
         d = (z_img - z_txt).norm(dim=-1)  # [layer, t, head]
     else:
@@ -77,7 +88,7 @@ def vhd(capture, distance: str = "l2", store=None) -> np.ndarray:
     return out
 
 
-__all__ = ["vhd", "text_only_ids", "VHD"]
+__all__ = ["vhd", "text_only_ids", "picture_tokens", "VHD"]
 
 
 def for_capture(method: str, capture, heads: presets.Heads | None = None, **params) -> Intervention:
@@ -95,5 +106,6 @@ def for_capture(method: str, capture, heads: presets.Heads | None = None, **para
     if method == "var":
         return presets.var(meta, heads, sinks=sinks.tokens, image=capture.spans["image"], **params)
     if method == "gift":
-        return presets.gift(meta, vlm.gaze(capture).saliency, capture.spans["image"], heads or None, **params)
+        found = vlm.gaze(capture)
+        return presets.gift(meta, found.token_saliency, found.positions, heads or None, **params)
     raise InterventionError(f"Unknown VLM intervention {method!r}; use one of {', '.join(presets.METHODS)}.")

@@ -8,7 +8,8 @@ together), its answer is recorded once (the maps and residual stream the interve
 from: probes.vlm.for_capture), and it is answered again greedily with the intervention active
 (again in batches, one intervention per batch row).  Each picture's system prompt and picture (~88 of
 ~105 tokens) run once, recorded (VlmAdapter.record_prefix); the answers and the recorded passes (all
-of a picture's in one forward: VlmAdapter.record_from) continue from it.  The recorded passes go to a
+of a picture's in one forward: VlmAdapter.record_from) continue from it (LLaVA; the other families'
+masks or positions do not allow it, and each question is recorded whole).  The recorded passes go to a
 temporary store (in RAM where /dev/shm exists) and are dropped as soon as they are used.
 
 An answer is right when it equals the ground truth after stripping and lower-casing (as
@@ -120,11 +121,12 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
         by_picture.setdefault((spec.image, spans["image"].stop), []).append(i)
     # each picture's system prompt and picture run once, recorded: the plain answers, the recorded
     # passes and the edited answers (when the edits leave those rows alone) all continue from them
-    recorded: dict[tuple[str, int], RecordedPrefix] = {}
+    recorded: dict[tuple[str, int], RecordedPrefix | None] = {}  # None: each question recorded whole
     for picture, rows in by_picture.items() if fixed is None else ():
         with handle.lock:
-            recorded[picture] = adapter.record_prefix(encoded[rows[0]][0], picture[1])
-    caches = {picture: prefix.cache for picture, prefix in recorded.items()}
+            recorded[picture] = adapter.record_prefix(encoded[rows[0]][0], picture[1]) \
+                if adapter.family.shares_prefix else None
+    caches = {picture: prefix.cache for picture, prefix in recorded.items() if prefix is not None}
     # all the plain answers first, a batch of one prompt shape at a time
     before = answer_ids(handle, specs, progress=lambda f, m: progress(0.2 * f, m), prefixes=caches, encoded=encoded)
     edited: dict[int, RunSpec] = {}  # row -> the spec with its intervention, answered in batches below
@@ -141,7 +143,8 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
                 progress(0.2 + 0.6 * done / len(recorded), f"{picture[0]}: recording {len(rows)} answers")
                 with handle.lock:  # the recorded passes of this picture's answers, in one forward from its prefix
                     captures = adapter.record_from(prefix, store, [
-                        (specs[i], f"q{i}", *encoded[i], before[i]) for i in rows])
+                        (specs[i], f"q{i}", *encoded[i], before[i]) for i in rows]) if prefix is not None else \
+                        [adapter.record(specs[i], f"q{i}", store, *encoded[i], before[i], vision=False) for i in rows]
                 for i, capture in zip(rows, captures):
                     if method == "vhr":  # VHR selects heads by the capture's VHD: two more passes
                         from probes.vlm import vhd

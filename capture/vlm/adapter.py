@@ -1,5 +1,5 @@
-"""Vision-language models of the LLaVA family: a picture and a question, a greedy answer, and the
-language model's attention over text and image tokens.
+"""Vision-language models: a picture and a question, a greedy answer, and the language model's attention
+over text and image tokens, for every family capture.vlm.families knows.
 
 A capture is made in two steps, as for text (capture/text/adapter.py):
 1. the answer: greedy generation on the fast path (SDPA, KV cache, the spec's intervention active),
@@ -8,21 +8,30 @@ A capture is made in two steps, as for text (capture/text/adapter.py):
    tower and the projector again; only the language model's attention layers are HeadScope's layers,
    `registry.prepare(..., layers_of=language_model)`, so layer l of the capture is LM layer l and the
    vision tower runs plain SDPA).  Row i of a causal map depends only on tokens 0..i, so these rows
-   are the rows each generation step computed.
+   are the rows each generation step computed.  The per-token inputs (token_type_ids ...) go on over
+   the answer with the value a generated token has (VlmInputs.answered), so the pass builds the mask
+   the model built while answering.  Families whose mask lets a token see later ones (Gemma 3's
+   bidirectional image block, PaliGemma's prefix-LM: `Family.layout` "full") store whole square maps
+   (layout "full"), the rest the lower triangle ("tril").
 
 Inputs: `RunSpec.image` names the picture (a sample photo, "sha256:<hex>" of an upload, or a
-procedural scene "scene-<seed>": capture.images), `RunSpec.prompt` is the question, asked in the
-model's chat template (capture.vlm.model.VlmProcessor.prompt); `max_new_tokens` 0 runs the prompt only.
+procedural scene "scene-<seed>": capture.images), `RunSpec.prompt` is the question, asked through the
+model's chat template (the handle's processor: capture.vlm.model.VlmProcessor for LLaVA,
+capture.vlm.chat.ChatProcessor for the others); `max_new_tokens` 0 runs the prompt only.
 
-Tokens: the text tokens as readable labels, "patch(r,c)" for the image tokens (row-major over
-`processor.grid`; a checkpoint with "full" feature selection keeps the vision CLS token first: "img:CLS",
-span "image_cls").  Spans: "image" (the patch tokens), "question" (the question's own tokens inside
-the chat template), "prompt" (every input token), "answer" and "response" (the generated tokens, both
-names: the text pages read "response").  The picture as the model saw it is stored with the capture
-("image", read back by `Capture.image()`), so overlays need neither the upload nor the model; so is
-the residual stream entering each LM layer ("hidden"  # [layer, token, dim] float16, for VAR's
-massive activations, analytics.vlm), a few MB, and the vision tower's own maps
-("vision_attention", [layer, head, token, token] float16: `VlmAdapter.vision_maps`).
+Tokens: the text tokens as readable labels, "patch(r,c)" for the image tokens of a one-view picture,
+"<view>(r,c)" with several views ("tile3(0,1)", "global(2,2)", "base(..)", "tiles(..)"), "img:newline"
+for LLaVA-NeXT's row ends; a LLaVA checkpoint with "full" feature selection keeps the vision CLS token
+first: "img:CLS", span "image_cls".  Spans: "image" (first to last image token), "image:<view>" per view,
+"image_block" (the picture with its marker tokens, where they lie outside "image"), "question" (the
+question's own tokens inside the chat template), "prompt" (every input token), "answer" and "response"
+(the generated tokens, both names: the text pages read "response").  Stored with the capture: the
+picture the boxes are in ("image", read back by `Capture.image()`: LLaVA's as the model saw it, the
+others' original), each image token's position and box in its pixels ("image_positions"  # [token]
+int32, "image_boxes"  # [token, 4] float32, x0 y0 x1 y1, NaN for no place; analytics.vlm_picture), the
+residual stream entering each LM layer ("hidden"  # [layer, token, dim] float16, for VAR's massive
+activations, analytics.vlm), and the vision tower's own maps where it is a ViT over one view
+("vision_attention", [layer, head, token, token] float16, with its patch grid "vision_grid": `Family.tower`).
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ from capture.engine.recorder import BranchRecorder, Recorder, small_pass
 from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from capture.text.adapter import TOP_K, StepProgress, labels, step_logprobs, stored_bytes
+from capture.vlm.inputs import VlmInputs, question_span
 from capture.vlm.model import greedy_settings
 from core.errors import InputError
 from core.progress import Progress, no_progress
@@ -47,22 +57,9 @@ from core.types import Capture, Output, RunSpec
 
 HIDDEN = "hidden"  # cache entry: the residual stream of the recorded pass, [layer, token, dim] float16
 VISION = "vision_attention"  # cache entry: the vision tower's maps, [layer, head, token, token] float16
-
-
-def question_span(processor, prompt_text: str, question: str, ids: list[int], after: int) -> range:
-    """The token positions of `question` in the chat-formatted prompt (the first occurrence after
-    token `after`, the end of the image), from the tokenizer's character offsets."""
-    question = question.strip()
-    encoded = processor.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
-    if list(encoded["input_ids"]) != list(ids):
-        raise InputError("The question could not be located in the tokenized prompt.")
-    start_char = prompt_text.find(question, offsets[after - 1][1] if after else 0)
-    if start_char < 0:
-        raise InputError("The question could not be located in the chat-formatted prompt.")
-    end_char = start_char + len(question)
-    inside = [i for i, (a, b) in enumerate(offsets) if b > start_char and a < end_char and b > a]
-    return range(inside[0], inside[-1] + 1) if inside else range(after, after)
+VISION_GRID = "vision_grid"  # cache entry: [2] int32, the tower's patch grid (rows, cols)
+POSITIONS = "image_positions"  # cache entry: [image token] int32, their positions in the sequence
+BOXES = "image_boxes"  # cache entry: [image token, 4] float32, (x0, y0, x1, y1) in the stored picture's pixels
 
 
 def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> dict[str, range]:
@@ -83,12 +80,15 @@ class RecordedPrefix:
 
 
 class VlmAdapter:
-    """LLaVA-family models (`LlavaForConditionalGeneration`) with a `capture.vlm.model.VlmProcessor`."""
+    """Image-text-to-text models with their processor (capture.vlm.model.VlmProcessor for LLaVA,
+    capture.vlm.chat.ChatProcessor for the other families)."""
 
     def __init__(self, handle: ModelHandle):
         self.handle = handle
-        self.processor = handle.tokenizer  # capture.vlm.model.VlmProcessor
+        self.processor = handle.tokenizer
         self.tokenizer = self.processor.tokenizer
+        self.family = self.processor.family  # capture.vlm.families.Family
+        self.layout = self.family.layout  # "tril" | "full"
         self.sink_scores: dict = {}
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -99,22 +99,18 @@ class VlmAdapter:
         picture = images.load_image(spec.image)
         inputs = self.processor.encode(picture, spec.prompt)
         ids = [int(i) for i in inputs.input_ids[0]]
-        image = inputs.image_positions
-        spans = {"prompt": range(len(ids)), "image": image,
-                 "question": question_span(self.processor, inputs.prompt, spec.prompt, ids, image.stop)}
-        rows, cols = self.processor.grid
-        if len(image) == rows * cols + 1:  # "full" feature selection: the vision tower's CLS token comes first
-            spans["image_cls"] = range(image.start, image.start + 1)
-            spans["image"] = range(image.start + 1, image.stop)
+        after = inputs.spans.get("image_block", inputs.image_positions).stop
+        spans = {"prompt": range(len(ids)), **inputs.spans,
+                 "question": question_span(self.tokenizer, ids, spec.prompt, after)}
         return inputs, spans
 
-    def labels(self, ids: list[int], spans: dict[str, range]) -> list[str]:
-        """Readable token labels; "patch(r,c)" for the image tokens ("img:CLS" for a kept CLS token)."""
+    def labels(self, ids: list[int], inputs: VlmInputs) -> list[str]:
+        """Readable token labels; each image token's view and cell ("patch(r,c)", "tile0(r,c)" ...,
+        "img:CLS" for a kept CLS token)."""
         out = labels(self.tokenizer, ids)
-        for k, position in enumerate(spans["image"]):
-            row, col = self.processor.patch_of(k)
-            out[position] = f"patch({row},{col})"
-        for position in spans.get("image_cls", ()):
+        for position, label in zip(inputs.positions, inputs.places.labels()):
+            out[position] = label
+        for position in inputs.spans.get("image_cls", ()):
             out[position] = "img:CLS"
         return out
 
@@ -151,26 +147,12 @@ class VlmAdapter:
         with removing([b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]):
             yield
 
-    def vision_maps(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """maps  # [layer, head, token, token] float16: the vision tower's own attention over the picture
-        (its CLS token first, then the patches row-major), from transformers' eager `output_attentions`
-        in one extra pass of the tower alone (DINOv2-S at 112 px: 12 x 6 maps of 65 x 65, ~10 ms).
-        Interventions act on the language model only, so these maps are the same with or without one."""
-        tower = self.handle.model.model.vision_tower
-        previous = tower.config._attn_implementation
-        tower.set_attn_implementation("eager")
-        try:
-            with torch.inference_mode():
-                maps = tower(pixel_values, output_attentions=True).attentions  # per layer [1, head, token, token]
-        finally:
-            tower.set_attn_implementation(previous)
-        return torch.stack([m[0] for m in maps]).to(torch.float16).numpy()
-
     def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:
         meta = self.handle.meta
         t0 = time.perf_counter()
         inputs, spans = self.encode(spec)
-        need = stored_bytes(meta.n_layers, meta.n_heads, inputs.input_ids.shape[1] + spec.max_new_tokens, causal=True)
+        need = stored_bytes(meta.n_layers, meta.n_heads, inputs.input_ids.shape[1] + spec.max_new_tokens,
+                            causal=self.layout == "tril")
         if need > store.size_limit:
             raise InputError(f"Capturing this run needs {need / 2**30:.1f} GB of cache but the cache holds "
                              f"{store.size_limit / 2**30:.1f} GB; raise HEADSCOPE_CACHE_GB or shorten the question.")
@@ -186,7 +168,10 @@ class VlmAdapter:
 
     def record_prefix(self, inputs, length: int, record: bool = True) -> RecordedPrefix:
         """Run the first `length` tokens of `inputs` (picture included) once, unedited; with `record`,
-        record their maps and residual stream too (the answers alone need only the cache)."""
+        record their maps and residual stream too (the answers alone need only the cache).  Families with
+        `shares_prefix` only (causal, 1-D positions: LLaVA)."""
+        if not self.family.shares_prefix:
+            raise ValueError(f"{self.family.label} answers do not continue from a cached prefix.")
         meta = self.handle.meta
         maps: dict[int, np.ndarray] = {}
         residual: dict[int, torch.Tensor] = {}
@@ -212,24 +197,24 @@ class VlmAdapter:
         t_gen = time.perf_counter()
         ids, spans = self._answered(store, key, inputs, spans, new_ids)
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
-        input_ids = torch.tensor([ids])
         residual: dict[int, torch.Tensor] = {}
         small = small_pass(meta.n_layers, meta.n_heads, len(ids))
         with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer, \
                 self._residual(residual):
-            recorder = Recorder(meta.n_heads, "tril", writer.submit, defer=small)
+            recorder = Recorder(meta.n_heads, self.layout, writer.submit, defer=small)
             with session(spec.intervention, recorder=recorder, spans=session_spans,
                          sink_scores=self.sink_scores):
                 with torch.inference_mode():
-                    out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
-                                            attention_mask=torch.ones_like(input_ids), use_cache=False,
-                                            logits_to_keep=1)
+                    out = self.handle.model(**inputs.answered(ids), use_cache=False, logits_to_keep=1)
             recorder.finish()
         if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
             store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
-        if vision:
-            store.put_array(key, VISION, self.vision_maps(inputs.pixel_values))
-        return self._capture(spec, key, store, ids, spans, new_ids, steps, out.logits[0, -1], t_gen)
+        tower = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
+        if tower is not None:
+            maps, grid = tower  # [layer, head, token, token] float16, the tower's patch grid
+            store.put_array(key, VISION, maps)
+            store.put_array(key, VISION_GRID, np.asarray(grid, np.int32))
+        return self._capture(spec, key, store, ids, spans, inputs, new_ids, steps, out.logits[0, -1], t_gen)
 
     def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
         """The recorded passes of several answered questions about one picture, with no intervention,
@@ -279,17 +264,20 @@ class VlmAdapter:
                     prefix.cache.crop(p - prefix.cache.get_seq_length())
             recorder.finish()
         captures, row = [], 0
-        for b, ((spec, key, _inputs, _spans, new_ids), (ids, spans)) in enumerate(zip(items, answered)):
+        for b, ((spec, key, inputs, _spans, new_ids), (ids, spans)) in enumerate(zip(items, answered)):
             if len(residual) == meta.n_layers and prefix.residual is not None:
                 store.put_array(key, HIDDEN, torch.stack([torch.cat([prefix.residual[l], residual[l][row:row + lengths[b]]])
                                                           for l in range(meta.n_layers)]).numpy())
-            captures.append(self._capture(spec, key, store, ids, spans, new_ids, (), out.logits[0, b], t_gen))
+            captures.append(self._capture(spec, key, store, ids, spans, inputs, new_ids, (), out.logits[0, b], t_gen))
             row += lengths[b]
         return captures
 
     def _answered(self, store, key: str, inputs, spans: dict[str, range], new_ids: list[int]):
-        """(prompt + answer ids, spans with "answer"/"response"); stores the picture under `key`."""
+        """(prompt + answer ids, spans with "answer"/"response"); stores the picture under `key`, and each
+        image token's position and box on it."""
         store.put_array(key, "image", inputs.shown)
+        store.put_array(key, POSITIONS, np.asarray(inputs.positions, np.int32))
+        store.put_array(key, BOXES, inputs.places.boxes)
         prompt_ids = [int(i) for i in inputs.input_ids[0]]
         ids = prompt_ids + list(new_ids)
         spans = dict(spans)
@@ -297,8 +285,8 @@ class VlmAdapter:
             spans["answer"] = spans["response"] = range(len(prompt_ids), len(ids))
         return ids, spans
 
-    def _capture(self, spec: RunSpec, key: str, store, ids: list[int], spans: dict[str, range], new_ids: list[int],
-                 steps, last_logits: torch.Tensor, t_gen: float) -> Capture:
+    def _capture(self, spec: RunSpec, key: str, store, ids: list[int], spans: dict[str, range], inputs: VlmInputs,
+                 new_ids: list[int], steps, last_logits: torch.Tensor, t_gen: float) -> Capture:
         """The Capture of a recorded pass; last_logits  # [vocab] at its last row give the next-token top-k."""
         top = torch.topk(torch.log_softmax(last_logits.float(), dim=-1), TOP_K)
         output = Output(
@@ -307,7 +295,7 @@ class VlmAdapter:
             next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
         )
         return Capture(
-            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, spans), spans=spans, output=output,
-            layout="tril", store=store,
+            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, inputs), spans=spans, output=output,
+            layout=self.layout, store=store,
             timings={"capture_s": time.perf_counter() - t_gen},
         )

@@ -6,7 +6,7 @@ with no padding every row's positions, spans and position sets are those of its 
 answer is the one its own capture's generation step writes (VlmAdapter.generate).  When no row's
 intervention touches the prompt before its last token (`prefix_shared`: no edit, GIFT, VAR), the
 system prompt and picture are computed once per picture (VlmAdapter.record_prefix) and every row
-continues from that key/value cache.  probes.vlm_accuracy answers held-out scenes' questions with it,
+continues from that key/value cache (families with causal masks and 1-D positions: LLaVA).  probes.vlm_accuracy answers held-out scenes' questions with it,
 before and after an intervention.
 """
 from __future__ import annotations
@@ -58,6 +58,14 @@ def _stacked(caches: list):
                          for i in range(len(caches[0].layers))])
 
 
+def _batched(inputs: list) -> dict:
+    """The picture and per-token inputs of same-shaped prompts, one batch row each (concatenated on dim 0:
+    pixel_values [batch, ...], Qwen's packed patches and image_grid_thw, token_type_ids [batch, n] ...)."""
+    first = inputs[0].model_inputs()
+    return {name: torch.cat([x.model_inputs()[name] for x in inputs]) for name in first
+            if name not in ("input_ids", "attention_mask")}
+
+
 def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                progress: Progress = no_progress, prefixes: dict | None = None,
                encoded: list | None = None) -> list[list[int]]:
@@ -92,10 +100,11 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             inputs, spans = encoded[rows[0]]
             n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
             input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
-            model_inputs = {"pixel_values": torch.cat([encoded[i][0].pixel_values for i in rows])}  # [batch, 3, H, W]
+            model_inputs = _batched([encoded[i][0] for i in rows])
             shared = spans["image"].stop  # the prefix: everything up to the last image token
             with handle.lock:
-                if shared < n and all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
+                if adapter.family.shares_prefix and shared < n and \
+                        all(prefix_shared(specs[i].intervention, shared, n, spans) for i in rows):
                     for i in rows:
                         if (specs[i].image, shared) not in prefixes:
                             prefixes[(specs[i].image, shared)] = adapter.record_prefix(encoded[i][0], shared,

@@ -21,24 +21,28 @@ Prompts use SmolLM2-Instruct's chat template (with its default system prompt) an
 `<image>` as a new special token (id 49152); its embedding row is zero (it is never read: LLaVA puts
 the projected patches there), so its logit is 0 and greedy decoding never picks it.
 
-The same `VlmProcessor` serves any LLaVA-family checkpoint loaded from the hub or a folder
-(`registry.load(id)`, modality "vlm"): image preprocessing from its preprocessor_config.json
-(capture.images.ImagePrep, no torchvision), its tokenizer and chat template, its image token.
+The same `VlmProcessor` serves any LLaVA checkpoint loaded from the hub or a folder (`registry.load(id)`,
+modality "vlm"): image preprocessing from its preprocessor_config.json, or from the "image_processor"
+record of processor_config.json where transformers 5 saves it (capture.images.ImagePrep, no torchvision),
+its tokenizer and chat template (the processor's, else the tokenizer's; a folder with neither is
+refused), its image token.  The other families use their own transformers processors (capture.vlm.chat).
 
-For a capture adapter: `processor.encode(image, question)` gives `VlmInputs` with `input_ids`,
-`attention_mask`, `pixel_values`, `image_positions` (a range of token indices, row-major over
-`processor.grid`, so image token `image_positions[0] + r * cols + c` is patch (r, c)), `tokens` (labels)
-and `shown` (the pixels the model sees); `answer(handle, image, question)` generates greedily.
+For a capture adapter: `processor.encode(image, question)` gives capture.vlm.inputs.VlmInputs with
+`input_ids`, `attention_mask`, `pixel_values`, `image_positions` (a range of token indices, row-major over
+`processor.grid`, so image token `image_positions[0] + r * cols + c` is patch (r, c)), each patch's box on
+the picture (`places`), `tokens` (labels) and `shown` (the pixels the model sees, which the boxes are in);
+`answer(handle, image, question)` generates greedily, for any VLM handle.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from capture.vlm.chat import chat_template
+from capture.vlm.inputs import VlmInputs
+from core.errors import ModelUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "assets" / "models" / "shapes-vlm"
@@ -66,30 +70,6 @@ def shapes_prep():
                      image_std=IMAGENET_STD)
 
 
-def _as_pil(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    return Image.fromarray(np.asarray(image, dtype=np.uint8))
-
-
-@dataclass
-class VlmInputs:
-    """One prompt with one picture, ready for the model."""
-
-    input_ids: object  # torch.LongTensor [1, T]
-    attention_mask: object  # torch.LongTensor [1, T]
-    pixel_values: object  # torch.FloatTensor [1, 3, H, W]
-    image_positions: range  # token indices of the image tokens, row-major over the grid
-    tokens: list[str]  # a label per token ("<img:0>" ... for image tokens)
-    shown: np.ndarray  # [H, W, 3] uint8: the pixels the model sees
-    prompt: str  # the chat-formatted text, with the image placeholder expanded
-
-    def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
-
-
 class VlmProcessor:
     """Tokenizer + image preprocessing + chat template of a LLaVA-family model (the ModelHandle's
     `tokenizer` slot for modality "vlm")."""
@@ -104,6 +84,13 @@ class VlmProcessor:
         self.n_image_tokens = int(n_image_tokens)
         self.chat_template = chat_template  # None: the tokenizer's own
         self.strategy = vision_feature_select_strategy
+
+    @property
+    def family(self):
+        """capture.vlm.families' LLaVA: one grid over the picture as the model saw it, causal."""
+        from capture.vlm.families import family_of
+
+        return family_of("llava")
 
     @classmethod
     def from_pretrained(cls, source: str, config, **kwargs) -> "VlmProcessor":
@@ -121,30 +108,39 @@ class VlmProcessor:
         grid = (fixed[0] // patch, fixed[1] // patch)
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         n_tokens = grid[0] * grid[1] + (1 if strategy == "full" else 0)  # the CLS token, kept by "full"
-        template = None if getattr(tokenizer, "chat_template", None) else _processor_chat_template(source, kwargs)
+        template = chat_template(source, tokenizer, kwargs)
+        if not template:
+            raise ModelUnavailable(f"{source} has no chat template, so HeadScope cannot tell how the model expects a "
+                                   "question about a picture; add the chat template its model card uses.")
         return cls(tokenizer, prep, config.image_token_id, grid, n_tokens, template, strategy)
 
     # -- text --
     def prompt(self, question: str, chat: bool = True) -> str:
-        """The text the model reads: the chat-formatted user turn "<image>\\n{question}" with the image
-        placeholder expanded to `n_image_tokens` image tokens (without chat: "<image>...\\n{question}")."""
+        """The text the model reads: the chat template's user turn with the picture and the question (as a
+        list of parts, as LLaVA's processor templates take them; a text-only template such as SmolLM2's
+        gets the LLaVA convention "<image>\n{question}"), the image placeholder expanded to
+        `n_image_tokens` image tokens (without chat: "<image>...\n{question}")."""
         question = question.strip()
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not chat:
             text = f"{self.image_token}\n{question}"
-        elif self.chat_template is None and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": f"{self.image_token}\n{question}"}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        elif self.chat_template is not None:  # a processor template: content as a list of parts
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
-            if self.image_token not in text:
-                text = f"{self.image_token}\n{text}"
+        elif not template:
+            raise ModelUnavailable("This model has no chat template; HeadScope cannot ask it a question.")
         else:
-            text = f"USER: {self.image_token}\n{question} ASSISTANT:"
+            text = self._chat([{"type": "image"}, {"type": "text", "text": question}], template)
+            if text is None or text.count(self.image_token) != 1:
+                text = self._chat(f"{self.image_token}\n{question}", template) or ""
         if text.count(self.image_token) != 1:
-            raise ValueError("the chat template must place exactly one image in the prompt")
+            raise ModelUnavailable("This model's chat template does not place exactly one picture in the prompt.")
         return text.replace(self.image_token, self.image_token * self.n_image_tokens)
+
+    def _chat(self, content, template: str) -> str | None:
+        """One user turn rendered by `template` with add_generation_prompt; None if the template fails on it."""
+        try:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                                      tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template written for the other kind of content
+            return None
 
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -152,9 +148,9 @@ class VlmProcessor:
     # -- image --
     def pixels(self, image) -> tuple[np.ndarray, np.ndarray]:
         """(pixel_values  # [3, H, W] float32, shown  # [H, W, 3] uint8)."""
-        from capture.images import preprocess
+        from capture.images import as_picture, preprocess
 
-        return preprocess(_as_pil(image), self.prep)
+        return preprocess(as_picture(image), self.prep)
 
     def encode(self, image, question: str, chat: bool = True) -> VlmInputs:
         import torch
@@ -169,28 +165,17 @@ class VlmProcessor:
         tokens = self.tokenizer.convert_ids_to_tokens(ids)
         for k, i in enumerate(span):
             tokens[i] = f"<img:{k}>"
+        patches = span[1:] if len(span) == self.grid[0] * self.grid[1] + 1 else span  # "full": the CLS first
+        height, width = shown.shape[:2]
+        spans = {"image": patches, **({"image_cls": range(span.start, patches.start)} if patches.start > span.start else {})}
         return VlmInputs(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
-                         torch.from_numpy(pixel_values)[None], span, tokens, shown, text)
+                         torch.from_numpy(pixel_values)[None], span, tokens, shown, text,
+                         places=self.family.places(self, None, (width, height)),
+                         positions=list(patches), spans=spans)
 
     def patch_of(self, index: int) -> tuple[int, int]:
         """(row, col) on the grid of the `index`-th image token ("default" strategy: no CLS)."""
         return divmod(index, self.grid[1])
-
-
-def _processor_chat_template(source: str, kwargs: dict) -> str | None:
-    """A chat template kept by the processor (chat_template.jinja / .json), when the tokenizer has none."""
-    from transformers.utils import cached_file
-
-    for name in ("chat_template.jinja", "chat_template.json"):
-        try:
-            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False, **kwargs)
-        except Exception:  # noqa: BLE001 - no such file
-            path = None
-        if path:
-            text = Path(path).read_text()
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    return None
 
 
 def answer(handle, image, question: str, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
@@ -325,12 +310,6 @@ def read_settings(folder: Path = MODEL_DIR) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _unavailable(message: str):
-    from core.errors import ModelUnavailable
-
-    return ModelUnavailable(message)
-
-
 def assembled_folder(folder: Path = MODEL_DIR) -> Path:
     """The merged shapes-vlm checkpoint in the cache directory, assembled on first use (about half a minute, once)."""
     from cache.store import cache_dir
@@ -338,7 +317,7 @@ def assembled_folder(folder: Path = MODEL_DIR) -> Path:
 
     trained = trained_path(folder)
     if not trained.is_file():
-        raise _unavailable(f"There is no trained shapes-vlm in {Path(folder)}; run `python -m training.shapes_vlm`.")
+        raise ModelUnavailable(f"There is no trained shapes-vlm in {Path(folder)}; run `python -m training.shapes_vlm`.")
     digest = hashlib.sha256(trained.read_bytes()).hexdigest()[:12]
     bases = f"{embedded.embedded_revision('smollm2')}|{embedded.embedded_revision('dinov2-s')}|asm{ASSEMBLER_VERSION}"
     tag = hashlib.sha256(f"{digest}|{bases}".encode()).hexdigest()[:12]
@@ -374,5 +353,5 @@ def save_processor(processor: VlmProcessor, folder: Path) -> None:
          "vision_feature_select_strategy": processor.strategy, "num_additional_image_tokens": 1}, indent=2))
 
 
-__all__ = ["VlmProcessor", "VlmInputs", "answer", "answers", "assembled_folder", "base_model", "merge_trained",
+__all__ = ["VlmProcessor", "answer", "answers", "assembled_folder", "base_model", "merge_trained",
            "llava_config", "shapes_prep", "read_settings", "MODEL_DIR", "GRID", "N_IMAGE_TOKENS", "IMAGE_SIZE"]

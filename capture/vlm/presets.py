@@ -74,11 +74,12 @@ def var(meta: ModelMeta, heads: Heads, *, sinks: Sequence[int] = (), p: float = 
     return Intervention(edits=edits, preset="vlm-var")
 
 
-def gift(meta: ModelMeta, saliency: np.ndarray, image: range, heads: Heads | None = None, *,
+def gift(meta: ModelMeta, saliency: np.ndarray, image: Sequence[int], heads: Heads | None = None, *,
          gamma: float = GIFT_GAMMA, gamma_q: float = GIFT_GAMMA_Q, top_k: int = GIFT_TOP_K) -> Intervention:
     """GIFT: at each decoding step, image token j's attention times (1 + gamma S_j) for the `top_k` most
-    salient patches, the question's tokens times (1 + gamma_q), renormalised; S  # [rows, cols] (max 1),
-    `image` the image tokens' positions (row-major over the grid)."""
+    salient image tokens, the question's tokens times (1 + gamma_q), renormalised; S  # [image token] (or
+    [rows, cols] of a one-grid picture, row-major; max 1), `image` the image tokens' positions in the
+    same order (analytics.vlm.Gaze.token_saliency and .positions)."""
     s = np.asarray(saliency, dtype=np.float64).ravel()
     if s.size != len(image):
         raise InterventionError(f"The saliency map has {s.size} patches but the image has {len(image)} tokens.")
@@ -87,7 +88,7 @@ def gift(meta: ModelMeta, saliency: np.ndarray, image: range, heads: Heads | Non
     chosen = checked_heads(meta, heads) or [(l, h) for l in range(min(VAR_FIRST_LAYER, meta.n_layers - 1), meta.n_layers)
                                        for h in range(meta.n_heads)]
     order = [int(k) for k in np.argsort(-s, kind="stable")[: max(0, int(top_k))] if s[k] > 0]
-    boosts = [(f"{image.start + k}:{image.start + k + 1}", round(math.log1p(gamma * s[k]), 4)) for k in order]
+    boosts = [(f"{image[k]}:{image[k] + 1}", round(math.log1p(gamma * s[k]), 4)) for k in order]
     if gamma_q > 0:
         boosts.append(("span:question", round(math.log1p(gamma_q), 4)))
     boosts = [(keys, b) for keys, b in boosts if b > 0]
