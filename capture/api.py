@@ -15,7 +15,7 @@ from cache.store import Store
 from capture.registry import load, revision
 from core.errors import CacheError, CorruptEntry, InputError, InterventionError
 from core.progress import Progress, no_progress
-from core.types import Capture, RunSpec
+from core.types import Capture, ModelMeta, RunSpec
 
 _default_store: Store | None = None
 
@@ -74,8 +74,14 @@ def _read(store: Store, key: str) -> Capture | None:
         return None
 
 
-def adapter_for(modality: str):
-    """The adapter class of a modality's room (capture/text, vision, vlm, dit)."""
+def adapter_for(meta: ModelMeta):
+    """The adapter class of a model's modality room (capture/text, vision, vlm, dit); encoder-decoders
+    (ModelMeta.groups) have their own in capture/text."""
+    modality = meta.modality
+    if meta.groups:
+        from capture.text.seq2seq import Seq2SeqAdapter
+
+        return Seq2SeqAdapter
     if modality == "text":
         from capture.text.adapter import TextAdapter
 
@@ -112,7 +118,7 @@ def run(spec: RunSpec, store: Store | None = None, progress: Progress = no_progr
         progress(0.0, f"loading {spec.model}")
         handle = load(spec.model)
         spec.intervention.validate(handle.meta.n_layers, handle.meta.n_heads, handle.meta.head_dim)
-        adapter = adapter_for(handle.meta.modality)(handle)
+        adapter = adapter_for(handle.meta)(handle)
         store.evict(key)  # leftovers of an interrupted run
         try:
             with handle.lock:

@@ -11,6 +11,9 @@ Storage format of one layer's maps (name "L007" for layer 7):
 - layout "qk" (long causal inputs, core.qk): [n_heads + n_kv_heads, n, head_dim] float32, the
   layer's queries and keys; maps, rows and overviews are computed from them on request, and the
   one-pass reductions (received attention, entropy, look-back distance, WAAD) are stored beside them.
+
+Models with learned sink logits (GPT-OSS) also store "sink_share": [layer, head, query] float32, the
+softmax mass each row's sink logit took (the row's map sums to 1 minus it).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class ArrayStore(Protocol):
 
 CAPTURE_VERSION = 1  # bump when the stored format or the capture maths change
 OVERVIEW_BINS = 32  # thumbnail resolution of the model view (keeps its figure ~2 MB)
+SINK_SHARE = "sink_share"  # array name of the sink logits' share per row (models with sink logits)
 MAX_STEPS = 200  # the most DiT sampling steps a RunSpec may ask for (capture.dit checks it; links are held to it)
 
 
@@ -89,6 +93,9 @@ class ModelMeta:
     causal: bool
     revision: str = ""
     grid: tuple[int, int] | None = None  # patch grid for vision models
+    # encoder-decoders: the layers of each group, [start, stop) in capture order ("encoder" self-attention,
+    # "decoder" self-attention, "cross" attention); None for every other model (and then left out of the JSON)
+    groups: dict[str, tuple[int, int]] | None = None
 
     @property
     def group_size(self) -> int:
@@ -98,11 +105,23 @@ class ModelMeta:
         """The KV head that query head `head` reads (GQA)."""
         return head // self.group_size
 
+    def group_of(self, layer: int) -> str | None:
+        """"encoder", "decoder" or "cross" for a layer of an encoder-decoder, else None."""
+        return next((g for g, (start, stop) in (self.groups or {}).items() if start <= layer < stop), None)
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        if self.groups is None:  # so the metadata of every other model stays as it was
+            del record["groups"]
+        return record
+
     @classmethod
     def from_json(cls, data: dict) -> "ModelMeta":
         data = dict(data)
         if data.get("grid") is not None:
             data["grid"] = tuple(data["grid"])
+        if data.get("groups") is not None:
+            data["groups"] = {name: tuple(span) for name, span in data["groups"].items()}
         return cls(**data)
 
 
@@ -313,6 +332,17 @@ class Capture:
             return out
         return np.asarray(self._layer_array(layer)[head, q0:q1, k0:k1])
 
+    def sink_share(self, layer: int) -> np.ndarray | None:
+        """share  # [head, query] float32: the softmax mass a learned sink logit took from each query row of
+        `layer` (GPT-OSS; the row's map sums to 1 minus it), or None for a model without sink logits."""
+        if self.store is None:
+            return None
+        try:
+            shares = self.store.get_array(self.key, SINK_SHARE)
+        except CorruptEntry:
+            return None
+        return np.asarray(shares[layer], dtype=np.float32)
+
     def reductions(self) -> dict[str, np.ndarray] | None:
         """The one-pass reductions stored with a "qk" capture (core.qk: colsum, entropy, ...), as
         {name: array  # [layer, head, token] float32}; None when the capture has none or one is unreadable."""
@@ -339,7 +369,7 @@ class Capture:
         """The JSON metadata record stored for this capture."""
         return {
             "spec": self.spec.to_json(),
-            "meta": asdict(self.meta),
+            "meta": self.meta.to_json(),
             "tokens": self.tokens,
             "spans": {k: [v.start, v.stop] for k, v in self.spans.items()},
             "output": self.output.to_json(),

@@ -7,6 +7,11 @@
     python -m headscope export KEY --layer 3 --head 2 --format csv -o map.csv
     python -m headscope probe patterns --model smollm2                  # head probes (headscope/probe_cli.py)
     python -m headscope batch prompts.jsonl [--ray | --ray-address ADDR] # many captures (headscope/batch_cli.py)
+    python -m headscope run --model ./Llama-3.2-1B --device cuda --dtype bfloat16 --prompt "..."  # on a GPU
+    python -m headscope --device cuda probe ablation --model ./pythia-160m  # --device / --dtype before any command
+
+--device and --dtype set HEADSCOPE_DEVICE and HEADSCOPE_DTYPE for this command (capture.engine.device:
+auto = a CUDA GPU when there is one, bfloat16 there, float32 on the CPU).
 
 Errors are one sentence on stderr and exit status 2; never a traceback for bad input.
 """
@@ -62,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "width": None if picture is None else picture.shape[1],
             "height": None if picture is None else picture.shape[0],
             "peak_mb": capture.timings.get("peak_mb"), "estimate_mb": capture.timings.get("estimate_mb"),
+            "gpu_peak_mb": capture.timings.get("gpu_peak_mb"), "groups": m.groups,
             "steps": [{"token": s.token, "logprob": s.logprob, "top": s.top} for s in capture.output.steps],
         }, ensure_ascii=False))
         return 0
@@ -80,10 +86,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"model: {m.name} ({m.family}), {m.n_layers} layers x {m.n_heads} heads "
           f"({m.n_kv_heads} KV heads), head_dim {m.head_dim}, {capture.n_tokens} tokens")
+    if m.groups:
+        print("layers: " + ", ".join(f"{name} {start}-{stop - 1}" for name, (start, stop) in m.groups.items()))
     print(f"key:   {capture.key}{'  (from cache)' if capture.from_cache else ''}")
     if "peak_mb" in capture.timings:
         print(f"memory: peak {capture.timings['peak_mb']:.0f} MB above the loaded model "
               f"(estimated {capture.timings.get('estimate_mb', 0):.0f} MB); layout {capture.layout}")
+    if "gpu_peak_mb" in capture.timings:
+        print(f"GPU memory: peak {capture.timings['gpu_peak_mb']:.0f} MB above the loaded model")
     return 0
 
 
@@ -139,10 +149,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype (left out of the namespace when not given, so either place may set them)."""
+    p.add_argument("--device", default=argparse.SUPPRESS,
+                   help="where models run: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N (HEADSCOPE_DEVICE)")
+    p.add_argument("--dtype", default=argparse.SUPPRESS,
+                   help="model precision: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16 "
+                        "(HEADSCOPE_DTYPE); softmax is float32 and stored maps float16 either way")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m headscope", description="HeadScope: capture attention maps, run head probes, batch work")
+    add_placement(p)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="capture a prompt (and generation) into the cache")
+    add_placement(r)
     r.add_argument("--model", default="smollm2", help="smollm2, minilm, a Hugging Face id or a local folder")
     r.add_argument("--prompt", default="")
     r.add_argument("--image", help="vision models: a sample name (cat, astronaut, ...) or an image file")
@@ -170,7 +191,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from capture.engine.device import DEVICE_ENV, DTYPE_ENV
+
     args = parser().parse_args(argv)
+    for flag, env in (("device", DEVICE_ENV), ("dtype", DTYPE_ENV)):
+        if hasattr(args, flag):  # this command's setting (and its Ray workers', which inherit HEADSCOPE_*)
+            os.environ[env] = getattr(args, flag)
     if getattr(args, "max_new_tokens", 0) < 0:
         print("error: --max-new-tokens must be 0 or more.", file=sys.stderr)
         return 2

@@ -42,13 +42,14 @@ def sink_scores(active: Session, layer: int, call: AttentionCall) -> tuple[torch
             "Sink positions are detected on the prompt's prefill; this call starts mid-sequence "
             f"(position {call.offset}) and the session has no sinks for layer {layer}."
         )
-    n_prompt = min(active.prompt_length() or call.n_q, call.n_q)
-    mass = torch.zeros(call.batch, call.n_heads, n_prompt)
-    seen = torch.zeros(1, 1, n_prompt)
+    # the prompt's rows of this call (an encoder-decoder's decoder: its first row, the start token)
+    n_prompt = min(max((active.prompt_length() or call.n_q) - call.q_first, 1), call.n_q)
+    mass = torch.zeros(call.batch, call.n_heads, n_prompt, device=call.device)
+    seen = torch.zeros(1, 1, n_prompt, device=call.device)
     weights = None
     for r0 in range(0, n_prompt, ROW_BLOCK):
         r1 = min(n_prompt, r0 + ROW_BLOCK)
-        weights = torch.softmax(call.scores(r0, r1), dim=-1, dtype=torch.float32)  # [batch, head, rows, key]
+        weights = call.softmax(call.scores(r0, r1))  # [batch, head, rows, key] float32
         visible = call.visible(r0, r1)  # [batch|1, 1, rows, key]
         mass += (weights * visible)[..., :n_prompt].sum(2)
         seen = seen + visible[..., :n_prompt].sum(2, dtype=torch.float32)  # [batch|1, 1, key]
@@ -82,12 +83,12 @@ def _key_mask(spec: str, group: Group, call: AttentionCall, active: Session, lay
             active.sink_masks[cache_key] = mask  # [nb, nh, 1, prompt]
         n = mask.shape[-1]
         return torch.nn.functional.pad(mask, (0, k_end - n)) if n < k_end else mask[..., :k_end]
-    keys = torch.zeros(k_end, dtype=torch.bool)
+    keys = torch.zeros(k_end, dtype=torch.bool, device=call.device)
     if spec == "all":
         keys[:] = True
-    else:
-        wanted = parse_positions(spec, call.n_k, active.spans)
-        keys[wanted.start:min(wanted.stop, k_end)] = True
+    else:  # positions on the capture's axis -> the call's keys (an encoder-decoder's decoder keys start at k_first)
+        wanted = parse_positions(spec, call.k_first + call.n_k, active.spans)
+        keys[max(wanted.start - call.k_first, 0):max(min(wanted.stop - call.k_first, k_end), 0)] = True
     return keys.view(1, 1, 1, k_end)
 
 
@@ -117,7 +118,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
     neg_inf = float("-inf")
 
     def queries(group: Group) -> torch.Tensor | None:
-        q = query_mask(group.queries, positions, call.n_k, active)
+        q = query_mask(group.queries, positions, call.q_first + call.n_q, active)
         return None if q is None else q.view(1, 1, -1, 1)
 
     def keys(group: Group) -> torch.Tensor:
@@ -135,14 +136,14 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
             q = queries(group)
             if q is not None:
                 sel = sel & q
-            bias = group.values.to(s.dtype).view(1, -1, 1, 1)
+            bias = group.values.to(device=s.device, dtype=s.dtype).view(1, -1, 1, 1)
             scores[group.rows][:, group.heads] = torch.where(sel, s + bias, s)
         for group in plan.stages["window"]:
             s = scores[group.rows][:, group.heads]
-            recent = (positions[:, None] - torch.arange(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
+            recent = (positions[:, None] - call.key_positions(k_end)[None, :]).view(1, 1, -1, k_end)  # i - j
             if not call.causal:  # a bidirectional encoder: the window reaches both ways, |i - j| < W
                 recent = recent.abs()
-            keep = keys(group) | (recent < group.values.view(1, -1, 1, 1))
+            keep = keys(group) | (recent < group.values.to(recent.device).view(1, -1, 1, 1))
             drop = ~keep & rows_of(visible, group) & (s > neg_inf)
             q = queries(group)
             if q is not None:
@@ -162,7 +163,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
         if dead.any():  # keeps its unedited scores
             scores = torch.where(dead, original, scores)
         del original
-    weights = plain if plain is not None else torch.softmax(scores, dim=-1, dtype=torch.float32)
+    weights = plain if plain is not None else call.softmax(scores)
     for group, drop, count, logit in compensation:
         s = scores[group.rows][:, group.heads].float()
         w = torch.softmax(torch.cat([s, logit.float().unsqueeze(-1)], -1), dim=-1)
@@ -179,7 +180,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
         if group.mode.startswith("to:"):  # the freed mass goes to this key set only (VAR: the image tokens)
             receivers = receivers & _key_mask(group.mode[3:], group, call, active, layer, sinks, k_end)
             rest = (w * receivers).sum(-1, keepdim=True)
-        beta = group.values.view(1, -1, 1, 1)
+        beta = group.values.to(w.device).view(1, -1, 1, 1)
         target = torch.minimum(beta * mass, mass + rest)  # beta > 1 takes at most all of the rest
         change = (mass > 0) & (rest > 0)  # nothing to move, or nowhere to put it: the row stays
         q = queries(group)
@@ -196,7 +197,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
     for group in plan.stages["mix"]:
         w = weights[group.rows][:, group.heads]
         if group.keys == "all":  # identity: each row attends to its own position
-            target = (torch.arange(k_end)[None, :] == positions[:, None]).to(w.dtype).view(1, 1, -1, k_end)
+            target = (call.key_positions(k_end)[None, :] == positions[:, None]).to(w.dtype).view(1, 1, -1, k_end)
             has_target = None
         else:
             vis = rows_of(live, group)
@@ -205,7 +206,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
             count = allowed.sum(-1, keepdim=True)
             target = allowed / count.clamp(min=1)
             has_target = count > 0
-        u = group.values.view(1, -1, 1, 1)
+        u = group.values.to(w.device).view(1, -1, 1, 1)
         mixed = (1 - u) * w + u * target
         change = has_target
         q = queries(group)

@@ -50,7 +50,7 @@ def scale_head_outputs(layer: int, n_heads: int) -> Callable:
             if values.shape[1] != n_q or mask.shape[-1] != n_heads:
                 raise InterventionError(f"The head patches of layer {layer} hold {values.shape[1]} positions of "
                                         f"{mask.shape[-1]} heads; this call has {n_q} positions of {n_heads} heads.")
-            z = torch.where(mask[:, None, :, None], values.to(z.dtype), z)
+            z = torch.where(mask.to(z.device)[:, None, :, None], values.to(device=z.device, dtype=z.dtype), z)
         if gates is not None:
             z = z * gates.to(device=z.device, dtype=z.dtype)[:, None, :, None]  # gate  # [batch, head]
         elif patch is None:

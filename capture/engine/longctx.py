@@ -25,6 +25,11 @@ which on a busy 2-core machine made the blocked pass ~10x slower than running tw
 
 Only plain causal attention is supported (no sliding window or chunked masks, no padding, batch 1,
 no attention-level edits): `choose_layout` sends anything else to the stored "tril" layout.
+
+On a GPU the same torch ops run on the device in one worker (the fused kernel is the CPU's), the
+layer's reductions are filled there and copied to host memory with its queries and keys when the
+layer is done (capture.engine.device.to_host).  The maps are recomputed on request by core.qk (numpy,
+on the host).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 
 from capture.engine import fused
+from capture.engine.device import to_host
 from capture.engine.recorder import one_thread
 from core.errors import InputError
 from core.interventions import ATTENTION_OPS, Intervention
@@ -63,11 +69,20 @@ def attention_edits(intervention: Intervention) -> bool:
     return any(e.op in ATTENTION_OPS for e in intervention.edits)
 
 
+# model types whose attention is not softmax(q kᵀ) under a plain causal mask, so their maps cannot be
+# recomputed from queries and keys: ALiBi (BLOOM; Falcon, whose mask always arrives materialised) and
+# learned sink logits (GPT-OSS)
+NOT_PLAIN = ("bloom", "falcon", "gpt_oss")
+
+
 def plain_causal(config) -> bool:
-    """True if the model's self-attention is a plain causal mask (no sliding window / chunked layers)."""
+    """True if the model's self-attention is a plain causal mask (no sliding window / chunked layers, no
+    position bias or sink logit: NOT_PLAIN)."""
     if config is None:
         return True
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "model_type", None) in NOT_PLAIN:
+        return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
         return False
     return not getattr(config, "attention_chunk_size", None)
@@ -85,8 +100,8 @@ def choose_layout(meta: ModelMeta, n_tokens: int, intervention: Intervention = I
 
 
 @lru_cache(maxsize=8)
-def _upper(n: int) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool).triu(1)
+def _upper(n: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
 def _bin_max(x: torch.Tensor, keys: int, size: int) -> torch.Tensor:
@@ -106,12 +121,12 @@ class _Pools:
     The block maxima are taken on the logits, before the softmax (one pass that also yields each
     row's max logit): within a row, max_j w_ij = exp(max_j s_ij - lse_i)."""
 
-    def __init__(self, n_heads: int, n: int, bins: tuple[int, ...]):
+    def __init__(self, n_heads: int, n: int, bins: tuple[int, ...], device: torch.device = torch.device("cpu")):
         self.n = n
         self.bins = tuple(min(b, n) for b in bins)
         self.sizes = tuple(-(-n // b) for b in self.bins)
         self.fine = int(np.argmin(self.sizes))
-        self.maps = [torch.zeros(n_heads, b, b) for b in self.bins]
+        self.maps = [torch.zeros(n_heads, b, b, device=device) for b in self.bins]
 
     def bin_logits(self, s: torch.Tensor, keys: int) -> list[torch.Tensor]:
         """s  # [rows, >= keys] masked logits -> per resolution, the max logit of each key block  # [rows, blocks]."""
@@ -134,14 +149,14 @@ class _Pools:
         """max_j w_ij  # [rows]: read from the one fine block that holds each row's max logit."""
         size = self.sizes[self.fine]
         block = per_row[self.fine].argmax(-1)  # [rows]
-        cols = (block[:, None] * size + torch.arange(size)[None, :]).clamp_(max=keys - 1)
+        cols = (block[:, None] * size + torch.arange(size, device=w.device)[None, :]).clamp_(max=keys - 1)
         return torch.gather(w, 1, cols).amax(-1)
 
     def fold(self, heads: slice, group: int, r0: int, r1: int, per_row: list[torch.Tensor],
              lse: torch.Tensor) -> None:
         """Fold the block maxima of rows r0..r1-1 of `group` heads (per_row from `bin_logits`, lse  # [group * rows])."""
         rows = r1 - r0
-        positions = torch.arange(r0, r1)
+        positions = torch.arange(r0, r1, device=lse.device)
         for pooled, size, pm in zip(self.maps, self.sizes, per_row):
             nb = pm.shape[1]
             weights = torch.exp(pm - lse[:, None])  # [group * rows, nb]
@@ -219,8 +234,8 @@ class QKRecorder:
         q = query[0].float()
         k = key[0].float()
         v = value[0].float()
-        out = self._attend(layer, q, k, v, scaling, self.softcap)  # [head, n, head_dim]
-        qk = np.concatenate([q.numpy(), k.numpy()], axis=0)  # [head + kv_head, n, head_dim]
+        out = self._attend(layer, q, k, v, scaling, self.softcap)  # [head, n, v_head_dim]
+        qk = to_host(torch.cat([q, k], dim=0))  # [head + kv_head, n, head_dim]
         overview = self._overviews.pop(layer)
         self.layers_done += 1
         self.on_layer(layer, qk, overview)
@@ -232,33 +247,38 @@ class QKRecorder:
         KV = k.shape[0]
         G = H // KV
         B = self.row_block
+        dev = q.device
+        on_cpu = dev.type == "cpu"
         qs = q * scaling
         key_t = [k[g].t().contiguous() for g in range(KV)]  # [head_dim, n]
-        positions = torch.arange(n, dtype=torch.float32)
-        values = [v[g].contiguous() for g in range(KV)]  # [n, head_dim]
-        ones = torch.ones(G, 1, B)
-        out = torch.empty(H, n, D)
-        entropy = torch.from_numpy(self.arrays["entropy"][layer])  # [head, n] views: rows are disjoint per worker
-        distance = torch.from_numpy(self.arrays["distance"][layer])
-        waad = torch.from_numpy(self.arrays["waad"][layer])
+        positions = torch.arange(n, dtype=torch.float32, device=dev)
+        values = [v[g].contiguous() for g in range(KV)]  # [n, v_head_dim]
+        ones = torch.ones(G, 1, B, device=dev)
+        out = torch.empty(H, n, v.shape[-1], device=dev)
+        if on_cpu:  # [head, n] views of the stored arrays: rows are disjoint per worker
+            entropy, distance, waad = (torch.from_numpy(self.arrays[name][layer]) for name in ("entropy", "distance", "waad"))
+        else:  # filled on the device, copied to the host below
+            entropy, distance, waad = (torch.empty(H, n, device=dev) for _ in range(3))
         W = self.window
-        lags = torch.arange(W)
+        lags = torch.arange(W, device=dev)
         lag_weight = (W - lags).to(torch.float32)
         blocks = list(range(0, n, B))
         split = self.split
-        kernel = fused.load() if self.use_kernel else None
+        # the fused kernel: CPU only, values of the queries' head size (not MLA's v_head_dim)
+        kernel = fused.load() if self.use_kernel and on_cpu and v.shape[-1] == D else None
         no_response = torch.empty(0, dtype=torch.float64)
+        workers = self.workers if on_cpu else 1
 
         def work(worker: int) -> tuple[torch.Tensor, torch.Tensor | None, _Pools]:
             with torch.inference_mode():  # thread-local: a worker thread does not inherit the caller's mode
                 return blocks_of(worker)
 
         def blocks_of(worker: int) -> tuple[torch.Tensor, torch.Tensor | None, _Pools]:
-            colsum = torch.zeros(H, n, dtype=torch.float64)
-            colsum_resp = torch.zeros(H, n, dtype=torch.float64) if split else None
-            pools = _Pools(H, n, (OVERVIEW_BINS, HEAD_OVERVIEW_BINS))
+            colsum = torch.zeros(H, n, dtype=torch.float64, device=dev)
+            colsum_resp = torch.zeros(H, n, dtype=torch.float64, device=dev) if split else None
+            pools = _Pools(H, n, (OVERVIEW_BINS, HEAD_OVERVIEW_BINS), dev)
             # interleaved blocks: later rows cost more, so each worker gets a fair share
-            for r0 in blocks[worker :: self.workers]:
+            for r0 in blocks[worker :: workers]:
                 r1 = min(n, r0 + B)
                 rows = r1 - r0
                 if kernel is not None:  # the same computation, fused (capture/engine/fused.cpp)
@@ -271,7 +291,7 @@ class QKRecorder:
                                            W, softcap or 0.0, fused.QK_TILE)
                     continue
                 row_pos = positions[r0:r1]
-                idx = (torch.arange(r0, r1)[:, None] - lags[None, :])  # [rows, W]: keys i - k
+                idx = (torch.arange(r0, r1, device=dev)[:, None] - lags[None, :])  # [rows, W]: keys i - k
                 valid = (idx >= 0).to(torch.float32) * lag_weight
                 idx = idx.clamp(min=0)
                 for g in range(KV):
@@ -281,7 +301,7 @@ class QKRecorder:
                     if softcap is not None:
                         s.div_(softcap).tanh_().mul_(softcap)
                     s3 = s.view(G, rows, r1)
-                    s3[:, :, r0:r1].masked_fill_(_upper(rows), NEG)
+                    s3[:, :, r0:r1].masked_fill_(_upper(rows, dev), NEG)
                     per_row = pools.bin_logits(s, r1)
                     row_max = per_row[pools.fine].amax(-1)  # [G*rows]
                     w = torch.softmax(s, -1)  # [G*rows, r1] float32
@@ -300,21 +320,24 @@ class QKRecorder:
                         colsum_resp[hs, :r1] += torch.bmm(ones[:, :, first:rows], w3[:, first:]).view(G, r1)
             return colsum, colsum_resp, pools
 
-        if self._pool is None:
+        if self._pool is None or workers == 1:
             results = [work(0)]
         else:
             with one_thread():  # each worker runs its ops inline; the workers give the parallelism
                 results = list(self._pool.map(work, range(self.workers)))
         colsum = sum(r[0] for r in results)
-        self.arrays["colsum"][layer] = colsum.numpy()
+        self.arrays["colsum"][layer] = to_host(colsum)
         if split:
-            self.arrays["colsum_response"][layer] = sum(r[1] for r in results).numpy()
+            self.arrays["colsum_response"][layer] = to_host(sum(r[1] for r in results))
+        if not on_cpu:
+            for name, found in (("entropy", entropy), ("distance", distance), ("waad", waad)):
+                self.arrays[name][layer] = to_host(found)
         pools = results[0][2]
         for other in results[1:]:
             for mine, theirs in zip(pools.maps, other[2].maps):
                 torch.maximum(mine, theirs, out=mine)
-        self._overviews[layer] = pools.maps[0].to(torch.float16).numpy()
-        self.head_overview[layer] = pools.maps[1].to(torch.float16).numpy()
+        self._overviews[layer] = to_host(pools.maps[0].to(torch.float16))
+        self.head_overview[layer] = to_host(pools.maps[1].to(torch.float16))
         return out
 
 

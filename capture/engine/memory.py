@@ -13,9 +13,15 @@ loaded model (bytes; SmolLM2 numbers at 8,192 tokens in brackets):
   8,192 tokens, where 0.57 GB was measured];
 - "full": as "tril" with n² weights per head.
 
+On a GPU (`device` "cuda:N") the estimate is of GPU memory: the activations in the model's dtype, one
+layer's buffer on the device (finished layers wait for the writer in pinned host memory, not on the
+GPU) and the row blocks; for "qk" one layer's queries and keys and its reductions (the recorder copies
+each layer's to the host when it is done).
+
 The budget is `HEADSCOPE_CAPTURE_GB` when set, else 80 % of the memory the kernel reports available
-(MemAvailable) at the time of the run.  `PeakSampler` measures the real peak (resident set size
-above the start, sampled every 10 ms) so `Capture.timings` can report it beside the estimate.
+(MemAvailable) at the time of the run, or on a GPU 80 % of its free memory (torch.cuda.mem_get_info).
+`PeakSampler` measures the real peak (resident set size above the start, sampled every 10 ms; on a GPU
+also the allocator's peak) so `Capture.timings` can report it beside the estimate.
 """
 from __future__ import annotations
 
@@ -64,11 +70,15 @@ def map_bytes(meta: ModelMeta, n: int, layout: str) -> int:
     return meta.n_heads * per_head * BYTES_PER_WEIGHT
 
 
-def estimate(meta: ModelMeta, n_tokens: int, layout: str, workers: int = 2) -> Estimate:
-    """The peak memory and the disk a capture of `n_tokens` in `layout` needs (see the module docstring)."""
+def estimate(meta: ModelMeta, n_tokens: int, layout: str, workers: int = 2, device: str = "cpu",
+             dtype_bytes: int = 4) -> Estimate:
+    """The peak memory (of `device`) and the disk a capture of `n_tokens` in `layout` needs, for a model whose
+    activations take `dtype_bytes` per number (see the module docstring)."""
     n, L, H = n_tokens, meta.n_layers, meta.n_heads
-    activations = ACTIVATION_FLOATS * _hidden(meta) * n * 4
+    activations = ACTIVATION_FLOATS * _hidden(meta) * n * dtype_bytes
     layer = map_bytes(meta, n, layout)
+    if device != "cpu":
+        return _gpu_estimate(meta, n, layout, activations, layer)
     if layout == "qk":
         from capture.engine.longctx import ROW_BLOCK
         from core.qk import HEAD_OVERVIEW_BINS
@@ -87,12 +97,30 @@ def estimate(meta: ModelMeta, n_tokens: int, layout: str, workers: int = 2) -> E
     return Estimate(layout=layout, n_tokens=n, memory_bytes=int(memory), disk_bytes=int(disk))
 
 
-def max_tokens(meta: ModelMeta, layout: str, memory_budget: int, disk_budget: int, upper: int) -> int:
+def _gpu_estimate(meta: ModelMeta, n: int, layout: str, activations: int, layer: int) -> Estimate:
+    """GPU memory of the recorded pass: one layer on the device at a time (module docstring)."""
+    L, H = meta.n_layers, meta.n_heads
+    if layout == "qk":
+        from capture.engine.longctx import ROW_BLOCK
+        from core.qk import HEAD_OVERVIEW_BINS
+
+        block = 3 * H * ROW_BLOCK * n * 4  # one worker's scores, weights and a temporary
+        reductions = REDUCTION_ARRAYS * H * n * 4 + 2 * H * n * 8  # one layer's, float64 column sums
+        memory = activations + layer + block + reductions + H * HEAD_OVERVIEW_BINS**2 * 4
+        disk = L * layer + REDUCTION_ARRAYS * L * H * n * 4 + L * H * (min(HEAD_OVERVIEW_BINS, n) ** 2 + 32 * 32) * 2
+    else:
+        memory = activations + layer + 8 * H * ROW_BLOCK_TRIL * n * 4
+        disk = L * layer
+    return Estimate(layout=layout, n_tokens=n, memory_bytes=int(memory), disk_bytes=int(disk))
+
+
+def max_tokens(meta: ModelMeta, layout: str, memory_budget: int, disk_budget: int, upper: int,
+               device: str = "cpu", dtype_bytes: int = 4) -> int:
     """The longest input (<= upper) whose capture in `layout` fits both budgets (0 if none does)."""
     lo, hi = 0, upper
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        e = estimate(meta, mid, layout)
+        e = estimate(meta, mid, layout, device=device, dtype_bytes=dtype_bytes)
         if e.memory_bytes <= memory_budget and e.disk_bytes <= disk_budget:
             lo = mid
         else:
@@ -100,14 +128,19 @@ def max_tokens(meta: ModelMeta, layout: str, memory_budget: int, disk_budget: in
     return lo
 
 
-def available_bytes() -> int:
-    """Memory a capture may use: HEADSCOPE_CAPTURE_GB, else 80 % of MemAvailable."""
+def available_bytes(device: str = "cpu") -> int:
+    """Memory a capture may use: HEADSCOPE_CAPTURE_GB, else 80 % of MemAvailable (of a GPU's free memory
+    when `device` is one)."""
     configured = os.environ.get("HEADSCOPE_CAPTURE_GB")
     if configured:
         try:
             return int(float(configured) * 2**30)
         except ValueError:
             pass
+    if device != "cpu":
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0] * AVAILABLE_SHARE)
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -160,16 +193,22 @@ class PeakSampler:
     a 128-token capture and could miss peaks between samples).  The mark is process-wide, so a block
     that starts while another is active does not reset it: its peak is then an upper bound (it may
     include a peak of the other block from before it started).  Where the mark cannot be reset, a
-    thread samples the RSS every `interval` seconds instead."""
+    thread samples the RSS every `interval` seconds instead.
+
+    With `device` a GPU, `.gpu_peak` is the CUDA allocator's peak above its use at the start (the
+    allocator's peak statistics are reset when the block starts)."""
 
     _active = 0  # blocks active in this process
     _kernel = False  # whether they read the kernel's mark (decided by the first of them)
     _active_lock = threading.Lock()
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.01, device: str = "cpu"):
         self.interval = interval
+        self.device = device
         self.start = rss_bytes()
         self.peak = 0
+        self.gpu_peak: int | None = None
+        self._gpu_start = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -184,6 +223,11 @@ class PeakSampler:
             kernel = PeakSampler._kernel
             PeakSampler._active += 1
         self.start = rss_bytes()
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._gpu_start = torch.cuda.memory_allocated(self.device)
         if not kernel:
             self._thread = threading.Thread(target=self._sample, daemon=True, name="headscope-peak")
             self._thread.start()
@@ -195,8 +239,19 @@ class PeakSampler:
             self._thread.join()
         high = 0 if self._thread is not None else (_high_water_mark() or 0)
         self.peak = max(self.peak, rss_bytes() - self.start, high - self.start)
+        if self.device != "cpu":
+            import torch
+
+            self.gpu_peak = torch.cuda.max_memory_allocated(self.device) - self._gpu_start
         with PeakSampler._active_lock:
             PeakSampler._active -= 1
+
+    def report(self) -> dict[str, float]:
+        """The measured peaks for Capture.timings: "peak_mb" (host), and "gpu_peak_mb" on a GPU."""
+        found = {"peak_mb": round(self.peak / 2**20, 1)}
+        if self.gpu_peak is not None:
+            found["gpu_peak_mb"] = round(self.gpu_peak / 2**20, 1)
+        return found
 
 
 __all__ = ["Estimate", "PeakSampler", "available_bytes", "estimate", "map_bytes", "max_tokens", "rss_bytes"]

@@ -1,10 +1,12 @@
 """The recorder: a recorded pass's attention weights, turned into fp16 maps layer by layer.
 
 The attention function (capture.engine.attention) hands the session's recorder either a whole plain
-layer (`Recorder.record`: the fused kernel of capture/engine/fused.cpp) or the softmax rows block by
-block as it computes them (`Recorder.take`); the recorder turns them into fp16 straight away, packed
-as core.layouts describes (the lower triangle for a causal model), and pools the block-max overview the
-model view draws.  `BranchRecorder` splits a pass over several branches after a shared prefix into one
+layer (`Recorder.record`: the fused kernel of capture/engine/fused.cpp, CPU only) or the float32 softmax
+rows block by block as it computes them (`Recorder.take`); the recorder turns them into fp16 straight
+away, packed as core.layouts describes (the lower triangle for a causal model), and pools the block-max
+overview the model view draws.  It works where the weights are: on a GPU the layer's buffer and
+overview stay on the device until the layer is complete, then go to host memory in one pinned copy
+(capture.engine.device.to_host) and on to the writer, which streams them while the next layer runs.  `BranchRecorder` splits a pass over several branches after a shared prefix into one
 recorder per branch; `small_pass` and `one_thread` keep the bookkeeping of small passes cheap.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from capture.engine import fused
 from capture.engine.call import AttentionCall
+from capture.engine.device import to_host
 from core.layouts import pack_offset, unpack_tril
 from core.types import OVERVIEW_BINS
 
@@ -48,9 +51,10 @@ class Recorder:
         self.layout = layout
         self.on_layer = on_layer
         self.overview_bins = overview_bins
-        self._buffers: dict[int, np.ndarray] = {}
+        self._buffers: dict[int, torch.Tensor] = {}  # [head, width] float16, on the weights' device
         self._overviews: dict[int, torch.Tensor] = {}
         self._rows_done: dict[int, int] = {}
+        self._sink_shares: dict[int, torch.Tensor] = {}  # layer -> [head, n] float32 (models with sink logits)
         # a small pass (`small_pass`) keeps its blocks and does all the bookkeeping in `finish`, in one
         # single-threaded stretch instead of two thread-pool resizes per layer during the forward
         self._deferred: list[tuple] | None = [] if defer else None
@@ -69,8 +73,11 @@ class Recorder:
         softmax, fp16 maps, thumbnail and output in one pass per tile of rows.  Returns
         attn_output  # [batch 1, query, head, head_dim], or None when the kernel is not built or the
         call is not one it takes (the caller then computes the layer block by block with `take`)."""
-        kernel = fused.load() if self.use_kernel else None
-        if kernel is None or call.batch != 1 or call.query.dtype != torch.float32 or call.n_q != call.n_k:
+        if not self.use_kernel or call.batch != 1 or call.query.dtype != torch.float32 or call.n_q != call.n_k \
+                or call.device.type != "cpu" or call.sinks is not None or call.value.shape[-1] != call.head_dim:
+            return None  # the kernel's values have the queries' head size (not MLA's v_head_dim)
+        kernel = fused.load()
+        if kernel is None:
             return None
         causal = self.layout == "tril"
         if not (call.implicit_causal if causal else (call.mask is None and not call.causal)):
@@ -86,6 +93,20 @@ class Recorder:
         self.on_layer(layer, layer_maps, overview.to(torch.float16).numpy())
         return out.unsqueeze(0)
 
+    def sink_share(self, layer: int, first_row: int, n: int, share: torch.Tensor) -> None:
+        """share  # [head, rows] float32: the softmax mass a learned sink logit took on rows first_row.. of an
+        n-token pass (GPT-OSS; capture.engine.call.AttentionCall.softmax)."""
+        found = self._sink_shares.get(layer)
+        if found is None:
+            found = self._sink_shares[layer] = torch.zeros(self.n_heads, n, device=share.device)
+        found[:, first_row : first_row + share.shape[1]] = share
+
+    def sink_shares(self) -> np.ndarray | None:
+        """shares  # [layer, head, query] float32 of every layer, or None when the model has no sink logits."""
+        if not self._sink_shares:
+            return None
+        return np.stack([to_host(self._sink_shares[layer]) for layer in sorted(self._sink_shares)])
+
     def finish(self) -> None:
         """Hand on the layers of a deferred pass (call it after the forward; a no-op otherwise)."""
         if not self._deferred:
@@ -99,35 +120,36 @@ class Recorder:
         n_block, n_rows, n_keys = weights.shape
         if layer not in self._buffers:
             width = n * (n + 1) // 2 if self.layout == "tril" else n * n
-            self._buffers[layer] = np.empty((self.n_heads, width), dtype=np.float16)
+            self._buffers[layer] = torch.empty(self.n_heads, width, dtype=torch.float16, device=weights.device)
             bins = min(self.overview_bins, n)
-            self._overviews[layer] = torch.zeros(self.n_heads, bins, bins)
+            self._overviews[layer] = torch.zeros(self.n_heads, bins, bins, device=weights.device)
             self._rows_done[layer] = 0
             if layer in self.prefix:
                 self._seed(layer, n, self.prefix[layer])
         self._pool(layer, first_head, first_row, n, weights)
-        out = torch.from_numpy(self._buffers[layer])[first_head : first_head + n_block]  # [heads_in_block, width]
+        out = self._buffers[layer][first_head : first_head + n_block]  # [heads_in_block, width]
         if self.layout == "tril":
             start = pack_offset(first_row)
             stop = pack_offset(first_row + n_rows)
-            index = _tril_block_index(first_row, n_rows, n_keys)
+            index = _tril_block_index(first_row, n_rows, n_keys, weights.device)
             out[:, start:stop] = weights.reshape(n_block, n_rows * n_keys).index_select(1, index)
         else:
             out[:, first_row * n : (first_row + n_rows) * n] = weights.reshape(n_block, n_rows * n)
         self._rows_done[layer] += n_block * n_rows
         if self._rows_done[layer] == self.n_heads * n:
-            layer_maps = self._buffers.pop(layer)
+            layer_maps = to_host(self._buffers.pop(layer))
             if self.layout == "full":
                 layer_maps = layer_maps.reshape(self.n_heads, n, n)
-            self.on_layer(layer, layer_maps, self._overviews.pop(layer).to(torch.float16).numpy())
+            self.on_layer(layer, layer_maps, to_host(self._overviews.pop(layer).to(torch.float16)))
 
     def _seed(self, layer: int, n: int, packed: np.ndarray) -> None:
         """Start layer `layer` of an n-token pass with the rows an earlier pass recorded
         (packed  # [head, p(p+1)/2] float16): copied in, and pooled into the overview."""
         rows = (math.isqrt(8 * packed.shape[1] + 1) - 1) // 2  # p, from p (p + 1) / 2
-        self._buffers[layer][:, : packed.shape[1]] = packed
+        buffer = self._buffers[layer]
+        buffer[:, : packed.shape[1]] = torch.from_numpy(np.asarray(packed)).to(buffer.device)
         self._rows_done[layer] = self.n_heads * rows
-        dense = torch.from_numpy(unpack_tril(packed, rows)).float()  # [head, prefix, prefix]
+        dense = torch.from_numpy(unpack_tril(packed, rows)).float().to(buffer.device)  # [head, prefix, prefix]
         self._pool(layer, 0, 0, n, dense)
 
     def _pool(self, layer: int, first_head: int, first_row: int, n: int, weights: torch.Tensor) -> None:
@@ -212,8 +234,11 @@ def one_thread() -> Iterator[None]:
 
 
 @lru_cache(maxsize=256)
-def _tril_block_index(first_row: int, n_rows: int, n_keys: int) -> torch.Tensor:
+def _tril_block_index(first_row: int, n_rows: int, n_keys: int,
+                      device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Flat indices into a [rows, keys] block of the lower-triangle entries, in packed row order."""
+    if device.type != "cpu":
+        return _tril_block_index(first_row, n_rows, n_keys).to(device)
     rows = torch.arange(n_rows)
     lengths = first_row + rows + 1  # row first_row+i keeps keys 0..first_row+i
     row_of = torch.repeat_interleave(rows, lengths)

@@ -9,8 +9,11 @@ A capture is made in two steps:
 
 Inputs longer than `capture.engine.longctx.qk_threshold()` tokens are recorded in the "qk" layout (queries,
 keys and one-pass reductions instead of maps; core.qk).  Before anything runs, `check_size`
-estimates the peak memory and disk of the capture (capture.engine.memory) and refuses one that would not
-fit, saying how long an input would; the measured peak is reported in `Capture.timings`.
+estimates the peak memory (of the GPU when the model is on one) and disk of the capture
+(capture.engine.memory) and refuses one that would not fit, saying how long an input would; the
+measured peak is reported in `Capture.timings`.  The model runs where capture.engine.device put it;
+inputs go to the device of its first layer.  Encoder-decoders have their own adapter
+(capture.text.seq2seq).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from core.errors import InputError
 from core.progress import Progress
-from core.types import Capture, Output, RunSpec, StepLogprobs
+from core.types import SINK_SHARE, Capture, Output, RunSpec, StepLogprobs
 from core.layouts import overview_name
 
 TOP_K = 5
@@ -67,7 +70,7 @@ def step_logprobs(tokenizer, new_ids: list[int], logits) -> list[StepLogprobs]:
         top = torch.topk(logprobs, TOP_K)
         steps.append(StepLogprobs(
             token=readable(tokenizer, token_id), token_id=token_id, logprob=float(logprobs[token_id]),
-            top=list(zip(labels(tokenizer, top.indices), top.values.tolist())),
+            top=list(zip(labels(tokenizer, top.indices.tolist()), top.values.tolist())),
         ))
     return steps
 
@@ -93,6 +96,9 @@ class TextAdapter:
         self.tokenizer = handle.tokenizer
         config = handle.model.config
         self.max_tokens = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.device = handle.model.device  # where inputs go (the first layer's device when spread over GPUs)
+        self.where = "cpu" if self.device.type == "cpu" else str(self.device)  # what capture.engine.memory measures
+        self.dtype_bytes = handle.model.dtype.itemsize
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode(self, spec: RunSpec) -> list[int]:
@@ -123,18 +129,20 @@ class TextAdapter:
                 f"{self.max_tokens}. Shorten the prompt or generate fewer tokens."
             )
         layout = layout or ("tril" if meta.causal else "full")
-        need = memory.estimate(meta, total, layout)
+        need = memory.estimate(meta, total, layout, device=self.where, dtype_bytes=self.dtype_bytes)
         # the recorded pass's first run on this model also makes its packed linear weights
-        budget = memory.available_bytes() - linears.bytes_to_pack(self.handle.model) if memory_bytes is None \
-            else int(memory_bytes)
+        budget = memory.available_bytes(self.where) - linears.bytes_to_pack(self.handle.model) \
+            if memory_bytes is None else int(memory_bytes)
         disk_budget = limit_bytes if disk_free is None else min(limit_bytes, disk_free)
         if need.memory_bytes <= budget and need.disk_bytes <= disk_budget:
             return need
-        fit = memory.max_tokens(meta, layout, budget, disk_budget, total)
+        fit = memory.max_tokens(meta, layout, budget, disk_budget, total, device=self.where,
+                                dtype_bytes=self.dtype_bytes)
+        gpu = "" if self.where == "cpu" else f"GPU memory ({self.where}) "
         if need.memory_bytes > budget:
-            problem = (f"needs about {need.memory_gb:.1f} GB of memory for the recorded pass, but "
+            problem = (f"needs about {need.memory_gb:.1f} GB of {gpu or 'memory '}for the recorded pass, but "
                        f"{budget / 2**30:.1f} GB is available to it")
-            limits = "free memory or set HEADSCOPE_CAPTURE_GB"
+            limits = f"free {gpu or 'memory '}or set HEADSCOPE_CAPTURE_GB"
         else:
             problem = (f"needs {need.disk_gb:.1f} GB of cache, but the cache can take "
                        f"{disk_budget / 2**30:.1f} GB")
@@ -160,7 +168,7 @@ class TextAdapter:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
         config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
-        input_ids = torch.tensor([prompt_ids])
+        input_ids = torch.tensor([prompt_ids], device=self.device)
         n = len(prompt_ids)
         spans = {"prompt": range(n), "response": range(n, n + spec.max_new_tokens)}
         with session(spec.intervention, spans=spans) as active:
@@ -191,7 +199,7 @@ class TextAdapter:
         gen_share = 0.5 if max_new else 0.0
         new_ids, steps = [], []
         self.sink_scores = {}
-        with memory.PeakSampler() as peak:
+        with memory.PeakSampler(device=self.where) as peak:
             if max_new:
                 new_ids, steps = self.generate(spec, prompt_ids, progress, gen_share)
             t_gen = time.perf_counter()
@@ -202,7 +210,7 @@ class TextAdapter:
             layout = longctx.choose_layout(meta, len(ids), spec.intervention, config)  # generation may stop early
             layout_info = {}
 
-            input_ids = torch.tensor([ids])
+            input_ids = torch.tensor([ids], device=self.device)
             small = layout != longctx.LAYOUT and small_pass(meta.n_layers, meta.n_heads, len(ids))
             with LayerWriter(store, key, meta.n_layers, progress, gen_share, defer=small) as writer:
                 if layout == longctx.LAYOUT:
@@ -222,6 +230,9 @@ class TextAdapter:
                             else:
                                 self.handle.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
                     recorder.finish()
+                    shares = None if layout == longctx.LAYOUT else recorder.sink_shares()
+                    if shares is not None:  # GPT-OSS: the sink logit's share of each row (Capture.sink_share)
+                        store.put_array(key, SINK_SHARE, shares)
                 finally:
                     if layout == longctx.LAYOUT:
                         recorder.close()
@@ -236,7 +247,7 @@ class TextAdapter:
         if meta.causal:
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             top = torch.topk(logprobs, TOP_K)
-            next_top = list(zip(labels(self.tokenizer, top.indices), top.values.tolist()))
+            next_top = list(zip(labels(self.tokenizer, top.indices.tolist()), top.values.tolist()))
         t_cap = time.perf_counter()
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True) if new_ids else "",
@@ -246,7 +257,7 @@ class TextAdapter:
             key=key, spec=spec, meta=meta, tokens=labels(self.tokenizer, ids), spans=spans,
             output=output, layout=layout, store=store, layout_info=layout_info,
             timings={"generate_s": t_gen - t0, "capture_s": t_cap - t_gen,
-                     "peak_mb": round(peak.peak / 2**20, 1), "estimate_mb": round(estimate.memory_bytes / 2**20, 1)},
+                     **peak.report(), "estimate_mb": round(estimate.memory_bytes / 2**20, 1)},
         )
 
 

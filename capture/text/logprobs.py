@@ -33,14 +33,14 @@ def continuation_logprobs(handle: ModelHandle, token_ids: list[int], n_prompt: i
     if not meta.causal:
         raise InterventionError(f"{meta.name} is not a causal language model; it has no continuation to score.")
     intervention.validate(meta.n_layers, meta.n_heads, meta.head_dim)
-    ids = torch.tensor([token_ids])
+    ids = torch.tensor([token_ids], device=handle.model.device)
     spans = {"prompt": range(n_prompt), "response": range(n_prompt, len(token_ids))}
     with handle.lock, session(intervention, spans=spans), torch.inference_mode():
         logits = handle.model(input_ids=ids, use_cache=False, logits_to_keep=n_cont + 1).logits[0, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # [continuation, vocab]
     target = ids[0, n_prompt:]
-    return TeacherForced(logprobs=logprobs.gather(1, target[:, None])[:, 0].numpy(),
-                         top_ids=logprobs.argmax(-1).numpy())
+    return TeacherForced(logprobs=logprobs.gather(1, target[:, None])[:, 0].cpu().numpy(),
+                         top_ids=logprobs.argmax(-1).cpu().numpy())
 
 
 __all__ = ["TeacherForced", "continuation_logprobs"]
