@@ -54,6 +54,17 @@ def sink_heads(alpha: np.ndarray, epsilon: float = GU_EPSILON) -> np.ndarray:
     return np.asarray(alpha) > epsilon
 
 
+def sink_logit_share(capture) -> np.ndarray:
+    """share  # [layer, head]: the mean softmax mass a learned sink logit takes from each query row (GPT-OSS;
+    OpenAI 2025, gpt-oss model card; Xiao et al. 2024's sink token made a parameter).  The captured maps show
+    the real keys' weights as the model computes them, so each row sums to 1 minus this share
+    (core.types.Capture.sink_share); zero for models without sink logits."""
+    shares = [capture.sink_share(layer) for layer in range(capture.meta.n_layers)]
+    if shares[0] is None:
+        return np.zeros((capture.meta.n_layers, capture.meta.n_heads), dtype=np.float32)
+    return np.stack([s.mean(-1) for s in shares]).astype(np.float32)
+
+
 def sink_ratio(alpha: np.ndarray, epsilon: float = GU_EPSILON) -> float:
     """Gu et al. Sink_1^eps: the fraction of heads whose alpha at the first token exceeds eps."""
     return float(np.mean(sink_heads(alpha, epsilon)))

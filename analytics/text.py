@@ -22,7 +22,8 @@ from analytics.importance import DUO_THRESHOLD, ablation_importance, expand_kv, 
 from analytics.locality import entropy, fai, lookback, waad
 from analytics.metric import Metric
 from analytics.retrieval import RETRIEVAL_THRESHOLD
-from analytics.sinks import ACT_TAU, GU_EPSILON, VAR_TAU, massive_scores, received_attention, sink_alpha
+from analytics.sinks import (ACT_TAU, GU_EPSILON, VAR_TAU, massive_scores, received_attention, sink_alpha,
+                             sink_logit_share)
 from analytics.vlm import capture_sinks
 from core import probe_results as stored
 from core.errors import ProbeMissing
@@ -148,6 +149,10 @@ TEXT_METRICS = [
            "head", TEXT_AND_VISION,
            "Mean attention every query pays to the first token; α > 0.3 marks a sink head.",
            _sink_alpha, threshold=GU_EPSILON),
+    Metric("sink_logit_share", "Sink-logit share", "OpenAI 2025, gpt-oss model card (learned attention sinks); Xiao et al. 2024, StreamingLLM",
+           "head", TEXT,
+           "Mean softmax mass the head's learned sink logit takes from each query (GPT-OSS); the map's rows sum to 1 minus it; 0 without sink logits.",
+           lambda capture, **_: sink_logit_share(capture)),
     Metric("act_sink", "ACT received attention s_j", "Yu et al. 2024, Unveiling and Harnessing Hidden Attention Sinks (ACT, ICML 2024)",
            "token", TEXT_AND_VISION,
            "Mean attention each token receives from the queries that see it; s_j > 0.1 is a sink, hidden sinks are those after the first.",

@@ -394,3 +394,16 @@ class _Discard:
 
     def sink_share(self, *args) -> None:
         pass
+
+
+def test_sink_logit_share_metric(captures):
+    """analytics' sink_logit_share reads the stored shares (torch-free): the mean share per head; 0 without sinks."""
+    from analytics import METRICS, compute
+
+    assert METRICS["sink_logit_share"].kind == "head"
+    capture = captures["gpt_oss"]
+    scores = compute("sink_logit_share", capture)
+    assert scores.shape == (capture.meta.n_layers, capture.meta.n_heads)
+    np.testing.assert_allclose(scores[1], capture.sink_share(1).mean(-1), rtol=1e-6)
+    assert scores.min() > 0
+    assert not compute("sink_logit_share", captures["llama"]).any()
