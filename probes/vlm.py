@@ -20,7 +20,9 @@ import torch
 from analytics import vlm
 from capture import registry
 from capture.vlm import presets
+from capture.engine.device import to_host
 from capture.engine.session import session
+from capture.vlm.inputs import placed
 from core.errors import InputError, InterventionError
 from core.interventions import Intervention
 
@@ -77,13 +79,13 @@ def vhd(capture, distance: str = "l2", store=None) -> np.ndarray:
     text_only = {name: with_image[name][:, kept] for name in ("input_ids", "attention_mask", *inputs.token_inputs)}
     _ids, text_answer = text_only_ids(capture)
     with handle.lock:
-        z_img = _head_outputs(handle, capture.spans["answer"], **with_image)  # [layer, t, head, head_dim]
-        z_txt = _head_outputs(handle, text_answer, **text_only)
+        z_img = _head_outputs(handle, capture.spans["answer"], **placed(with_image, handle.model))  # [layer, t, head, head_dim]
+        z_txt = _head_outputs(handle, text_answer, **placed(text_only, handle.model))
     if distance == "l2":
         d = (z_img - z_txt).norm(dim=-1)  # [layer, t, head]
     else:
         d = 1 - torch.nn.functional.cosine_similarity(z_img, z_txt, dim=-1)
-    out = d.permute(0, 2, 1).contiguous().numpy().astype(np.float32)  # [layer, head, t]
+    out = to_host(d.permute(0, 2, 1).contiguous()).astype(np.float32)  # [layer, head, t]
     (store or capture.store).put_array(capture.key, VHD, out)
     return out
 

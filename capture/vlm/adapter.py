@@ -44,12 +44,13 @@ import numpy as np
 import torch
 
 import capture.images as images
+from capture.engine.device import to_host
 from capture.engine.handle import ModelHandle
 from capture.engine.recorder import BranchRecorder, Recorder, small_pass
 from capture.engine.session import session
 from capture.engine.writer import LayerWriter
 from capture.text.adapter import TOP_K, StepProgress, labels, step_logprobs, stored_bytes
-from capture.vlm.inputs import VlmInputs, question_span
+from capture.vlm.inputs import VlmInputs, placed, question_span
 from capture.vlm.model import greedy_settings
 from core.errors import InputError
 from core.progress import Progress, no_progress
@@ -123,7 +124,7 @@ class VlmAdapter:
         with session(spec.intervention, spans=generation_spans(spans, n, spec.max_new_tokens)) as active:
             with torch.inference_mode():
                 result = self.handle.model.generate(
-                    **inputs.model_inputs(), **greedy_settings(tok, spec.max_new_tokens),
+                    **placed(inputs.model_inputs(), self.handle.model), **greedy_settings(tok, spec.max_new_tokens),
                     return_dict_in_generate=True, output_logits=True,
                     stopping_criteria=[StepProgress(progress, spec.max_new_tokens, share)])
         self.sink_scores = dict(active.sink_scores)  # the recorded pass edits the very same sinks
@@ -181,8 +182,9 @@ class VlmAdapter:
         input_ids = inputs.input_ids[:, :length]
         with self._residual(residual) if record else contextlib.nullcontext(), \
                 session(recorder=recorder, spans={"prompt": range(length)}), torch.inference_mode():
-            out = self.handle.model(input_ids=input_ids, pixel_values=inputs.pixel_values,
-                                    attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1)
+            out = self.handle.model(**placed({"input_ids": input_ids, "pixel_values": inputs.pixel_values,
+                                              "attention_mask": torch.ones_like(input_ids)}, self.handle.model),
+                                    use_cache=True, logits_to_keep=1)
         if recorder is not None:
             recorder.finish()
         stacked = torch.stack([residual[l] for l in range(meta.n_layers)]) if len(residual) == meta.n_layers else None
@@ -205,10 +207,11 @@ class VlmAdapter:
             with session(spec.intervention, recorder=recorder, spans=session_spans,
                          sink_scores=self.sink_scores):
                 with torch.inference_mode():
-                    out = self.handle.model(**inputs.answered(ids), use_cache=False, logits_to_keep=1)
+                    out = self.handle.model(**placed(inputs.answered(ids), self.handle.model), use_cache=False,
+                                            logits_to_keep=1)
             recorder.finish()
         if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
-            store.put_array(key, HIDDEN, torch.stack([residual[l] for l in range(meta.n_layers)]).numpy())
+            store.put_array(key, HIDDEN, to_host(torch.stack([residual[l] for l in range(meta.n_layers)])))
         tower = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
         if tower is not None:
             maps, grid = tower  # [layer, head, token, token] float16, the tower's patch grid
@@ -255,10 +258,10 @@ class VlmAdapter:
                 p, lengths)
             try:
                 with session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
-                    out = self.handle.model(input_ids=torch.tensor([[t for tail in tails for t in tail]]),
-                                            cache=prefix.cache, attention_mask=mask,
-                                            position_ids=torch.tensor([positions]), use_cache=True,
-                                            logits_to_keep=torch.tensor(ends))
+                    out = self.handle.model(**placed({"input_ids": torch.tensor([[t for tail in tails for t in tail]]),
+                                                      "attention_mask": mask, "position_ids": torch.tensor([positions])},
+                                                     self.handle.model),
+                                            cache=prefix.cache, use_cache=True, logits_to_keep=torch.tensor(ends))
             finally:
                 if prefix.cache.get_seq_length() > p:  # back to the prefix alone (a negative count: tokens to drop)
                     prefix.cache.crop(p - prefix.cache.get_seq_length())

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from capture.engine.session import session
 from capture.vlm.adapter import VlmAdapter, generation_spans
+from capture.vlm.inputs import placed
 from capture.vlm.model import greedy_settings
 from core.errors import InterventionError
 from core.interventions import parse_positions, sink_set
@@ -100,7 +101,7 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
             inputs, spans = encoded[rows[0]]
             n, max_new = inputs.input_ids.shape[1], specs[rows[0]].max_new_tokens
             input_ids = torch.cat([encoded[i][0].input_ids for i in rows])  # [batch, n]
-            model_inputs = _batched([encoded[i][0] for i in rows])
+            model_inputs = placed(_batched([encoded[i][0] for i in rows]), handle.model)
             shared = spans["image"].stop  # the prefix: everything up to the last image token
             with handle.lock:
                 if adapter.family.shares_prefix and shared < n and \
@@ -112,7 +113,8 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                     model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
                 with session(row_interventions=[specs[i].intervention for i in rows],
                              spans=generation_spans(spans, n, max_new)), torch.inference_mode():
-                    result = handle.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    result = handle.model.generate(**placed({"input_ids": input_ids,
+                                                             "attention_mask": torch.ones_like(input_ids)}, handle.model),
                                                    **model_inputs, **greedy_settings(tok, max_new))
             for i, row in zip(rows, result[:, n:].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row

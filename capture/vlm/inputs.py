@@ -58,6 +58,15 @@ class VlmInputs:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **self.picture_inputs(), **tokens}
 
 
+def placed(inputs: dict, model) -> dict:
+    """`inputs` on the model's device (capture.engine.device), floating-point ones in its dtype, as
+    transformers' BatchFeature.to(device, dtype) does; on a float32 CPU model, as they are."""
+    device, dtype = model.device, model.dtype
+    if device.type == "cpu" and all(not v.is_floating_point() or v.dtype == dtype for v in inputs.values()):
+        return inputs
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+
 def question_span(tokenizer, ids: list[int], question: str, after: int) -> range:
     """The token positions of `question` in the prompt `ids`: its first occurrence after token `after`
     (the end of the picture), from the characters each token adds to the decoded text after it."""
@@ -74,4 +83,4 @@ def question_span(tokenizer, ids: list[int], question: str, after: int) -> range
     return range(after + inside[0], after + inside[-1] + 1) if inside else range(after, after)
 
 
-__all__ = ["VlmInputs", "question_span"]
+__all__ = ["VlmInputs", "question_span", "placed"]

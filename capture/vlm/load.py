@@ -6,7 +6,8 @@ LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3 / SmolVLM, Gemma 3, PaliGemma) a
 with one sentence, never running them as text models.  LLaVA keeps capture.vlm.model.VlmProcessor; the
 others get their own transformers processor built from the folder's parts (capture.vlm.chat).  Only the
 language model's attention layers are HeadScope's (layer 0 .. n-1 of the LM); the vision tower runs
-plain SDPA.  Torch-free on import (the registry imports it).
+plain SDPA.  The model runs where capture.engine.device says, in its dtype (float32 on the CPU); inputs
+follow it (capture.vlm.inputs.placed).  Torch-free on import (the registry imports it).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def language_model(model):
 
 def load_vlm(name: str, source: str, config, kwargs: dict) -> ModelHandle:
     """A vision-language model with its processor in the handle's `tokenizer` slot; modality "vlm"."""
-    import torch
     from transformers import AutoModelForImageTextToText
 
+    from capture.engine import device
+    from capture.text.load import weight_bytes
     from capture.vlm.chat import ChatProcessor
     from capture.vlm.families import family_of
     from capture.vlm.model import VlmProcessor
@@ -54,6 +56,6 @@ def load_vlm(name: str, source: str, config, kwargs: dict) -> ModelHandle:
         processor = VlmProcessor.from_pretrained(source, config, **kwargs)
     else:
         processor = ChatProcessor.from_pretrained(source, config, family, name, kwargs)
-    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
-                                                        attn_implementation="sdpa", **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=False, attn_implementation="sdpa",
+                                                        **device.placement(weight_bytes(source, config)), **kwargs)
     return prepare(name, model, processor, modality="vlm", grid=processor.grid, layers_of=language_model(model))

@@ -41,7 +41,7 @@ import shutil
 from pathlib import Path
 
 from capture.vlm.chat import chat_template
-from capture.vlm.inputs import VlmInputs
+from capture.vlm.inputs import VlmInputs, placed
 from core.errors import ModelUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +202,7 @@ def answers(handle, pairs: list[tuple[object, str]], max_new_tokens: int = MAX_N
     with handle.lock, torch.inference_mode():
         for image, question in pairs:
             inputs = processor.encode(image, question)
-            ids = model.generate(**inputs.model_inputs(), **settings)
+            ids = model.generate(**placed(inputs.model_inputs(), model), **settings)
             new = ids[0, inputs.input_ids.shape[1]:]
             out.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     return out

@@ -10,9 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from capture.engine.device import to_host
+
 
 def tower_maps(tower, **inputs) -> np.ndarray:
-    """maps  # [layer, head, token, token] float16 of `tower` (a PreTrainedModel) on `inputs`."""
+    """maps  # [layer, head, token, token] float16 of `tower` (a PreTrainedModel) on `inputs` (moved to its
+    device, pixels in its dtype)."""
+    inputs = {k: v.to(device=tower.device, dtype=tower.dtype) for k, v in inputs.items()}
     previous = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
     try:
@@ -20,7 +24,7 @@ def tower_maps(tower, **inputs) -> np.ndarray:
             maps = tower(**inputs, output_attentions=True).attentions  # per layer [1, head, token, token]
     finally:
         tower.set_attn_implementation(previous)
-    return torch.stack([m[0] for m in maps]).to(torch.float16).numpy()
+    return to_host(torch.stack([m[0] for m in maps]).to(torch.float16))
 
 
 def patch_grid(vision_config) -> tuple[int, int]:
