@@ -8,6 +8,7 @@
     results = run_batch(jobs, ray=True, address="auto")         # an existing cluster (or "host:6379",
                                                                 # "ray://host:10001")
     run_batch([ProbeJob("needle", "smollm2", {"lengths": [512]})], ray=True)
+    run_batch(sweep("ablation", ["smollm2", "./pythia-160m"], {"mode": ["zero", "mean"]}), ray=True)
 
 (DESIGN.md, "Scale-out".)  Whatever runs a job, its result lands in the same cache (`store`, default
 `capture.api.default_store()`): on Ray every actor opens the same cache directory, which must
@@ -29,12 +30,17 @@ workers that meet the same job compute it once.
 A job is any object with `label()`, `cached(store) -> key | None` and `execute(store) -> dict`
 (the dict must hold "key"); `CaptureJob` and `ProbeJob` are the two HeadScope has.  Jobs travel to
 Ray actors by pickling, so a job class must be importable on the workers.
+
+Probe sweeps: `sweep(probe, models, grid)` makes one ProbeJob per (model, combination of the grid's
+values): ablation over models and modes, needle grids, HeadHunter-lite ("headhunter") over objectives,
+each cell cached on its own.  Workers inherit HEADSCOPE_DEVICE / HEADSCOPE_DTYPE; on a GPU each actor
+asks Ray for `gpus_per_worker` GPUs (default: the GPUs over the actors, at most 1).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -82,9 +88,13 @@ class CaptureJob:
                 "peak_mb": capture.timings.get("peak_mb")}
 
 
+HEADHUNTER = "headhunter"  # probes.headhunter: its own parameters and key (a DiT probe, not run_probe's)
+
+
 @dataclass(frozen=True)
 class ProbeJob:
-    """Run one probe (probes.runner.run_probe) with the given parameters."""
+    """Run one probe (probes.runner.run_probe, or "headhunter": probes.headhunter.headhunter) with the given
+    parameters."""
 
     probe: str
     model: str = "smollm2"
@@ -92,30 +102,63 @@ class ProbeJob:
 
     def __post_init__(self) -> None:
         if isinstance(self.params, dict):
-            items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(self.params.items()))
+            items = tuple((k, _frozen(v)) for k, v in sorted(self.params.items()))
             object.__setattr__(self, "params", items)
 
     def label(self) -> str:
-        return f"probe {self.probe} on {self.model}"
+        given = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in self.params)
+        return f"probe {self.probe} on {self.model}" + (f" ({given})" if given else "")
 
     def _params(self):
         from core import probe_results as stored
+        from probes import headhunter as hunt
 
-        return stored.params_of(self.probe, dict(self.params))
+        params = dict(self.params)
+        return hunt.HeadHunterParams(**params) if self.probe == HEADHUNTER else stored.params_of(self.probe, params)
 
     def cached(self, store) -> str | None:
         from capture import registry
         from core import probe_results as stored
+        from probes import headhunter as hunt
 
-        revision = registry.revision(self.model)
-        found = stored.find(store, revision, self.probe, self._params())
+        found = hunt.find(store, self.model, self._params()) if self.probe == HEADHUNTER else \
+            stored.find(store, registry.revision(self.model), self.probe, self._params())
         return None if found is None else found.key
 
     def execute(self, store) -> dict:
+        if self.probe == HEADHUNTER:
+            from probes.headhunter import headhunter
+
+            found = headhunter(self.model, self._params(), store)
+            return {"key": found.key, "heads": [list(h) for h in found.heads], "best": found.best}
         from probes.runner import run_probe
 
         result = run_probe(self.probe, self.model, self._params(), store)
         return {"key": result.key, "seconds": result.record.get("seconds")}
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (from JSON) as tuples, nested too: a job stays hashable and its parameters key stably."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def sweep(probe: str, models: str | Iterable[str], grid: dict[str, Iterable] | None = None,
+          **fixed: Any) -> list[ProbeJob]:
+    """One ProbeJob per (model, combination of the `grid` values: name -> values), each with the `fixed`
+    parameters, models first.  One sentence for no model, an empty grid axis or an unknown parameter."""
+    from core.errors import InputError
+
+    models = [models] if isinstance(models, str) else list(models)
+    grid = {name: list(values) for name, values in (grid or {}).items()}
+    if not models or not all(grid.values()):
+        raise InputError(f"A {probe} sweep needs at least one model and one value for each grid parameter.")
+    jobs = [ProbeJob(probe, model, {**fixed, **dict(zip(grid, values))})
+            for model in models for values in itertools.product(*grid.values())]
+    try:
+        jobs[0]._params()  # a parameter the probe lacks: refused before anything runs
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"The {probe} sweep cannot be made: {str(exc).rstrip('.')}.") from exc
+    return jobs
 
 
 @dataclass
@@ -163,12 +206,15 @@ def _store(store):
 
 def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, address: str | None = None,
               workers: int = DEFAULT_WORKERS, retries: int = DEFAULT_RETRIES,
-              progress: Callable[[int, int, JobResult], None] | None = None) -> list[JobResult]:
+              progress: Callable[[int, int, JobResult], None] | None = None,
+              gpus_per_worker: float | None = None) -> list[JobResult]:
     """Run every job (a RunSpec counts as `CaptureJob(spec)`), skipping those already cached.
 
     ray=False runs them here, one after another; ray=True runs them on `workers` Ray actors, on a
     local instance started for the batch (`ray.init(num_cpus=workers)`, shut down after) or, with
-    `address`, on that cluster (joined, left running).  Returns one JobResult per job, in order."""
+    `address`, on that cluster (joined, left running).  `gpus_per_worker`: the GPUs each actor asks
+    Ray for (default: none on the CPU; on a GPU the GPU count over the actors, at most 1).  Returns
+    one JobResult per job, in order."""
     jobs = [CaptureJob(j) if isinstance(j, RunSpec) else j for j in jobs]
     store = _store(store)
     total = len(jobs)
@@ -195,7 +241,7 @@ def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, a
             pending.append(i)
     if pending:
         if ray or address:
-            _run_on_ray(jobs, pending, store, address, workers, retries, finish)
+            _run_on_ray(jobs, pending, store, address, workers, retries, finish, gpus_per_worker)
         else:
             for i in pending:
                 finish(_run_here(i, jobs[i], store, retries))
@@ -269,15 +315,28 @@ def start_ray(address: str | None = None, workers: int = DEFAULT_WORKERS) -> boo
     return True
 
 
+def _gpu_share(n_actors: int, gpus_per_worker: float | None) -> float:
+    """GPUs each actor asks Ray for: as given, else none on the CPU, else Ray's GPUs over the actors (so
+    every actor can start), at most one each."""
+    from capture.engine.device import device_name
+
+    if gpus_per_worker is not None or device_name() == "cpu":
+        return float(gpus_per_worker or 0.0)
+    import ray
+
+    return min(1.0, float(ray.cluster_resources().get("GPU", 0)) / n_actors)
+
+
 def _run_on_ray(jobs: list, pending: list[int], store, address: str | None, workers: int, retries: int,
-                finish: Callable[[JobResult], None]) -> None:
+                finish: Callable[[JobResult], None], gpus_per_worker: float | None = None) -> None:
     started = start_ray(address, workers)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     try:
-        actor_cls = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=0)(_Worker)
         n_actors = max(1, min(workers, len(pending)))
+        actor_cls = ray.remote(num_cpus=1, num_gpus=_gpu_share(n_actors, gpus_per_worker), max_restarts=1,
+                               max_task_retries=0)(_Worker)
         actors = [actor_cls.remote(str(store.directory), int(store.size_limit)) for _ in range(n_actors)]
         queue = [(i, 1) for i in pending]  # (job index, attempt)
         started_at: dict[int, float] = {}
@@ -331,7 +390,8 @@ def job_from_json(data: Any) -> Job:
         params = data.get("params") or {}
         if not isinstance(params, dict):
             raise ValueError("params must be an object")
-        return ProbeJob(str(data["probe"]), str(data.get("model", "smollm2")), params)
+        default = "shapes-dit" if data["probe"] == HEADHUNTER else "smollm2"
+        return ProbeJob(str(data["probe"]), str(data.get("model", default)), params)
     fields = set(RunSpec.__dataclass_fields__)
     unknown = set(data) - fields
     if unknown:
@@ -359,4 +419,4 @@ def read_jobs(path: str | os.PathLike) -> list[tuple[int, Job | None, str | None
 
 
 __all__ = ["CaptureJob", "Job", "JobResult", "ProbeJob", "job_from_json", "read_jobs", "run_batch", "start_ray",
-           "worker_env"]
+           "sweep", "worker_env"]

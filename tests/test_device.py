@@ -203,3 +203,46 @@ def test_cli_flags(llama, monkeypatch, capsys, tmp_path):
     ran = json.loads(capsys.readouterr().out)
     assert ran["key"] == RunSpec(model=llama, prompt=PROMPT).key(registry.revision(llama))
     assert registry.revision(llama).endswith("|bfloat16")
+
+
+# ---- probe sweeps (probes.batch.sweep): one job per (model, parameter set), on the batch path ----------
+
+def test_probe_sweep_jobs(llama, store, monkeypatch):
+    """An ablation sweep over two modes of a tiny model runs as two jobs through run_batch, each cached on its
+    own; a rerun skips both; HeadHunter-lite and needle grids make their jobs the same way; a bad grid is
+    one sentence before anything runs."""
+    from probes.batch import ProbeJob, run_batch, sweep
+
+    monkeypatch.setenv(device.DEVICE_ENV, "cpu")
+    jobs = sweep("ablation", [llama], {"mode": ["zero", "uniform"]}, prompt=PROMPT, score_last=4)
+    assert [dict(j.params)["mode"] for j in jobs] == ["zero", "uniform"]
+    first = run_batch(jobs, store=store)
+    assert [r.status for r in first] == ["done", "done"], [r.error for r in first]
+    assert len({r.key for r in first}) == 2
+    assert [r.status for r in run_batch(jobs, store=store)] == ["cached", "cached"]
+    needle = sweep("needle", ["smollm2", llama], {"lengths": [[256], [512]], "depths": [[0.0, 50.0]]})
+    assert len(needle) == 4 and dict(needle[3].params) == {"depths": (0.0, 50.0), "lengths": (512,)}
+    hunt = sweep("headhunter", "shapes-dit", {"objective": ["colour", "shape"]}, steps=4)
+    assert [j._params().objective for j in hunt] == ["colour", "shape"] and hunt[0]._params().steps == 4
+    assert hash(ProbeJob("needle", "smollm2", {"lengths": [256]}))  # JSON lists become tuples: hashable
+    for bad in ({"mode": []}, {"no_such": [1]}):
+        with pytest.raises(InputError) as info:
+            sweep("ablation", [llama], bad)
+        one_sentence(info.value)
+
+
+def test_probe_sweep_on_ray_lands_in_the_same_cache(llama, store, monkeypatch):
+    """The same sweep on two local Ray actors: the results are the in-process ones, in the same cache."""
+    pytest.importorskip("ray")
+    from probes.batch import run_batch, sweep
+
+    monkeypatch.setenv(device.DEVICE_ENV, "cpu")
+    jobs = sweep("ablation", [llama], {"mode": ["zero", "mean"]}, prompt=PROMPT, score_last=4)
+    here = run_batch(jobs[:1], store=store)
+    on_ray = run_batch(jobs, store=store, ray=True, workers=2)
+    assert [r.status for r in on_ray] == ["cached", "done"], [r.error for r in on_ray]
+    assert on_ray[0].key == here[0].key
+    from core import probe_results as stored
+
+    found = stored.find(store, registry.revision(llama), "ablation", jobs[1]._params())
+    assert found is not None and found.key == on_ray[1].key
