@@ -26,6 +26,8 @@ def attribution_map(values: np.ndarray, title: str = "", value_name: str = "attr
     bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     fig = head_heatmap(v, title=title, value_name=value_name, selected=selected)
     fig.update_traces(colorscale=DIVERGING_SCALE, zmin=-bound, zmax=bound, selector=dict(type="heatmap"))
+    # click targets no taller than a row (~14 px for 30 layers): overlapping ones pick a neighbouring cell
+    fig.update_traces(marker_size=min(12, max(6, 280 // max(v.shape[1], 1))), selector=dict(type="scatter"))
     return fig
 
 
@@ -53,24 +55,25 @@ def layer_terms(heads: np.ndarray, mlps: np.ndarray, embed: float, bias: float, 
 def graph_figure(graph, n_layers: int, n_tokens: int, selected: tuple[int, int] | None = None,
                  value_name: str = "attribution", height: int = 520) -> go.Figure:
     """The head graph (analytics.attribution.HeadGraph: nodes, edges) across layers: tokens on the left (by
-    position), components at their layer (MLPs a little right of the heads), the output on the right.
+    position), components in one column per layer that has any, the output on the right.
     Nodes are sized by |attribution| (red up, blue down); edges by weight (direct: to the output; grey:
     the tokens a head reads at the answer position, attention x |attribution|; orange: path patching).
     Nodes are clickable: customdata [layer, head, value] (head -1: an MLP)."""
     place: dict[str, tuple[float, float]] = {}
     tokens = sorted((n for n in graph.nodes if n.kind == "token"), key=lambda n: n.position)
     for node in tokens:
-        place[node.id] = (-1.5, 1.0 - node.position / max(n_tokens - 1, 1))
+        place[node.id] = (0.0, 1.0 - node.position / max(n_tokens - 1, 1))
     by_layer: dict[int, list] = {}
     for node in graph.nodes:
         if node.kind in ("head", "mlp"):
             by_layer.setdefault(node.layer, []).append(node)
-    for layer, nodes in by_layer.items():
-        nodes.sort(key=lambda n: -abs(n.value))
+    layers = sorted(by_layer)  # one evenly spaced column per layer that has a component
+    for column, layer in enumerate(layers, start=1):
+        nodes = sorted(by_layer[layer], key=lambda n: -abs(n.value))
+        step = min(0.2, 1.0 / len(nodes))
         for i, node in enumerate(nodes):
-            offset = ((i + 1) // 2) * (1 if i % 2 else -1) * 0.11
-            place[node.id] = (layer + (0.35 if node.kind == "mlp" else 0.0), 0.5 + offset)
-    place["out"] = (n_layers + 0.5, 0.5)
+            place[node.id] = (float(column), 0.5 + ((i + 1) // 2) * (1 if i % 2 else -1) * step)
+    place["out"] = (len(layers) + 1.0, 0.5)
     peak_edge = max((abs(e.weight) for e in graph.edges), default=1.0) or 1.0
     fig = go.Figure()
     for edge in sorted(graph.edges, key=lambda e: abs(e.weight)):
@@ -106,8 +109,9 @@ def graph_figure(graph, n_layers: int, n_tokens: int, selected: tuple[int, int] 
                              text=[out.label if out else "output"], textposition="bottom center", hoverinfo="text",
                              marker=dict(size=18, symbol="diamond", color="#2c3e50")))
     fig.update_layout(**base_layout("", height), clickmode="event+select", dragmode=False)
-    fig.update_xaxes(range=[-3.2, n_layers + 1.2], title="layer", zeroline=False,
-                     tickvals=list(range(0, n_layers, max(1, n_layers // 10))))
+    fig.update_xaxes(range=[-1.3, len(layers) + 1.6], title=f"layer (of {n_layers}; only layers with a component)",
+                     zeroline=False, showgrid=False, tickvals=list(range(1, len(layers) + 1)),
+                     ticktext=[f"L{layer}" for layer in layers])
     fig.update_yaxes(visible=False, range=[-0.15, 1.1])
     return fig
 

@@ -44,7 +44,7 @@ with left:
 with right:
     shared.bind("corrupted", st.text_area, "Corrupted prompt", height=80, max_chars=MAX_LINK_PROMPT,
                 help="The same number of tokens, a word or two changed so the answer changes.")
-cols = st.columns([1, 1, 1.4, 1.6, 1.1])
+cols = st.columns([1, 1, 2, 2.4])
 with cols[0]:
     shared.bind("target", st.text_input, "Answer token", help="One token, with its leading space: ' Mary'.")
 with cols[1]:
@@ -52,15 +52,14 @@ with cols[1]:
                 help="The metric is logit(answer) − logit(foil); unused for the probability.")
 with cols[2]:
     shared.bind("measure", st.segmented_control, "Metric", ["logit_diff", "prob"], required=True,
-                format_func={"logit_diff": "logit difference", "prob": "probability"}.get)
+                format_func={"logit_diff": "logit diff", "prob": "probability"}.get)
 with cols[3]:
     shared.bind("direction", st.segmented_control, "Patching", ["denoise", "noise"], required=True,
                 format_func={"denoise": "clean → corrupted", "noise": "corrupted → clean"}.get,
                 help="denoise: clean head outputs into the corrupted run (what restores the answer); noise: "
                      "corrupted outputs into the clean run (what breaks it).")
-with cols[4]:
-    st.button("IOI example", on_click=load_ioi, width="stretch",
-              help="When Mary and John went to the store, John gave a drink to → ' Mary' vs ' John'.")
+st.button("IOI example", on_click=load_ioi,
+          help="When Mary and John went to the store, John gave a drink to → ' Mary' vs ' John'.")
 
 clean = shared.run_capture(capture.RunSpec(model=model, prompt=state.clean), "clean prompt")
 corrupted = shared.run_capture(capture.RunSpec(model=model, prompt=state.corrupted), "corrupted prompt")
@@ -124,15 +123,15 @@ unit = "logit difference" if state.measure == "logit_diff" else "probability"
 st.subheader(f"Layer {layer}, head {head}")
 before, after, moved, link = st.columns([1, 1, 1.2, 1.2])
 if patching is not None:
-    name = {"denoise": "corrupted run", "noise": "clean run"}[state.direction]
+    name = {"denoise": "corrupted", "noise": "clean"}[state.direction]
     base = patching.corrupted if state.direction == "denoise" else patching.clean
-    before.metric(f"{unit}, {name}", f"{base:.4g}")
-    after.metric(f"with L{layer} H{head} patched", f"{patching.patched[layer, head]:.4g}",
-                 delta=f"{patching.patched[layer, head] - base:+.4g}")
-    moved.metric("share of the clean − corrupted gap", f"{patching.effect[layer, head]:.1%}",
-                 help="denoise: restored; noise: destroyed (Wang et al. 2022).")
+    before.metric(f"{name} run", f"{base:.4g}", help=f"The {unit} at the last token.")
+    after.metric(f"L{layer} H{head} patched", f"{patching.patched[layer, head]:.4g}",
+                 delta=f"{patching.patched[layer, head] - base:+.4g}", help=f"The {unit} with this head patched.")
+    moved.metric("share of the gap", f"{patching.effect[layer, head]:.1%}",
+                 help="Of the clean − corrupted gap: denoise, restored; noise, destroyed (Wang et al. 2022).")
 else:
-    before.metric(f"{unit} (DLA sum), clean", f"{terms['logit']:.4g}")
+    before.metric("clean run", f"{terms['logit']:.4g}", help=f"The {unit} at the last token.")
     after.metric(f"L{layer} H{head} writes directly", f"{dla_heads[layer, head]:+.4g}")
 if link.button(f"Open L{layer} H{head} in the explorer", key="attr_open", icon=":material/search:", width="stretch",
                help="Its map on the clean prompt (the explorer shows the view's prompt: it becomes the clean one)."):

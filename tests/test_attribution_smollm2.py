@@ -65,8 +65,8 @@ def test_page_shows_before_after_the_maps_and_the_agreement(ioi):
     at = open_page(SELECTED)
     assert at.title[0].value == "Attribution: which heads made this token"
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["logit difference, corrupted run"] == f"{ioi[0].corrupted:.4g}"
-    assert metrics["with L23 H3 patched"] == f"{ioi[0].patched[23, 3]:.4g}"
+    assert metrics["corrupted run"] == f"{ioi[0].corrupted:.4g}"
+    assert metrics["L23 H3 patched"] == f"{ioi[0].patched[23, 3]:.4g}"
     captions = " ".join(c.value for c in at.caption)
     assert "Spearman ρ" in captions and "sum to the model's own" in captions
     assert len(at.get("plotly_chart")) >= 4  # DLA map, per-layer terms, patching map, head graph
