@@ -26,9 +26,9 @@ which on a busy 2-core machine made the blocked pass ~10x slower than running tw
 Only plain causal attention is supported (no sliding window or chunked masks, no padding, batch 1,
 no attention-level edits): `choose_layout` sends anything else to the stored "tril" layout.
 
-On a GPU the same torch ops run on the device in one worker (the fused kernel is the CPU's), the
-layer's reductions are filled there and copied to host memory with its queries and keys when the
-layer is done (capture.engine.device.to_host).  The maps are recomputed on request by core.qk (numpy,
+On a GPU the same torch ops run on the device in one worker and blocks of GPU_ROW_BLOCK rows (the fused
+kernel is the CPU's), the layer's reductions are filled there and copied to host memory with its
+queries and keys when the layer is done (capture.engine.device.to_host).  The maps are recomputed on request by core.qk (numpy,
 on the host).
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ from core.types import OVERVIEW_BINS, ModelMeta
 
 DEFAULT_QK_THRESHOLD = 2048  # tokens; longer causal inputs get the "qk" layout
 ROW_BLOCK = 128  # query rows per block and KV group (x group size rows in one matrix product)
+GPU_ROW_BLOCK = 512  # on a GPU: fewer, larger kernels (scores of group x 512 rows x n keys, float32; not yet measured)
 WAAD_WINDOW = 10  # W of Li et al. 2025 (analytics.summary.WAAD_WINDOW)
 NEG = torch.finfo(torch.float32).min  # the causal mask: exp(NEG - max) == 0 exactly, and 0 * NEG == 0
 
@@ -246,19 +247,17 @@ class QKRecorder:
         H, n, D = q.shape
         KV = k.shape[0]
         G = H // KV
-        B = self.row_block
         dev = q.device
         on_cpu = dev.type == "cpu"
+        B = self.row_block if on_cpu else max(self.row_block, GPU_ROW_BLOCK)
         qs = q * scaling
         key_t = [k[g].t().contiguous() for g in range(KV)]  # [head_dim, n]
         positions = torch.arange(n, dtype=torch.float32, device=dev)
         values = [v[g].contiguous() for g in range(KV)]  # [n, v_head_dim]
         ones = torch.ones(G, 1, B, device=dev)
         out = torch.empty(H, n, v.shape[-1], device=dev)
-        if on_cpu:  # [head, n] views of the stored arrays: rows are disjoint per worker
-            entropy, distance, waad = (torch.from_numpy(self.arrays[name][layer]) for name in ("entropy", "distance", "waad"))
-        else:  # filled on the device, copied to the host below
-            entropy, distance, waad = (torch.empty(H, n, device=dev) for _ in range(3))
+        # [head, n] each, filled where the layer runs (rows are disjoint per worker), copied to the arrays below
+        entropy, distance, waad = (torch.empty(H, n, device=dev) for _ in range(3))
         W = self.window
         lags = torch.arange(W, device=dev)
         lag_weight = (W - lags).to(torch.float32)
@@ -329,9 +328,8 @@ class QKRecorder:
         self.arrays["colsum"][layer] = to_host(colsum)
         if split:
             self.arrays["colsum_response"][layer] = to_host(sum(r[1] for r in results))
-        if not on_cpu:
-            for name, found in (("entropy", entropy), ("distance", distance), ("waad", waad)):
-                self.arrays[name][layer] = to_host(found)
+        for name, found in (("entropy", entropy), ("distance", distance), ("waad", waad)):
+            self.arrays[name][layer] = to_host(found)
         pools = results[0][2]
         for other in results[1:]:
             for mine, theirs in zip(pools.maps, other[2].maps):

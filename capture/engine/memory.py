@@ -101,10 +101,10 @@ def _gpu_estimate(meta: ModelMeta, n: int, layout: str, activations: int, layer:
     """GPU memory of the recorded pass: one layer on the device at a time (module docstring)."""
     L, H = meta.n_layers, meta.n_heads
     if layout == "qk":
-        from capture.engine.longctx import ROW_BLOCK
+        from capture.engine.longctx import GPU_ROW_BLOCK
         from core.qk import HEAD_OVERVIEW_BINS
 
-        block = 3 * H * ROW_BLOCK * n * 4  # one worker's scores, weights and a temporary
+        block = 3 * (H // meta.n_kv_heads) * GPU_ROW_BLOCK * n * 4  # one group's scores, weights and a temporary
         reductions = REDUCTION_ARRAYS * H * n * 4 + 2 * H * n * 8  # one layer's, float64 column sums
         memory = activations + layer + block + reductions + H * HEAD_OVERVIEW_BINS**2 * 4
         disk = L * layer + REDUCTION_ARRAYS * L * H * n * 4 + L * H * (min(HEAD_OVERVIEW_BINS, n) ** 2 + 32 * 32) * 2
