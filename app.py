@@ -10,7 +10,7 @@ from pages import shared, sidebar, widgets
 
 # an emoji icon is drawn in the browser (a :material/...: page icon is fetched from a font CDN)
 st.set_page_config(page_title="HeadScope", page_icon="🔎", layout="wide")
-st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem}"
+st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;font-size:0.92rem;overflow-wrap:anywhere}"
         ".hs-tok{padding:1px 0;border-radius:3px}"
         ".hs-label{font-weight:600;display:inline-block;min-width:8.5em}"
         # less empty space above the title: the main comparison of each page sits higher at 1280 x 800

@@ -30,6 +30,7 @@ MEASURES = ("logit_diff", "prob")  # attribution: the patching metric at the las
 DIRECTIONS = ("denoise", "noise")  # attribution: clean into corrupted, or corrupted into clean
 RECEIVERS = ("q", "k", "v")  # attribution: the path-patching receivers' input
 MAX_LINK_TOKEN = 40  # characters of an attribution target / foil token
+MEAN_PAGES = ("gaze", "dit")  # pages whose layer / head -1 means "the mean": their links always name both
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 # whole-number fields and their ranges; -1 means "the mean" for layer / head (where a page offers it),
@@ -98,7 +99,7 @@ class ViewState:
         for name, value in asdict(self).items():
             if name == "prompt" and self.key and len(self.prompt) > MAX_LINK_PROMPT:
                 continue  # long prompts travel by key
-            if value != getattr(base, name):
+            if value != getattr(base, name) or (name in ("layer", "head") and self.page in MEAN_PAGES):
                 out[name] = str(int(value)) if isinstance(value, bool) else str(value)
         return out
 
@@ -119,6 +120,8 @@ class ViewState:
                 state = replace(state, **{name: _parse(name, str(value))})
             except ValueError as exc:
                 warnings.append(f"Ignored link parameter {name}: {exc}")
+        if state.page in MEAN_PAGES:  # a link to these pages that names no layer / head opens on the mean
+            state = replace(state, **{f: -1 for f in ("layer", "head") if f not in params})
         return state, warnings
 
     def clamp(self, n_layers: int, n_heads: int, n_tokens: int, mean_head: bool = False) -> list[str]:

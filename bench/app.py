@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
 from common import ROOT, prompt_of, table
 
@@ -106,11 +107,75 @@ def first_paint(key: str, repeats: int = 3) -> dict[str, float]:
     return out
 
 
+FIGURE = ".hs-pic img, .js-plotly-plot .main-svg, [data-testid='stImage'] img"  # any page's first figure
+
+
+def page_links() -> list[tuple[str, str, str]]:
+    """(page, shared link query, what counts as its first figure) for every page, inputs cached first."""
+    import probes
+    from capture import default_store, load, presets, remember
+    from capture.api import run
+    from core.types import RunSpec
+
+    prompt = "The cat sat on the mat. The cat sat on the"
+    intervention = presets.prune(load("smollm2").meta, [(10, 3), (11, 4), (12, 5)])
+    pruned = remember(intervention)
+    run(RunSpec(model="smollm2", prompt=prompt, max_new_tokens=6))
+    run(RunSpec(model="smollm2", prompt=prompt, max_new_tokens=6, intervention=intervention))
+    atlases = probes.stored_atlases(default_store())
+    links = [("home", "page=home", "h1"),
+             ("explorer", "page=explorer&view=model&layer=3&head=2", ".hs-pic img"),
+             ("explorer (head)", "page=explorer&view=head&layer=3&head=2", ".hs-pic img"),
+             ("atlas", "page=atlas&metric=sink_alpha", FIGURE),
+             ("intervene", f"page=intervene&max_new_tokens=6&prompt={quote(prompt)}&intervention={pruned}", FIGURE),
+             ("vision", "page=vision&model=dinov2-s&image=cat&layer=11&head=-1", FIGURE),
+             ("dit", "page=dit", FIGURE),
+             ("gaze", "page=gaze", FIGURE)]
+    if atlases:
+        links.append(("patterns", f"page=patterns&atlas={atlases[0][0]}", FIGURE))
+    return links
+
+
+def page_paint(repeats: int = 3) -> dict[str, float]:
+    """Seconds from opening each page's shared link in a fresh browser context until its first figure is
+    drawn (median of `repeats`; the server has run every page once, as a server in use has)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    (ROOT / "tests" / "artifacts").mkdir(parents=True, exist_ok=True)
+    from browser import browser, streamlit_server, wait_idle
+
+    links = page_links()
+    out = {}
+    with streamlit_server() as url, browser() as b:
+        warm = b.new_page()
+        for _, query, selector in links:  # the server's first run of each page imports and reads
+            warm.goto(f"{url}/?{query}")
+            wait_idle(warm, selector, timeout=600_000)
+        for name, query, selector in links:
+            times = []
+            for _ in range(repeats):
+                context = b.new_context(viewport={"width": 1280, "height": 800})
+                page = context.new_page()
+                t0 = time.perf_counter()
+                page.goto(f"{url}/?{query}")
+                page.wait_for_selector(selector, timeout=120_000)
+                times.append(time.perf_counter() - t0)
+                context.close()
+            out[name] = statistics.median(times)
+            print(f"{name}: {out[name]:.2f} s ({', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--no-bertviz", action="store_true")
+    parser.add_argument("--pages", action="store_true", help="only the first paint of every page's shared link")
     args = parser.parse_args()
+    if args.pages:
+        paint = page_paint()
+        print(table(["page", "shared link first figure s (<= 2), median of 3"],
+                    [[name, f"{seconds:.2f}"] for name, seconds in paint.items()]))
+        return
     from capture import registry
     from capture.api import run
     from core.types import RunSpec

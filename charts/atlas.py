@@ -54,6 +54,31 @@ def head_heatmap(values: np.ndarray, title: str = "", value_name: str = "score",
     return fig
 
 
+def layer_profile(values: np.ndarray, title: str = "", value_name: str = "score", threshold: float | None = None,
+                  column: str = "head", height: int = 300) -> go.Figure:
+    """values  # [layer, head] summarised per layer: the mean over heads (line), the spread from the lowest
+    to the highest head (band), and the paper's threshold (dashed): how a metric moves through depth."""
+    v = np.asarray(values, dtype=np.float64)
+    layers = np.arange(v.shape[0])
+    with np.errstate(all="ignore"):
+        mean, lo, hi = np.nanmean(v, 1), np.nanmin(v, 1), np.nanmax(v, 1)
+    fig = go.Figure([
+        go.Scatter(x=layers, y=hi, mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip"),
+        go.Scatter(x=layers, y=lo, mode="lines", line=dict(width=0), fill="tonexty", fillcolor="rgba(76,120,168,0.2)",
+                   name=f"lowest – highest {column}", hoverinfo="skip"),
+        go.Scatter(x=layers, y=mean, mode="lines+markers", name=f"mean over {column}s", line=dict(color="#4c78a8"),
+                   customdata=np.stack([lo, hi], -1),
+                   hovertemplate="layer %{x}: mean %{y:.4g} (from %{customdata[0]:.4g} to %{customdata[1]:.4g})"
+                                 "<extra></extra>"),
+    ])
+    if threshold is not None:
+        fig.add_hline(y=threshold, line=dict(color=SELECTED, dash="dash", width=1))
+    fig.update_layout(**base_layout(title, height), legend=dict(orientation="h", y=-0.3))
+    fig.update_xaxes(title="layer", range=[-0.5, v.shape[0] - 0.5])
+    fig.update_yaxes(title=value_name)
+    return fig
+
+
 def token_strip(tokens: list[str], values: np.ndarray, title: str = "", value_name: str = "score",
                 threshold: float | None = None, selected: int | None = None, height: int = 260) -> go.Figure:
     """values  # [token] as bars over the text (token labels on hover, and on the axis when they fit).
@@ -101,4 +126,4 @@ def token_text(tokens: list[str], values: np.ndarray) -> str:
     return '<div style="line-height: 1.9; white-space: pre-wrap; font-family: monospace">' + "".join(parts) + "</div>"
 
 
-__all__ = ["head_heatmap", "token_strip", "token_text"]
+__all__ = ["head_heatmap", "layer_profile", "token_strip", "token_text"]

@@ -78,6 +78,7 @@ class Picture:
     zmax: float
     ramp: tuple[str, ...]
     values: tuple[tuple[float, ...], ...] | None = None
+    smooth: bool = False  # a photo underneath: scaled smoothly rather than in blocks
 
 
 def _coloured(unit: np.ndarray) -> np.ndarray:
@@ -113,6 +114,22 @@ def model_mosaic(thumbs: np.ndarray, scale: str = "raw") -> Picture:
                    col_hover=tuple(f"head {h}" for h in range(n_heads)), hover="{row}, {col}: click to open it",
                    row_title="", col_title="", title="", bar_title="max " + SCALE_TITLES[scale],
                    zmin=zmin, zmax=zmax, ramp=_ramp())
+
+
+def thumbnail_png(values: np.ndarray, scale: str = "raw", side: int = 300) -> bytes:
+    """values  # [bins, bins] already scaled (`scaled`) -> PNG bytes about `side` px a side, each block a sharp
+    square (pixel repetition), on the attention colour scale: a head's thumbnail drawn large."""
+    import io
+
+    from PIL import Image
+
+    zmin, zmax = _range(scale)
+    unit = (np.nan_to_num(np.asarray(values, dtype=np.float32), nan=zmin) - zmin) / (zmax - zmin)
+    k = max(1, side // max(unit.shape))
+    rgba = _coloured(np.repeat(np.repeat(unit, k, 0), k, 1))
+    out = io.BytesIO()
+    Image.fromarray(rgba).save(out, format="PNG")
+    return out.getvalue()
 
 
 def head_picture(attn: np.ndarray, tokens_q: list[str], tokens_k: list[str], scale: str = "raw",
@@ -185,17 +202,29 @@ def picture_svg(p: Picture, cell_px: int = 24) -> str:
     return "".join(parts)
 
 
-def token_highlight_html(tokens: list[str], weights: np.ndarray, query: int, label: str = "") -> str:
+def token_highlight_html(tokens: list[str], weights: np.ndarray, query: int, label: str = "", scale: str = "row",
+                         split: int | None = None, selected: bool = False) -> str:
     """The text with each token's background showing the weight `query` gives it (escaped HTML).
 
     weights  # [key]; the query token is outlined; tokens after it (unseen in a causal map) are grey.
-    """
+    `scale` as the maps' colour: "raw" the weight itself, "log" log10 from LOG_FLOOR, "row" the line's
+    maximum = full colour.  `split`: a bar before that token (where generated tokens start); `selected`
+    outlines the line."""
     w = np.asarray(weights, dtype=np.float32)
-    peak = float(w.max()) if w.size and w.max() > 0 else 1.0
-    parts = [f'<div class="hs-tokens"><span class="hs-label">{html.escape(label)}</span>'] if label else \
-        ['<div class="hs-tokens">']
+    if scale == "raw":
+        shade = np.clip(w, 0.0, 1.0)
+    elif scale == "log":
+        shade = np.clip((np.log10(np.maximum(w, 10.0**LOG_FLOOR)) - LOG_FLOOR) / -LOG_FLOOR, 0.0, 1.0)
+    else:
+        peak = float(w.max()) if w.size and w.max() > 0 else 1.0
+        shade = w / peak
+    box = ' style="outline: 2px solid #ff4b4b; border-radius: 4px"' if selected else ""
+    parts = [f'<div class="hs-tokens"{box}><span class="hs-label">{html.escape(label)}</span>'] if label else \
+        [f'<div class="hs-tokens"{box}>']
     for i, token in enumerate(tokens):
-        alpha = float(w[i]) / peak if i < len(w) else 0.0
+        if i == split:
+            parts.append('<span class="hs-split" title="generated tokens start here"> | </span>')
+        alpha = float(shade[i]) if i < len(w) else 0.0
         style = f"background: rgba(255, 75, 75, {alpha:.3f});"
         if i == query:
             style += " outline: 2px solid #1c83e1;"

@@ -19,9 +19,13 @@ def filmstrip(image: np.ndarray, maps: np.ndarray, words: Sequence[str], opacity
     """maps  # [word, rows, cols]: one overlay per question word (GIFT's gaze shift while reading it),
     on one colour scale so the words compare."""
     maps = np.asarray(maps, dtype=np.float32)
-    return head_overlays(image, maps, opacity=opacity, titles=[f"“{w}”" for w in words], per_row=per_row,
-                         shared_scale=True, label="gaze shift",
-                         title="Gaze shift while reading each word of the question")
+    fig = head_overlays(image, maps, opacity=opacity, titles=[f"“{w}”" for w in words], per_row=per_row,
+                        shared_scale=True, label="gaze shift",
+                        title="Gaze shift while reading each word of the question (one colour scale)")
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    if heat:  # the panels share one scale: say what it measures, once
+        heat[-1].update(showscale=True, colorbar=dict(title=dict(text="gaze shift", side="right"), thickness=12))
+    return fig
 
 
 def _outline(fig: go.Figure, x0: float, y0: float, x1: float, y1: float, colour: str, dash: str, name: str) -> None:

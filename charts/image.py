@@ -164,7 +164,8 @@ def distance_profile_chart(distance_px: np.ndarray, strength: np.ndarray, title:
                                  hovertemplate=f"head {h}<br>%{{x:.0f}} px: %{{y:.2e}}<extra></extra>"))
     fig.update_layout(**base_layout(title, height))
     fig.update_xaxes(title_text="distance between patches (px)")
-    fig.update_yaxes(title_text="mean attention per key", type="log" if log_y else "linear")
+    fig.update_yaxes(title_text="mean attention per key", type="log" if log_y else "linear",
+                     exponentformat="power")  # 10^-4, not the SI "100µ"
     return fig
 
 

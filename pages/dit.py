@@ -12,8 +12,12 @@ import probes
 from analytics import dit as analytics
 from capture import RunSpec, dit_capture, dit_presets, recall, remember
 from charts import dit as charts
+from charts.dit_words import word_maps
+from charts.pictures import crisp
 from charts.theme import plot_config
 from pages import shared
+
+STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
 
 st.title("Diffusion transformer")
 state = shared.view_state()
@@ -57,7 +61,7 @@ if not -1 <= state.head < word_heads:
     shared.set_fields(head=-1)
 col_img, col_ctl = st.columns([1, 2])
 with col_img:
-    st.plotly_chart(charts.picture(image, f"seed {seed}, {n_steps} steps"), key="dit_picture", config=plot_config())
+    st.image(crisp(image), caption=f"seed {seed}, {n_steps} steps", width=256)
 with col_ctl:
     all_steps = shared.bind("all_steps", st.checkbox, "Average over all steps (DAAM)")
     step = shared.bind("step", st.slider, "Sampling step", 0, n_steps - 1, disabled=all_steps,
@@ -67,7 +71,10 @@ with col_ctl:
     layer = shared.bind("layer", st.selectbox, "Layer", list(range(-1, meta.n_layers)),
                         format_func=lambda l: "mean of layers" if l == -1 else f"layer {l}")
     head = shared.bind("head", st.selectbox, "Heads shown", list(range(-1, word_heads)),
-                       format_func=lambda h: "every head and their mean" if h == -1 else f"head {h}")
+                       format_func=lambda h: "mean of heads" if h == -1 else f"head {h}")
+    shared.held("dit_every_head", False)
+    every = st.checkbox("Every head too", key="dit_every_head", disabled=head != -1,
+                        help="One row of word maps per head under the mean.")
     show_padding = st.checkbox("Show special and padding tokens", value=False, key="dit_padding")
     for note in capture.output.notes:
         st.info(note)
@@ -80,16 +87,16 @@ per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
 words = list(range(len(tokens))) if show_padding else dit_capture.word_columns(capture)
 if head == -1:
-    panels = np.concatenate([per_head, mean_heads])[:, words].transpose(1, 0, 2, 3)  # [word, column, rows, cols]
-    columns = [f"head {i}" for i in range(word_heads)] + ["mean"]
+    panels = (np.concatenate([mean_heads, per_head]) if every else mean_heads)[:, words]  # [row, word, rows, cols]
+    row_names = ["mean"] + ([f"head {i}" for i in range(word_heads)] if every else [])
 else:
-    panels = per_head[head : head + 1, words].transpose(1, 0, 2, 3)  # [word, 1, rows, cols]
-    columns = [f"head {head}"]
-st.subheader("Word heatmaps")
-st.plotly_chart(charts.word_heatmaps(image, panels, [tokens[i] for i in words], columns,
-                                     sinks=[bool(stats.global_sink[i]) for i in words],
-                                     title="What each word receives from every image patch"),
+    panels = per_head[head : head + 1, words]  # [1, word, rows, cols]
+    row_names = [f"head {head}"]
+word_names = [tokens[i] + (" (sink)" if stats.global_sink[i] else "") for i in words]
+st.plotly_chart(word_maps(image, panels, word_names, row_names,
+                          title="Word heatmaps: where the picture reads each word (each panel scaled to its own max)"),
                 key="dit_words", config=plot_config())
+st.caption("Hover a panel for its largest attention weight. “(sink)”: a RefAM global sink, read from everywhere.")
 
 tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Intervene"])
 with tab_sinks:
@@ -99,6 +106,13 @@ with tab_sinks:
     st.plotly_chart(charts.sink_chart(tokens, mean, cv, stats.share, stats.global_sink,
                                       title="Received attention per text token (red: global sink)"),
                     key="dit_sinks", config=plot_config())
+    over_steps = stats.mean.mean(axis=(1, 2))  # [step, text]: each token's received attention, step by step
+    shown_cols = [i for i in range(len(tokens)) if stats.global_sink[i]][:4] + words[:4]
+    st.plotly_chart(charts.timestep_profile(list(timesteps), over_steps[:, shown_cols].T,
+                                            [f"{i}:{tokens[i]}" for i in shown_cols], selected=None if all_steps else step,
+                                            title="Received attention through sampling (sinks and the first words)",
+                                            label="mean attention from image"),
+                    key="dit_profile", config=plot_config())
     flagged = [f"{i}:{t}" for i, t in enumerate(tokens) if stats.global_sink[i]]
     st.write("Global sinks: " + (", ".join(flagged) if flagged else "none") +
              f". A sink gets at least {analytics.SINK_RATIO:g} x the median token's attention, spread evenly "
@@ -134,6 +148,7 @@ with tab_pag:
         st.session_state["dit_sink_tokens"] = [token_labels[i] for i in sinks]
     if "dit_pag_heads" not in st.session_state:  # first render: the link's intervention if it names one
         linked = recall(state.intervention)
+        st.session_state["dit_linked_iv"] = linked.key() if linked is not None else ""
         heads_in_link = [f"L{l}H{h}" for l, h in linked.heads() if f"L{l}H{h}" in labels] if linked else []
         st.session_state["dit_pag_heads"] = heads_in_link or [x for x in ["L1H0"] if x in labels]
         if linked is not None and dit_presets.is_guidance(linked):
@@ -150,18 +165,18 @@ with tab_pag:
     hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
     if hunted:
         st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]
-    defaults = {"dit_mode": "softpag", "dit_pag_u": 1.0, "dit_pag_s": dit_presets.DEFAULT_PAG_SCALE,
-                "dit_scale_value": 0.0, "dit_redistribute_value": 0.4}
-    for name, value in defaults.items():
-        st.session_state.setdefault(name, value)
+    shared.held("dit_mode", "softpag")  # each widget's value is given right before it is drawn (shared.held)
     mode = st.segmented_control("Intervention", ["softpag", "scale", "redistribute"], key="dit_mode",
                                 format_func={"softpag": "SoftPAG / PAG guidance", "scale": "Scale / mask heads",
                                              "redistribute": "Redistribute away from sink tokens"}.get) or "softpag"
+    shared.held("dit_pag_heads", [])
     chosen = st.multiselect("Heads", labels, key="dit_pag_heads")
     heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
     iv, label, problem = None, "", "Pick at least one head."
     if mode == "softpag":
         c1, c2 = st.columns(2)
+        shared.held("dit_pag_u", 1.0)
+        shared.held("dit_pag_s", dit_presets.DEFAULT_PAG_SCALE)
         u = c1.slider("u (toward identity; 1 = PAG)", 0.0, 1.0, step=0.05, key="dit_pag_u")
         scale = c2.slider("Guidance scale s", 0.0, 6.0, step=0.25, key="dit_pag_s")
         if heads and scale > 0:
@@ -171,13 +186,16 @@ with tab_pag:
         st.caption("A perturbed branch with these heads' image self-attention mixed toward the identity; each step "
                    "guides away from it: ε̂ = ε + s (ε − ε_perturbed) (Ahn et al. 2025; PAG when u = 1).")
     elif mode == "scale":
+        shared.held("dit_scale_value", 0.0)
         factor = st.slider("Head output × factor (0 masks the head)", 0.0, 1.0, step=0.05, key="dit_scale_value")
         if heads:
             iv, label = dit_presets.scale_heads(heads, factor), f"heads × {factor:g}"
     else:
+        shared.held("dit_redistribute_value", 0.4)
         beta = st.slider("β: these tokens keep this share of their attention", 0.0, 1.0, step=0.05,
                          key="dit_redistribute_value", help="0.4 is ACT's default; the freed attention goes to the "
                                                             "other tokens in proportion.")
+        shared.held("dit_sink_tokens", [])
         st.multiselect("Tokens to take attention from", token_labels, key="dit_sink_tokens",
                        help="By default the RefAM global sinks of this run, else the end-of-text and padding tokens.")
         taken = [p for x in st.session_state["dit_sink_tokens"] for p in positions[int(x.split(":", 1)[0])]]
@@ -187,24 +205,37 @@ with tab_pag:
             problem = "Pick at least one token to take attention from."
     state.intervention = remember(iv) if iv is not None else "none"  # the link carries the setting by key
     if iv is not None:
-        after = shared.run_capture(RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv,
-                                           height=capture.spec.height, width=capture.spec.width),
-                                   f"Sampling with {label}")
-        if after is None:
-            shared.stop()
-        st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
-                                            ("before", f"after ({label})")),
-                        key="dit_before_after", config=plot_config())
-        st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
+        spec = RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv,
+                       height=capture.spec.height, width=capture.spec.width)
+        cost = shared.Estimate(f"dit-intervened {MODEL}", steps, "recorded steps", STEP_S, fixed_s=1.0)
+        # sampled when asked (or opened from a link naming it): a new prompt or seed does not start it by itself
+        asked = st.button(f"Sample with {label}", key="dit_sample", type="primary",
+                          help=f"The same prompt, seed and steps with the intervention: {cost.text()}.")
+        if asked or st.session_state.get("dit_linked_iv") == iv.key():
+            after = shared.run_capture(spec, f"Sampling with {label}")
+        else:
+            after = shared.cached_capture(spec)
+        if after is None and not asked and st.session_state.get("dit_linked_iv") != iv.key():
+            st.plotly_chart(charts.before_after(image, np.full_like(image, 235), ("before", "after: not sampled yet")),
+                            key="dit_before_after", config=plot_config())
+            st.caption(f"Press “Sample with {label}” for the picture after: {cost.text()}.")
+        elif after is not None:
+            st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
+                                                ("before", f"after ({label})")),
+                            key="dit_before_after", config=plot_config())
+            st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
     else:
         st.info(problem)
     h1, h2 = st.columns([1, 2])
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
-        result = shared.run_with_progress("HeadHunter", probes.run_headhunter, MODEL,
-                                          probes.HeadHunterParams(objective=objective, height=capture.spec.height,
-                                                                  width=capture.spec.width))
+        hunt = probes.HeadHunterParams(objective=objective, height=capture.spec.height, width=capture.spec.width)
+        runs = 1 + meta.n_layers * meta.n_heads + hunt.rounds * hunt.candidates  # baseline, each head, greedy rounds
+        result = shared.run_with_progress(
+            "HeadHunter", probes.run_headhunter, MODEL, hunt,
+            estimate=shared.Estimate(f"headhunter {MODEL}", runs, f"sampling runs of {hunt.n_prompts * hunt.n_seeds} "
+                                     "pictures", 7.0, fixed_s=2.0))
         if result is not None:
             st.session_state["dit_hunted"] = result.heads
             st.session_state["dit_hunt_result"] = (result.record, result.single(), result.single_images())

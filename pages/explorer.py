@@ -44,14 +44,16 @@ with cols[0]:
                 format_func={"model": "Model view", "head": "Head view", "token": "Token view"}.get)
 with cols[1]:
     layer = shared.bind("layer", st.number_input, "Layer", 0, meta.n_layers - 1, step=1,
-                        help="Arrow keys or +/- step through layers.")
+                        help="Type a layer, or step with the ↑ / ↓ keys in the box; in the model view, click a head.")
 with cols[2]:
     head = shared.bind("head", st.number_input, "Head", 0, meta.n_heads - 1, step=1,
-                       help=f"Query head; with GQA, heads {meta.group_size} at a time share a KV head.")
+                       help=f"Query head; with GQA, heads {meta.group_size} at a time share a KV head. The token "
+                            "view outlines this head's line.")
 with cols[3]:
     scale = shared.bind("scale", st.segmented_control, "Colour", ["raw", "log", "row"], required=True,
                         format_func={"raw": "weight", "log": "log", "row": "row-norm"}.get,
-                        help="weight: raw attention; log: log10 (shows small weights); row-norm: each row / its max.")
+                        help="weight: raw attention; log: log10 (shows small weights); row-norm: each row / its max "
+                             "(in the token view: each line / its max).")
 
 
 def downloads(drawn, name: str, csv) -> None:
@@ -66,12 +68,30 @@ def downloads(drawn, name: str, csv) -> None:
                             on_click="ignore")
 
 
+n_prompt = len(capture.spans.get("prompt", range(n)))
+generated = n_prompt < n and meta.modality == "text"  # the rows after n_prompt are generated tokens
+
 if state.view == "model":
     thumbs = np.asarray(capture.overview(), dtype=np.float32)  # [layer, head, bins, bins]
-    st.caption(f"Every head of every layer, each map max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks. "
-               "Click a head to open it.")
-    mosaic = shared.memo("model_mosaic", (capture.key, scale), lambda: charts.model_mosaic(thumbs, scale))
-    picture(mosaic, key="model_grid", on_pick=open_head, outline=(layer, layer + 1, head, head + 1))
+    grid_col, side_col = st.columns([1.1, 1], gap="medium")
+    with grid_col:
+        st.caption(f"Every head of every layer, each map max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks. "
+                   "Click a head to open it.")
+        mosaic = shared.memo("model_mosaic", (capture.key, scale), lambda: charts.model_mosaic(thumbs, scale))
+        picture(mosaic, key="model_grid", on_pick=open_head, outline=(layer, layer + 1, head, head + 1),
+                min_cell_px=14, max_cell_px=48, fit_height=True, zoom=True)
+    with side_col:  # the outlined head, larger: its pooled map and what the last token reads
+        last = n - 1
+        st.markdown(f"**Layer {layer}, head {head}** (outlined in the grid)")
+        thumb = charts.scaled(thumbs[layer, head], scale)  # [bins, bins]
+        st.image(charts.thumbnail_png(thumb, scale, side=300), width=300,
+                 caption=f"its map, max-pooled to {thumbs.shape[-1]}×{thumbs.shape[-1]} blocks (query ↓, key →)")
+        row = np.asarray(capture.row(layer, last), dtype=np.float32)[head]  # [key]
+        top = np.argsort(-row)[:5]
+        st.markdown(f"What the last token, {capture.tokens[last]!r}, reads:")
+        st.html(charts.token_highlight_html(capture.tokens, row, last, "", scale=scale))
+        st.caption("Most weight on: " + ", ".join(f"{int(j)} {capture.tokens[j]!r} ({row[j]:.2f})" for j in top)
+                   + ". The head view shows the whole map with its tokens.")
 
     def model_view_csv() -> str:  # built on click only: 276,480 rows for 30 x 9 heads of 32 x 32 blocks
         L, H, b, _ = thumbs.shape
@@ -88,7 +108,10 @@ elif state.view == "head":
     if n <= FULL_MAP_MAX:
         shown, q0, k0 = capture.head(layer, head), 0, 0  # [query, key]
         drawn = charts.head_picture(shown, capture.tokens, capture.tokens, scale, title=title, mask_future=causal)
-        picture(drawn, key="head_map", zoom=True)
+        picture(drawn, key="head_map", zoom=True, outline=(n_prompt, n, 0, n) if generated else None)
+        if generated:
+            st.caption(f"Red frame: the rows of the {n - n_prompt} generated tokens (from token {n_prompt}); the rows "
+                       "above are the prompt.")
     else:
         left, right = st.columns([1, 1.25])
         with left:
@@ -121,11 +144,15 @@ else:  # token view
                         format_func=lambda i: "last token" if i == -1 else f"{i} {capture.tokens[i]}")
     q = n - 1 if query == -1 else query
     rows = np.asarray(capture.row(layer, q), dtype=np.float32)  # [head, key]
+    how = {"raw": "the weight itself", "log": "log10 of the weight", "row": "each line scaled to its own maximum"}
     st.caption(f"What token {q} ({capture.tokens[q]!r}) attends to in layer {layer}: stronger red = more weight "
-               "(each line scaled to its own maximum; hover a token for the exact weight).")
-    st.html(charts.token_highlight_html(capture.tokens, rows.mean(0), q, "mean of heads"))
+               f"({how[scale]}; hover a token for the exact weight). Head {head} is outlined"
+               + (f"; generated tokens start after the | at token {n_prompt}." if generated else "."))
+    split = n_prompt if generated else None
+    st.html(charts.token_highlight_html(capture.tokens, rows.mean(0), q, "mean of heads", scale=scale, split=split))
     for h in range(meta.n_heads):
-        st.html(charts.token_highlight_html(capture.tokens, rows[h], q, f"head {h}"))
+        st.html(charts.token_highlight_html(capture.tokens, rows[h], q, f"head {h}", scale=scale, split=split,
+                                            selected=h == head))
     st.download_button("Numbers (CSV)", lambda: "head,key,token,weight\n" + "\n".join(
         f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1)),
         file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv", on_click="ignore")

@@ -11,12 +11,15 @@ import streamlit as st
 
 import probes
 from analytics import vlm
-from analytics.vision import Layout, grid_map
+from analytics.vlm_picture import PictureLayout
 from capture import ProbeMissing, scenes
 from charts import gaze as charts
 from charts.image import head_overlays, layer_head_chart
+from charts import registers as charts_sinks
+from charts.pictures import overlay
 from charts.theme import plot_config
 from pages import shared
+from pages.widgets import picture as draw
 
 st.title("Gaze")
 CHART_HEIGHT = 520  # the layer x head charts: 30 readable layer rows
@@ -26,14 +29,14 @@ shared.show_link_warnings()
 shared.status_line(capture)
 if capture is None or capture.meta.modality != "vlm" or capture.image() is None:
     st.info("Pick a vision-language model in the sidebar (shapes-vlm is embedded), a picture and a question.")
-    st.stop()
+    shared.stop()
 if "question" not in capture.spans or not len(capture.spans["question"]):
     st.warning("This capture has no question tokens to follow.")
-    st.stop()
+    shared.stop()
 
 meta = capture.meta
 picture = capture.image()
-layout = Layout.of(capture)
+layout = PictureLayout.of(capture)  # the image tokens' boxes on the picture
 scene = scenes.make_scene(int(capture.spec.image[6:]), scenes.VLM) if capture.spec.image.startswith("scene-") else None
 asked = next((qa for qa in scenes.questions(scene) if qa.question == capture.spec.prompt.strip()), None) \
     if scene is not None else None
@@ -62,7 +65,8 @@ with col_ctl:
                              "the default here is VAR's layers 2..L-1.")
     head = shared.bind("head", st.selectbox, "Heads", list(range(-1, meta.n_heads)),
                        format_func=lambda h: "mean of heads" if h == -1 else f"head {h}")
-    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="gaze_opacity")
+    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.7, 0.05, key="gaze_opacity",
+                        help="At most this opaque where the map peaks; where it is low the picture shows through.")
 
 found = shared.memo("gaze_gaze", (capture.key, layer, head), lambda: vlm.gaze(
     capture, layers=None if layer == -1 else [layer], heads=None if head == -1 else [head]))
@@ -71,23 +75,26 @@ sink_note = (f"{len(sinks.visual)} visual sink(s) outlined in dashed red (φ > {
              f"{', '.join(map(str, sinks.dims))})" if sinks.dims else "no massive dimensions found (φ ≤ 20)")
 left, right = st.columns(2)
 with left:
-    st.plotly_chart(charts.saliency_overlay(picture, found.saliency, sinks.patches, boxes, label="saliency",
-                                            opacity=opacity, title="Gaze saliency S (GIFT): where the gaze moved"),
-                    key="gaze_saliency", config=plot_config())
+    draw(overlay(picture, found.saliency, opacity, title="Gaze saliency S (GIFT): where the gaze moved",
+                 label="saliency", sinks=sinks.patches, boxes=boxes), key="gaze_saliency", min_cell_px=4, max_cell_px=40)
 with right:
     last = capture.spans["prompt"].stop - 1  # the row that predicts the first answer token
-    answer_map = np.mean([grid_map(capture.rows(l, last, last + 1)[found.heads, 0], layout).mean(0)
+    answer_map = np.mean([layout.paint(layout.image_keys(capture.rows(l, last, last + 1)[found.heads, 0])).mean(0)
                           for l in found.layers], axis=0)  # [rows, cols]
-    st.plotly_chart(charts.saliency_overlay(picture, answer_map, sinks.patches, boxes, label="attention",
-                                            opacity=opacity, title="Attention on the image when the answer starts"),
-                    key="gaze_answer_map", config=plot_config())
+    draw(overlay(picture, answer_map, opacity, title="Attention on the image when the answer starts",
+                 label="attention", sinks=sinks.patches, boxes=boxes), key="gaze_answer_map", min_cell_px=4,
+         max_cell_px=40)
 st.caption(f"{sink_note}; " + ("the asked object's box in dotted white. " if boxes else "")
            + "Saliency: the sum over the question tokens of the positive change of image attention, "
              "g_t = max(0, a_t − a_{t−1}), normalised to a maximum of 1 (Qi et al. 2025, METHODS §2.3).")
 
 st.subheader("Filmstrip")
-st.plotly_chart(charts.filmstrip(picture, found.filmstrip(), [w for w, _ in found.words], opacity=opacity),
-                key="gaze_filmstrip", config=plot_config())
+strip = found.filmstrip()  # [word, rows, cols]: the gaze shift while reading each question word
+words = [w for w, _ in found.words]
+st.plotly_chart(charts.filmstrip(picture, strip, words, opacity=opacity), key="gaze_filmstrip", config=plot_config())
+st.plotly_chart(charts.token_bars(words, strip.sum(axis=(1, 2)) if len(strip) else np.zeros(0),
+                                  "How far the gaze moves at each word (the sum of its shift map)", "gaze shift",
+                                  height=240), key="gaze_shift_words", config=plot_config())
 
 tab_heads, tab_sinks, tab_vhd, tab_tower, tab_intervene = st.tabs(
     ["Image-centric heads", "Visual sinks", "VHD", "Vision tower", "Intervene"])
@@ -114,14 +121,34 @@ with tab_heads:
                f"prompt token and the answer tokens. Heads with share ≥ {vlm.CENTRIC_SHARE:g}: "
                f"{int(hv.centric_heads().sum())} of {hv.centric.size}.")
 with tab_sinks:
-    image = capture.spans["image"]
     phi = sinks.phi
     st.write(f"Massive dimensions: {', '.join(map(str, sinks.dims)) or 'none'}. Sink tokens (φ > {sinks.tau:g}): "
              + (", ".join(f"{j}:{capture.tokens[j]} (φ {phi[j]:.0f})" for j in sinks.tokens) or "none") + ".")
-    grid_phi = phi[image.start:image.stop].reshape(meta.grid)
-    st.plotly_chart(charts.saliency_overlay(picture, grid_phi, sinks.patches, label="φ", opacity=opacity,
-                                            title="Peak φ of each image token on the massive dimensions"),
-                    key="gaze_phi", config=plot_config())
+    grid_phi = layout.peak(phi[layout.keys])
+    phi_col, share_col = st.columns(2)
+    phi_col.plotly_chart(charts.saliency_overlay(picture, grid_phi, sinks.patches, label="φ", opacity=opacity,
+                                                 title="Peak φ of each image token on the massive dimensions"),
+                         key="gaze_phi", config=plot_config())
+
+    def sink_share():
+        """Per layer, from the rows that answer (the last prompt token on): the attention the visual sinks take
+        in total, and what an ordinary image token gets (heads and rows averaged; VAR, Kang et al. 2025)."""
+        image = np.asarray(layout.positions)
+        sink_set = [t for t in sinks.visual]
+        ordinary = [t for t in image if t not in set(sink_set)]
+        start = capture.spans["prompt"].stop - 1
+        taken, each = np.full(meta.n_layers, np.nan), np.zeros(meta.n_layers)
+        for l in range(meta.n_layers):
+            reads = capture.rows(l, start, capture.n_tokens).mean(axis=(0, 1))  # [key]
+            taken[l] = reads[sink_set].sum() if sink_set else np.nan
+            each[l] = reads[ordinary].mean() if ordinary else np.nan
+        return taken, each
+
+    taken, each = shared.memo("gaze_sink_share", capture.key, sink_share)
+    share_col.plotly_chart(charts_sinks.attention_share_chart(
+        taken, each, title="What the answer reads: the visual sinks in total, and an ordinary image token",
+        outlier_name="visual sinks", ordinary_name="an ordinary image token", label="attention from the answer"),
+        key="gaze_sink_share", config=plot_config())
 with tab_vhd:
     try:
         divergence = vlm.stored_vhd(capture)  # [layer, head, answer token]
@@ -149,11 +176,15 @@ with tab_tower:
         st.info(str(exc))
     else:
         tower_layer = st.slider("Vision-tower layer", 0, tower.shape[0] - 1, tower.shape[0] - 1, key="gaze_tower_layer")
-        cls_maps = vlm.vision_cls_maps(tower[tower_layer], meta.grid)  # [head, rows, cols]
+        tower_grid = vlm.tower_grid(capture)
+        cls_maps = vlm.vision_cls_maps(tower[tower_layer], tower_grid)  # [head, rows, cols]
         titles = [f"head {h}" for h in range(len(cls_maps))] + ["mean of heads"]
         st.plotly_chart(head_overlays(picture, np.concatenate([cls_maps, cls_maps.mean(0, keepdims=True)]),
                                       opacity=opacity, titles=titles, per_row=4,
-                                      title=f"Vision tower layer {tower_layer}: the CLS token's attention over the patches"),
+                                      title=f"Vision tower layer {tower_layer}: " + (
+                                          "the CLS token's attention over the patches"
+                                          if tower.shape[-1] > tower_grid[0] * tower_grid[1]
+                                          else "the mean attention each patch receives (no CLS token)")),
                         key="gaze_tower", config=plot_config())
         st.caption("The vision tower's own self-attention (before the projector), from its eager "
                    "`output_attentions`; interventions act on the language model only, so these maps do not change "

@@ -38,17 +38,15 @@ def render(capture, found, hv, sinks) -> None:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
     _restore_from_link(labels)
     centric = vlm_presets.centric_heads(hv.centric)
-    defaults = {"gaze_iv_p": vlm_presets.VAR_P, "gaze_iv_gamma": vlm_presets.GIFT_GAMMA,
-                "gaze_iv_gamma_q": vlm_presets.GIFT_GAMMA_Q, "gaze_iv_top_k": vlm_presets.GIFT_TOP_K,
-                "gaze_iv_heads": [f"L{l}H{h}" for l, h in centric[:4]], "gaze_iv_scenes": 5,
-                "gaze_iv_alpha": vlm_presets.VHR_ALPHA}
-    for name, value in defaults.items():
-        st.session_state.setdefault(name, value)
+    # each widget gets its value right before it is drawn (shared.held): a default set for another method's
+    # slider would reach the server but not the browser
+    shared.held("gaze_iv_method", "none")
     method = st.segmented_control("Intervention", ["none", *vlm_presets.METHODS], key="gaze_iv_method",
                                   format_func={"none": "None", **vlm_presets.METHODS}.get) or "none"
     params: dict = {}
     heads = None
     if method == "var":
+        shared.held("gaze_iv_p", vlm_presets.VAR_P)
         params["p"] = st.slider("p: sinks keep this share of their attention", 0.0, 1.0, step=0.05, key="gaze_iv_p",
                                 help="VAR's default is 0.6; the freed attention goes to the image tokens.")
         st.caption(f"On the {len(centric)} image-centric heads (share ≥ 0.5, last layer left out), the rows "
@@ -57,17 +55,22 @@ def render(capture, found, hv, sinks) -> None:
                       else "none with φ > 20, so ACT's detected sinks") + " (Kang et al. 2025, METHODS §2.2).")
     elif method == "gift":
         c1, c2, c3 = st.columns(3)
+        shared.held("gaze_iv_gamma", vlm_presets.GIFT_GAMMA)
+        shared.held("gaze_iv_gamma_q", vlm_presets.GIFT_GAMMA_Q)
+        shared.held("gaze_iv_top_k", vlm_presets.GIFT_TOP_K)
         params["gamma"] = c1.slider("γ: image amplification", 0.0, 4.0, step=0.25, key="gaze_iv_gamma")
         params["gamma_q"] = c2.slider("γ_q: question amplification", 0.0, 2.0, step=0.25, key="gaze_iv_gamma_q")
         params["top_k"] = c3.slider("Most salient patches", 1, 64, step=1, key="gaze_iv_top_k")
         st.caption("At every decoding step, attention to image token j × (1 + γ S_j) and to the question × (1 + γ_q), "
                    "renormalised, on the image-centric heads (Qi et al. 2025, METHODS §2.3; coefficients unverified).")
     elif method == "vhr":
+        shared.held("gaze_iv_alpha", vlm_presets.VHR_ALPHA)
         params["alpha"] = st.slider("α: output scale of the vision-aware heads", 0.0, 3.0, step=0.1, key="gaze_iv_alpha")
         st.caption("Per layer, the heads above the median VHD of this answer (surges > mean + std left out), their "
                    "outputs × α (He et al. 2025, METHODS §3.1; selected once from this capture, α unverified). "
                    "Needs VHD (the VHD tab).")
     elif method == "mask":
+        shared.held("gaze_iv_heads", [f"L{l}H{h}" for l, h in centric[:4]])
         chosen = st.multiselect("Heads that lose the picture", labels, key="gaze_iv_heads")
         heads = [(int(x[1:].split("H")[0]), int(x.split("H")[1])) for x in chosen]
     state = shared.view_state()
@@ -94,11 +97,16 @@ def render(capture, found, hv, sinks) -> None:
 
 def _batch(method: str, params: dict, heads) -> None:
     st.markdown("**Held-out scenes**")
+    shared.held("gaze_iv_scenes", 5)
     n = st.slider("Scenes", 1, 50, key="gaze_iv_scenes",
                   help=f"{probes.QUESTIONS_PER_SCENE} questions per scene, the absent-object one always among them.")
     if st.button("Measure the accuracy change", key="gaze_iv_batch", disabled=method == "none"):
-        found = shared.run_with_progress("Held-out scenes", probes.accuracy_change, shared.view_state().model, method,
-                                         {**params, **({"heads": heads} if heads else {})}, n_scenes=int(n))
+        model = shared.view_state().model
+        found = shared.run_with_progress(
+            "Held-out scenes", probes.accuracy_change, model, method, {**params, **({"heads": heads} if heads else {})},
+            n_scenes=int(n), estimate=shared.Estimate(f"gaze-batch {model} {method}", int(n),
+                                                      f"scenes × {probes.QUESTIONS_PER_SCENE} questions, before and after",
+                                                      16.0, fixed_s=2.0))
         if found is not None:
             st.session_state["gaze_iv_result"] = found
     result = st.session_state.get("gaze_iv_result")

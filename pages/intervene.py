@@ -1,12 +1,14 @@
-"""Intervene: toggle heads, pick a preset, rerun generation, and compare before | after.
+"""Intervene: pick a preset and heads, rerun generation, and compare before | after.
 
 Baseline = the current input (the sidebar's view state).  The intervened run is
 `capture.run(RunSpec(..., intervention=...))`, cached on disk by the spec key, so the same
-intervention is computed once and the loaded model is reused.
+intervention is computed once and the loaded model is reused.  A link names the intervention by key;
+opening it restores the preset, the heads and the sliders (pages/intervene_link.py) as well as the result.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import streamlit as st
@@ -16,22 +18,27 @@ import probes
 from analytics import METRICS
 from capture import Intervention, InterventionError, presets, recall, remember
 from charts import compare
+from charts.pictures import metric_grid
 from charts.theme import plot_config
 from pages import shared
+from pages.intervene_link import settings_of
+from pages.widgets import picture
 from state import MAX_NEW_TOKENS
 
 MAP_WINDOW = 80  # tokens of the map comparison (the last ones of the shared prefix)
+GRID_COLOUR = {"retrieval-mask": "retrieval", "duo-streaming": "duo_gate", "prune": "ablation"}  # else sink α
 
 
 def scored(baseline, intervention: Intervention) -> np.ndarray:
-    """Teacher-forced log-prob of the baseline continuation under `intervention` (kept per session)."""
-    memo = st.session_state.setdefault("iv_logprobs", {})
-    key = (baseline.key, intervention.key())
-    if key not in memo:
-        n_prompt = len(baseline.spans["prompt"])
-        memo[key] = capture.continuation_logprobs(capture.load(baseline.spec.model), baseline.output.token_ids,
-                                                  n_prompt, intervention).logprobs
-    return memo[key]
+    """Teacher-forced log-prob of the baseline continuation under `intervention` (kept by the server)."""
+    return _logprobs(baseline.spec.model, tuple(baseline.output.token_ids), len(baseline.spans["prompt"]),
+                     json.dumps(intervention.to_json(), sort_keys=True))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _logprobs(model: str, token_ids: tuple[int, ...], n_prompt: int, intervention: str) -> np.ndarray:
+    return capture.continuation_logprobs(capture.load(model), list(token_ids), n_prompt,
+                                         Intervention.from_json(json.loads(intervention))).logprobs
 
 
 def stored_scores(model: str, metric: str, **params):
@@ -43,65 +50,105 @@ def stored_scores(model: str, metric: str, **params):
         return None
 
 
+def grid_values(base, name: str) -> np.ndarray | None:
+    """The grid's colour: a one-pass metric of the baseline, or a stored probe metric (None if absent)."""
+    def compute():
+        metric = METRICS[name]
+        if metric.probe is None:
+            return metric.compute(base)
+        return stored_scores(base.spec.model, name)
+
+    return shared.memo("iv_grid_values", (base.key, name), compute, size=64)
+
+
+def most_changed(base, after, lo: int, hi: int) -> tuple[int, int]:
+    """The head whose map over query rows lo..hi-1 moved most (mean |after - before|): the edited head's own
+    map does not change under an output-level edit (prune, ITI), the heads after it do."""
+    def compute():
+        change = np.zeros((base.meta.n_layers, base.meta.n_heads))
+        for layer in range(base.meta.n_layers):
+            before_rows = base.rows(layer, lo, hi)  # [head, rows, keys]
+            after_rows = after.rows(layer, lo, hi)
+            change[layer] = np.abs(after_rows - before_rows).mean(axis=(1, 2))
+        return divmod(int(np.argmax(change)), base.meta.n_heads)
+
+    return shared.memo("iv_most_changed", (base.key, after.key, lo, hi), compute)
+
+
 # ---- baseline ------------------------------------------------------------------------------------
 st.title("Interventions")
-spec = shared.spec_of(shared.view_state())
+state = shared.view_state()
+spec = shared.spec_of(state)
 if not spec.prompt.strip():
     st.error("The prompt is empty: type a prompt in the sidebar and press Run; this page then compares it "
              "with an intervened run.")
     shared.stop()
+left, right = st.columns([1, 1.35], gap="medium")  # controls | before and after
+grid_col, map_col = st.columns([1, 1.35], gap="medium")  # the head grid | the maps (drawn first: it is quick)
 if spec.max_new_tokens == 0:
-    n_new = st.number_input("Tokens to generate", 1, MAX_NEW_TOKENS, 24, key="iv_max_new",
-                            help="The input is prefill-only; interventions are compared on a generated continuation.")
+    n_new = left.number_input("Tokens to generate", 1, MAX_NEW_TOKENS, 24, key="iv_max_new",
+                              help="The input is prefill-only; interventions are compared on a generated continuation.")
     spec = dataclasses.replace(spec, max_new_tokens=int(n_new))
 spec = dataclasses.replace(spec, intervention=Intervention())
-base = shared.run_capture(spec, "baseline")
+with right:
+    base = shared.run_capture(spec, "baseline")
 if base is None:
     shared.stop()
 meta = base.meta
-if meta.modality == "dit":
-    st.info(f"{meta.name} draws a picture: here the attention maps are compared (averaged over the sampling "
-            "steps); the Diffusion (DiT) page shows the pictures before | after, with SoftPAG.")
-elif not meta.causal:
-    st.warning(f"{meta.name} is an encoder: it does not generate, so only the attention maps are compared.")
 n_prompt = len(base.spans["prompt"])
-
-# ---- heads and preset ----------------------------------------------------------------------------
+before_tokens = base.tokens[n_prompt:]
 labels = [compare.head_label(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)]
+
+# ---- a link's intervention: its result and its controls ------------------------------------------
+if st.session_state.get("iv_linked") != (state.intervention, meta.name):
+    st.session_state["iv_linked"] = (state.intervention, meta.name)
+    linked = recall(state.intervention) if state.intervention != "none" else None
+    if linked is None and state.intervention != "none":
+        st.warning("The linked intervention is not stored on this server; pick heads and a preset instead.")
+    settings = settings_of(linked, meta) if linked is not None else None
+    if settings is not None:
+        st.session_state["iv_preset"] = settings.preset
+        st.session_state["iv_heads"] = [compare.head_label(l, h) for l, h in settings.heads]
+        for name, value in settings.params.items():
+            st.session_state[f"iv_p_{settings.preset}_{name}"] = value
+        st.session_state["iv_link_note"] = settings.note
+    if linked is not None:
+        st.session_state["iv_active"] = linked
+active: Intervention | None = st.session_state.get("iv_active")
+
 st.session_state["iv_heads"] = [x for x in st.session_state.get("iv_heads", []) if x in labels]
 
 
-def toggle_from_grid() -> None:
-    points = st.session_state["iv_grid"].selection.points
-    if not points:
-        return
-    label = compare.head_label(int(round(points[0]["y"])), int(round(points[0]["x"])))
+def toggle_head(layer: int, head: int) -> None:
+    label = compare.head_label(layer, head)
     chosen = list(st.session_state.get("iv_heads", []))
     st.session_state["iv_heads"] = [x for x in chosen if x != label] if label in chosen else chosen + [label]
 
 
-left, right = st.columns([1.3, 1])
-with right:
+# ---- preset, heads and the grid --------------------------------------------------------------------
+with left:
+    name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset", format_func=lambda n: presets.PRESETS[n].title)
+    preset = presets.PRESETS[name]
     picked = st.multiselect("Heads", labels, key="iv_heads", placeholder="click the grid or type L3H2",
                             help=f"Query heads; with GQA, {meta.group_size} heads share a KV head.")
     heads = [compare.parse_head_label(x) for x in picked]
-    name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset",
-                        format_func=lambda n: presets.PRESETS[n].title)
-    preset = presets.PRESETS[name]
     default_heads = f"Without chosen heads: {preset.heads_default}." if preset.heads_default else "Acts on the chosen heads."
     st.caption(f"{preset.description} ({preset.paper}). {default_heads}")
     params = {}
     for prm in preset.params:
-        key = f"iv_p_{name}_{prm.name}"
+        key = f"iv_p_{name}_{prm.name}"  # set from a link, or the preset's default
         if isinstance(prm.default, bool):
-            params[prm.name] = st.checkbox(prm.name, value=prm.default, key=key, help=prm.help)
+            st.session_state.setdefault(key, prm.default)
+            params[prm.name] = st.checkbox(prm.name, key=key, help=prm.help)
         elif isinstance(prm.default, int):
             high = int(min(prm.high, meta.n_layers * meta.n_heads)) if prm.name == "k" else int(prm.high)
-            params[prm.name] = st.slider(prm.name, int(prm.low), high, min(int(prm.default), high),
-                                         int(prm.step), key=key, help=prm.help)
+            st.session_state[key] = min(max(int(st.session_state.get(key, prm.default)), int(prm.low)), high)
+            params[prm.name] = st.slider(prm.name, int(prm.low), high, step=int(prm.step), key=key, help=prm.help)
         else:
-            params[prm.name] = st.slider(prm.name, float(prm.low), float(prm.high), float(prm.default),
-                                         float(prm.step), key=key, help=prm.help)
+            st.session_state[key] = min(max(float(st.session_state.get(key, prm.default)), float(prm.low)),
+                                        float(prm.high))
+            params[prm.name] = st.slider(prm.name, float(prm.low), float(prm.high), step=float(prm.step), key=key,
+                                         help=prm.help)
     extra = {}
     if "scores" in preset.needs:
         scores = stored_scores(spec.model, "retrieval")
@@ -131,72 +178,103 @@ with right:
         intervention.validate(meta.n_layers, meta.n_heads, meta.head_dim)
     except InterventionError as exc:
         intervention = None
-        st.warning(str(exc))
+        if active is None or active.empty:
+            st.warning(str(exc))
     if intervention is not None:
         st.caption(f"{len(intervention.edits)} edits on {len(intervention.heads())} heads · key `{intervention.key()}`")
-    go_col, save_col = st.columns(2)
-    with go_col:
-        if st.button("Rerun with this intervention", type="primary", key="iv_run", disabled=intervention is None):
-            st.session_state["iv_active"] = intervention
-    with save_col:
-        save_name = st.text_input("Save as", key="iv_save_name", placeholder="name", label_visibility="collapsed")
-        if st.button("Save", key="iv_save", disabled=intervention is None or not save_name.strip()):
-            st.session_state.setdefault("iv_saved", {})[save_name.strip()] = intervention
-with left:
-    st.plotly_chart(compare.head_grid(meta.n_layers, meta.n_heads, heads, title="Click heads to toggle"),
-                    key="iv_grid", on_select=toggle_from_grid, selection_mode="points", config=plot_config())
+    if st.button("Rerun with this intervention", type="primary", key="iv_run", disabled=intervention is None,
+                 width="stretch"):
+        st.session_state["iv_active"] = active = intervention
+    save_name, save_button = st.columns([2, 1])
+    typed = save_name.text_input("Save as", key="iv_save_name", placeholder="name to save it as",
+                                 label_visibility="collapsed")
+    if save_button.button("Save", key="iv_save", disabled=intervention is None or not typed.strip()):
+        st.session_state.setdefault("iv_saved", {})[typed.strip()] = intervention
 
-# ---- link state: the active intervention travels by key ------------------------------------------
-state = shared.view_state()
-active: Intervention | None = st.session_state.get("iv_active")
-if active is None and state.intervention != "none":
-    active = recall(state.intervention)
-    if active is None:
-        st.warning("The linked intervention is not stored on this server; pick heads and a preset instead.")
-if active is None or active.empty:
-    st.info("Pick heads and a preset, then press Rerun to compare.")
-    shared.stop()
-state.intervention = remember(active)
+# ---- the head grid --------------------------------------------------------------------
+with grid_col:
+    available = [n for n, m in METRICS.items() if m.kind == "head" and meta.modality in m.modalities
+                 and (m.probe is None or grid_values(base, n) is not None)]
+    wanted = GRID_COLOUR.get(name, "sink_alpha")
+    st.session_state.setdefault("iv_grid_colour", wanted if wanted in available else
+                                ("sink_alpha" if "sink_alpha" in available else "none"))
+    if st.session_state["iv_grid_colour"] not in ["none", *available]:
+        st.session_state["iv_grid_colour"] = "none"
+    colour = st.selectbox("Colour the grid by", ["none", *available], key="iv_grid_colour",
+                          format_func=lambda n: "nothing (chosen heads only)" if n == "none" else METRICS[n].title,
+                          help="Any head metric of the atlas: the one-pass ones of this input, and the probe "
+                               "results stored for this model.")
+    values = grid_values(base, colour) if colour != "none" else None
+    edited = sorted(set(active.heads())) if active is not None and not active.empty else []
+    grid = metric_grid(values if values is not None else np.full((meta.n_layers, meta.n_heads), np.nan),
+                       title="Heads: click one to choose or drop it",
+                       value_name=METRICS[colour].title if colour != "none" else "not coloured",
+                       chosen=heads, marked=edited, aspect=2.5)
+    picture(grid, key="iv_head_grid", on_pick=toggle_head, min_cell_px=10, max_cell_px=16, cell_ratio=2.5)
+    st.caption("Red frame: the chosen heads. Red dot: the heads the intervention shown edits"
+               + (f" ({len(edited)})." if edited else "."))
 
-# ---- before | after ------------------------------------------------------------------------------
-after = shared.run_capture(dataclasses.replace(spec, intervention=active), "intervened run")
-if after is None:
-    shared.stop()
-st.subheader(f"Before | after · {active.preset or 'custom'} on {len(active.heads())} heads")
-before_tokens, after_tokens = base.tokens[n_prompt:], after.tokens[n_prompt:]
-diff = compare.token_diff(before_tokens, after_tokens)
-if diff.first is None:
-    st.success("The generated tokens are identical.")
-else:
-    st.caption(f"The continuations part at generated token {diff.first} (outlined); struck-through tokens "
-               "left the baseline, green ones are new.")
-left_html, right_html = compare.token_diff_html(before_tokens, after_tokens)
-col_b, col_a = st.columns(2)
-with col_b:
-    st.markdown("**Before** (baseline)")
-    st.html(left_html)
-with col_a:
-    st.markdown(f"**After** (`{active.key()}`)")
-    st.html(right_html)
+# ---- before | after, and the maps ------------------------------------------------------------------
+shown = active is not None and not active.empty
+after = None
+with right:
+    if not shown:
+        st.info("Pick heads and a preset, then press Rerun to compare.")
+    else:
+        state.intervention = remember(active)
+        st.session_state["iv_linked"] = (state.intervention, meta.name)  # this page's own choice: nothing to restore
+        after = shared.run_capture(dataclasses.replace(spec, intervention=active), "intervened run")
+    if after is not None:
+        st.subheader(f"Before | after · {active.preset or 'custom'} on {len(active.heads())} heads")
+        if meta.modality == "dit":
+            st.info(f"{meta.name} draws a picture: here the attention maps are compared (averaged over the sampling "
+                    "steps); the Diffusion (DiT) page shows the pictures before | after, with SoftPAG.")
+        elif not meta.causal:
+            st.warning(f"{meta.name} is an encoder: it does not generate, so only the attention maps are compared.")
+        if st.session_state.get("iv_link_note"):
+            st.caption(st.session_state["iv_link_note"])
+        after_tokens = after.tokens[n_prompt:]
+        diff = compare.token_diff(before_tokens, after_tokens)
+        left_html, right_html = compare.token_diff_html(before_tokens, after_tokens)
+        col_b, col_a = st.columns(2)
+        with col_b:
+            st.markdown("**Before** (baseline)")
+            st.html(left_html)
+        with col_a:
+            st.markdown(f"**After** (`{active.key()}`)")
+            st.html(right_html)
+        if diff.first is None:
+            st.success("The generated tokens are identical.")
+        else:
+            st.caption(f"The continuations part at generated token {diff.first} (outlined); struck-through tokens "
+                       "left the baseline, green ones are new.")
+        if meta.causal and before_tokens:
+            lp_before, lp_after = scored(base, Intervention()), scored(base, active)
+            st.metric("Log-prob of the baseline continuation", f"{lp_after.sum():.2f}",
+                      f"{lp_after.sum() - lp_before.sum():+.2f} (before {lp_before.sum():.2f})")
 
-if meta.causal and before_tokens:
-    lp_before, lp_after = scored(base, Intervention()), scored(base, active)
-    st.plotly_chart(compare.logprob_figure(before_tokens, lp_before, lp_after, first_diff=diff.first,
-                                           title="Log-prob of the baseline continuation (teacher-forced)"),
-                    key="iv_logprob", config=plot_config())
-    st.caption(f"Total log-prob: before {lp_before.sum():.2f}, after {lp_after.sum():.2f} "
-               f"(Δ {lp_after.sum() - lp_before.sum():+.2f}).")
-
-edited = [compare.head_label(l, h) for l, h in active.heads()]
-map_head = st.selectbox("Head map", edited + [x for x in labels if x not in edited], key="iv_map_head")
-layer, head = compare.parse_head_label(map_head)
-shared_len = n_prompt + (diff.first if diff.first is not None else len(before_tokens))
-lo = max(0, shared_len - MAP_WINDOW)
-before_map = base.window(layer, head, lo, shared_len, lo, shared_len)  # reads (or computes) only these rows
-after_map = after.window(layer, head, lo, shared_len, lo, shared_len)
-st.plotly_chart(compare.map_comparison(before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
-                                       title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"),
-                key="iv_maps", config=plot_config())
+if after is not None:
+    shared_len = n_prompt + (diff.first if diff.first is not None else len(before_tokens))
+    lo = max(0, shared_len - MAP_WINDOW)
+    changed = compare.head_label(*most_changed(base, after, lo, shared_len))
+    options = [changed] + [x for x in labels if x != changed]
+    if st.session_state.get("iv_map_for") != (base.key, after.key):  # a new comparison: the head that moved most
+        st.session_state["iv_map_for"] = (base.key, after.key)
+        st.session_state["iv_map_head"] = changed
+    with map_col:
+        map_head = st.selectbox("Head map", options, key="iv_map_head",
+                                format_func=lambda x: f"{x} (moved most)" if x == changed else x,
+                                help="Starts on the head whose map moved most over the tokens both runs share.")
+        layer, head = compare.parse_head_label(map_head)
+        before_map = base.window(layer, head, lo, shared_len, lo, shared_len)  # reads (or computes) only these rows
+        after_map = after.window(layer, head, lo, shared_len, lo, shared_len)
+        st.plotly_chart(compare.map_comparison(before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
+                                               title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"),
+                        key="iv_maps", config=plot_config())
+    if meta.causal and before_tokens:
+        st.plotly_chart(compare.logprob_figure(before_tokens, lp_before, lp_after, first_diff=diff.first,
+                                               title="Log-prob of each baseline token (teacher-forced), before and after"),
+                        key="iv_logprob", config=plot_config())
 
 # ---- saved interventions against the baseline ----------------------------------------------------
 saved: dict[str, Intervention] = st.session_state.get("iv_saved", {})

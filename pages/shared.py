@@ -56,6 +56,19 @@ def set_fields(**values) -> None:
         st.session_state[f"w_{field}"] = value
 
 
+def held(key: str, default) -> None:
+    """Give the widget `key` its value, right before it is drawn: its current one, else the one it had when
+    it was last drawn (kept aside), else `default`.
+
+    Set through st.session_state in the run that draws the widget, so the browser shows it.  A value set
+    in a run that does not draw its widget (a default for another mode's slider) reaches the server but not
+    the browser, which then shows the widget's own default (a slider's minimum) and sends that back: the
+    Diffusion page's SoftPAG sliders came back at 0.00 after the mode was switched away and back."""
+    kept = st.session_state.setdefault("kept_widgets", {})
+    value = st.session_state[key] if key in st.session_state else kept.get(key, default)
+    st.session_state[key] = kept[key] = value
+
+
 def memo(name: str, key, compute, size: int = 16):
     """compute() once per session and key (e.g. a capture key), kept in st.session_state[name]: the
     per-capture numbers a page draws on every rerun (the newest `size` keys are kept)."""
@@ -200,6 +213,14 @@ def run_with_progress(label: str, work: Callable[..., T], *args, stored: Callabl
         return result
     except capture.USER_ERRORS as exc:
         st.error(str(exc))
+        return None
+
+
+def cached_capture(spec: RunSpec) -> Capture | None:
+    """The capture of `spec` if the cache has it (nothing runs), else None."""
+    try:
+        return capture.cached(spec)
+    except capture.USER_ERRORS:
         return None
 
 

@@ -5,10 +5,19 @@ Thin: the current capture from pages.shared, layer/head/query patch bound to the
 """
 import streamlit as st
 
+import numpy as np
+
+import probes
 from analytics import vision
 from charts import image as charts
+from charts import registers
+from charts.pictures import blend, mosaic, overlay
 from charts.theme import plot_config
 from pages import shared
+from pages.widgets import picture as draw
+
+TILE = 112  # pixels a side of each head's panel
+ARTIFACT_RATIO = 2.0  # a patch token is an artifact when its norm exceeds this x the layer's median (analytics.vision)
 
 state = shared.view_state()
 st.title("Vision")
@@ -39,10 +48,12 @@ def query_patch() -> tuple[int, int] | None:
     return (row, col) if row < layout.grid[0] and col < layout.grid[1] else None
 
 
-def pick_patch() -> None:
-    clicked = charts.patch_from_selection(st.session_state["vit_overlay"].selection)
-    if clicked is not None:
-        shared.set_fields(patch=f"{clicked[0]},{clicked[1]}")
+def pick_patch(row: int, col: int) -> None:
+    shared.set_fields(patch=f"{row},{col}")
+
+
+def pick_head(_row: int, col: int) -> None:
+    shared.set_fields(head=-1 if col == meta.n_heads else col)
 
 
 left, right = st.columns([1, 2])
@@ -50,7 +61,8 @@ with left:
     layer = shared.bind("layer", st.slider, "Layer", 0, meta.n_layers - 1)
     head = shared.bind("head", st.selectbox, "Head", list(range(-1, meta.n_heads)),
                        format_func=lambda h: "mean of heads" if h == -1 else f"head {h}")
-    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="vit_opacity")
+    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.7, 0.05, key="vit_opacity",
+                        help="At most this opaque where attention peaks; low attention lets the picture through.")
     grid_lines = st.checkbox("Patch grid", value=True, key="vit_grid")
     patch = query_patch()
     st.write("Query: " + ("CLS token" if patch is None else f"patch {patch}"))
@@ -67,14 +79,40 @@ shown = maps.mean(0) if head == -1 else maps[head]
 head_label = "mean of heads" if head == -1 else f"head {head}"
 
 with right:
-    fig = charts.attention_overlay(picture, shown, opacity=opacity, grid_lines=grid_lines, selected=patch,
-                                   title=f"Layer {layer}, {head_label}: click a patch to use it as the query")
-    st.plotly_chart(fig, key="vit_overlay", on_select=pick_patch, selection_mode="points", config=plot_config())
+    query = "CLS" if patch is None else f"patch {patch}"
+    drawn = overlay(picture, shown, opacity=opacity, grid_lines=grid_lines, label=f"attention from {query}",
+                    title=f"Layer {layer}, {head_label}: where {query} looks (click a patch to ask from it)")
+    draw(drawn, key="vit_overlay", on_pick=pick_patch, min_cell_px=8, max_cell_px=34,
+         outline=(patch[0], patch[0] + 1, patch[1], patch[1] + 1) if patch is not None else None)
 
-st.plotly_chart(charts.head_overlays(picture, maps, opacity=opacity, title=f"Every head of layer {layer}"),
-                key="vit_heads", config=plot_config())
+panels = np.concatenate([maps, maps.mean(0, keepdims=True)])  # [head + 1, rows, cols]
+tiles = np.stack([blend(picture, m / max(float(m.max()), 1e-12), opacity, zmax=1.0, size=(TILE, TILE))
+                  for m in panels])[None]  # [1, head + 1, TILE, TILE, 3]
+draw(mosaic(tiles, [f"L{layer}"], [f"head {h}" for h in range(meta.n_heads)] + ["mean"],
+            title=f"Every head of layer {layer} (click one to show it above)",
+            label="attention / panel max", values=panels.max(axis=(1, 2))[None]),
+     key="vit_heads", on_pick=pick_head, min_cell_px=40, max_cell_px=140)
 
-tab_distance, tab_profile, tab_rollout = st.tabs(["Attention distance", "Distance profile", "Rollout"])
+def artifacts():
+    """Per layer: the largest patch norm / the median, the CLS attention the artifact tokens take in total,
+    and what an ordinary patch gets (Darcet et al. 2024); artifacts = patches whose norm entering that block
+    exceeds ARTIFACT_RATIO x the median."""
+    norms = probes.vit_token_norms(capture)  # [layer + 1, token]: one forward pass, kept with the capture
+    found = vision.high_norm_tokens(norms, layout, ratio=ARTIFACT_RATIO)
+    patch = norms[:, layout.patches]
+    ratio = patch.max(1) / np.median(patch, 1)
+    taken, ordinary = np.full(meta.n_layers, np.nan), np.zeros(meta.n_layers)
+    for l in range(meta.n_layers):
+        cls_row = capture.attention(l)[:, 0, :].astype(np.float64).mean(0)  # [token]: CLS's attention, heads averaged
+        marked = [t.token for t in found[l]]
+        rest = [t for t in range(layout.patches.start, layout.patches.stop) if t not in marked]
+        taken[l] = cls_row[marked].sum() if marked else np.nan
+        ordinary[l] = cls_row[rest].mean()
+    return ratio, taken, ordinary, found
+
+
+tab_distance, tab_profile, tab_rollout, tab_registers = st.tabs(["Attention distance", "Distance profile", "Rollout",
+                                                                 "High-norm tokens (registers)"])
 with tab_distance:
     distances = shared.memo("vit_distances", capture.key, lambda: vision.distance_per_head(capture))
     st.plotly_chart(charts.layer_head_chart(distances, "Mean attention distance (px) per head", "px"),
@@ -94,3 +132,25 @@ with tab_rollout:
                                                  grid_lines=grid_lines, title="Attention rollout to CLS",
                                                  label="rollout"),
                         key="vit_rollout", config=plot_config())
+with tab_registers:
+    if "cls" not in capture.spans:
+        st.info("This model has no CLS token: the artifact tokens' share of CLS attention needs one.")
+    else:
+        found_norms = shared.run_with_progress("Token norms: one forward pass", lambda progress: shared.memo(
+            "vit_artifacts", capture.key, artifacts))
+        if found_norms is not None:
+            ratio, taken, ordinary, found = found_norms
+            left_chart, right_chart = st.columns(2)
+            left_chart.plotly_chart(registers.norm_ratio_chart(ratio, ARTIFACT_RATIO,
+                                                               title="Patch-token norms: the largest against the median"),
+                                    key="vit_norms", config=plot_config())
+            right_chart.plotly_chart(registers.attention_share_chart(
+                taken, ordinary, title="What CLS reads: the artifact tokens in total, and an average patch"),
+                key="vit_artifact_share", config=plot_config())
+            last = [t for t in found[-2]] if len(found) > 1 else []
+            where = ", ".join(f"patch ({(t.token - layout.n_prefix) // layout.grid[1]}, "
+                              f"{(t.token - layout.n_prefix) % layout.grid[1]}) at {t.ratio:.1f}×" for t in last[:4])
+            st.caption(f"Darcet et al. 2024: large ViTs (DINOv2 among them) recycle a few low-information patch tokens "
+                       "as global scratch space; their norms stand out and CLS attends to them, which is what registers "
+                       f"(extra tokens) absorb. Here, entering the last block: {len(last)} artifact token(s)"
+                       + (f" ({where})" if last else "") + ".")

@@ -62,7 +62,12 @@ export default function (component) {
   const host = parentElement.host || parentElement;  // a shadow root has no width of its own
   const avail = Math.max(240, (host.clientWidth || 900) - 110);
   const labelW = d.row_labels.some((t) => t) ? Math.min(140, 8 + 7 * Math.max(...d.row_labels.map((t) => t.length))) : 0;
-  const fit = (avail - labelW) / d.cols;  // fractional: the picture fills the column
+  const ratio = d.cell_ratio || 1;  // a cell's width / its height
+  let fit = (avail - labelW) / (d.cols * ratio);  // fractional: the picture fills the column
+  if (d.fit_height) {  // and, when asked, the window's height below the picture's top
+    const spare = window.innerHeight - (host.getBoundingClientRect().top || 0) - 70;
+    fit = Math.min(fit, spare / d.rows);
+  }
   const base = Math.max(d.min_cell_px, Math.min(d.max_cell_px, fit));
   let zoom = 1;
   const head = el("div", "head");
@@ -77,27 +82,30 @@ export default function (component) {
       head.appendChild(b);
     }
   }
-  const fmt = (v) => (v === null || v === undefined) ? "" : Number(v).toFixed(4);
+  const fmt = (v) => (v === null || v === undefined) ? "" :
+    (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e4)) ? Number(v).toPrecision(3) : Number(v).toFixed(4);
   const draw = () => {
     body.innerHTML = "";
-    const size = base * zoom;  // px per cell
+    const size = base * zoom, sx = size * ratio;  // px per row, px per column
     const font = Math.min(11, Math.max(8, size - 1));
-    const thin = (labels) => {  // drop a label that would overlap the last one shown
+    const thin = (labels, step) => {  // drop a label that would overlap the last one shown
       let last = -1e9;
-      return labels.map((t, i) => { if (!t || (i - last) * size < font + 1) return ""; last = i; return t; });
+      return labels.map((t, i) => { if (!t || (i - last) * step < font + 1) return ""; last = i; return t; });
     };
-    const rowLabels = thin(d.row_labels), colLabels = thin(d.col_labels);
-    const rotate = d.cols > 12;
+    const longest = Math.max(0, ...d.col_labels.map((t) => t.length));
+    const rotate = d.cols > 12 && longest * 0.6 * font > sx;  // upright labels when they fit their column
+    const rowLabels = thin(d.row_labels, size), colLabels = rotate ? thin(d.col_labels, sx)
+      : d.col_labels.map((t, i) => (t && i % Math.ceil((t.length * 0.62 * font + 4) / sx) === 0) ? t : "");
     const xlabH = d.col_labels.some((t) => t) ? (rotate ? 12 + 6 * Math.max(...d.col_labels.map((t) => t.length)) : 18) : 0;
     const scroll = el("div", "scroll");
     scroll.style.maxWidth = `${avail + 40}px`;
     const grid = el("div", "grid");
-    grid.style.gridTemplateColumns = `${d.row_title ? 16 : 0}px ${labelW}px ${size * d.cols}px`;
+    grid.style.gridTemplateColumns = `${d.row_title ? 16 : 0}px ${labelW}px ${sx * d.cols}px`;
     grid.style.gridTemplateRows = `${xlabH}px ${size * d.rows}px ${d.col_title ? 18 : 0}px`;
     grid.append(el("div"), el("div"));
     const top = el("div");
     top.style.display = "grid";
-    top.style.gridTemplateColumns = `repeat(${d.cols}, ${size}px)`;
+    top.style.gridTemplateColumns = `repeat(${d.cols}, ${sx}px)`;
     colLabels.forEach((t) => {
       const cell = el("div", "lab xlab");
       if (t) {
@@ -125,22 +133,23 @@ export default function (component) {
     const img = el("img");
     img.src = d.src;
     img.alt = d.title || "attention picture";
-    img.style.width = `${size * d.cols}px`;
+    if (d.smooth) img.style.imageRendering = "auto";  // a photo: scaled smoothly, not in blocks
+    img.style.width = `${sx * d.cols}px`;
     img.style.height = `${size * d.rows}px`;
     if (d.clickable) img.style.cursor = "pointer";
     holder.appendChild(img);
     if (d.outline) {  // [row0, row1, col0, col1), in cells
       const [r0, r1, c0, c1] = d.outline;
       const sel = el("div", "sel");
-      Object.assign(sel.style, { left: `${c0 * size - 1}px`, top: `${r0 * size - 1}px`,
-                                 width: `${(c1 - c0) * size + 2}px`, height: `${(r1 - r0) * size + 2}px` });
+      Object.assign(sel.style, { left: `${c0 * sx - 1}px`, top: `${r0 * size - 1}px`,
+                                 width: `${(c1 - c0) * sx + 2}px`, height: `${(r1 - r0) * size + 2}px` });
       holder.appendChild(sel);
     }
     const tip = el("div", "tip");
     holder.appendChild(tip);
     const at = (e) => {
       const r = img.getBoundingClientRect();
-      const c = Math.floor((e.clientX - r.left) / size), w = Math.floor((e.clientY - r.top) / size);
+      const c = Math.floor((e.clientX - r.left) / sx), w = Math.floor((e.clientY - r.top) / size);
       return (c >= 0 && c < d.cols && w >= 0 && w < d.rows) ? [w, c] : null;
     };
     img.addEventListener("mousemove", (e) => {
@@ -150,7 +159,7 @@ export default function (component) {
       tip.textContent = d.hover.replace("{row}", d.row_hover[p[0]]).replace("{col}", d.col_hover[p[1]])
                                .replace("{value}", fmt(value));
       tip.style.display = "block";
-      tip.style.left = `${Math.min((p[1] + 1) * size + 6, Math.max(0, size * d.cols - 260))}px`;
+      tip.style.left = `${Math.min((p[1] + 1) * sx + 6, Math.max(0, sx * d.cols - 260))}px`;
       tip.style.top = `${(p[0] + 1) * size + 4}px`;
     });
     img.addEventListener("mouseleave", () => { tip.style.display = "none"; });
@@ -177,19 +186,21 @@ _picture = st.components.v2.component("headscope_picture", css=PICTURE_CSS, js=P
 
 def picture(p: Picture, key: str, on_pick: Callable[[int, int], None] | None = None,
             outline: tuple[int, int, int, int] | None = None, zoom: bool = False,
-            min_cell_px: int = 3, max_cell_px: int = 36) -> None:
+            min_cell_px: int = 3, max_cell_px: int = 36, cell_ratio: float = 1.0, fit_height: bool = False) -> None:
     """Draw a charts.attention.Picture; a click on cell (row, col) calls on_pick(row, col) when given.
     `outline` = (row0, row1, col0, col1) cells framed in red; `zoom` adds -, + and fit buttons (the
-    picture then scrolls: zoom and pan)."""
+    picture then scrolls: zoom and pan).  Cells are `cell_ratio` times as wide as high, between
+    min_cell_px and max_cell_px high, as large as the column's width allows and, with `fit_height`,
+    small enough for every row to show in the window without scrolling."""
 
     def picked() -> None:
         value = st.session_state[key].get("picked") if key in st.session_state else None
         if value and on_pick is not None:
             on_pick(int(value[0]), int(value[1]))
 
-    data = {**{f.name: getattr(p, f.name) for f in fields(p)}, "zmin": f"{p.zmin:g}", "zmax": f"{p.zmax:g}",
+    data = {**{f.name: getattr(p, f.name) for f in fields(p)}, "zmin": f"{p.zmin:.3g}", "zmax": f"{p.zmax:.3g}",
             "clickable": on_pick is not None, "outline": list(outline) if outline else None, "zoom": zoom,
-            "min_cell_px": min_cell_px, "max_cell_px": max_cell_px}
+            "min_cell_px": min_cell_px, "max_cell_px": max_cell_px, "cell_ratio": cell_ratio, "fit_height": fit_height}
     _picture(data=data, key=key, on_picked_change=picked, height="content")
 
 

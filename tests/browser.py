@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 LINK = ".hs-link"  # the share link's text in the sidebar
-PICTURE = ".hs-pic img"  # a figure of the attention explorer (pages/widgets.picture)
+PICTURE = ".hs-pic img"  # a figure drawn by pages/widgets.picture (explorer, atlas, intervene, vision, gaze)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser import shown_link, wait_for_link, wait_idle
+from browser import PICTURE, shown_link, wait_for_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -17,7 +17,10 @@ def fresh(chromium):
     return chromium.new_context(viewport=VIEWPORT).new_page()
 
 
-def opened(chromium, url: str, selector: str = ".js-plotly-plot"):
+FIGURE = f"{PICTURE}, .js-plotly-plot"  # a page's figures: pictures (pages/widgets.picture) or Plotly charts
+
+
+def opened(chromium, url: str, selector: str = FIGURE):
     """A page in a fresh context at `url`, once `selector` is drawn and the script run has finished."""
     page = fresh(chromium)
     page.goto(url)
@@ -57,17 +60,17 @@ def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
 def test_vision_click_a_patch_and_switch_heads(server, chromium, artifacts):
     page = opened(chromium, f"{server}/?page=vision&model=dinov2-s&image=cat&layer=11&head=-1")
     assert page.get_by_text("Query: CLS token").count() == 1
-    plot = page.locator(".js-plotly-plot .nsewdrag").first
+    plot = page.locator(PICTURE).first  # the overlay: one cell per patch
     box = plot.bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
     page.wait_for_selector("text=Query: patch", timeout=60_000)
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     head = page.locator("input[aria-label='Head']")
     head.click()
     head.fill("head 2")
     page.get_by_role("option", name="head 2").click()
     wait_for_link(page, "head=2", timeout=60_000)
-    wait_idle(page, ".js-plotly-plot")
+    wait_idle(page, PICTURE)
     assert "patch=" in page.url
     page.screenshot(path=str(artifacts / "browser_vision.png"))
 

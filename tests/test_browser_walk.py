@@ -17,10 +17,11 @@ from browser import LINK, wait_idle
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
 TITLES = {"home": "Home", "explorer": "Attention explorer", "atlas": "Head atlas", "intervene": "Intervene",
-          "vision": "Vision", "dit": "Diffusion (DiT)", "gaze": "Gaze (VLM)", "patterns": "Pattern atlas"}
+          "vision": "Vision", "dit": "Diffusion (DiT)", "gaze": "Gaze (VLM)", "patterns": "Pattern atlas",
+          "attribution": "Attribution"}
 KIND = {"vision": "vision", "dit": "dit", "gaze": "vlm"}  # every other page is a text page
 WALK = ["home", "dit", "gaze", "vision", "dit", "vision", "gaze", "dit", "explorer", "vision", "atlas", "gaze",
-        "intervene", "patterns"]
+        "intervene", "patterns", "attribution"]
 
 
 def test_the_walk_covers_every_page_and_every_pair_of_kinds():

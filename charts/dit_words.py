@@ -1,0 +1,59 @@
+"""The Diffusion page's word heatmaps as one compact figure: one column per word, one row per head set
+(the mean of heads, or every head), each panel the word's received attention over the generated picture
+scaled to its own maximum, with a colour bar that says so.
+
+One picture (the panels blended on the server, charts.pictures) under a transparent heatmap that carries
+the hover (the word, the row and the panel's largest weight) and the colour bar: a few kB of figure
+instead of one Plotly subplot per panel.  Pure: numpy in, `go.Figure` out.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from charts.image import png_source
+from charts.pictures import blend
+from charts.theme import ATTENTION_SCALE, base_layout
+
+TILE = 96  # pixels a side of each panel
+
+
+def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[str], title: str = "",
+              opacity: float = 0.75) -> go.Figure:
+    """heat  # [row, word, grid_rows, grid_cols]: word w's received attention in head set `rows[r]`."""
+    heat = np.asarray(heat, dtype=np.float32)
+    R, W = heat.shape[:2]
+    gap = 4
+    side = TILE + gap
+    canvas = np.zeros((R * side, W * side, 4), dtype=np.uint8)
+    peaks = heat.max(axis=(2, 3))  # [row, word]
+    for r in range(R):
+        for w in range(W):
+            unit = heat[r, w] / max(float(peaks[r, w]), 1e-12)
+            canvas[r * side : r * side + TILE, w * side : w * side + TILE, :3] = blend(image, unit, opacity, zmax=1.0,
+                                                                                      size=(TILE, TILE))
+            canvas[r * side : r * side + TILE, w * side : w * side + TILE, 3] = 255
+    fig = go.Figure(go.Image(source=png_source(canvas), x0=0, dx=1, y0=0, dy=1, hoverinfo="skip"))
+    centres_x = (np.arange(W) * side + TILE / 2).tolist()
+    centres_y = (np.arange(R) * side + TILE / 2).tolist()
+    fig.add_trace(go.Heatmap(
+        x=centres_x, y=centres_y, z=np.zeros((R, W)), zmin=0, zmax=1, colorscale=ATTENTION_SCALE, opacity=0.0,
+        customdata=np.stack([np.broadcast_to(np.asarray(words, dtype=object)[None, :], (R, W)),
+                             np.broadcast_to(np.asarray(rows, dtype=object)[:, None], (R, W)),
+                             np.round(peaks, 4).astype(object)], axis=-1),
+        hovertemplate="“%{customdata[0]}” · %{customdata[1]}<br>largest weight %{customdata[2]}<extra></extra>",
+        colorbar=dict(title=dict(text="attention / panel max", side="right"), thickness=12, len=1.0 if R > 1 else 1.6,
+                      tickvals=[0, 1], ticktext=["0", "max"]),
+        showscale=True,
+    ))
+    fig.update_xaxes(range=[-0.5, W * side - gap - 0.5], showgrid=False, zeroline=False, side="top",
+                     tickvals=centres_x, ticktext=words, tickangle=-35 if W > 6 else 0)
+    fig.update_yaxes(range=[R * side - gap - 0.5, -0.5], showgrid=False, zeroline=False, tickvals=centres_y,
+                     ticktext=rows, scaleanchor="x")
+    layout = base_layout(title, height=90 + int(R * side * min(1.0, 900 / max(W * side, 1))))
+    layout["margin"] = dict(l=10, r=10, t=90 if title else 60, b=10)
+    fig.update_layout(**layout)
+    return fig
+
+
+__all__ = ["word_maps"]
