@@ -81,10 +81,17 @@ class AttentionCall:
         self.softcap = kwargs.get("softcap")
         sinks = getattr(module, "sinks", None)
         self.sinks = None if sinks is None else sinks.detach().float().view(1, -1, 1, 1)  # [1, head, 1, 1] logits
-        self.offset = self.n_k - self.n_q  # row 0's place among the call's keys
-        self.q_first = self.offset if q_first is None else q_first  # row 0's place on the capture's axis
+        self.offset = self.n_k - self.n_q  # row 0's place among the call's keys (a caller may move it)
+        self._q_first = q_first
         self.k_first = k_first
+        # positions on the axis, for open-ended position sets of the queries
+        self.n_total = self.n_k if q_first is None else max(q_first + self.n_q, k_first + self.n_k)
         self.key_t = key.transpose(2, 3)  # [batch, kv_head, head_dim, key]
+
+    @property
+    def q_first(self) -> int:
+        """Row 0's place on the capture's axis: as given, else the call's causal offset."""
+        return self.offset if self._q_first is None else self._q_first
 
     def k_end(self, r1: int) -> int:
         return self.offset + r1 if self.implicit_causal else self.n_k  # causal rows never see later keys

@@ -118,7 +118,7 @@ def edited_weights(call: AttentionCall, plan: LayerPlan, active: Session, layer:
     neg_inf = float("-inf")
 
     def queries(group: Group) -> torch.Tensor | None:
-        q = query_mask(group.queries, positions, call.q_first + call.n_q, active)
+        q = query_mask(group.queries, positions, call.n_total, active)
         return None if q is None else q.view(1, 1, -1, 1)
 
     def keys(group: Group) -> torch.Tensor:
