@@ -16,6 +16,7 @@ st.html("<style>.hs-tokens{line-height:2.0;font-family:ui-monospace,monospace;fo
         # less empty space above the title: the main comparison of each page sits higher at 1280 x 800
         "[data-testid='stMainBlockContainer']{padding-top:2.5rem}</style>")
 
+widgets.early()
 state = shared.view_state()
 link_opened = st.session_state.pop("link_opened", False)
 PAGES = {
@@ -37,11 +38,11 @@ state.page = next(name for name, p in PAGES.items() if p is page)
 sidebar.resolve_link_key()
 sidebar.page_model()
 sidebar.render()
-try:
+with shared.page_run():  # a page's shared.stop() ends the page only: the link and the share box still come
     page.run()
-except shared.PageStop:  # the page had nothing more to show; the link and the share box still come
-    pass
 st.query_params.from_dict(state.to_params())
 with st.sidebar:
     st.markdown("**Share this view**")
     widgets.share_link(shared.share_link(state))
+if st.session_state.pop("plotly_waiting", False):  # the page held its Plotly charts back (shared.plotly_chart)
+    widgets.paint_signal(shared.painted)

@@ -79,6 +79,7 @@ class Picture:
     ramp: tuple[str, ...]
     values: tuple[tuple[float, ...], ...] | None = None
     smooth: bool = False  # a photo underneath: scaled smoothly rather than in blocks
+    bar: bool = True  # draw the colour bar (a plain picture has none)
 
 
 def _coloured(unit: np.ndarray) -> np.ndarray:

@@ -42,8 +42,8 @@ def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[
                              np.broadcast_to(np.asarray(rows, dtype=object)[:, None], (R, W)),
                              np.round(peaks, 4).astype(object)], axis=-1),
         hovertemplate="“%{customdata[0]}” · %{customdata[1]}<br>largest weight %{customdata[2]}<extra></extra>",
-        colorbar=dict(title=dict(text="attention / panel max", side="right"), thickness=12, len=1.0 if R > 1 else 1.6,
-                      tickvals=[0, 1], ticktext=["0", "max"]),
+        colorbar=dict(title=dict(text="attention<br>÷ panel<br>max", side="top"), thickness=12,
+                      len=1.0 if R > 1 else 1.6, tickvals=[0, 1], ticktext=["0", "max"]),
         showscale=True,
     ))
     fig.update_xaxes(range=[-0.5, W * side - gap - 0.5], showgrid=False, zeroline=False, side="top",

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout
+from charts.theme import ATTENTION_SCALE, METRIC_SCALE, base_layout, fading
 
 
 def image_source(image: np.ndarray) -> str:
@@ -64,7 +64,9 @@ def _add_overlay(fig: go.Figure, image: np.ndarray, values: np.ndarray, opacity:
     patch_ids = np.stack([r, c], axis=-1)  # [rows, cols, 2]
     fig.add_trace(go.Heatmap(
         z=values, x0=pw / 2 - 0.5, dx=pw, y0=ph / 2 - 0.5, dy=ph, zsmooth=False, opacity=opacity,
-        colorscale=colorscale, zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
+        # opaque with the value: low values let the picture through
+        colorscale=fading(colorscale) if isinstance(colorscale, str) else colorscale,
+        zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
         showscale=showscale, hoverinfo="skip",
         colorbar=dict(title=dict(text=label), thickness=12) if showscale else None,
     ), **where)

@@ -122,9 +122,19 @@ def crisp(image: np.ndarray, side: int = 256) -> np.ndarray:
     down = max(1, -(-max(h, w) // side))
     if down > 1:
         hh, ww = h // down * down, w // down * down
-        image = image[:hh, :ww].reshape(hh // down, down, ww // down, down, -1).mean(axis=(1, 3)).round().astype(np.uint8)
+        blocks = image[:hh, :ww].reshape(hh // down, down, ww // down, down, -1)
+        image = blocks.mean(axis=(1, 3)).round().astype(np.uint8)
     up = max(1, side // max(image.shape[:2]))
     return np.repeat(np.repeat(image, up, axis=0), up, axis=1)
+
+
+def photo(image: np.ndarray, title: str = "", side: int = 256) -> Picture:
+    """A generated or given picture on its own (no axes, no colour bar), drawn crisp at about `side` px."""
+    shown = crisp(image, side)
+    return Picture(src=png_source(np.concatenate([shown, np.full(shown.shape[:2] + (1,), 255, np.uint8)], -1)),
+                   rows=1, cols=1, cell=shown.shape[0], row_labels=("",), col_labels=("",), row_hover=("",),
+                   col_hover=("",), hover=title, row_title="", col_title="", title=title, bar_title="", zmin=0.0,
+                   zmax=1.0, ramp=(), bar=False)
 
 
 def blend(image: np.ndarray, values: np.ndarray, opacity: float, scale: str = ATTENTION_SCALE,
@@ -205,4 +215,4 @@ def mosaic(tiles: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[st
                    values=shown)
 
 
-__all__ = ["metric_grid", "overlay", "mosaic", "blend", "crisp", "colour_range", "coloured", "ramp"]
+__all__ = ["metric_grid", "overlay", "mosaic", "photo", "blend", "crisp", "colour_range", "coloured", "ramp"]

@@ -16,8 +16,9 @@ def norm_ratio_chart(ratio: np.ndarray, threshold: float, title: str = "", heigh
     """ratio  # [layer]: the largest patch-token norm / the median patch-token norm after each block, and the
     cut-off above which a token counts as an artifact."""
     layers = np.arange(len(ratio))
-    fig = go.Figure(go.Scatter(x=layers, y=np.asarray(ratio, dtype=float), mode="lines+markers", name="largest / median",
-                               line=dict(color=OUTLIER), hovertemplate="hidden state %{x}: %{y:.2f}× the median<extra></extra>"))
+    fig = go.Figure(go.Scatter(x=layers, y=np.asarray(ratio, dtype=float), mode="lines+markers",
+                               name="largest / median", line=dict(color=OUTLIER),
+                               hovertemplate="hidden state %{x}: %{y:.2f}× the median<extra></extra>"))
     fig.add_hline(y=threshold, line=dict(color="#888", dash="dash", width=1),
                   annotation_text=f"artifact: > {threshold:g}× median", annotation_position="top left")
     fig.update_layout(**base_layout(title, height))
@@ -26,9 +27,9 @@ def norm_ratio_chart(ratio: np.ndarray, threshold: float, title: str = "", heigh
     return fig
 
 
-def attention_share_chart(outliers: np.ndarray, ordinary: np.ndarray, title: str = "", outlier_name: str = "artifact tokens",
-                          ordinary_name: str = "an average patch", label: str = "attention from CLS",
-                          height: int = 300) -> go.Figure:
+def attention_share_chart(outliers: np.ndarray, ordinary: np.ndarray, title: str = "",
+                          outlier_name: str = "artifact tokens", ordinary_name: str = "an average patch",
+                          label: str = "attention from CLS", height: int = 300) -> go.Figure:
     """Per layer: the attention the outlier tokens take in total (red) against what one ordinary token gets
     (blue); NaN where a layer has no outlier."""
     layers = np.arange(len(outliers))

@@ -32,6 +32,14 @@ def base_layout(title: str = "", height: int = 480) -> dict:
     )
 
 
+def fading(scale: str = ATTENTION_SCALE, floor: float = 0.2, n: int = 11) -> list[list]:
+    """A Plotly colour scale whose colours grow opaque with the value (alpha from `floor` at the bottom to 1 at
+    the top): an overlay lets its picture through where the value is low (charts.pictures.blend does the same)."""
+    lut = colour_table(scale, n)
+    return [[i / (n - 1), f"rgba({r},{g},{b},{floor + (1 - floor) * i / (n - 1):.2f})"]
+            for i, (r, g, b) in enumerate(lut)]
+
+
 @lru_cache(maxsize=8)
 def colour_table(scale: str = ATTENTION_SCALE, n: int = 256) -> np.ndarray:
     """lut  # [n, 3] uint8: `n` colours evenly along a Plotly colour scale, for pictures coloured on the

@@ -86,7 +86,7 @@ def _run_probe(probe: str, params: dict | None = None) -> None:
                                           estimate=_estimate(probe))
     if result is None:
         return
-    st.session_state.pop("atlas_values", None)
+    shared.forget("atlas_values")
     st.rerun()
 
 
@@ -98,8 +98,9 @@ if metric_name in GRANULAR:
     params["granularity"] = kv or "head"
 if metric_name == "ablation":
     c1, c2 = st.columns([1, 1.4])
-    params["mode"] = c1.segmented_control("Ablation", ["zero", "mean", "uniform"], default="zero", key="atlas_mode",
-                                          help="zero: head output 0; mean: its mean output; uniform: uniform attention.") or "zero"
+    params["mode"] = c1.segmented_control(
+        "Ablation", ["zero", "mean", "uniform"], default="zero", key="atlas_mode",
+        help="zero: head output 0; mean: its mean output; uniform: uniform attention.") or "zero"
     own = capture is not None and capture.meta.modality == "text" and len(capture.spans.get("prompt", ())) >= 4
     scored_on = c2.segmented_control("Scored text", ["builtin", "prompt"], default="builtin", key="atlas_ablation_on",
                                      format_func={"builtin": "built-in text", "prompt": "this prompt"}.get,
@@ -112,11 +113,12 @@ if metric_name == "ablation":
         params.update(prompt=capture.spec.prompt, target=target, score_last=max(1, min(32, n_prompt // 2)))
 if metric.probe in PROBE_INPUTS:
     st.caption(f"Ran on {PROBE_INPUTS[metric.probe]}, not on the sidebar's prompt.")
+elif metric_name == "ablation" and params.get("prompt"):
+    scored = f"the target “{params['target']}”" if params.get("target") else \
+        f"its last {params['score_last']} tokens"
+    st.caption(f"Ran on the sidebar's prompt (“{params['prompt'][:80]}”), scoring {scored}.")
 elif metric_name == "ablation":
-    st.caption(f"Ran on the sidebar's prompt (“{params['prompt'][:80]}”), scoring "
-               + (f"the target “{params['target']}”" if params.get("target") else f"its last {params['score_last']} "
-                  "tokens") + "." if params.get("prompt") else
-               "Ran on a built-in text: the first 128 tokens of assets/haystack.txt, scoring the log-prob of its "
+    st.caption("Ran on a built-in text: the first 128 tokens of assets/haystack.txt, scoring the log-prob of its "
                "last 32 tokens; pick “this prompt” to score your own.")
 
 values = None
@@ -166,9 +168,9 @@ if values is not None and metric.kind == "head":
         if finite.size:
             rank = int((finite > v).sum()) + 1 if np.isfinite(v) else None
             st.caption(f"rank {rank} of {finite.size}" if rank else "")
-        st.plotly_chart(charts.layer_profile(values, title="Through the layers", value_name=metric_name,
-                                             threshold=metric.threshold, column=cols_name),
-                        key="atlas_profile", config=config)
+        shared.plotly_chart(charts.layer_profile(values, title="Through the layers", value_name=metric_name,
+                                                 threshold=metric.threshold, column=cols_name),
+                            key="atlas_profile", config=config)
         top = importance.rank_heads(values)[:10]
         st.dataframe({"layer": [t[0] for t in top], cols_name: [t[1] for t in top],
                       metric_name: [round(t[2], 6) for t in top]}, hide_index=True, height=250)
@@ -186,8 +188,8 @@ elif values is not None and metric.kind == "token":
         title = f"{metric.title}: layer {layer}, head {head}" if which == "one" else f"{metric.title}: mean over heads"
     else:
         strip, title = values, metric.title
-    st.plotly_chart(charts.token_strip(tokens, strip, title=title, value_name=metric_name, threshold=metric.threshold),
-                    key="atlas_strip", config=config)
+    shared.plotly_chart(lambda: charts.token_strip(tokens, strip, title=title, value_name=metric_name,
+                                                   threshold=metric.threshold), key="atlas_strip", config=config)
     with st.expander("Over the text", expanded=len(tokens) <= 400):
         st.html(charts.token_text(tokens, strip))
 
@@ -201,6 +203,7 @@ with st.expander("Long probes (need the model; results are cached per model)"):
     for i, (probe, label) in enumerate(long_probes):
         disabled = probe == "hidden" and capture is None
         took = shared.duration(_estimate(probe).seconds())
+        runs_on = PROBE_INPUTS.get(probe, "this capture" if probe == "hidden" else "the built-in text")
         if cols[i % 3].button(f"{label} (~{took})", key=f"atlas_probe_{probe}", disabled=disabled, width="stretch",
-                              help=f"Runs on {PROBE_INPUTS.get(probe, 'this capture' if probe == 'hidden' else 'the built-in text')}."):
+                              help=f"Runs on {runs_on}."):
             _run_probe(probe, {"mode": params.get("mode", "zero")} if probe == "ablation" else None)

@@ -13,9 +13,10 @@ from analytics import dit as analytics
 from capture import RunSpec, dit_capture, dit_presets, recall, remember
 from charts import dit as charts
 from charts.dit_words import word_maps
-from charts.pictures import crisp
+from charts.pictures import photo
 from charts.theme import plot_config
 from pages import shared
+from pages.widgets import picture
 
 STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
 
@@ -42,6 +43,11 @@ else:
 
 meta = capture.meta
 image = dit_capture.generated_image(capture)
+timesteps = capture.output.timesteps
+n_steps = len(timesteps)
+col_img, col_ctl = st.columns([1, 2])
+with col_img:  # the picture first: it paints while the maps below are worked out
+    picture(photo(image, f"seed {seed}, {n_steps} steps"), key="dit_picture", min_cell_px=200, max_cell_px=256)
 grid = meta.grid
 a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
 heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
@@ -50,18 +56,13 @@ positions = dit_capture.column_positions(capture)  # text column i stands for th
 column_of = {p: c for c, ps in enumerate(positions) for p in ps}
 word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
 stats = analytics.sink_stats(a)
-timesteps = capture.output.timesteps
 
-n_steps = len(timesteps)
 if not 0 <= state.step < n_steps:
     shared.set_fields(step=n_steps // 2)
 if not -1 <= state.layer < meta.n_layers:
     shared.set_fields(layer=-1)
 if not -1 <= state.head < word_heads:
     shared.set_fields(head=-1)
-col_img, col_ctl = st.columns([1, 2])
-with col_img:
-    st.image(crisp(image), caption=f"seed {seed}, {n_steps} steps", width=256)
 with col_ctl:
     all_steps = shared.bind("all_steps", st.checkbox, "Average over all steps (DAAM)")
     step = shared.bind("step", st.slider, "Sampling step", 0, n_steps - 1, disabled=all_steps,
@@ -93,26 +94,28 @@ else:
     panels = per_head[head : head + 1, words]  # [1, word, rows, cols]
     row_names = [f"head {head}"]
 word_names = [tokens[i] + (" (sink)" if stats.global_sink[i] else "") for i in words]
-st.plotly_chart(word_maps(image, panels, word_names, row_names,
-                          title="Word heatmaps: where the picture reads each word (each panel scaled to its own max)"),
-                key="dit_words", config=plot_config())
+shared.plotly_chart(lambda: word_maps(image, panels, word_names, row_names, title="Word heatmaps: where the picture "
+                                      "reads each word (each panel scaled to its own max)"),
+                    key="dit_words", config=plot_config())
 st.caption("Hover a panel for its largest attention weight. “(sink)”: a RefAM global sink, read from everywhere.")
 
-tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Intervene"])
+# a link that names an intervention opens on its before | after (decided once, on the page's first run)
+st.session_state.setdefault("dit_open_tab", "Intervene" if state.intervention != "none" else None)
+tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Intervene"],
+                                         default=st.session_state["dit_open_tab"])
 with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))
     cv = stats.cv[sel].mean(axis=(0, 1, 2))
-    st.plotly_chart(charts.sink_chart(tokens, mean, cv, stats.share, stats.global_sink,
-                                      title="Received attention per text token (red: global sink)"),
-                    key="dit_sinks", config=plot_config())
+    shared.plotly_chart(charts.sink_chart(tokens, mean, cv, stats.share, stats.global_sink,
+                                          title="Received attention per text token (red: global sink)"),
+                        key="dit_sinks", config=plot_config())
     over_steps = stats.mean.mean(axis=(1, 2))  # [step, text]: each token's received attention, step by step
     shown_cols = [i for i in range(len(tokens)) if stats.global_sink[i]][:4] + words[:4]
-    st.plotly_chart(charts.timestep_profile(list(timesteps), over_steps[:, shown_cols].T,
-                                            [f"{i}:{tokens[i]}" for i in shown_cols], selected=None if all_steps else step,
-                                            title="Received attention through sampling (sinks and the first words)",
-                                            label="mean attention from image"),
-                    key="dit_profile", config=plot_config())
+    shared.plotly_chart(lambda: charts.timestep_profile(
+        list(timesteps), over_steps[:, shown_cols].T, [f"{i}:{tokens[i]}" for i in shown_cols],
+        selected=None if all_steps else step, title="Received attention through sampling (sinks and the first words)",
+        label="mean attention from image"), key="dit_profile", config=plot_config())
     flagged = [f"{i}:{t}" for i, t in enumerate(tokens) if stats.global_sink[i]]
     st.write("Global sinks: " + (", ".join(flagged) if flagged else "none") +
              f". A sink gets at least {analytics.SINK_RATIO:g} x the median token's attention, spread evenly "
@@ -129,8 +132,8 @@ with tab_ground:
         metric = st.radio("Score", ["auroc", "iou"], horizontal=True, key="dit_ground_metric",
                           format_func=lambda m: {"auroc": "AUROC", "iou": "top-k IoU"}[m])
         scores = ground.score(metric, steps_sel)
-        st.plotly_chart(charts.grounding_chart(scores, title="How well each head's word maps find the objects",
-                                               label=metric.upper()), key="dit_ground", config=plot_config())
+        shared.plotly_chart(charts.grounding_chart(scores, title="How well each head's word maps find the objects",
+                                                   label=metric.upper()), key="dit_ground", config=plot_config())
         ranked = analytics.rank_heads(scores)
         st.dataframe({"layer": [r[0] for r in ranked], "head": [r[1] for r in ranked],
                       metric.upper(): [round(r[2], 3) for r in ranked]}, hide_index=True, key="dit_ground_table")
@@ -216,13 +219,14 @@ with tab_pag:
         else:
             after = shared.cached_capture(spec)
         if after is None and not asked and st.session_state.get("dit_linked_iv") != iv.key():
-            st.plotly_chart(charts.before_after(image, np.full_like(image, 235), ("before", "after: not sampled yet")),
-                            key="dit_before_after", config=plot_config())
+            shared.plotly_chart(charts.before_after(image, np.full_like(image, 235),
+                                                    ("before", "after: not sampled yet")),
+                                key="dit_before_after", config=plot_config())
             st.caption(f"Press “Sample with {label}” for the picture after: {cost.text()}.")
         elif after is not None:
-            st.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
-                                                ("before", f"after ({label})")),
-                            key="dit_before_after", config=plot_config())
+            shared.plotly_chart(charts.before_after(image, dit_capture.generated_image(after),
+                                                    ("before", f"after ({label})")),
+                                key="dit_before_after", config=plot_config())
             st.caption("Same prompt, seed and steps. " + " ".join(after.output.notes))
     else:
         st.info(problem)
@@ -245,11 +249,11 @@ with tab_pag:
         st.write(f"HeadHunter ({record['params']['objective']}): {record['note']} (baseline "
                  f"{record['baseline']:.3f}); chosen: " + (", ".join(f"L{l}H{h}" for l, h in record["selected"])
                                                              or "none"))
-        st.plotly_chart(charts.grounding_chart(single, title=f"{record['params']['objective'].capitalize()} "
-                                                             "accuracy with each single head perturbed",
-                                               label="objective"), key="dit_hunt_grid", config=plot_config())
+        shared.plotly_chart(charts.grounding_chart(
+            single, title=f"{record['params']['objective'].capitalize()} accuracy with each single head perturbed",
+            label="objective"), key="dit_hunt_grid", config=plot_config())
         flat = sheet.reshape((-1,) + sheet.shape[2:])
-        st.plotly_chart(charts.head_contact_sheet(list(flat), [f"L{l}H{h}" for l in range(sheet.shape[0])
-                                                               for h in range(sheet.shape[1])],
-                                                  title=f"Per-head perturbed samples: “{record['prompts'][0]}”"),
-                        key="dit_hunt_sheet", config=plot_config())
+        names = [f"L{l}H{h}" for l in range(sheet.shape[0]) for h in range(sheet.shape[1])]
+        shared.plotly_chart(charts.head_contact_sheet(
+            list(flat), names, title=f"Per-head perturbed samples: “{record['prompts'][0]}”"),
+            key="dit_hunt_sheet", config=plot_config())

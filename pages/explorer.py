@@ -44,7 +44,8 @@ with cols[0]:
                 format_func={"model": "Model view", "head": "Head view", "token": "Token view"}.get)
 with cols[1]:
     layer = shared.bind("layer", st.number_input, "Layer", 0, meta.n_layers - 1, step=1,
-                        help="Type a layer, or step with the ↑ / ↓ keys in the box; in the model view, click a head.")
+                        help="Type a layer, or step with the ↑ / ↓ keys in the box; in the model view, click a "
+                             "head.")
 with cols[2]:
     head = shared.bind("head", st.number_input, "Head", 0, meta.n_heads - 1, step=1,
                        help=f"Query head; with GQA, heads {meta.group_size} at a time share a KV head. The token "

@@ -76,7 +76,8 @@ sink_note = (f"{len(sinks.visual)} visual sink(s) outlined in dashed red (φ > {
 left, right = st.columns(2)
 with left:
     draw(overlay(picture, found.saliency, opacity, title="Gaze saliency S (GIFT): where the gaze moved",
-                 label="saliency", sinks=sinks.patches, boxes=boxes), key="gaze_saliency", min_cell_px=4, max_cell_px=40)
+                 label="saliency", sinks=sinks.patches, boxes=boxes), key="gaze_saliency", min_cell_px=4,
+         max_cell_px=40)
 with right:
     last = capture.spans["prompt"].stop - 1  # the row that predicts the first answer token
     answer_map = np.mean([layout.paint(layout.image_keys(capture.rows(l, last, last + 1)[found.heads, 0])).mean(0)
@@ -91,25 +92,29 @@ st.caption(f"{sink_note}; " + ("the asked object's box in dotted white. " if box
 st.subheader("Filmstrip")
 strip = found.filmstrip()  # [word, rows, cols]: the gaze shift while reading each question word
 words = [w for w, _ in found.words]
-st.plotly_chart(charts.filmstrip(picture, strip, words, opacity=opacity), key="gaze_filmstrip", config=plot_config())
-st.plotly_chart(charts.token_bars(words, strip.sum(axis=(1, 2)) if len(strip) else np.zeros(0),
-                                  "How far the gaze moves at each word (the sum of its shift map)", "gaze shift",
-                                  height=240), key="gaze_shift_words", config=plot_config())
+shared.plotly_chart(lambda: charts.filmstrip(picture, strip, words, opacity=opacity), key="gaze_filmstrip",
+                    config=plot_config())
+shared.plotly_chart(charts.token_bars(words, strip.sum(axis=(1, 2)) if len(strip) else np.zeros(0),
+                                      "How far the gaze moves at each word (the sum of its shift map)", "gaze shift",
+                                      height=240), key="gaze_shift_words", config=plot_config())
 
+# a link that names an intervention opens on its before | after (decided once, on the page's first run)
+st.session_state.setdefault("gaze_open_tab", "Intervene" if state.intervention != "none" else None)
 tab_heads, tab_sinks, tab_vhd, tab_tower, tab_intervene = st.tabs(
-    ["Image-centric heads", "Visual sinks", "VHD", "Vision tower", "Intervene"])
+    ["Image-centric heads", "Visual sinks", "VHD", "Vision tower", "Intervene"],
+    default=st.session_state["gaze_open_tab"])
 with tab_heads:
     hv = shared.memo("gaze_heads", capture.key, lambda: vlm.head_vision(capture, sinks.visual))
     shifts = shared.memo("gaze_shift_heads", capture.key, lambda: vlm.gaze_per_head(capture))
     c1, c2 = st.columns(2)
     with c1:
-        st.plotly_chart(layer_head_chart(hv.centric, "Share of answer rows that are image-centric (VAR)", "share",
-                                         height=CHART_HEIGHT),
-                        key="gaze_centric", config=plot_config())
+        shared.plotly_chart(layer_head_chart(hv.centric, "Share of answer rows that are image-centric (VAR)", "share",
+                                             height=CHART_HEIGHT),
+                            key="gaze_centric", config=plot_config())
     with c2:
-        st.plotly_chart(charts.centric_per_layer(hv.per_layer(), hv.mass.mean(-1), meta.n_heads,
-                                                 "Image-centric heads per layer", height=CHART_HEIGHT),
-                        key="gaze_per_layer", config=plot_config())
+        shared.plotly_chart(charts.centric_per_layer(hv.per_layer(), hv.mass.mean(-1), meta.n_heads,
+                                                     "Image-centric heads per layer", height=CHART_HEIGHT),
+                            key="gaze_per_layer", config=plot_config())
     order = np.lexsort((-hv.mass.ravel(), -hv.centric.ravel()))[:20]  # by share, then visual mass
     top = [divmod(int(i), meta.n_heads) for i in order]
     st.dataframe({"layer": [l for l, _ in top], "head": [h for _, h in top],
@@ -126,9 +131,10 @@ with tab_sinks:
              + (", ".join(f"{j}:{capture.tokens[j]} (φ {phi[j]:.0f})" for j in sinks.tokens) or "none") + ".")
     grid_phi = layout.peak(phi[layout.keys])
     phi_col, share_col = st.columns(2)
-    phi_col.plotly_chart(charts.saliency_overlay(picture, grid_phi, sinks.patches, label="φ", opacity=opacity,
-                                                 title="Peak φ of each image token on the massive dimensions"),
-                         key="gaze_phi", config=plot_config())
+    with phi_col:
+        shared.plotly_chart(charts.saliency_overlay(picture, grid_phi, sinks.patches, label="φ", opacity=opacity,
+                                                    title="Peak φ of each image token on the massive dimensions"),
+                            key="gaze_phi", config=plot_config())
 
     def sink_share():
         """Per layer, from the rows that answer (the last prompt token on): the attention the visual sinks take
@@ -145,10 +151,11 @@ with tab_sinks:
         return taken, each
 
     taken, each = shared.memo("gaze_sink_share", capture.key, sink_share)
-    share_col.plotly_chart(charts_sinks.attention_share_chart(
-        taken, each, title="What the answer reads: the visual sinks in total, and an ordinary image token",
-        outlier_name="visual sinks", ordinary_name="an ordinary image token", label="attention from the answer"),
-        key="gaze_sink_share", config=plot_config())
+    with share_col:
+        shared.plotly_chart(charts_sinks.attention_share_chart(
+            taken, each, title="What the answer reads: the visual sinks in total, and an ordinary image token",
+            outlier_name="visual sinks", ordinary_name="an ordinary image token", label="attention from the answer"),
+            key="gaze_sink_share", config=plot_config())
 with tab_vhd:
     try:
         divergence = vlm.stored_vhd(capture)  # [layer, head, answer token]
@@ -162,12 +169,14 @@ with tab_vhd:
     if divergence is not None:
         answer_tokens = [capture.tokens[i] for i in capture.spans["answer"]]
         c1, c2 = st.columns(2)
-        c1.plotly_chart(layer_head_chart(divergence.mean(-1), "VHD per head (L2, mean over the answer)", "VHD",
-                                         height=CHART_HEIGHT),
-                        key="gaze_vhd_heads", config=plot_config())
-        c2.plotly_chart(charts.token_bars(answer_tokens, vlm.t_vhd(divergence),
-                                          f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
-                        key="gaze_vhd_tokens", config=plot_config())
+        with c1:
+            shared.plotly_chart(layer_head_chart(divergence.mean(-1), "VHD per head (L2, mean over the answer)", "VHD",
+                                                 height=CHART_HEIGHT),
+                                key="gaze_vhd_heads", config=plot_config())
+        with c2:
+            shared.plotly_chart(charts.token_bars(answer_tokens, vlm.t_vhd(divergence),
+                                                  f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
+                                key="gaze_vhd_tokens", config=plot_config())
 with tab_tower:
 
     try:
@@ -179,13 +188,13 @@ with tab_tower:
         tower_grid = vlm.tower_grid(capture)
         cls_maps = vlm.vision_cls_maps(tower[tower_layer], tower_grid)  # [head, rows, cols]
         titles = [f"head {h}" for h in range(len(cls_maps))] + ["mean of heads"]
-        st.plotly_chart(head_overlays(picture, np.concatenate([cls_maps, cls_maps.mean(0, keepdims=True)]),
-                                      opacity=opacity, titles=titles, per_row=4,
-                                      title=f"Vision tower layer {tower_layer}: " + (
-                                          "the CLS token's attention over the patches"
-                                          if tower.shape[-1] > tower_grid[0] * tower_grid[1]
-                                          else "the mean attention each patch receives (no CLS token)")),
-                        key="gaze_tower", config=plot_config())
+        shared.plotly_chart(head_overlays(picture, np.concatenate([cls_maps, cls_maps.mean(0, keepdims=True)]),
+                                          opacity=opacity, titles=titles, per_row=4,
+                                          title=f"Vision tower layer {tower_layer}: " + (
+                                              "the CLS token's attention over the patches"
+                                              if tower.shape[-1] > tower_grid[0] * tower_grid[1]
+                                              else "the mean attention each patch receives (no CLS token)")),
+                            key="gaze_tower", config=plot_config())
         st.caption("The vision tower's own self-attention (before the projector), from its eager "
                    "`output_attentions`; interventions act on the language model only, so these maps do not change "
                    "with them.")

@@ -104,9 +104,9 @@ def _batch(method: str, params: dict, heads) -> None:
         model = shared.view_state().model
         found = shared.run_with_progress(
             "Held-out scenes", probes.accuracy_change, model, method, {**params, **({"heads": heads} if heads else {})},
-            n_scenes=int(n), estimate=shared.Estimate(f"gaze-batch {model} {method}", int(n),
-                                                      f"scenes × {probes.QUESTIONS_PER_SCENE} questions, before and after",
-                                                      16.0, fixed_s=2.0))
+            n_scenes=int(n), estimate=shared.Estimate(
+                f"gaze-batch {model} {method}", int(n),
+                f"scenes × {probes.QUESTIONS_PER_SCENE} questions, before and after", 16.0, fixed_s=2.0))
         if found is not None:
             st.session_state["gaze_iv_result"] = found
     result = st.session_state.get("gaze_iv_result")
@@ -115,10 +115,10 @@ def _batch(method: str, params: dict, heads) -> None:
     kinds = result.kinds()
     acc = [result.accuracy(k) for k in kinds]
     total = result.accuracy()
-    st.plotly_chart(charts.answers_chart(kinds, [a[0] for a in acc], [a[1] for a in acc],
-                                         title=f"{vlm_presets.METHODS[result.method]}: exact answers by question kind "
-                                               f"(all: {total[0]:.0%} → {total[1]:.0%}, n = {total[2]})"),
-                    key="gaze_iv_chart", config=plot_config())
+    shared.plotly_chart(charts.answers_chart(
+        kinds, [a[0] for a in acc], [a[1] for a in acc],
+        title=f"{vlm_presets.METHODS[result.method]}: exact answers by question kind "
+              f"(all: {total[0]:.0%} → {total[1]:.0%}, n = {total[2]})"), key="gaze_iv_chart", config=plot_config())
     st.dataframe({"scene": [r.seed for r in result.rows], "question": [r.question for r in result.rows],
                   "expected": [r.expected for r in result.rows], "before": [r.before for r in result.rows],
                   "after": [r.after for r in result.rows]}, hide_index=True, key="gaze_iv_rows")

@@ -35,8 +35,9 @@ def link_of(name: str) -> str:
 st.subheader("Recipes: the papers' findings in one click")
 st.caption("Each card opens the view that shows the finding on an embedded model; the numbers are measured on this "
            "server (bench/recipes.py computes them all; the README lists them).")
-columns = st.columns(2, gap="medium")
 for i, recipe in enumerate(RECIPES):
+    if i % 2 == 0:  # a row of two cards at a time: the page reads (and its links come) in the recipes' order
+        columns = st.columns(2, gap="medium")
     with columns[i % 2].container(border=True):
         st.markdown(f"**{recipe.title}** · *{recipe.papers}*")
         st.markdown(f"{recipe.finding} {recipe.measures}")

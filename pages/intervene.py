@@ -51,14 +51,12 @@ def stored_scores(model: str, metric: str, **params):
 
 
 def grid_values(base, name: str) -> np.ndarray | None:
-    """The grid's colour: a one-pass metric of the baseline, or a stored probe metric (None if absent)."""
-    def compute():
-        metric = METRICS[name]
-        if metric.probe is None:
-            return metric.compute(base)
+    """The grid's colour: a one-pass metric of the baseline (kept by the server), or a stored probe metric (read
+    each time: a probe may have run since; None if absent)."""
+    metric = METRICS[name]
+    if metric.probe is not None:
         return stored_scores(base.spec.model, name)
-
-    return shared.memo("iv_grid_values", (base.key, name), compute, size=64)
+    return shared.memo("iv_grid_values", (base.key, name), lambda: metric.compute(base), size=64)
 
 
 def most_changed(base, after, lo: int, hi: int) -> tuple[int, int]:
@@ -125,14 +123,16 @@ def toggle_head(layer: int, head: int) -> None:
     st.session_state["iv_heads"] = [x for x in chosen if x != label] if label in chosen else chosen + [label]
 
 
-# ---- preset, heads and the grid --------------------------------------------------------------------
+# ---- preset and heads --------------------------------------------------------------------
 with left:
-    name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset", format_func=lambda n: presets.PRESETS[n].title)
+    name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset",
+                        format_func=lambda n: presets.PRESETS[n].title)
     preset = presets.PRESETS[name]
     picked = st.multiselect("Heads", labels, key="iv_heads", placeholder="click the grid or type L3H2",
                             help=f"Query heads; with GQA, {meta.group_size} heads share a KV head.")
     heads = [compare.parse_head_label(x) for x in picked]
-    default_heads = f"Without chosen heads: {preset.heads_default}." if preset.heads_default else "Acts on the chosen heads."
+    default_heads = f"Without chosen heads: {preset.heads_default}." if preset.heads_default else \
+        "Acts on the chosen heads."
     st.caption(f"{preset.description} ({preset.paper}). {default_heads}")
     params = {}
     for prm in preset.params:
@@ -181,7 +181,8 @@ with left:
         if active is None or active.empty:
             st.warning(str(exc))
     if intervention is not None:
-        st.caption(f"{len(intervention.edits)} edits on {len(intervention.heads())} heads · key `{intervention.key()}`")
+        st.caption(f"{len(intervention.edits)} edits on {len(intervention.heads())} heads · key "
+                   f"`{intervention.key()}`")
     if st.button("Rerun with this intervention", type="primary", key="iv_run", disabled=intervention is None,
                  width="stretch"):
         st.session_state["iv_active"] = active = intervention
@@ -268,13 +269,15 @@ if after is not None:
         layer, head = compare.parse_head_label(map_head)
         before_map = base.window(layer, head, lo, shared_len, lo, shared_len)  # reads (or computes) only these rows
         after_map = after.window(layer, head, lo, shared_len, lo, shared_len)
-        st.plotly_chart(compare.map_comparison(before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
-                                               title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"),
-                        key="iv_maps", config=plot_config())
+        shared.plotly_chart(lambda: compare.map_comparison(
+            before_map, after_map, base.tokens[lo:shared_len], causal=meta.causal,
+            title=f"{map_head}: tokens {lo}–{shared_len - 1} (shared by both runs)"), key="iv_maps",
+            config=plot_config())
     if meta.causal and before_tokens:
-        st.plotly_chart(compare.logprob_figure(before_tokens, lp_before, lp_after, first_diff=diff.first,
-                                               title="Log-prob of each baseline token (teacher-forced), before and after"),
-                        key="iv_logprob", config=plot_config())
+        shared.plotly_chart(lambda: compare.logprob_figure(
+            before_tokens, lp_before, lp_after, first_diff=diff.first,
+            title="Log-prob of each baseline token (teacher-forced), before and after"), key="iv_logprob",
+            config=plot_config())
 
 # ---- saved interventions against the baseline ----------------------------------------------------
 saved: dict[str, Intervention] = st.session_state.get("iv_saved", {})

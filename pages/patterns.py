@@ -6,8 +6,10 @@ import probes
 from analytics import patterns as P
 from capture import default_store, load_capture
 from charts import patterns as charts
-from charts.theme import plot_config
+from charts.pictures import coloured, mosaic
+from charts.theme import ATTENTION_SCALE, plot_config
 from pages import shared
+from pages.widgets import picture
 from state import ATLAS_COLOURS, MAX_LINK_POINTS, names_text, parse_names
 
 TILES = 24  # selected maps shown as tiles
@@ -125,6 +127,27 @@ st.caption(f"**{n:,} maps** from {len(maps.sources)} inputs ({', '.join(models)}
            + f" · trained in {timing.get('train_s', 0):.0f} s, embedded in {timing.get('embed_s', 0):.0f} s"
            + f" · atlas `{atlas.key}`")
 
+
+def pick_cluster(_row: int, col: int) -> None:
+    state.points = ""
+    shared.set_fields(cluster=col)
+
+
+def prototype_strip():
+    """Each cluster's decoded centre as one picture (drawn before the scatter, and quick: no Plotly)."""
+    protos = np.asarray(atlas.prototypes, dtype=np.float32)  # [k, size, size], attention mass
+    side = max(1, 72 // protos.shape[-1])
+    tiles = [coloured(np.repeat(np.repeat(p / max(float(p.max()), 1e-12), side, 0), side, 1), ATTENTION_SCALE, 0, 1)
+             for p in protos]
+    return mosaic(np.stack(tiles)[None], ["centre"], [f"{c}: {names[c]} ({counts[c]:,})" for c in range(atlas.k)],
+                  title="The clusters at a glance: each one's decoded centre (click one to select its maps)",
+                  label="mass / max", col_name="cluster ")
+
+
+picture(shared.memo("pat_strip", (atlas.key, tuple(names)), prototype_strip, size=4), key="pat_prototypes",
+        on_pick=pick_cluster, min_cell_px=60, max_cell_px=110,
+        outline=(0, 1, state.cluster, state.cluster + 1) if state.cluster >= 0 else None)
+
 try:
     selected = np.asarray([i for i in P.parse_selection(state.points) if i < n], dtype=np.int64)
 except ValueError:
@@ -202,8 +225,8 @@ def scatter_figure():
 
 
 fig = shared.memo("pat_scatter", (atlas.key, colour, tuple(names), state.points, state.cluster), scatter_figure, size=1)
-st.plotly_chart(fig, key="atlas_scatter", on_select=on_select, selection_mode=("points", "box", "lasso"),
-                config=config)
+shared.plotly_chart(fig, key="atlas_scatter", on_select=on_select, selection_mode=("points", "box", "lasso"),
+                    config=config)
 st.caption("Lasso or box-select points (or click one) to see their maps and heads; double-click to clear. "
            "Click a legend entry to hide a group.")
 truncated = st.session_state.pop("pat_truncated", None)
@@ -221,7 +244,7 @@ if selected.size:
         where = f" q{maps.query[i]}" if maps.query[i] >= 0 else ""
         return f"{s.model}<br>L{maps.layer[i]} H{maps.head[i]}{where}"
 
-    st.plotly_chart(shared.memo("pat_sel_tiles", (atlas.key, tuple(shown)), lambda: charts.tiles(
+    shared.plotly_chart(lambda: shared.memo("pat_sel_tiles", (atlas.key, tuple(shown)), lambda: charts.tiles(
         maps.images[shown], [tile_title(i) for i in shown], cols=8), size=1), key="selected_tiles", config=config,
         width="content")
     families = set(maps.family()[shown])
@@ -235,7 +258,7 @@ if selected.size:
 # ---- prototypes, heads, comparisons --------------------------------------------------------------------------
 
 def prototypes_view() -> None:
-    st.plotly_chart(shared.memo("pat_gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
+    shared.plotly_chart(lambda: shared.memo("pat_gallery", (atlas.key, tuple(names)), lambda: charts.prototype_gallery(
         atlas.prototypes, atlas.nearest, maps.images, names, counts,
         title="Each cluster: its decoded centre, then the maps nearest to it"), size=1), key="gallery", config=config,
         width="content")
@@ -282,19 +305,19 @@ def heads_view() -> None:
 
     left, right = st.columns([1.1, 1])
     with left:
-        st.plotly_chart(shared.memo("pat_dominant", (atlas.key, group, tuple(names), layer, head),
-                                    lambda: charts.dominant_grid(*P.dominant(profiles), names, selected=(layer, head),
-                                                                 title=f"{group}: each head's most frequent cluster"),
-                                    size=1),
-                        key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
+        shared.plotly_chart(lambda: shared.memo(
+            "pat_dominant", (atlas.key, group, tuple(names), layer, head),
+            lambda: charts.dominant_grid(*P.dominant(profiles), names, selected=(layer, head),
+                                         title=f"{group}: each head's most frequent cluster"), size=1),
+            key="dominant_grid", on_select=pick_head, selection_mode="points", config=config)
     with right:
-        st.plotly_chart(shared.memo("pat_head_profile", (atlas.key, group, tuple(names), layer, head), profile_figure,
-                                    size=1), key="head_profile", config=config)
+        shared.plotly_chart(lambda: shared.memo("pat_head_profile", (atlas.key, group, tuple(names), layer, head),
+                                                profile_figure, size=1), key="head_profile", config=config)
         st.caption("Click a head in the grid to see its profile.")
     comp = shared.memo("pat_composition", (atlas.key, tuple(names)), lambda: charts.composition(
         {g: P.layer_composition(atlas.profiles(g)) for g in groups}, names,
         title="How each layer's heads split over the clusters"), size=1)
-    st.plotly_chart(comp, key="composition", config=config)
+    shared.plotly_chart(comp, key="composition", config=config)
 
 
 def compare_view() -> None:
@@ -327,9 +350,11 @@ def compare_view() -> None:
 
     fig_a, fig_b, fig_shift, moved = shared.memo("pat_compare", (atlas.key, before, after, tuple(names)), figures,
                                                  size=1)
-    a.plotly_chart(fig_a, key="dom_before", config=config)
-    b.plotly_chart(fig_b, key="dom_after", config=config)
-    st.plotly_chart(fig_shift, key="shift_grid", config=config)
+    with a:
+        shared.plotly_chart(fig_a, key="dom_before", config=config)
+    with b:
+        shared.plotly_chart(fig_b, key="dom_after", config=config)
+    shared.plotly_chart(fig_shift, key="shift_grid", config=config)
     st.caption(f"{moved} heads changed their mix by half or more.")
 
 

@@ -8,6 +8,7 @@ them all and prints the table in the README.  No streamlit either: pages/home.py
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -28,23 +29,22 @@ ATLAS_PROMPTS = (SINK_PROMPT, "In 1851 the lighthouse keeper wrote that the stor
 ACT_PROMPT = ("The harbour was quiet that night. The keeper wrote three lines in the log, trimmed the lamp, and "
               "watched the boats come in one by one. At midnight the wind turned, the rain began, and the last "
               "boat, late and low in the water, came round the point. The keeper")
-NEEDLE = {"needle": "The keeper's secret password for the tower door was purple otter seventeen.",
-          "question": "What was the keeper's secret password for the tower door?",
-          "answer": "purple otter seventeen"}  # the first needle of assets/needles.json
+NEEDLE = 2  # assets/needles.json: "The name of the inspector's grey horse was Captain Marlowe."
 MASKED = 30  # heads masked (Wu et al.'s README example)
 
 
 def needle_prompt() -> str:
     """The haystack (assets/haystack.txt) with the needle at a sentence boundary half way in, and Wu et al.'s
     question (probes.needle asks it the same way)."""
+    needle = json.loads((ASSETS / "needles.json").read_text(encoding="utf-8"))["needles"][NEEDLE]
     text = (ASSETS / "haystack.txt").read_text(encoding="utf-8").strip()
     middle = text.find(". ", len(text) // 2) + 1
-    return (text[:middle] + " " + NEEDLE["needle"] + text[middle:] +
-            f" Based on the content of the book, Question: {NEEDLE['question']}\nAnswer:")
+    return (text[:middle] + " " + needle["needle"] + text[middle:] +
+            f" Based on the content of the book, Question: {needle['question']}\nAnswer:")
 
 
 def needle_spec() -> RunSpec:
-    return RunSpec(model="smollm2", prompt=needle_prompt(), chat=True, max_new_tokens=12)
+    return RunSpec(model="smollm2", prompt=needle_prompt(), chat=True, max_new_tokens=20)
 
 
 def act_spec() -> RunSpec:
@@ -90,7 +90,7 @@ def masking(random: bool = False) -> capture.Intervention | None:
 
 
 def _generated(found) -> str:
-    return " ".join(found.output.text.split())[:60] if found is not None else "not run yet"
+    return " ".join(found.output.text.split())[:70] if found is not None else "not run yet"
 
 
 # ---- the numbers of each recipe, from the cache -------------------------------------------------------------
@@ -106,8 +106,8 @@ def retrieval_numbers() -> str | None:
     if base is not None and top is not None:
         masked = capture.cached(replace(needle_spec(), intervention=top))
         control = capture.cached(replace(needle_spec(), intervention=rand))
-        line += (f" Asked for the password: “{_generated(base)}”; with the top {MASKED} masked: “{_generated(masked)}”;"
-                 f" with {MASKED} random heads masked: “{_generated(control)}”.")
+        line += (f" Asked for the horse's name: “{_generated(base)}”; with the top {MASKED} masked: "
+                 f"“{_generated(masked)}”; with {MASKED} random heads masked: “{_generated(control)}”.")
     return line
 
 
@@ -120,10 +120,11 @@ def act_numbers() -> str | None:
     hidden = (s[:, :, 1:n_prompt] > 0.1).mean(axis=(0, 1))  # share of heads where each token is a hidden sink
     top = np.argsort(-hidden)[:4] + 1
     line = ("Hidden sinks besides the first token (s_j > 0.1): " +
-            ", ".join(f"{found.tokens[j]!r} in {hidden[j - 1]:.0%} of heads" for j in top) + ".")
+            ", ".join(f"{found.tokens[j]!r} (token {j}) in {hidden[j - 1]:.0%} of heads" for j in top) + ".")
     after = capture.cached(replace(act_spec(), intervention=presets.act(found.meta)))
     if after is not None:
-        diff = next((i for i, (a, b) in enumerate(zip(found.tokens[n_prompt:], after.tokens[n_prompt:])) if a != b), None)
+        pairs = zip(found.tokens[n_prompt:], after.tokens[n_prompt:])
+        diff = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
         line += (" With ACT on layers 2-28 the continuation " + ("is unchanged." if diff is None else
                  f"parts at generated token {diff}: “{_generated(found)}” → “{_generated(after)}”."))
     return line
@@ -222,7 +223,8 @@ def dit_numbers() -> str | None:
     if after is not None:
         change = np.abs(dit_capture.generated_image(after).astype(float) -
                         dit_capture.generated_image(found).astype(float)).mean()
-        line += f" PAG on L1H0 (s = {dit_presets.DEFAULT_PAG_SCALE:g}) moves the picture by {change:.1f} levels per pixel."
+        line += (f" PAG on L1H0 (s = {dit_presets.DEFAULT_PAG_SCALE:g}) moves the picture by {change:.1f} levels "
+                 "per pixel.")
     return line
 
 
@@ -312,8 +314,9 @@ RECIPES = [
            "one capture (~3 s)"),
     Recipe("induction", "Induction and previous-token heads", "Olsson et al. 2022; RazorAttention",
            "Previous-token heads in early layers and induction heads after them complete repeated sequences "
-           "([A][B] … [A] → [B]).", "Scores on random tokens repeated 3 times: attention to the previous token, and "
-           "to the token after the earlier copy.", lambda: {"page": "atlas", "metric": "induction"}, induction_numbers,
+           "([A][B] … [A] → [B]).",
+           "Scores on random tokens repeated 3 times: attention to the previous token, and to the token after the "
+           "earlier copy.", lambda: {"page": "atlas", "metric": "induction"}, induction_numbers,
            "the pattern probe (one forward pass, ~10 s)"),
     Recipe("duo", "Streaming vs retrieval heads", "Xiao et al. 2024 (DuoAttention)",
            "Most KV heads need only the first tokens and a recent window; a few (retrieval heads) need the whole "
@@ -345,7 +348,7 @@ RECIPES = [
            "two samplings of 20 steps (~30 s)"),
     Recipe("patterns", "Kinds of head: the pattern atlas", "Li et al. 2023 (ViT visual analytics)",
            "An autoencoder over many heads' maps, clustered, finds a handful of pattern types (sinks, previous token, "
-           "local windows ...) and where they sit by layer.",
+           "local windows ...) and where they sit by layer; which types a model has is what the atlas shows.",
            "Every SmolLM2 head's maps on two inputs, encoded, laid out with UMAP and clustered.",
            lambda: {"page": "patterns", **({"atlas": atlas_key()} if atlas_key() else {})}, patterns_numbers,
            "training the atlas on cached captures (~1-2 min)"),

@@ -9,8 +9,10 @@ share box still comes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -69,15 +71,47 @@ def held(key: str, default) -> None:
     st.session_state[key] = kept[key] = value
 
 
+def plotly_chart(figure, **kwargs) -> None:
+    """st.plotly_chart(figure(), **kwargs), except in a browser session's first run, before its first figures
+    have painted: a page then paints its pictures first and draws its Plotly charts a moment later (app.py asks
+    the browser to say when it has painted, which reruns the page).  Plotly's bundle (4.7 MB) would otherwise
+    arrive while the pictures paint and hold the browser's main thread for a second.  `figure` is a figure or
+    a function that builds it (not called when the chart waits)."""
+    in_browser = bool(st.context.headers.get("User-Agent")) if st.context.headers is not None else False
+    if in_browser and not st.session_state.get("painted"):
+        st.session_state["plotly_waiting"] = True
+        return
+    st.plotly_chart(figure() if callable(figure) else figure, **kwargs)
+
+
+def painted() -> None:
+    st.session_state["painted"] = True
+
+
+_MEMO: dict[str, dict] = {}  # name -> {key: value}, shared by every session of this server
+_MEMO_LOCK = threading.Lock()
+
+
 def memo(name: str, key, compute, size: int = 16):
-    """compute() once per session and key (e.g. a capture key), kept in st.session_state[name]: the
-    per-capture numbers a page draws on every rerun (the newest `size` keys are kept)."""
-    held = st.session_state.setdefault(name, {})
-    if key not in held:
-        held[key] = compute()
+    """compute() once per server and key, the newest `size` keys of each name kept: the numbers and figures a
+    page draws from a capture (or atlas), whose key names its content, so every session (a shared link opened
+    in a fresh browser) reuses them.  `forget(name)` drops them when what they read has changed."""
+    with _MEMO_LOCK:
+        held = _MEMO.setdefault(name, {})
+        if key in held:
+            return held[key]
+    value = compute()
+    with _MEMO_LOCK:
+        held[key] = value
         while len(held) > size:
             held.pop(next(iter(held)))
-    return held[key]
+    return value
+
+
+def forget(name: str) -> None:
+    """Drop what memo() keeps under `name` (a probe has just stored a new result, say)."""
+    with _MEMO_LOCK:
+        _MEMO.pop(name, None)
 
 
 def model_title(model: str) -> str:
@@ -108,13 +142,32 @@ STOPPED = "stopped_work"  # labels of work the user stopped: a rerun does not st
 _MEASURED: dict[str, float] = {}  # seconds per unit of each kind of work, as last measured in this server
 
 
+_running = threading.local()  # per session thread: whether app.py is running the page (page_run)
+
+
 class PageStop(Exception):
-    """Raised by `stop()`: the page ends here.  app.py catches it and still writes the link and the share
-    box, which `st.stop()` (it ends app.py too) would leave out."""
+    """Raised by `stop()` inside `page_run()`: the page ends there, and app.py goes on to write the link and
+    the share box, which `st.stop()` (it ends app.py too) would leave out."""
+
+
+@contextlib.contextmanager
+def page_run():
+    """app.py runs the page inside this block; a `stop()` in the page ends the page only."""
+    _running.app = True
+    try:
+        yield
+    except PageStop:
+        pass
+    finally:
+        _running.app = False
 
 
 def stop() -> NoReturn:
-    raise PageStop
+    """End the page here: inside app.py's page_run only the page ends; a page script run on its own (as
+    AppTest reruns it) ends with st.stop()."""
+    if getattr(_running, "app", False):
+        raise PageStop
+    st.stop()
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
                      help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
         left, right = st.columns(2)
         left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
-        right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps", help="Sampling steps (every step's attention is recorded).")
+        right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps",
+                           help="Sampling steps (every step's attention is recorded).")
         left.number_input("Width (px)", 0, MAX_SIDE, step=16, key="f_width", help="0: the model's default size.")
         right.number_input("Height (px)", 0, MAX_SIDE, step=16, key="f_height", help="0: the model's default size.")
     else:

@@ -115,23 +115,23 @@ tab_distance, tab_profile, tab_rollout, tab_registers = st.tabs(["Attention dist
                                                                  "High-norm tokens (registers)"])
 with tab_distance:
     distances = shared.memo("vit_distances", capture.key, lambda: vision.distance_per_head(capture))
-    st.plotly_chart(charts.layer_head_chart(distances, "Mean attention distance (px) per head", "px"),
-                    key="vit_distance", config=plot_config())
+    shared.plotly_chart(charts.layer_head_chart(distances, "Mean attention distance (px) per head", "px"),
+                        key="vit_distance", config=plot_config())
 with tab_profile:
     profile = shared.memo("vit_profiles", (capture.key, layer), lambda: vision.distance_profile(attn, layout))
-    st.plotly_chart(charts.distance_profile_chart(profile.distance_px, profile.strength,
-                                                  f"Attention strength vs distance, layer {layer}"),
-                    key="vit_profile", config=plot_config())
+    shared.plotly_chart(charts.distance_profile_chart(profile.distance_px, profile.strength,
+                                                      f"Attention strength vs distance, layer {layer}"),
+                        key="vit_profile", config=plot_config())
 with tab_rollout:
     rollout = shared.memo("vit_rollout", capture.key, lambda: vision.cls_rollout(capture)) \
         if "cls" in capture.spans else None
     if rollout is None:
         st.info("This model has no CLS token to roll attention out to.")
     else:
-        st.plotly_chart(charts.attention_overlay(picture, vision.grid_map(rollout, layout), opacity=opacity,
-                                                 grid_lines=grid_lines, title="Attention rollout to CLS",
-                                                 label="rollout"),
-                        key="vit_rollout", config=plot_config())
+        shared.plotly_chart(charts.attention_overlay(picture, vision.grid_map(rollout, layout), opacity=opacity,
+                                                     grid_lines=grid_lines, title="Attention rollout to CLS",
+                                                     label="rollout"),
+                            key="vit_rollout", config=plot_config())
 with tab_registers:
     if "cls" not in capture.spans:
         st.info("This model has no CLS token: the artifact tokens' share of CLS attention needs one.")
@@ -141,16 +141,19 @@ with tab_registers:
         if found_norms is not None:
             ratio, taken, ordinary, found = found_norms
             left_chart, right_chart = st.columns(2)
-            left_chart.plotly_chart(registers.norm_ratio_chart(ratio, ARTIFACT_RATIO,
-                                                               title="Patch-token norms: the largest against the median"),
-                                    key="vit_norms", config=plot_config())
-            right_chart.plotly_chart(registers.attention_share_chart(
-                taken, ordinary, title="What CLS reads: the artifact tokens in total, and an average patch"),
-                key="vit_artifact_share", config=plot_config())
+            with left_chart:
+                shared.plotly_chart(registers.norm_ratio_chart(
+                    ratio, ARTIFACT_RATIO, title="Patch-token norms: the largest against the median"),
+                    key="vit_norms", config=plot_config())
+            with right_chart:
+                shared.plotly_chart(registers.attention_share_chart(
+                    taken, ordinary, title="What CLS reads: the artifact tokens in total, and an average patch"),
+                    key="vit_artifact_share", config=plot_config())
             last = [t for t in found[-2]] if len(found) > 1 else []
             where = ", ".join(f"patch ({(t.token - layout.n_prefix) // layout.grid[1]}, "
                               f"{(t.token - layout.n_prefix) % layout.grid[1]}) at {t.ratio:.1f}×" for t in last[:4])
-            st.caption(f"Darcet et al. 2024: large ViTs (DINOv2 among them) recycle a few low-information patch tokens "
-                       "as global scratch space; their norms stand out and CLS attends to them, which is what registers "
-                       f"(extra tokens) absorb. Here, entering the last block: {len(last)} artifact token(s)"
+            st.caption("Darcet et al. 2024: large ViTs (DINOv2 ViT-L and ViT-g among them) recycle a few "
+                       "low-information patch tokens as global scratch space; their norms stand out and CLS attends to "
+                       "them, which is what registers (extra tokens) absorb. Here, entering the last block: "
+                       f"{len(last)} artifact token(s) with a norm over {ARTIFACT_RATIO:g}× the median"
                        + (f" ({where})" if last else "") + ".")

@@ -5,6 +5,7 @@
   bar, a hover read-out of the cell, zoom buttons (the picture then scrolls: pan) and clicks
   (`on_pick(row, col)`).
 - `share_link`: the link of the current view with a "Copy link" button.
+- `paint_signal`: an invisible element that reports when the page's first figures are on screen.
 
 Why not Plotly and `st.code`: a browser opening a shared link must first load the JavaScript of every
 kind of element on the page.  Plotly's bundle is 4.7 MB (~1.3 s to load and draw even on a bare page)
@@ -174,7 +175,8 @@ export default function (component) {
     const ticks = el("div", "ticks");
     ticks.append(el("span", "", d.zmax), el("span", "", d.zmin));
     bar.append(ramp, ticks, el("div", "bartitle", d.bar_title));
-    body.append(scroll, bar);
+    body.append(scroll);
+    if (d.bar !== false) body.append(bar);
   };
   draw();
   parentElement.appendChild(root);
@@ -250,3 +252,29 @@ _share = st.components.v2.component("headscope_share_link", css=SHARE_CSS, js=SH
 def share_link(link: str) -> None:
     """The view's link (class "hs-link") and a button that copies it."""
     _share(data={"link": link}, key="share_link", height="content")
+
+
+PAINT_JS = """
+export default function (component) {
+  const { setTriggerValue } = component;
+  // two frames after this (the page's last element) mounts, the figures above it have been painted
+  requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(() => setTriggerValue("painted", true), 30)));
+}
+"""
+
+_paint = st.components.v2.component("headscope_painted", js=PAINT_JS)
+
+
+_early = st.components.v2.component("headscope_early", js="export default function () {}")
+
+
+def early() -> None:
+    """An empty component drawn first thing: the browser fetches the components' code while the sidebar and
+    the page are still being worked out, so the page's first picture draws as soon as it arrives."""
+    _early(key="early", height=0)
+
+
+def paint_signal(on_painted: Callable[[], None]) -> None:
+    """An invisible element that reports, once the page's first figures are on screen, by calling
+    `on_painted` in a rerun (pages/shared.plotly_chart defers Plotly charts until then)."""
+    _paint(key="paint_signal", on_painted_change=on_painted, height=0)

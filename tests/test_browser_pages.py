@@ -46,7 +46,7 @@ def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
     wait_idle(page, "text=Before | after", timeout=300_000)
     assert page.get_by_text("Before", exact=False).count() > 0
     page.screenshot(path=str(artifacts / "browser_intervene.png"))
-    link = shown_link(page)
+    link = wait_for_link(page, "intervention=", timeout=60_000)  # written at the end of the run
     assert "intervention=" in link and "page=intervene" in link
     before_after = page.locator("text=Before | after").first.inner_text()
 
@@ -82,7 +82,7 @@ def test_atlas_shows_a_metric_map(server, chromium, artifacts):
 
 
 def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
-    page = opened(chromium, f"{server}/?page=dit", ".js-plotly-plot, [data-testid='stImage']")
+    page = opened(chromium, f"{server}/?page=dit")
     assert page.locator("[data-testid='stException']").count() == 0
     page.screenshot(path=str(artifacts / "browser_dit.png"))
     seed = page.locator("input[aria-label='Seed']")  # a new seed from the sidebar, then Run
