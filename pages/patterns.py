@@ -139,7 +139,7 @@ def prototype_strip():
     side = max(1, 72 // protos.shape[-1])
     tiles = [coloured(np.repeat(np.repeat(p / max(float(p.max()), 1e-12), side, 0), side, 1), ATTENTION_SCALE, 0, 1)
              for p in protos]
-    return mosaic(np.stack(tiles)[None], ["centre"], [f"{c}: {names[c]} ({counts[c]:,})" for c in range(atlas.k)],
+    return mosaic(np.stack(tiles)[None], ["centre"], [f"{c} ({counts[c]:,} maps)" for c in range(atlas.k)],
                   title="The clusters at a glance: each one's decoded centre (click one to select its maps)",
                   label="mass / max", col_name="cluster ")
 
@@ -147,6 +147,7 @@ def prototype_strip():
 picture(shared.memo("pat_strip", (atlas.key, tuple(names)), prototype_strip, size=4), key="pat_prototypes",
         on_pick=pick_cluster, min_cell_px=60, max_cell_px=110,
         outline=(0, 1, state.cluster, state.cluster + 1) if state.cluster >= 0 else None)
+st.text(" · ".join(f"{c}: {names[c]}" for c in range(atlas.k)))  # plain text: names can come from a link
 
 try:
     selected = np.asarray([i for i in P.parse_selection(state.points) if i < n], dtype=np.int64)

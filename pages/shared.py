@@ -277,9 +277,29 @@ def cached_capture(spec: RunSpec) -> Capture | None:
         return None
 
 
+# seconds per unit of a capture on the reference machine (2 CPU cores): per prompt token and generated token
+# (text, VLM), per sampling step (DiT), per picture (vision); the first capture of a model also loads it
+CAPTURE_COST = {"text": (0.01, 0.1), "vlm": (0.01, 0.3), "dit": (0.0, 0.6), "vision": (0.0, 1.0)}
+
+
+def capture_estimate(spec: RunSpec) -> Estimate:
+    """How long a capture of `spec` should take, before it starts (prompt tokens guessed as characters / 4)."""
+    modality = modality_of(spec.model)
+    per_prompt, per_step = CAPTURE_COST.get(modality, (0.01, 0.1))
+    if modality == "dit":
+        return Estimate(f"capture {spec.model}", spec.steps or 20, "sampling steps", per_step, fixed_s=2.0)
+    if modality == "vision":
+        return Estimate(f"capture {spec.model}", 1, "picture", per_step, fixed_s=2.0)
+    steps = spec.max_new_tokens
+    units = max(1, round(len(spec.prompt) / 4 * per_prompt / per_step + steps))  # in generated-token times
+    return Estimate(f"capture {spec.model}", units, f"token-steps (a generated token, or {per_step / per_prompt:.0f} "
+                    "prompt tokens)", per_step, fixed_s=3.0)
+
+
 def run_capture(spec: RunSpec, label: str) -> Capture | None:
-    """The capture of `spec`: from the cache, else run under a progress bar; None after a one-sentence error."""
-    return run_with_progress(label, capture.run, spec, stored=capture.cached)
+    """The capture of `spec`: from the cache, else run under a progress bar with its estimate; None after a
+    one-sentence error."""
+    return run_with_progress(label, capture.run, spec, stored=capture.cached, estimate=capture_estimate(spec))
 
 
 def current_capture() -> Capture | None:
