@@ -71,9 +71,9 @@ def _stored(metric: str, model: str = "smollm2", **params) -> np.ndarray | None:
         return None
 
 
-def _heads(values: np.ndarray, k: int = 3) -> str:
+def _heads(values: np.ndarray, k: int = 3, head: str = "H") -> str:
     order = np.argsort(-np.nan_to_num(values, nan=-np.inf), axis=None)[:k]
-    return ", ".join(f"L{i // values.shape[1]}H{i % values.shape[1]} ({values.flat[i]:.2f})" for i in order)
+    return ", ".join(f"L{i // values.shape[1]}{head}{i % values.shape[1]} ({values.flat[i]:.2f})" for i in order)
 
 
 def _smollm2_meta():
@@ -155,7 +155,7 @@ def duo_numbers() -> str | None:
     if alpha is None:
         return None
     return (f"{(alpha < 0.5).mean():.0%} of the {alpha.size} KV heads gate below 0.5 (streaming: sinks + a recent "
-            f"window suffice); the most retrieval-like: {_heads(alpha)}.")
+            f"window suffice); the most retrieval-like: {_heads(alpha, head='KV')}.")
 
 
 def registers_numbers() -> str | None:
