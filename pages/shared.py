@@ -215,6 +215,7 @@ def clear_stopped() -> None:
 
 def _stop_work(label: str) -> None:
     st.session_state.setdefault(STOPPED, set()).add(label)
+    st.toast(f"Stopped: {label}. Nothing partial was kept.")
 
 
 def _restart_work(label: str) -> None:
@@ -222,7 +223,7 @@ def _restart_work(label: str) -> None:
 
 
 def run_with_progress(label: str, work: Callable[..., T], *args, stored: Callable[..., T | None] | None = None,
-                      estimate: Estimate | None = None, **kwargs) -> T | None:
+                      estimate: Estimate | None = None, asked: bool = True, **kwargs) -> T | None:
     """`work(*args, progress=..., **kwargs)` under a progress bar fed by its (fraction, message) reports,
     with the estimate said before it starts, the time so far and left, and a Stop button.
 
@@ -231,17 +232,19 @@ def run_with_progress(label: str, work: Callable[..., T], *args, stored: Callabl
     Stop: the click reruns the page, and Streamlit ends the running script at its next element update,
     which is the bar's at the work's next report, so the work stops there.  Captures and probes write
     their metadata record last (DESIGN.md, "Cache"): a stopped one leaves nothing that reads as complete.
-    The stopped label is remembered, so the rerun shows "Stopped" and a button to start again instead of
-    starting it over.  A `capture.USER_ERRORS` (bad input, a model that cannot be had, a cache that
+    The stopped label is remembered: work that starts by itself on a rerun (`asked=False`: the capture of
+    the page's input) shows "Stopped" and a button to start again instead of starting over; work a button
+    asks for runs whenever it is asked.  A `capture.USER_ERRORS` (bad input, a model that cannot be had, a cache that
     cannot be written ...) is shown as its one sentence and None is returned.
     """
     try:
         if stored is not None and (found := stored(*args)) is not None:
             return found
-        if label in st.session_state.get(STOPPED, ()):
+        if not asked and label in st.session_state.get(STOPPED, ()):  # stopped, and nobody asked again
             st.info(f"Stopped: {label}. Nothing partial was kept.")
             st.button("Start again", key=f"restart_{label}", on_click=_restart_work, args=(label,))
             return None
+        _restart_work(label)
         slot = st.empty()
         with slot.container():
             if estimate is not None:
@@ -299,7 +302,8 @@ def capture_estimate(spec: RunSpec) -> Estimate:
 def run_capture(spec: RunSpec, label: str) -> Capture | None:
     """The capture of `spec`: from the cache, else run under a progress bar with its estimate; None after a
     one-sentence error."""
-    return run_with_progress(label, capture.run, spec, stored=capture.cached, estimate=capture_estimate(spec))
+    return run_with_progress(label, capture.run, spec, stored=capture.cached, estimate=capture_estimate(spec),
+                             asked=False)
 
 
 def current_capture() -> Capture | None:
