@@ -85,7 +85,8 @@ class PictureLayout:
             image = capture.spans["image"]
             size = picture.shape[:2] if picture is not None else grid
             return cls.build(np.arange(image.start, image.stop), _grid_boxes(grid, *size), size, tuple(grid))
-        size = picture.shape[:2] if picture is not None else (float(np.nanmax(boxes[:, 3])), float(np.nanmax(boxes[:, 2])))
+        size = picture.shape[:2] if picture is not None else \
+            (float(np.nanmax(boxes[:, 3])), float(np.nanmax(boxes[:, 2])))
         return cls.build(positions, boxes, size, tuple(grid) if grid is not None and len(boxes) == grid[0] * grid[1]
                          else None)
 

@@ -79,7 +79,8 @@ def vhd(capture, distance: str = "l2", store=None) -> np.ndarray:
     text_only = {name: with_image[name][:, kept] for name in ("input_ids", "attention_mask", *inputs.token_inputs)}
     _ids, text_answer = text_only_ids(capture)
     with handle.lock:
-        z_img = _head_outputs(handle, capture.spans["answer"], **placed(with_image, handle.model))  # [layer, t, head, head_dim]
+        # [layer, t, head, head_dim] each
+        z_img = _head_outputs(handle, capture.spans["answer"], **placed(with_image, handle.model))
         z_txt = _head_outputs(handle, text_answer, **placed(text_only, handle.model))
     if distance == "l2":
         d = (z_img - z_txt).norm(dim=-1)  # [layer, t, head]

@@ -66,7 +66,8 @@ def _save(folder: Path, model, image_processor, tok, video: bool = False) -> Pat
     if tok.chat_template:
         (folder / "chat_template.jinja").write_text(tok.chat_template)
     if video:  # as the hub's folders have it; building its processor needs torchvision
-        (folder / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor"}))
+        (folder / "video_preprocessor_config.json").write_text(
+            json.dumps({"video_processor_type": "Qwen2VLVideoProcessor"}))
     return folder
 
 
@@ -125,7 +126,8 @@ def llava_anyres(folder: Path, version: str = "llava_onevision") -> Path:
         model_class = LlavaOnevisionForConditionalGeneration
         image_processor = Processor(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=True)
     else:
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as Processor
+        from transformers.models.llava_next.image_processing_pil_llava_next import \
+            LlavaNextImageProcessorPil as Processor
 
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=28, patch_size=14, projection_dim=32)
@@ -239,7 +241,8 @@ def reference(family: str, folder: Path):
         base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
     cls = type(base.__name__, (base,), {"__init__": __init__})
-    settings = json.loads((folder / "processor_config.json").read_text()) if (folder / "processor_config.json").is_file() else {}
+    config = folder / "processor_config.json"
+    settings = json.loads(config.read_text()) if config.is_file() else {}
     template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() else None
     return cls(AutoImageProcessor.from_pretrained(folder, backend="pil"), AutoTokenizer.from_pretrained(folder),
                chat_template=template, **settings)

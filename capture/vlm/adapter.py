@@ -197,7 +197,7 @@ class VlmAdapter:
         tower's maps."""
         meta = self.handle.meta
         t_gen = time.perf_counter()
-        ids, spans = self._answered(store, key, inputs, spans, new_ids)
+        ids, spans = self._answered(inputs, spans, new_ids)
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         residual: dict[int, torch.Tensor] = {}
         small = small_pass(meta.n_layers, meta.n_heads, len(ids))
@@ -210,13 +210,16 @@ class VlmAdapter:
                     out = self.handle.model(**placed(inputs.answered(ids), self.handle.model), use_cache=False,
                                             logits_to_keep=1)
             recorder.finish()
+        arrays = self._picture_arrays(inputs)
         if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
-            store.put_array(key, HIDDEN, to_host(torch.stack([residual[l] for l in range(meta.n_layers)])))
+            arrays[HIDDEN] = to_host(torch.stack([residual[l] for l in range(meta.n_layers)]))
         tower = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
         if tower is not None:
             maps, grid = tower  # [layer, head, token, token] float16, the tower's patch grid
-            store.put_array(key, VISION, maps)
-            store.put_array(key, VISION_GRID, np.asarray(grid, np.int32))
+            arrays.update({VISION: maps, VISION_GRID: np.asarray(grid, np.int32)})
+        with store.transaction():  # one index transaction for all of them
+            for name, array in arrays.items():
+                store.put_array(key, name, array)
         return self._capture(spec, key, store, ids, spans, inputs, new_ids, steps, out.logits[0, -1], t_gen)
 
     def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
@@ -232,7 +235,7 @@ class VlmAdapter:
         meta = self.handle.meta
         t_gen = time.perf_counter()
         p = prefix.length
-        answered = [self._answered(store, key, inputs, spans, new_ids) for _spec, key, inputs, spans, new_ids in items]
+        answered = [self._answered(inputs, spans, new_ids) for _spec, _key, inputs, spans, new_ids in items]
         for (spec, *_rest), (ids, _spans) in zip(items, answered):
             if not spec.intervention.empty or ids[:p] != prefix.ids:
                 raise ValueError("record_from continues plain passes whose prompt starts with the recorded prefix.")
@@ -258,9 +261,9 @@ class VlmAdapter:
                 p, lengths)
             try:
                 with session(recorder=recorder, spans={"prompt": range(p)}), torch.inference_mode():
-                    out = self.handle.model(**placed({"input_ids": torch.tensor([[t for tail in tails for t in tail]]),
-                                                      "attention_mask": mask, "position_ids": torch.tensor([positions])},
-                                                     self.handle.model),
+                    packed = {"input_ids": torch.tensor([[t for tail in tails for t in tail]]), "attention_mask": mask,
+                              "position_ids": torch.tensor([positions])}
+                    out = self.handle.model(**placed(packed, self.handle.model),
                                             cache=prefix.cache, use_cache=True, logits_to_keep=torch.tensor(ends))
             finally:
                 if prefix.cache.get_seq_length() > p:  # back to the prefix alone (a negative count: tokens to drop)
@@ -268,19 +271,25 @@ class VlmAdapter:
             recorder.finish()
         captures, row = [], 0
         for b, ((spec, key, inputs, _spans, new_ids), (ids, spans)) in enumerate(zip(items, answered)):
+            arrays = self._picture_arrays(inputs)
             if len(residual) == meta.n_layers and prefix.residual is not None:
-                store.put_array(key, HIDDEN, torch.stack([torch.cat([prefix.residual[l], residual[l][row:row + lengths[b]]])
-                                                          for l in range(meta.n_layers)]).numpy())
+                arrays[HIDDEN] = to_host(torch.stack([torch.cat([prefix.residual[l], residual[l][row:row + lengths[b]]])
+                                                      for l in range(meta.n_layers)]))
+            with store.transaction():
+                for name, array in arrays.items():
+                    store.put_array(key, name, array)
             captures.append(self._capture(spec, key, store, ids, spans, inputs, new_ids, (), out.logits[0, b], t_gen))
             row += lengths[b]
         return captures
 
-    def _answered(self, store, key: str, inputs, spans: dict[str, range], new_ids: list[int]):
-        """(prompt + answer ids, spans with "answer"/"response"); stores the picture under `key`, and each
-        image token's position and box on it."""
-        store.put_array(key, "image", inputs.shown)
-        store.put_array(key, POSITIONS, np.asarray(inputs.positions, np.int32))
-        store.put_array(key, BOXES, inputs.places.boxes)
+    @staticmethod
+    def _picture_arrays(inputs: VlmInputs) -> dict[str, np.ndarray]:
+        """What a capture stores about its picture: the picture, each image token's position and box on it."""
+        return {"image": inputs.shown, POSITIONS: np.asarray(inputs.positions, np.int32), BOXES: inputs.places.boxes}
+
+    @staticmethod
+    def _answered(inputs, spans: dict[str, range], new_ids: list[int]):
+        """(prompt + answer ids, spans with "answer"/"response")."""
         prompt_ids = [int(i) for i in inputs.input_ids[0]]
         ids = prompt_ids + list(new_ids)
         spans = dict(spans)

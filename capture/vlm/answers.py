@@ -113,9 +113,8 @@ def answer_ids(handle, specs: list[RunSpec], batch: int = ANSWER_BATCH,
                     model_inputs = {"cache": _stacked([prefixes[(specs[i].image, shared)] for i in rows])}
                 with session(row_interventions=[specs[i].intervention for i in rows],
                              spans=generation_spans(spans, n, max_new)), torch.inference_mode():
-                    result = handle.model.generate(**placed({"input_ids": input_ids,
-                                                             "attention_mask": torch.ones_like(input_ids)}, handle.model),
-                                                   **model_inputs, **greedy_settings(tok, max_new))
+                    prompts = placed({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, handle.model)
+                    result = handle.model.generate(**prompts, **model_inputs, **greedy_settings(tok, max_new))
             for i, row in zip(rows, result[:, n:].tolist()):
                 out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out

@@ -48,6 +48,9 @@ def load_vlm(name: str, source: str, config, kwargs: dict) -> ModelHandle:
     from capture.vlm.model import VlmProcessor
 
     family = family_of(config.model_type)
+    if config.model_type == "smolvlm":
+        raise ModelUnavailable(f"{name} is a SmolVLM2 model, whose processor needs the num2words package, which "
+                               "HeadScope does not install; SmolVLM (v1, model_type idefics3) loads.")
     if family is None:
         raise ModelUnavailable(f"{name} is a {config.model_type} model, a vision-language family HeadScope cannot "
                                "place on the picture yet; it captures LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, "

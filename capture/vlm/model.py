@@ -167,7 +167,9 @@ class VlmProcessor:
             tokens[i] = f"<img:{k}>"
         patches = span[1:] if len(span) == self.grid[0] * self.grid[1] + 1 else span  # "full": the CLS first
         height, width = shown.shape[:2]
-        spans = {"image": patches, **({"image_cls": range(span.start, patches.start)} if patches.start > span.start else {})}
+        spans = {"image": patches}
+        if patches.start > span.start:
+            spans["image_cls"] = range(span.start, patches.start)
         return VlmInputs(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
                          torch.from_numpy(pixel_values)[None], span, tokens, shown, text,
                          places=self.family.places(self, None, (width, height)),
