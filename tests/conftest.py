@@ -43,8 +43,10 @@ def cache_with_models(root: Path) -> Path:
     """A fresh cache directory whose models/ points at the converted SmolLM2 (converting takes ~20 s)."""
     from cache.store import cache_dir
 
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)  # on a fresh clone nothing has built a model yet
     root.mkdir(parents=True, exist_ok=True)
-    (root / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    (root / "models").symlink_to(models, target_is_directory=True)
     return root
 
 

@@ -72,7 +72,8 @@ def check_tower_maps(folder, capture) -> None:
     assert tower.shape == ref.shape and tower.shape[-1] == 1 + 64  # CLS + 8 x 8 patches
     np.testing.assert_allclose(tower.astype(np.float32), ref, atol=2e-3, rtol=0)
     np.testing.assert_allclose(tower.astype(np.float32).sum(-1), 1.0, atol=5e-3)
-    cls = vlm.vision_cls_maps(tower[-1], capture.meta.grid)
+    assert vlm.tower_grid(capture) == (8, 8)  # the grid of the pixels the tower saw, not its config's 518 px
+    cls = vlm.vision_cls_maps(tower[-1], vlm.tower_grid(capture))
     assert cls.shape == (tower.shape[1], 8, 8)
     np.testing.assert_array_equal(cls[1, 2, 3], tower[-1, 1, 0, 1 + 2 * 8 + 3].astype(np.float32))  # head 1, patch (2, 3)
 

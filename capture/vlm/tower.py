@@ -13,10 +13,11 @@ import torch
 from capture.engine.device import to_host
 
 
-def tower_maps(tower, **inputs) -> np.ndarray:
-    """maps  # [layer, head, token, token] float16 of `tower` (a PreTrainedModel) on `inputs` (moved to its
-    device, pixels in its dtype)."""
-    inputs = {k: v.to(device=tower.device, dtype=tower.dtype) for k, v in inputs.items()}
+def tower_maps(tower, pixel_values: torch.Tensor) -> tuple[np.ndarray, tuple[int, int]]:
+    """(maps  # [layer, head, token, token] float16, (rows, cols)) of `tower` (a PreTrainedModel) on
+    `pixel_values` # [1, 3, height, width] (moved to its device, in its dtype): the grid is the one of the
+    pixels it ran on, not the config's image_size (a DINOv2 config says 518 px; shapes-vlm feeds it 112)."""
+    inputs = {"pixel_values": pixel_values.to(device=tower.device, dtype=tower.dtype)}
     previous = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
     try:
@@ -24,7 +25,9 @@ def tower_maps(tower, **inputs) -> np.ndarray:
             maps = tower(**inputs, output_attentions=True).attentions  # per layer [1, head, token, token]
     finally:
         tower.set_attn_implementation(previous)
-    return to_host(torch.stack([m[0] for m in maps]).to(torch.float16))
+    patch = tower.config.patch_size if isinstance(tower.config.patch_size, int) else tower.config.patch_size[0]
+    height, width = pixel_values.shape[-2:]
+    return to_host(torch.stack([m[0] for m in maps]).to(torch.float16)), (height // patch, width // patch)
 
 
 def patch_grid(vision_config) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def places(processor, outputs, size) -> Places:
 def tower(model, inputs):
     """The tower on the base view (the whole picture resized to one tile)."""
     tower_module = model.model.vision_tower
-    return tower_maps(tower_module, pixel_values=inputs.pixel_values[0, :1]), patch_grid(tower_module.config)
+    return tower_maps(tower_module, inputs.pixel_values[0, :1])
 
 
 LLAVA_NEXT = Family(label="LLaVA-NeXT", processor="LlavaNextProcessor", places=places, tower=tower)
