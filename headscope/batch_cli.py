@@ -33,7 +33,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.errors import InputError
-    from probes.batch import JobResult, read_jobs, run_batch
+    from probes.batch import JobResult, run_batch
+    from probes.jobs import read_jobs
 
     if args.workers < 1 or args.retries < 0:
         raise InputError("--workers must be 1 or more and --retries 0 or more.")

@@ -23,8 +23,8 @@ import importlib
 _WHERE = {
     "run_probe": "probes.runner", "hidden_states": "probes.runner", "pattern_capture": "probes.patterns",
     "ablation_sweep": "probes.ablation", "needle_prompt": "probes.needle", "load_needles": "probes.needle",
-    "run_batch": "probes.batch", "CaptureJob": "probes.batch", "ProbeJob": "probes.batch",
-    "JobResult": "probes.batch", "read_jobs": "probes.batch", "job_from_json": "probes.batch",
+    "run_batch": "probes.batch", "JobResult": "probes.batch", "CaptureJob": "probes.jobs", "ProbeJob": "probes.jobs",
+    "sweep": "probes.jobs", "read_jobs": "probes.jobs", "job_from_json": "probes.jobs",
     "run_headhunter": ("probes.headhunter", "headhunter"), "HeadHunterParams": "probes.headhunter",
     "HeadHunterResult": "probes.headhunter",
     "build_atlas": "probes.pattern_atlas", "recluster": "probes.pattern_atlas",

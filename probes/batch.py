@@ -1,6 +1,7 @@
 """Batch work: many captures (or probes) through one function, in-process by default, on Ray when asked.
 
-    from probes.batch import CaptureJob, ProbeJob, run_batch
+    from probes.batch import run_batch
+    from probes.jobs import CaptureJob, ProbeJob, sweep
 
     jobs = [CaptureJob(RunSpec(model="smollm2", prompt=p)) for p in prompts]
     results = run_batch(jobs)                                   # in this process, one after another
@@ -27,25 +28,21 @@ workers that meet the same job compute it once.
   single-threaded in it): `workers` actors use `workers` cores.
 - `progress(done, total, result)` is called as each job finishes (cached ones included).
 
-A job is any object with `label()`, `cached(store) -> key | None` and `execute(store) -> dict`
-(the dict must hold "key"); `CaptureJob` and `ProbeJob` are the two HeadScope has.  Jobs travel to
-Ray actors by pickling, so a job class must be importable on the workers.
-
-Probe sweeps: `sweep(probe, models, grid)` makes one ProbeJob per (model, combination of the grid's
-values): ablation over models and modes, needle grids, HeadHunter-lite ("headhunter") over objectives,
-each cell cached on its own.  Workers inherit HEADSCOPE_DEVICE / HEADSCOPE_DTYPE; on a GPU each actor
+The jobs (`CaptureJob`, `ProbeJob`, `sweep` for probe grids: ablation over models and modes, needle
+grids, HeadHunter-lite over objectives, each cell cached on its own) and the batch file are
+probes.jobs.  Workers inherit HEADSCOPE_DEVICE / HEADSCOPE_DTYPE; on a GPU each actor
 asks Ray for `gpus_per_worker` GPUs (default: the GPUs over the actors, at most 1).
 """
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 from core.types import RunSpec
+from probes.jobs import CaptureJob, Job, error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKERS = 2
@@ -53,112 +50,6 @@ DEFAULT_RETRIES = 1
 OBJECT_STORE_BYTES = 128 * 2**20  # a local instance ships small dicts only
 # environment the workers need to behave like this process (cache and model locations, thresholds)
 FORWARDED_ENV_PREFIXES = ("HEADSCOPE_", "HF_", "TRANSFORMERS_")
-
-
-class Job(Protocol):
-    def label(self) -> str: ...
-
-    def cached(self, store) -> str | None: ...
-
-    def execute(self, store) -> dict: ...
-
-
-@dataclass(frozen=True)
-class CaptureJob:
-    """Capture one RunSpec (capture.api.run)."""
-
-    spec: RunSpec
-
-    def label(self) -> str:
-        prompt = " ".join(self.spec.prompt.split())
-        return f"{self.spec.model}: {prompt[:40]}{'…' if len(prompt) > 40 else ''}"
-
-    def cached(self, store) -> str | None:
-        from capture.api import cached
-
-        found = cached(self.spec, store)
-        return None if found is None else found.key
-
-    def execute(self, store) -> dict:
-        from capture.api import run
-
-        capture = run(self.spec, store=store)
-        return {"key": capture.key, "n_tokens": capture.n_tokens, "layout": capture.layout,
-                "text": capture.output.text, "from_cache": capture.from_cache,
-                "peak_mb": capture.timings.get("peak_mb")}
-
-
-HEADHUNTER = "headhunter"  # probes.headhunter: its own parameters and key (a DiT probe, not run_probe's)
-
-
-@dataclass(frozen=True)
-class ProbeJob:
-    """Run one probe (probes.runner.run_probe, or "headhunter": probes.headhunter.headhunter) with the given
-    parameters."""
-
-    probe: str
-    model: str = "smollm2"
-    params: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs; a dict is accepted and converted
-
-    def __post_init__(self) -> None:
-        if isinstance(self.params, dict):
-            items = tuple((k, _frozen(v)) for k, v in sorted(self.params.items()))
-            object.__setattr__(self, "params", items)
-
-    def label(self) -> str:
-        given = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in self.params)
-        return f"probe {self.probe} on {self.model}" + (f" ({given})" if given else "")
-
-    def _params(self):
-        from core import probe_results as stored
-        from probes import headhunter as hunt
-
-        params = dict(self.params)
-        return hunt.HeadHunterParams(**params) if self.probe == HEADHUNTER else stored.params_of(self.probe, params)
-
-    def cached(self, store) -> str | None:
-        from capture import registry
-        from core import probe_results as stored
-        from probes import headhunter as hunt
-
-        found = hunt.find(store, self.model, self._params()) if self.probe == HEADHUNTER else \
-            stored.find(store, registry.revision(self.model), self.probe, self._params())
-        return None if found is None else found.key
-
-    def execute(self, store) -> dict:
-        if self.probe == HEADHUNTER:
-            from probes.headhunter import headhunter
-
-            found = headhunter(self.model, self._params(), store)
-            return {"key": found.key, "heads": [list(h) for h in found.heads], "best": found.best}
-        from probes.runner import run_probe
-
-        result = run_probe(self.probe, self.model, self._params(), store)
-        return {"key": result.key, "seconds": result.record.get("seconds")}
-
-
-def _frozen(value: Any) -> Any:
-    """Lists (from JSON) as tuples, nested too: a job stays hashable and its parameters key stably."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def sweep(probe: str, models: str | Iterable[str], grid: dict[str, Iterable] | None = None,
-          **fixed: Any) -> list[ProbeJob]:
-    """One ProbeJob per (model, combination of the `grid` values: name -> values), each with the `fixed`
-    parameters, models first.  One sentence for no model, an empty grid axis or an unknown parameter."""
-    from core.errors import InputError
-
-    models = [models] if isinstance(models, str) else list(models)
-    grid = {name: list(values) for name, values in (grid or {}).items()}
-    if not models or not all(grid.values()):
-        raise InputError(f"A {probe} sweep needs at least one model and one value for each grid parameter.")
-    jobs = [ProbeJob(probe, model, {**fixed, **dict(zip(grid, values))})
-            for model in models for values in itertools.product(*grid.values())]
-    try:
-        jobs[0]._params()  # a parameter the probe lacks: refused before anything runs
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"The {probe} sweep cannot be made: {str(exc).rstrip('.')}.") from exc
-    return jobs
 
 
 @dataclass
@@ -189,11 +80,6 @@ def _final(exc: BaseException) -> bool:
     from core.errors import InputError, InterventionError, ModelUnavailable
 
     return isinstance(exc, (InputError, InterventionError, ModelUnavailable, TypeError, ValueError))
-
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _store(store):
@@ -233,7 +119,7 @@ def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, a
         try:
             key = job.cached(store)
         except Exception as exc:  # noqa: BLE001 - a job that cannot even be looked up is a failed job
-            finish(JobResult(i, _label(job), "failed", attempts=0, error=_message(exc)))
+            finish(JobResult(i, _label(job), "failed", attempts=0, error=error_line(exc)))
             continue
         if key is not None:
             finish(JobResult(i, job.label(), "cached", key=key))
@@ -266,7 +152,7 @@ def _run_here(index: int, job: Job, store, retries: int) -> JobResult:
         except Exception as exc:  # noqa: BLE001 - reported per job, the batch goes on
             if _final(exc) or attempts > retries:
                 return JobResult(index, _label(job), "failed", attempts=attempts,
-                                 seconds=time.perf_counter() - t0, error=_message(exc))
+                                 seconds=time.perf_counter() - t0, error=error_line(exc))
 
 
 # ---- Ray -----------------------------------------------------------------------------------------
@@ -360,11 +246,11 @@ def _run_on_ray(jobs: list, pending: list[int], store, address: str | None, work
                 continue
             except RayTaskError as exc:  # the job raised inside the worker
                 cause = getattr(exc, "cause", None) or exc
-                error, final = _message(cause), _final(cause)
+                error, final = error_line(cause), _final(cause)
             except RayActorError as exc:  # the worker died (restarted once by Ray)
-                error, final = f"worker died: {_message(exc)}", False
+                error, final = f"worker died: {error_line(exc)}", False
             except Exception as exc:  # noqa: BLE001
-                error, final = _message(exc), False
+                error, final = error_line(exc), False
             if final or attempt > retries:
                 finish(JobResult(i, _label(jobs[i]), "failed", attempts=attempt, seconds=seconds, error=error))
             else:
@@ -376,47 +262,4 @@ def _run_on_ray(jobs: list, pending: list[int], store, address: str | None, work
             ray.shutdown()
 
 
-# ---- reading a batch file --------------------------------------------------------------------------
-
-def job_from_json(data: Any) -> Job:
-    """One line of a batch file: a RunSpec-like object ({"model", "prompt", "max_new_tokens", ...}), or a
-    probe ({"probe": "needle", "model": "smollm2", "params": {...}})."""
-    if not isinstance(data, dict):
-        raise ValueError("each line must be a JSON object")
-    if "probe" in data:
-        unknown = set(data) - {"probe", "model", "params"}
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))} for a probe")
-        params = data.get("params") or {}
-        if not isinstance(params, dict):
-            raise ValueError("params must be an object")
-        default = "shapes-dit" if data["probe"] == HEADHUNTER else "smollm2"
-        return ProbeJob(str(data["probe"]), str(data.get("model", default)), params)
-    fields = set(RunSpec.__dataclass_fields__)
-    unknown = set(data) - fields
-    if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; a line takes {', '.join(sorted(fields))}")
-    data = dict(data)
-    data.setdefault("model", "smollm2")
-    return CaptureJob(RunSpec.from_json(data))
-
-
-def read_jobs(path: str | os.PathLike) -> list[tuple[int, Job | None, str | None]]:
-    """(line number, job or None, error or None) for each non-blank, non-comment line of a JSONL file."""
-    import json
-
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            try:
-                out.append((number, job_from_json(json.loads(text)), None))
-            except Exception as exc:  # noqa: BLE001 - a bad line is reported, the others run
-                out.append((number, None, f"line {number}: {_message(exc)}"))
-    return out
-
-
-__all__ = ["CaptureJob", "Job", "JobResult", "ProbeJob", "job_from_json", "read_jobs", "run_batch", "start_ray",
-           "sweep", "worker_env"]
+__all__ = ["JobResult", "run_batch", "start_ray", "worker_env"]

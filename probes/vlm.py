@@ -19,9 +19,9 @@ import torch
 
 from analytics import vlm
 from capture import registry
-from capture.vlm import presets
 from capture.engine.device import to_host
 from capture.engine.session import session
+from capture.vlm import presets
 from capture.vlm.inputs import placed
 from core.errors import InputError, InterventionError
 from core.interventions import Intervention

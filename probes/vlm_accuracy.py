@@ -100,10 +100,10 @@ def accuracy_change(model: str, method: str, params: dict | None = None, n_scene
     from cache.store import Store
     from capture import registry
     from capture.vlm import presets as vlm_presets
-    from probes import vlm as vlm_probes
     from capture.vlm.adapter import RecordedPrefix, VlmAdapter
     from capture.vlm.answers import answer_ids, answers_with
     from core.errors import InterventionError
+    from probes import vlm as vlm_probes
 
     params = dict(params or {})
     heads = params.pop("heads", None)

@@ -18,7 +18,8 @@ import pytest
 from cache.store import Store
 from capture.api import load_capture
 from core.types import RunSpec
-from probes.batch import CaptureJob, JobResult, job_from_json, read_jobs, run_batch
+from probes.batch import JobResult, run_batch
+from probes.jobs import CaptureJob, job_from_json, read_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = [

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from test_text_architectures import PROMPT, SMALL, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from capture import registry
@@ -18,7 +19,6 @@ from capture.api import run
 from capture.engine import device
 from core.errors import InputError, ModelUnavailable
 from core.types import RunSpec
-from test_text_architectures import PROMPT, SMALL, tiny_tokenizer
 
 NEW = 4
 BF16_ATOL = 1.6e-2  # bfloat16 keeps 8 significant bits: a weight of 1 is off by up to 2^-8 (and scores round too)
@@ -205,13 +205,14 @@ def test_cli_flags(llama, monkeypatch, capsys, tmp_path):
     assert registry.revision(llama).endswith("|bfloat16")
 
 
-# ---- probe sweeps (probes.batch.sweep): one job per (model, parameter set), on the batch path ----------
+# ---- probe sweeps (probes.jobs.sweep): one job per (model, parameter set), on the batch path ----------
 
 def test_probe_sweep_jobs(llama, store, monkeypatch):
     """An ablation sweep over two modes of a tiny model runs as two jobs through run_batch, each cached on its
     own; a rerun skips both; HeadHunter-lite and needle grids make their jobs the same way; a bad grid is
     one sentence before anything runs."""
-    from probes.batch import ProbeJob, run_batch, sweep
+    from probes.batch import run_batch
+    from probes.jobs import ProbeJob, sweep
 
     monkeypatch.setenv(device.DEVICE_ENV, "cpu")
     jobs = sweep("ablation", [llama], {"mode": ["zero", "uniform"]}, prompt=PROMPT, score_last=4)
@@ -234,7 +235,8 @@ def test_probe_sweep_jobs(llama, store, monkeypatch):
 def test_probe_sweep_on_ray_lands_in_the_same_cache(llama, store, monkeypatch):
     """The same sweep on two local Ray actors: the results are the in-process ones, in the same cache."""
     pytest.importorskip("ray")
-    from probes.batch import run_batch, sweep
+    from probes.batch import run_batch
+    from probes.jobs import sweep
 
     monkeypatch.setenv(device.DEVICE_ENV, "cpu")
     jobs = sweep("ablation", [llama], {"mode": ["zero", "mean"]}, prompt=PROMPT, score_last=4)
