@@ -8,7 +8,7 @@ On the embedded shapes-dit (32 x 32, 20 steps, classifier-free guidance: 2 rows 
 plus bytes on disk per captured step.
 
 On diffusers pipeline folders (`--pipeline FOLDER`, repeatable; `--tiny` builds the tiny random SD3,
-Flux, PixArt-Σ and Sana pipelines of tests/tiny_pipelines.py in a temporary folder):
+Flux, PixArt-Σ and Sana pipelines of tests/models/tiny_pipelines.py in a temporary folder):
   plain     the pipeline as diffusers loads it, its own attention processors
   headscope the same call through HeadScope's processors, nothing recorded
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="shapes-dit sampling steps")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="also the tiny random pipelines of tests/tiny_pipelines.py")
+    parser.add_argument("--tiny", action="store_true", help="also the tiny random pipelines of tests/models/tiny_pipelines.py")
     parser.add_argument("--pipeline", action="append", default=[], help="a diffusers pipeline folder (repeatable)")
     parser.add_argument("--size", type=int, default=32, help="pipelines: picture side in pixels")
     parser.add_argument("--pipeline-steps", type=int, default=2, help="pipelines: sampling steps")

@@ -2,7 +2,7 @@
 measurements (shapes-vlm, CPU).
 
 Per model (shapes-vlm; with --tiny the tiny random LLaVA-OneVision, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
-Idefics3, Gemma 3 and PaliGemma of tests/tiny_vlms.py; any folder with --model), taken in turn (round
+Idefics3, Gemma 3 and PaliGemma of tests/models/tiny_vlms.py; any folder with --model), taken in turn (round
 robin, three at a time: more would evict each other from the registry's cache of loaded models, and
 every capture would load its model again), median of --repeats:
   plain     the model's processor on the picture and question, the plain transformers model's greedy
@@ -117,7 +117,7 @@ def speed(models: list[tuple[str, str]], repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tiny", action="store_true", help="also the tiny random families of tests/tiny_vlms.py")
+    parser.add_argument("--tiny", action="store_true", help="also the tiny random families of tests/models/tiny_vlms.py")
     parser.add_argument("--model", action="append", default=[], help="a VLM folder (repeatable)")
     parser.add_argument("--no-shapes", action="store_true", help="skip shapes-vlm")
     parser.add_argument("--gaze-scenes", type=int, default=100)

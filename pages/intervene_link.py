@@ -3,7 +3,7 @@ restored the before | after but not the Heads box, the preset or its sliders).
 
 `settings_of(intervention, meta)` reads a preset's heads and parameters back from its edits (the
 inverse of capture.presets.build for every preset whose edits carry its parameters); `build` with those
-settings gives the same intervention, key for key (tests/test_app_links.py holds this).
+settings gives the same intervention, key for key (tests/models/test_app_links.py holds this).
 """
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Shared fixtures: an isolated cache per test session, the embedded models loaded once."""
+"""Shared fixtures: an isolated cache per test session, the embedded models loaded once; the tiers.
+
+Tests live in three tiers, each a folder and a marker given here (`pytest -m unit` runs one alone):
+- tests/unit     no model: hand-made maps, keys, the cache, links (seconds);
+- tests/models   the embedded and tiny random models, captures, probes, the CLI and AppTest pages;
+- tests/browser  the app in Debian's chromium through Playwright (tests/browser/harness.py)."""
 from __future__ import annotations
 
 import os
@@ -7,12 +12,23 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TIERS = ("unit", "models", "browser")
 sys.path.insert(0, str(ROOT))
+# the tiers' helper modules (tiny_vlms, tiny_pipelines; harness) import by name from any tier
+sys.path[1:1] = [str(TESTS / "models"), str(TESTS / "browser")]
 # The converted SmolLM2 folder is kept between runs (under ./cache_data/models): converting takes ~20 s.
 os.environ.setdefault("HEADSCOPE_CACHE_DIR", str(ROOT / "cache_data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def pytest_collection_modifyitems(items):
+    """Each test gets the marker of its tier, the folder it lives in."""
+    for item in items:
+        if item.path.parent.name in TIERS:
+            item.add_marker(item.path.parent.name)
 
 
 @pytest.fixture
@@ -59,7 +75,7 @@ def artifacts() -> Path:
 @pytest.fixture(scope="module")
 def server():
     """`streamlit run app.py` on a free loopback port, for the browser tests of one module."""
-    from browser import streamlit_server
+    from harness import streamlit_server
 
     with streamlit_server() as url:
         yield url
@@ -68,7 +84,7 @@ def server():
 @pytest.fixture(scope="module")
 def chromium():
     """Debian chromium driven by Playwright, for the browser tests of one module."""
-    from browser import browser
+    from harness import browser
 
     with browser() as b:
         yield b

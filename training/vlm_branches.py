@@ -6,7 +6,7 @@ Used by the shapes-vlm's training (training/shapes_vlm.py) and its held-out eval
 "\\n{question}<|im_end|>\\n<|im_start|>assistant\\n" + answer + "<|im_end|>".  A 4-D attention mask
 lets each branch see the prefix and itself only, and its position ids continue from the prefix, so
 every branch is exactly the single-question prompt the model answers at inference
-(tests/test_vlm_model.py checks the logits against the plain forward).  The LM head is applied at the
+(tests/models/test_vlm_model.py checks the logits against the plain forward).  The LM head is applied at the
 answer targets only (each answer token and the closing <|im_end|>, predicted from the position before
 it), plus, when training asks for them, at dense image-token targets (training.vlm_data); `exact`
 reads greedy exact answers off those logits: a question is right when every target is the argmax.

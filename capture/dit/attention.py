@@ -16,7 +16,7 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 The attention itself (plain, edited, recorded) is capture.dit.attend.Attend, shared by all of them.
 With no HeadScope session and no recording, or a session with no attention-level edit on a layer,
 every processor makes the very same calls as diffusers' own, so images are bit-identical
-(tests/test_dit.py, tests/test_dit_pipelines.py hold this).
+(tests/models/test_dit.py, tests/models/test_dit_pipelines.py hold this).
 
 Recording: `capture.dit.attend.recording(recorder)` makes a recorder active (a ContextVar).  A recorder has `step` (set
 by the sampler before each transformer call), `row` (the batch row it records: the conditional

@@ -1,0 +1,102 @@
+"""Real-browser tests of the Intervene, Vision, Head atlas and DiT pages (Debian chromium + Playwright).
+
+Screenshots land in tests/artifacts/.
+"""
+from __future__ import annotations
+
+import pytest
+
+from harness import PICTURE, shown_link, wait_for_link, wait_idle
+
+pytestmark = pytest.mark.browser
+VIEWPORT = {"width": 1280, "height": 800}
+PROMPT = "The cat sat on the mat. The cat sat on the"
+
+
+def fresh(chromium):
+    return chromium.new_context(viewport=VIEWPORT).new_page()
+
+
+FIGURE = f"{PICTURE}, .js-plotly-plot"  # a page's figures: pictures (pages/widgets.picture) or Plotly charts
+
+
+def opened(chromium, url: str, selector: str = FIGURE):
+    """A page in a fresh context at `url`, once `selector` is drawn and the script run has finished."""
+    page = fresh(chromium)
+    page.goto(url)
+    wait_idle(page, selector, timeout=300_000)
+    return page
+
+
+def test_intervene_toggle_heads_rerun_and_share(server, chromium, artifacts):
+    from urllib.parse import quote
+
+    page = fresh(chromium)
+    page.goto(f"{server}/?page=intervene&max_new_tokens=6&prompt={quote(PROMPT)}")
+    wait_idle(page, "text=Pick heads and a preset", timeout=300_000)
+    heads = page.locator("[data-testid='stMultiSelect']").first
+    for label in ("L10H3", "L11H4", "L12H5"):
+        heads.click()
+        page.keyboard.type(label)
+        page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    wait_idle(page, "text=Rerun with this intervention")  # each chosen head reran the page: let it settle
+    page.get_by_role("button", name="Rerun with this intervention").click()
+    page.wait_for_selector("text=Before | after", timeout=300_000)
+    wait_idle(page, "text=Before | after", timeout=300_000)
+    assert page.get_by_text("Before", exact=False).count() > 0
+    page.screenshot(path=str(artifacts / "browser_intervene.png"))
+    link = wait_for_link(page, "intervention=", timeout=60_000)  # written at the end of the run
+    assert "intervention=" in link and "page=intervene" in link
+    before_after = page.locator("text=Before | after").first.inner_text()
+
+    shared = fresh(chromium)  # a fresh context: no session state, only the link
+    shared.goto(link)
+    shared.wait_for_selector("text=Before | after", timeout=300_000)
+    assert shared.locator("text=Before | after").first.inner_text() == before_after
+    shared.screenshot(path=str(artifacts / "browser_intervene_shared.png"))
+
+
+def test_vision_click_a_patch_and_switch_heads(server, chromium, artifacts):
+    page = opened(chromium, f"{server}/?page=vision&model=dinov2-s&image=cat&layer=11&head=-1")
+    assert page.get_by_text("Query: CLS token").count() == 1
+    plot = page.locator(PICTURE).first  # the overlay: one cell per patch
+    box = plot.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+    page.wait_for_selector("text=Query: patch", timeout=60_000)
+    wait_idle(page, PICTURE)
+    head = page.locator("input[aria-label='Head']")
+    head.click()
+    head.fill("head 2")
+    page.get_by_role("option", name="head 2").click()
+    wait_for_link(page, "head=2", timeout=60_000)
+    wait_idle(page, PICTURE)
+    assert "patch=" in page.url
+    page.screenshot(path=str(artifacts / "browser_vision.png"))
+
+
+def test_atlas_shows_a_metric_map(server, chromium, artifacts):
+    page = opened(chromium, f"{server}/?page=atlas&metric=sink_alpha")
+    assert page.locator("h1").first.inner_text() == "Head atlas"
+    page.screenshot(path=str(artifacts / "browser_atlas.png"))
+
+
+def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
+    page = opened(chromium, f"{server}/?page=dit")
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.screenshot(path=str(artifacts / "browser_dit.png"))
+    seed = page.locator("input[aria-label='Seed']")  # a new seed from the sidebar, then Run
+    seed.fill("5")
+    seed.press("Enter")
+    page.get_by_role("button", name="Run").click()
+    wait_for_link(page, "seed=5")
+    wait_idle(page, ".js-plotly-plot", timeout=300_000)
+    link = wait_for_link(page, "seed=5")
+    assert "seed=5" in link and "page=dit" in link and "model=shapes-dit" in link
+
+    shared = fresh(chromium)  # a fresh context opens the same picture from the link alone
+    shared.goto(link)
+    shared.wait_for_selector("text=seed 5, 20 steps", timeout=300_000)
+    wait_idle(shared, ".js-plotly-plot", timeout=300_000)
+    assert shared.locator("[data-testid='stException']").count() == 0
+    shared.screenshot(path=str(artifacts / "browser_dit_shared.png"))

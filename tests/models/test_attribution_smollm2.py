@@ -1,0 +1,105 @@
+"""Attribution on the real SmolLM2 with the IOI prompt (14 tokens): DLA vs patching rank agreement (reported,
+sanity-checked only), the page (AppTest) and its share link, bad input on the page.
+
+The probes run in the default cache (tests' HEADSCOPE_CACHE_DIR), so the page finds them and a second run
+of this file is fast.  The rank agreement is written to tests/artifacts/attribution_rank_agreement.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analytics import attribution
+from capture import RunSpec, default_store, revision, run
+from core.probe_results import IOI_CLEAN
+from probes import run_probe
+
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
+SELECTED = {"page": "attribution", "layer": "23", "head": "3"}
+
+
+@pytest.fixture(scope="module")
+def ioi(smollm2):
+    """The default IOI patching sweep, the clean capture and its DLA for ' Mary' - ' John'."""
+    store = default_store()
+    patching = attribution.Patching(run_probe("patching", "smollm2", {}, store=store))
+    clean = run(RunSpec(model="smollm2", prompt=IOI_CLEAN), store=store)
+    dla = attribution.DLA(run_probe("dla", "smollm2", {"capture": clean.key, "target": " Mary", "foil": " John"},
+                                    store=store))
+    return patching, clean, dla
+
+
+def test_dla_and_patching_agree_on_the_name_movers(ioi, artifacts):
+    patching, clean, dla = ioi
+    assert patching.clean > 0 > patching.corrupted  # the model prefers the indirect object, and the flip flips it
+    assert dla.terms()["logit"] == pytest.approx(patching.clean, abs=1e-3)  # the same run, the same metric
+    assert dla.result.summary["sum_error"] < 1e-3 and dla.result.summary["residual_error"] < 1e-5
+    heads = dla.heads()
+    agree = attribution.rank_agreement(heads, patching.effect, k=10)
+    top = attribution.rank_agreement(heads, patching.effect, k=5)
+    record = {"spearman": agree["spearman"], "top10_overlap": agree["top_overlap"], "top5_overlap": top["top_overlap"],
+              "dla_top": [list(map(int, np.unravel_index(i, heads.shape))) for i in np.argsort(-heads, axis=None)[:5]],
+              "patching_top": [list(map(int, np.unravel_index(i, heads.shape)))
+                               for i in np.argsort(-np.nan_to_num(patching.effect, nan=-9), axis=None)[:5]],
+              "clean": patching.clean, "corrupted": patching.corrupted}
+    (artifacts / "attribution_rank_agreement.json").write_text(json.dumps(record, indent=1))
+    print(f"\nDLA vs patching on SmolLM2 IOI: {record}")
+    assert -1 <= agree["spearman"] <= 1 and 0 <= agree["top_overlap"] <= 1
+    best = np.unravel_index(np.argmax(heads), heads.shape)
+    assert patching.effect[best] > 0  # sanity: the head with the largest DLA restores some of the gap
+
+
+def open_page(params: dict) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.query_params.update(params)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_shows_before_after_the_maps_and_the_agreement(ioi):
+    at = open_page(SELECTED)
+    assert at.title[0].value == "Attribution: which heads made this token"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["corrupted run"] == f"{ioi[0].corrupted:.4g}"
+    assert metrics["L23 H3 patched"] == f"{ioi[0].patched[23, 3]:.4g}"
+    captions = " ".join(c.value for c in at.caption)
+    assert "Spearman ρ" in captions and "sum to the model's own" in captions
+    assert len(at.get("plotly_chart")) >= 4  # DLA map, per-layer terms, patching map, head graph
+    assert at.session_state["view"].to_params() == SELECTED
+
+
+def test_link_carries_both_prompts_tokens_and_metric(ioi):
+    params = {"page": "attribution", "clean": "When Tom and Anna went to the park, Anna gave a ball to",
+              "corrupted": "When Tom and Anna went to the park, Tom gave a ball to", "target": " Tom",
+              "foil": " Anna", "measure": "prob", "direction": "noise", "receivers": "v"}
+    at = open_page(params)
+    assert at.session_state["view"].to_params() == params
+    assert not at.error
+    assert any("Patch each of the 270 heads alone (noise)" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("params, sentence", [
+    ({"corrupted": "When Mary and John went to the store, John gave drinks"}, "patching needs the same number"),
+    ({"target": " Maryanne"}, "is 2 tokens"),
+    ({"corrupted": IOI_CLEAN}, "are the same tokens"),
+])
+def test_bad_input_on_the_page_is_one_sentence(ioi, params, sentence):
+    at = open_page({"page": "attribution", **params})
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and sentence in errors[0]
+
+
+def test_path_patching_from_the_selected_head(ioi):
+    at = open_page({**SELECTED, "layer": "28", "head": "1"})
+    for button in [b for b in at.button if b.key == "attr_run_path"]:  # absent once the result is cached
+        button.click()
+        at.run()
+    assert not at.exception and not at.error and not [b for b in at.button if b.key == "attr_run_path"]
+    path = attribution.read_patching(store=default_store(), revision=revision("smollm2"), model="smollm2",
+                                     sender=(28, 1), receivers="q")
+    assert np.isnan(path.patched[:29]).all() and np.isfinite(path.patched[29]).all()

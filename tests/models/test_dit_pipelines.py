@@ -1,0 +1,472 @@
+"""Diffusers pipeline folders: SD3 (with SD3.5's dual attention), Flux, PixArt-Σ and Sana, tiny and random.
+
+Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
+32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit; the recorded maps
+equal an independent recording of softmax(q kᵀ · scale + mask) (Sana's self-attention: the linear map
+φ(q)·φ(k) normalised per row) at a recorded step; rows sum to 1; the spans name the image and the text
+tokens; a head scaled to 0 changes the image and equals zeroing that head's slice before the output
+projection; SoftPAG with u = 0 changes nothing; the "split" layout of real sizes keeps what the "full"
+one does; bad input is one sentence and nothing is cached.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_pipelines
+from capture import registry
+from capture.api import run
+from capture.dit import presets as dit_presets
+from capture import api as capture_api
+from capture.dit.adapter import DitAdapter, plan_key
+from capture.dit.record import RecordPlan
+from core import dit_capture
+from core.errors import USER_ERRORS, InputError, ModelUnavailable
+from core.interventions import HeadEdit, Intervention
+from core.types import RunSpec
+
+PROMPT = "a red circle at the top left"
+SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
+FAMILIES = tiny_pipelines.FAMILIES
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: tiny_pipelines.save(family, root / family) for family in FAMILIES}
+
+
+def _spec(folder, **kwargs) -> RunSpec:
+    fields = dict(model=str(folder), prompt=PROMPT, seed=SEED, steps=STEPS, height=SIZE, width=SIZE)
+    fields.update(kwargs)
+    return RunSpec(**fields)
+
+
+def _plain(folder):
+    """The same pipeline loaded afresh by diffusers, with its own processors."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(pipe, folder) -> np.ndarray:
+    """The plain pipeline's picture, called as HeadScope calls it (the family's fixed arguments)."""
+    runner = registry.load(str(folder)).tokenizer
+    image = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np",
+                 generator=torch.Generator().manual_seed(SEED), **runner.call_kwargs()).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def captures(folders, tmp_path_factory):
+    from cache.store import Store
+
+    store = Store(tmp_path_factory.mktemp("cache"), size_limit=2**30)
+    yield {family: run(_spec(folder), store) for family, folder in folders.items()}, store
+    store.close()
+
+
+# ---- the picture --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_is_the_plain_pipelines(family, folders, captures):
+    caps, _store = captures
+    cap = caps[family]
+    plain = _sample(_plain(folders[family]), folders[family])
+    np.testing.assert_array_equal(dit_capture.generated_image(cap), plain)  # bit for bit, recording on
+    assert cap.meta.family == family and cap.meta.modality == "dit" and cap.meta.grid == (
+        (16, 16) if family == "sana" else (8, 8))
+
+
+# ---- the maps -----------------------------------------------------------------------------------------
+
+class _Independent:
+    """diffusers' own processors, each wrapped to note which module runs, and F.scaled_dot_product_attention
+    wrapped to keep softmax(q kᵀ · scale + mask) of every call; Sana's linear attention from its q / k."""
+
+    def __init__(self, pipe):
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+
+        self.maps, self.module, self.step = {}, None, 0
+        self.layer_of, layer = {}, -1
+        for _path, module in pipe.transformer.named_modules():
+            if isinstance(module, (Attention, AttentionModuleMixin)):
+                cross = getattr(module, "is_cross_attention", False)
+                layer = layer if cross else layer + 1
+                self.layer_of[module] = (layer, "cross" if cross else "main")
+                module.processor = self._wrap(module, module.processor)
+
+    def _wrap(self, module, processor):
+        outer = self
+
+        class Wrapped:
+            def __call__(self, attn, *args, **kwargs):
+                outer.module = module
+                if type(processor).__name__ == "SanaLinearAttnProcessor2_0":
+                    hidden = args[0]
+                    q = F.relu(attn.to_q(hidden)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [b, h, n, d]
+                    k = F.relu(attn.to_k(hidden)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+                    s = q @ k.transpose(-1, -2)
+                    outer.keep(s / (s.sum(-1, keepdim=True) + 1e-15))
+                try:
+                    return processor(attn, *args, **kwargs)
+                finally:
+                    outer.module = None
+
+            def __getattr__(self, name):
+                return getattr(processor, name)
+
+        return Wrapped()
+
+    def keep(self, weights):  # [batch, head, q, k]: the conditional row is the last
+        layer, kind = self.layer_of[self.module]
+        self.maps[(self.step, layer, kind)] = weights[-1].float().numpy()
+
+    def sdpa(self, original):
+        def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+            if self.module is not None:
+                s = (query.float() @ key.float().transpose(-1, -2)) * (scale or query.shape[-1] ** -0.5)
+                if attn_mask is not None:
+                    s = s + attn_mask.float()
+                self.keep(torch.softmax(s, -1))
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+        return wrapped
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_maps_equal_an_independent_recording(family, folders, captures, monkeypatch):
+    caps, _store = captures
+    cap = caps[family]
+    pipe = _plain(folders[family])
+    independent = _Independent(pipe)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        independent.sdpa(torch.nn.functional.scaled_dot_product_attention))
+    pipe.transformer.register_forward_pre_hook(lambda *_: setattr(independent, "step", independent.step + 1))
+    independent.step = -1
+    _sample(pipe, folders[family])
+    assert cap.output.recorded_steps == [0, 1]
+    image, text = cap.spans["image"], cap.spans["text"]
+    step = 1
+    for layer in range(cap.meta.n_layers):
+        ours = dit_capture.step_attention(cap, step, layer).astype(np.float32)  # [head, n, n] on the capture's axis
+        theirs = independent.maps[(step, layer, "main")]
+        rows = slice(0, theirs.shape[1]) if theirs.shape[1] == cap.n_tokens else slice(image.start, image.stop)
+        np.testing.assert_allclose(ours[:, rows, rows], theirs, atol=2e-3)
+        if theirs.shape[1] != cap.n_tokens:  # an image-only layer: its text rows and columns stay empty
+            assert not ours[:, text.start:text.stop].any() and not ours[:, :, text.start:text.stop].any()
+        if (step, layer, "cross") in independent.maps:  # PixArt / Sana: the word maps are the cross-attention's
+            words = dit_capture.image_to_text(cap, step)[0, layer]
+            np.testing.assert_allclose(words, independent.maps[(step, layer, "cross")], atol=2e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_sum_to_one_and_spans_name_the_tokens(family, captures):
+    caps, _store = captures
+    cap = caps[family]
+    image, text = cap.spans["image"], cap.spans["text"]
+    assert all(t.startswith("patch(") for t in cap.tokens[image.start:image.stop])
+    assert not any(t.startswith("patch(") for t in cap.tokens[text.start:text.stop])
+    assert (image.start == 0) == (family != "flux")  # Flux puts the text first
+    prompt = cap.spans["prompt"]
+    words = [t.strip("▁").replace("</w>", "") for t in cap.tokens[prompt.start:prompt.stop]]
+    assert "red" in words and "circle" in words
+    assert all(t in ("<pad>", "!") for t in cap.tokens[cap.spans["padding"].start:cap.spans["padding"].stop])
+    for layer in range(cap.meta.n_layers):
+        sums = dit_capture.step_attention(cap, 0, layer).astype(np.float32).sum(-1)  # [head, n]
+        live = sums > 0.5  # rows the layer computes (an image-only layer's text rows are empty)
+        assert live[:, image.start:image.stop].all() or family == "sana"
+        np.testing.assert_allclose(sums[live], 1.0, atol=5e-3)
+        assert (sums[~live] == 0).all()  # Sana: a linear-attention row is empty where φ(q) is all zeros
+        if family == "sana":
+            assert live[:, image.start:image.stop].mean() > 0.5
+    words = dit_capture.image_to_text(cap)  # [step, layer, head, image, text]
+    if family in ("pixart", "sana"):
+        np.testing.assert_allclose(words.sum(-1), 1.0, atol=5e-3)
+
+
+# ---- interventions ------------------------------------------------------------------------------------
+
+def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
+    """Zero head `head`'s slice of the head outputs before layer `layer`'s output projection(s), by hand."""
+    from capture.dit.attention import attention_modules
+
+    module = [m for _p, m, kind in attention_modules(pipe.transformer) if kind != "cross"][layer]
+    width = module.to_q.out_features // module.heads
+
+    def zero(_m, args):
+        z = args[0].clone()
+        z[..., head * width:(head + 1) * width] = 0
+        return (z,) + args[1:]
+
+    if getattr(module, "pre_only", False):  # Flux single-stream: the head outputs open proj_out's input
+        block = next(b for b in pipe.transformer.single_transformer_blocks if b.attn is module)
+        block.proj_out.register_forward_pre_hook(zero)
+        return
+    module.to_out[0].register_forward_pre_hook(zero)
+    if getattr(module, "to_add_out", None) is not None:
+        module.to_add_out.register_forward_pre_hook(zero)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_scaled_to_zero_equals_zeroing_its_slice(family, folders, captures):
+    caps, store = captures
+    layer = 1  # SD3: block 0's image-only self-attention (SD3.5); Flux: the single-stream block
+    masked = run(_spec(folders[family], intervention=dit_presets.scale_heads([(layer, 1)], 0.0)), store)
+    after = dit_capture.generated_image(masked)
+    assert not np.array_equal(after, dit_capture.generated_image(caps[family]))
+    pipe = _plain(folders[family])
+    _zero_head_before_projection(pipe, family, layer, 1)
+    np.testing.assert_array_equal(after, _sample(pipe, folders[family]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softpag_guides_and_u0_changes_nothing(family, folders, captures):
+    caps, store = captures
+    plain = dit_capture.generated_image(caps[family])
+    zero = run(_spec(folders[family], intervention=dit_presets.softpag([(0, 0)], u=0.0, scale=2.0)), store)
+    np.testing.assert_array_equal(dit_capture.generated_image(zero), plain)
+    pag = run(_spec(folders[family], intervention=dit_presets.softpag([(0, 0), (1, 1)], u=1.0, scale=2.0)), store)
+    assert not np.array_equal(dit_capture.generated_image(pag), plain)
+    assert any("SoftPAG" in n for n in pag.output.notes)
+    # the recorded (conditional) branch is not perturbed: its first step is the plain run's
+    np.testing.assert_allclose(dit_capture.step_attention(pag, 0, 0).astype(np.float32),
+                               dit_capture.step_attention(caps[family], 0, 0).astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_redistribute_away_from_padding(family, folders, captures):
+    """Every family: beta 0 on some text tokens empties what one head's image rows read there (SD3, Flux: the
+    padding run, a RefAM sink; PixArt, Sana mask their padding out: the prompt's first two tokens, an edit
+    that reaches the cross-attention)."""
+    caps, store = captures
+    before = caps[family]
+    taken = list(before.spans["padding"]) if family in ("sd3", "flux") else list(before.spans["prompt"])[:2]
+    edited = run(_spec(folders[family], intervention=dit_presets.redistribute_from([(0, 1)], taken, beta=0.0)),
+                 store)
+    columns = [p - before.spans["text"].start for p in taken]
+    was = dit_capture.image_to_text(before, 0)[0, 0, 1][:, columns]
+    now = dit_capture.image_to_text(edited, 0)[0, 0, 1][:, columns]
+    assert was.sum(-1).mean() > 1e-3
+    assert now.max() == 0.0
+    other = dit_capture.image_to_text(edited, 0)[0, 0, 0]  # head 0 of the same layer: untouched
+    np.testing.assert_allclose(other, dit_capture.image_to_text(before, 0)[0, 0, 0], atol=2e-3)
+
+
+# ---- the layout of real sizes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, store):
+    caps, _store = captures
+    full = caps[family]
+    handle = registry.load(str(folders[family]))
+    spec = _spec(folders[family])
+    plan = RecordPlan(mode="split", kept=(1,), full_layers=(0,))
+    key = plan_key(spec, plan, registry.revision(spec.model))
+    assert key != spec.key(registry.revision(spec.model)) == plan_key(spec, RecordPlan(), registry.revision(spec.model))
+    with handle.lock:
+        split = DitAdapter(handle, plan=plan).capture(spec, key, store, lambda f, m: None)
+    store.put_meta(key, split.record())
+    assert capture_api.cached(spec, store) is None and capture_api.load_capture(key, store).key == key
+    info = dit_capture.layout(split)
+    assert info.mode == "split" and info.kept == [1] and info.labels == full.tokens
+    np.testing.assert_array_equal(dit_capture.generated_image(split), dit_capture.generated_image(full))
+    # the word maps of every step: each padding run is one column holding the attention it receives
+    columns = dit_capture.column_positions(split)
+    a_full = dit_capture.image_to_text(full)  # [step, layer, head, image, text]
+    t0 = full.spans["text"].start
+    grouped = np.stack([a_full[..., [p - t0 for p in cols]].sum(-1) for cols in columns], -1)
+    np.testing.assert_allclose(dit_capture.image_to_text(split), grouped, atol=4e-3)
+    if family in ("sd3", "flux"):
+        b_full = dit_capture.text_to_image(full)
+        grouped_rows = np.stack([b_full[..., [p - t0 for p in cols], :].mean(-2) for cols in columns], -2)
+        np.testing.assert_allclose(dit_capture.text_to_image(split), grouped_rows, atol=4e-3)
+    else:
+        with pytest.raises(InputError, match="cross-attention"):
+            dit_capture.text_to_image(split)
+    # full maps of the kept step: stored for layer 0, recomputed from queries and keys for the others
+    for layer in range(split.meta.n_layers):
+        np.testing.assert_allclose(dit_capture.step_attention(split, 1, layer).astype(np.float32),
+                                   dit_capture.step_attention(full, 1, layer).astype(np.float32), atol=2e-3)
+    with pytest.raises(InputError, match="keeps full maps at sampling steps 1 only"):
+        dit_capture.step_attention(split, 0, 0)
+    # the coarse maps of the generic views: regions and columns, rows summing to 1
+    back = dit_capture.layout(split)
+    grid = full.meta.grid  # at most 16 x 16 patches: one patch per region
+    assert split.tokens[split.spans["image"].start].startswith("region(") and back.regions == grid
+    coarse = split.attention(0).astype(np.float32)
+    rows = coarse.sum(-1)[:, split.spans["image"].start:split.spans["image"].stop]
+    if family == "sana":  # a step mean: a linear-attention row is empty in the steps where φ(q) is all zeros
+        np.testing.assert_allclose(rows * STEPS, np.round(rows * STEPS), atol=1e-2)
+    else:
+        np.testing.assert_allclose(rows, 1.0, atol=5e-3)
+    regions = grid[0] * grid[1]
+    assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, 2, regions, regions)
+    # the head metrics read the coarse maps alike (8 x 8 patches: one patch per region)
+    from analytics import dit as analytics
+
+    np.testing.assert_allclose(analytics.distance_px(split), analytics.distance_px(full), rtol=1e-2)
+    if family in ("sd3", "flux"):
+        np.testing.assert_allclose(analytics.text_mass(split), analytics.text_mass(full), atol=3e-3)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def _one_sentence(exc: Exception) -> None:
+    text = str(exc)
+    assert isinstance(exc, USER_ERRORS) and "\n" not in text and text.endswith(".") and len(text) < 300
+
+
+def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, store):
+    unknown = tmp_path / "unknown"
+    shutil.copytree(folders["pixart"], unknown)
+    index = json.loads((unknown / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "HunyuanDiT2DModel"]
+    (unknown / "model_index.json").write_text(json.dumps(index))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(_spec(unknown), ModelUnavailable, "does not know the HunyuanDiT2DModel"),
+             (_spec(empty), ModelUnavailable, "neither config.json"),
+             (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
+             (_spec(folders["sd3"], height=33), InputError, "multiples of 4 px"),
+             (_spec(folders["flux"], width=4096), InputError, "px; 4096 x 32 is not one"),
+             (_spec(folders["sana"], seed=-1), InputError, "seed")]
+    for spec, kind, words in cases:
+        with pytest.raises(kind, match=words) as caught:
+            run(spec, store)
+        _one_sentence(caught.value)
+    assert registry.modality(str(folders["flux"])) == "dit" and registry.modality(str(unknown)) == "dit"
+    assert store.keys() == []
+
+
+def test_a_capture_too_large_is_refused_before_it_runs(folders, store, monkeypatch):
+    monkeypatch.setenv("HEADSCOPE_CAPTURE_GB", "0.0001")
+    with pytest.raises(InputError, match="GB of memory") as caught:
+        run(_spec(folders["flux"]), store)
+    _one_sentence(caught.value)
+    assert store.keys() == []
+
+
+def test_an_edit_on_a_head_that_does_not_exist_is_refused(folders, store):
+    with pytest.raises(USER_ERRORS, match="outside this model"):
+        run(_spec(folders["sd3"], intervention=Intervention(edits=(HeadEdit(0, 7, "scale", 0.0),))), store)
+    with pytest.raises(USER_ERRORS, match="linear"):
+        run(_spec(folders["sana"], intervention=Intervention(edits=(HeadEdit(0, 0, "logit", -1.0, keys="0:4"),))),
+            store)
+
+
+# ---- analytics and HeadHunter on every family ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
+    from analytics import dit as analytics
+    from core import scenes
+    from core.errors import ProbeMissing
+
+    caps, _store = captures
+    cap = caps[family]
+    a = dit_capture.image_to_text(cap)  # [step, layer, head, image, text]
+    heat = analytics.word_heatmaps(a, cap.meta.grid)
+    assert heat.shape[:3] == (STEPS, cap.meta.n_layers, 2) and heat.shape[-2:] == cap.meta.grid
+    stats = analytics.sink_stats(a)
+    assert stats.share.shape == (len(dit_capture.text_tokens(cap)),)
+    # the prompt's words are found among the model's own tokens (SD3: T5's, after CLIP's), so a picture of
+    # the scene it names grounds its colour and shape words
+    tokens = dit_capture.text_tokens(cap)
+    spelled = [t.strip("▁").replace("</w>", "") for t in tokens]
+    words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
+    where = analytics.word_positions(words, tokens)
+    assert where is not None and [spelled[i] for i in where] == words
+    if family == "sd3":
+        assert where[0] == cap.spans["t5"].start - cap.spans["text"].start
+    scene = scenes.scene_from_caption(PROMPT, 1)
+    masks = analytics.object_masks(scene.image, PROMPT, tokens)
+    assert sorted(masks) == [where[1], where[2]]  # "red", "circle"
+    assert analytics.distance_px(cap).shape == (cap.meta.n_layers, cap.meta.n_heads)
+    if family in ("pixart", "sana"):
+        with pytest.raises(ProbeMissing, match="cross-attention"):
+            analytics.text_mass(cap)
+    else:
+        mass = analytics.text_mass(cap)
+        assert mass.shape == (cap.meta.n_layers, 2) and ((0 <= mass) & (mass <= 1.001)).all()
+
+
+def test_headhunter_lite_searches_a_pipeline(folders, store):
+    import probes.headhunter as hunt
+
+    params = hunt.HeadHunterParams(n_prompts=1, n_seeds=1, steps=2, rounds=1, candidates=1, height=SIZE, width=SIZE)
+    found = hunt.headhunter(str(folders["flux"]), params, store=store)
+    assert found.single().shape == (2, 2) and found.single_images().shape == (2, 2, SIZE, SIZE, 3)
+    assert 0.0 <= found.baseline <= 1.0 and found.best >= found.baseline
+    assert hunt.probe_key("r", hunt.HeadHunterParams()) == hunt.probe_key("r", hunt.HeadHunterParams(height=0))
+
+
+# ---- the page and the command line ---------------------------------------------------------------------
+
+def test_page_takes_a_pipeline_and_its_link_carries_the_size(folders, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    model = str(folders["sd3"])
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def open_page(params: dict) -> AppTest:
+        at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "app.py"), default_timeout=300)
+        at.query_params.update(params)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    import capture.api
+
+    monkeypatch.setattr(capture.api, "_default_store", None)  # a store in this test's cache directory
+    link = {"page": "dit", "model": model, "prompt": PROMPT, "seed": "3", "steps": "2", "width": "32",
+            "height": "32", "step": "1", "layer": "0", "head": "1"}
+    at = open_page(link)
+    spec = at.session_state["capture"].spec
+    assert (spec.model, spec.height, spec.width, spec.steps, spec.seed) == (model, 32, 32, 2, 3)
+    assert len(at.get("plotly_chart")) >= 4
+    at.segmented_control(key="dit_mode").set_value("scale").run()
+    assert not at.exception, [e.value for e in at.exception]
+    params = at.session_state["view"].to_params()
+    assert {k: params[k] for k in ("width", "height", "steps", "step", "head")} == \
+        {"width": "32", "height": "32", "steps": "2", "step": "1", "head": "1"}
+    fresh = open_page(params)
+    assert fresh.session_state["view"].to_params() == params
+    assert fresh.segmented_control(key="dit_mode").value == "scale"
+
+
+def test_cli_size(folders, tmp_path, monkeypatch, capsys):
+    from headscope.cli import main
+
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    import capture.api
+
+    monkeypatch.setattr(capture.api, "_default_store", None)
+    assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--steps", "2", "--size", "48x32",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["grid"] == [8, 12] and out["width"] == 48 and out["height"] == 32  # 4 px patches
+    assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--size", "big"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "WIDTHxHEIGHT" in err and "\n" not in err
+
+
+def test_bfloat16_pipeline_has_its_own_key(folders, captures, monkeypatch):
+    """HEADSCOPE_DTYPE (capture.engine.device) reaches the pipeline: a bfloat16 run (allowed on the CPU) is
+    another capture than the float32 one, its maps still computed in float32 (rows sum to 1)."""
+    caps, store = captures
+    monkeypatch.setenv("HEADSCOPE_DTYPE", "bfloat16")
+    half = run(_spec(folders["pixart"]), store)
+    assert half.key != caps["pixart"].key and registry.load(str(folders["pixart"])).model.dtype == torch.bfloat16
+    np.testing.assert_allclose(dit_capture.image_to_text(half).sum(-1), 1.0, atol=5e-3)
