@@ -1,5 +1,6 @@
-"""Figures of the attribution page: a layer x head map of a signed attribution, the per-layer terms, the
-two prompts' tokens, and the head graph of one prediction (analytics.attribution.HeadGraph).
+"""Figures of the attribution page: the per-layer terms, the two prompts' tokens, and the head graph of one
+prediction (analytics.attribution.HeadGraph).  Its layer x head maps are pictures (charts.pictures.metric_grid),
+so the page paints before Plotly's bundle has loaded.
 
 Pure: numpy arrays and dataclasses in, `go.Figure` out; no streamlit, no torch.
 """
@@ -10,25 +11,10 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from charts.atlas import head_heatmap
-from charts.theme import DIVERGING_SCALE, base_layout
+from charts.theme import base_layout
 
 UP, DOWN = "#c0392b", "#2471a3"  # pushes the answer up / down (the diverging scale's ends)
 READS, PATH = "rgba(120, 120, 120, 0.45)", "#e67e22"  # a token a head reads; a sender -> receiver path
-
-
-def attribution_map(values: np.ndarray, title: str = "", value_name: str = "attribution",
-                    selected: tuple[int, int] | None = None) -> go.Figure:
-    """values  # [layer, head], signed, on a diverging scale centred on 0 (red pushes the answer up);
-    clickable cells and the selected head outlined, as charts.atlas.head_heatmap."""
-    v = np.asarray(values, dtype=np.float64)
-    finite = np.abs(v[np.isfinite(v)])
-    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    fig = head_heatmap(v, title=title, value_name=value_name, selected=selected)
-    fig.update_traces(colorscale=DIVERGING_SCALE, zmin=-bound, zmax=bound, selector=dict(type="heatmap"))
-    # click targets no taller than a row (~14 px for 30 layers): overlapping ones pick a neighbouring cell
-    fig.update_traces(marker_size=min(12, max(6, 280 // max(v.shape[1], 1))), selector=dict(type="scatter"))
-    return fig
 
 
 def layer_terms(heads: np.ndarray, mlps: np.ndarray, embed: float, bias: float, title: str = "",
@@ -129,4 +115,4 @@ def token_pair_html(clean: list[str], corrupted: list[str], differs: list[int]) 
     return "".join(rows)
 
 
-__all__ = ["attribution_map", "graph_figure", "layer_terms", "token_pair_html"]
+__all__ = ["graph_figure", "layer_terms", "token_pair_html"]

@@ -12,8 +12,10 @@ import probes
 from analytics import ProbeMissing, attribution
 from charts import attribution as charts
 from charts.attention import token_highlight_html
+from charts.pictures import metric_grid
 from charts.theme import plot_config
 from pages import shared
+from pages.widgets import picture
 from state import MAX_LINK_PROMPT, ViewState
 
 state = shared.view_state()
@@ -97,7 +99,7 @@ def stored(read, *args, **params):
 
 
 def pick(key: str) -> None:
-    """A click on a map cell or a graph node selects that head (customdata [layer, head, ...])."""
+    """A click on a head graph's node selects that head (customdata [layer, head, ...]; head -1: an MLP)."""
     points = st.session_state[key].selection.points
     if points:
         data = points[0].get("customdata")
@@ -105,6 +107,20 @@ def pick(key: str) -> None:
             data = [data[k] for k in sorted(data, key=int)]
         if data and int(data[1]) >= 0:
             shared.set_fields(layer=int(data[0]), head=int(data[1]))
+
+
+def pick_cell(row: int, col: int) -> None:
+    """A click on a map's cell (layer, head) selects that head."""
+    shared.set_fields(layer=row, head=col)
+
+
+def head_map(values, title: str, value_name: str, key: str, clickable: bool = True) -> None:
+    """values  # [layer, head], signed, as a picture (it paints before Plotly's bundle has loaded: issue 23):
+    a diverging scale centred on 0 (red pushes the metric up), the selected head framed, a click selects."""
+    ratio = 3.0 if values.shape[1] <= 16 else 1.5  # a cell's width / its height: wide cells for few heads
+    grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[(layer, head)], aspect=ratio)
+    picture(grid, key=key, on_pick=pick_cell if clickable else None, outline=(layer, layer + 1, head, head + 1),
+            min_cell_px=10, max_cell_px=16, cell_ratio=ratio)
 
 
 config = plot_config(st.session_state.get("fig_format", "png"))
@@ -152,11 +168,11 @@ with dla_tab:
                f"{terms['logit']:.4g} (to {dla.result.summary['sum_error']:.1g}): the final norm's scale is frozen at "
                "its value in this run, so a term is a head's direct contribution, not what removing the head would "
                "change.")
-    st.plotly_chart(charts.attribution_map(dla_heads, "DLA per head", "DLA", (layer, head)), key="attr_dla",
-                    on_select=lambda: pick("attr_dla"), selection_mode="points", config=config)
-    st.plotly_chart(charts.layer_terms(dla_heads, terms["mlps"], terms["embed"], terms["bias"],
-                                       "Where the answer is written"),
-                    key="attr_terms", config=config)
+    head_map(dla_heads, "DLA per head: click a head", f"DLA ({'logit difference' if foil else 'logit'})",
+             "attr_dla")
+    shared.plotly_chart(lambda: charts.layer_terms(dla_heads, terms["mlps"], terms["embed"], terms["bias"],
+                                                   "Where the answer is written"),
+                        key="attr_terms", config=config)
 
 with patch_tab:
     if patching is None:
@@ -170,10 +186,9 @@ with patch_tab:
         st.caption(f"{unit}: clean {patching.clean:.4g}, corrupted {patching.corrupted:.4g}. Rank agreement with DLA: "
                    f"Spearman ρ = {agree['spearman']:.2f}; {agree['top_overlap']:.0%} of DLA's top {agree['k']} heads "
                    f"are among patching's top {agree['k']}.")
-        verb = "restores" if state.direction == "denoise" else "destroys"
-        st.plotly_chart(charts.attribution_map(patching.effect, f"Share of the gap each head {verb}", "effect",
-                                               (layer, head)),
-                        key="attr_patch", on_select=lambda: pick("attr_patch"), selection_mode="points", config=config)
+        verb, done = ("restores", "restored") if state.direction == "denoise" else ("destroys", "destroyed")
+        head_map(patching.effect, f"Share of the gap each head {verb}: click a head", f"share of the gap {done}",
+                 "attr_patch")
 
 with graph_tab:
     size_by = st.segmented_control("Size nodes by", ["dla", "patching"], default="dla", key="attr_graph_by",
@@ -187,9 +202,9 @@ with graph_tab:
     st.caption("The components with the largest attribution at the last token (red up, blue down), the tokens each "
                "head reads there (grey: attention × |attribution|) and, after path patching, the later heads the "
                "selected head drives (orange). Click a head to select it.")
-    figure = charts.graph_figure(graph, meta.n_layers, n, (layer, head), "DLA" if size_by == "dla" else "effect")
-    st.plotly_chart(figure,
-                    key="attr_graph", on_select=lambda: pick("attr_graph"), selection_mode="points", config=config)
+    shared.plotly_chart(lambda: charts.graph_figure(graph, meta.n_layers, n, (layer, head),
+                                                    "DLA" if size_by == "dla" else "effect"),
+                        key="attr_graph", on_select=lambda: pick("attr_graph"), selection_mode="points", config=config)
 
 with path_tab:
     shared.bind("receivers", st.segmented_control, "Receivers' input", ["q", "k", "v"], required=True,
@@ -204,6 +219,8 @@ with path_tab:
                                         dict(patch_params, sender=(layer, head), receivers=state.receivers)):
                 st.rerun()
     else:
-        st.plotly_chart(charts.attribution_map(path.effect, f"L{layer} H{head} → later heads' {state.receivers}",
-                                               "effect", None),
-                        key="attr_path", config=config)
+        done = "restored" if state.direction == "denoise" else "destroyed"
+        head_map(path.effect, f"L{layer} H{head} → later heads' {state.receivers}: share of the gap {done} via each",
+                 f"share of the gap {done}", "attr_path", clickable=False)
+        st.caption(f"Each later head with L{layer} H{head}'s {state.direction} output reaching only its "
+                   f"{state.receivers} input. Grey: layers up to the sender's, which it cannot reach.")

@@ -1,12 +1,13 @@
-"""The attribution page in a real browser at 1280 x 800: the IOI link opens with its maps, a click on the DLA
-map selects a head (before | after and the link follow), the head graph and the patching map draw.
+"""The attribution page in a real browser at 1280 x 800: the IOI link opens with its maps (pictures, painted
+before Plotly's bundle loads: issue 23; the per-layer terms in Plotly a moment later), a click on the DLA map's
+cell selects a head (before | after, the frame and the link follow), the head graph and the patching map draw.
 Screenshots land in tests/artifacts/attribution_*.png.  The probes come from the default cache
 (tests/models/test_attribution_smollm2.py fills it; computed here otherwise)."""
 from __future__ import annotations
 
 import pytest
 
-from harness import browser, streamlit_server, wait_for_link, wait_idle
+from harness import PICTURE, browser, streamlit_server, wait_for_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}
@@ -25,21 +26,29 @@ def test_attribution_page_click_selects_a_head_and_the_link_follows(ioi_patching
         context = chromium.new_context(viewport=VIEWPORT)
         page = context.new_page()
         page.goto(f"{server}/?page=attribution&layer=20&head=0")
-        wait_idle(page, ".js-plotly-plot", timeout=300_000)
+        wait_idle(page, PICTURE, timeout=300_000)
         assert page.get_by_text("Attribution: which heads made this token").count() == 1
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)  # the per-layer terms, once the pictures painted
+        wait_idle(page, PICTURE)
         page.screenshot(path=str(artifacts / "attribution_top.png"))
-        dla_map = page.locator(".js-plotly-plot").first
+        dla_map = page.locator(f"{PICTURE}[alt='DLA per head: click a head']")
         dla_map.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "attribution_dla.png"))
-        # the cell of layer 23, head 3 (L23 H3, the top name mover), placed by Plotly's own axes
-        x, y = dla_map.evaluate("""el => {
-            const f = el._fullLayout, r = el.getBoundingClientRect();
-            return [r.left + f._size.l + f.xaxis.l2p(3), r.top + f._size.t + f.yaxis.l2p(23)];
-        }""")
+        # the cell of layer 23, head 3 (L23 H3, the top name mover): 30 layers x 9 heads, layer 0 at the top
+        box = dla_map.bounding_box()
+        x, y = box["x"] + box["width"] * 3.5 / 9, box["y"] + box["height"] * 23.5 / 30
+        page.mouse.move(x, y)
+        page.wait_for_timeout(300)
+        hover = page.locator(".hs-pic .tip").first.text_content()
+        assert "layer 23, head 3: DLA (logit difference)" in hover, hover
         page.mouse.click(x, y)
         link = wait_for_link(page, "layer=23&head=3")
         assert "page=attribution" in link
-        wait_idle(page, ".js-plotly-plot")
+        wait_idle(page, PICTURE)
+        frame, box = page.locator(".hs-pic .sel").first.bounding_box(), dla_map.bounding_box()
+        # the red frame moved to the clicked cell
+        assert abs(frame["x"] + frame["width"] / 2 - (box["x"] + box["width"] * 3.5 / 9)) < 3
+        assert abs(frame["y"] + frame["height"] / 2 - (box["y"] + box["height"] * 23.5 / 30)) < 3
         assert page.get_by_text("L23 H3 patched").count() == 1
         page.get_by_role("tab", name="Head graph").click()
         page.wait_for_timeout(800)
@@ -49,6 +58,8 @@ def test_attribution_page_click_selects_a_head_and_the_link_follows(ioi_patching
         page.screenshot(path=str(artifacts / "attribution_graph.png"))
         page.get_by_role("tab", name="Activation patching").click()
         page.wait_for_timeout(800)
-        page.locator("[role=tabpanel]:visible .js-plotly-plot").first.scroll_into_view_if_needed()
+        patch_map = page.locator(f"[role=tabpanel]:visible {PICTURE}").first
+        assert patch_map.get_attribute("alt") == "Share of the gap each head restores: click a head"
+        patch_map.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "attribution_patching.png"))
         context.close()

@@ -15,6 +15,9 @@ from streamlit.testing.v1 import AppTest
 
 from analytics import attribution
 from capture import RunSpec, default_store, revision, run
+from charts.pictures import ramp
+from charts.theme import DIVERGING_SCALE
+from conftest import component_data
 from core.probe_results import IOI_CLEAN
 from probes import run_probe
 
@@ -69,7 +72,18 @@ def test_page_shows_before_after_the_maps_and_the_agreement(ioi):
     assert metrics["L23 H3 patched"] == f"{ioi[0].patched[23, 3]:.4g}"
     captions = " ".join(c.value for c in at.caption)
     assert "Spearman ρ" in captions and "sum to the model's own" in captions
-    assert len(at.get("plotly_chart")) >= 4  # DLA map, per-layer terms, patching map, head graph
+    # the maps are pictures (pages/widgets.picture: they paint before Plotly's bundle loads, issue 23); the
+    # per-layer terms and the head graph stay Plotly (AppTest has no browser: drawn at once, not deferred)
+    assert len(at.get("plotly_chart")) == 2
+    maps = {p["title"]: p for p in component_data(at, "headscope_picture")}
+    dla_map = maps["DLA per head: click a head"]
+    patch_map = maps["Share of the gap each head restores: click a head"]
+    for grid, bar in ((dla_map, "DLA (logit difference)"), (patch_map, "share of the gap restored")):
+        assert (grid["rows"], grid["cols"]) == (30, 9) and grid["clickable"] and grid["bar_title"] == bar
+        assert grid["outline"] == [23, 24, 3, 4]  # the selected head framed
+        assert grid["zmin"] == "-" + grid["zmax"] and list(grid["ramp"]) == list(ramp(DIVERGING_SCALE))  # centred on 0
+    assert dla_map["values"][23][3] == pytest.approx(float(ioi[2].heads()[23, 3]))
+    assert patch_map["values"][23][3] == pytest.approx(float(ioi[0].effect[23, 3]))
     assert at.session_state["view"].to_params() == SELECTED
 
 
@@ -100,6 +114,8 @@ def test_path_patching_from_the_selected_head(ioi):
         button.click()
         at.run()
     assert not at.exception and not at.error and not [b for b in at.button if b.key == "attr_run_path"]
+    (shown,) = [p for p in component_data(at, "headscope_picture") if p["title"].startswith("L28 H1 → later heads' q")]
+    assert not shown["clickable"] and shown["outline"] == [28, 29, 1, 2]  # the sender framed
     path = attribution.read_patching(store=default_store(), revision=revision("smollm2"), model="smollm2",
                                      sender=(28, 1), receivers="q")
     assert np.isnan(path.patched[:29]).all() and np.isfinite(path.patched[29]).all()
