@@ -118,6 +118,25 @@ class PatchingParams:
 
 
 @dataclass(frozen=True)
+class VlmPatchingParams:
+    """Activation patching of each language-model head of a VLM between two pictures (probes.vlm_patching):
+    one `question` about a clean and a corrupted picture ("scene-<seed>", a sample or "sha256:<hex>" of an
+    upload) that give the same prompt tokens.  The metric, at the answer position (the last prompt token),
+    is the logit difference target - foil (`logit_diff`) or the probability of target (`prob`); "denoise"
+    patches the clean picture's head outputs into the corrupted picture's run, "noise" the reverse.
+    Defaults: shapes-vlm's circle is red in scene-3 and yellow in scene-4."""
+
+    clean_image: str = "scene-3"
+    corrupted_image: str = "scene-4"
+    question: str = "what colour is the circle?"
+    target: str = "red"
+    foil: str = "yellow"
+    metric: str = "logit_diff"  # logit_diff | prob
+    direction: str = "denoise"  # denoise | noise
+    layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+
+
+@dataclass(frozen=True)
 class DLAParams:
     """Direct logit attribution in one capture: every head, MLP and the embedding at every position,
     through the final norm (its scale frozen from the run) and the unembedding onto `target` (minus
@@ -138,6 +157,7 @@ PARAMS: dict[str, type] = {
     "hidden": HiddenParams,
     "patching": PatchingParams,
     "dla": DLAParams,
+    "vlm_patching": VlmPatchingParams,
 }
 CAPTURE_PROBES = ("hidden", "dla")  # probes of one capture, named by its key
 
@@ -233,4 +253,4 @@ def require(store, revision: str, model: str, probe: str, params: Any = None) ->
 
 __all__ = ["AblationParams", "CAPTURE_PROBES", "DLAParams", "DuoParams", "GradientParams", "HiddenParams", "KIND",
            "IOI_CLEAN", "IOI_CORRUPTED", "NeedleParams", "PARAMS", "PatchingParams", "PROBE_VERSION", "PatternParams",
-           "ProbeMissing", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]
+           "ProbeMissing", "VlmPatchingParams", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]

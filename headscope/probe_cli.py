@@ -9,6 +9,8 @@
     python -m headscope probe patching --model smollm2 [--clean ... --corrupted ... --target ' Mary' --foil ' John'
                                        --metric logit_diff|prob --direction denoise|noise --sender 9 3 --receivers q]
     python -m headscope probe dla      KEY [--target ' Mary' --foil ' John']   # direct logit attribution
+    python -m headscope probe vlm_patching --model shapes-vlm [--clean-image scene-3 --corrupted-image scene-4
+                                       --question 'what colour is the circle?' --target red --foil yellow]
 
 Flags mirror the fields of each probe's parameters (core.probe_results); omitted ones keep the defaults
 that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
@@ -32,6 +34,7 @@ HELP = {
     "hidden": "store the residual stream of a cached capture (massive activations)",
     "patching": "activation patching of every head from a clean prompt into a corrupted one (or path patching)",
     "dla": "direct logit attribution of a cached capture: every head, MLP and the embedding",
+    "vlm_patching": "activation patching of every language-model head of a VLM from a clean picture into a corrupted one",
 }
 
 
@@ -46,7 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if name in CAPTURE_PROBES:
             q.add_argument("capture", help="capture key (python -m headscope ls lists them)")
         else:
-            q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
+            if name == "vlm_patching":
+                q.add_argument("--model", default="shapes-vlm", help="shapes-vlm or another vision-language model")
+            else:
+                q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
         if name != "hidden":
             for f in fields(cls):
                 if f.name == "capture":
@@ -65,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    help=f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
-        if name == "patching":
+        if name in ("patching", "vlm_patching"):
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default: by length)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
         q.add_argument("--json", action="store_true", help="print the stored record as JSON")
@@ -96,7 +102,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         model = args.model
         params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
-        if name in ("ablation", "patching") and args.batch is not None:
+        if name in ("ablation", "patching", "vlm_patching") and args.batch is not None:
             if args.batch < 1:
                 raise InputError("--batch must be 1 or more.")
             options["batch_size"] = args.batch

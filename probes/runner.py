@@ -7,10 +7,11 @@
     run_probe("duo", "smollm2")        mini DuoAttention gate optimisation on synthetic passkeys
     run_probe("patching", "smollm2")   activation patching of every head, clean -> corrupted (or path patching)
     run_probe("dla", "smollm2", {"capture": key})  direct logit attribution of a capture's tokens
+    run_probe("vlm_patching", "shapes-vlm")  activation patching of every LM head between two pictures
     hidden_states(capture)             the residual stream entering every layer of one capture (VAR)
 
 Each kind lives in its own module (probes.patterns, probes.needle, probes.ablation, probes.gradient,
-probes.duo, probes.hidden, probes.patching, probes.dla) as a function (handle, params, put, progress,
+probes.duo, probes.hidden, probes.patching, probes.dla, probes.vlm_patching) as a function (handle, params, put, progress,
 **options) -> record that stores its arrays with `put(name, array)` and returns the JSON record's own
 fields.  `run_probe`
 validates the parameters, holds the model's lock while the probe runs, and stores the result under
@@ -18,7 +19,7 @@ validates the parameters, holds the model's lock while the probe runs, and store
 `"kind": "probe"` (written last, so a crash never leaves a result that looks whole).  A second call
 with the same parameters is served from the cache.  Every probe reports progress through a
 `(fraction, message)` callback.  Command line: `python -m headscope probe
-{patterns,needle,ablation,gradient,duo,hidden,patching,dla} ...`.
+{patterns,needle,ablation,gradient,duo,hidden,patching,dla,vlm_patching} ...`.
 
 Deviations from the papers' defaults are listed in each probe's docstring (short contexts and small
 probes so that a CPU finishes in minutes).
@@ -47,6 +48,7 @@ from probes.needle import needle_probe
 from probes.patch_runs import METRICS as PATCHING_METRICS
 from probes.patching import DIRECTIONS, patching_probe
 from probes.patterns import pattern_probe
+from probes.vlm_patching import vlm_patching_probe
 
 PROBES: dict[str, Callable] = {
     "patterns": pattern_probe,
@@ -57,6 +59,7 @@ PROBES: dict[str, Callable] = {
     "hidden": hidden_probe,
     "patching": patching_probe,
     "dla": dla_probe,
+    "vlm_patching": vlm_patching_probe,
 }
 
 
@@ -137,6 +140,11 @@ def _validate(probe: str, p) -> None:
                              "receivers q, k or v.")
         if p.sender and len(p.sender) != 2:
             raise InputError("The path-patching sender is two numbers: its layer and its head.")
+    elif probe == "vlm_patching":
+        if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS:
+            raise InputError("VLM patching takes metric logit_diff or prob, direction denoise or noise.")
+        if not p.question.strip():
+            raise InputError("VLM patching needs a question about the two pictures.")
     elif probe == "dla" and not p.capture:
         raise InputError("The dla probe needs the key of a capture; `python -m headscope ls` lists them.")
     elif probe == "duo":
