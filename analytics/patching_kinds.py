@@ -1,5 +1,6 @@
 """Activation patching on the other kinds of model, read back from the cache (issue 24, item 4): a VLM's
-language-model heads patched between two pictures (probes.vlm_patching).  Pure numpy, torch-free: the
+language-model heads patched between two pictures (probes.vlm_patching), and shapes-dit's heads patched
+between two prompts, measured on the picture (probes.dit_patching).  Pure numpy, torch-free: the
 measurement is the probe's; this module reads its stored result.
 
 The result has the text probe's shape (analytics.attribution.Patching): the metric with each head
@@ -21,4 +22,14 @@ def read_vlm_patching(capture=None, **params) -> Patching:
     return Patching(stored.require(store, revision, model, "vlm_patching", _probe_params("vlm_patching", params)))
 
 
-__all__ = ["read_vlm_patching"]
+
+
+def read_dit_patching(capture=None, **params) -> Patching:
+    """The stored dit_patching result of these DitPatchingParams fields, or ProbeMissing with the command
+    that makes it.  Its metric is the distance to the clean picture (clean = 0); `.result.array("clean_image")`
+    and `"corrupted_image"`  # [H, W, 3] uint8 are the two prompts' pictures."""
+    store, revision, model, _ = _context(capture, params)
+    return Patching(stored.require(store, revision, model, "dit_patching", _probe_params("dit_patching", params)))
+
+
+__all__ = ["read_dit_patching", "read_vlm_patching"]

@@ -137,6 +137,24 @@ class VlmPatchingParams:
 
 
 @dataclass(frozen=True)
+class DitPatchingParams:
+    """Activation patching of each head of shapes-dit between two prompts with as many text tokens, sampled
+    from the same `seed` for `steps` steps (probes.dit_patching): each head's output at every step taken
+    from the source prompt's run ("denoise": clean into corrupted; "noise": corrupted into clean).  The
+    metric (`mse`) is the mean squared difference of the final picture to the clean prompt's, in [-1, 1].
+    `patch_pooled` also takes the pooled prompt embedding (the blocks' adaLN input) from the source prompt."""
+
+    clean: str = "a red circle at the center"
+    corrupted: str = "a blue circle at the center"
+    seed: int = 0
+    steps: int = 20
+    metric: str = "mse"
+    direction: str = "denoise"  # denoise | noise
+    patch_pooled: bool = False
+    layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+
+
+@dataclass(frozen=True)
 class DLAParams:
     """Direct logit attribution in one capture: every head, MLP and the embedding at every position,
     through the final norm (its scale frozen from the run) and the unembedding onto `target` (minus
@@ -158,6 +176,7 @@ PARAMS: dict[str, type] = {
     "patching": PatchingParams,
     "dla": DLAParams,
     "vlm_patching": VlmPatchingParams,
+    "dit_patching": DitPatchingParams,
 }
 CAPTURE_PROBES = ("hidden", "dla")  # probes of one capture, named by its key
 
@@ -251,6 +270,6 @@ def require(store, revision: str, model: str, probe: str, params: Any = None) ->
     return found
 
 
-__all__ = ["AblationParams", "CAPTURE_PROBES", "DLAParams", "DuoParams", "GradientParams", "HiddenParams", "KIND",
+__all__ = ["AblationParams", "CAPTURE_PROBES", "DLAParams", "DitPatchingParams", "DuoParams", "GradientParams", "HiddenParams", "KIND",
            "IOI_CLEAN", "IOI_CORRUPTED", "NeedleParams", "PARAMS", "PatchingParams", "PROBE_VERSION", "PatternParams",
            "ProbeMissing", "VlmPatchingParams", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]

@@ -11,6 +11,8 @@
     python -m headscope probe dla      KEY [--target ' Mary' --foil ' John']   # direct logit attribution
     python -m headscope probe vlm_patching --model shapes-vlm [--clean-image scene-3 --corrupted-image scene-4
                                        --question 'what colour is the circle?' --target red --foil yellow]
+    python -m headscope probe dit_patching --model shapes-dit [--clean 'a red circle at the center'
+                                       --corrupted 'a blue circle at the center' --seed 0 --steps 20 --patch-pooled]
 
 Flags mirror the fields of each probe's parameters (core.probe_results); omitted ones keep the defaults
 that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
@@ -34,6 +36,7 @@ HELP = {
     "hidden": "store the residual stream of a cached capture (massive activations)",
     "patching": "activation patching of every head from a clean prompt into a corrupted one (or path patching)",
     "dla": "direct logit attribution of a cached capture: every head, MLP and the embedding",
+    "dit_patching": "activation patching of every head of shapes-dit between two prompts, measured on the picture",
     "vlm_patching": "activation patching of every language-model head of a VLM from a clean picture into a corrupted one",
 }
 
@@ -51,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         else:
             if name == "vlm_patching":
                 q.add_argument("--model", default="shapes-vlm", help="shapes-vlm or another vision-language model")
+            elif name == "dit_patching":
+                q.add_argument("--model", default="shapes-dit", help="shapes-dit")
             else:
                 q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
         if name != "hidden":
@@ -71,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    help=f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
-        if name in ("patching", "vlm_patching"):
+        if name in ("patching", "vlm_patching", "dit_patching"):
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default: by length)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
         q.add_argument("--json", action="store_true", help="print the stored record as JSON")
@@ -102,7 +107,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         model = args.model
         params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
-        if name in ("ablation", "patching", "vlm_patching") and args.batch is not None:
+        if name in ("ablation", "patching", "vlm_patching", "dit_patching") and args.batch is not None:
             if args.batch < 1:
                 raise InputError("--batch must be 1 or more.")
             options["batch_size"] = args.batch

@@ -36,7 +36,7 @@ _WHERE = {
     "vit_token_norms": ("probes.vision", "token_norms"), "vit_ablation": ("probes.vision", "ablation"),
     "vit_grad_gate": ("probes.vision", "grad_gate"),
     "patching_sweep": "probes.patching", "path_patching_sweep": "probes.path_patching",
-    "vlm_patching_sweep": "probes.vlm_patching",
+    "vlm_patching_sweep": "probes.vlm_patching", "dit_patching_sweep": "probes.dit_patching",
     "attribute": "probes.dla", "dla_probe": "probes.dla",
 }
 

@@ -8,10 +8,12 @@
     run_probe("patching", "smollm2")   activation patching of every head, clean -> corrupted (or path patching)
     run_probe("dla", "smollm2", {"capture": key})  direct logit attribution of a capture's tokens
     run_probe("vlm_patching", "shapes-vlm")  activation patching of every LM head between two pictures
+    run_probe("dit_patching", "shapes-dit")  activation patching of every head between two prompts, on the picture
     hidden_states(capture)             the residual stream entering every layer of one capture (VAR)
 
 Each kind lives in its own module (probes.patterns, probes.needle, probes.ablation, probes.gradient,
-probes.duo, probes.hidden, probes.patching, probes.dla, probes.vlm_patching) as a function (handle, params, put, progress,
+probes.duo, probes.hidden, probes.patching, probes.dla, probes.vlm_patching,
+probes.dit_patching) as a function (handle, params, put, progress,
 **options) -> record that stores its arrays with `put(name, array)` and returns the JSON record's own
 fields.  `run_probe`
 validates the parameters, holds the model's lock while the probe runs, and stores the result under
@@ -19,7 +21,7 @@ validates the parameters, holds the model's lock while the probe runs, and store
 `"kind": "probe"` (written last, so a crash never leaves a result that looks whole).  A second call
 with the same parameters is served from the cache.  Every probe reports progress through a
 `(fraction, message)` callback.  Command line: `python -m headscope probe
-{patterns,needle,ablation,gradient,duo,hidden,patching,dla,vlm_patching} ...`.
+{patterns,needle,ablation,gradient,duo,hidden,patching,dla,vlm_patching,dit_patching} ...`.
 
 Deviations from the papers' defaults are listed in each probe's docstring (short contexts and small
 probes so that a CPU finishes in minutes).
@@ -40,6 +42,7 @@ from core.probe_results import HiddenParams, ProbeResult
 from core.progress import Progress, no_progress
 from core.types import Capture
 from probes.ablation import ABLATION_MODES, ablation_probe
+from probes.dit_patching import dit_patching_probe
 from probes.dla import dla_probe
 from probes.duo import duo_probe
 from probes.gradient import gradient_probe
@@ -60,6 +63,7 @@ PROBES: dict[str, Callable] = {
     "patching": patching_probe,
     "dla": dla_probe,
     "vlm_patching": vlm_patching_probe,
+    "dit_patching": dit_patching_probe,
 }
 
 
@@ -145,6 +149,9 @@ def _validate(probe: str, p) -> None:
             raise InputError("VLM patching takes metric logit_diff or prob, direction denoise or noise.")
         if not p.question.strip():
             raise InputError("VLM patching needs a question about the two pictures.")
+    elif probe == "dit_patching":
+        if p.metric != "mse" or p.direction not in DIRECTIONS:
+            raise InputError("DiT patching takes metric mse and direction denoise or noise.")
     elif probe == "dla" and not p.capture:
         raise InputError("The dla probe needs the key of a capture; `python -m headscope ls` lists them.")
     elif probe == "duo":
