@@ -123,7 +123,8 @@ class VlmPatchingParams:
     one `question` about a clean and a corrupted picture ("scene-<seed>", a sample or "sha256:<hex>" of an
     upload) that give the same prompt tokens.  The metric, at the answer position (the last prompt token),
     is the logit difference target - foil (`logit_diff`) or the probability of target (`prob`); "denoise"
-    patches the clean picture's head outputs into the corrupted picture's run, "noise" the reverse.
+    patches the clean picture's head outputs into the corrupted picture's run, "noise" the reverse, at the
+    `positions` "all" (every token), "image" (the image tokens only: the picture's rows) or "text" (the others).
     Defaults: shapes-vlm's circle is red in scene-3 and yellow in scene-4."""
 
     clean_image: str = "scene-3"
@@ -134,6 +135,7 @@ class VlmPatchingParams:
     metric: str = "logit_diff"  # logit_diff | prob
     direction: str = "denoise"  # denoise | noise
     layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+    positions: str = "all"  # all | image | text: the rows whose head outputs are patched
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@
                                        --metric logit_diff|prob --direction denoise|noise --sender 9 3 --receivers q]
     python -m headscope probe dla      KEY [--target ' Mary' --foil ' John']   # direct logit attribution
     python -m headscope probe vlm_patching --model shapes-vlm [--clean-image scene-3 --corrupted-image scene-4
-                                       --question 'what colour is the circle?' --target red --foil yellow]
+                                       --question 'what colour is the circle?' --target red --foil yellow
+                                       --positions all|image|text]
     python -m headscope probe dit_patching --model shapes-dit [--clean 'a red circle at the center'
                                        --corrupted 'a blue circle at the center' --seed 0 --steps 20 --patch-pooled]
 

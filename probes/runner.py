@@ -145,8 +145,10 @@ def _validate(probe: str, p) -> None:
         if p.sender and len(p.sender) != 2:
             raise InputError("The path-patching sender is two numbers: its layer and its head.")
     elif probe == "vlm_patching":
-        if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS:
-            raise InputError("VLM patching takes metric logit_diff or prob, direction denoise or noise.")
+        if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS or \
+                p.positions not in ("all", "image", "text"):
+            raise InputError("VLM patching takes metric logit_diff or prob, direction denoise or noise, "
+                             "positions all, image or text.")
         if not p.question.strip():
             raise InputError("VLM patching needs a question about the two pictures.")
     elif probe == "dit_patching":

@@ -9,9 +9,12 @@ slice of a language-model layer, at every position, image tokens included) from 
 - "denoise": the clean picture's z into the corrupted picture's run: how much of the clean answer does
   this head restore?
 - "noise":   the corrupted picture's z into the clean picture's run.
-Every position's head outputs are patched, so patching every head of every layer gives the source run's
-metric exactly: the answer position's own token is the same in both runs and everything it reads after
-the embedding passes through the patched heads.  The sweep patches each head alone, B heads per forward
+By default every position's head outputs are patched, so patching every head of every layer gives the
+source run's metric exactly: the answer position's own token is the same in both runs and everything it
+reads after the embedding passes through the patched heads.  `positions` "image" patches the picture's
+rows only (the image tokens), "text" the other rows: a head patched alone at some rows outputs, at the
+others, what it outputs in the destination run (nothing before it changed), so its patch values are the
+source run's z at those rows and the destination run's elsewhere.  The sweep patches each head alone, B heads per forward
 (one per batch row) through the session's `head_patches`, the rows sharing the unpatched prefix from the
 first patched layer on (probes.patch_runs.widened); the vision tower and the projector run once per
 forward, at width 1.  Only the language model's attention layers are HeadScope's layers (capture.vlm),
@@ -91,15 +94,22 @@ def vlm_metric(handle: ModelHandle, inputs: VlmInputs, answer: Answer,
 
 def vlm_patching_sweep(handle: ModelHandle, source: VlmInputs, dest: VlmInputs, answer: Answer,
                        heads_list: list[tuple[int, int]] | None = None, batch_size: int | None = None,
-                       progress: Progress = no_progress) -> tuple[float, float, np.ndarray]:
+                       progress: Progress = no_progress, rows: list[int] | None = None
+                       ) -> tuple[float, float, np.ndarray]:
     """(source metric, destination metric, patched metric  # [layer, head]): each LM head's output z, at every
-    position, taken from the source picture's run into the destination picture's run, one head at a time,
-    B per forward."""
+    position (or at the positions `rows` only), taken from the source picture's run into the destination
+    picture's run, one head at a time, B per forward."""
     meta = handle.meta
     heads_list = sorted(heads_list if heads_list is not None else
                         [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
     z_source, source_value = vlm_head_outputs(handle, source, answer)
-    dest_value = vlm_metric(handle, dest, answer)
+    if rows is None:
+        dest_value = vlm_metric(handle, dest, answer)
+    else:  # the source's z at `rows`, the destination's own elsewhere (exact for one head patched per row)
+        z_dest, dest_value = vlm_head_outputs(handle, dest, answer)
+        at = torch.zeros(dest.input_ids.shape[1], dtype=torch.bool)
+        at[list(rows)] = True
+        z_source = [torch.where(at[None, :, None, None], zs, zd) for zs, zd in zip(z_source, z_dest)]
     batch_size = batch_size or batch_rows(dest.input_ids.shape[1], meta.n_heads)
     patched = np.full((meta.n_layers, meta.n_heads), np.nan)
     for start in range(0, len(heads_list), batch_size):
@@ -118,6 +128,18 @@ def vlm_patching_sweep(handle: ModelHandle, source: VlmInputs, dest: VlmInputs, 
     return source_value, dest_value, patched
 
 
+def patched_rows(inputs: VlmInputs, positions: str) -> list[int] | None:
+    """The rows `positions` names: None for "all", the image tokens' positions for "image", the rest for "text"."""
+    if positions == "all":
+        return None
+    image = sorted(int(i) for i in inputs.positions)
+    if positions == "image":
+        return image
+    if positions == "text":
+        return sorted(set(range(inputs.input_ids.shape[1])) - set(image))
+    raise InputError(f"Unknown patched positions {positions!r}; use all, image or text.")
+
+
 def vlm_patching_probe(handle: ModelHandle, p: VlmPatchingParams, put, progress: Progress,
                        batch_size: int | None = None) -> dict:
     """Every LM head patched alone between the two pictures (VlmPatchingParams).  Stores patched  # [layer,
@@ -133,8 +155,9 @@ def vlm_patching_probe(handle: ModelHandle, p: VlmPatchingParams, put, progress:
         raise InputError(f"Patched layers must lie in 0..{meta.n_layers - 1}.")
     source, dest = (clean, corrupted) if p.direction == "denoise" else (corrupted, clean)
     heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
+    rows = patched_rows(clean, p.positions)
     source_value, dest_value, patched = vlm_patching_sweep(handle, source, dest, answer, heads_list, batch_size,
-                                                           progress)
+                                                           progress, rows)
     put("patched", patched.astype(np.float32))
     denoise = p.direction == "denoise"
     clean_value, corrupted_value = (source_value, dest_value) if denoise else (dest_value, source_value)
@@ -143,4 +166,5 @@ def vlm_patching_probe(handle: ModelHandle, p: VlmPatchingParams, put, progress:
     image = clean.spans.get("image", clean.image_positions)
     return {"n_tokens": len(ids), "tokens": adapter.labels(ids, clean), "image_span": [image.start, image.stop],
             "summary": {"clean": clean_value, "corrupted": corrupted_value, "metric": p.metric,
-                        "direction": p.direction, "top": top_heads(np.nan_to_num(effect, nan=-np.inf))}}
+                        "direction": p.direction, "positions": p.positions,
+                        "top": top_heads(np.nan_to_num(effect, nan=-np.inf))}}

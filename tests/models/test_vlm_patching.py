@@ -4,7 +4,8 @@ Qwen2-VL (tests/models/tiny_vlms.py: 3-D rotary positions, dynamic resolution).
 
 Exactness, as for text (tests/models/test_attribution.py): patching every head of every LM layer from the
 clean picture's run into the corrupted one's gives the clean metric, patching none the corrupted one, the
-batched sweep equals one-head-at-a-time passes.  Stored through run_probe and read back torch-free
+batched sweep equals one-head-at-a-time passes; patching the image (or text) rows only equals an
+independent hook on the output projection that writes those rows alone.  Stored through run_probe and read back torch-free
 (analytics.patching_kinds).  Bad input is one sentence each: pictures of other token counts, a picture
 that does not exist, an answer that is not one token, the same picture twice, a text model.
 """
@@ -96,6 +97,40 @@ def test_batched_sweep_equals_one_head_at_a_time(tiny):
     assert np.isfinite(batched).all() and np.ptp(batched) > 0
 
 
+@pytest.mark.parametrize("positions", ["image", "text"])
+def test_patching_some_rows_equals_a_hook_that_patches_only_those_rows(tiny, positions):
+    """The sweep at the image (or text) rows, against an independent reference: a forward pre-hook on the
+    head's output projection that writes the clean z into those rows only."""
+    from capture.engine.handle import attention_layers
+    from probes.vlm_patching import answer_logits, patched_rows
+
+    _folder, handle, p = tiny
+    clean, corrupted, answer = pair(handle, p)
+    rows = patched_rows(clean, positions)
+    assert rows and len(rows) < clean.input_ids.shape[1]
+    _, _, batched = vlm_patching_sweep(handle, clean, corrupted, answer, rows=rows)
+    z_clean, _ = vlm_head_outputs(handle, clean, answer)
+    outs = [out for _attn, out in attention_layers(handle.model.model.language_model)]
+    meta = handle.meta
+    assert len(outs) == meta.n_layers
+    for l in range(meta.n_layers):
+        for h in range(meta.n_heads):
+            def write(_module, args, l=l, h=h):
+                x = args[0].clone()
+                cols = slice(h * meta.head_dim, (h + 1) * meta.head_dim)
+                x[:, rows, cols] = z_clean[l][:, rows, h].reshape(1, len(rows), -1)
+                return (x, *args[1:])
+
+            hook = outs[l].register_forward_pre_hook(write)
+            try:
+                with torch.inference_mode():
+                    want = float(answer.score(answer_logits(handle, corrupted))[0])
+            finally:
+                hook.remove()
+            assert batched[l, h] == pytest.approx(want, abs=EXACT), (l, h)
+    assert np.ptp(batched) > 0  # the hooks acted
+
+
 def test_probe_stores_and_analytics_reads_it(tiny, tmp_path, monkeypatch):
     folder, handle, p = tiny
     monkeypatch.setattr(registry, "load", lambda name: handle)  # the sharpened model, not a fresh load
@@ -161,6 +196,9 @@ def test_text_models_and_bad_parameters_are_refused(smollm2, tmp_path):
         with pytest.raises(InputError) as exc:
             run_probe("vlm_patching", "smollm2", VlmPatchingParams(direction="sideways"), store)
         one_sentence(exc)
+        with pytest.raises(InputError) as exc:
+            run_probe("vlm_patching", "smollm2", VlmPatchingParams(positions="corner"), store)
+        assert "positions all, image or text" in one_sentence(exc)
     finally:
         store.close()
 
