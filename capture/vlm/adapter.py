@@ -31,12 +31,16 @@ others' original), each image token's position and box in its pixels ("image_pos
 int32, "image_boxes"  # [token, 4] float32, x0 y0 x1 y1, NaN for no place; analytics.vlm_picture), the
 residual stream entering each LM layer ("hidden"  # [layer, token, dim] float16, for VAR's massive
 activations, analytics.vlm), and the vision tower's own maps where it is a ViT over one view
-("vision_attention", [layer, head, token, token] float16, with its patch grid "vision_grid": `Family.tower`).
+("vision_attention", [layer, head, token, token] float16, with its patch grid "vision_grid": `Family.tower`),
+taken from the tower's run inside the recorded pass (capture.vlm.tower: one view's eager weights beside
+its SDPA output), not from a second tower pass.  A small pass writes all of them, its layers and
+thumbnails included, in one index transaction.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -49,18 +53,33 @@ from capture.engine.handle import ModelHandle
 from capture.engine.recorder import BranchRecorder, Recorder, small_pass
 from capture.engine.session import session
 from capture.engine.writer import LayerWriter
-from capture.text.adapter import TOP_K, StepProgress, labels, step_logprobs, stored_bytes
+from capture.text.adapter import TOP_K, StepProgress, labels, stored_bytes
 from capture.vlm.inputs import VlmInputs, placed, question_span
 from capture.vlm.model import greedy_settings
 from core.errors import InputError
 from core.progress import Progress, no_progress
-from core.types import Capture, Output, RunSpec
+from core.types import Capture, Output, RunSpec, StepLogprobs
 
 HIDDEN = "hidden"  # cache entry: the residual stream of the recorded pass, [layer, token, dim] float16
 VISION = "vision_attention"  # cache entry: the vision tower's maps, [layer, head, token, token] float16
 VISION_GRID = "vision_grid"  # cache entry: [2] int32, the tower's patch grid (rows, cols)
 POSITIONS = "image_positions"  # cache entry: [image token] int32, their positions in the sequence
 BOXES = "image_boxes"  # cache entry: [image token, 4] float32, (x0, y0, x1, y1) in the stored picture's pixels
+
+
+_LABELS: "weakref.WeakKeyDictionary[object, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
+def token_labels(tokenizer, token_ids) -> list[str]:
+    """capture.text.adapter.labels (each token decoded alone, so a token's label never depends on its
+    neighbours), remembered per tokenizer: the tokens a model's captures share (its chat template's,
+    the picture's, the answers') are decoded once, the rest in one tokenizer call."""
+    known = _LABELS.setdefault(tokenizer, {})
+    ids = [int(i) for i in token_ids]
+    missing = list(dict.fromkeys(i for i in ids if i not in known))
+    if missing:
+        known.update(zip(missing, labels(tokenizer, missing)))
+    return [known[i] for i in ids]
 
 
 def generation_spans(spans: dict[str, range], n: int, max_new_tokens: int) -> dict[str, range]:
@@ -105,10 +124,10 @@ class VlmAdapter:
                  "question": question_span(self.tokenizer, ids, spec.prompt, after)}
         return inputs, spans
 
-    def labels(self, ids: list[int], inputs: VlmInputs) -> list[str]:
+    def labels(self, ids: list[int], inputs: VlmInputs, texts: list[str] | None = None) -> list[str]:
         """Readable token labels; each image token's view and cell ("patch(r,c)", "tile0(r,c)" ...,
-        "img:CLS" for a kept CLS token)."""
-        out = labels(self.tokenizer, ids)
+        "img:CLS" for a kept CLS token).  `texts`: capture.text.adapter.labels of `ids`, where already made."""
+        out = token_labels(self.tokenizer, ids) if texts is None else list(texts)
         for position, label in zip(inputs.positions, inputs.places.labels()):
             out[position] = label
         for position in inputs.spans.get("image_cls", ()):
@@ -129,7 +148,23 @@ class VlmAdapter:
                     stopping_criteria=[StepProgress(progress, spec.max_new_tokens, share)])
         self.sink_scores = dict(active.sink_scores)  # the recorded pass edits the very same sinks
         new_ids = [int(i) for i in result.sequences[0, n:]]
-        return new_ids, step_logprobs(tok, new_ids, result.logits)
+        return new_ids, self._steps(new_ids, result.logits)
+
+    def _steps(self, new_ids: list[int], logits) -> list[StepLogprobs]:
+        """capture.text.adapter.step_logprobs over all steps at once (one softmax, one top-k, one tokenizer
+        call for every label): per generated token the chosen token and the top-k log-probabilities, from
+        generate's `output_logits` (a tuple of [batch, vocab] per step; batch row 0)."""
+        n = min(len(new_ids), len(logits))
+        if not n:
+            return []
+        logprobs = torch.log_softmax(torch.stack([step[0] for step in logits[:n]]).float(), dim=-1)  # [step, vocab]
+        top = torch.topk(logprobs, TOP_K)
+        chosen = logprobs[torch.arange(n), torch.tensor(new_ids[:n])].tolist()
+        names = token_labels(self.tokenizer, new_ids[:n] + top.indices.reshape(-1).tolist())
+        values = top.values.tolist()
+        return [StepLogprobs(token=names[s], token_id=new_ids[s], logprob=chosen[s],
+                             top=list(zip(names[n + s * TOP_K:n + (s + 1) * TOP_K], values[s])))
+                for s in range(n)]
 
     # ---- the recorded pass --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -201,25 +236,30 @@ class VlmAdapter:
         session_spans = {"response": range(len(ids), len(ids)), "answer": range(len(ids), len(ids)), **spans}
         residual: dict[int, torch.Tensor] = {}
         small = small_pass(meta.n_layers, meta.n_heads, len(ids))
-        with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer, \
-                self._residual(residual):
-            recorder = Recorder(meta.n_heads, self.layout, writer.submit, defer=small)
-            with session(spec.intervention, recorder=recorder, spans=session_spans,
-                         sink_scores=self.sink_scores):
-                with torch.inference_mode():
-                    out = self.handle.model(**placed(inputs.answered(ids), self.handle.model), use_cache=False,
-                                            logits_to_keep=1)
-            recorder.finish()
-        arrays = self._picture_arrays(inputs)
-        if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
-            arrays[HIDDEN] = to_host(torch.stack([residual[l] for l in range(meta.n_layers)]))
-        tower = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
-        if tower is not None:
-            maps, grid = tower  # [layer, head, token, token] float16, the tower's patch grid
-            arrays.update({VISION: maps, VISION_GRID: np.asarray(grid, np.int32)})
-        with store.transaction():  # one index transaction for all of them
-            for name, array in arrays.items():
-                store.put_array(key, name, array)
+        view = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
+        with contextlib.ExitStack() as writes:  # a small pass: every array in one index transaction
+            with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer:
+                with self._residual(residual), \
+                        view.recording() if view is not None else contextlib.nullcontext([]) as tower:
+                    recorder = Recorder(meta.n_heads, self.layout, writer.submit, defer=small)
+                    with session(spec.intervention, recorder=recorder, spans=session_spans,
+                                 sink_scores=self.sink_scores):
+                        with torch.inference_mode():
+                            out = self.handle.model(**placed(inputs.answered(ids), self.handle.model),
+                                                    use_cache=False, logits_to_keep=1)
+                    recorder.finish()
+                arrays = self._picture_arrays(inputs)
+                if len(residual) == meta.n_layers:  # x^l entering each LM layer  # [layer, token, dim] float16
+                    arrays[HIDDEN] = to_host(torch.stack([residual[l] for l in range(meta.n_layers)]))
+                if view is not None:  # [layer, head, token, token] float16: recorded in the pass, else run again
+                    arrays.update({VISION: tower[0] if tower else view.maps(),
+                                   VISION_GRID: np.asarray(view.grid(), np.int32)})
+                # the writer's deferred layers and thumbnails go in as it closes, in the same transaction (a
+                # large pass streams its layers from the writer's thread, which must not wait on this one)
+                writes.enter_context(store.transaction() if small else contextlib.nullcontext())
+            with store.transaction():  # nested in the one above for a small pass
+                for name, array in arrays.items():
+                    store.put_array(key, name, array)
         return self._capture(spec, key, store, ids, spans, inputs, new_ids, steps, out.logits[0, -1], t_gen)
 
     def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
@@ -301,13 +341,14 @@ class VlmAdapter:
                  new_ids: list[int], steps, last_logits: torch.Tensor, t_gen: float) -> Capture:
         """The Capture of a recorded pass; last_logits  # [vocab] at its last row give the next-token top-k."""
         top = torch.topk(torch.log_softmax(last_logits.float(), dim=-1), TOP_K)
+        texts = token_labels(self.tokenizer, ids + top.indices.tolist())
         output = Output(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if new_ids else "",
             token_ids=ids, steps=list(steps),
-            next_top=list(zip(labels(self.tokenizer, top.indices), top.values.tolist())),
+            next_top=list(zip(texts[len(ids):], top.values.tolist())),
         )
         return Capture(
-            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, inputs), spans=spans, output=output,
+            key=key, spec=spec, meta=self.handle.meta, tokens=self.labels(ids, inputs, texts[:len(ids)]), spans=spans, output=output,
             layout=self.layout, store=store,
             timings={"capture_s": time.perf_counter() - t_gen},
         )

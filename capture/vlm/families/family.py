@@ -10,7 +10,7 @@ class Family:
     label: str  # as people name it
     processor: str  # the transformers processor class (built without its video processor)
     places: Callable  # (ChatProcessor, processor outputs, (width, height)) -> capture.vlm.places.Places
-    tower: Callable | None = None  # (model, VlmInputs) -> (maps [layer, head, token, token] float16, grid) or None
+    tower: Callable | None = None  # (model, VlmInputs) -> capture.vlm.tower.TowerView (the view its maps are of) or None
     layout: str = "tril"
     fills: dict = field(default_factory=dict)  # per-token input -> its value for a generated token (else 0)
     markers: tuple = ()  # special tokens around / between the image tokens (the "image_block" span)

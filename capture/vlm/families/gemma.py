@@ -12,7 +12,7 @@ import math
 
 from capture.vlm.families.family import Family
 from capture.vlm.places import Places, grid
-from capture.vlm.tower import tower_maps
+from capture.vlm.tower import TowerView
 
 
 def _square(count: int, size) -> Places:
@@ -31,7 +31,7 @@ def paligemma_places(processor, outputs, size) -> Places:
 def tower(model, inputs):
     """The SigLIP tower on the picture: the patch grid (no CLS token)."""
     tower_module = model.model.vision_tower
-    return tower_maps(tower_module, inputs.pixel_values)
+    return TowerView(tower_module, inputs.pixel_values)
 
 
 GEMMA3 = Family(label="Gemma 3", processor="Gemma3Processor", places=gemma3_places, tower=tower, layout="full",

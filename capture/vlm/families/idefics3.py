@@ -12,7 +12,7 @@ import math
 
 from capture.vlm.families.family import Family
 from capture.vlm.places import Places, grid
-from capture.vlm.tower import tower_maps
+from capture.vlm.tower import TowerView
 
 
 def places(processor, outputs, size) -> Places:
@@ -30,7 +30,7 @@ def tower(model, inputs):
     """The tower on the global view (the last of the views)."""
     tower_module = model.model.vision_model
     pixels = inputs.pixel_values[0, -1:]  # [1, 3, tile, tile]
-    return tower_maps(tower_module, pixels)
+    return TowerView(tower_module, pixels, pick=-1)  # the last of the (real) views the tower runs
 
 
 ROW_COL = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from capture.vlm.families.family import Family
 from capture.vlm.places import Places, grid
-from capture.vlm.tower import tower_maps
+from capture.vlm.tower import TowerView
 
 
 def places(processor, outputs, size) -> Places:
@@ -16,7 +16,7 @@ def places(processor, outputs, size) -> Places:
 def tower(model, inputs):
     """The vision tower on the picture: CLS first, then the patch grid."""
     tower_module = model.model.vision_tower
-    return tower_maps(tower_module, inputs.pixel_values)
+    return TowerView(tower_module, inputs.pixel_values)
 
 
 LLAVA = Family(label="LLaVA", processor="LlavaProcessor", places=places, tower=tower, shares_prefix=True)

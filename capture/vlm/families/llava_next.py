@@ -15,7 +15,7 @@ import numpy as np
 
 from capture.vlm.families.family import Family
 from capture.vlm.places import NO_PLACE, Places, View, grid
-from capture.vlm.tower import patch_grid, tower_maps
+from capture.vlm.tower import TowerView, patch_grid
 
 
 def _kept(grid_h: int, grid_w: int, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -74,7 +74,7 @@ def places(processor, outputs, size) -> Places:
 def tower(model, inputs):
     """The tower on the base view (the whole picture resized to one tile)."""
     tower_module = model.model.vision_tower
-    return tower_maps(tower_module, inputs.pixel_values[0, :1])
+    return TowerView(tower_module, inputs.pixel_values[0, :1], pick=0)  # the first view the tower runs
 
 
 LLAVA_NEXT = Family(label="LLaVA-NeXT", processor="LlavaNextProcessor", places=places, tower=tower)
