@@ -1,6 +1,7 @@
 """Activation patching on the other kinds of model, read back from the cache (issue 24, item 4): a VLM's
 language-model heads patched between two pictures (probes.vlm_patching), and shapes-dit's heads patched
-between two prompts, measured on the picture (probes.dit_patching).  Pure numpy, torch-free: the
+between two prompts, measured on the picture (probes.dit_patching); a ViT classifier's heads between two
+pictures, on the class logit (probes.vit_patching).  Pure numpy, torch-free: the
 measurement is the probe's; this module reads its stored result.
 
 The result has the text probe's shape (analytics.attribution.Patching): the metric with each head
@@ -32,4 +33,12 @@ def read_dit_patching(capture=None, **params) -> Patching:
     return Patching(stored.require(store, revision, model, "dit_patching", _probe_params("dit_patching", params)))
 
 
-__all__ = ["read_dit_patching", "read_vlm_patching"]
+
+def read_vit_patching(capture=None, **params) -> Patching:
+    """The stored vit_patching result of these VitPatchingParams fields, or ProbeMissing with the command that
+    makes it; the record's "target" and "foil" name the classes."""
+    store, revision, model, _ = _context(capture, params)
+    return Patching(stored.require(store, revision, model, "vit_patching", _probe_params("vit_patching", params)))
+
+
+__all__ = ["read_dit_patching", "read_vit_patching", "read_vlm_patching"]

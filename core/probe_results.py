@@ -139,6 +139,23 @@ class VlmPatchingParams:
 
 
 @dataclass(frozen=True)
+class VitPatchingParams:
+    """Activation patching of each head of a ViT image classifier between two pictures of the same size
+    (probes.vit_patching).  The metric is the logit difference of two classes target - foil (`logit_diff`,
+    labels or class numbers; "" = the clean picture's top class and the corrupted picture's) or the
+    probability of target (`prob`); "denoise" patches the clean picture's head outputs into the corrupted
+    picture's run, "noise" the reverse."""
+
+    clean_image: str = "cat"
+    corrupted_image: str = "coffee"
+    target: str = ""
+    foil: str = ""
+    metric: str = "logit_diff"  # logit_diff | prob
+    direction: str = "denoise"  # denoise | noise
+    layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+
+
+@dataclass(frozen=True)
 class DitPatchingParams:
     """Activation patching of each head of shapes-dit between two prompts with as many text tokens, sampled
     from the same `seed` for `steps` steps (probes.dit_patching): each head's output at every step taken
@@ -179,6 +196,7 @@ PARAMS: dict[str, type] = {
     "dla": DLAParams,
     "vlm_patching": VlmPatchingParams,
     "dit_patching": DitPatchingParams,
+    "vit_patching": VitPatchingParams,
 }
 CAPTURE_PROBES = ("hidden", "dla")  # probes of one capture, named by its key
 
@@ -274,4 +292,4 @@ def require(store, revision: str, model: str, probe: str, params: Any = None) ->
 
 __all__ = ["AblationParams", "CAPTURE_PROBES", "DLAParams", "DitPatchingParams", "DuoParams", "GradientParams", "HiddenParams", "KIND",
            "IOI_CLEAN", "IOI_CORRUPTED", "NeedleParams", "PARAMS", "PatchingParams", "PROBE_VERSION", "PatternParams",
-           "ProbeMissing", "VlmPatchingParams", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]
+           "ProbeMissing", "VitPatchingParams", "VlmPatchingParams", "ProbeResult", "cli_hint", "find", "params_of", "probe_key", "require"]

@@ -14,6 +14,8 @@
                                        --positions all|image|text]
     python -m headscope probe dit_patching --model shapes-dit [--clean 'a red circle at the center'
                                        --corrupted 'a blue circle at the center' --seed 0 --steps 20 --patch-pooled]
+    python -m headscope probe vit_patching --model google/vit-base-patch16-224 [--clean-image cat
+                                       --corrupted-image coffee --target '' --foil '']   # '' = each picture's top class
 
 Flags mirror the fields of each probe's parameters (core.probe_results); omitted ones keep the defaults
 that the metrics registry reads (they are left off the namespace, argparse.SUPPRESS).  Bad input
@@ -38,6 +40,7 @@ HELP = {
     "patching": "activation patching of every head from a clean prompt into a corrupted one (or path patching)",
     "dla": "direct logit attribution of a cached capture: every head, MLP and the embedding",
     "dit_patching": "activation patching of every head of shapes-dit between two prompts, measured on the picture",
+    "vit_patching": "activation patching of every head of a ViT image classifier between two pictures (class logit)",
     "vlm_patching": "activation patching of every language-model head of a VLM from a clean picture into a corrupted one",
 }
 
@@ -57,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 q.add_argument("--model", default="shapes-vlm", help="shapes-vlm or another vision-language model")
             elif name == "dit_patching":
                 q.add_argument("--model", default="shapes-dit", help="shapes-dit")
+            elif name == "vit_patching":
+                q.add_argument("--model", required=True, help="a ViT image classifier (hub id or folder)")
             else:
                 q.add_argument("--model", default="smollm2", help="smollm2 or another causal LM")
         if name != "hidden":
@@ -77,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    help=f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
-        if name in ("patching", "vlm_patching", "dit_patching"):
+        if name in ("patching", "vlm_patching", "dit_patching", "vit_patching"):
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default: by length)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
         q.add_argument("--json", action="store_true", help="print the stored record as JSON")
@@ -108,7 +113,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         model = args.model
         params = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # omitted: defaults
-        if name in ("ablation", "patching", "vlm_patching", "dit_patching") and args.batch is not None:
+        if name in ("ablation", "patching", "vlm_patching", "dit_patching", "vit_patching") and args.batch is not None:
             if args.batch < 1:
                 raise InputError("--batch must be 1 or more.")
             options["batch_size"] = args.batch

@@ -37,6 +37,7 @@ _WHERE = {
     "vit_grad_gate": ("probes.vision", "grad_gate"),
     "patching_sweep": "probes.patching", "path_patching_sweep": "probes.path_patching",
     "vlm_patching_sweep": "probes.vlm_patching", "dit_patching_sweep": "probes.dit_patching",
+    "vit_patching_sweep": "probes.vit_patching",
     "attribute": "probes.dla", "dla_probe": "probes.dla",
 }
 

@@ -9,11 +9,12 @@
     run_probe("dla", "smollm2", {"capture": key})  direct logit attribution of a capture's tokens
     run_probe("vlm_patching", "shapes-vlm")  activation patching of every LM head between two pictures
     run_probe("dit_patching", "shapes-dit")  activation patching of every head between two prompts, on the picture
+    run_probe("vit_patching", "google/vit-base-patch16-224")  the same for an image classifier's class logit
     hidden_states(capture)             the residual stream entering every layer of one capture (VAR)
 
 Each kind lives in its own module (probes.patterns, probes.needle, probes.ablation, probes.gradient,
 probes.duo, probes.hidden, probes.patching, probes.dla, probes.vlm_patching,
-probes.dit_patching) as a function (handle, params, put, progress,
+probes.dit_patching, probes.vit_patching) as a function (handle, params, put, progress,
 **options) -> record that stores its arrays with `put(name, array)` and returns the JSON record's own
 fields.  `run_probe`
 validates the parameters, holds the model's lock while the probe runs, and stores the result under
@@ -21,7 +22,7 @@ validates the parameters, holds the model's lock while the probe runs, and store
 `"kind": "probe"` (written last, so a crash never leaves a result that looks whole).  A second call
 with the same parameters is served from the cache.  Every probe reports progress through a
 `(fraction, message)` callback.  Command line: `python -m headscope probe
-{patterns,needle,ablation,gradient,duo,hidden,patching,dla,vlm_patching,dit_patching} ...`.
+{patterns,needle,ablation,gradient,duo,hidden,patching,dla,vlm_patching,dit_patching,vit_patching} ...`.
 
 Deviations from the papers' defaults are listed in each probe's docstring (short contexts and small
 probes so that a CPU finishes in minutes).
@@ -51,6 +52,7 @@ from probes.needle import needle_probe
 from probes.patch_runs import METRICS as PATCHING_METRICS
 from probes.patching import DIRECTIONS, patching_probe
 from probes.patterns import pattern_probe
+from probes.vit_patching import vit_patching_probe
 from probes.vlm_patching import vlm_patching_probe
 
 PROBES: dict[str, Callable] = {
@@ -64,6 +66,7 @@ PROBES: dict[str, Callable] = {
     "dla": dla_probe,
     "vlm_patching": vlm_patching_probe,
     "dit_patching": dit_patching_probe,
+    "vit_patching": vit_patching_probe,
 }
 
 
@@ -151,6 +154,9 @@ def _validate(probe: str, p) -> None:
                              "positions all, image or text.")
         if not p.question.strip():
             raise InputError("VLM patching needs a question about the two pictures.")
+    elif probe == "vit_patching":
+        if p.metric not in PATCHING_METRICS or p.direction not in DIRECTIONS:
+            raise InputError("ViT patching takes metric logit_diff or prob, direction denoise or noise.")
     elif probe == "dit_patching":
         if p.metric != "mse" or p.direction not in DIRECTIONS:
             raise InputError("DiT patching takes metric mse and direction denoise or noise.")
