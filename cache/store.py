@@ -3,7 +3,10 @@
 Layout of one capture with key K (DESIGN.md, "Cache"):
 
     K/<name>   one entry per array (e.g. "K/L007" = layer 7's maps), a .npy file read as a memory map;
-               the files of one capture share a folder of the cache directory (`ArrayDisk.array_filename`)
+               the files of one capture share a folder of the cache directory (`ArrayDisk.array_filename`);
+               a small array written with `put_array(..., inline=True)` keeps its .npy bytes in its index
+               row instead (no file: a file costs more to create than such an array to write), read back
+               as a read-only array
     K/meta     a JSON record, written LAST: a capture without it is incomplete and invisible
 
 Every entry of K carries the tag K, so a capture is evicted whole (`evict(K)`), never in parts.
@@ -25,6 +28,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 import zlib
@@ -37,10 +41,15 @@ import numpy as np
 from core.errors import CacheError, CorruptEntry
 
 MODE_NPY = 5  # our own diskcache mode: an .npy file, db value = CRC-32 of its bytes
+MODE_NPY_INLINE = 6  # our own diskcache mode: a small array, db value = its .npy bytes (no file)
 DEFAULT_DIR = "cache_data"
 DEFAULT_GB = 20.0
 META = "meta"
 _PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}")  # a key part usable as a file name as it is
+
+
+class _InlineNpy(bytes):
+    """The .npy bytes of a small array that goes in its index row (`Store.put_array(..., inline=True)`)."""
 
 
 class ArrayDisk(diskcache.Disk):
@@ -61,6 +70,8 @@ class ArrayDisk(diskcache.Disk):
         return super().get(key, raw)
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if isinstance(value, _InlineNpy):
+            return 0, MODE_NPY_INLINE, None, sqlite3.Binary(value)
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("object arrays cannot be cached")
@@ -97,6 +108,13 @@ class ArrayDisk(diskcache.Disk):
     def fetch(self, mode, filename, value, read):
         if mode == diskcache.core.MODE_PICKLE:
             raise CorruptEntry("cache entry is a pickle; refusing to unpickle it")
+        if mode == MODE_NPY_INLINE:
+            try:
+                array = np.load(io.BytesIO(value), allow_pickle=False)
+            except (TypeError, ValueError, EOFError) as exc:
+                raise CorruptEntry(f"unreadable inline array: {exc}") from exc
+            array.flags.writeable = False  # as the memory maps of file entries
+            return array
         if mode != MODE_NPY:
             try:
                 return super().fetch(mode, filename, value, read)
@@ -152,7 +170,14 @@ class Store:
         )
 
     # ---- arrays and metadata ------------------------------------------------------------------
-    def put_array(self, key: str, name: str, array: np.ndarray) -> None:
+    def put_array(self, key: str, name: str, array: np.ndarray, inline: bool = False) -> None:
+        """Store one array of capture `key`; with `inline`, an array under diskcache's min_file_size (32 KB)
+        goes in its index row, not in a file of its own (larger ones still get a file)."""
+        if inline and array.nbytes < self._cache.disk_min_file_size and not array.dtype.hasobject:
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            self._cache.set(f"{key}/{name}", _InlineNpy(buffer.getvalue()), tag=key)
+            return
         self._cache.set(f"{key}/{name}", array, tag=key)
 
     def transaction(self):

@@ -259,7 +259,7 @@ class VlmAdapter:
                 writes.enter_context(store.transaction() if small else contextlib.nullcontext())
             with store.transaction():  # nested in the one above for a small pass
                 for name, array in arrays.items():
-                    store.put_array(key, name, array)
+                    store.put_array(key, name, array, inline=True)  # the small ones in the index, no file each
         return self._capture(spec, key, store, ids, spans, inputs, new_ids, steps, out.logits[0, -1], t_gen)
 
     def record_from(self, prefix: RecordedPrefix, store, items: list[tuple]) -> list[Capture]:
@@ -317,7 +317,7 @@ class VlmAdapter:
                                                       for l in range(meta.n_layers)]))
             with store.transaction():
                 for name, array in arrays.items():
-                    store.put_array(key, name, array)
+                    store.put_array(key, name, array, inline=True)  # the small ones in the index, no file each
             captures.append(self._capture(spec, key, store, ids, spans, inputs, new_ids, (), out.logits[0, b], t_gen))
             row += lengths[b]
         return captures

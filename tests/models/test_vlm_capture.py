@@ -224,3 +224,23 @@ def test_full_feature_selection_keeps_the_vision_cls_apart(tmp_path, store):
     assert capture.tokens[cls.start] == "img:CLS" and capture.tokens[image.start] == "patch(0,0)"
     ref = eager_maps(tmp_path, capture)
     np.testing.assert_allclose(capture.attention(1).astype(np.float32), ref[1], atol=2e-3, rtol=0)
+
+
+def test_small_picture_arrays_are_kept_in_the_index(tiny_vlm, store):
+    """The capture's small arrays (token positions, boxes, residual stream, tower maps and grid) go in
+    their index rows (cache.store.Store.put_array(..., inline=True)): no file each, read back as
+    read-only arrays with the same values; the layers keep their .npy files; evicting removes all."""
+    from capture.vlm.adapter import BOXES, HIDDEN, POSITIONS, VISION, VISION_GRID
+
+    capture = run(RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-3", max_new_tokens=2, seed=21), store)
+    files = {p.name.split("-")[0] for p in (store.directory / "index" / capture.key).glob("*.npy")}
+    assert {"L000", "L001", "L002", "image"} <= files  # the layers (LayerWriter) and the 37 KB picture: files
+    assert not files & {POSITIONS, BOXES, HIDDEN, VISION_GRID}  # under 32 KB: in the index
+    positions = store.get_array(capture.key, POSITIONS)
+    assert not positions.flags.writeable and positions.dtype == np.int32
+    assert list(positions) == list(capture.spans["image"])
+    assert store.get_array(capture.key, BOXES).shape == (64, 4)
+    assert tuple(store.get_array(capture.key, VISION_GRID)) == (8, 8)
+    assert store.get_array(capture.key, VISION).shape[-1] == 65 and store.get_array(capture.key, HIDDEN).shape[0] == 3
+    store.evict(capture.key)
+    assert not list((store.directory / "index" / capture.key).glob("*.npy"))
