@@ -18,13 +18,15 @@ class LayerWriter:
 
     A small pass (`defer`, capture.engine.recorder.small_pass) is kept in memory instead and written after
     the forward in one cache transaction: for a 128-token input the writer thread's share of the GIL
-    and 31 separate index commits cost more than the writing itself."""
+    and 31 separate index commits cost more than the writing itself.  With `inline` those deferred
+    arrays that are under 32 KB go in their index rows, not in files (cache.store.Store.put_array)."""
 
     MAX_PENDING = 2  # layers waiting to be written; bounds the memory held by the queue
 
     def __init__(self, store, key: str, n_layers: int, progress: Progress, share_before: float,
-                 defer: bool = False):
+                 defer: bool = False, inline: bool = False):
         self.store, self.key, self.n_layers = store, key, n_layers
+        self.inline = inline
         self.progress, self.share_before = progress, share_before
         self.deferred: list[tuple[str, np.ndarray]] | None = [] if defer else None
         self.pool = None if self.deferred is not None else \
@@ -57,7 +59,7 @@ class LayerWriter:
                 arrays = (self.deferred or []) + [(overview_name(thumbs.shape[-1]), thumbs)]
                 with self.store.transaction():
                     for name, array in arrays:
-                        self.store.put_array(self.key, name, array)
+                        self.store.put_array(self.key, name, array, inline=self.inline)
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)

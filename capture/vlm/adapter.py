@@ -34,7 +34,9 @@ activations, analytics.vlm), and the vision tower's own maps where it is a ViT o
 ("vision_attention", [layer, head, token, token] float16, with its patch grid "vision_grid": `Family.tower`),
 taken from the tower's run inside the recorded pass (capture.vlm.tower: one view's eager weights beside
 its SDPA output), not from a second tower pass.  A small pass writes all of them, its layers and
-thumbnails included, in one index transaction.
+thumbnails included, in one index transaction, and those under 32 KB in their index rows rather than in
+a file each (cache.store.Store.put_array(..., inline=True): a file costs more to create than they do to
+write); old captures, all files, read as before.
 """
 from __future__ import annotations
 
@@ -238,7 +240,7 @@ class VlmAdapter:
         small = small_pass(meta.n_layers, meta.n_heads, len(ids))
         view = self.family.tower(self.handle.model, inputs) if vision and self.family.tower else None
         with contextlib.ExitStack() as writes:  # a small pass: every array in one index transaction
-            with LayerWriter(store, key, meta.n_layers, progress, share, defer=small) as writer:
+            with LayerWriter(store, key, meta.n_layers, progress, share, defer=small, inline=True) as writer:
                 with self._residual(residual), \
                         view.recording() if view is not None else contextlib.nullcontext([]) as tower:
                     recorder = Recorder(meta.n_heads, self.layout, writer.submit, defer=small)

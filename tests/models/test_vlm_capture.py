@@ -227,15 +227,18 @@ def test_full_feature_selection_keeps_the_vision_cls_apart(tmp_path, store):
 
 
 def test_small_picture_arrays_are_kept_in_the_index(tiny_vlm, store):
-    """The capture's small arrays (token positions, boxes, residual stream, tower maps and grid) go in
-    their index rows (cache.store.Store.put_array(..., inline=True)): no file each, read back as
-    read-only arrays with the same values; the layers keep their .npy files; evicting removes all."""
+    """A small pass's arrays under 32 KB (here the token positions, boxes, residual stream and grid; the
+    layers where they are that small, as in the tiny families) go in their index rows
+    (cache.store.Store.put_array(..., inline=True)): no file each, read back as read-only arrays with
+    the same values; larger ones (the 37 KB picture) keep their .npy files; evicting removes all."""
     from capture.vlm.adapter import BOXES, HIDDEN, POSITIONS, VISION, VISION_GRID
 
     capture = run(RunSpec(model=str(tiny_vlm), prompt=QUESTION, image="scene-3", max_new_tokens=2, seed=21), store)
     files = {p.name.split("-")[0] for p in (store.directory / "index" / capture.key).glob("*.npy")}
-    assert {"L000", "L001", "L002", "image"} <= files  # the layers (LayerWriter) and the 37 KB picture: files
-    assert not files & {POSITIONS, BOXES, HIDDEN, VISION_GRID}  # under 32 KB: in the index
+    names = ["L000", "L001", "L002", "image", POSITIONS, BOXES, HIDDEN, VISION, VISION_GRID]
+    sizes = {name: store.get_array(capture.key, name).nbytes for name in names}
+    assert {name for name in names if sizes[name] >= 2**15} == files - {f for f in files if f.startswith("ov")}
+    assert {POSITIONS, BOXES, HIDDEN, VISION_GRID}.isdisjoint(files) and "image" in files  # 37 KB: a file
     positions = store.get_array(capture.key, POSITIONS)
     assert not positions.flags.writeable and positions.dtype == np.int32
     assert list(positions) == list(capture.spans["image"])
