@@ -225,7 +225,7 @@ def main() -> None:
     if args.tiny:
         import sys
 
-        sys.path.insert(0, str(ROOT / "tests"))
+        sys.path.insert(0, str(ROOT / "tests" / "models"))
         import tiny_pipelines
 
         workdir = Path(tempfile.mkdtemp(prefix="hs-dit-pipelines-"))

@@ -96,6 +96,7 @@ class DitAdapter:
             progress(0.9, "writing the maps")
             recorder.finish()
             writer.finish(image)
+            recorder.release()
         notes += run_notes
         if dit_presets.is_guidance(spec.intervention):
             notes.append(f"SoftPAG: {len(spec.intervention.heads())} head(s) perturbed in a guidance branch, "

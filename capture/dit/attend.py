@@ -6,7 +6,7 @@ processor it replaces, then hands them to `attend`:
 
 - no attention-level edit on the module: the diffusers processor's own attention call (`plain`), so the
   output is bit for bit the default processor's; when the layer is recorded, the map of the recorded
-  batch row is computed on the side, ROW_BLOCK query rows at a time, as softmax(q kᵀ · scale + mask)
+  batch row is computed on the side, block_rows query rows at a time, as softmax(q kᵀ · scale + mask)
   in float32 (Sana's linear attention: capture.dit.families.sana);
 - attention-level edits (mix, logit, redistribute, window; capture.engine.edits): the weights are
   computed explicitly, row block by row block, with the edits applied per head and batch row (the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -37,6 +38,7 @@ from core.errors import InterventionError
 from core.interventions import ATTENTION_OPS, HeadEdit, Intervention, parse_positions, sink_set
 
 KINDS = ("joint", "self", "cross")
+BLOCK_ELEMENTS = 1 << 21  # a recorded map's row block may hold this many scores (8 MB in float32): `block_rows`
 LINEAR_EPSILON = 1e-15  # Sana's linear attention: out_i = Σ_j φ(q_i)·φ(k_j) v_j / (Σ_j φ(q_i)·φ(k_j) + 1e-15)
 
 _RECORDER: contextvars.ContextVar[object | None] = contextvars.ContextVar("headscope_dit_recorder", default=None)
@@ -186,14 +188,52 @@ class Attend:
 
 # ---- the maps ------------------------------------------------------------------------------------------
 
+_SCRATCH = threading.local()  # per thread: two float32 buffers of at most BLOCK_ELEMENTS each, per device
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Two float32 buffers of `shape` (scores and weights of one row block) that this thread reuses from call
+    to call while a block holds at most BLOCK_ELEMENTS, so recording a small map does not allocate (and on a
+    CPU fault in) fresh memory for every block; (None, None) for a larger block."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel > BLOCK_ELEMENTS:
+        return None, None
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    pair = buffers.get(device)
+    if pair is None:
+        with torch.inference_mode(False):  # normal tensors: usable in and out of inference mode
+            pair = buffers[device] = (torch.empty(BLOCK_ELEMENTS, device=device),
+                                      torch.empty(BLOCK_ELEMENTS, device=device))
+    return pair[0][:numel].view(shape), pair[1][:numel].view(shape)
+
+
 def softmax_rows(query: torch.Tensor, key_t: torch.Tensor, mask: torch.Tensor | None, scale: float, r0: int,
-                 r1: int) -> torch.Tensor:
-    """weights  # [head, rows, key] float32 of one batch row: softmax(q kᵀ · scale + mask), rows r0..r1-1."""
-    scores = torch.matmul(query[:, r0:r1].float(), key_t) * scale
+                 r1: int, reuse: bool = False) -> torch.Tensor:
+    """weights  # [head, rows, key] float32 of one batch row: softmax(q kᵀ · scale + mask), rows r0..r1-1.
+    `reuse`: in this thread's scratch buffers (`_scratch`), valid until its next call."""
+    q = query[:, r0:r1].float()
+    reuse = reuse and not (q.requires_grad or key_t.requires_grad)  # out= takes no autograd
+    scores, weights = _scratch((q.shape[0], q.shape[1], key_t.shape[-1]), q.device) if reuse else (None, None)
+    scores = torch.matmul(q, key_t, out=scores).mul_(scale)
     if mask is not None:
         block = mask[..., r0:r1, :] if mask.shape[-2] > 1 else mask
-        scores = scores.masked_fill(~block, float("-inf")) if block.dtype == torch.bool else scores + block.float()
-    return torch.softmax(scores, dim=-1)
+        if block.dtype == torch.bool:
+            scores.masked_fill_(~block, float("-inf"))
+        else:
+            scores.add_(block.float())
+    return torch.softmax(scores, dim=-1) if weights is None else torch.softmax(scores, dim=-1, out=weights)
+
+
+def block_rows(heads: int, n_k: int) -> int:
+    """Query rows per block of a recorded map: ROW_BLOCK, or more while a block holds at most
+    BLOCK_ELEMENTS scores, so a small map (the tiny pipelines, shapes-dit) takes one or a few blocks
+    (the kernels' fixed cost, not the arithmetic, is most of its time) and a large one stays in ROW_BLOCK
+    blocks.  The rows of a block are the same numbers whatever the block size."""
+    return max(ROW_BLOCK, BLOCK_ELEMENTS // max(1, heads * n_k))
 
 
 def linear_map(query: torch.Tensor, key_t: torch.Tensor) -> torch.Tensor:
@@ -211,19 +251,20 @@ def _linear_weights(query: torch.Tensor, key_t: torch.Tensor, r0: int, r1: int) 
 
 def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
                 kernel: str = "softmax") -> None:
-    """Hand the unedited map of one batch row to `sink`, ROW_BLOCK query rows at a time.
+    """Hand the unedited map of one batch row to `sink`, `block_rows` query rows at a time.
     query  # [head, n_q, head_dim], key  # [head, n_k, head_dim]."""
     if kernel == "linear" and getattr(sink, "pooled_only", False):  # folded without forming the n x n map
         sink.linear(query, key)
         return
     key_t = key.float().transpose(-1, -2)  # [head, head_dim, key]
     n_q = query.shape[1]
-    for r0 in range(0, n_q, ROW_BLOCK):
-        r1 = min(n_q, r0 + ROW_BLOCK)
+    step = block_rows(key.shape[0], key.shape[1])
+    for r0 in range(0, n_q, step):
+        r1 = min(n_q, r0 + step)
         if kernel == "linear":
             sink.rows(r0, _linear_weights(query.float(), key_t, r0, r1))
         else:
-            sink.rows(r0, softmax_rows(query, key_t, mask, scale, r0, r1))
+            sink.rows(r0, softmax_rows(query, key_t, mask, scale, r0, r1, reuse=True))  # sinks copy the rows
 
 
 def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch.Tensor, key: torch.Tensor,
@@ -258,5 +299,5 @@ def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch
     return out.transpose(1, 2).reshape(batch, n_q, heads * value.shape[-1])
 
 
-__all__ = ["Attend", "Frame", "KINDS", "LINEAR_EPSILON", "current_recorder", "edited", "linear_map", "module_view",
-           "record_rows", "recording", "softmax_rows"]
+__all__ = ["Attend", "BLOCK_ELEMENTS", "Frame", "KINDS", "LINEAR_EPSILON", "block_rows", "current_recorder", "edited",
+           "linear_map", "module_view", "record_rows", "recording", "softmax_rows"]

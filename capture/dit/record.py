@@ -11,10 +11,14 @@ the full maps of the kept steps at the layers asked for (`full_layers`, none by 
 conditional batch row, block by block, on the device the model runs on; it folds them into the kept
 arrays there (index_add over the coarse tokens: memory-bound, no n x n x m products), moves one step's
 arrays to the CPU as float16 when the step ends, and writes them on a background thread while the next
-step runs (capture.dit.write).
+step runs (capture.dit.write).  A "full" capture's buffers (its maps, step means and their float16
+copies) go back to a small pool when written (`_Spare`, at most SPARE_BYTES) and the next capture of the
+same shapes reuses them: on a CPU, faulting fresh pages in cost a tiny pipeline's capture more than the
+arithmetic.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,7 @@ import torch
 
 from capture.dit.attend import Frame
 from capture.dit.tokens import TokenLayout
+from capture.dit.write import view_items
 from core import dit_capture
 from core.dit_capture import DitLayout, region_of
 
@@ -46,6 +51,57 @@ class RecordPlan:
 
     def recorded(self, steps: int) -> list[int]:
         return [s for s in (sorted(self.steps) if self.steps is not None else range(steps)) if 0 <= s < steps]
+
+
+class _Spare:
+    """The map buffers of the last "full" captures (at most SPARE_BYTES), reused zeroed by the next
+    capture of the same shapes: filling memory the process already holds instead of faulting fresh pages
+    in (a tiny pipeline's capture spends more on the page faults of its 5 MB of buffers than on
+    computing the maps)."""
+
+    def __init__(self):
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        shape = tuple(shape)
+        with self.lock:
+            for i, t in enumerate(self.free):
+                if t.shape == shape and t.dtype == dtype:
+                    return self.free.pop(i)
+        with torch.inference_mode(False):  # normal tensors: reusable in and out of inference mode
+            return torch.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.empty(shape).zero_()
+
+    def give(self, tensors: list[torch.Tensor]) -> None:
+        with self.lock:
+            self.free = ([t for t in tensors if t.numel()] + self.free)
+            total, kept = 0, []
+            for t in self.free:
+                total += t.numel() * t.element_size()
+                if total > SPARE_BYTES:
+                    break
+                kept.append(t)
+            self.free = kept
+
+
+SPARE_BYTES = 32 * 2**20
+_spare = _Spare()
+
+
+def step_mean(maps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """maps  # [step, head, n, n] float16 -> their mean over the steps  # [head, n, n] float32 (zeros for no
+    step): the steps summed in order in float32, then divided, the very numbers of
+    `maps.float().mean(0)` without converting the whole array first (half the time); into `out` when given."""
+    total = torch.empty(maps.shape[1:]) if out is None else out
+    if not len(maps):
+        return total.zero_()
+    total.copy_(maps[0])
+    for step in maps[1:]:
+        total.add_(step)
+    return total.div_(len(maps))
 
 
 class _FullSink:
@@ -147,6 +203,7 @@ class MapRecorder:
         self.ended: set[int] = set()  # steps whose arrays went to the writer
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
+        self.scratch: list[torch.Tensor] = []  # "full": the step means and their float16 copies being written
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -182,8 +239,8 @@ class MapRecorder:
         n, heads, words = layout.n, self.n_heads, self.cross_heads or self.n_heads
         if self.plan.mode == "full":
             steps = len(self.wanted)
-            self.t = [torch.zeros(steps, heads, n, n, dtype=torch.float16) for _ in range(self.n_layers)]
-            self.x = [torch.zeros(steps, words, layout.n_image, len(layout.text), dtype=torch.float16)
+            self.t = [_spare.zeros((steps, heads, n, n)) for _ in range(self.n_layers)]
+            self.x = [_spare.zeros((steps, words, layout.n_image, len(layout.text)))
                       for _ in range(self.n_layers)] if self.cross else None
             return
         self.columns_list = layout.columns(grouped=True)
@@ -228,24 +285,26 @@ class MapRecorder:
             return
         self.ended.add(self.step)
         if self.plan.mode == "split":
-            self._end_step()
+            arrays = self._end_step()
             if self.step == self.wanted[-1]:  # the coarse maps' step mean: the generic views' maps
-                mean = (self.mean / len(self.wanted)).to(torch.float16).cpu().numpy()
-                self.writer.put_views([mean[layer] for layer in range(self.n_layers)])
+                arrays += view_items(list((self.mean / len(self.wanted)).cpu()))
+            self.writer.put_many(arrays)
         elif self.step == self.wanted[-1]:
             self._end_full()
 
     def _end_full(self) -> None:
-        """All steps of a "full" capture are in: its arrays go to the writer, the step means are taken here."""
-        arrays = [(dit_capture.steps_name(layer), self.t[layer].numpy()) for layer in range(self.n_layers)]
+        """All steps of a "full" capture are in: its maps, their step means (the generic views' maps) and
+        the means' thumbnails go to the writer, in one cache transaction."""
+        arrays = [(dit_capture.steps_name(layer), t.numpy()) for layer, t in enumerate(self.t)]
         if self.cross:
-            arrays += [(dit_capture.cross_name(layer), self.x[layer].numpy()) for layer in range(self.n_layers)]
-        self.writer.put_many(arrays)  # written on the writer's thread while the means are taken here
-        self.writer.put_views([t.float().mean(0).half().numpy() if len(t) else np.zeros(t.shape[1:], np.float16)
-                               for t in self.t])
+            arrays += [(dit_capture.cross_name(layer), x.numpy()) for layer, x in enumerate(self.x)]
+        means = [step_mean(t, _spare.empty(t.shape[1:], torch.float32)) for t in self.t]
+        views = [_spare.empty(m.shape) for m in means]
+        self.writer.put_many(arrays + view_items(means, views))
+        self.scratch = means + views
 
-    def _end_step(self) -> None:
-        """Hand one step's arrays to the writer and start the next step's."""
+    def _end_step(self) -> list[tuple[str, np.ndarray]]:
+        """One step's arrays, for the writer; the next step's start empty."""
         f16 = lambda t: t.to(torch.float16).cpu().numpy()  # noqa: E731
         step = self.step
         coarse = torch.stack(self.c)  # [layer, head, m, m]
@@ -254,9 +313,9 @@ class MapRecorder:
         if self.y is not None:
             arrays.append((dit_capture.step_file("YS", step), f16(torch.stack(self.y))))
         arrays += [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
-        self.writer.put_many(arrays)
         self.mean += coarse
         self._fresh()
+        return arrays
 
     def finish(self) -> None:
         """End the run: whatever the last step completed goes to the writer, with the per-layer maps the
@@ -264,6 +323,13 @@ class MapRecorder:
         self.end_step()
         if not self.wanted and self.plan.mode == "full":  # nothing recorded: empty step axes, zero maps
             self._end_full()
+
+    def release(self) -> None:
+        """The writer is done with this capture's arrays: a "full" capture's buffers go back for the next
+        capture to reuse (`_Spare`)."""
+        if self.plan.mode == "full" and self.layout is not None:
+            _spare.give(self.t + (self.x or []) + self.scratch)
+            self.t, self.x, self.scratch = [], None, []
 
     def tokens_and_info(self) -> tuple[list[str], dict[str, range], DitLayout]:
         """The capture's tokens and spans, and its layout_info["dit"]."""

@@ -1,8 +1,8 @@
 """Writing a DiT capture to the cache, and what one will take before it runs.
 
 `ArrayWriter` writes arrays on one background thread while sampling goes on (at most MAX_PENDING
-groups waiting, which bounds the memory the queue holds), a group per cache transaction; `put_views`
-adds the per-layer maps the generic views read and their overview thumbnails, `finish` the image.
+groups waiting, which bounds the memory the queue holds), a group per cache transaction; `view_items`
+are the per-layer maps the generic views read and their overview thumbnails; `finish` writes the image.
 The metadata record is written last by capture.api.run.
 
 `estimate` adds up a capture's disk and its memory above the loaded pipeline (bytes), for both
@@ -24,21 +24,42 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capture.dit.attend import BLOCK_ELEMENTS
 from capture.engine import memory
+from capture.engine.call import ROW_BLOCK
 from core import dit_capture
 from core.errors import InputError
 from core.layouts import overview_name
 from core.types import OVERVIEW_BINS
 
 MAX_PENDING = 8
-ROW_BLOCK = 256  # capture.engine.call.ROW_BLOCK
 
 
-def pooled(maps: np.ndarray, bins: int) -> np.ndarray:
+def pooled(maps: torch.Tensor, bins: int) -> torch.Tensor:
     """core.layouts.max_pool (block max over ceil(n / bins) blocks, ragged last block) computed by torch:
-    maps  # [head, n, n] float16 -> [head, bins, bins] float16; the same numbers, several times faster."""
-    size = -(-maps.shape[-1] // bins)
-    return F.max_pool2d(torch.from_numpy(maps).float(), size, ceil_mode=True).half().numpy()
+    maps  # [head, n, n] -> [head, bins, bins], same dtype; the same numbers, several times faster."""
+    heads, rows, cols = maps.shape
+    size = -(-cols // bins)
+    if size == 1:
+        return maps
+    # the max over each block's rows, then over its columns (a third of max_pool2d's time); a ragged last
+    # block is padded with -inf, which no block max takes (every block holds at least one entry)
+    tall, wide = -(-rows // size) * size, -(-cols // size) * size
+    if (tall, wide) != (rows, cols):
+        maps = F.pad(maps, (0, wide - cols, 0, tall - rows), value=float("-inf"))
+    by_rows = maps.reshape(heads, tall // size, size, wide).amax(2)
+    return by_rows.reshape(heads, tall // size, wide // size, size).amax(3)
+
+
+def view_items(means: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The arrays the generic views read, from each layer's step mean  # [head, n, n] float32: L007
+    # [head, n, n] float16 and the overview thumbnails of all layers.  The thumbnails are pooled before
+    the rounding to float16 (a block max commutes with a monotone rounding): the same numbers as pooling
+    the float16 maps, one conversion fewer.  `out`: float16 CPU buffers for the L maps (else new ones)."""
+    bins = min(OVERVIEW_BINS, means[0].shape[-1])
+    maps = [m.to(torch.float16).cpu().numpy() if out is None else out[i].copy_(m).numpy() for i, m in enumerate(means)]
+    thumbs = np.stack([pooled(m, bins).to(torch.float16).cpu().numpy() for m in means])
+    return [(f"L{layer:03d}", m) for layer, m in enumerate(maps)] + [(overview_name(bins), thumbs)]
 
 
 class ArrayWriter:
@@ -64,12 +85,6 @@ class ArrayWriter:
             for name, array in items:
                 self.store.put_array(self.key, name, array)
 
-    def put_views(self, maps: list[np.ndarray]) -> None:
-        """Per layer the map the generic views read (L  # [head, n, n] float16), and their thumbnails."""
-        bins = min(OVERVIEW_BINS, maps[0].shape[-1])
-        self.put_many([(f"L{layer:03d}", m) for layer, m in enumerate(maps)]
-                      + [(overview_name(bins), np.stack([pooled(m, bins) for m in maps]))])
-
     def finish(self, image: np.ndarray) -> None:
         """The sampled image; then wait until everything is written."""
         self.put(dit_capture.IMAGE_NAME, image)
@@ -94,7 +109,8 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
              steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0) -> memory.Estimate:
     """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring)."""
     n, words = n_image + n_text, cross_heads or n_heads
-    row_block = 3 * n_heads * ROW_BLOCK * n * 4  # scores, weights, their fold over the coarse tokens
+    block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
+    row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
     if mode == "full":
         maps = n_layers * (steps + 1) * n_heads * n * n * 2
         words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0
@@ -129,4 +145,4 @@ def check(need: memory.Estimate, name: str, size: tuple[int, int], steps: int, d
                          "memory or set HEADSCOPE_CAPTURE_GB.")
 
 
-__all__ = ["ArrayWriter", "check", "estimate"]
+__all__ = ["ArrayWriter", "check", "estimate", "view_items"]
