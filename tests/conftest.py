@@ -24,6 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
+def open_app(params: dict, timeout: int = 300):
+    """app.py in AppTest opened on a link's query parameters, run once; no exception on the page."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    at.query_params.update(params)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
 def pytest_collection_modifyitems(items):
     """Each test gets the marker of its tier, the folder it lives in."""
     for item in items:

@@ -5,24 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from capture import ModelMeta, presets
-from conftest import component_data
+from conftest import component_data, open_app
 from pages.intervene_link import settings_of
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
 PROMPT = "The cat sat on the mat. The cat sat on the"
 META = ModelMeta(name="smollm2", family="llama", modality="text", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                  causal=True)
-
-
-def open_app(params: dict) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.query_params.update(params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 @pytest.mark.parametrize("name, heads, params", [

@@ -2,23 +2,11 @@
 embedded shapes-vlm when its weights exist.  The browser test is in tests/browser/test_browser_pages.py style below."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from streamlit.testing.v1 import AppTest
 from test_vlm_capture import tiny_vlm  # noqa: F401 - the fixture
 
 from capture.vlm import model as vlm_model
-
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
-
-
-def open_app(params: dict) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.query_params.update(params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+from conftest import open_app
 
 
 @pytest.fixture
