@@ -10,6 +10,7 @@ from capture import USER_ERRORS, default_store, load, revision
 from charts import atlas as charts
 from charts.pictures import metric_grid
 from charts.theme import plot_config
+from core.probe_results import CAPTURE_PROBES
 from pages import shared
 from pages.widgets import picture
 
@@ -26,7 +27,8 @@ PROBE_INPUTS = {
 }
 # seconds per unit of each probe on the reference machine (2 CPU cores; pages/shared.Estimate)
 PROBE_COST = {"patterns": (1, "forward pass", 3.0), "needle": (15, "needle tests", 12.0),
-              "gradient": (4, "texts", 2.5), "duo": (24, "optimisation steps", 5.0), "hidden": (1, "forward pass", 3.0)}
+              "gradient": (4, "texts", 2.5), "duo": (24, "optimisation steps", 5.0), "hidden": (1, "forward pass", 3.0),
+              "dla": (1, "forward pass", 3.0)}
 ABLATION_EACH_S = 0.5  # one head ablated: one row of a batched forward over 128 tokens
 
 view = shared.view_state()
@@ -82,6 +84,8 @@ def _run_probe(probe: str, params: dict | None = None) -> None:
         result = shared.run_with_progress(f"Residual stream of this capture of {model}", probes.hidden_states, capture,
                                           estimate=_estimate(probe))
     else:
+        if probe in CAPTURE_PROBES:  # a probe of this capture's tokens, named by its key
+            params = dict(params or {}, capture=capture.key)
         result = shared.run_with_progress(f"{probe} probe on {model}", probes.run_probe, probe, model, params or {},
                                           estimate=_estimate(probe))
     if result is None:
@@ -130,9 +134,10 @@ else:
             values = _compute(metric_name, params)
     except ProbeMissing as exc:
         st.warning(str(exc))
-        if metric.probe is None or (metric.probe == "hidden" and capture is None):
+        if metric.probe is None or (metric.probe in CAPTURE_PROBES and capture is None):
             shared.stop()
-        label = {"hidden": "Capture the residual stream"}.get(metric.probe, f"Run the {metric.probe} probe")
+        label = {"hidden": "Capture the residual stream",
+                 "dla": "Run direct logit attribution on this capture"}.get(metric.probe, f"Run the {metric.probe} probe")
         if metric.probe in PROBE_COST or metric.probe == "ablation":
             st.caption(f"It takes {_estimate(metric.probe).text()}.")
         if st.button(label, type="primary", key="atlas_run_missing"):

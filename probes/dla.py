@@ -47,7 +47,7 @@ def one_token(tokenizer, text: str, role: str) -> int:
     return ids[0]
 
 
-def _class_id(config, text: str) -> int:
+def class_id(config, text: str) -> int:
     """An image classifier's class by label (case-insensitive) or index."""
     labels = {str(v).lower(): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
     if text.strip().lower() in labels:
@@ -221,8 +221,8 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
         adapter = VisionAdapter(handle)
         inputs = adapter.forward_kwargs(adapter.encode(capture.spec)[0])
         tok = None
-        target = torch.tensor([_class_id(handle.model.config, p.target)]) if p.target else None
-        foil = torch.tensor([_class_id(handle.model.config, p.foil)]) if p.foil else None
+        target = torch.tensor([class_id(handle.model.config, p.target)]) if p.target else None
+        foil = torch.tensor([class_id(handle.model.config, p.foil)]) if p.foil else None
         position = 0
     else:
         ids = capture.output.token_ids

@@ -25,8 +25,8 @@ from core.probe_results import VitPatchingParams
 from core.progress import Progress, no_progress
 from core.types import RunSpec
 from probes.common import top_heads
-from probes.dla import _class_id
-from probes.patch_runs import Answer, METRICS, batch_rows, widened
+from probes.dla import class_id
+from probes.patch_runs import METRICS, Answer, batch_rows, widened
 from probes.patching import DIRECTIONS
 
 FAMILIES = ("vit", "deit")  # classifiers that read the CLS token alone
@@ -61,10 +61,10 @@ def answer_for(handle: ModelHandle, p: VitPatchingParams, clean: dict, corrupted
         raise InputError(f"Unknown patching metric {p.metric!r}; use logit_diff or prob.")
     config = handle.model.config
     with torch.inference_mode():
-        target = _class_id(config, p.target) if p.target else int(class_logits(handle, clean)[0].argmax())
+        target = class_id(config, p.target) if p.target else int(class_logits(handle, clean)[0].argmax())
         if p.metric == "prob":
             return Answer(target, None, "prob")
-        foil = _class_id(config, p.foil) if p.foil else int(class_logits(handle, corrupted)[0].argmax())
+        foil = class_id(config, p.foil) if p.foil else int(class_logits(handle, corrupted)[0].argmax())
     if foil == target:
         raise InputError("The target and the foil are the same class (both pictures' top class, unless given); "
                          "name a foil class or use the metric prob.")

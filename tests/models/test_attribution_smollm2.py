@@ -7,21 +7,18 @@ of this file is fast.  The rank agreement is written to tests/artifacts/attribut
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from analytics import attribution
 from capture import RunSpec, default_store, revision, run
 from charts.pictures import ramp
 from charts.theme import DIVERGING_SCALE
-from conftest import component_data
+from conftest import component_data, open_app
 from core.probe_results import IOI_CLEAN
 from probes import run_probe
 
-APP = str(Path(__file__).resolve().parents[2] / "app.py")
 SELECTED = {"page": "attribution", "layer": "23", "head": "3"}
 
 
@@ -56,16 +53,8 @@ def test_dla_and_patching_agree_on_the_name_movers(ioi, artifacts):
     assert patching.effect[best] > 0  # sanity: the head with the largest DLA restores some of the gap
 
 
-def open_page(params: dict) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=300)
-    at.query_params.update(params)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_page_shows_before_after_the_maps_and_the_agreement(ioi):
-    at = open_page(SELECTED)
+    at = open_app(SELECTED)
     assert at.title[0].value == "Attribution: which heads made this token"
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["corrupted run"] == f"{ioi[0].corrupted:.4g}"
@@ -91,7 +80,7 @@ def test_link_carries_both_prompts_tokens_and_metric(ioi):
     params = {"page": "attribution", "clean": "When Tom and Anna went to the park, Anna gave a ball to",
               "corrupted": "When Tom and Anna went to the park, Tom gave a ball to", "target": " Tom",
               "foil": " Anna", "measure": "prob", "direction": "noise", "receivers": "v"}
-    at = open_page(params)
+    at = open_app(params)
     assert at.session_state["view"].to_params() == params
     assert not at.error
     assert any("Patch each of the 270 heads alone (noise)" in i.value for i in at.info)
@@ -103,13 +92,13 @@ def test_link_carries_both_prompts_tokens_and_metric(ioi):
     ({"corrupted": IOI_CLEAN}, "are the same tokens"),
 ])
 def test_bad_input_on_the_page_is_one_sentence(ioi, params, sentence):
-    at = open_page({"page": "attribution", **params})
+    at = open_app({"page": "attribution", **params})
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and sentence in errors[0]
 
 
 def test_path_patching_from_the_selected_head(ioi):
-    at = open_page({**SELECTED, "layer": "28", "head": "1"})
+    at = open_app({**SELECTED, "layer": "28", "head": "1"})
     for button in [b for b in at.button if b.key == "attr_run_path"]:  # absent once the result is cached
         button.click()
         at.run()
@@ -119,3 +108,21 @@ def test_path_patching_from_the_selected_head(ioi):
     path = attribution.read_patching(store=default_store(), revision=revision("smollm2"), model="smollm2",
                                      sender=(28, 1), receivers="q")
     assert np.isnan(path.patched[:29]).all() and np.isfinite(path.patched[29]).all()
+
+
+def test_head_atlas_runs_dla_on_its_capture_from_the_button(smollm2):
+    """Head atlas, metric DLA, no stored DLA yet: the button runs the probe on the page's capture (it raised
+    before: the capture key was not passed) and the map follows."""
+    from core.probe_results import DLAParams, probe_key
+
+    at = open_app({"page": "atlas", "metric": "entropy"})
+    capture = at.session_state["capture"]
+    key = probe_key(revision("smollm2"), "dla", DLAParams(capture=capture.key))
+    default_store().evict(key)  # as on a fresh cache: the page must offer the button
+    at.selectbox(key="atlas_metric").set_value("dla").run()
+    button = at.button(key="atlas_run_missing")
+    assert button.label == "Run direct logit attribution on this capture"
+    button.click().run()
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    assert default_store().get_meta(key) is not None  # stored under the capture's key
+    assert not [w for w in at.warning if "dla" in w.value.lower()]  # the map is drawn, no "run it" warning
