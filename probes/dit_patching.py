@@ -36,7 +36,7 @@ from core.probe_results import DitPatchingParams
 from core.progress import Progress, no_progress
 from core.types import MAX_STEPS
 from probes.common import top_heads
-from probes.patching import DIRECTIONS
+from probes.patch_runs import DIRECTIONS
 
 MAX_ROWS = 64  # sampling trajectories per batch (each with its unconditional row)
 Steps = list[list[torch.Tensor]]  # step -> layer -> z  # [1, token, head, head_dim]

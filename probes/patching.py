@@ -17,17 +17,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analytics.attribution import patching_effect
 from capture.engine.handle import ModelHandle
-from capture.engine.session import session
-from core.errors import InputError
 from core.probe_results import PatchingParams
 from core.progress import Progress, no_progress
-from probes.common import require_causal_lm, top_heads
-from probes.patch_runs import Answer, answer_of, batch_rows, head_outputs, last_logits, prompt_pair, widened
+from probes.common import require_causal_lm
+from probes.patch_runs import (
+    Answer,
+    answer_of,
+    batch_rows,
+    head_outputs,
+    heads_to_patch,
+    last_logits,
+    metric,
+    patch_each_head,
+    patching_summary,
+    prompt_pair,
+)
 from probes.path_patching import path_patching_sweep
-
-DIRECTIONS = ("denoise", "noise")
 
 
 def patching_sweep(handle: ModelHandle, source: list[int], dest: list[int], answer: Answer,
@@ -36,27 +42,15 @@ def patching_sweep(handle: ModelHandle, source: list[int], dest: list[int], answ
     """(source metric, destination metric, patched metric  # [layer, head]): each head's output z, at every
     position, taken from the source run into the destination run, one head at a time, B per forward."""
     meta = handle.meta
-    heads_list = sorted(heads_list if heads_list is not None else
-                        [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
     z_source, source_value = head_outputs(handle, source, answer)
-    with torch.inference_mode():
-        dest_value = float(answer.score(last_logits(handle, torch.tensor([dest])))[0])
-    batch_size = batch_size or batch_rows(len(dest), meta.n_heads)
-    patched = np.full((meta.n_layers, meta.n_heads), np.nan)
-    for start in range(0, len(heads_list), batch_size):
-        batch = heads_list[start : start + batch_size]
-        B = len(batch)
-        patches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for b, (l, h) in enumerate(batch):
-            if l not in patches:
-                patches[l] = (torch.zeros(B, meta.n_heads, dtype=torch.bool), z_source[l])
-            patches[l][0][b, h] = True  # row b takes head (l, h) from the source run
-        with widened(handle, batch[0][0], B, lambda: session(head_patches=patches)) as blocks:
-            ids = torch.tensor([dest]) if blocks is not None else torch.tensor([dest] * B)
-            values = answer.score(last_logits(handle, ids))  # [B]
-        for b, (l, h) in enumerate(batch):
-            patched[l, h] = float(values[b])
-        progress(0.1 + 0.88 * (start + B) / len(heads_list), f"patched {start + B}/{len(heads_list)} heads")
+
+    def dest_logits(rows: int) -> torch.Tensor:  # [rows, vocab]
+        return last_logits(handle, torch.tensor([dest] * rows))
+
+    dest_value = metric(dest_logits, answer)
+    patched = patch_each_head(handle, z_source, dest_logits, answer,
+                              heads_list or [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)],
+                              batch_size or batch_rows(len(dest), meta.n_heads), progress)
     return source_value, dest_value, patched
 
 
@@ -69,25 +63,16 @@ def patching_probe(handle: ModelHandle, p: PatchingParams, put, progress: Progre
     tok = handle.tokenizer
     clean, corrupted = prompt_pair(tok, p.clean, p.corrupted)
     answer = answer_of(tok, p)
-    if p.direction not in DIRECTIONS:
-        raise InputError(f"Unknown patching direction {p.direction!r}; use denoise or noise.")
-    meta = handle.meta
-    if any(not 0 <= l < meta.n_layers for l in p.layers):
-        raise InputError(f"Patched layers must lie in 0..{meta.n_layers - 1}.")
+    heads_list = heads_to_patch(handle.meta, p.layers, p.direction)
     source, dest = (clean, corrupted) if p.direction == "denoise" else (corrupted, clean)
     if p.sender:
         source_value, dest_value, patched = path_patching_sweep(handle, source, dest, answer, p.sender, p.receivers,
                                                           batch_size=batch_size, progress=progress)
     else:
-        heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
         source_value, dest_value, patched = patching_sweep(handle, source, dest, answer, heads_list, batch_size,
                                                            progress)
     put("patched", patched.astype(np.float32))
-    denoise = p.direction == "denoise"
-    clean_value, corrupted_value = (source_value, dest_value) if denoise else (dest_value, source_value)
-    effect = patching_effect(patched, clean_value, corrupted_value, p.direction)
     labels = [tok.decode([i]) for i in clean]
     return {"n_tokens": len(clean), "tokens": labels, "corrupted_tokens": [tok.decode([i]) for i in corrupted],
             "differs": [i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b],
-            "summary": {"clean": clean_value, "corrupted": corrupted_value, "metric": p.metric,
-                        "direction": p.direction, "top": top_heads(np.nan_to_num(effect, nan=-np.inf))}}
+            "summary": patching_summary(patched, source_value, dest_value, p)}

@@ -49,8 +49,9 @@ from probes.duo import duo_probe
 from probes.gradient import gradient_probe
 from probes.hidden import hidden_probe
 from probes.needle import needle_probe
+from probes.patch_runs import DIRECTIONS
 from probes.patch_runs import METRICS as PATCHING_METRICS
-from probes.patching import DIRECTIONS, patching_probe
+from probes.patching import patching_probe
 from probes.patterns import pattern_probe
 from probes.vit_patching import vit_patching_probe
 from probes.vlm_patching import vlm_patching_probe

@@ -16,18 +16,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analytics.attribution import patching_effect
 from capture.engine.handle import ModelHandle
-from capture.engine.session import session
 from capture.vision.adapter import VisionAdapter
 from core.errors import InputError
 from core.probe_results import VitPatchingParams
 from core.progress import Progress, no_progress
 from core.types import RunSpec
-from probes.common import top_heads
 from probes.dla import class_id
-from probes.patch_runs import METRICS, Answer, batch_rows, widened
-from probes.patching import DIRECTIONS
+from probes.patch_runs import (
+    METRICS,
+    Answer,
+    batch_rows,
+    heads_to_patch,
+    metric,
+    patch_each_head,
+    patching_summary,
+    recorded_heads,
+)
 
 FAMILIES = ("vit", "deit")  # classifiers that read the CLS token alone
 
@@ -71,22 +76,14 @@ def answer_for(handle: ModelHandle, p: VitPatchingParams, clean: dict, corrupted
     return Answer(target, foil, "logit_diff")
 
 
-@torch.inference_mode()
 def vit_head_outputs(handle: ModelHandle, inputs: dict, answer: Answer) -> tuple[list[torch.Tensor], float]:
     """One plain forward: every layer's head outputs z  # [1, token, head, head_dim] and the metric."""
-    z: list = [None] * handle.meta.n_layers
-
-    def take(layer: int, heads: torch.Tensor) -> None:
-        z[layer] = heads.clone()
-
-    with session(head_outputs=take):
-        value = float(answer.score(class_logits(handle, inputs))[0])
-    return z, value
+    return recorded_heads(handle, lambda rows: class_logits(handle, inputs, rows), answer)
 
 
 def vit_metric(handle: ModelHandle, inputs: dict, answer: Answer, patches: dict | None = None) -> float:
-    with torch.inference_mode(), session(head_patches=patches or {}):
-        return float(answer.score(class_logits(handle, inputs))[0])
+    """The metric of one forward with `patches` (the session's head_patches) active."""
+    return metric(lambda rows: class_logits(handle, inputs, rows), answer, patches)
 
 
 def vit_patching_sweep(handle: ModelHandle, source: dict, dest: dict, answer: Answer,
@@ -95,25 +92,11 @@ def vit_patching_sweep(handle: ModelHandle, source: dict, dest: dict, answer: An
     """(source metric, destination metric, patched metric  # [layer, head]): each head's output z, at every
     token, taken from the source picture's run into the destination picture's, one head at a time, B per forward."""
     meta = handle.meta
-    heads_list = sorted(heads_list if heads_list is not None else
-                        [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
     z_source, source_value = vit_head_outputs(handle, source, answer)
     dest_value = vit_metric(handle, dest, answer)
-    batch_size = batch_size or batch_rows(z_source[0].shape[1], meta.n_heads)
-    patched = np.full((meta.n_layers, meta.n_heads), np.nan)
-    for start in range(0, len(heads_list), batch_size):
-        batch = heads_list[start : start + batch_size]
-        B = len(batch)
-        patches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for b, (l, h) in enumerate(batch):
-            if l not in patches:
-                patches[l] = (torch.zeros(B, meta.n_heads, dtype=torch.bool), z_source[l])
-            patches[l][0][b, h] = True
-        with widened(handle, batch[0][0], B, lambda: session(head_patches=patches)) as blocks:
-            values = answer.score(class_logits(handle, dest, 1 if blocks is not None else B))  # [B]
-        for b, (l, h) in enumerate(batch):
-            patched[l, h] = float(values[b])
-        progress(0.1 + 0.88 * (start + B) / len(heads_list), f"patched {start + B}/{len(heads_list)} heads")
+    patched = patch_each_head(handle, z_source, lambda rows: class_logits(handle, dest, rows), answer,
+                              heads_list or [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)],
+                              batch_size or batch_rows(z_source[0].shape[1], meta.n_heads), progress)
     return source_value, dest_value, patched
 
 
@@ -121,26 +104,17 @@ def vit_patching_probe(handle: ModelHandle, p: VitPatchingParams, put, progress:
                        batch_size: int | None = None) -> dict:
     """Every head patched alone between the two pictures (VitPatchingParams).  Stores patched  # [layer, head];
     the record holds the clean and corrupted metrics and the two classes."""
-    if p.direction not in DIRECTIONS:
-        raise InputError(f"Unknown patching direction {p.direction!r}; use denoise or noise.")
     clean, corrupted = picture_pair(handle, p.clean_image, p.corrupted_image)
     answer = answer_for(handle, p, clean, corrupted)
-    meta = handle.meta
-    if any(not 0 <= l < meta.n_layers for l in p.layers):
-        raise InputError(f"Patched layers must lie in 0..{meta.n_layers - 1}.")
+    heads_list = heads_to_patch(handle.meta, p.layers, p.direction)
     source, dest = (clean, corrupted) if p.direction == "denoise" else (corrupted, clean)
-    heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
     source_value, dest_value, patched = vit_patching_sweep(handle, source, dest, answer, heads_list, batch_size,
                                                            progress)
     put("patched", patched.astype(np.float32))
-    denoise = p.direction == "denoise"
-    clean_value, corrupted_value = (source_value, dest_value) if denoise else (dest_value, source_value)
-    effect = patching_effect(patched, clean_value, corrupted_value, p.direction)
     labels = handle.model.config.id2label or {}
 
     def name(i: int | None):
         return None if i is None else str(labels.get(i, i))
 
     return {"target": name(answer.target), "foil": name(answer.foil),
-            "summary": {"clean": clean_value, "corrupted": corrupted_value, "metric": p.metric,
-                        "direction": p.direction, "top": top_heads(np.nan_to_num(effect, nan=-np.inf))}}
+            "summary": patching_summary(patched, source_value, dest_value, p)}

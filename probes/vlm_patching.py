@@ -25,18 +25,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analytics.attribution import patching_effect
 from capture.engine.handle import ModelHandle
-from capture.engine.session import session
 from capture.vlm.adapter import VlmAdapter
 from capture.vlm.inputs import VlmInputs, placed
 from core.errors import InputError
 from core.probe_results import VlmPatchingParams
 from core.progress import Progress, no_progress
 from core.types import RunSpec
-from probes.common import top_heads
-from probes.patch_runs import Answer, answer_of, batch_rows, widened
-from probes.patching import DIRECTIONS
+from probes.patch_runs import (
+    Answer,
+    Logits,
+    answer_of,
+    batch_rows,
+    heads_to_patch,
+    metric,
+    patch_each_head,
+    patching_summary,
+    recorded_heads,
+)
 
 
 def picture_pair(handle: ModelHandle, question: str, clean: str, corrupted: str) -> tuple[VlmInputs, VlmInputs]:
@@ -72,24 +78,20 @@ def answer_logits(handle: ModelHandle, inputs: VlmInputs, rows: int = 1) -> torc
     return handle.model(**_model_inputs(inputs, rows, handle.model), use_cache=False, logits_to_keep=1).logits[:, -1]
 
 
-@torch.inference_mode()
+def vlm_logits(handle: ModelHandle, inputs: VlmInputs) -> Logits:
+    """The question about one picture as patch_runs.Logits: rows -> the answer position's logits."""
+    return lambda rows: answer_logits(handle, inputs, rows)
+
+
 def vlm_head_outputs(handle: ModelHandle, inputs: VlmInputs, answer: Answer) -> tuple[list[torch.Tensor], float]:
     """One plain forward: every LM layer's head outputs z  # [1, token, head, head_dim] and the metric."""
-    z: list = [None] * handle.meta.n_layers
-
-    def take(layer: int, heads: torch.Tensor) -> None:
-        z[layer] = heads.clone()
-
-    with session(head_outputs=take):
-        value = float(answer.score(answer_logits(handle, inputs))[0])
-    return z, value
+    return recorded_heads(handle, vlm_logits(handle, inputs), answer)
 
 
 def vlm_metric(handle: ModelHandle, inputs: VlmInputs, answer: Answer,
                patches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
     """The metric of one forward with `patches` (the session's head_patches) active."""
-    with torch.inference_mode(), session(head_patches=patches or {}):
-        return float(answer.score(answer_logits(handle, inputs))[0])
+    return metric(vlm_logits(handle, inputs), answer, patches)
 
 
 def vlm_patching_sweep(handle: ModelHandle, source: VlmInputs, dest: VlmInputs, answer: Answer,
@@ -100,8 +102,6 @@ def vlm_patching_sweep(handle: ModelHandle, source: VlmInputs, dest: VlmInputs, 
     position (or at the positions `rows` only), taken from the source picture's run into the destination
     picture's run, one head at a time, B per forward."""
     meta = handle.meta
-    heads_list = sorted(heads_list if heads_list is not None else
-                        [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
     z_source, source_value = vlm_head_outputs(handle, source, answer)
     if rows is None:
         dest_value = vlm_metric(handle, dest, answer)
@@ -110,21 +110,9 @@ def vlm_patching_sweep(handle: ModelHandle, source: VlmInputs, dest: VlmInputs, 
         at = torch.zeros(dest.input_ids.shape[1], dtype=torch.bool)
         at[list(rows)] = True
         z_source = [torch.where(at[None, :, None, None], zs, zd) for zs, zd in zip(z_source, z_dest)]
-    batch_size = batch_size or batch_rows(dest.input_ids.shape[1], meta.n_heads)
-    patched = np.full((meta.n_layers, meta.n_heads), np.nan)
-    for start in range(0, len(heads_list), batch_size):
-        batch = heads_list[start : start + batch_size]
-        B = len(batch)
-        patches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for b, (l, h) in enumerate(batch):
-            if l not in patches:
-                patches[l] = (torch.zeros(B, meta.n_heads, dtype=torch.bool), z_source[l])
-            patches[l][0][b, h] = True  # row b takes head (l, h) from the source run
-        with widened(handle, batch[0][0], B, lambda: session(head_patches=patches)) as blocks:
-            values = answer.score(answer_logits(handle, dest, 1 if blocks is not None else B))  # [B]
-        for b, (l, h) in enumerate(batch):
-            patched[l, h] = float(values[b])
-        progress(0.1 + 0.88 * (start + B) / len(heads_list), f"patched {start + B}/{len(heads_list)} heads")
+    patched = patch_each_head(handle, z_source, vlm_logits(handle, dest), answer,
+                              heads_list or [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)],
+                              batch_size or batch_rows(dest.input_ids.shape[1], meta.n_heads), progress)
     return source_value, dest_value, patched
 
 
@@ -145,26 +133,16 @@ def vlm_patching_probe(handle: ModelHandle, p: VlmPatchingParams, put, progress:
     """Every LM head patched alone between the two pictures (VlmPatchingParams).  Stores patched  # [layer,
     head] (the metric with that head patched; NaN where not measured); the record holds the clean and
     corrupted metrics, the prompt's tokens and the image tokens' span."""
-    if p.direction not in DIRECTIONS:
-        raise InputError(f"Unknown patching direction {p.direction!r}; use denoise or noise.")
     clean, corrupted = picture_pair(handle, p.question, p.clean_image, p.corrupted_image)
     adapter = VlmAdapter(handle)
     answer = answer_of(adapter.tokenizer, p)
-    meta = handle.meta
-    if any(not 0 <= l < meta.n_layers for l in p.layers):
-        raise InputError(f"Patched layers must lie in 0..{meta.n_layers - 1}.")
+    heads_list = heads_to_patch(handle.meta, p.layers, p.direction)
     source, dest = (clean, corrupted) if p.direction == "denoise" else (corrupted, clean)
-    heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
     rows = patched_rows(clean, p.positions)
     source_value, dest_value, patched = vlm_patching_sweep(handle, source, dest, answer, heads_list, batch_size,
                                                            progress, rows)
     put("patched", patched.astype(np.float32))
-    denoise = p.direction == "denoise"
-    clean_value, corrupted_value = (source_value, dest_value) if denoise else (dest_value, source_value)
-    effect = patching_effect(patched, clean_value, corrupted_value, p.direction)
     ids = [int(i) for i in clean.input_ids[0]]
     image = clean.spans.get("image", clean.image_positions)
     return {"n_tokens": len(ids), "tokens": adapter.labels(ids, clean), "image_span": [image.start, image.stop],
-            "summary": {"clean": clean_value, "corrupted": corrupted_value, "metric": p.metric,
-                        "direction": p.direction, "positions": p.positions,
-                        "top": top_heads(np.nan_to_num(effect, nan=-np.inf))}}
+            "summary": {**patching_summary(patched, source_value, dest_value, p), "positions": p.positions}}
