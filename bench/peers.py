@@ -130,7 +130,7 @@ def peer_run(peer: str, n: int, cap_gb: float, timeout: float, threads: int) -> 
 def measure_headscope(store, prompt: str, n: int, seed: int) -> dict:
     import torch
 
-    from capture import embedded, registry
+    from capture import registry
     from capture.api import run
     from core.types import RunSpec
 
@@ -208,7 +208,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from cache.store import Store
-    from capture import embedded, registry
+    from capture import registry
 
     tok = registry.load("smollm2").tokenizer
     workdir = tempfile.mkdtemp(prefix="hs-peers-")

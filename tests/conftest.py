@@ -35,6 +35,21 @@ def open_app(params: dict, timeout: int = 300):
     return at
 
 
+def one_head_at_a_time(meta, metric_with, z_source):
+    """The reference a batched patching sweep is checked against: for each head alone, the metric of one
+    forward with that head's output z from `z_source`  # [layer, head]; `metric_with(patches)` runs it."""
+    import numpy as np
+    import torch
+
+    single = np.zeros((meta.n_layers, meta.n_heads))
+    for l in range(meta.n_layers):
+        for h in range(meta.n_heads):
+            mask = torch.zeros(1, meta.n_heads, dtype=torch.bool)
+            mask[0, h] = True
+            single[l, h] = metric_with({l: (mask, z_source[l])})
+    return single
+
+
 def pytest_collection_modifyitems(items):
     """Each test gets the marker of its tier, the folder it lives in."""
     for item in items:

@@ -21,7 +21,6 @@ import contextlib
 import time
 from typing import Iterator
 
-import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 

@@ -40,6 +40,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from capture.vlm.chat import chat_template
 from capture.vlm.inputs import VlmInputs, placed
 from core.errors import ModelUnavailable

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import PICTURE, shown_link, wait_for_link, wait_idle
+from harness import PICTURE, wait_for_link, wait_idle
 
 pytestmark = pytest.mark.browser
 VIEWPORT = {"width": 1280, "height": 800}

@@ -19,6 +19,7 @@ from analytics.attribution import head_graph, patching_effect, rank_agreement
 from capture import registry
 from capture.engine.handle import prepare
 from capture.engine.session import session
+from conftest import one_head_at_a_time
 from core.errors import InputError, InterventionError
 from probes.dla import attribute
 from probes.patch_runs import Answer, head_outputs, last_logits
@@ -67,13 +68,7 @@ def test_patching_every_head_gives_the_clean_metric_and_none_the_corrupted(handl
 def test_batched_sweep_equals_one_head_at_a_time(handle):
     clean, corrupted, batched = patching_sweep(handle, CLEAN, CORRUPTED, ANSWER)
     z_clean, _ = head_outputs(handle, CLEAN, ANSWER)
-    meta = handle.meta
-    single = np.zeros((meta.n_layers, meta.n_heads))
-    for l in range(meta.n_layers):
-        for h in range(meta.n_heads):
-            mask = torch.zeros(1, meta.n_heads, dtype=torch.bool)
-            mask[0, h] = True
-            single[l, h] = metric(handle, CORRUPTED, {l: (mask, z_clean[l])})
+    single = one_head_at_a_time(handle.meta, lambda patches: metric(handle, CORRUPTED, patches), z_clean)
     np.testing.assert_allclose(batched, single, atol=EXACT)
     _, _, by_one = patching_sweep(handle, CLEAN, CORRUPTED, ANSWER, batch_size=1)
     np.testing.assert_allclose(by_one, single, atol=EXACT)

@@ -15,7 +15,6 @@ import torch
 
 import analytics
 from analytics import summary
-from analytics.maps import as_maps
 from analytics.reduced import stored_summary
 from bench.common import prompt_of
 from cache.store import Store

@@ -19,6 +19,7 @@ from cache.store import Store
 from capture import registry
 from capture.engine.handle import prepare
 from capture.images import ImagePrep
+from conftest import one_head_at_a_time
 from core.errors import InputError
 from core.probe_results import VitPatchingParams
 from probes.runner import run_probe
@@ -60,13 +61,7 @@ def test_batched_sweep_equals_one_head_at_a_time(vit):
     clean, corrupted, answer = pair(vit)
     clean_value, corrupted_value, batched = vit_patching_sweep(vit, clean, corrupted, answer)
     z_clean, _ = vit_head_outputs(vit, clean, answer)
-    meta = vit.meta
-    single = np.zeros((meta.n_layers, meta.n_heads))
-    for l in range(meta.n_layers):
-        for h in range(meta.n_heads):
-            mask = torch.zeros(1, meta.n_heads, dtype=torch.bool)
-            mask[0, h] = True
-            single[l, h] = vit_metric(vit, corrupted, answer, {l: (mask, z_clean[l])})
+    single = one_head_at_a_time(vit.meta, lambda patches: vit_metric(vit, corrupted, answer, patches), z_clean)
     np.testing.assert_allclose(batched, single, atol=EXACT)
     _, _, by_one = vit_patching_sweep(vit, clean, corrupted, answer, batch_size=1)
     np.testing.assert_allclose(by_one, single, atol=EXACT)

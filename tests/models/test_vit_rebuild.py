@@ -23,7 +23,7 @@ TOL = 1e-4  # fp32 vs onnxruntime (the graph multiplies q and k by sqrt(scale) e
 
 @pytest.fixture(scope="module")
 def dinov2():
-    from capture import embedded, registry
+    from capture import registry
 
     return registry.load("dinov2-s")
 
@@ -31,7 +31,7 @@ def dinov2():
 @pytest.fixture(scope="module")
 def reference(dinov2):
     """onnxruntime's hidden states and attention for the cat photo, with the graph outputs added."""
-    from capture import embedded, images, registry
+    from capture import embedded, images
 
     model = onnx.load(str(embedded.dinov2_onnx_path()))
     nodes = list(model.graph.node)
@@ -62,7 +62,7 @@ def reference(dinov2):
 
 
 def test_rebuild_places_every_initializer_by_the_graph():
-    from capture import embedded, registry
+    from capture import embedded
     from capture.vision.onnx_dinov2 import rebuild
 
     path = embedded.dinov2_onnx_path()

@@ -78,7 +78,7 @@ def test_tokens_and_maps_equal_the_processor_generate_and_eager(tiny):
         ids = eager.generate(**out, max_new_tokens=3, do_sample=False, eos_token_id=[tok.eos_token_id],
                              pad_token_id=tok.pad_token_id)
     assert capture.output.token_ids == ids[0].tolist()
-    n, answer = out["input_ids"].shape[1], ids.shape[1] - out["input_ids"].shape[1]
+    answer = ids.shape[1] - out["input_ids"].shape[1]
     inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
     for name, fill in (("token_type_ids", 1 if tiny.family == "paligemma" else 0), ("mm_token_type_ids", 0)):
         if name in inputs:  # a generated token: text (Gemma 3, Qwen), the causal suffix (PaliGemma)

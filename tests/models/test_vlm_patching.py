@@ -19,7 +19,7 @@ import tiny_vlms
 from analytics.patching_kinds import read_vlm_patching
 from cache.store import Store
 from capture import registry
-from conftest import save_tiny_llava
+from conftest import one_head_at_a_time, save_tiny_llava
 from core.errors import InputError
 from core.probe_results import VlmPatchingParams
 from probes.patch_runs import answer_of
@@ -82,13 +82,7 @@ def test_batched_sweep_equals_one_head_at_a_time(tiny):
     clean, corrupted, answer = pair(handle, p)
     clean_value, corrupted_value, batched = vlm_patching_sweep(handle, clean, corrupted, answer)
     z_clean, _ = vlm_head_outputs(handle, clean, answer)
-    meta = handle.meta
-    single = np.zeros((meta.n_layers, meta.n_heads))
-    for l in range(meta.n_layers):
-        for h in range(meta.n_heads):
-            mask = torch.zeros(1, meta.n_heads, dtype=torch.bool)
-            mask[0, h] = True
-            single[l, h] = vlm_metric(handle, corrupted, answer, {l: (mask, z_clean[l])})
+    single = one_head_at_a_time(handle.meta, lambda patches: vlm_metric(handle, corrupted, answer, patches), z_clean)
     np.testing.assert_allclose(batched, single, atol=EXACT)
     _, _, by_one = vlm_patching_sweep(handle, clean, corrupted, answer, batch_size=1)
     np.testing.assert_allclose(by_one, single, atol=EXACT)
