@@ -210,8 +210,9 @@ with grid_col:
     grid = metric_grid(values if values is not None else np.full((meta.n_layers, meta.n_heads), np.nan),
                        title="Heads: click one to choose or drop it",
                        value_name=METRICS[colour].title if colour != "none" else "not coloured",
-                       chosen=heads, marked=edited, aspect=2.5)
-    picture(grid, key="iv_head_grid", on_pick=toggle_head, min_cell_px=10, max_cell_px=16, cell_ratio=2.5)
+                       chosen=heads, marked=edited, aspect=2.0)
+    # cells twice as wide as high, 8 px high at least: SmolLM2's 9 heads fit this column at 1280 px, no scrolling
+    picture(grid, key="iv_head_grid", on_pick=toggle_head, min_cell_px=8, max_cell_px=16, cell_ratio=2.0)
     st.caption("Red frame: the chosen heads. Red dot: the heads the intervention shown edits"
                + (f" ({len(edited)})." if edited else "."))
 
