@@ -84,9 +84,9 @@ PAINTED = {"model": ".hs-pic img",  # the model view's mosaic (pages/widgets.py)
 def first_paint(key: str, repeats: int = 3) -> dict[str, float]:
     """Seconds from opening a shared link in a fresh browser context until its figure is drawn, per view
     (median of `repeats`; the server has run the page once, as a server in use has)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "browser"))
     (ROOT / "tests" / "artifacts").mkdir(parents=True, exist_ok=True)
-    from browser import browser, streamlit_server, wait_idle
+    from harness import browser, streamlit_server, wait_idle
 
     out = {}
     with streamlit_server() as url, browser() as b:
@@ -161,9 +161,9 @@ def page_links() -> list[tuple[str, str, str]]:
 def page_paint(repeats: int = 3) -> dict[str, float]:
     """Seconds from opening each page's shared link in a fresh browser context until its first figure paints
     (PAINT_CLOCK; median of `repeats`; the server has run every page once, as a server in use has)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "browser"))
     (ROOT / "tests" / "artifacts").mkdir(parents=True, exist_ok=True)
-    from browser import browser, streamlit_server, wait_idle
+    from harness import browser, streamlit_server, wait_idle
 
     links = page_links()
     out = {}
