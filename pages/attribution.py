@@ -12,10 +12,9 @@ import probes
 from analytics import ProbeMissing, attribution
 from charts import attribution as charts
 from charts.attention import token_highlight_html
-from charts.pictures import metric_grid
 from charts.theme import plot_config
 from pages import shared
-from pages.widgets import picture
+from pages.widgets import signed_head_map
 from state import MAX_LINK_PROMPT, ViewState
 
 state = shared.view_state()
@@ -115,12 +114,8 @@ def pick_cell(row: int, col: int) -> None:
 
 
 def head_map(values, title: str, value_name: str, key: str, clickable: bool = True) -> None:
-    """values  # [layer, head], signed, as a picture (it paints before Plotly's bundle has loaded: issue 23):
-    a diverging scale centred on 0 (red pushes the metric up), the selected head framed, a click selects."""
-    ratio = 3.0 if values.shape[1] <= 16 else 1.5  # a cell's width / its height: wide cells for few heads
-    grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[(layer, head)], aspect=ratio)
-    picture(grid, key=key, on_pick=pick_cell if clickable else None, outline=(layer, layer + 1, head, head + 1),
-            min_cell_px=10, max_cell_px=16, cell_ratio=ratio)
+    """values  # [layer, head], signed, the selected head framed; a click selects a head."""
+    signed_head_map(values, title, value_name, key, (layer, head), pick_cell if clickable else None)
 
 
 config = plot_config(st.session_state.get("fig_format", "png"))

@@ -20,6 +20,7 @@ from typing import Callable
 import streamlit as st
 
 from charts.attention import Picture
+from charts.pictures import metric_grid
 
 PICTURE_CSS = """
 .hs-pic { font: 12px "Source Sans Pro", sans-serif; color: var(--st-text-color); }
@@ -278,3 +279,15 @@ def paint_signal(on_painted: Callable[[], None]) -> None:
     """An invisible element that reports, once the page's first figures are on screen, by calling
     `on_painted` in a rerun (pages/shared.plotly_chart defers Plotly charts until then)."""
     _paint(key="paint_signal", on_painted_change=on_painted, height=0)
+
+
+def signed_head_map(values, title: str, value_name: str, key: str, selected: tuple[int, int],
+                    on_pick: Callable[[int, int], None] | None = None) -> None:
+    """values  # [layer, head], signed (DLA, patching effects), as a picture that paints before Plotly's bundle
+    has loaded (issue 23): a diverging scale centred on 0 (red pushes the metric up), the `selected` head
+    (layer, head) framed, a click on a cell calls on_pick(layer, head)."""
+    layer, head = selected
+    ratio = 3.0 if values.shape[1] <= 16 else 1.5  # a cell's width / its height: wide cells for few heads
+    grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[selected], aspect=ratio)
+    picture(grid, key=key, on_pick=on_pick, outline=(layer, layer + 1, head, head + 1),
+            min_cell_px=10, max_cell_px=16, cell_ratio=ratio)

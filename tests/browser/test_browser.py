@@ -124,6 +124,17 @@ def test_token_view_highlights_text(server, chromium, artifacts):
     wait_idle(page, ".hs-tokens")
     assert page.locator(".hs-tokens").count() == 1 + 9  # mean + one line per head
     page.screenshot(path=str(artifacts / "browser_token_view.png"))
+    # below the lines: which heads wrote the next token (DLA), computed on request unless stored
+    run = page.get_by_role("button", name="Attribute the next token to the heads")
+    if run.count():
+        run.click()
+    heading = page.get_by_text("Which heads wrote the next token", exact=False)
+    heading.wait_for(timeout=120_000)
+    wait_idle(page, PICTURE)
+    heading.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    assert page.get_by_text("DLA onto", exact=False).count() or page.locator(PICTURE).count()
+    page.screenshot(path=str(artifacts / "browser_token_view_dla.png"))
     context.close()
 
 

@@ -126,3 +126,30 @@ def test_head_atlas_runs_dla_on_its_capture_from_the_button(smollm2):
     assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
     assert default_store().get_meta(key) is not None  # stored under the capture's key
     assert not [w for w in at.warning if "dla" in w.value.lower()]  # the map is drawn, no "run it" warning
+
+
+def test_explorer_token_view_attributes_the_next_token_to_heads(smollm2):
+    """Explorer, token view, query token 3: the button runs DLA on the page's capture; the map is DLA at
+    token 3 onto token 4 (the capture's own next token) and the caption's terms sum to the logit."""
+    from core.probe_results import DLAParams, probe_key
+
+    at = open_app({"page": "explorer", "view": "token", "token": "3"})
+    capture = at.session_state["capture"]
+    key = probe_key(revision("smollm2"), "dla", DLAParams(capture=capture.key))
+    default_store().evict(key)
+    at.run()
+    at.button(key="ex_dla_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    dla = attribution.DLA(run_probe("dla", "smollm2", {"capture": capture.key}))
+    terms = dla.terms(3)
+    assert terms["target"] == capture.output.token_ids[4]  # at token 3, the logit of token 4
+    caption = next(c.value for c in at.caption if "direct term in the logit of" in c.value)
+    assert repr(capture.tokens[4]) in caption and f"{terms['logit']:.4g}" in caption
+    total = dla.heads(3).sum() + terms["mlps"].sum() + terms["embed"] + terms["bias"]
+    assert total == pytest.approx(terms["logit"], abs=1e-3)
+
+
+def test_explorer_token_view_says_why_a_model_has_no_dla():
+    at = open_app({"page": "explorer", "model": "minilm", "view": "token"})
+    assert any("Direct logit attribution knows Llama-style causal LMs" in c.value for c in at.caption)
+    assert all(b.key != "ex_dla_run" for b in at.button)
