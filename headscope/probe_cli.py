@@ -84,6 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
         if name in ("patching", "vlm_patching", "dit_patching", "vit_patching"):
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default: by length)")
+            q.add_argument("--parts", type=int, default=None,
+                           help="split the sweep into this many layer ranges, run as batch jobs and merged "
+                                "(probes.split); with --ray on Ray actors")
+            q.add_argument("--ray", action="store_true", help="with --parts: run the parts on a local Ray instance")
+            q.add_argument("--address", default=None, help="with --parts: an existing Ray cluster ('auto', host:port)")
+            q.add_argument("--workers", type=int, default=2, help="with --parts --ray: Ray actors (default 2)")
         q.add_argument("--force", action="store_true", help="recompute even if the result is cached")
         q.add_argument("--json", action="store_true", help="print the stored record as JSON")
     probe.set_defaults(func=cmd_probe)
@@ -119,7 +125,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
             options["batch_size"] = args.batch
     bar, update = progress_bar(f"probe {name} {model}")
     try:
-        if name in CAPTURE_PROBES:
+        if getattr(args, "parts", None) is not None:
+            from probes.split import split_sweep
+
+            if args.batch is not None:
+                raise InputError("--batch and --parts do not go together: each part picks its own batch size.")
+
+            result = split_sweep(name, model, params, args.parts, None, update, args.force, ray=args.ray,
+                                 address=args.address, workers=args.workers)
+        elif name in CAPTURE_PROBES:
             result = run_probe(name, model, params, options.pop("store"), update, args.force)
         else:
             result = run_probe(name, model, params, None, update, args.force, **options)

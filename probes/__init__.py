@@ -9,6 +9,7 @@
     probes.hidden_states(capture)                      # the residual stream of one capture (VAR sinks)
     probes.run_headhunter("shapes-dit")                # HeadHunter-lite on the diffusion model
     probes.run_batch(jobs, ray=True)                   # many captures / probes, in-process or on Ray
+    probes.split_sweep("patching", "smollm2", parts=4, ray=True)  # one big patching sweep, by layers, on Ray
 
 Each probe runs the model through `capture` and scores it with `analytics`; its result is stored in
 the cache (core.probe_results), where `analytics.METRICS` reads it.  Importing `probes` is cheap: a
@@ -37,7 +38,7 @@ _WHERE = {
     "vit_grad_gate": ("probes.vision", "grad_gate"),
     "patching_sweep": "probes.patching", "path_patching_sweep": "probes.path_patching",
     "vlm_patching_sweep": "probes.vlm_patching", "dit_patching_sweep": "probes.dit_patching",
-    "vit_patching_sweep": "probes.vit_patching",
+    "vit_patching_sweep": "probes.vit_patching", "split_sweep": "probes.split",
     "attribute": "probes.dla", "dla_probe": "probes.dla",
 }
 

@@ -82,7 +82,8 @@ def _final(exc: BaseException) -> bool:
     return isinstance(exc, (InputError, InterventionError, ModelUnavailable, TypeError, ValueError))
 
 
-def _store(store):
+def store_or_default(store):
+    """`store`, or the process-wide default store (capture.api.default_store) when None."""
     if store is not None:
         return store
     from capture.api import default_store
@@ -102,7 +103,7 @@ def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, a
     Ray for (default: none on the CPU; on a GPU the GPU count over the actors, at most 1).  Returns
     one JobResult per job, in order."""
     jobs = [CaptureJob(j) if isinstance(j, RunSpec) else j for j in jobs]
-    store = _store(store)
+    store = store_or_default(store)
     total = len(jobs)
     results: list[JobResult | None] = [None] * total
     done = 0

@@ -43,6 +43,7 @@ from core.probe_results import HiddenParams, ProbeResult
 from core.progress import Progress, no_progress
 from core.types import Capture
 from probes.ablation import ABLATION_MODES, ablation_probe
+from probes.batch import store_or_default
 from probes.dit_patching import dit_patching_probe
 from probes.dla import dla_probe
 from probes.duo import duo_probe
@@ -71,14 +72,6 @@ PROBES: dict[str, Callable] = {
 }
 
 
-def _default_store(store: Store | None) -> Store:
-    if store is not None:
-        return store
-    from capture.api import default_store
-
-    return default_store()
-
-
 def run_probe(probe: str, model: str = "smollm2", params=None, store: Store | None = None,
               progress: Progress = no_progress, force: bool = False, **options) -> ProbeResult:
     """Compute (or fetch from the cache) one probe result.  `options` are execution settings that do
@@ -90,7 +83,7 @@ def run_probe(probe: str, model: str = "smollm2", params=None, store: Store | No
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     _validate(probe, p)
-    store = _default_store(store)
+    store = store_or_default(store)
     revision = registry.revision(model)
     key = stored.probe_key(revision, probe, p)
     if not force:
@@ -116,13 +109,18 @@ def run_probe(probe: str, model: str = "smollm2", params=None, store: Store | No
         t0 = time.perf_counter()
         with handle.lock:
             record = PROBES[probe](handle, p, put, progress, **options)
-        record.update(kind=stored.KIND, probe=probe, model=model, revision=revision, params=asdict(p),
-                      arrays=names, seconds=round(time.perf_counter() - t0, 3))
-        store.put_meta(key, record)
+        store.put_meta(key, finish_record(record, probe, model, revision, p, names, time.perf_counter() - t0))
         progress(1.0, "done")
     result = stored.find(store, revision, probe, p)
     assert result is not None
     return result
+
+
+def finish_record(record: dict, probe: str, model: str, revision: str, p, arrays: list[str], seconds: float) -> dict:
+    """A probe's record as stored: what it returned plus what and how it was computed (core.probe_results)."""
+    record.update(kind=stored.KIND, probe=probe, model=model, revision=revision, params=asdict(p), arrays=arrays,
+                  seconds=round(seconds, 3))
+    return record
 
 
 def _validate(probe: str, p) -> None:
@@ -171,5 +169,5 @@ def _validate(probe: str, p) -> None:
 def hidden_states(capture: Capture, store: Store | None = None, progress: Progress = no_progress,
                   force: bool = False) -> ProbeResult:
     """Store (or fetch) the residual stream of `capture`; analytics.HiddenStates reads it by layer."""
-    store = _default_store(store or capture.store)
+    store = store_or_default(store or capture.store)
     return run_probe("hidden", capture.spec.model, HiddenParams(capture=capture.key), store, progress, force)
