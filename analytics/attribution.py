@@ -29,7 +29,10 @@ from analytics.text import _context, _probe_params
 from core import probe_results as stored
 from core.errors import InputError
 
-TEXT_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")  # the causal LMs whose DLA probes.dla can decompose
+# the causal LMs whose DLA probes.dla decomposes exactly (tests/models/test_attribution.py, a tiny model of each);
+# not Gemma (a (1 + w) norm), Gemma 2/3 and OLMo 2 (post-norms), Granite (residual multipliers)
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "stablelm", "starcoder2", "phi3", "gpt2", "gptj", "phi",
+                 "gpt_neox")
 
 
 def patching_effect(patched: np.ndarray, clean: float, corrupted: float, direction: str = "denoise") -> np.ndarray:

@@ -46,8 +46,8 @@ def direct_logit_attribution(q: int) -> None:
     this run.  Stored per capture; computed on request (a forward of the model, ~0.2 s once loaded)."""
     st.subheader("Which heads wrote the next token (direct logit attribution)")
     if meta.modality != "text" or not meta.causal or meta.family not in attribution.TEXT_FAMILIES:
-        st.caption(f"Direct logit attribution knows Llama-style causal LMs and GPT-2; {meta.name} ({meta.family}) is "
-                   "neither.")
+        st.caption(f"Direct logit attribution knows the causal LMs {', '.join(attribution.TEXT_FAMILIES)}; "
+                   f"{meta.name} ({meta.family}) is none of them.")
         return
     try:
         dla = attribution.read_dla(capture)

@@ -16,8 +16,11 @@ forward (z through the o_proj pre-hook's `head_outputs` callback, the MLP output
 through forward hooks) and projects each position onto its own direction: by default the next token of
 the text (the model's top prediction at the last position), or one given token / token difference.
 
-Families: Llama-style causal LMs (Llama, SmolLM2, Mistral, Qwen2) and GPT-2, and ViT image classifiers
-(the class logit, read at the CLS token); anything else is refused with one sentence.
+Families (analytics.attribution.TEXT_FAMILIES, each checked on a tiny random model): Llama-style causal LMs
+(Llama, SmolLM2, Mistral, Qwen2, Qwen3, StableLM, StarCoder2, Phi-3), GPT-2, GPT-J, Phi and GPT-NeoX (Pythia,
+parallel or sequential residual), and ViT image classifiers (the class logit, read at the CLS token); anything
+else is refused with one sentence, and so is a run whose terms do not rebuild the residual and the logit
+(EXACT): DLA is served only where it decomposes the model's own logit.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ from core.progress import Progress
 from probes.common import top_heads
 
 VISION_FAMILIES = ("vit",)
+EXACT = 1e-2  # the components must rebuild the final residual, and the terms the logit, this closely (relative):
+# float rounding is ~1e-7 in float32 and ~1e-3 in bfloat16; a family whose blocks normalise or scale their outputs
+# before the residual (Gemma 2/3, OLMo 2: post-norms; Granite: multipliers; Gemma: a (1 + w) norm) is off by ~1
 
 
 def one_token(tokenizer, text: str, role: str) -> int:
@@ -62,14 +68,15 @@ def _family_check(handle: ModelHandle) -> None:
     known = TEXT_FAMILIES if meta.modality == "text" else VISION_FAMILIES if meta.modality == "vision" else ()
     classifier = meta.modality != "vision" or hasattr(handle.model, "classifier")
     if meta.family not in known or not classifier or (meta.modality == "text" and not meta.causal):
-        raise InputError(f"Direct logit attribution knows Llama-style causal LMs, GPT-2 and ViT image classifiers; "
-                         f"{meta.name} ({meta.family}, {meta.modality}) is none of them.")
+        raise InputError(f"Direct logit attribution knows the causal LMs {', '.join(TEXT_FAMILIES)} and ViT image "
+                         f"classifiers; {meta.name} ({meta.family}, {meta.modality}) is none of them.")
 
 
 def _final_norm(handle: ModelHandle) -> torch.nn.Module:
-    """The norm between the last block and the unembedding (Llama `norm`, GPT-2 `ln_f`, ViT `layernorm`)."""
+    """The norm between the last block and the unembedding (Llama `norm`, GPT-2 `ln_f`, ViT `layernorm`, Phi
+    `final_layernorm`, GPT-NeoX `final_layer_norm`)."""
     base = getattr(handle.model, getattr(handle.model, "base_model_prefix", ""), handle.model)
-    for name in ("norm", "ln_f", "layernorm", "final_layernorm"):
+    for name in ("norm", "ln_f", "layernorm", "final_layernorm", "final_layer_norm"):
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return getattr(base, name)
     raise InputError(f"HeadScope cannot find the final norm of {handle.meta.name}.")
@@ -198,6 +205,12 @@ def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = 
     embed = (held["embed"] * e).sum(-1)  # [token]
     logit = (norm(final).float() * u).sum(-1) + const  # the model's own logit (difference)
     error = ((final - rebuilt).norm(dim=-1) / final.norm(dim=-1).clamp_min(1e-12)).max()
+    total = heads.sum((0, 1)) + mlps.sum(0) + embed + bias  # [token]
+    size = heads.abs().sum((0, 1)) + mlps.abs().sum(0) + embed.abs() + bias.abs() + 1  # [token]
+    if error > EXACT or ((total - logit).abs() / size).max() > EXACT:  # a post-norm, a (1 + w) norm, a multiplier
+        raise InputError(f"{handle.meta.name}'s logit is not the sum of its heads', MLPs' and embedding's terms "
+                         f"(off by {float(error):.2g} of the residual), so its DLA would not be the model's; "
+                         "HeadScope refuses it.")
     return {"heads": heads.numpy(), "mlps": mlps.numpy(), "embed": embed.numpy(), "bias": bias.numpy(),
             "logit": logit.numpy(), "scale": scale.numpy(), "targets": targets.numpy().astype(np.int64),
             "residual_error": float(error)}
