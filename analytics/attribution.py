@@ -30,9 +30,9 @@ from core import probe_results as stored
 from core.errors import InputError
 
 # the causal LMs whose DLA probes.dla decomposes exactly (tests/models/test_attribution.py, a tiny model of each);
-# not Gemma (a (1 + w) norm), Gemma 2/3 and OLMo 2 (post-norms), Granite (residual multipliers)
-TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "stablelm", "starcoder2", "phi3", "gpt2", "gptj", "phi",
-                 "gpt_neox")
+# not Granite (residual and logit multipliers) nor OLMo (a norm without weights)
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "stablelm", "starcoder2", "phi3", "gemma", "gemma2",
+                 "gemma3_text", "olmo2", "gpt2", "gptj", "phi", "gpt_neox")
 
 
 def patching_effect(patched: np.ndarray, clean: float, corrupted: float, direction: str = "denoise") -> np.ndarray:

@@ -66,8 +66,10 @@ def direct_logit_attribution(q: int) -> None:
     heads, terms = dla.heads(q), dla.terms(q)  # [layer, head]; the MLPs, embedding, bias and logit at q
     answer = capture.tokens[q + 1] if q + 1 < n else dla.result.summary.get("answer", "the top prediction")
     top = [np.unravel_index(i, heads.shape) for i in np.argsort(-heads, axis=None)[:3]]  # the 3 largest pushes
+    cap = dla.result.summary.get("logit_softcap")
+    logit = f"logit before its soft-cap at ±{cap:g}" if cap else "logit"
     st.caption(f"Each head's direct term in the logit of {answer!r} at token {q} ({capture.tokens[q]!r}); red pushes "
-               f"it up, blue down. All terms sum to the model's logit {terms['logit']:.4g}: heads "
+               f"it up, blue down. All terms sum to the model's {logit} {terms['logit']:.4g}: heads "
                f"{heads.sum():+.4g}, MLPs {terms['mlps'].sum():+.4g}, embedding {terms['embed']:+.4g}, bias "
                f"{terms['bias']:+.4g}. Largest: " + ", ".join(f"L{l} H{h} {heads[l, h]:+.3g}" for l, h in top)
                + ". A direct term only: a head acting through later heads can matter more (Attribution page).")

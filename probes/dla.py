@@ -16,11 +16,16 @@ forward (z through the o_proj pre-hook's `head_outputs` callback, the MLP output
 through forward hooks) and projects each position onto its own direction: by default the next token of
 the text (the model's top prediction at the last position), or one given token / token difference.
 
+Post-norms (Gemma 2 / 3, OLMo 2 normalise each attention and MLP output before the residual): the MLP's
+term is its normed output; the attention's post-norm is frozen like the final norm (its gain and its
+scale from the run), so each head's term stays linear in its z and the terms still sum to the logit.
+A norm's gain is read from the norm itself (Gemma's 1 + w).  Gemma 2 soft-caps its logits
+(c * tanh(logit / c)); its terms sum to the logit before the cap, as the record says (`logit_softcap`).
 Families (analytics.attribution.TEXT_FAMILIES, each checked on a tiny random model): Llama-style causal LMs
-(Llama, SmolLM2, Mistral, Qwen2, Qwen3, StableLM, StarCoder2, Phi-3), GPT-2, GPT-J, Phi and GPT-NeoX (Pythia,
-parallel or sequential residual), and ViT image classifiers (the class logit, read at the CLS token); anything
-else is refused with one sentence, and so is a run whose terms do not rebuild the residual and the logit
-(EXACT): DLA is served only where it decomposes the model's own logit.
+(Llama, SmolLM2, Mistral, Qwen2, Qwen3, StableLM, StarCoder2, Phi-3), Gemma, Gemma 2, Gemma 3, OLMo 2, GPT-2,
+GPT-J, Phi and GPT-NeoX (Pythia, parallel or sequential residual), and ViT image classifiers (the class
+logit, read at the CLS token); anything else is refused with one sentence, and so is a run whose terms do
+not rebuild the residual and the logit (EXACT): DLA is served only where it decomposes the model's logit.
 """
 from __future__ import annotations
 
@@ -39,8 +44,8 @@ from probes.common import top_heads
 
 VISION_FAMILIES = ("vit",)
 EXACT = 1e-2  # the components must rebuild the final residual, and the terms the logit, this closely (relative):
-# float rounding is ~1e-7 in float32 and ~1e-3 in bfloat16; a family whose blocks normalise or scale their outputs
-# before the residual (Gemma 2/3, OLMo 2: post-norms; Granite: multipliers; Gemma: a (1 + w) norm) is off by ~1
+# float rounding is ~1e-7 in float32 and ~1e-3 in bfloat16; a family that scales its outputs before the residual
+# (Granite's multipliers) or normalises in a way HeadScope does not read (OLMo's weightless LayerNorm) is off by ~1
 
 
 def one_token(tokenizer, text: str, role: str) -> int:
@@ -110,8 +115,39 @@ def blocks_of(handle: ModelHandle) -> list[torch.nn.Module]:
     return found
 
 
+def post_norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """The norms a block applies to its attention output and its MLP output before adding them to the
+    residual (Gemma 2 / 3, OLMo 2: `post_attention_layernorm`, `post_feedforward_layernorm`), or (None, None)
+    for a pre-norm block (in Llama `post_attention_layernorm` is the MLP's input norm: no
+    `post_feedforward_layernorm` beside it)."""
+    after_mlp = getattr(block, "post_feedforward_layernorm", None)
+    if not isinstance(after_mlp, torch.nn.Module):
+        return None, None
+    return getattr(block, "post_attention_layernorm"), after_mlp
+
+
+def rms_gain(norm: torch.nn.Module, dim: int) -> torch.Tensor:
+    """An RMS norm's per-channel gain g  # [dim], whatever its parametrisation (Llama's w, Gemma's 1 + w):
+    read from the norm itself on a vector of ones, whose scale 1 / sqrt(1 + eps) is known."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    ones = torch.ones(1, dim, dtype=next(norm.parameters(), torch.ones(())).dtype)  # a norm may have no weight
+    return norm(ones)[0].float() * (1.0 + eps) ** 0.5
+
+
+def rms_scale(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """The scale an RMS norm applies to each row of x  # [token, dim] -> [token], frozen from the run."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+
+
 def _mlp_hook(block: torch.nn.Module, store: list, layer: int):
-    """A forward hook recording the MLP's contribution to the residual  # [token, dim]."""
+    """A forward hook recording the MLP's contribution to the residual  # [token, dim] (after its post-norm,
+    where the block has one)."""
+    after_mlp = post_norms(block)[1]
+    if after_mlp is not None:
+        def hook(_module, _args, out):
+            store[layer] = out[0].float()
+        return after_mlp.register_forward_hook(hook)
     if isinstance(getattr(block, "mlp", None), torch.nn.Module):
         def hook(_module, _args, out):
             store[layer] = out[0].float()
@@ -140,12 +176,21 @@ def _forward(handle: ModelHandle, inputs: dict) -> dict:
     def final(_module, args):
         held["final"] = args[0][0].float()  # [token, dim] the residual entering the final norm
 
+    attn_out: list = [None] * L  # attn_out[l]  # [token, dim] entering the attention's post-norm, if any
+
+    def post_attention(layer: int):
+        def hook(_module, args):
+            attn_out[layer] = args[0][0].float()
+        return hook
+
     hooks = [blocks[0].register_forward_pre_hook(embedding, with_kwargs=True),
              _final_norm(handle).register_forward_pre_hook(final)]
     hooks += [_mlp_hook(block, mlp, l) for l, block in enumerate(blocks)]
+    hooks += [post_norms(block)[0].register_forward_pre_hook(post_attention(l))
+              for l, block in enumerate(blocks) if post_norms(block)[0] is not None]
     with removing(hooks), session(head_outputs=take_z):
         out = handle.model(**inputs)
-    held.update(z=z, mlp=mlp, logits=out.logits[0].float())  # text [token, vocab]; a classifier [class]
+    held.update(z=z, mlp=mlp, attn_out=attn_out, logits=out.logits[0].float())  # logits: text [token, vocab]
     return held
 
 
@@ -178,39 +223,45 @@ def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = 
         b_U = unembed.bias.float()
         const += b_U[targets] - (b_U[foils] if foils is not None else 0)
     norm = _final_norm(handle)
-    weight = norm.weight.float()
-    e = weight * u  # [token, dim]
     if isinstance(norm, torch.nn.LayerNorm):
+        e = norm.weight.float() * u  # [token, dim]
         scale = torch.rsqrt(final.var(-1, unbiased=False) + norm.eps)  # [token]
         e = e - e.mean(-1, keepdim=True)  # LayerNorm's centring, moved onto the direction
         norm_bias = u @ norm.bias.float() if norm.bias is not None else 0
     else:
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        scale = torch.rsqrt(final.pow(2).mean(-1) + eps)  # [token]
+        e = rms_gain(norm, final.shape[-1]) * u  # [token, dim]
+        scale = rms_scale(final, norm)  # [token]
         norm_bias = 0
     e = e * scale[:, None]  # the frozen scale: each term is linear in its component
     L, H = handle.meta.n_layers, handle.meta.n_heads
     heads = torch.zeros(L, H, n)
     bias = const + norm_bias
     rebuilt = held["embed"] + sum(held["mlp"])  # [token, dim], the attention outputs added below
+    blocks = blocks_of(handle)
     for l, (_, out) in enumerate(attention_layers(handle.model)):
         W_O = _out_weight(out).float()  # [dim, head * head_dim]
         z = held["z"][l]  # [token, head, head_dim]
-        heads[l] = (z * (e @ W_O).view(n, H, -1)).sum(-1).T  # [head, token]
-        rebuilt = rebuilt + z.reshape(n, -1) @ W_O.T
+        after = post_norms(blocks[l])[0]
+        # a post-norm's gain and scale, frozen from the run like the final norm's: the heads' outputs stay linear
+        through = rms_gain(after, W_O.shape[0]) * rms_scale(held["attn_out"][l], after)[:, None] \
+            if after is not None else torch.ones(1, W_O.shape[0])  # [token or 1, dim]
+        e_l = e * through  # [token, dim]
+        heads[l] = (z * (e_l @ W_O).view(n, H, -1)).sum(-1).T  # [head, token]
+        rebuilt = rebuilt + (z.reshape(n, -1) @ W_O.T) * through
         if out.bias is not None:
-            bias = bias + e @ out.bias.float()
-            rebuilt = rebuilt + out.bias.float()
+            bias = bias + e_l @ out.bias.float()
+            rebuilt = rebuilt + out.bias.float() * through
     mlps = torch.stack([(m * e).sum(-1) for m in held["mlp"]])  # [layer, token]
     embed = (held["embed"] * e).sum(-1)  # [token]
     logit = (norm(final).float() * u).sum(-1) + const  # the model's own logit (difference)
     error = ((final - rebuilt).norm(dim=-1) / final.norm(dim=-1).clamp_min(1e-12)).max()
     total = heads.sum((0, 1)) + mlps.sum(0) + embed + bias  # [token]
     size = heads.abs().sum((0, 1)) + mlps.abs().sum(0) + embed.abs() + bias.abs() + 1  # [token]
-    if error > EXACT or ((total - logit).abs() / size).max() > EXACT:  # a post-norm, a (1 + w) norm, a multiplier
+    off = float(((total - logit).abs() / size).max())
+    if error > EXACT or off > EXACT:  # a residual multiplier, a norm HeadScope does not know
         raise InputError(f"{handle.meta.name}'s logit is not the sum of its heads', MLPs' and embedding's terms "
-                         f"(off by {float(error):.2g} of the residual), so its DLA would not be the model's; "
-                         "HeadScope refuses it.")
+                         f"(the residual is off by {float(error):.2g}, the logit by {off:.2g}), so its DLA would not "
+                         "be the model's; HeadScope refuses it.")
     return {"heads": heads.numpy(), "mlps": mlps.numpy(), "embed": embed.numpy(), "bias": bias.numpy(),
             "logit": logit.numpy(), "scale": scale.numpy(), "targets": targets.numpy().astype(np.int64),
             "residual_error": float(error)}
@@ -260,6 +311,8 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
              else tok.decode([target_id]))
     return {"n_tokens": int(terms["logit"].shape[0]), "capture": p.capture, "answer_position": position,
             "summary": {"answer": label, "logit": float(terms["logit"][position]),
+                        # Gemma 2 soft-caps its logits (c * tanh(logit / c)): the terms sum to the logit before it
+                        "logit_softcap": getattr(handle.model.config, "final_logit_softcapping", None),
                         "sum_error": float(np.abs(total - terms["logit"]).max()),
                         "residual_error": terms["residual_error"],
                         "top": top_heads(terms["heads"][:, :, position]),
