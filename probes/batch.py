@@ -82,15 +82,6 @@ def _final(exc: BaseException) -> bool:
     return isinstance(exc, (InputError, InterventionError, ModelUnavailable, TypeError, ValueError))
 
 
-def store_or_default(store):
-    """`store`, or the process-wide default store (capture.api.default_store) when None."""
-    if store is not None:
-        return store
-    from capture.api import default_store
-
-    return default_store()
-
-
 def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, address: str | None = None,
               workers: int = DEFAULT_WORKERS, retries: int = DEFAULT_RETRIES,
               progress: Callable[[int, int, JobResult], None] | None = None,
@@ -103,7 +94,10 @@ def run_batch(jobs: Iterable[Job | RunSpec], *, store=None, ray: bool = False, a
     Ray for (default: none on the CPU; on a GPU the GPU count over the actors, at most 1).  Returns
     one JobResult per job, in order."""
     jobs = [CaptureJob(j) if isinstance(j, RunSpec) else j for j in jobs]
-    store = store_or_default(store)
+    if store is None:  # imported here: a batch of cached jobs never loads the capture stack
+        from capture.api import default_store
+
+        store = default_store()
     total = len(jobs)
     results: list[JobResult | None] = [None] * total
     done = 0

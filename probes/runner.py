@@ -37,13 +37,13 @@ import numpy as np
 
 from cache.store import Store
 from capture import registry
+from capture.api import default_store
 from core import probe_results as stored
 from core.errors import InputError
 from core.probe_results import HiddenParams, ProbeResult
 from core.progress import Progress, no_progress
 from core.types import Capture
 from probes.ablation import ABLATION_MODES, ablation_probe
-from probes.batch import store_or_default
 from probes.dit_patching import dit_patching_probe
 from probes.dla import dla_probe
 from probes.duo import duo_probe
@@ -83,7 +83,7 @@ def run_probe(probe: str, model: str = "smollm2", params=None, store: Store | No
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     _validate(probe, p)
-    store = store_or_default(store)
+    store = store or default_store()
     revision = registry.revision(model)
     key = stored.probe_key(revision, probe, p)
     if not force:
@@ -169,5 +169,5 @@ def _validate(probe: str, p) -> None:
 def hidden_states(capture: Capture, store: Store | None = None, progress: Progress = no_progress,
                   force: bool = False) -> ProbeResult:
     """Store (or fetch) the residual stream of `capture`; analytics.HiddenStates reads it by layer."""
-    store = store_or_default(store or capture.store)
+    store = store or capture.store or default_store()
     return run_probe("hidden", capture.spec.model, HiddenParams(capture=capture.key), store, progress, force)

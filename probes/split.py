@@ -22,10 +22,11 @@ import numpy as np
 
 from cache.store import Store
 from capture import registry
+from capture.api import default_store
 from core import probe_results as stored
 from core.errors import InputError
 from core.progress import Progress, no_progress
-from probes.batch import run_batch, store_or_default
+from probes.batch import run_batch
 from probes.jobs import ProbeJob
 from probes.patch_runs import patching_summary
 from probes.runner import finish_record
@@ -72,7 +73,7 @@ def split_sweep(probe: str, model: str, params=None, parts: int = 2, store: Stor
         raise InputError("A split sweep covers every layer; leave out --layers (or run that layer range alone).")
     if getattr(p, "sender", None):
         raise InputError("Path patching from one sender does not split by layers; run it without --parts.")
-    store = store_or_default(store)
+    store = store or default_store()
     revision = registry.revision(model)
     found = None if force else stored.find(store, revision, probe, p)
     if found is not None:
