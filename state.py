@@ -29,6 +29,7 @@ MAX_SIDE = 4096  # diffusion: the largest picture side a link may ask for (each 
 MEASURES = ("logit_diff", "prob")  # attribution: the patching metric at the last position
 DIRECTIONS = ("denoise", "noise")  # attribution: clean into corrupted, or corrupted into clean
 RECEIVERS = ("q", "k", "v")  # attribution: the path-patching receivers' input
+POSITIONS = ("all", "image", "text")  # attribution on a VLM: the rows whose head outputs are patched
 MAX_LINK_TOKEN = 40  # characters of an attribution target / foil token
 MEAN_PAGES = ("gaze", "dit")  # pages whose layer / head -1 means "the mean": their links always name both
 MAX_LINK_POINTS = 1500  # characters of a pattern-atlas selection ("3.7-12.40" or "z...") a link carries
@@ -91,6 +92,8 @@ class ViewState:
     measure: str = "logit_diff"  # attribution: MEASURES
     direction: str = "denoise"  # attribution: DIRECTIONS
     receivers: str = "q"  # attribution: path patching from the selected head into later heads' RECEIVERS
+    corrupted_image: str = ""  # attribution on a VLM / ViT: the corrupted picture (image is the clean one); "" = default
+    positions: str = "all"  # attribution on a VLM: POSITIONS
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -180,7 +183,7 @@ def _parse(name: str, value: str):
         if value != "none" and not (len(value) == 16 and all(c in "0123456789abcdef" for c in value)):
             raise ValueError("not an intervention key.")
         return value
-    if name == "image":
+    if name in ("image", "corrupted_image"):
         if value and not (value.replace("-", "").replace("_", "").isalnum() or
                           (value.startswith("sha256:") and is_hex(value[7:], 64))):
             raise ValueError("images are named samples or sha256:<hash> of an upload, never paths.")
@@ -199,6 +202,8 @@ def _parse(name: str, value: str):
         return _choice(value, DIRECTIONS)
     if name == "receivers":
         return _choice(value, RECEIVERS)
+    if name == "positions":
+        return _choice(value, POSITIONS)
     if name == "patch":
         parts = value.split(",")
         if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):

@@ -3,7 +3,9 @@ and a corrupted prompt, the head graph of the prediction, and path patching from
 
 The view (both prompts, the answer and foil tokens, the metric, the direction, the selected head and the
 path-patching receivers) lives in ViewState, so a link reproduces it.  Captures of both prompts give the
-tokens and the maps; the probes (probes.dla, probes.patching) are cached per model and parameters.
+tokens and the maps; the probes (probes.dla, probes.patching) are cached per model and parameters.  A VLM,
+shapes-dit or a vision model is handed over to pages/attribution_pictures.py (patching between two pictures or
+two prompts).
 """
 import streamlit as st
 
@@ -20,16 +22,17 @@ from state import MAX_LINK_PROMPT, ViewState
 state = shared.view_state()
 st.title("Attribution: which heads made this token")
 shared.show_link_warnings()
+model = state.model
+if shared.modality_of(model) != "text":  # a VLM, shapes-dit or a vision model: patching between two inputs
+    from pages import attribution_pictures
+
+    attribution_pictures.render(state)
+    shared.stop()
 st.caption("Direct logit attribution: each head's direct push on the answer's logit, through the final norm with its "
            "scale frozen from the run (Elhage et al. 2021). Activation patching: a head's output copied from the clean "
            "run into the corrupted one (denoise) or back (noise), and how much of the metric it moves "
            "(Wang et al. 2022, IOI). Path patching: a chosen head's effect through the queries, keys or values of "
            "later heads only.")
-model = state.model
-if shared.modality_of(model) != "text":
-    st.info(f"Attribution works on causal language models (Llama-style, GPT-2); {shared.model_title(model)} is a "
-            f"{shared.modality_of(model)} model. Pick SmolLM2 in the sidebar.")
-    shared.stop()
 
 
 def load_ioi() -> None:

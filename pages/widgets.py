@@ -282,12 +282,13 @@ def paint_signal(on_painted: Callable[[], None]) -> None:
 
 
 def signed_head_map(values, title: str, value_name: str, key: str, selected: tuple[int, int],
-                    on_pick: Callable[[int, int], None] | None = None) -> None:
+                    on_pick: Callable[[int, int], None] | None = None, max_cell_px: int = 16) -> None:
     """values  # [layer, head], signed (DLA, patching effects), as a picture that paints before Plotly's bundle
     has loaded (issue 23): a diverging scale centred on 0 (red pushes the metric up), the `selected` head
-    (layer, head) framed, a click on a cell calls on_pick(layer, head)."""
+    (layer, head) framed, a click on a cell calls on_pick(layer, head).  `max_cell_px`: taller cells for a
+    model of few layers (shapes-dit's 4), so the map and its colour bar stay legible."""
     layer, head = selected
     ratio = 3.0 if values.shape[1] <= 16 else 1.5  # a cell's width / its height: wide cells for few heads
     grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[selected], aspect=ratio)
     picture(grid, key=key, on_pick=on_pick, outline=(layer, layer + 1, head, head + 1),
-            min_cell_px=10, max_cell_px=16, cell_ratio=ratio)
+            min_cell_px=10, max_cell_px=max_cell_px, cell_ratio=ratio)

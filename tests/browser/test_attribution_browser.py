@@ -63,3 +63,33 @@ def test_attribution_page_click_selects_a_head_and_the_link_follows(ioi_patching
         patch_map.scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "attribution_patching.png"))
         context.close()
+
+
+@pytest.fixture(scope="module")
+def picture_patching():
+    """shapes-vlm's and shapes-dit's default patching sweeps (the page's first view on each), in the default cache."""
+    from capture import default_store
+    from probes import run_probe
+
+    store = default_store()
+    return {model: run_probe(kind, model, {}, store=store)
+            for model, kind in (("shapes-vlm", "vlm_patching"), ("shapes-dit", "dit_patching"))}
+
+
+@pytest.mark.parametrize("model, name", [("shapes-vlm", "vlm"), ("shapes-dit", "dit")])
+def test_attribution_link_on_the_picture_kinds_draws_before_after_and_the_map(picture_patching, artifacts, model,
+                                                                             name):
+    """The page's first view on shapes-vlm (scene-3's red circle vs scene-4's yellow one) and shapes-dit ('a red
+    circle' vs 'a blue circle'): the two pictures, before | after and the patching map, at 1280 x 800."""
+    with streamlit_server() as server, browser() as chromium:
+        context = chromium.new_context(viewport=VIEWPORT)
+        page = context.new_page()
+        page.goto(f"{server}/?page=attribution&model={model}&layer=1&head=2")
+        page.wait_for_selector(f"{PICTURE}[alt^='Share of the gap each head restores']", timeout=300_000)
+        wait_idle(page, PICTURE)
+        assert page.get_by_text("L1 H2 patched").count() == 1 and page.get_by_text("share of the gap").count() >= 1
+        assert page.locator("[data-testid='stMain'] [data-testid='stImage'] img").count() == 2  # clean | corrupted
+        page.screenshot(path=str(artifacts / f"attribution_{name}.png"))
+        page.locator(f"{PICTURE}[alt^='Share of the gap']").scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / f"attribution_{name}_map.png"))
+        context.close()

@@ -40,7 +40,8 @@ def test_any_link_parses_to_a_valid_state(params):
     assert isinstance(warnings, list)
     assert state.page in PAGES and state.view in VIEWS and state.scale in SCALES
     assert state.model in allowed_models()
-    assert not state.image or not any(c in state.image for c in "/\\.") or state.image.startswith("sha256:")
+    for picture in (state.image, state.corrupted_image):
+        assert not picture or not any(c in picture for c in "/\\.") or picture.startswith("sha256:")
     assert all(ch.isprintable() or ch in "\n\t" for ch in state.prompt)
     assert ViewState.from_params(state.to_params()) == (state, [])  # what a link says, it says again
 
@@ -58,7 +59,8 @@ def test_links_cannot_name_local_paths_or_unlisted_models(monkeypatch, tmp_path)
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["page", "view", "layer", "head", "token", "q0", "k0", "scale", "model",
-                                        "key", "image", "prompt", "max_new_tokens", "chat", "junk"]),
+                                        "key", "image", "prompt", "max_new_tokens", "chat", "corrupted_image",
+                                        "positions", "junk"]),
                        any_text, min_size=1, max_size=6))
 def test_no_link_ever_shows_a_traceback(params):
     from streamlit.testing.v1 import AppTest
