@@ -42,10 +42,10 @@ def test_every_recipe_link_opens_its_view_and_nothing_leaves_the_machine(server,
         page = fresh(chromium, outside)
         started = time.perf_counter()
         page.goto(server + link)
-        # measured: the view draws its figure; not yet: it says what it must run, with a button to run it, or
-        # (a view whose capture is quick, as Vision's) computes it and draws the figure
+        # measured: the view draws its figure; not yet: it says what it must run, with the page's primary button
+        # to run it (not the sidebar's Run), or (a view whose capture is quick, as Vision's) computes and draws it
         wait_idle(page, recipe.figure if measured else
-                  f"{recipe.figure}, button:has-text('Run'), button:has-text('Sample')", timeout=300_000)
+                  f"{recipe.figure}, [data-testid='stMain'] [data-testid='stBaseButton-primary']", timeout=300_000)
         timings.append(f"{recipe.name} {time.perf_counter() - started:.1f}s")
         assert not page.locator(ERRORS).count(), (recipe.name, page.locator(ERRORS).all_inner_texts())
         page.screenshot(path=str(artifacts / f"recipe_{recipe.name}.png"))
