@@ -71,7 +71,9 @@ if clean is None or corrupted is None:
     shared.stop()
 meta = clean.meta
 if meta.family not in attribution.TEXT_FAMILIES or not meta.causal:
-    st.info(f"Attribution knows Llama-style causal LMs and GPT-2; {meta.name} ({meta.family}) is not one of them.")
+    st.info(f"Attribution knows the causal LMs {', '.join(attribution.TEXT_FAMILIES)}; {meta.name} ({meta.family}) "
+            "is not one of them (the patching probe alone runs on any causal LM: `python -m headscope probe "
+            "patching --model ...`).")
     shared.stop()
 n = clean.n_tokens
 differs = [i for i, (a, b) in enumerate(zip(clean.output.token_ids, corrupted.output.token_ids)) if a != b]

@@ -154,3 +154,8 @@ def test_explorer_token_view_says_why_a_model_has_no_dla():
     assert any("Direct logit attribution knows the causal LMs llama" in c.value and "minilm" in c.value.lower()
                for c in at.caption)
     assert all(b.key != "ex_dla_run" for b in at.button)
+
+
+def test_attribution_page_says_which_text_models_it_knows():
+    at = open_app({"page": "attribution", "model": "minilm"})  # an encoder: no answer to attribute
+    assert any("Attribution knows the causal LMs llama" in i.value and "minilm" in i.value for i in at.info)
