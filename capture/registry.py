@@ -82,7 +82,7 @@ def modality(name: str) -> str:
         return EMBEDDED[name].modality
     if is_pipeline(Path(name).expanduser()):
         return "dit"
-    config = _local_config(name)
+    config = local_config(name)
     model_type, archs = str(config.get("model_type", "")), config.get("architectures") or []
     if model_type in VISION_TYPES or model_type in VISION_TOWERS or \
             any(str(a).endswith("ForImageClassification") for a in archs):
@@ -93,7 +93,7 @@ def modality(name: str) -> str:
 
 
 @lru_cache(maxsize=64)
-def _local_config(name: str) -> dict:
+def local_config(name: str) -> dict:
     """config.json of a local folder or of a hub id already in the local cache ({} if none); never downloads."""
     folder = Path(name).expanduser()
     path = folder / "config.json" if folder.is_dir() else None

@@ -74,9 +74,9 @@ def not_a_classifier(model: str) -> str | None:
     if model in capture.EMBEDDED:  # the embedded vision model is DINOv2: an image encoder, no classifier
         config = {}
     else:
-        from capture.registry import _local_config
+        from capture.registry import local_config
 
-        config = _local_config(model)
+        config = local_config(model)
         if not config:
             return None  # nothing known yet: the probe decides
     if config.get("model_type") in VIT_FAMILIES and any("ImageClassification" in a
@@ -90,9 +90,9 @@ def n_heads_of(model: str) -> int:
     """Layers x heads, for the estimate before anything loads (a guess of 144 when the config is unknown)."""
     if model in HEADS:
         return HEADS[model]
-    from capture.registry import _local_config
+    from capture.registry import local_config
 
-    config = _local_config(model)
+    config = local_config(model)
     config = config.get("text_config", config)
     return int(config.get("num_hidden_layers", 12)) * int(config.get("num_attention_heads", 12))
 

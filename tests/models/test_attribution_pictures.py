@@ -144,3 +144,43 @@ def test_dinov2_is_refused_with_one_sentence():
     assert not at.error and not [b for b in at.button if b.key == "ap_run"]
     (info,) = [i.value for i in at.info]
     assert info.startswith("ViT patching needs a ViT or DeiT image classifier") and "dinov2-s is not one" in info
+
+
+@pytest.fixture
+def vit_classifier(tmp_path, monkeypatch):
+    """A tiny random ViT image classifier saved as a folder (5 classes, 32 px pictures) the operator allows."""
+    import json
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    labels = {i: name for i, name in enumerate(["cat", "coffee", "tabby", "mug", "dog"])}
+    model = ViTForImageClassification(ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=32, patch_size=8, num_labels=5,
+                                                id2label=labels, label2id={v: k for k, v in labels.items()},
+                                                initializer_range=0.2))
+    folder = tmp_path / "tiny-vit-classifier"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_resize": True, "size": {"height": 32, "width": 32}, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "rescale_factor": 1 / 255}))
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", str(folder))
+    return str(folder)
+
+
+def test_vit_classifier_button_computes_then_the_page_shows_the_stored_result(vit_classifier):
+    """The ViT path of the page on a real (tiny, random) classifier folder: cat vs coffee, each picture's top
+    class by default; the numbers and the map are the stored vit_patching result's."""
+    from analytics.patching_kinds import read_vit_patching
+    from core.probe_results import VitPatchingParams
+
+    params = VitPatchingParams()  # the page's defaults: cat vs coffee, the top classes
+    evict(vit_classifier, "vit_patching", params)
+    at = open_app({"page": "attribution", "model": vit_classifier, "layer": "1", "head": "2"})
+    assert not at.error, [e.value for e in at.error]
+    run_button(at).click().run()
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    patching = read_vit_patching(store=default_store(), revision=revision(vit_classifier), model=vit_classifier,
+                                 **asdict(params))
+    check_page_numbers(at, patching, 1, 2, patching.corrupted)
