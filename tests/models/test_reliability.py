@@ -160,10 +160,13 @@ def test_unwritable_cache_directory_falls_back_to_a_temporary_store(monkeypatch,
 
 
 WORKER = """
-import sys
+import sys, time
 from capture.api import run
 from core.types import RunSpec
-run(RunSpec(model="smollm2", prompt=sys.argv[1]))
+def slowly(share, text):  # 0.2 s after each layer: the signal lands mid-capture even on a loaded machine
+    if text.startswith("captured layer"):
+        time.sleep(0.2)
+run(RunSpec(model="smollm2", prompt=sys.argv[1]), progress=slowly)
 """
 
 
@@ -183,8 +186,10 @@ def test_killed_capture_leaves_the_cache_consistent_and_a_rerun_completes(smollm
                                         f"{log.read_text()[-800:]}"
             assert time.time() < deadline
             time.sleep(0.05)
+        assert proc.poll() is None, "the worker finished before it could be interrupted"
         proc.send_signal(sig)
         proc.wait(timeout=60)
+        assert proc.returncode != 0, "the worker finished the capture instead of being interrupted"
     finally:
         if proc.poll() is None:
             proc.kill()
