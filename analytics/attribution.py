@@ -32,7 +32,8 @@ from core.errors import InputError
 # the causal LMs whose DLA probes.dla decomposes exactly (tests/models/test_attribution.py, a tiny model of each);
 # not Granite (residual and logit multipliers) nor OLMo (a norm without weights)
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "stablelm", "starcoder2", "phi3", "gemma", "gemma2",
-                 "gemma3_text", "olmo2", "gpt2", "gptj", "phi", "gpt_neox")
+                 "gemma3_text", "olmo2", "gpt2", "gptj", "phi", "gpt_neox",
+                 "qwen2_vl_text", "qwen2_5_vl_text")  # the last two: Qwen2-VL's and Qwen2.5-VL's language models
 
 
 def patching_effect(patched: np.ndarray, clean: float, corrupted: float, direction: str = "denoise") -> np.ndarray:

@@ -4,12 +4,11 @@ import base64
 import numpy as np
 import streamlit as st
 
-import probes
-from analytics import ProbeMissing, attribution
-from capture import HEAD_OVERVIEW_BINS, USER_ERRORS
+from capture import HEAD_OVERVIEW_BINS
 from charts import attention as charts
 from pages import shared
-from pages.widgets import picture, signed_head_map
+from pages.dla_panel import dla_panel
+from pages.widgets import picture
 
 FULL_MAP_MAX = 160  # longer inputs get a pooled overview plus a full-resolution detail window
 WINDOW = 96  # detail window size, tokens
@@ -38,43 +37,6 @@ def centre_window_on(row: int, col: int, size: int) -> None:
     q, k = int((row + 0.5) * size), int((col + 0.5) * size)
     shared.set_fields(q0=min(max(q - WINDOW // 2, 0), max(n - WINDOW, 0)),
                       k0=min(max(k - WINDOW // 2, 0), max(n - WINDOW, 0)))
-
-
-def direct_logit_attribution(q: int) -> None:
-    """Token view: which heads wrote the token after token q (direct logit attribution, Elhage et al. 2021;
-    probes.dla): each head's term in that token's logit at position q, the final norm's scale frozen from
-    this run.  Stored per capture; computed on request (a forward of the model, ~0.2 s once loaded)."""
-    st.subheader("Which heads wrote the next token (direct logit attribution)")
-    if meta.modality != "text" or not meta.causal or meta.family not in attribution.TEXT_FAMILIES:
-        st.caption(f"Direct logit attribution knows the causal LMs {', '.join(attribution.TEXT_FAMILIES)}; "
-                   f"{meta.name} ({meta.family}) is none of them.")
-        return
-    try:
-        dla = attribution.read_dla(capture)
-    except ProbeMissing:
-        if not st.button("Attribute the next token to the heads", key="ex_dla_run",
-                         help="Runs the model once on this capture's tokens with every head's output recorded."):
-            return
-        result = shared.run_with_progress("Direct logit attribution", probes.run_probe, "dla", meta.name,
-                                          {"capture": capture.key})
-        if result is None:
-            return
-        dla = attribution.DLA(result)
-    except USER_ERRORS as exc:
-        st.error(str(exc))
-        return
-    heads, terms = dla.heads(q), dla.terms(q)  # [layer, head]; the MLPs, embedding, bias and logit at q
-    answer = capture.tokens[q + 1] if q + 1 < n else dla.result.summary.get("answer", "the top prediction")
-    top = [np.unravel_index(i, heads.shape) for i in np.argsort(-heads, axis=None)[:3]]  # the 3 largest pushes
-    cap = dla.result.summary.get("logit_softcap")
-    logit = f"logit before its soft-cap at ±{cap:g}" if cap else "logit"
-    st.caption(f"Each head's direct term in the logit of {answer!r} at token {q} ({capture.tokens[q]!r}); red pushes "
-               f"it up, blue down. All terms sum to the model's {logit} {terms['logit']:.4g}: heads "
-               f"{heads.sum():+.4g}, MLPs {terms['mlps'].sum():+.4g}, embedding {terms['embed']:+.4g}, bias "
-               f"{terms['bias']:+.4g}. Largest: " + ", ".join(f"L{l} H{h} {heads[l, h]:+.3g}" for l, h in top)
-               + ". A direct term only: a head acting through later heads can matter more (Attribution page).")
-    signed_head_map(heads, f"DLA onto {answer!r}: click a head", "DLA (logit)", "ex_dla_map", (layer, head),
-                    on_pick=lambda row, col: shared.set_fields(layer=row, head=col))
 
 
 cols = st.columns([2.6, 1, 1, 2.4])
@@ -196,7 +158,8 @@ else:  # token view
     st.download_button("Numbers (CSV)", lambda: "head,key,token,weight\n" + "\n".join(
         f'{h},{j},"{capture.tokens[j]}",{rows[h, j]:.5g}' for h in range(meta.n_heads) for j in range(q + 1)),
         file_name=f"{capture.key}_L{layer}_q{q}.csv", mime="text/csv", on_click="ignore")
-    direct_logit_attribution(q)
+    st.subheader("Which heads wrote the next token (direct logit attribution)")
+    dla_panel(capture, q, "ex_dla", (layer, head), lambda row, col: shared.set_fields(layer=row, head=col))
 
 with st.expander("Text, output and top-k log-probabilities"):
     shared.show_text(capture)

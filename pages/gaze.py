@@ -14,11 +14,12 @@ from analytics import vlm
 from analytics.vlm_picture import PictureLayout
 from capture import ProbeMissing, scenes
 from charts import gaze as charts
-from charts.image import head_overlays, layer_head_chart
 from charts import registers as charts_sinks
+from charts.image import head_overlays, layer_head_chart
 from charts.pictures import overlay
 from charts.theme import plot_config
 from pages import shared
+from pages.dla_panel import dla_panel
 from pages.widgets import picture as draw
 
 st.title("Gaze")
@@ -100,8 +101,8 @@ shared.plotly_chart(charts.token_bars(words, strip.sum(axis=(1, 2)) if len(strip
 
 # a link that names an intervention opens on its before | after (decided once, on the page's first run)
 st.session_state.setdefault("gaze_open_tab", "Intervene" if state.intervention != "none" else None)
-tab_heads, tab_sinks, tab_vhd, tab_tower, tab_intervene = st.tabs(
-    ["Image-centric heads", "Visual sinks", "VHD", "Vision tower", "Intervene"],
+tab_heads, tab_sinks, tab_vhd, tab_dla, tab_tower, tab_intervene = st.tabs(
+    ["Image-centric heads", "Visual sinks", "VHD", "Which heads wrote it", "Vision tower", "Intervene"],
     default=st.session_state["gaze_open_tab"])
 with tab_heads:
     hv = shared.memo("gaze_heads", capture.key, lambda: vlm.head_vision(capture, sinks.visual))
@@ -177,6 +178,11 @@ with tab_vhd:
             shared.plotly_chart(charts.token_bars(answer_tokens, vlm.t_vhd(divergence),
                                                   f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
                                 key="gaze_vhd_tokens", config=plot_config())
+with tab_dla:  # direct logit attribution where the answer's first token is predicted (the last token if none)
+    answer_span = capture.spans.get("answer", range(0))
+    dla_panel(capture, answer_span.start - 1 if len(answer_span) else capture.n_tokens - 1, "gaze_dla",
+              (layer, head) if layer >= 0 and head >= 0 else None,  # nothing framed for a mean
+              lambda row, col: shared.set_fields(layer=row, head=col))
 with tab_tower:
 
     try:

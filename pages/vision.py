@@ -3,9 +3,8 @@
 Thin: the current capture from pages.shared, layer/head/query patch bound to the shared ViewState
 (so a link reproduces them), analytics.vision for the numbers, charts.image for the figures.
 """
-import streamlit as st
-
 import numpy as np
+import streamlit as st
 
 import probes
 from analytics import vision

@@ -281,14 +281,16 @@ def paint_signal(on_painted: Callable[[], None]) -> None:
     _paint(key="paint_signal", on_painted_change=on_painted, height=0)
 
 
-def signed_head_map(values, title: str, value_name: str, key: str, selected: tuple[int, int],
+def signed_head_map(values, title: str, value_name: str, key: str, selected: tuple[int, int] | None,
                     on_pick: Callable[[int, int], None] | None = None, max_cell_px: int = 16) -> None:
     """values  # [layer, head], signed (DLA, patching effects), as a picture that paints before Plotly's bundle
     has loaded (issue 23): a diverging scale centred on 0 (red pushes the metric up), the `selected` head
-    (layer, head) framed, a click on a cell calls on_pick(layer, head).  `max_cell_px`: taller cells for a
-    model of few layers (shapes-dit's 4), so the map and its colour bar stay legible."""
-    layer, head = selected
+    (layer, head) framed (None: no head is selected), a click on a cell calls on_pick(layer, head).
+    `max_cell_px`: taller cells for a model of few layers (shapes-dit's 4), so the map and its colour bar stay
+    legible."""
     ratio = 3.0 if values.shape[1] <= 16 else 1.5  # a cell's width / its height: wide cells for few heads
-    grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[selected], aspect=ratio)
-    picture(grid, key=key, on_pick=on_pick, outline=(layer, layer + 1, head, head + 1),
-            min_cell_px=10, max_cell_px=max_cell_px, cell_ratio=ratio)
+    grid = metric_grid(values, title=title, value_name=value_name, signed=True, chosen=[selected] if selected else [],
+                       aspect=ratio)
+    outline = None if selected is None else (selected[0], selected[0] + 1, selected[1], selected[1] + 1)
+    picture(grid, key=key, on_pick=on_pick, outline=outline, min_cell_px=10, max_cell_px=max_cell_px,
+            cell_ratio=ratio)

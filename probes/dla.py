@@ -68,22 +68,34 @@ def class_id(config, text: str) -> int:
     raise InputError(f"{text!r} is not a class of this classifier; give a label it has or a class number.")
 
 
+def language_family(handle: ModelHandle) -> str:
+    """The family of the model DLA decomposes: a VLM's language model's (its text config), else the model's."""
+    config = handle.model.config
+    text = config.get_text_config() if handle.meta.modality == "vlm" and hasattr(config, "get_text_config") else config
+    return str(getattr(text, "model_type", handle.meta.family))
+
+
 def _family_check(handle: ModelHandle) -> None:
     meta = handle.meta
-    known = TEXT_FAMILIES if meta.modality == "text" else VISION_FAMILIES if meta.modality == "vision" else ()
+    family = language_family(handle)
+    known = TEXT_FAMILIES if meta.modality in ("text", "vlm") else VISION_FAMILIES if meta.modality == "vision" else ()
     classifier = meta.modality != "vision" or hasattr(handle.model, "classifier")
-    if meta.family not in known or not classifier or (meta.modality == "text" and not meta.causal):
-        raise InputError(f"Direct logit attribution knows the causal LMs {', '.join(TEXT_FAMILIES)} and ViT image "
-                         f"classifiers; {meta.name} ({meta.family}, {meta.modality}) is none of them.")
+    if family not in known or not classifier or (meta.modality == "text" and not meta.causal):
+        raise InputError(f"Direct logit attribution knows the causal LMs {', '.join(TEXT_FAMILIES)} (also as a VLM's "
+                         f"language model) and ViT image classifiers; {meta.name} ({family}, {meta.modality}) is none "
+                         "of them.")
 
 
 def _final_norm(handle: ModelHandle) -> torch.nn.Module:
     """The norm between the last block and the unembedding (Llama `norm`, GPT-2 `ln_f`, ViT `layernorm`, Phi
     `final_layernorm`, GPT-NeoX `final_layer_norm`)."""
     base = getattr(handle.model, getattr(handle.model, "base_model_prefix", ""), handle.model)
-    for name in ("norm", "ln_f", "layernorm", "final_layernorm", "final_layer_norm"):
-        if isinstance(getattr(base, name, None), torch.nn.Module):
-            return getattr(base, name)
+    # a VLM's language model sits one level further down (LLaVA: model.language_model; Idefics3: model.text_model)
+    for owner in (base, *(getattr(o, name, None) for o in (base, handle.model) for name in ("language_model",
+                                                                                             "text_model"))):
+        for name in ("norm", "ln_f", "layernorm", "final_layernorm", "final_layer_norm"):
+            if isinstance(getattr(owner, name, None), torch.nn.Module):
+                return getattr(owner, name)
     raise InputError(f"HeadScope cannot find the final norm of {handle.meta.name}.")
 
 
@@ -97,6 +109,12 @@ def _unembedding(handle: ModelHandle) -> torch.nn.Module:
 def _out_weight(out: torch.nn.Module) -> torch.Tensor:
     """The output projection as W  # [dim, head * head_dim] (nn.Linear; GPT-2's Conv1D stores it transposed)."""
     return out.weight.T if type(out).__name__ == "Conv1D" else out.weight
+
+
+def _layers(handle: ModelHandle) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(attention, output projection) of the layers HeadScope indexes (a VLM's language model, not its tower)."""
+    outs = {id(attn): out for attn, out in attention_layers(handle.model)}
+    return [(attn, outs[id(attn)]) for attn in handle.attention_modules]
 
 
 def blocks_of(handle: ModelHandle) -> list[torch.nn.Module]:
@@ -238,7 +256,7 @@ def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = 
     bias = const + norm_bias
     rebuilt = held["embed"] + sum(held["mlp"])  # [token, dim], the attention outputs added below
     blocks = blocks_of(handle)
-    for l, (_, out) in enumerate(attention_layers(handle.model)):
+    for l, (_, out) in enumerate(_layers(handle)):
         W_O = _out_weight(out).float()  # [dim, head * head_dim]
         z = held["z"][l]  # [token, head, head_dim]
         after = post_norms(blocks[l])[0]
@@ -272,7 +290,9 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
     bias, logit, scale and targets [token]; the record names the answer position (the last token; a ViT's
     CLS token) and sum_error, the largest |sum of terms - the model's logit| over positions."""
     from capture.api import load_capture
+    from capture.images import load_image
     from capture.vision.adapter import VisionAdapter
+    from capture.vlm.inputs import placed
 
     capture = load_capture(p.capture, store)
     if capture is None:
@@ -290,12 +310,19 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
         position = 0
     else:
         ids = capture.output.token_ids
-        inputs = {"input_ids": torch.tensor([ids]), "use_cache": False}
-        tok = handle.tokenizer
+        if handle.meta.modality == "vlm":  # the capture's tokens with its picture, as the recorded pass ran them
+            picture = handle.tokenizer.encode(load_image(capture.spec.image), capture.spec.prompt)
+            inputs = {**placed(picture.answered(list(ids)), handle.model), "use_cache": False}
+            tok = handle.tokenizer.tokenizer
+        else:
+            inputs = {"input_ids": torch.tensor([ids]), "use_cache": False}
+            tok = handle.tokenizer
         n = len(ids)
         target = torch.full((n,), one_token(tok, p.target, "target")) if p.target else None
         foil = torch.full((n,), one_token(tok, p.foil, "foil")) if p.foil else None
-        position = n - 1
+        # a VLM's answer: read where its first token is predicted (the last prompt token); else the last token
+        answer = capture.spans.get("answer", range(0))
+        position = answer.start - 1 if handle.meta.modality == "vlm" and len(answer) else n - 1
     if target is not None and foil is not None and bool((target == foil).all()):
         raise InputError("The target and the foil are the same token; their logit difference is always 0.")
     if handle.meta.modality == "vision" and target is not None:

@@ -40,6 +40,15 @@ def test_gaze_page_draws_filmstrip_saliency_and_heads(gaze_server, gaze_model, c
     page.locator("[data-testid='stDataFrame']").first.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / "browser_gaze_heads.png"))
+    # which heads wrote the answer (DLA), computed on request unless stored
+    page.get_by_role("tab", name="Which heads wrote it").click()
+    run = page.get_by_role("button", name="Attribute the next token to the heads")
+    if run.count():
+        run.click()
+    page.get_by_text("DLA onto", exact=False).first.wait_for(timeout=120_000)
+    page.get_by_text("DLA onto", exact=False).first.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(artifacts / "browser_gaze_dla.png"))
     page.get_by_role("tab", name="Intervene").click()
     page.get_by_text("VAR: sink attention to the image", exact=True).click()
     page.wait_for_selector("text=After (VAR", state="attached", timeout=120_000)
