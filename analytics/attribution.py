@@ -244,9 +244,9 @@ def _patching(capture, **params) -> np.ndarray:
 
 ATTRIBUTION_METRICS = [
     Metric("dla", "Direct logit attribution", "Elhage et al. 2021, A Mathematical Framework for Transformer Circuits; "
-           "Wang et al. 2022 (IOI)", "head", ("text", "vision"),
-           "Each head's direct push on the answer's logit (the next token, or a token / token difference), through the "
-           "final norm with its scale frozen from the run: > 0 pushes the answer up.",
+           "Wang et al. 2022 (IOI)", "head", ("text", "vision", "vlm"),
+           "Each head's direct push on the answer's logit (the next token, a VLM's answer, or a token / token "
+           "difference), through the final norm with its scale frozen from the run: > 0 pushes the answer up.",
            _dla, probe="dla", params={"position": -1, "target": "", "foil": ""}),
     Metric("patching", "Activation patching (per head)", "Wang et al. 2022, Interpretability in the Wild (IOI); "
            "Heimersheim & Nanda 2024", "head", ("text",),

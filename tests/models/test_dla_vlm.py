@@ -101,3 +101,20 @@ def test_gaze_page_attributes_the_answer_to_heads():
     assert f"logit of {capture.tokens[answer.start]!r} at token {answer.start - 1}" in caption
     dla = DLA(run_probe("dla", "shapes-vlm", {"capture": capture.key}))
     assert f"{dla.terms(answer.start - 1)['logit']:.4g}" in caption
+
+
+def test_head_atlas_shows_dla_of_a_vlm_capture():
+    from capture import default_store, revision
+    from conftest import component_data, open_app
+    from core.probe_results import DLAParams, probe_key
+
+    at = open_app({"page": "atlas", "model": "shapes-vlm", "image": "scene-3", "prompt": QUESTION,
+                   "metric": "entropy"})
+    capture = at.session_state["capture"]
+    default_store().evict(probe_key(revision("shapes-vlm"), "dla", DLAParams(capture=capture.key)))
+    at.selectbox(key="atlas_metric").set_value("dla").run()
+    at.button(key="atlas_run_missing").click().run()
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    dla = DLA(run_probe("dla", "shapes-vlm", {"capture": capture.key}))
+    grids = [p for p in component_data(at, "headscope_picture") if p["rows"] == capture.meta.n_layers]
+    assert grids and np.allclose(np.asarray(grids[0]["values"], dtype=float), dla.heads(), atol=1e-4)
