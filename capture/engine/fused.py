@@ -14,9 +14,17 @@ recorders use their torch ops, which give the same numbers more slowly.  `make` 
 set-up (`python -m capture.engine.fused`), so the first capture does not wait for the compiler; torch keeps
 the build under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilds it when the
 source changes.  HEADSCOPE_FUSED=0 turns the kernels off.
+
+A build is guarded by a lock of our own (flock: released when its holder dies) around torch's: torch's
+build lock is a plain file that a process killed mid-build (Ctrl-C during the first capture) leaves
+behind, and every later process would wait for it for ever.  Under our lock, a torch lock file can only
+be such a leftover, and is removed.  Each checkout builds under its own name (a hash of its path), so two
+checkouts on one machine do not rebuild each other's module at every start.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -24,6 +32,7 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fused.cpp")
+NAME = "headscope_fused_" + hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]  # one build per checkout
 # -ffast-math at compile time only (vectorised expf from glibc's libmvec); linking with it would
 # add crtfastmath.o, which flushes denormals to zero for the whole process
 # -fopenmp: at::parallel_for (ATen/Parallel.h, inline) is only parallel where _OPENMP is defined; the
@@ -47,10 +56,15 @@ def load(verbose: bool = False):
                 _state.update(module=None, problem="disabled by HEADSCOPE_FUSED=0")
             else:
                 try:
+                    from torch.utils.cpp_extension import _get_build_directory
                     from torch.utils.cpp_extension import load as build
 
-                    module = build(name="headscope_fused", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                   extra_ldflags=LDFLAGS, verbose=verbose)
+                    folder = Path(_get_build_directory(NAME, verbose=False))
+                    with open(folder / "headscope.flock", "a+") as guard:
+                        fcntl.flock(guard, fcntl.LOCK_EX)  # one HeadScope process builds at a time
+                        (folder / "lock").unlink(missing_ok=True)  # torch's lock, left by a build that died
+                        module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                       extra_ldflags=LDFLAGS, verbose=verbose)
                     _state.update(module=module, problem=None)
                 except Exception as exc:  # no compiler, no ninja, a failed build: fall back to torch ops
                     _state.update(module=None, problem=f"{type(exc).__name__}: {str(exc).strip()[:300]}")

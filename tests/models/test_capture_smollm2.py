@@ -447,3 +447,19 @@ def test_fused_recorder_equals_the_torch_path(model, request, monkeypatch):
         for layer in (0, meta.n_layers // 2, meta.n_layers - 1):
             np.testing.assert_allclose(maps_k[layer][0].astype(np.float32), maps_t[layer][0].astype(np.float32), atol=2e-3)
             np.testing.assert_allclose(maps_k[layer][1].astype(np.float32), maps_t[layer][1].astype(np.float32), atol=2e-3)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
+    """torch's cpp_extension lock is a plain file a process killed mid-build leaves behind; every later load
+    would wait for it for ever.  fused.load removes it under its own flock: a fresh process with a stale lock
+    in its build folder loads the module within the time limit."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from capture.engine import fused
+
+    folder = Path(_get_build_directory(fused.NAME, verbose=False))
+    (folder / "lock").touch()  # as a build killed mid-way leaves it
+    code = "from capture.engine import fused; m = fused.load(); print('ok' if m is not None else fused.problem())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert not (folder / "lock").exists()
