@@ -80,6 +80,7 @@ def plotly_chart(figure, **kwargs) -> None:
     in_browser = bool(st.context.headers.get("User-Agent")) if st.context.headers is not None else False
     if in_browser and not st.session_state.get("painted"):
         st.session_state["plotly_waiting"] = True
+        st.empty()  # holds the chart's place, so the elements after it keep theirs (a tab opened meanwhile stays open)
         return
     st.plotly_chart(figure() if callable(figure) else figure, **kwargs)
 
