@@ -160,7 +160,8 @@ def test_unwritable_cache_directory_falls_back_to_a_temporary_store(monkeypatch,
 
 
 WORKER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, even if the parent ignores SIGINT
 from capture.api import run
 from core.types import RunSpec
 def slowly(share, text):  # 0.2 s after each layer: the signal lands mid-capture even on a loaded machine
