@@ -22,8 +22,9 @@ from pages.widgets import signed_head_map
 
 def dla_panel(capture, position: int, key: str, selected: tuple[int, int] | None,
               on_pick: Callable[[int, int], None]) -> None:
-    """The DLA map at `position` onto the token after it (the model's top prediction after the last token),
-    with a caption that gives the sum and the largest pushes; a button computes it when it is not stored."""
+    """The DLA map at `position` (-1: the answer's, analytics.attribution.DLA) onto the token after it (the
+    model's top prediction after the last token), with a caption that gives the sum and the largest pushes; a
+    button computes it when it is not stored."""
     meta = capture.meta
     if meta.modality == "text" and (not meta.causal or meta.family not in attribution.TEXT_FAMILIES):
         st.caption(f"Direct logit attribution knows the causal LMs {', '.join(attribution.TEXT_FAMILIES)}; "
@@ -43,7 +44,7 @@ def dla_panel(capture, position: int, key: str, selected: tuple[int, int] | None
     except USER_ERRORS as exc:
         st.error(str(exc))
         return
-    n = capture.n_tokens
+    n, position = capture.n_tokens, dla.position(position)
     heads, terms = dla.heads(position), dla.terms(position)  # [layer, head]; the MLPs, embedding, bias, logit
     answer = capture.tokens[position + 1] if position + 1 < n else dla.result.summary.get("answer", "the top prediction")
     top = [np.unravel_index(i, heads.shape) for i in np.argsort(-heads, axis=None)[:3]]  # the 3 largest pushes

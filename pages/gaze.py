@@ -179,8 +179,7 @@ with tab_vhd:
                                                   f"T-VHD per answer token (top-{vlm.T_VHD_K} heads)", "T-VHD"),
                                 key="gaze_vhd_tokens", config=plot_config())
 with tab_dla:  # direct logit attribution where the answer's first token is predicted (the last token if none)
-    answer_span = capture.spans.get("answer", range(0))
-    dla_panel(capture, answer_span.start - 1 if len(answer_span) else capture.n_tokens - 1, "gaze_dla",
+    dla_panel(capture, -1, "gaze_dla",
               (layer, head) if layer >= 0 and head >= 0 else None,  # nothing framed for a mean
               lambda row, col: shared.set_fields(layer=row, head=col))
 with tab_tower:

@@ -144,18 +144,20 @@ def post_norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn
     return getattr(block, "post_attention_layernorm"), after_mlp
 
 
+def _eps(norm: torch.nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
 def rms_gain(norm: torch.nn.Module, dim: int) -> torch.Tensor:
     """An RMS norm's per-channel gain g  # [dim], whatever its parametrisation (Llama's w, Gemma's 1 + w):
     read from the norm itself on a vector of ones, whose scale 1 / sqrt(1 + eps) is known."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     ones = torch.ones(1, dim, dtype=next(norm.parameters(), torch.ones(())).dtype)  # a norm may have no weight
-    return norm(ones)[0].float() * (1.0 + eps) ** 0.5
+    return norm(ones)[0].float() * (1.0 + _eps(norm)) ** 0.5
 
 
 def rms_scale(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     """The scale an RMS norm applies to each row of x  # [token, dim] -> [token], frozen from the run."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+    return torch.rsqrt(x.pow(2).mean(-1) + _eps(norm))
 
 
 def _mlp_hook(block: torch.nn.Module, store: list, layer: int):
@@ -204,8 +206,8 @@ def _forward(handle: ModelHandle, inputs: dict) -> dict:
     hooks = [blocks[0].register_forward_pre_hook(embedding, with_kwargs=True),
              _final_norm(handle).register_forward_pre_hook(final)]
     hooks += [_mlp_hook(block, mlp, l) for l, block in enumerate(blocks)]
-    hooks += [post_norms(block)[0].register_forward_pre_hook(post_attention(l))
-              for l, block in enumerate(blocks) if post_norms(block)[0] is not None]
+    after_attention = [post_norms(block)[0] for block in blocks]
+    hooks += [norm.register_forward_pre_hook(post_attention(l)) for l, norm in enumerate(after_attention) if norm]
     with removing(hooks), session(head_outputs=take_z):
         out = handle.model(**inputs)
     held.update(z=z, mlp=mlp, attn_out=attn_out, logits=out.logits[0].float())  # logits: text [token, vocab]
@@ -219,8 +221,8 @@ def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = 
     no foil); targets None = the next token of the text and the top prediction at the last position
     (a classifier: its top class, at every position).
 
-    Returns heads [layer, head, token], mlps [layer, token], embed, bias, logit, scale, targets [token]
-    and residual_error: |final residual - the components| / |final residual|, the largest over positions
+    Returns heads [layer, head, token], mlps [layer, token], embed, bias, logit, scale, targets [token],
+    sum_error (the largest |sum of terms - logit|) and residual_error: |final residual - the components| / |final residual|, the largest over positions
     (~1e-7: the components are the residual stream).  `logit` is the model's own logit (difference); the
     terms sum to it, at the frozen scale, to float rounding."""
     _family_check(handle)
@@ -282,7 +284,7 @@ def attribute(handle: ModelHandle, inputs: dict, targets: torch.Tensor | None = 
                          "be the model's; HeadScope refuses it.")
     return {"heads": heads.numpy(), "mlps": mlps.numpy(), "embed": embed.numpy(), "bias": bias.numpy(),
             "logit": logit.numpy(), "scale": scale.numpy(), "targets": targets.numpy().astype(np.int64),
-            "residual_error": float(error)}
+            "residual_error": float(error), "sum_error": float((total - logit).abs().max())}
 
 
 def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store: Store | None = None) -> dict:
@@ -290,8 +292,8 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
     bias, logit, scale and targets [token]; the record names the answer position (the last token; a ViT's
     CLS token) and sum_error, the largest |sum of terms - the model's logit| over positions."""
     from capture.api import load_capture
-    from capture.images import load_image
     from capture.vision.adapter import VisionAdapter
+    from capture.vlm.adapter import VlmAdapter
     from capture.vlm.inputs import placed
 
     capture = load_capture(p.capture, store)
@@ -311,9 +313,9 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
     else:
         ids = capture.output.token_ids
         if handle.meta.modality == "vlm":  # the capture's tokens with its picture, as the recorded pass ran them
-            picture = handle.tokenizer.encode(load_image(capture.spec.image), capture.spec.prompt)
-            inputs = {**placed(picture.answered(list(ids)), handle.model), "use_cache": False}
-            tok = handle.tokenizer.tokenizer
+            adapter = VlmAdapter(handle)
+            inputs = {**placed(adapter.encode(capture.spec)[0].answered(list(ids)), handle.model), "use_cache": False}
+            tok = adapter.tokenizer
         else:
             inputs = {"input_ids": torch.tensor([ids]), "use_cache": False}
             tok = handle.tokenizer
@@ -330,7 +332,6 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
         foil = None if foil is None else foil.expand(capture.n_tokens)
     terms = attribute(handle, inputs, target, foil)
     progress(0.9, "storing")
-    total = terms["heads"].sum((0, 1)) + terms["mlps"].sum(0) + terms["embed"] + terms["bias"]  # [token]
     for name in ("heads", "mlps", "embed", "bias", "logit", "scale", "targets"):
         put(name, terms[name])
     target_id = int(terms["targets"][position])
@@ -340,7 +341,7 @@ def dla_probe(handle: ModelHandle, p: DLAParams, put, progress: Progress, store:
             "summary": {"answer": label, "logit": float(terms["logit"][position]),
                         # Gemma 2 soft-caps its logits (c * tanh(logit / c)): the terms sum to the logit before it
                         "logit_softcap": getattr(handle.model.config, "final_logit_softcapping", None),
-                        "sum_error": float(np.abs(total - terms["logit"]).max()),
+                        "sum_error": terms["sum_error"],
                         "residual_error": terms["residual_error"],
                         "top": top_heads(terms["heads"][:, :, position]),
                         "bottom": top_heads(-terms["heads"][:, :, position])}}

@@ -87,7 +87,7 @@ def split_sweep(probe: str, model: str, params=None, parts: int = 2, store: Stor
     failed = [r for r in results if not r.ok]
     if failed:
         raise InputError(f"{len(failed)} of {len(jobs)} parts failed; the first: {failed[0].error}")
-    found_parts = [stored.find(store, revision, probe, job._params()) for job in jobs]
+    found_parts = [stored.find(store, revision, probe, dict(job.params)) for job in jobs]
     values = np.array([[r.summary["clean"], r.summary["corrupted"]] for r in found_parts])  # [part, 2]
     if np.ptp(values, 0).max() > METRIC_TOLERANCE:
         raise ValueError(f"the parts' unpatched metrics differ: {values.tolist()}")
