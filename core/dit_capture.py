@@ -5,7 +5,9 @@ A DiT capture (capture/dit/adapter.py) stores one of two layouts, said by `layou
 "full" (small maps: shapes-dit, tiny pipelines; every map of every step fits in FULL_BYTES):
 
     T007   layer 7's maps at every recorded sampling step  # [step, head, query, key] float16
-           (a memory map: one step of one head reads only those bytes)
+           (a memory map: one step of one head reads only those bytes; a layer whose module sees the
+           image tokens only, PixArt's and Sana's self-attention or SD3.5's extra one, stores that
+           block and is padded with zeros on read, as its L007 is: Capture.layout_info["blocks"])
     L007   layer 7's maps averaged over the recorded steps  # [head, query, key] float16
            (what `Capture.attention(7)` returns, so every generic view works on a DiT capture)
     X007   cross-attention families only (PixArt, Sana): the word maps of layer 7's cross-attention
@@ -134,7 +136,13 @@ def all_steps(capture: Capture, layer: int) -> np.ndarray:
     """attn  # [step, head, query, key] float16 of one layer (a memory map); "full" captures only."""
     if layout(capture).mode != "full":
         raise InputError("This capture keeps full maps at its kept steps only (core.dit_capture.step_attention).")
-    return capture.store.get_array(capture.key, steps_name(layer))
+    return _steps(capture, layer)
+
+
+def _steps(capture: Capture, layer: int):
+    """A "full" capture's T array of `layer`  # [step, head, query, key] (a block padded on read where the
+    capture stores only the block the maps can be non-zero in: Capture.padded)."""
+    return capture.padded(capture.store.get_array(capture.key, steps_name(layer)), layer)
 
 
 def step_attention(capture: Capture, index: int, layer: int) -> np.ndarray:
@@ -143,7 +151,7 @@ def step_attention(capture: Capture, index: int, layer: int) -> np.ndarray:
     _check(capture, index)
     info = layout(capture)
     if info.mode == "full":
-        return np.asarray(capture.store.get_array(capture.key, steps_name(layer))[index])
+        return np.asarray(_steps(capture, layer)[index])
     if index not in info.kept:
         kept = ", ".join(str(capture.output.recorded_steps[i]) for i in info.kept) or "none"
         raise InputError(f"This capture keeps full maps at sampling steps {kept} only; its word maps, text -> image "
@@ -193,9 +201,9 @@ def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:
     arrays = []
     for layer in range(capture.meta.n_layers):
         name = cross_name(layer) if info.cross else steps_name(layer)
-        stored = capture.store.get_array(capture.key, name)
+        stored = capture.store.get_array(capture.key, name) if info.cross else _steps(capture, layer)
         arrays.append(np.stack([np.asarray(stored[s] if info.cross else
-                                           stored[s][:, image.start:image.stop, text.start:text.stop],
+                                           stored[s, :, image.start:image.stop, text.start:text.stop],
                                            dtype=np.float32) for s in steps]))
     return np.stack(arrays, axis=1)
 
@@ -211,8 +219,8 @@ def text_to_image(capture: Capture, index: int | None = None) -> np.ndarray:
     if info.mode == "split":
         return _per_step(capture, "YS", steps)
     image, text = capture.spans["image"], capture.spans["text"]
-    return np.stack([np.stack([np.asarray(capture.store.get_array(capture.key, steps_name(layer))[s]
-                                          [:, text.start:text.stop, image.start:image.stop], dtype=np.float32)
+    return np.stack([np.stack([np.asarray(_steps(capture, layer)[s, :, text.start:text.stop, image.start:image.stop],
+                                          dtype=np.float32)
                                for s in steps]) for layer in range(capture.meta.n_layers)], axis=1)
 
 
@@ -223,8 +231,8 @@ def image_regions(capture: Capture, index: int) -> np.ndarray:
     if layout(capture).mode == "split":
         return _per_step(capture, "PS", [index])[0]
     image = capture.spans["image"]
-    return np.stack([np.asarray(capture.store.get_array(capture.key, steps_name(layer))[index]
-                                [:, image.start:image.stop, image.start:image.stop], dtype=np.float32)
+    return np.stack([np.asarray(_steps(capture, layer)[index, :, image.start:image.stop, image.start:image.stop],
+                                dtype=np.float32)
                      for layer in range(capture.meta.n_layers)])
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from core.errors import CorruptEntry
 from core.interventions import Intervention
 from core.keys import stable_hash
-from core.layouts import max_pool, overview_name, pack_offset, unpack_tril
+from core.layouts import PaddedBlock, max_pool, overview_name, pack_offset, unpack_tril
 from core.qk import ROW_BLOCK as QK_ROW_BLOCK
 from core.qk import QKParams, attention_rows, pooled_heads, reduction_name
 
@@ -179,7 +179,7 @@ class Capture:
     store: "ArrayStore | None" = None
     from_cache: bool = False
     timings: dict[str, float] = field(default_factory=dict)
-    layout_info: dict = field(default_factory=dict)  # "qk": core.qk.QKParams as JSON
+    layout_info: dict = field(default_factory=dict)  # "qk": core.qk.QKParams as JSON; "blocks": PaddedBlock's
 
     @property
     def n_tokens(self) -> int:
@@ -190,7 +190,16 @@ class Capture:
             raise IndexError(f"layer {layer} out of range 0..{self.meta.n_layers - 1}")
         if self.store is None:
             raise RuntimeError("this Capture is not backed by a cache")
-        return self.store.get_array(self.key, f"L{layer:03d}")
+        stored = self.store.get_array(self.key, f"L{layer:03d}")
+        return self.padded(stored, layer)
+
+    def padded(self, stored: np.ndarray, layer: int):
+        """A "full" layer's stored maps as the whole [..., n, n] maps: the array itself, or, where the capture
+        stores only the block its maps can be non-zero in (layout_info["blocks"], core.layouts), that block
+        padded with zeros on read."""
+        blocks = self.layout_info.get("blocks")
+        block = blocks[layer] if blocks else None
+        return stored if block is None else PaddedBlock(stored, self.n_tokens, *block)
 
     @property
     def qk_params(self):

@@ -107,8 +107,7 @@ class DitAdapter:
             notes.append(f"{width} x {height} px: the word maps and text -> image maps of every step are kept, the "
                          f"full maps at step {kept} (recomputed from its queries and keys); the views show image "
                          "regions.")
-        tokens, spans, info = recorder.tokens_and_info()
-        layout_info = {} if info == type(info)() else {"dit": dataclasses.asdict(info)}
+        tokens, spans, layout_info = recorder.tokens_and_info()
         wanted = recorder.wanted
         output = Output(notes=notes, recorded_steps=wanted, timesteps=[timesteps[s] for s in wanted])
         return Capture(key=key, spec=spec, meta=dataclasses.replace(meta, grid=grid), tokens=tokens, spans=spans,

@@ -18,6 +18,7 @@ arithmetic.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -105,17 +106,14 @@ def step_mean(maps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 
 class _FullSink:
-    def __init__(self, target: torch.Tensor, frame: Frame, cross: bool):
-        self.target, self.frame, self.cross = target, frame, cross
+    def __init__(self, target: torch.Tensor):
+        self.target = target  # [head, rows, keys] float16 on the CPU: the module's block of the map
 
     def rows(self, r0: int, weights: torch.Tensor) -> None:
-        """weights  # [head, rows, key] into the float16 buffer on the CPU (copy_ converts and moves)."""
+        """weights  # [head, rows, key]: the module's query rows r0 .. over all its keys, into the buffer (the
+        self- or joint-attention block, or a cross-attention's word maps); copy_ converts and moves."""
         rows, keys = weights.shape[1:]
-        if self.cross:  # the word maps: image rows over the text keys
-            self.target[:, r0:r0 + rows].copy_(weights)
-        else:
-            q = self.frame.q0 + r0
-            self.target[:, q:q + rows, self.frame.k0:self.frame.k0 + keys].copy_(weights)
+        self.target[:, r0:r0 + rows, :keys].copy_(weights)
 
     def close(self) -> None:
         pass
@@ -204,6 +202,9 @@ class MapRecorder:
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
         self.scratch: list[torch.Tensor] = []  # "full": the step means and their float16 copies being written
+        # "full": per layer where the block of its maps that it stores starts (None: the whole map), None when
+        # every layer stores its whole map (Capture.layout_info["blocks"], core.layouts.PaddedBlock)
+        self.stored_blocks: list[list[int] | None] | None = None
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -222,8 +223,14 @@ class MapRecorder:
     def open(self, layer: int, kind: str, frame: Frame, heads: int, n_q: int, n_k: int):
         if self.plan.mode == "full":
             slot = self.slot[self.step]
-            target = self.x[layer][slot] if kind == "cross" else self.t[layer][slot]
-            return _FullSink(target, frame, kind == "cross")
+            if kind == "cross":
+                return _FullSink(self.x[layer][slot])
+            if self.t[layer] is None:  # the layer's first call: its maps are stored as the block it computes
+                self.t[layer] = _spare.zeros((len(self.wanted), heads, n_q, n_k))
+                self.blocks[layer] = (frame.q0, frame.k0)
+            if self.blocks[layer] != (frame.q0, frame.k0) or self.t[layer].shape[2:] != (n_q, n_k):
+                raise RuntimeError(f"layer {layer}'s attention changed its place on the token axis between steps")
+            return _FullSink(self.t[layer][slot])
         full = None
         if kind != "cross" and self.step in self.plan.kept and layer in self.plan.full_layers:
             full = self.full.setdefault(layer, torch.zeros(heads, self.layout.n, self.layout.n, dtype=torch.float16,
@@ -239,7 +246,8 @@ class MapRecorder:
         n, heads, words = layout.n, self.n_heads, self.cross_heads or self.n_heads
         if self.plan.mode == "full":
             steps = len(self.wanted)
-            self.t = [_spare.zeros((steps, heads, n, n)) for _ in range(self.n_layers)]
+            self.t = [None] * self.n_layers  # [step, head, rows, keys] each: allocated at the layer's first call
+            self.blocks: list[tuple[int, int] | None] = [None] * self.n_layers  # where each block starts
             self.x = [_spare.zeros((steps, words, layout.n_image, len(layout.text)))
                       for _ in range(self.n_layers)] if self.cross else None
             return
@@ -295,12 +303,18 @@ class MapRecorder:
     def _end_full(self) -> None:
         """All steps of a "full" capture are in: its maps, their step means (the generic views' maps) and
         the means' thumbnails go to the writer, in one cache transaction."""
+        n = self.layout.n
+        for layer, t in enumerate(self.t):  # a layer never called (nothing recorded): zero maps
+            if t is None:
+                self.t[layer], self.blocks[layer] = _spare.zeros((len(self.wanted), self.n_heads, n, n)), (0, 0)
         arrays = [(dit_capture.steps_name(layer), t.numpy()) for layer, t in enumerate(self.t)]
         if self.cross:
             arrays += [(dit_capture.cross_name(layer), x.numpy()) for layer, x in enumerate(self.x)]
         means = [step_mean(t, _spare.empty(t.shape[1:], torch.float32)) for t in self.t]
         views = [_spare.empty(m.shape) for m in means]
-        self.writer.put_many(arrays + view_items(means, views))
+        blocks = [None if t.shape[2:] == (n, n) else list(block) for t, block in zip(self.t, self.blocks)]
+        self.stored_blocks = blocks if any(blocks) else None
+        self.writer.put_many(arrays + view_items(means, views, blocks, n))
         self.scratch = means + views
 
     def _end_step(self) -> list[tuple[str, np.ndarray]]:
@@ -331,25 +345,32 @@ class MapRecorder:
             _spare.give(self.t + (self.x or []) + self.scratch)
             self.t, self.x, self.scratch = [], None, []
 
-    def tokens_and_info(self) -> tuple[list[str], dict[str, range], DitLayout]:
-        """The capture's tokens and spans, and its layout_info["dit"]."""
+    def tokens_and_info(self) -> tuple[list[str], dict[str, range], dict]:
+        """The capture's tokens, spans and layout_info: "dit" (core.dit_capture.DitLayout, unless the
+        defaults) and "blocks" (where layers store a block of their maps: stored_blocks)."""
         layout = self.layout
         info = DitLayout(mode=self.plan.mode, cross=self.cross, cross_heads=self.cross_heads if self.cross else 0)
         if self.plan.mode == "full":
-            return layout.labels(), layout.spans(), info
-        rows, cols = self.region_grid
-        regions = [f"region({r},{c})" for r in range(rows) for c in range(cols)]
-        columns = [label for label, _p in self.columns_list]
-        tokens = columns + regions if layout.text_first else regions + columns
-        image = range(len(columns), len(tokens)) if layout.text_first else range(0, len(regions))
-        text = range(0, len(columns)) if layout.text_first else range(len(regions), len(tokens))
-        info.labels, info.image = layout.labels(), (layout.image.start, layout.image.stop)
-        info.text, info.pool, info.regions = (layout.text_span.start, layout.text_span.stop), self.pool, (rows, cols)
-        info.columns = [[label, list(p)] for label, p in self.columns_list]
-        info.kept = [self.slot[s] for s in self.plan.kept if s in self.slot]
-        info.full_layers = list(self.plan.full_layers)
-        info.frames = [self.frames.get(layer) for layer in range(self.n_layers)]
-        return tokens, {"image": image, "text": text}, info
+            tokens, spans = layout.labels(), layout.spans()
+        else:
+            rows, cols = self.region_grid
+            regions = [f"region({r},{c})" for r in range(rows) for c in range(cols)]
+            columns = [label for label, _p in self.columns_list]
+            tokens = columns + regions if layout.text_first else regions + columns
+            image = range(len(columns), len(tokens)) if layout.text_first else range(0, len(regions))
+            text = range(0, len(columns)) if layout.text_first else range(len(regions), len(tokens))
+            spans = {"image": image, "text": text}
+            info.labels, info.image = layout.labels(), (layout.image.start, layout.image.stop)
+            info.text, info.pool = (layout.text_span.start, layout.text_span.stop), self.pool
+            info.regions = (rows, cols)
+            info.columns = [[label, list(p)] for label, p in self.columns_list]
+            info.kept = [self.slot[s] for s in self.plan.kept if s in self.slot]
+            info.full_layers = list(self.plan.full_layers)
+            info.frames = [self.frames.get(layer) for layer in range(self.n_layers)]
+        layout_info = {} if info == DitLayout() else {"dit": dataclasses.asdict(info)}
+        if self.stored_blocks:
+            layout_info["blocks"] = self.stored_blocks
+        return tokens, spans, layout_info
 
 
 __all__ = ["MapRecorder", "RecordPlan"]

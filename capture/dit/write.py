@@ -38,10 +38,14 @@ MAX_PENDING = 8
 def pooled(maps: torch.Tensor, bins: int) -> torch.Tensor:
     """core.layouts.max_pool (block max over ceil(n / bins) blocks, ragged last block) computed by torch:
     maps  # [head, n, n] -> [head, bins, bins], same dtype; the same numbers, several times faster."""
+    size = -(-maps.shape[-1] // bins)
+    return maps if size == 1 else _block_max(maps, size)
+
+
+def _block_max(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """maps  # [head, rows, cols] -> [head, ceil(rows / size), ceil(cols / size)]: the max of each size x size
+    block (ragged last blocks)."""
     heads, rows, cols = maps.shape
-    size = -(-cols // bins)
-    if size == 1:
-        return maps
     # the max over each block's rows, then over its columns (a third of max_pool2d's time); a ragged last
     # block is padded with -inf, which no block max takes (every block holds at least one entry)
     tall, wide = -(-rows // size) * size, -(-cols // size) * size
@@ -51,14 +55,36 @@ def pooled(maps: torch.Tensor, bins: int) -> torch.Tensor:
     return by_rows.reshape(heads, tall // size, wide // size, size).amax(3)
 
 
-def view_items(means: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[tuple[str, np.ndarray]]:
+def pooled_block(block: torch.Tensor, q0: int, k0: int, n: int, bins: int) -> torch.Tensor:
+    """`pooled` of the maps  # [head, n, n] that are zero but for block  # [head, rows, keys] at (q0, k0),
+    without forming them: only the bins the block touches are pooled (the maps are non-negative, so a bin's
+    zeros outside the block count as the entries they are)."""
+    heads, rows, keys = block.shape
+    size = -(-n // bins)
+    out = torch.zeros(heads, -(-n // size), -(-n // size), dtype=block.dtype)
+    b_row, b_col = q0 // size, k0 // size  # the first bins the block touches
+    e_row, e_col = min(n, -(-(q0 + rows) // size) * size), min(n, -(-(k0 + keys) // size) * size)
+    band = torch.zeros(heads, e_row - b_row * size, e_col - b_col * size, dtype=block.dtype)
+    band[:, q0 - b_row * size:q0 - b_row * size + rows, k0 - b_col * size:k0 - b_col * size + keys] = block
+    maxima = _block_max(band, size)
+    out[:, b_row:b_row + maxima.shape[1], b_col:b_col + maxima.shape[2]] = maxima
+    return out
+
+
+def view_items(means: list[torch.Tensor], out: list[torch.Tensor] | None = None,
+               blocks: list[list[int] | None] | None = None, n: int | None = None) -> list[tuple[str, np.ndarray]]:
     """The arrays the generic views read, from each layer's step mean  # [head, n, n] float32: L007
     # [head, n, n] float16 and the overview thumbnails of all layers.  The thumbnails are pooled before
     the rounding to float16 (a block max commutes with a monotone rounding): the same numbers as pooling
-    the float16 maps, one conversion fewer.  `out`: float16 CPU buffers for the L maps (else new ones)."""
-    bins = min(OVERVIEW_BINS, means[0].shape[-1])
+    the float16 maps, one conversion fewer.  `out`: float16 CPU buffers for the L maps (else new ones).
+    `blocks`: per layer, where its mean, the block of maps of side `n` it stores, starts (None: the whole
+    map; core.layouts.PaddedBlock)."""
+    blocks = blocks or [None] * len(means)
+    n = n or means[0].shape[-1]
+    bins = min(OVERVIEW_BINS, n)
     maps = [m.to(torch.float16).cpu().numpy() if out is None else out[i].copy_(m).numpy() for i, m in enumerate(means)]
-    thumbs = np.stack([pooled(m, bins).to(torch.float16).cpu().numpy() for m in means])
+    thumbs = np.stack([(pooled(m, bins) if block is None else pooled_block(m.cpu(), *block, n, bins))
+                       .to(torch.float16).cpu().numpy() for m, block in zip(means, blocks)])
     return [(f"L{layer:03d}", m) for layer, m in enumerate(maps)] + [(overview_name(bins), thumbs)]
 
 

@@ -193,6 +193,38 @@ def test_rows_sum_to_one_and_spans_name_the_tokens(family, captures):
         np.testing.assert_allclose(words.sum(-1), 1.0, atol=5e-3)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, captures):
+    """A layer whose attention sees the image tokens only (PixArt's and Sana's self-attention, SD3.5's extra
+    one) stores that block; every generic read pads it back: the maps equal the step mean of the whole step
+    maps, and the thumbnails their block maxima."""
+    from core.layouts import max_pool
+
+    caps, store = captures
+    cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
+    image, n = cap.spans["image"], cap.n_tokens
+    expected = {"sd3": [None, [0, 0], None], "flux": None}.get(family, [[0, 0]] * cap.meta.n_layers)
+    assert cap.layout_info.get("blocks") == expected
+    thumbs = cap.overview()
+    for layer in range(cap.meta.n_layers):
+        stored = store.get_array(cap.key, f"T{layer:03d}")
+        steps = dit_capture.all_steps(cap, layer)
+        whole = np.stack([dit_capture.step_attention(cap, s, layer) for s in range(STEPS)])  # [step, head, n, n]
+        assert steps.shape == whole.shape == (STEPS, cap.meta.n_heads, n, n)
+        if expected and expected[layer] is not None:
+            assert stored.shape[2:] == (len(image), len(image))  # the image x image block only
+            assert not whole[:, :, image.stop:].any() and not whole[:, :, :, image.stop:].any()
+        mean = whole.astype(np.float32).mean(0).astype(np.float16)
+        np.testing.assert_array_equal(cap.attention(layer), mean)
+        np.testing.assert_array_equal(cap.head(layer, 1), mean[1])
+        np.testing.assert_array_equal(cap.row(layer, n - 1), mean[:, n - 1])
+        np.testing.assert_array_equal(cap.rows(layer, 3, 40), mean[:, 3:40].astype(np.float32))
+        np.testing.assert_array_equal(cap.window(layer, 0, 5, 60, 2, 90), mean[0, 5:60, 2:90])
+        np.testing.assert_array_equal(thumbs[layer], max_pool(mean.astype(np.float32), thumbs.shape[-1])
+                                      .astype(np.float16))
+    np.testing.assert_array_equal(cap.export_arrays()["layer000"], cap.attention(0))
+
+
 # ---- interventions ------------------------------------------------------------------------------------
 
 def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
