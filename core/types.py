@@ -190,15 +190,12 @@ class Capture:
             raise IndexError(f"layer {layer} out of range 0..{self.meta.n_layers - 1}")
         if self.store is None:
             raise RuntimeError("this Capture is not backed by a cache")
-        stored = self.store.get_array(self.key, f"L{layer:03d}")
-        return self.padded(stored, layer)
+        return self.padded(self.store.get_array(self.key, f"L{layer:03d}"), layer)
 
     def padded(self, stored: np.ndarray, layer: int):
-        """A "full" layer's stored maps as the whole [..., n, n] maps: the array itself, or, where the capture
-        stores only the block its maps can be non-zero in (layout_info["blocks"], core.layouts), that block
-        padded with zeros on read."""
-        blocks = self.layout_info.get("blocks")
-        block = blocks[layer] if blocks else None
+        """A "full" layer's stored maps as [..., n, n]: padded with zeros on read (core.layouts.PaddedBlock)
+        where the capture stores only the block they can be non-zero in (layout_info["blocks"])."""
+        block = (self.layout_info.get("blocks") or [None] * (layer + 1))[layer]
         return stored if block is None else PaddedBlock(stored, self.n_tokens, *block)
 
     @property
@@ -279,7 +276,6 @@ class Capture:
         """image  # [H, W, 3] uint8: the picture as the model saw it (resized, cropped); None if the run had none."""
         if self.store is None or self.spec.image is None:
             return None
-
         try:
             return np.asarray(self.store.get_array(self.key, "image"))
         except CorruptEntry:
