@@ -202,8 +202,9 @@ class MapRecorder:
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
         self.scratch: list[torch.Tensor] = []  # "full": the step means and their float16 copies being written
-        # "full": per layer where the block of its maps that it stores starts (None: the whole map), None when
-        # every layer stores its whole map (Capture.layout_info["blocks"], core.layouts.PaddedBlock)
+        self.blocks: list[tuple[int, int] | None] = [None] * n_layers  # "full": where each layer's block starts
+        # "full", once written: per layer that start, or None for a whole map; None when every layer stores
+        # its whole map (Capture.layout_info["blocks"], core.layouts.PaddedBlock)
         self.stored_blocks: list[list[int] | None] | None = None
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
@@ -247,7 +248,6 @@ class MapRecorder:
         if self.plan.mode == "full":
             steps = len(self.wanted)
             self.t = [None] * self.n_layers  # [step, head, rows, keys] each: allocated at the layer's first call
-            self.blocks: list[tuple[int, int] | None] = [None] * self.n_layers  # where each block starts
             self.x = [_spare.zeros((steps, words, layout.n_image, len(layout.text)))
                       for _ in range(self.n_layers)] if self.cross else None
             return
