@@ -84,6 +84,10 @@ def test_atlas_shows_a_metric_map(server, chromium, artifacts):
 def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
     page = opened(chromium, f"{server}/?page=dit")
     assert page.locator("[data-testid='stException']").count() == 0
+    # the sidebar's inputs hold their values before anything is typed (a busy server can paint them empty
+    # first, and Run then samples an empty prompt)
+    page.wait_for_function("() => document.querySelector(\"textarea[aria-label='Prompt']\")?.value.length > 0",
+                           timeout=120_000)
     page.screenshot(path=str(artifacts / "browser_dit.png"))
     seed = page.locator("input[aria-label='Seed']")  # a new seed from the sidebar, then Run
     seed.fill("5")
