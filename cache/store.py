@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 import zlib
@@ -144,6 +145,18 @@ def size_limit_bytes() -> int:
     return int(gb * 2**30)
 
 
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file at `path` (flock: it excludes other threads and processes alike, as each
+    opens the file anew, and it is released if the holder dies)."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Store:
     """The cache of captures and probe results, addressed by capture key."""
 
@@ -153,21 +166,26 @@ class Store:
         self.temporary = False  # True for the stand-in store used when the configured one is unusable
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # a probe file of this Store's own (mkstemp: a unique name), so that threads opening the same
+            # directory at once never delete each other's probe and misread that as "not writable"
+            handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.directory)
+            os.close(handle)
+            os.unlink(probe)
         except OSError as exc:
             raise CacheError(f"The cache directory {self.directory} is not writable ({exc.strerror}); "
                              "set HEADSCOPE_CACHE_DIR to a writable folder.") from exc
-        # eviction_policy none: diskcache would cull single entries; `_enforce_limit` evicts whole captures
-        self._cache = diskcache.Cache(
-            str(self.directory / "index"),
-            disk=ArrayDisk,
-            eviction_policy="none",
-            size_limit=self.size_limit,
-            tag_index=True,
-            timeout=60,
-        )
+        # eviction_policy none: diskcache would cull single entries; `_enforce_limit` evicts whole captures.
+        # Opening writes the index's schema and settings: one opener at a time (threads and processes), or
+        # SQLite can answer "database is locked" at once instead of waiting its timeout
+        with _flocked(self.directory / ".open.lock"):
+            self._cache = diskcache.Cache(
+                str(self.directory / "index"),
+                disk=ArrayDisk,
+                eviction_policy="none",
+                size_limit=self.size_limit,
+                tag_index=True,
+                timeout=60,
+            )
 
     # ---- arrays and metadata ------------------------------------------------------------------
     def put_array(self, key: str, name: str, array: np.ndarray, inline: bool = False) -> None:
@@ -248,12 +266,8 @@ class Store:
         """An exclusive per-key lock across processes (flock: released if the holder dies)."""
         lock_dir = self.directory / "locks"
         lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / f"{key}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with _flocked(lock_dir / f"{key}.lock"):
+            yield
 
     def close(self) -> None:
         self._cache.close()

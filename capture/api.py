@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import threading
 
 from cache.store import Store
 from capture.registry import load, revision
@@ -18,6 +19,7 @@ from core.progress import Progress, no_progress
 from core.types import Capture, ModelMeta, RunSpec
 
 _default_store: Store | None = None
+_default_store_lock = threading.Lock()  # the app's sessions are threads: the first ones ask at once
 
 
 def default_store() -> Store:
@@ -27,13 +29,14 @@ def default_store() -> Store:
     `store.problem` says why): captures still work, they just do not outlive the process.
     """
     global _default_store
-    if _default_store is None:
-        try:
-            _default_store = Store()
-        except CacheError as exc:
-            _default_store = Store(tempfile.mkdtemp(prefix="headscope-cache-"))
-            _default_store.temporary, _default_store.problem = True, str(exc)
-    return _default_store
+    with _default_store_lock:
+        if _default_store is None:
+            try:
+                _default_store = Store()
+            except CacheError as exc:
+                _default_store = Store(tempfile.mkdtemp(prefix="headscope-cache-"))
+                _default_store.temporary, _default_store.problem = True, str(exc)
+        return _default_store
 
 
 def _canonical(spec: RunSpec) -> RunSpec:

@@ -361,3 +361,53 @@ def test_a_capture_keeps_its_files_in_one_folder(store):
     store.evict(KEY)
     store.evict(odd)
     assert npy_files(store) == [] and not any(p.exists() for p in folders)
+
+
+# ---- many openers at once ----------------------------------------------------------------------
+
+def test_threads_opening_one_new_cache_at_once_all_get_it(tmp_path):
+    """The app's first sessions are threads that open the cache together: none may read another's
+    write probe or the index being created as "not writable" (CI once served a page from a stand-in
+    temporary store this way, and its capture never reached the shared cache)."""
+    import threading
+
+    from core.errors import CacheError
+
+    start, problems = threading.Barrier(12), []
+
+    def open_it():
+        start.wait()
+        try:
+            Store(tmp_path / "cache").put_meta(f"k{threading.get_ident()}", {"kind": "test"})
+        except (CacheError, sqlite3.OperationalError) as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=open_it) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert len(Store(tmp_path / "cache").keys()) == 12
+
+
+def test_default_store_is_one_store_for_all_threads(tmp_path, monkeypatch):
+    import threading
+
+    from capture import api
+
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setattr(api, "_default_store", None)
+    start, got = threading.Barrier(8), []
+
+    def ask():
+        start.wait()
+        got.append(api.default_store())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(s) for s in got}) == 1 and not got[0].temporary
+    assert got[0].directory == (tmp_path / "fresh").resolve()
