@@ -13,7 +13,8 @@ with image tokens in row-major order over a `grid` of (rows, cols) patches.
   text tokens that receive high and spatially flat attention from the image (high mean, low
   coefficient of variation over image positions) in most heads and layers.  Their maps carry little
   meaning and are best discarded before aggregating (RefAM's "attention magnets").  The thresholds
-  are ours (RefAM's are unverified): mean >= `ratio` x the text tokens' median mean, CV <= `cv_max`.
+  are ours (RefAM's are unverified): mean >= `ratio` x the text tokens' median mean, CV <= `cv_max`;
+  masked tokens (receiving exactly 0) are not counted in the median.
 - `grounding`: per head, how well a word's heatmap finds the ground-truth mask of the object the
   word names: AUROC of the heatmap as a score for "this patch belongs to the object" (0.5 = chance,
   1 = perfect), and IoU of the top-k patches (k = the mask's patch count) with the mask.  Heads are
@@ -100,7 +101,11 @@ def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV
     mean = a.mean(axis=-2)  # [step, layer, head, text]
     std = a.std(axis=-2)
     cv = std / np.maximum(mean, 1e-12)
-    median = np.median(mean, axis=-1, keepdims=True)
+    # the median over the columns the map can attend: a masked column (PixArt's and Sana's padding)
+    # receives exactly 0 and is left out, or 280 masked pads would make every word a "sink"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a map with every column masked: no median, no sink
+        median = np.nanmedian(np.where(mean > 0, mean, np.nan), axis=-1, keepdims=True)
     flagged = (mean >= ratio * np.maximum(median, 1e-12)) & (cv <= cv_max)
     share = flagged.reshape(-1, flagged.shape[-1]).mean(0)
     return SinkStats(mean=mean, cv=cv, flagged=flagged, share=share, global_sink=share >= share_min)

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 
 from charts.image import png_source
 from charts.pictures import blend
-from charts.theme import ATTENTION_SCALE, base_layout
+from charts.theme import ATTENTION_SCALE, base_layout, plotly_text
 
 TILE = 96  # pixels a side of each panel
 
@@ -23,6 +23,7 @@ def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[
     """heat  # [row, word, grid_rows, grid_cols]: word w's received attention in head set `rows[r]`."""
     heat = np.asarray(heat, dtype=np.float32)
     R, W = heat.shape[:2]
+    labels = [plotly_text(w) for w in words]
     gap = 4
     side = TILE + gap
     canvas = np.zeros((R * side, W * side, 4), dtype=np.uint8)
@@ -38,7 +39,7 @@ def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[
     centres_y = (np.arange(R) * side + TILE / 2).tolist()
     fig.add_trace(go.Heatmap(
         x=centres_x, y=centres_y, z=np.zeros((R, W)), zmin=0, zmax=1, colorscale=ATTENTION_SCALE, opacity=0.0,
-        customdata=np.stack([np.broadcast_to(np.asarray(words, dtype=object)[None, :], (R, W)),
+        customdata=np.stack([np.broadcast_to(np.asarray(labels, dtype=object)[None, :], (R, W)),
                              np.broadcast_to(np.asarray(rows, dtype=object)[:, None], (R, W)),
                              np.round(peaks, 4).astype(object)], axis=-1),
         hovertemplate="“%{customdata[0]}” · %{customdata[1]}<br>largest weight %{customdata[2]}<extra></extra>",
@@ -47,11 +48,15 @@ def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[
         showscale=True,
     ))
     fig.update_xaxes(range=[-0.5, W * side - gap - 0.5], showgrid=False, zeroline=False, side="top",
-                     tickvals=centres_x, ticktext=words, tickangle=-35 if W > 6 else 0)
+                     tickvals=centres_x, ticktext=labels, tickangle=-35 if W > 6 else 0)
     fig.update_yaxes(range=[R * side - gap - 0.5, -0.5], showgrid=False, zeroline=False, tickvals=centres_y,
                      ticktext=rows, scaleanchor="x")
-    layout = base_layout(title, height=90 + int(R * side * min(1.0, 900 / max(W * side, 1))))
-    layout["margin"] = dict(l=10, r=10, t=90 if title else 60, b=10)
+    # room above the panels for the word labels (slanted at 35 degrees, a label rises ~4 px per character)
+    # and the title over them
+    rise = 14 + 4 * max((len(w) for w in words), default=0) if W > 6 else 20
+    top = rise + (50 if title else 20)
+    layout = base_layout(title, height=top + int(R * side * min(1.0, 900 / max(W * side, 1))))
+    layout["margin"] = dict(l=10, r=10, t=top, b=10)
     fig.update_layout(**layout)
     return fig
 

@@ -107,9 +107,16 @@ with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))
     cv = stats.cv[sel].mean(axis=(0, 1, 2))
-    shared.plotly_chart(charts.sink_chart(tokens, mean, cv, stats.share, stats.global_sink,
-                                          title="Received attention per text token (red: global sink)"),
+    # a masked token (PixArt's and Sana's padding) receives exactly 0 in every map: not charted
+    attended = np.flatnonzero(stats.mean.reshape(-1, len(tokens)).max(0) > 0)
+    shared.plotly_chart(charts.sink_chart([tokens[i] for i in attended], mean[attended], cv[attended],
+                                          stats.share[attended], stats.global_sink[attended],
+                                          title="Received attention per text token (red: global sink)",
+                                          columns=attended.tolist()),
                         key="dit_sinks", config=plot_config())
+    if len(attended) < len(tokens):
+        st.caption(f"{len(tokens) - len(attended)} masked tokens (the text encoder's padding, which the model's "
+                   "attention mask hides) receive no attention and are not charted.")
     over_steps = stats.mean.mean(axis=(1, 2))  # [step, text]: each token's received attention, step by step
     shown_cols = [i for i in range(len(tokens)) if stats.global_sink[i]][:4] + words[:4]
     shared.plotly_chart(lambda: charts.timestep_profile(

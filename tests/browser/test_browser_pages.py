@@ -104,3 +104,32 @@ def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
     wait_idle(shared, ".js-plotly-plot", timeout=300_000)
     assert shared.locator("[data-testid='stException']").count() == 0
     shared.screenshot(path=str(artifacts / "browser_dit_shared.png"))
+
+
+@pytest.mark.parametrize("family", ["pixart", "sana"])
+def test_dit_page_on_a_saved_pipeline_whose_self_attention_sees_the_image_only(family, chromium, artifacts,
+                                                                              tmp_path):
+    """A diffusers folder on the DiT page, from its link: PixArt's layers store only their image block
+    (core.layouts.PaddedBlock) and Sana's maps are its linear attention's; the page draws them all."""
+    from urllib.parse import urlencode
+
+    import tiny_pipelines
+    from harness import streamlit_server
+
+    folder = tiny_pipelines.save(family, tmp_path / family)
+    env = {"HEADSCOPE_ALLOWED_MODELS": str(folder), "HEADSCOPE_CACHE_DIR": str(tmp_path / "cache")}
+    link = {"page": "dit", "model": str(folder), "prompt": "a red circle at the top left", "seed": "3",
+            "steps": "2", "width": "32", "height": "32", "step": "1", "layer": "1", "head": "1"}
+    with streamlit_server(env=env) as url:
+        page = opened(chromium, f"{url}/?{urlencode(link)}", ".js-plotly-plot")
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert page.locator("[data-testid='stAlert']").filter(has_text="cannot").count() == 0
+        assert page.locator(".js-plotly-plot").count() >= 4
+        # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
+        # on every word, as before analytics.dit.sink_stats left masked columns out)
+        assert page.get_by_text("292 masked tokens").count() == 1
+        assert page.locator(".js-plotly-plot").first.get_by_text("(sink)").count() == 0
+        page.screenshot(path=str(artifacts / f"browser_dit_{family}.png"))
+        page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()  # the word maps and the sink tab
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(artifacts / f"browser_dit_{family}_maps.png"))

@@ -318,3 +318,32 @@ def test_probe_keys_and_missing_results(store):
     store.put_meta(key, {"kind": "probe", "probe": "patterns", "arrays": ["induction"]})
     assert np.allclose(METRICS["induction"].compute(FakeCapture()), [[0.1, 0.9, 0.2, 0.3]])
     assert np.allclose(METRICS["induction"].compute(FakeCapture(), granularity="kv"), [[0.9, 0.3]])
+
+
+# ---- DiT sinks (analytics.dit.sink_stats, RefAM) -----------------------------------------------------
+
+def _image_to_text(columns: np.ndarray, n_image: int = 16) -> np.ndarray:
+    """a  # [step=1, layer=1, head=1, image, text]: every image query reads the text columns the same."""
+    row = np.asarray(columns, dtype=np.float32) / np.sum(columns)
+    return np.broadcast_to(row, (1, 1, 1, n_image, len(row))).copy()
+
+
+def test_dit_sink_is_a_token_read_far_above_the_median_and_flat():
+    from analytics.dit import sink_stats
+
+    a = _image_to_text([6, 1, 1, 1, 1])  # token 0 gets 6x every other one, from every image position
+    assert sink_stats(a).global_sink.tolist() == [True, False, False, False, False]
+    a[..., ::2, 0] = 0  # token 0 read by half of the image only: not flat (CV 1) -> no longer a sink
+    assert not sink_stats(a).global_sink.any()
+
+
+def test_dit_sinks_leave_masked_padding_out_of_the_median():
+    """PixArt masks its T5 padding: those columns receive exactly 0.  Counted in the median they made it 0,
+    and every word a sink; left out, words read evenly have none and a real sink is still found."""
+    from analytics.dit import sink_stats
+
+    words = [1, 1, 1, 1, 1]
+    assert not sink_stats(_image_to_text(words + [0] * 20)).global_sink.any()
+    found = sink_stats(_image_to_text([6] + words[1:] + [0] * 20)).global_sink
+    assert found.tolist() == [True] + [False] * 24
+    assert not sink_stats(np.zeros((1, 1, 1, 4, 3), np.float32)).global_sink.any()  # nothing attended: no sink
