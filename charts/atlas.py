@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from charts.attention import click_targets
-from charts.theme import METRIC_SCALE, base_layout
+from charts.theme import METRIC_SCALE, base_layout, plotly_text
 
 SELECTED = "#ff4b4b"
 
@@ -86,7 +86,7 @@ def token_strip(tokens: list[str], values: np.ndarray, title: str = "", value_na
     NaN tokens (outside the rows a metric uses) are left out; `threshold` draws a dashed line."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
-    labels = [f"{i} {t}" for i, t in enumerate(tokens[:n])]
+    labels = [plotly_text(f"{i} {t}") for i, t in enumerate(tokens[:n])]
     shown = np.where(np.isfinite(v), v, 0.0)
     colours = np.where(np.isfinite(v), shown, np.nan)
     fig = go.Figure(go.Bar(
@@ -101,7 +101,8 @@ def token_strip(tokens: list[str], values: np.ndarray, title: str = "", value_na
         fig.add_vrect(x0=selected - 0.5, x1=selected + 0.5, line_width=0, fillcolor=SELECTED, opacity=0.2)
     fig.update_layout(**base_layout(title, height), bargap=0.05)
     if n <= 80:
-        fig.update_xaxes(tickmode="array", tickvals=list(range(n)), ticktext=[t for t in tokens[:n]], tickangle=-60)
+        fig.update_xaxes(tickmode="array", tickvals=list(range(n)), ticktext=[plotly_text(t) for t in tokens[:n]],
+                         tickangle=-60)
     else:
         fig.update_xaxes(title="token position")
     fig.update_yaxes(title=value_name)

@@ -11,7 +11,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from charts.theme import base_layout
+from charts.theme import base_layout, plotly_text
 
 UP, DOWN = "#c0392b", "#2471a3"  # pushes the answer up / down (the diverging scale's ends)
 READS, PATH = "rgba(120, 120, 120, 0.45)", "#e67e22"  # a token a head reads; a sender -> receiver path
@@ -88,7 +88,7 @@ def graph_figure(graph, n_layers: int, n_tokens: int, selected: tuple[int, int] 
         ))
     if tokens:
         fig.add_trace(go.Scatter(x=[place[n.id][0] for n in tokens], y=[place[n.id][1] for n in tokens],
-                                 mode="markers+text", text=[n.label for n in tokens], textposition="middle left",
+                                 mode="markers+text", text=[plotly_text(n.label) for n in tokens], textposition="middle left",
                                  marker=dict(size=8, color="#7f8c8d"), hoverinfo="text", showlegend=False))
     out = graph.node("out")
     fig.add_trace(go.Scatter(x=[place["out"][0]], y=[place["out"][1]], mode="markers+text", showlegend=False,

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from charts.attention import axis_labels, click_targets
-from charts.theme import DIVERGING_SCALE, METRIC_SCALE, base_layout
+from charts.theme import DIVERGING_SCALE, METRIC_SCALE, base_layout, plotly_text
 
 INSERT_BG = "rgba(46, 160, 67, 0.30)"
 DELETE_BG = "rgba(248, 81, 73, 0.30)"
@@ -109,7 +109,7 @@ def _mark_first(tokens: list[str], diff: TokenDiff, side: str) -> str:
 def logprob_figure(tokens: list[str], before: np.ndarray, after: np.ndarray, title: str = "",
                    first_diff: int | None = None) -> go.Figure:
     """Per-token log-prob of the baseline continuation (teacher-forced) under both runs, and the change."""
-    x = axis_labels(tokens)
+    x = [plotly_text(label) for label in axis_labels(tokens)]
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.06)
     fig.add_trace(go.Scatter(x=x, y=before, mode="lines+markers", name="before",
@@ -139,7 +139,7 @@ def map_comparison(before: np.ndarray, after: np.ndarray, tokens: list[str], tit
     diff = after - before
     bound = float(max(np.abs(before).max(initial=0), np.abs(after).max(initial=0), np.abs(diff).max(initial=0), 1e-6))
     n = before.shape[0]
-    labels = axis_labels(tokens[:n])
+    labels = [plotly_text(label) for label in axis_labels(tokens[:n])]
     future = np.triu(np.ones((n, n), dtype=bool), 1) if causal else np.zeros((n, n), dtype=bool)
     fig = make_subplots(rows=1, cols=3, subplot_titles=("before", "after", "after − before"),
                         horizontal_spacing=0.04, shared_yaxes=True)

@@ -1,9 +1,7 @@
 """Figures for diffusion transformers (plotly; pure: no streamlit, no torch).
 
-- `picture`: a generated image, drawn crisp (a 32 px picture nearest-neighbour upscaled, a 1,024 px one
-  shrunk to a 256 px PNG: the figure stays small whatever the model samples).
-- `word_heatmaps`: small multiples, one row per text token, one column per head (and a mean column):
-  the token's received attention over the image, drawn over the picture; sink tokens flagged.
+- Pictures are drawn crisp (a 32 px picture nearest-neighbour upscaled, a 1,024 px one shrunk to a 256 px
+  PNG: the figure stays small whatever the model samples).  The word heatmaps are charts.dit_words.
 - `sink_chart`: received attention per text token (mean over image positions) and its spatial
   flatness, with RefAM's global sinks marked.
 - `grounding_chart`: a [layer, head] grounding score heatmap (AUROC or IoU).
@@ -17,11 +15,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from charts.image import layer_head_chart, png_source
-from charts.theme import ATTENTION_SCALE, base_layout
+from charts.theme import base_layout, plotly_text
 
 DRAWN = 256  # pictures are drawn from a PNG about this many pixels a side: small ones upscaled by pixel
 # repetition (a 32 x 32 shapes-dit picture from 256 x 256: no browser blur), large ones shrunk by block means
-PANEL = 128  # the word-heatmap panels draw the picture at most this many pixels a side
+PANEL = 128  # the contact sheet draws each picture at most this many pixels a side
 
 
 def _image_trace(image: np.ndarray, side: int = DRAWN) -> go.Image:
@@ -45,16 +43,6 @@ def _axes(fig: go.Figure, height: int, width: int) -> None:
     fig.update_yaxes(range=[height - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False)
 
 
-def picture(image: np.ndarray, title: str = "", height: int = 320) -> go.Figure:
-    """One image, crisp."""
-    fig = go.Figure(_image_trace(image))
-    h, w = image.shape[:2]
-    _axes(fig, h, w)
-    fig.update_layout(**base_layout(title, height))
-    fig.update_yaxes(scaleanchor="x", scaleratio=1)
-    return fig
-
-
 def before_after(before: np.ndarray, after: np.ndarray, titles: tuple[str, str] = ("before", "after"),
                  title: str = "", height: int = 340) -> go.Figure:
     """Two images side by side (same size)."""
@@ -68,54 +56,11 @@ def before_after(before: np.ndarray, after: np.ndarray, titles: tuple[str, str] 
     return fig
 
 
-def _overlay(fig: go.Figure, image: np.ndarray, values: np.ndarray, row: int, col: int, zmax: float | None,
-             opacity: float, hover: str) -> None:
-    rows, cols = values.shape
-    h, w = image.shape[:2]
-    ph, pw = h / rows, w / cols
-    fig.add_trace(_image_trace(image, PANEL), row=row, col=col)
-    fig.add_trace(go.Heatmap(
-        z=values, x0=pw / 2 - 0.5, dx=pw, y0=ph / 2 - 0.5, dy=ph, zsmooth=False, opacity=opacity,
-        colorscale=ATTENTION_SCALE, zmin=0, zmax=zmax if zmax is not None else float(np.nanmax(values) or 1.0),
-        showscale=False, hovertemplate=hover + "<br>patch (%{y:.0f}, %{x:.0f}) px: %{z:.4f}<extra></extra>",
-    ), row=row, col=col)
-
-
-def word_heatmaps(image: np.ndarray, heat: np.ndarray, words: list[str], columns: list[str],
-                  sinks: list[bool] | None = None, opacity: float = 0.65, shared_scale: bool = False,
-                  title: str = "", panel: int = 120) -> go.Figure:
-    """heat  # [word, column, rows, cols] -> one panel per (word, column) over the picture.
-
-    `columns` names the columns ("head 0", ..., "mean"); a word whose `sinks` entry is True is
-    titled "<word> (sink)".  Each panel has its own colour range unless `shared_scale`.
-    """
-    heat = np.asarray(heat, dtype=np.float32)
-    n_words, n_cols = heat.shape[:2]
-    sinks = sinks or [False] * n_words
-    titles = []
-    for w in range(n_words):
-        for c in range(n_cols):
-            label = f"{words[w]} (sink)" if sinks[w] else words[w]
-            titles.append(f"{label} · {columns[c]}")
-    fig = make_subplots(rows=n_words, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.01,
-                        vertical_spacing=min(0.04, 0.3 / max(1, n_words)))
-    top = float(heat.max()) if shared_scale else None
-    for w in range(n_words):
-        for c in range(n_cols):
-            _overlay(fig, image, heat[w, c], w + 1, c + 1, top, opacity, f"{words[w]} · {columns[c]}")
-            fig.update_yaxes(scaleanchor=fig.get_subplot(w + 1, c + 1).xaxis.plotly_name.replace("axis", ""),
-                             row=w + 1, col=c + 1)
-    h, wd = image.shape[:2]
-    _axes(fig, h, wd)
-    fig.update_annotations(font_size=10)
-    fig.update_layout(**base_layout(title, 40 + panel * n_words))
-    return fig
-
-
 def sink_chart(tokens: list[str], mean: np.ndarray, cv: np.ndarray, share: np.ndarray, flagged: np.ndarray,
-               title: str = "", height: int = 320) -> go.Figure:
-    """Per text token: received attention from the image (bars) and spatial CV (markers); sinks in red."""
-    x = [f"{i}:{t}" for i, t in enumerate(tokens)]
+               title: str = "", height: int = 320, columns: list[int] | None = None) -> go.Figure:
+    """Per text token: received attention from the image (bars) and spatial CV (markers); sinks in red.
+    Each bar is named "column:token", `columns` the tokens' text columns (default 0, 1, 2 ...)."""
+    x = [plotly_text(f"{c}:{t}") for c, t in zip(range(len(tokens)) if columns is None else columns, tokens)]
     colours = ["#d62728" if f else "#1f77b4" for f in flagged]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=x, y=np.asarray(mean, dtype=float), marker_color=colours, name="mean received",
@@ -141,7 +86,7 @@ def timestep_profile(timesteps: list[float], values: np.ndarray, names: list[str
     values = np.asarray(values, dtype=np.float32)
     fig = go.Figure()
     for name, series in zip(names, values):
-        fig.add_trace(go.Scatter(x=list(timesteps), y=series, mode="lines+markers", name=name))
+        fig.add_trace(go.Scatter(x=list(timesteps), y=series, mode="lines+markers", name=plotly_text(name)))
     if selected is not None and 0 <= selected < len(timesteps):
         fig.add_vline(x=timesteps[selected], line=dict(color="#888", dash="dot"))
     fig.update_layout(**base_layout(title, height), legend=dict(orientation="h", y=1.15))
@@ -168,5 +113,5 @@ def head_contact_sheet(images: list[np.ndarray], labels: list[str], title: str =
     return fig
 
 
-__all__ = ["picture", "before_after", "word_heatmaps", "sink_chart", "grounding_chart",
+__all__ = ["before_after", "sink_chart", "grounding_chart",
            "timestep_profile", "head_contact_sheet"]

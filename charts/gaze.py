@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from charts.image import attention_overlay, head_overlays
-from charts.theme import base_layout
+from charts.theme import base_layout, plotly_text
 
 SINK_COLOUR = "#ff4d4d"  # visual sinks: red dashed outlines
 BOX_COLOUR = "#ffffff"  # ground-truth boxes of the asked objects
@@ -68,6 +68,7 @@ def token_bars(tokens: Sequence[str], values: np.ndarray, title: str = "", label
                height: int = 320) -> go.Figure:
     """One bar per token (answer tokens' T-VHD), labelled with the token."""
     positions = list(range(len(tokens)))
+    tokens = [plotly_text(t) for t in tokens]
     fig = go.Figure(go.Bar(x=positions, y=np.asarray(values, dtype=np.float32), marker_color="#4c78a8",
                            customdata=list(tokens), hovertemplate="%{customdata}: %{y:.3g}<extra></extra>"))
     fig.update_layout(**base_layout(title, height))

@@ -12,6 +12,12 @@ LOG_FLOOR = -4.0  # log10 colour scale floor: weights below 1e-4 look the same
 
 
 
+def plotly_text(text: str) -> str:
+    """`text` shown literally in a Plotly label: Plotly reads a few HTML tags in labels, so a token such as
+    "</s>" (T5's end) vanished and "<s>" (Llama's start) struck the labels after it through."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def plot_config(image_format: str = "png") -> dict:
     """Plotly toolbar settings: the camera button downloads the figure as PNG (2x) or SVG."""
     return {

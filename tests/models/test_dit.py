@@ -330,12 +330,13 @@ def test_registry_entry():
 
 def test_charts_build():
     from charts import dit as charts
+    from charts.dit_words import word_maps
 
     image = np.zeros((32, 32, 3), np.uint8)
-    heat = np.random.default_rng(0).random((3, 5, 8, 8))
-    fig = charts.word_heatmaps(image, heat, ["a", "red", "circle"], [f"head {i}" for i in range(4)] + ["mean"],
-                               sinks=[False, False, True])
-    assert len(fig.data) == 2 * 15 and "circle (sink)" in fig.layout.annotations[10].text
+    heat = np.random.default_rng(0).random((3, 5, 8, 8))  # [row, word, rows, cols]
+    fig = word_maps(image, heat, ["a", "red", "circle (sink)", "</s>", "<s>"], ["mean", "head 0", "head 1"])
+    assert [t.type for t in fig.data] == ["image", "heatmap"]  # one picture of every panel, one hover layer
+    assert list(fig.layout.xaxis.ticktext) == ["a", "red", "circle (sink)", "&lt;/s&gt;", "&lt;s&gt;"]  # shown as typed
     assert len(charts.before_after(image, image).data) == 2
     assert charts.sink_chart(["a", "b"], np.ones(2), np.ones(2), np.ones(2), np.array([True, False])).data
     assert charts.grounding_chart(np.ones((4, 4))).data
