@@ -78,8 +78,9 @@ class DitAdapter:
         grid = self.sampler.grid_of(height, width)
         n_image = grid[0] * grid[1]
         n_text, n_columns = self.sampler.text_length(prompt)
-        plan = self.plan.resolve(meta.n_layers, meta.n_heads, n_image + n_text, steps)
         cross_heads = self.sampler.cross_heads
+        # a cross-attention family's self-attention sees the image tokens only: its maps are stored as that block
+        plan = self.plan.resolve(meta.n_layers, meta.n_heads, n_image if cross_heads else n_image + n_text, steps)
         recorded = len(plan.recorded(steps))
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
                         bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers))

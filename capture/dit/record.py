@@ -42,7 +42,8 @@ class RecordPlan:
     full_layers: tuple[int, ...] = ()  # "split": layers whose full maps are kept at the kept steps
 
     def resolve(self, n_layers: int, n_heads: int, n: int, steps: int) -> "RecordPlan":
-        """The plan with "auto" decided and the kept steps filled in."""
+        """The plan with "auto" decided and the kept steps filled in; `n` is the side of the layers' maps (the
+        whole token axis, or the image tokens where the self-attention sees only those)."""
         mode = self.mode
         if mode == "auto":
             recorded = len(self.steps) if self.steps is not None else steps

@@ -137,8 +137,9 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     n, words = n_image + n_text, cross_heads or n_heads
     block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
     row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
-    if mode == "full":
-        maps = n_layers * (steps + 1) * n_heads * n * n * 2
+    if mode == "full":  # every step's maps and their mean; a cross family's self-attention: its image block only
+        side = n_image if cross else n
+        maps = n_layers * (steps + 1) * n_heads * side * side * 2
         words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0
         disk = maps + words_bytes
         return memory.Estimate(layout="full", n_tokens=n, memory_bytes=int(disk + row_block), disk_bytes=int(disk))

@@ -225,6 +225,17 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     np.testing.assert_array_equal(cap.export_arrays()["layer000"], cap.attention(0))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disk_estimate_is_what_the_capture_stores(family, captures):
+    """The estimate said before a capture runs (and checked against the cache's budget) is the bytes of its
+    array files, within 10%; SD3.5's extra self-attention layer is counted as a whole map (an upper bound)."""
+    caps, store = captures
+    cap = caps[family]
+    stored = sum(p.stat().st_size for p in (store.directory / "index" / cap.key).glob("*.npy"))
+    estimated = cap.timings["disk_mb"] * 2**20
+    assert 0.9 * stored <= estimated <= (1.5 if family == "sd3" else 1.1) * stored, (estimated, stored)
+
+
 # ---- interventions ------------------------------------------------------------------------------------
 
 def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
