@@ -32,7 +32,6 @@ from pathlib import Path
 
 from common import ROOT, table
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def measure(fn, repeats: int) -> tuple[float, float]:
