@@ -16,6 +16,7 @@ from charts.pictures import blend
 from charts.theme import ATTENTION_SCALE, base_layout, plotly_text
 
 TILE = 96  # pixels a side of each panel
+MIN_PLOT_PX = 150  # the plot area's least height: the colour bar's title and ramp fit beside a single row
 
 
 def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[str], title: str = "",
@@ -43,19 +44,22 @@ def word_maps(image: np.ndarray, heat: np.ndarray, words: list[str], rows: list[
                              np.broadcast_to(np.asarray(rows, dtype=object)[:, None], (R, W)),
                              np.round(peaks, 4).astype(object)], axis=-1),
         hovertemplate="“%{customdata[0]}” · %{customdata[1]}<br>largest weight %{customdata[2]}<extra></extra>",
-        colorbar=dict(title=dict(text="attention<br>÷ panel<br>max", side="top"), thickness=12,
-                      len=1.0 if R > 1 else 1.6, tickvals=[0, 1], ticktext=["0", "max"]),
+        colorbar=dict(title=dict(text="attention<br>÷ panel<br>max", side="top"), thickness=12, len=1.0,
+                      tickvals=[0, 1], ticktext=["0", "max"]),
         showscale=True,
     ))
     fig.update_xaxes(range=[-0.5, W * side - gap - 0.5], showgrid=False, zeroline=False, side="top",
                      tickvals=centres_x, ticktext=labels, tickangle=-35 if W > 6 else 0)
+    # the panels keep their shape by narrowing the y axis' domain from the top down: in a plot area made tall
+    # enough for the colour bar (MIN_PLOT_PX) one row of panels stays under its word labels
     fig.update_yaxes(range=[R * side - gap - 0.5, -0.5], showgrid=False, zeroline=False, tickvals=centres_y,
-                     ticktext=rows, scaleanchor="x")
+                     ticktext=rows, scaleanchor="x", constrain="domain", constraintoward="top")
     # room above the panels for the word labels (slanted at 35 degrees, a label rises ~4 px per character)
     # and the title over them
     rise = 14 + 4 * max((len(w) for w in words), default=0) if W > 6 else 20
     top = rise + (50 if title else 20)
-    layout = base_layout(title, height=top + int(R * side * min(1.0, 900 / max(W * side, 1))))
+    panels_px = int(R * side * min(1.0, 900 / max(W * side, 1)))
+    layout = base_layout(title, height=top + max(panels_px, MIN_PLOT_PX) + 10)
     layout["margin"] = dict(l=10, r=10, t=top, b=10)
     fig.update_layout(**layout)
     return fig

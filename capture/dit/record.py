@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from capture.dit.attend import Frame
-from capture.dit.tokens import TokenLayout
+from capture.dit.tokens import TokenLayout, column_spans
 from capture.dit.write import view_items
 from core import dit_capture
 from core.dit_capture import DitLayout, region_of
@@ -360,7 +360,9 @@ class MapRecorder:
             tokens = columns + regions if layout.text_first else regions + columns
             image = range(len(columns), len(tokens)) if layout.text_first else range(0, len(regions))
             text = range(0, len(columns)) if layout.text_first else range(len(regions), len(tokens))
-            spans = {"image": image, "text": text}
+            spans = {"image": image, "text": text}  # and the text's spans, on its columns
+            spans.update({name: range(text.start + r.start, text.start + r.stop)
+                          for name, r in column_spans(layout).items()})
             info.labels, info.image = layout.labels(), (layout.image.start, layout.image.stop)
             info.text, info.pool = (layout.text_span.start, layout.text_span.stop), self.pool
             info.regions = (rows, cols)

@@ -8,10 +8,12 @@ ending in a run of padding tokens.
 Spans: "image", "text", each segment by name (pipelines), "prompt" (the last segment's tokens before
 its padding) and "padding" (that segment's padding run).  Columns (the text axis of the word maps of
 a capture too large for full maps, capture.dit.record): every text token but the padding, and one
-column per padding run that stands for the whole run ("<pad> x240": the attention it receives summed).
+column per padding run that stands for the whole run ("<pad> x240": the attention it receives summed);
+`column_spans` gives the spans on that axis.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 
@@ -76,6 +78,14 @@ class TokenLayout:
         return out
 
 
+def column_spans(layout: TokenLayout) -> dict[str, range]:
+    """The text's spans (each segment, "prompt", "padding") on the axis of the grouped columns
+    (`columns(grouped=True)`), counted from the first column: the columns each covers."""
+    firsts = [positions[0] for _label, positions in layout.columns(grouped=True)]  # increasing
+    return {name: range(bisect.bisect_left(firsts, span.start), bisect.bisect_left(firsts, span.stop))
+            for name, span in layout.spans().items() if name not in ("image", "text")}
+
+
 def padding_start(ids: list[int], pad_id: int | None, eos_id: int | None) -> int:
     """Where the trailing run of padding ids starts (len(ids) when there is none).  When the padding token
     is the end-of-text token (CLIP), the first of the run is the real end of the text and stays out."""
@@ -94,4 +104,4 @@ def shapes_layout(grid: tuple[int, int], text_tokens: list[str], n_real: int) ->
     return TokenLayout(grid=grid, text=list(text_tokens), padding=[range(n_real, len(text_tokens))])
 
 
-__all__ = ["TokenLayout", "padding_start", "shapes_layout"]
+__all__ = ["TokenLayout", "column_spans", "padding_start", "shapes_layout"]

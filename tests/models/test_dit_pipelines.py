@@ -322,6 +322,13 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     info = dit_capture.layout(split)
     assert info.mode == "split" and info.kept == [1] and info.labels == full.tokens
     np.testing.assert_array_equal(dit_capture.generated_image(split), dit_capture.generated_image(full))
+    # the text's spans name the same tokens on the columns (each padding run one column)
+    spans = {name: r for name, r in full.spans.items() if name not in ("image", "text")}
+    assert set(spans) <= set(split.spans) and "prompt" in spans
+    for name, r in spans.items():
+        columns_of = [label for label, positions in info.columns if positions[0] in r]
+        assert [split.tokens[i] for i in split.spans[name]] == columns_of
+    assert [split.tokens[i] for i in split.spans["prompt"]] == [full.tokens[i] for i in full.spans["prompt"]]
     # the word maps of every step: each padding run is one column holding the attention it receives
     columns = dit_capture.column_positions(split)
     a_full = dit_capture.image_to_text(full)  # [step, layer, head, image, text]
@@ -359,6 +366,26 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     np.testing.assert_allclose(analytics.distance_px(split), analytics.distance_px(full), rtol=1e-2)
     if family in ("sd3", "flux"):
         np.testing.assert_allclose(analytics.text_mass(split), analytics.text_mass(full), atol=3e-3)
+
+
+def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(folders, monkeypatch, tmp_path):
+    """Real pipelines at real sizes are captured "split" (regions and text columns on the generic axis): every
+    page that takes a DiT opens such a capture from its link (the tiny SD3 made "split" by a FULL_BYTES of 0)."""
+    from conftest import open_app
+
+    model = str(folders["sd3"])
+    monkeypatch.setattr(dit_capture, "FULL_BYTES", 0)
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(capture_api, "_default_store", None)
+    link = {"model": model, "prompt": PROMPT, "seed": "3", "steps": "2", "width": "32", "height": "32"}
+    at = open_app(dict(link, page="dit"))
+    assert dit_capture.layout(at.session_state["capture"]).mode == "split"
+    assert len(at.get("plotly_chart")) >= 4 and not at.error
+    for page in ({"page": "explorer", "view": "model"}, {"page": "explorer", "view": "head", "layer": "1"},
+                 {"page": "explorer", "view": "token"}, {"page": "atlas"}, {"page": "intervene"}):
+        at = open_app(dict(link, **page))  # no exception on the page
+        assert not at.error, (page, [e.value for e in at.error])
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
