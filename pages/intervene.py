@@ -77,7 +77,7 @@ def most_changed(base, after, lo: int, hi: int) -> tuple[int, int]:
 st.title("Interventions")
 state = shared.view_state()
 spec = shared.spec_of(state)
-if not spec.prompt.strip():
+if not spec.prompt.strip() and spec.image is None:  # a vision model reads its picture, no prompt
     st.error("The prompt is empty: type a prompt in the sidebar and press Run; this page then compares it "
              "with an intervened run.")
     shared.stop()
@@ -93,7 +93,7 @@ with right:
 if base is None:
     shared.stop()
 meta = base.meta
-n_prompt = len(base.spans["prompt"])
+n_prompt = len(base.spans.get("prompt", range(base.n_tokens)))  # a vision model's input: its whole axis
 before_tokens = base.tokens[n_prompt:]
 labels = [compare.head_label(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)]
 

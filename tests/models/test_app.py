@@ -175,3 +175,15 @@ def test_pictures_place_each_cell_and_export_a_labelled_svg():
     assert drawn.shape == (4, 4, 4) and drawn[0, 1, 3] == 0 and drawn[1, 0, 3] == 255  # future keys blank
     assert h.row_labels == ("0 a", "1 b", "2 c", "3 d") and h.values[3][0] == 0.25
     assert ">3 d<" in picture_svg(h) and "Layer 0, head 0" in picture_svg(h)
+
+
+def test_intervene_page_compares_a_vision_models_maps():
+    """A vision model reads its picture, not a prompt: the Intervene page runs its baseline (it asked for a prompt
+    before, and then raised KeyError 'prompt' on a capture without one) and compares the maps after an edit."""
+    at = open_app({"page": "intervene", "model": "dinov2-s", "image": "cat"})
+    assert not at.error and at.info[0].value.startswith("Pick heads and a preset")
+    at.multiselect(key="iv_heads").set_value(["L1H0"]).run()
+    at.button(key="iv_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    assert any("is an encoder" in w.value for w in at.warning)  # only the maps are compared
+    assert at.get("plotly_chart")
