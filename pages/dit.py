@@ -56,6 +56,8 @@ positions = dit_capture.column_positions(capture)  # text column i stands for th
 column_of = {p: c for c, ps in enumerate(positions) for p in ps}
 word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
 stats = analytics.sink_stats(a)
+# the columns some image query reads: a masked token (PixArt's and Sana's padding) receives exactly 0 everywhere
+attended = np.flatnonzero(stats.mean.reshape(-1, len(tokens)).max(0) > 0)
 
 if not 0 <= state.step < n_steps:
     shared.set_fields(step=n_steps // 2)
@@ -76,7 +78,8 @@ with col_ctl:
     shared.held("dit_every_head", False)
     every = st.checkbox("Every head too", key="dit_every_head", disabled=head != -1,
                         help="One row of word maps per head under the mean.")
-    show_padding = st.checkbox("Show special and padding tokens", value=False, key="dit_padding")
+    show_padding = st.checkbox("Show special and padding tokens", value=False, key="dit_padding",
+                               help="Masked padding (PixArt's, Sana's) receives no attention and is never shown.")
     for note in capture.output.notes:
         st.info(note)
 
@@ -86,7 +89,7 @@ h = heat if steps_sel is None else heat[steps_sel]
 h = h if layers_sel is None else h[:, layers_sel]
 per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
-words = list(range(len(tokens))) if show_padding else dit_capture.word_columns(capture)
+words = attended.tolist() if show_padding else dit_capture.word_columns(capture)
 if head == -1:
     panels = (np.concatenate([mean_heads, per_head]) if every else mean_heads)[:, words]  # [row, word, rows, cols]
     row_names = ["mean"] + ([f"head {i}" for i in range(word_heads)] if every else [])
@@ -107,8 +110,6 @@ with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))
     cv = stats.cv[sel].mean(axis=(0, 1, 2))
-    # a masked token (PixArt's and Sana's padding) receives exactly 0 in every map: not charted
-    attended = np.flatnonzero(stats.mean.reshape(-1, len(tokens)).max(0) > 0)
     shared.plotly_chart(charts.sink_chart([tokens[i] for i in attended], mean[attended], cv[attended],
                                           stats.share[attended], stats.global_sink[attended],
                                           title="Received attention per text token (red: global sink)",
@@ -150,12 +151,13 @@ with tab_ground:
 with tab_pag:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]
     plain_words = set(dit_capture.word_columns(capture))
+    # RefAM's sinks, else end and padding tokens; masked tokens (read by nobody) are no choice
     sinks = [int(i) for i in np.flatnonzero(stats.global_sink)] or \
-        [i for i in range(1, len(tokens)) if i not in plain_words]  # RefAM's sinks, else end and padding tokens
-    token_labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+        [int(i) for i in attended if i >= 1 and i not in plain_words]
+    token_labels = [f"{i}:{tokens[i]}" for i in attended]
     held = st.session_state.get("dit_sink_tokens")
     if held is None or any(x not in token_labels for x in held):  # first render, or another prompt's tokens
-        st.session_state["dit_sink_tokens"] = [token_labels[i] for i in sinks]
+        st.session_state["dit_sink_tokens"] = [f"{i}:{tokens[i]}" for i in sinks]
     if "dit_pag_heads" not in st.session_state:  # first render: the link's intervention if it names one
         linked = recall(state.intervention)
         st.session_state["dit_linked_iv"] = linked.key() if linked is not None else ""
@@ -171,7 +173,7 @@ with tab_pag:
             if mode == "redistribute":  # the edits' key ranges "a:b" are capture positions
                 spans = {range(*map(int, e.keys.split(":"))) for e in linked.edits}
                 hit = sorted({column_of[p] for r in spans for p in r if p in column_of})
-                st.session_state["dit_sink_tokens"] = [f"{c}:{tokens[c]}" for c in hit]
+                st.session_state["dit_sink_tokens"] = [x for x in (f"{c}:{tokens[c]}" for c in hit) if x in token_labels]
     hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
     if hunted:
         st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]

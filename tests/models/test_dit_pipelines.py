@@ -540,3 +540,25 @@ def test_bfloat16_pipeline_has_its_own_key(folders, captures, monkeypatch):
     half = run(_spec(folders["pixart"]), store)
     assert half.key != caps["pixart"].key and registry.load(str(folders["pixart"])).model.dtype == torch.bfloat16
     np.testing.assert_allclose(dit_capture.image_to_text(half).sum(-1), 1.0, atol=5e-3)
+
+
+def test_masked_padding_is_no_choice_on_the_page(folders, monkeypatch, tmp_path):
+    """PixArt masks its T5 padding (292 of 300 tokens here): the page offers only the tokens its attention reads,
+    for "show padding" word maps and for redistribution, and the default redistribution takes from one of those."""
+    from conftest import open_app
+
+    model = str(folders["pixart"])
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(capture_api, "_default_store", None)
+    at = open_app({"page": "dit", "model": model, "prompt": PROMPT, "seed": "3", "steps": "2", "width": "32",
+                   "height": "32"})
+    cap = at.session_state["capture"]
+    read = np.flatnonzero(dit_capture.image_to_text(cap).max(axis=(0, 1, 2, 3)) > 0)
+    assert len(read) == 8 and len(dit_capture.text_tokens(cap)) == 300
+    at.segmented_control(key="dit_mode").set_value("redistribute").run()
+    chosen = at.multiselect(key="dit_sink_tokens")
+    assert [int(o.split(":")[0]) for o in chosen.options] == read.tolist()
+    assert chosen.value and set(chosen.value) <= set(chosen.options)
+    at.checkbox(key="dit_padding").check().run()
+    assert not at.exception
