@@ -8,7 +8,9 @@ On the embedded shapes-dit (32 x 32, 20 steps, classifier-free guidance: 2 rows 
 plus bytes on disk per captured step.
 
 On diffusers pipeline folders (`--pipeline FOLDER`, repeatable; `--tiny` builds the tiny random SD3,
-Flux, PixArt-Σ and Sana pipelines of tests/models/tiny_pipelines.py in a temporary folder):
+Flux, PixArt-Σ and Sana pipelines of tests/models/tiny_pipelines.py in a temporary folder; `--wide` SD3
+and PixArt-Σ with two transformer layers of the real models' width, so the recording's share is a real
+layer's, at a picture size of the tiny VAE):
   plain     the pipeline as diffusers loads it, its own attention processors
   headscope the same call through HeadScope's processors, nothing recorded
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
@@ -18,7 +20,7 @@ Times are medians of --repeats runs (the runs of one table taken in turn, so a s
 machine hits each alike); wall and CPU seconds (the CPU ratio is what the capture costs when the
 machine is shared).  Prints Markdown tables.
 
-    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--pipeline FOLDER] [--size 32]
+    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--wide] [--pipeline FOLDER] [--size 32]
 """
 from __future__ import annotations
 
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="pipelines: picture side in pixels")
     parser.add_argument("--pipeline-steps", type=int, default=2, help="pipelines: sampling steps")
     parser.add_argument("--no-shapes", action="store_true", help="skip shapes-dit")
+    parser.add_argument("--wide", action="store_true", help="also SD3 and PixArt with two layers of the real models' "
+                        "width (SD3-medium: 24 heads x 64; PixArt-Sigma: 16 x 72), tiny text encoders and VAE")
     args = parser.parse_args()
 
     import torch
@@ -221,14 +225,18 @@ def main() -> None:
         shapes_dit(args)
     folders = [Path(p) for p in args.pipeline]
     workdir = None
-    if args.tiny:
+    if args.tiny or args.wide:
         import sys
 
         sys.path.insert(0, str(ROOT / "tests" / "models"))
         import tiny_pipelines
 
         workdir = Path(tempfile.mkdtemp(prefix="hs-dit-pipelines-"))
-        folders += [tiny_pipelines.save(family, workdir / family) for family in tiny_pipelines.FAMILIES]
+        if args.tiny:
+            folders += [tiny_pipelines.save(family, workdir / family) for family in tiny_pipelines.FAMILIES]
+        if args.wide:
+            folders += [tiny_pipelines.save(family, workdir / f"{family}-wide", wide=True)
+                        for family in tiny_pipelines.WIDE]
     if folders:
         rows = [row for folder in folders for row in pipeline(folder, args)]
         print(f"\npipelines, {args.size} x {args.size} px, {args.pipeline_steps} steps, {args.threads} threads, "

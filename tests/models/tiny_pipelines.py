@@ -92,15 +92,17 @@ def kl_vae():
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-def sd3():
+def sd3(wide: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     clip, t5 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+    heads, head_dim = (24, 64) if wide else (2, 8)  # wide: SD3-medium's layers (bench/dit.py --wide)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=head_dim, num_attention_heads=heads,
+                                        caption_projection_dim=heads * head_dim, joint_attention_dim=32,
                                         pooled_projection_dim=32, out_channels=4, qk_norm="rms_norm",
-                                        dual_attention_layers=(0,), pos_embed_max_size=16)
+                                        dual_attention_layers=() if wide else (0,), pos_embed_max_size=16)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(),
                                     text_encoder=clip_encoder(len(clip)), tokenizer=clip,
                                     text_encoder_2=clip_encoder(len(clip)), tokenizer_2=clip_tokenizer(),
@@ -120,14 +122,15 @@ def flux():
                         text_encoder_2=t5_encoder(len(t5)), tokenizer_2=t5)
 
 
-def pixart():
+def pixart(wide: bool = False):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     t5 = t5_tokenizer()
     torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
-                                           num_attention_heads=2, caption_channels=32, in_channels=4,
-                                           cross_attention_dim=16, out_channels=8, attention_bias=True,
+    heads, head_dim = (16, 72) if wide else (2, 8)  # wide: PixArt-Σ's layers (bench/dit.py --wide)
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=head_dim,
+                                           num_attention_heads=heads, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=heads * head_dim, out_channels=8, attention_bias=True,
                                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
     return PixArtSigmaPipeline(transformer=transformer, scheduler=DPMSolverMultistepScheduler(), vae=kl_vae(),
@@ -162,9 +165,11 @@ def sana():
 
 
 FAMILIES = ("sd3", "flux", "pixart", "sana")
+WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 
-def save(family: str, folder: Path) -> Path:
-    """The tiny `family` pipeline saved in `folder` (save_pretrained)."""
-    globals()[family]().save_pretrained(folder)
+def save(family: str, folder: Path, wide: bool = False) -> Path:
+    """The tiny `family` pipeline saved in `folder` (save_pretrained); `wide`: its transformer's two layers at
+    the real model's width (tiny text encoders and VAE all the same)."""
+    (globals()[family](wide=True) if wide else globals()[family]()).save_pretrained(folder)
     return folder
