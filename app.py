@@ -4,6 +4,12 @@ Run with `make run` (or `streamlit run app.py`).  Each page is a short script in
 """
 from __future__ import annotations
 
+# pandas first, in every session's thread alike: Plotly's validators and Streamlit import it lazily from
+# different modules, and two sessions doing so at once can meet in a lock cycle, where Python hands one of
+# them the module half initialised ("partially initialized module 'pandas' has no attribute 'Series'": the
+# DiT page's browser test under load)
+import pandas  # noqa: F401
+import plotly.graph_objects  # noqa: F401
 import streamlit as st
 
 from pages import shared, sidebar, widgets
