@@ -92,6 +92,7 @@ class SinkStats:
     flagged: np.ndarray  # [step, layer, head, text] bool: a sink in that map
     share: np.ndarray  # [text]: fraction of (step, layer, head) maps in which the token is a sink
     global_sink: np.ndarray  # [text] bool: share >= SINK_SHARE
+    attended: np.ndarray  # [text] bool: read in some map (a masked token, PixArt's and Sana's padding, never is)
 
 
 def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV_MAX,
@@ -108,7 +109,8 @@ def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV
         median = np.nanmedian(np.where(mean > 0, mean, np.nan), axis=-1, keepdims=True)
     flagged = (mean >= ratio * np.maximum(median, 1e-12)) & (cv <= cv_max)
     share = flagged.reshape(-1, flagged.shape[-1]).mean(0)
-    return SinkStats(mean=mean, cv=cv, flagged=flagged, share=share, global_sink=share >= share_min)
+    attended = (mean > 0).reshape(-1, mean.shape[-1]).any(0)
+    return SinkStats(mean=mean, cv=cv, flagged=flagged, share=share, global_sink=share >= share_min, attended=attended)
 
 
 def sink_tokens(a: np.ndarray, **kwargs) -> np.ndarray:

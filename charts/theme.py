@@ -1,6 +1,7 @@
 """Shared look of every figure: colour scales per quantity and a layout legible on light and dark themes."""
 from __future__ import annotations
 
+import html
 from functools import lru_cache
 
 import numpy as np
@@ -15,7 +16,7 @@ LOG_FLOOR = -4.0  # log10 colour scale floor: weights below 1e-4 look the same
 def plotly_text(text: str) -> str:
     """`text` shown literally in a Plotly label: Plotly reads a few HTML tags in labels, so a token such as
     "</s>" (T5's end) vanished and "<s>" (Llama's start) struck the labels after it through."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(text, quote=False)
 
 
 def plot_config(image_format: str = "png") -> dict:

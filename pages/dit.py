@@ -56,8 +56,8 @@ positions = dit_capture.column_positions(capture)  # text column i stands for th
 column_of = {p: c for c, ps in enumerate(positions) for p in ps}
 word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
 stats = analytics.sink_stats(a)
-# the columns some image query reads: a masked token (PixArt's and Sana's padding) receives exactly 0 everywhere
-attended = np.flatnonzero(stats.mean.reshape(-1, len(tokens)).max(0) > 0)
+attended = np.flatnonzero(stats.attended)  # the text columns some image query reads (not masked padding)
+column_label = lambda i: f"{i}:{tokens[i]}"  # noqa: E731  a text column as the token lists name it
 
 if not 0 <= state.step < n_steps:
     shared.set_fields(step=n_steps // 2)
@@ -121,7 +121,7 @@ with tab_sinks:
     over_steps = stats.mean.mean(axis=(1, 2))  # [step, text]: each token's received attention, step by step
     shown_cols = [i for i in range(len(tokens)) if stats.global_sink[i]][:4] + words[:4]
     shared.plotly_chart(lambda: charts.timestep_profile(
-        list(timesteps), over_steps[:, shown_cols].T, [f"{i}:{tokens[i]}" for i in shown_cols],
+        list(timesteps), over_steps[:, shown_cols].T, [column_label(i) for i in shown_cols],
         selected=None if all_steps else step, title="Received attention through sampling (sinks and the first words)",
         label="mean attention from image"), key="dit_profile", config=plot_config())
     flagged = [f"{i}:{t}" for i, t in enumerate(tokens) if stats.global_sink[i]]
@@ -154,10 +154,10 @@ with tab_pag:
     # RefAM's sinks, else end and padding tokens; masked tokens (read by nobody) are no choice
     sinks = [int(i) for i in np.flatnonzero(stats.global_sink)] or \
         [int(i) for i in attended if i >= 1 and i not in plain_words]
-    token_labels = [f"{i}:{tokens[i]}" for i in attended]
+    token_labels = [column_label(i) for i in attended]
     held = st.session_state.get("dit_sink_tokens")
     if held is None or any(x not in token_labels for x in held):  # first render, or another prompt's tokens
-        st.session_state["dit_sink_tokens"] = [f"{i}:{tokens[i]}" for i in sinks]
+        st.session_state["dit_sink_tokens"] = [column_label(i) for i in sinks]
     if "dit_pag_heads" not in st.session_state:  # first render: the link's intervention if it names one
         linked = recall(state.intervention)
         st.session_state["dit_linked_iv"] = linked.key() if linked is not None else ""
@@ -173,7 +173,7 @@ with tab_pag:
             if mode == "redistribute":  # the edits' key ranges "a:b" are capture positions
                 spans = {range(*map(int, e.keys.split(":"))) for e in linked.edits}
                 hit = sorted({column_of[p] for r in spans for p in r if p in column_of})
-                st.session_state["dit_sink_tokens"] = [x for x in (f"{c}:{tokens[c]}" for c in hit) if x in token_labels]
+                st.session_state["dit_sink_tokens"] = [column_label(c) for c in hit if column_label(c) in token_labels]
     hunted = st.session_state.pop("dit_hunted", None)  # HeadHunter's pick replaces the chosen heads
     if hunted:
         st.session_state["dit_pag_heads"] = [f"L{l}H{h}" for l, h in hunted if f"L{l}H{h}" in labels]
