@@ -20,7 +20,10 @@ Times are medians of --repeats runs (the runs of one table taken in turn, so a s
 machine hits each alike); wall and CPU seconds (the CPU ratio is what the capture costs when the
 machine is shared).  Prints Markdown tables.
 
-    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--wide] [--pipeline FOLDER] [--size 32]
+`--fold` times the fold of a split capture's row block onto its coarse tokens (capture.dit.fold) against
+index_add_, on a tiny Flux's block and on SD3-medium's at 1,024².
+
+    .venv/bin/python bench/dit.py [--repeats 5] [--steps 20] [--tiny] [--wide] [--fold] [--pipeline FOLDER] [--size 32]
 """
 from __future__ import annotations
 
@@ -204,6 +207,43 @@ def pipeline(folder: Path, args) -> list[list[str]]:
     return rows
 
 
+def fold_kernels(args) -> None:
+    """capture.dit.fold.CoarseFold against index_add_ over the last axis, on one recorded row block of a tiny
+    Flux (8 x 8 patches, 512 T5 tokens: 2 heads x 576 rows x 576 keys) and of SD3-medium at 1,024²
+    (64 x 64 patches pooled 4 x 4, 333 text tokens: 24 heads x 256 rows x 4,429 keys)."""
+    import numpy as np
+    import torch
+
+    from capture.dit.fold import CoarseFold, pieces_of
+    from capture.dit.tokens import TokenLayout
+    from core.dit_capture import pool_for, region_of
+
+    rows = []
+    for name, heads, block, grid, text, pads in [
+            ("tiny Flux", 2, 576, (8, 8), 512, [range(9, 512)]),
+            ("SD3-medium 1,024²", 24, 256, (64, 64), 333, [range(10, 77), range(89, 333)])]:
+        layout = TokenLayout(grid=grid, text=[f"t{i}" for i in range(text)], padding=pads)
+        pool = pool_for(grid)
+        columns = [p for _label, p in layout.columns(grouped=True)]
+        n_regions = -(-grid[0] // pool) * -(-grid[1] // pool)
+        coarse = np.zeros(layout.n, np.int64)
+        coarse[layout.image.start:layout.image.stop] = region_of(grid, pool)
+        for c, positions in enumerate(columns):
+            coarse[positions] = n_regions + c
+        m, index = n_regions + len(columns), torch.as_tensor(coarse)
+        fold = CoarseFold(index, m, pieces_of(layout.image, pool, 0, n_regions, columns))
+        weights = torch.rand(heads, block, layout.n)  # [head, rows, key]
+
+        def by_index():
+            torch.zeros(heads, block, m).index_add_(2, index, weights)
+
+        (plain, _), (sliced, _) = in_turn([by_index, lambda: fold.fold(weights, 0)], args.repeats * 4)
+        rows.append([name, f"{heads} x {block} x {layout.n}", f"{plain * 1000:.2f} ms", f"{sliced * 1000:.2f} ms",
+                     f"{plain / sliced:.1f}"])
+    print(f"\nfolding one row block onto the coarse tokens, {args.threads} threads, median of {args.repeats * 4}\n")
+    print(table(["map", "block", "index_add_", "CoarseFold", "x faster"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -214,6 +254,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="pipelines: picture side in pixels")
     parser.add_argument("--pipeline-steps", type=int, default=2, help="pipelines: sampling steps")
     parser.add_argument("--no-shapes", action="store_true", help="skip shapes-dit")
+    parser.add_argument("--fold", action="store_true", help="also the coarse fold of a split capture against index_add_")
     parser.add_argument("--wide", action="store_true", help="also SD3 and PixArt with two layers of the real models' "
                         "width (SD3-medium: 24 heads x 64; PixArt-Sigma: 16 x 72), tiny text encoders and VAE")
     args = parser.parse_args()
@@ -223,6 +264,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.no_shapes:
         shapes_dit(args)
+    if args.fold:
+        fold_kernels(args)
     folders = [Path(p) for p in args.pipeline]
     workdir = None
     if args.tiny or args.wide:

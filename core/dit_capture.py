@@ -19,6 +19,8 @@ A DiT capture (capture/dit/adapter.py) stores one of two layouts, said by `layou
     XS012  step 12's image -> text maps of every layer  # [layer, head, image, column] float16
     YS012  step 12's text -> image maps (joint attention only)  # [layer, head, column, image] float16
     PS012  step 12's image -> image maps pooled into regions  # [layer, head, region, region] float16
+           (a small capture stores `layout(capture).chunk` steps per array, with a step axis first: XS008
+           holds steps 8 .. 8 + chunk - 1)
     L007   layer 7's coarse map averaged over the steps  # [head, m, m] float16, m = regions + columns
            (the generic views see regions "region(r,c)" and columns; rows still sum to 1)
     Q012_007  queries and keys of layer 7 at kept step 12  # [2, head, n, head_dim] float32, from
@@ -35,7 +37,7 @@ averaged).  `Output.recorded_steps[i]` is the sampling step of index i of the st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -79,6 +81,12 @@ class DitLayout:
     kept: list[int] = field(default_factory=list)  # "split": step indices whose queries and keys are kept
     full_layers: list[int] = field(default_factory=list)  # "split": layers whose full maps are kept at `kept`
     frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale]
+    chunk: int = 1  # "split": steps per stored XS / YS / PS array (> 1: the arrays have a step axis first)
+
+    def to_json(self) -> dict:
+        """Its fields as they are (dataclasses.asdict copies every list of labels and positions, item by item:
+        3 ms of a tiny PixArt capture's 25)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, data: dict | None) -> "DitLayout":
@@ -185,8 +193,15 @@ def recompute(capture: Capture, index: int, layer: int) -> np.ndarray:
 
 
 def _per_step(capture: Capture, kind: str, steps) -> np.ndarray:
-    return np.stack([np.asarray(capture.store.get_array(capture.key, step_file(kind, s)), dtype=np.float32)
-                     for s in steps])
+    """The "split" arrays of `kind` ("XS", "YS", "PS") at the recorded steps `steps`, stacked."""
+    chunk = layout(capture).chunk
+
+    def one(step: int) -> np.ndarray:
+        if chunk == 1:
+            return capture.store.get_array(capture.key, step_file(kind, step))
+        return capture.store.get_array(capture.key, step_file(kind, step - step % chunk))[step % chunk]
+
+    return np.stack([np.asarray(one(s), dtype=np.float32) for s in steps])
 
 
 def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:

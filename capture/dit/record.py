@@ -9,25 +9,23 @@ the full maps of the kept steps at the layers asked for (`full_layers`, none by 
 
 `MapRecorder` is a capture.dit.attention recorder: the processors hand it each module's map of the
 conditional batch row, block by block, on the device the model runs on; it folds them into the kept
-arrays there (index_add over the coarse tokens: memory-bound, no n x n x m products), moves one step's
-arrays to the CPU as float16 when the step ends, and writes them on a background thread while the next
-step runs (capture.dit.write).  A "full" capture's buffers (its maps, step means and their float16
-copies) go back to a small pool when written (`_Spare`, at most SPARE_BYTES) and the next capture of the
-same shapes reuses them: on a CPU, faulting fresh pages in cost a tiny pipeline's capture more than the
-arithmetic.
+arrays there (sums over the coarse tokens in a few slices: capture.dit.fold), moves one step's arrays
+to the CPU as float16 when the step ends (a small capture's steps several to an array) and writes them,
+a large group on a background thread while the next step runs (capture.dit.write).  A "full" capture's
+buffers come from and go back to a small pool (capture.dit.buffers).
 """
 from __future__ import annotations
 
-import dataclasses
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from capture.dit.attend import Frame
+from capture.dit.buffers import spare, step_mean
+from capture.dit.fold import CoarseFold, pieces_of
 from capture.dit.tokens import TokenLayout, column_spans
-from capture.dit.write import view_items
+from capture.dit.write import INLINE_BYTES, view_items
 from core import dit_capture
 from core.dit_capture import DitLayout, region_of
 
@@ -55,57 +53,6 @@ class RecordPlan:
         return [s for s in (sorted(self.steps) if self.steps is not None else range(steps)) if 0 <= s < steps]
 
 
-class _Spare:
-    """The map buffers of the last "full" captures (at most SPARE_BYTES), reused zeroed by the next
-    capture of the same shapes: filling memory the process already holds instead of faulting fresh pages
-    in (a tiny pipeline's capture spends more on the page faults of its 5 MB of buffers than on
-    computing the maps)."""
-
-    def __init__(self):
-        self.free: list[torch.Tensor] = []
-        self.lock = threading.Lock()
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        shape = tuple(shape)
-        with self.lock:
-            for i, t in enumerate(self.free):
-                if t.shape == shape and t.dtype == dtype:
-                    return self.free.pop(i)
-        with torch.inference_mode(False):  # normal tensors: reusable in and out of inference mode
-            return torch.empty(shape, dtype=dtype)
-
-    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.empty(shape).zero_()
-
-    def give(self, tensors: list[torch.Tensor]) -> None:
-        with self.lock:
-            self.free = ([t for t in tensors if t.numel()] + self.free)
-            total, kept = 0, []
-            for t in self.free:
-                total += t.numel() * t.element_size()
-                if total > SPARE_BYTES:
-                    break
-                kept.append(t)
-            self.free = kept
-
-
-SPARE_BYTES = 32 * 2**20
-_spare = _Spare()
-
-
-def step_mean(maps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """maps  # [step, head, n, n] float16 -> their mean over the steps  # [head, n, n] float32 (zeros for no
-    step): the steps summed in order in float32, then divided, the very numbers of
-    `maps.float().mean(0)` without converting the whole array first (half the time); into `out` when given."""
-    total = torch.empty(maps.shape[1:]) if out is None else out
-    if not len(maps):
-        return total.zero_()
-    total.copy_(maps[0])
-    for step in maps[1:]:
-        total.add_(step)
-    return total.div_(len(maps))
-
-
 class _FullSink:
     def __init__(self, target: torch.Tensor):
         self.target = target  # [head, rows, keys] float16 on the CPU: the module's block of the map
@@ -129,13 +76,11 @@ class _SplitSink:
     def rows(self, r0: int, weights: torch.Tensor) -> None:
         """weights  # [head, rows, key] of query rows q0 + r0 .. on keys k0 .. (the capture's positions)."""
         weights = weights.float()
-        heads, rows, n_k = weights.shape
+        _heads, rows, n_k = weights.shape
         q0, k0 = self.frame.q0 + r0, self.frame.k0
         if self.full is not None:
             self.full[:, q0:q0 + rows, k0:k0 + n_k] = weights.to(torch.float16)
-        by_key = torch.zeros(heads, rows, self.rec.m, device=weights.device)
-        by_key.index_add_(2, self.rec.coarse[k0:k0 + n_k], weights)  # keys summed per coarse token
-        self.fold(r0, by_key, weights)
+        self.fold(r0, self.rec.folds.fold(weights, k0), weights)  # [head, rows, coarse]: keys summed
 
     @property
     def pooled_only(self) -> bool:
@@ -149,10 +94,7 @@ class _SplitSink:
         key  # [head, n_k, head_dim], both through φ = ReLU.  O(n (m + 1) d) instead of O(n² d)."""
         from capture.dit.attend import LINEAR_EPSILON
 
-        heads, n_k, dim = key.shape
-        k0 = self.frame.k0
-        by_group = torch.zeros(heads, self.rec.m, dim, device=key.device)
-        by_group.index_add_(1, self.rec.coarse[k0:k0 + n_k], key.float())  # [head, coarse, head_dim]
+        by_group = self.rec.folds.fold(key.float(), self.frame.k0, dim=-2)  # [head, coarse, head_dim]
         total = key.float().sum(1)  # [head, head_dim]
         for r0 in range(0, query.shape[1], 256):
             q = query[:, r0:r0 + 256].float()
@@ -173,14 +115,14 @@ class _SplitSink:
             rec.x[layer][:, first:first + i1 - i0] += by_key[:, i0:i1, rec.columns]
         if self.kind == "cross":  # PixArt / Sana: the cross-attention gives the word maps, nothing else
             return
-        weight = rec.row_weight[q0:q0 + rows].view(1, rows, 1)
-        rec.c[layer].index_add_(1, rec.coarse[q0:q0 + rows], by_key * weight)  # coarse rows: members averaged
+        # coarse rows: their members summed here, averaged when the step ends (MapRecorder.per_member)
+        rec.folds.fold(by_key, q0, into=rec.c[layer], dim=-2)
         if rec.y is not None and i1 - i0 < rows:  # text rows over the image keys at patch resolution
-            text = [r for r in (range(0, i0), range(i1, rows)) if len(r)]
             ki0, ki1 = image.start - k0, image.stop - k0
-            for r in text:
-                on_image = weights[:, r.start:r.stop, ki0:ki1] * weight[:, r.start:r.stop]
-                rec.y[layer].index_add_(1, rec.column_of[q0 + r.start:q0 + r.stop], on_image)
+            for r in (range(0, i0), range(i1, rows)):
+                if len(r):
+                    on_image = weights[:, r.start:r.stop, ki0:ki1]  # [head, rows, image]
+                    rec.y[layer] += rec.folds.fold(on_image, q0 + r.start, dim=-2)[:, rec.columns]
 
     def close(self) -> None:
         pass
@@ -228,7 +170,7 @@ class MapRecorder:
             if kind == "cross":
                 return _FullSink(self.x[layer][slot])
             if self.t[layer] is None:  # the layer's first call: its maps are stored as the block it computes
-                self.t[layer] = _spare.zeros((len(self.wanted), heads, n_q, n_k))
+                self.t[layer] = spare.zeros((len(self.wanted), heads, n_q, n_k))
                 self.blocks[layer] = (frame.q0, frame.k0)
             if self.blocks[layer] != (frame.q0, frame.k0) or self.t[layer].shape[2:] != (n_q, n_k):
                 raise RuntimeError(f"layer {layer}'s attention changed its place on the token axis between steps")
@@ -249,7 +191,7 @@ class MapRecorder:
         if self.plan.mode == "full":
             steps = len(self.wanted)
             self.t = [None] * self.n_layers  # [step, head, rows, keys] each: allocated at the layer's first call
-            self.x = [_spare.zeros((steps, words, layout.n_image, len(layout.text)))
+            self.x = [spare.zeros((steps, words, layout.n_image, len(layout.text)))
                       for _ in range(self.n_layers)] if self.cross else None
             return
         self.columns_list = layout.columns(grouped=True)
@@ -260,26 +202,32 @@ class MapRecorder:
         region_base, column_base = (n_columns, 0) if layout.text_first else (0, n_regions)
         coarse = np.zeros(n, np.int64)
         coarse[layout.image.start:layout.image.stop] = region_base + region_of(layout.grid, self.pool)
-        column_of = np.zeros(n, np.int64)
         for c, (_label, positions) in enumerate(self.columns_list):
             coarse[positions] = column_base + c
-            column_of[positions] = c
         counts = np.bincount(coarse, minlength=self.m)
-        as_tensor = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-        self.coarse, self.column_of = as_tensor(coarse), as_tensor(column_of)
-        self.row_weight = as_tensor((1.0 / counts[coarse]).astype(np.float32))
+        self.coarse = torch.as_tensor(coarse, device=device)
+        pieces = pieces_of(layout.image, self.pool, region_base, column_base, [p for _l, p in self.columns_list])
+        self.folds = CoarseFold(self.coarse, self.m, pieces)
+        self.per_member = torch.as_tensor((1.0 / counts).astype(np.float32), device=device)  # [coarse]
         self.columns = slice(column_base, column_base + n_columns)
         self.region_slice = slice(region_base, region_base + n_regions)
         self.mean = torch.zeros(self.n_layers, heads, self.m, self.m, device=device)
+        # steps per stored XS / YS / PS array (0: the first step sets it), the chunk being filled and its steps
+        self.chunk, self.held, self.held_first, self.held_steps, self.x = 0, {}, 0, [], None
         self._fresh()
 
     def _fresh(self) -> None:
-        layout, heads, words = self.layout, self.n_heads, self.cross_heads or self.n_heads
-        zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
-        self.x = [zeros(words, layout.n_image, len(self.columns_list)) for _ in range(self.n_layers)]
-        self.y = None if self.cross else [zeros(heads, len(self.columns_list), layout.n_image)
-                                          for _ in range(self.n_layers)]
-        self.c = [zeros(heads, self.m, self.m) for _ in range(self.n_layers)]
+        """The step's arrays, zero: allocated once per run  # [layer, ...] each, zeroed for every step."""
+        if self.x is None:
+            layout, heads, words = self.layout, self.n_heads, self.cross_heads or self.n_heads
+            zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
+            self.x = zeros(self.n_layers, words, layout.n_image, len(self.columns_list))
+            self.y = None if self.cross else zeros(self.n_layers, heads, len(self.columns_list), layout.n_image)
+            self.c = zeros(self.n_layers, heads, self.m, self.m)
+        else:
+            for t in (self.x, self.y, self.c):
+                if t is not None:
+                    t.zero_()
         self.full: dict[int, torch.Tensor] = {}
 
     def begin_step(self, step: int) -> None:
@@ -307,27 +255,47 @@ class MapRecorder:
         n = self.layout.n
         for layer, t in enumerate(self.t):  # a layer never called (nothing recorded): zero maps
             if t is None:
-                self.t[layer], self.blocks[layer] = _spare.zeros((len(self.wanted), self.n_heads, n, n)), (0, 0)
+                self.t[layer], self.blocks[layer] = spare.zeros((len(self.wanted), self.n_heads, n, n)), (0, 0)
         arrays = [(dit_capture.steps_name(layer), t.numpy()) for layer, t in enumerate(self.t)]
         if self.cross:
             arrays += [(dit_capture.cross_name(layer), x.numpy()) for layer, x in enumerate(self.x)]
-        means = [step_mean(t, _spare.empty(t.shape[1:], torch.float32)) for t in self.t]
-        views = [_spare.empty(m.shape) for m in means]
+        means = [step_mean(t, spare.empty(t.shape[1:], torch.float32)) for t in self.t]
+        views = [spare.empty(m.shape) for m in means]
         blocks = [None if t.shape[2:] == (n, n) else list(block) for t, block in zip(self.t, self.blocks)]
         self.stored_blocks = blocks if any(blocks) else None
         self.writer.put_many(arrays + view_items(means, views, blocks, n))
         self.scratch = means + views
 
     def _end_step(self) -> list[tuple[str, np.ndarray]]:
-        """One step's arrays, for the writer; the next step's start empty."""
-        f16 = lambda t: t.to(torch.float16).cpu().numpy()  # noqa: E731
-        step = self.step
-        coarse = torch.stack(self.c)  # [layer, head, m, m]
-        arrays = [(dit_capture.step_file("XS", step), f16(torch.stack(self.x))),
-                  (dit_capture.step_file("PS", step), f16(coarse[:, :, self.region_slice, self.region_slice]))]
+        """One step's arrays for the writer (or, `chunk` > 1, those of the chunk it ends), as float16; the
+        next step's start empty.  The first step sets `chunk`: as many steps per stored array as fit
+        INLINE_BYTES, so a small capture stores 3 arrays, not 3 per step (a cache entry costs ~0.2 ms)."""
+        step, per_member = self.step, self.per_member.view(-1, 1)
+        coarse = self.c.mul_(per_member)  # [layer, head, m, m]: the coarse rows' sums over members -> means
+        kinds = {"XS": self.x, "PS": coarse[:, :, self.region_slice, self.region_slice]}
         if self.y is not None:
-            arrays.append((dit_capture.step_file("YS", step), f16(torch.stack(self.y))))
-        arrays += [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
+            kinds["YS"] = self.y.mul_(per_member[self.columns])
+        if self.chunk == 0:  # INLINE_BYTES over the bytes of one step's float16 arrays
+            self.chunk = max(1, min(len(self.wanted), INLINE_BYTES // sum(t.numel() * 2 for t in kinds.values())))
+        arrays = [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
+        if self.chunk == 1:
+            arrays += [(dit_capture.step_file(kind, step), t.to(torch.float16).cpu().numpy()) for kind, t in kinds.items()]
+        else:
+            first = step - step % self.chunk
+            if not self.held:  # the chunk's first step: its arrays  # [step, layer, ...] float16
+                length = min(self.chunk, self.wanted[-1] + 1 - first)
+                self.held = {kind: np.empty((length, *t.shape), np.float16) for kind, t in kinds.items()}
+                self.held_first, self.held_steps = first, []
+            if first != self.held_first:
+                raise RuntimeError(f"sampling steps {self.held_first}-{step - 1} were not all recorded")
+            for kind, t in kinds.items():
+                torch.from_numpy(self.held[kind][step - first]).copy_(t)
+            self.held_steps.append(step)
+            if step - first == len(self.held["XS"]) - 1:
+                if len(self.held_steps) != len(self.held["XS"]):
+                    raise RuntimeError(f"sampling steps {first}-{step} were not all recorded")
+                arrays += [(dit_capture.step_file(kind, first), held) for kind, held in self.held.items()]
+                self.held = {}
         self.mean += coarse
         self._fresh()
         return arrays
@@ -341,9 +309,9 @@ class MapRecorder:
 
     def release(self) -> None:
         """The writer is done with this capture's arrays: a "full" capture's buffers go back for the next
-        capture to reuse (`_Spare`)."""
+        capture to reuse (`capture.dit.buffers.spare`)."""
         if self.plan.mode == "full" and self.layout is not None:
-            _spare.give(self.t + (self.x or []) + self.scratch)
+            spare.give(self.t + (self.x or []) + self.scratch)
             self.t, self.x, self.scratch = [], None, []
 
     def tokens_and_info(self) -> tuple[list[str], dict[str, range], dict]:
@@ -368,9 +336,10 @@ class MapRecorder:
             info.regions = (rows, cols)
             info.columns = [[label, list(p)] for label, p in self.columns_list]
             info.kept = [self.slot[s] for s in self.plan.kept if s in self.slot]
+            info.chunk = self.chunk
             info.full_layers = list(self.plan.full_layers)
             info.frames = [self.frames.get(layer) for layer in range(self.n_layers)]
-        layout_info = {} if info == DitLayout() else {"dit": dataclasses.asdict(info)}
+        layout_info = {} if info == DitLayout() else {"dit": info.to_json()}
         if self.stored_blocks:
             layout_info["blocks"] = self.stored_blocks
         return tokens, spans, layout_info

@@ -13,8 +13,9 @@ layouts of core.dit_capture:
 - "split": per step and layer the image -> text and text -> image maps (image tokens x text columns, per
   head), the pooled image maps and the coarse map; the kept steps' queries and keys (float32) and
   full maps; in memory one step's arrays twice (the step being recorded and the one being written),
-  the queries and keys waiting to be written (at most MAX_PENDING layers) and the explicit row block of
-  the recorded map (scores, weights and their coarse fold).
+  the queries and keys waiting to be written (at most MAX_PENDING layers), the steps held for one stored
+  array (a small capture's) and the explicit row block of the recorded map (scores, weights and their
+  coarse fold).
 `check` refuses a run that does not fit with one sentence naming what to change.
 """
 from __future__ import annotations
@@ -118,7 +119,7 @@ class ArrayWriter:
     def _write(self, items: list[tuple[str, np.ndarray]]) -> None:
         with self.store.transaction():
             for name, array in items:
-                self.store.put_array(self.key, name, array)
+                self.store.put_array(self.key, name, array, inline=True)  # under 32 KB: in the index, no file
 
     def finish(self, image: np.ndarray) -> None:
         """The sampled image; then wait until everything is written."""
@@ -161,8 +162,9 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     full = kept * full_layers * n_heads * n * n * 2
     disk = steps * per_step + coarse + qk + full
     qk_layer = 2 * n_heads * n * head_dim * 4  # one layer's queries and keys, waiting to be written
+    chunk = min(steps, INLINE_BYTES // max(1, per_step))  # steps held per stored array (capture.dit.record)
     held = (2 * per_step * 2 + 3 * coarse * 2 + min(n_layers, MAX_PENDING) * qk_layer
-            + full_layers * n_heads * n * n * 2)
+            + full_layers * n_heads * n * n * 2 + (chunk * per_step if chunk > 1 else 0))
     return memory.Estimate(layout="split", n_tokens=n, memory_bytes=int(held + row_block), disk_bytes=int(disk))
 
 

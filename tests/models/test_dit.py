@@ -459,16 +459,16 @@ def test_share_link_reproduces_direct_edits():
 
 def test_recording_buffers_are_reused_in_and_out_of_inference_mode():
     """The recorder reuses its row-block and map buffers from capture to capture (capture.dit.attend._scratch,
-    capture.dit.record._Spare): buffers first made under inference mode (shapes-dit samples in it) still
+    capture.dit.buffers.Spare): buffers first made under inference mode (shapes-dit samples in it) still
     serve a later capture outside it (diffusers pipelines), with the same numbers as fresh ones."""
-    from capture.dit.record import _spare
+    from capture.dit.buffers import spare
 
     query, key_t = torch.rand(2, 10, 4), torch.rand(2, 4, 10)
     fresh = dit_attend.softmax_rows(query, key_t, None, 0.5, 0, 10)
     with torch.inference_mode():
         inside = dit_attend.softmax_rows(query, key_t, None, 0.5, 0, 10, reuse=True).clone()
-        buffer = _spare.zeros((3, 5))
-    _spare.give([buffer])
+        buffer = spare.zeros((3, 5))
+    spare.give([buffer])
     outside = dit_attend.softmax_rows(query, key_t, None, 0.5, 0, 10, reuse=True)
-    again = _spare.zeros((3, 5)).add_(1)  # an in-place update outside inference mode
+    again = spare.zeros((3, 5)).add_(1)  # an in-place update outside inference mode
     assert torch.equal(inside, fresh) and torch.equal(outside, fresh) and again.sum() == 15
