@@ -96,9 +96,14 @@ class SinkStats:
 
 
 def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV_MAX,
-               share_min: float = SINK_SHARE) -> SinkStats:
-    """RefAM sink statistics of a  # [step, layer, head, image, text] (module docstring)."""
+               share_min: float = SINK_SHARE, members=None) -> SinkStats:
+    """RefAM sink statistics of a  # [step, layer, head, image, text] (module docstring).  `members`  # [text]:
+    the tokens each column stands for (a "split" capture sums a padding run into one column,
+    core.dit_capture.column_positions): a column's attention is divided by them, so a run is judged, and
+    charted, as its average token, as the tokens of a "full" capture are (summed, 300 pads made a "sink")."""
     a = np.asarray(a, dtype=np.float32)
+    if members is not None:
+        a = a / np.asarray(members, dtype=np.float32)
     mean = a.mean(axis=-2)  # [step, layer, head, text]
     std = a.std(axis=-2)
     cv = std / np.maximum(mean, 1e-12)

@@ -45,7 +45,10 @@ from core.errors import CorruptEntry, InputError
 from core.types import Capture
 
 IMAGE_NAME = "generated"
-FULL_BYTES = 64 * 2**20  # a capture whose full maps of every step fit here keeps them all ("full")
+# a capture whose full maps of every step fit here keeps them all ("full"): their writing is its cost (this
+# machine's disk takes ~470 MB/s once the page cache throttles, so 16 MiB ~35 ms; a tiny Flux's 20 steps,
+# 53 MB, took 3x the sampling); anything larger is "split", as every real pipeline at real sizes is
+FULL_BYTES = 16 * 2**20
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
            "<s>", "<unk>", "!", "<none>"}
@@ -265,6 +268,15 @@ def column_positions(capture: Capture) -> list[list[int]]:
     return [[p] for p in capture.spans["text"]]
 
 
+def word_label(token: str) -> str:
+    """A text token as a reader sees it: without CLIP's end-of-word "</w>" ("red</w>" -> "red") and the
+    word-start mark of SentencePiece ("▁red") or byte-level BPE ("Ġred"); a capture keeps the tokenizer's
+    own tokens (analytics.dit reads the word boundaries from them)."""
+    bare = token.replace("</w>", "")
+    bare = bare[1:] if bare[:1] in ("▁", "Ġ") else bare
+    return bare or token
+
+
 def word_columns(capture: Capture) -> list[int]:
     """Indices of the text columns that are words (not [CLS], padding, end-of-text ...)."""
     return [i for i, t in enumerate(text_tokens(capture)) if t.split(" x")[0] not in SPECIAL]
@@ -278,4 +290,4 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
 __all__ = ["IMAGE_NAME", "FULL_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name", "cross_name",
            "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "all_steps", "step_attention",
            "recompute", "image_to_text", "text_to_image", "image_regions", "text_tokens", "column_positions",
-           "word_columns", "patch_grid"]
+           "word_label", "word_columns", "patch_grid"]

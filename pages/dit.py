@@ -51,11 +51,12 @@ with col_img:  # the picture first: it paints while the maps below are worked ou
 grid = meta.grid
 a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
 heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
-tokens = dit_capture.text_tokens(capture)
+raw_tokens = dit_capture.text_tokens(capture)  # the tokenizer's: analytics reads word boundaries from them
+tokens = [dit_capture.word_label(t) for t in raw_tokens]  # as shown: "red", not "red</w>"
 positions = dit_capture.column_positions(capture)  # text column i stands for these capture positions
 column_of = {p: c for c, ps in enumerate(positions) for p in ps}
 word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
-stats = analytics.sink_stats(a)
+stats = analytics.sink_stats(a, members=[len(p) for p in positions])  # a grouped padding run: its average token
 attended = np.flatnonzero(stats.attended)  # the text columns some image query reads (not masked padding)
 column_label = lambda i: f"{i}:{tokens[i]}"  # noqa: E731  a text column as the token lists name it
 
@@ -115,6 +116,9 @@ with tab_sinks:
                                           title="Received attention per text token (red: global sink)",
                                           columns=attended.tolist()),
                         key="dit_sinks", config=plot_config())
+    grouped = [column_label(i) for i in attended if len(positions[i]) > 1]
+    if grouped:
+        st.caption(f"{', '.join(grouped)}: a run of padding tokens stored as one column; charted as its average token.")
     if len(attended) < len(tokens):
         st.caption(f"{len(tokens) - len(attended)} masked tokens (the text encoder's padding, which the model's "
                    "attention mask hides) receive no attention and are not charted.")
@@ -131,7 +135,7 @@ with tab_sinks:
              "RefAM discards such tokens before aggregating heatmaps.")
 
 with tab_ground:
-    masks = analytics.object_masks(image, prompt, tokens)
+    masks = analytics.object_masks(image, prompt, raw_tokens)
     if not masks:
         st.info("Grounding needs a scene caption whose objects appear in the picture "
                 "(e.g. “a green triangle at the center”).")

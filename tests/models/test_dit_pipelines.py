@@ -451,7 +451,8 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
     # the prompt's words are found among the model's own tokens (SD3: T5's, after CLIP's), so a picture of
     # the scene it names grounds its colour and shape words
     tokens = dit_capture.text_tokens(cap)
-    spelled = [t.strip("▁").replace("</w>", "") for t in tokens]
+    spelled = [dit_capture.word_label(t) for t in tokens]  # the labels the Diffusion page shows
+    assert not any(t.endswith("</w>") or t.startswith("▁") for t in spelled if t != "▁")
     words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
     where = analytics.word_positions(words, tokens)
     assert where is not None and [spelled[i] for i in where] == words

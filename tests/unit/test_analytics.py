@@ -347,3 +347,17 @@ def test_dit_sinks_leave_masked_padding_out_of_the_median():
     found = sink_stats(_image_to_text([6] + words[1:] + [0] * 20)).global_sink
     assert found.tolist() == [True] + [False] * 24
     assert not sink_stats(np.zeros((1, 1, 1, 4, 3), np.float32)).global_sink.any()  # nothing attended: no sink
+
+
+def test_dit_sinks_judge_a_grouped_padding_run_by_its_average_token():
+    """A "split" capture sums a padding run into one column: 20 pads read like the words are 20x a word in
+    sum.  Judged per member they are as plain as the words; a pad run that is a real sink still is one."""
+    from analytics.dit import sink_stats
+
+    members = [1, 1, 1, 1, 1, 20]
+    grouped = _image_to_text([1, 1, 1, 1, 1, 20])
+    assert sink_stats(grouped).global_sink.tolist() == [False] * 5 + [True]
+    stats = sink_stats(grouped, members=members)
+    assert not stats.global_sink.any()
+    np.testing.assert_allclose(stats.mean[0, 0, 0], 1 / 25)  # each column's average token
+    assert sink_stats(_image_to_text([1, 1, 1, 1, 1, 200]), members=members).global_sink.tolist() == [False] * 5 + [True]
