@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="pipelines: picture side in pixels")
     parser.add_argument("--pipeline-steps", type=int, default=2, help="pipelines: sampling steps")
     parser.add_argument("--no-shapes", action="store_true", help="skip shapes-dit")
-    parser.add_argument("--fold", action="store_true", help="also the coarse fold of a split capture against index_add_")
+    parser.add_argument("--fold", action="store_true",
+                        help="also the coarse fold of a split capture against index_add_")
     parser.add_argument("--wide", action="store_true", help="also SD3 and PixArt with two layers of the real models' "
                         "width (SD3-medium: 24 heads x 64; PixArt-Sigma: 16 x 72), tiny text encoders and VAE")
     args = parser.parse_args()

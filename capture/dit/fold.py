@@ -31,7 +31,8 @@ class Piece:
 
 class CoarseFold:
     """`fold(x, start)`: x over positions start .. of the capture's axis (a row block's keys, or its rows)
-    -> the sums per coarse token on that axis (module docstring).  `coarse`  # [n] long: each position's coarse token; `pieces` cover the axis in order."""
+    -> the sums per coarse token on that axis (module docstring).  `coarse`  # [n] long: each position's
+    coarse token; `pieces` cover the axis in order."""
 
     def __init__(self, coarse: torch.Tensor, m: int, pieces: list[Piece]):
         self.coarse, self.m, self.pieces = coarse, m, pieces
@@ -70,8 +71,8 @@ class CoarseFold:
 
 def pieces_of(image: range, pool: int, region_base: int, column_base: int, columns: list[list[int]]) -> list[Piece]:
     """The pieces of a capture's axis: the image (at capture positions `image`, `pool` x `pool` patches per
-    region, regions from `region_base`) and the word-map columns (`columns`: each one's positions, contiguous, from `column_base`),
-    in the order of the axis, neighbouring copies merged."""
+    region, regions from `region_base`) and the word-map columns (`columns`: each one's positions,
+    contiguous, from `column_base`), in the order of the axis, neighbouring copies merged."""
     found = [(image.start, Piece("copy" if pool == 1 else "scatter", image.start, len(image), region_base))]
     for c, positions in enumerate(columns):
         if list(positions) != list(range(positions[0], positions[0] + len(positions))):

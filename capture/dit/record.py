@@ -279,7 +279,8 @@ class MapRecorder:
             self.chunk = max(1, min(len(self.wanted), INLINE_BYTES // sum(t.numel() * 2 for t in kinds.values())))
         arrays = [(dit_capture.step_file("T", step, layer), full.cpu().numpy()) for layer, full in self.full.items()]
         if self.chunk == 1:
-            arrays += [(dit_capture.step_file(kind, step), t.to(torch.float16).cpu().numpy()) for kind, t in kinds.items()]
+            arrays += [(dit_capture.step_file(kind, step), t.to(torch.float16).cpu().numpy())
+                       for kind, t in kinds.items()]
         else:
             first = step - step % self.chunk
             if not self.held:  # the chunk's first step: its arrays  # [step, layer, ...] float16
