@@ -25,6 +25,8 @@ A DiT capture (capture/dit/adapter.py) stores one of two layouts, said by `layou
            (the generic views see regions "region(r,c)" and columns; rows still sum to 1)
     Q012_007  queries and keys of layer 7 at kept step 12  # [2, head, n, head_dim] float32, from
            which any map of that step is recomputed on request (`step_attention`)
+    M012_000  the attention mask of kept step 12 (Chroma's), additive float16, named in the frames of
+           the layers it applies to (a layer whose mask differs stores its own)
     T012_007  layer 7's full map at step 12, for the layers asked for  # [head, n, n] float16
 
 Axis order of full maps: the model's (`layout(capture).labels`): image tokens "patch(r,c)" row by row
@@ -83,7 +85,7 @@ class DitLayout:
     columns: list = field(default_factory=list)  # "split": [label, [full-axis positions]] per column
     kept: list[int] = field(default_factory=list)  # "split": step indices whose queries and keys are kept
     full_layers: list[int] = field(default_factory=list)  # "split": layers whose full maps are kept at `kept`
-    frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale]
+    frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale, mask name]
     chunk: int = 1  # "split": steps per stored XS / YS / PS array (> 1: the arrays have a step axis first)
 
     def to_json(self) -> dict:
@@ -176,7 +178,9 @@ def recompute(capture: Capture, index: int, layer: int) -> np.ndarray:
     """attn  # [head, n, n] float16 from the kept queries and keys (softmax(q kᵀ · scale), or Sana's linear
     map φ(q)·φ(k) normalised per row), placed on the full axis; rows the module does not compute stay 0."""
     info = layout(capture)
-    q0, k0, n_q, n_k, kernel, scale = info.frames[layer]
+    q0, k0, n_q, n_k, kernel, scale, *masked = info.frames[layer]  # the mask's name: captures since Chroma
+    mask = None if not masked or masked[0] is None else \
+        np.asarray(capture.store.get_array(capture.key, masked[0]), dtype=np.float32)  # additive, broadcastable
     qk = np.asarray(capture.store.get_array(capture.key, step_file("Q", index, layer)), dtype=np.float32)
     query, key = qk[0], qk[1]  # [head, n_q, head_dim], [head, n_k, head_dim]
     n = len(info.labels)
@@ -188,6 +192,8 @@ def recompute(capture: Capture, index: int, layer: int) -> np.ndarray:
             weights = scores / (scores.sum(-1, keepdims=True) + np.float32(1e-15))
         else:
             scores *= np.float32(scale)
+            if mask is not None:
+                scores += mask[..., r0:r1, :] if mask.shape[-2] > 1 else mask
             scores -= scores.max(-1, keepdims=True)
             weights = np.exp(scores)
             weights /= weights.sum(-1, keepdims=True)

@@ -158,9 +158,11 @@ class Attend:
         view, plan = self.plan(active, shift)
         recorder = current_recorder()
         sink = None
+        row_mask = None  # the recorded row's mask, broadcastable to [head, n_q, n_k]
         if recorder is not None and recorder.wants(self.layer):
+            row_mask = None if mask is None else mask[recorder.row if mask.shape[0] > 1 else 0]
             if recorder.wants_qk(self.layer) and self.kind != "cross":
-                recorder.qk(self.layer, frame, query[recorder.row], key[recorder.row], kernel, scale)
+                recorder.qk(self.layer, frame, query[recorder.row], key[recorder.row], kernel, scale, row_mask)
             sink = recorder.open(self.layer, self.kind, frame, heads, n_q, key.shape[2])
         if plan is not None and plan.attention:
             if plan.max_head >= heads:
@@ -172,9 +174,7 @@ class Attend:
         else:
             hidden = plain()
             if sink is not None:
-                row = recorder.row
-                record_rows(sink, query[row], key[row], None if mask is None else mask[row if mask.shape[0] > 1 else 0],
-                            scale, kernel)
+                record_rows(sink, query[recorder.row], key[recorder.row], row_mask, scale, kernel)
         if sink is not None:
             sink.close()
         hidden = hidden.to(query.dtype)

@@ -1,7 +1,7 @@
 """Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
-(capture.dit.families: SD3 / SD3.5, Flux, PixArt-α / Σ, Sana), loads the pipeline with
+(capture.dit.families: SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana), loads the pipeline with
 `DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's
 processors in the transformer (capture.dit.attention.install) and describes it as a ModelHandle:
 the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
@@ -22,9 +22,9 @@ from capture.engine.handle import ModelHandle
 from core.errors import ModelUnavailable
 from core.types import ModelMeta
 
-FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart",
-            "SanaTransformer2DModel": "sana"}
-KNOWN = "SD3 / SD3.5, Flux, PixArt-α / Σ and Sana"
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
+            "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana"}
+KNOWN = "SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ and Sana"
 
 
 def is_pipeline(folder: Path) -> bool:

@@ -9,8 +9,10 @@ intervention the picture is the plain pipeline's, bit for bit.  Around the trans
   tokens; the encoders themselves run outside the recorded pass, untouched);
 - a forward pre-hook on the transformer that, before each call, tells the recorder the step and the
   batch row of the conditional branch (the last row of the pipeline's batch: [unconditional,
-  conditional] with classifier-free guidance, the only row without), and at the first call builds the
-  run's token axis (capture.dit.tokens) for the recorder and the session's spans;
+  conditional] with classifier-free guidance, the only row without; a family that calls the
+  transformer a second time per step for the negative prompt, Chroma, has that call left unrecorded),
+  and at the first call builds the run's token axis (capture.dit.tokens) for the recorder and the
+  session's spans;
 - for SoftPAG / PAG (capture.dit.presets): the pre-hook appends a copy of the conditional row, which
   the session perturbs (its row intervention), and a forward hook folds it back into the conditional
   output, c' = c + (s / g) (c - p), so the pipeline's own guidance u + g (c' - u) becomes
@@ -115,6 +117,7 @@ class PipelineDit:
         direct = Intervention() if guided else intervention
         scale = presets.pag_scale(intervention)
         branches = 2 if family.cfg and self.guidance > 1.0 else 1
+        calls = 2 if family.separate_cfg and self.guidance > 1.0 else 1  # transformer calls per step
         rows = [Intervention()] * branches + [intervention] if guided else None
         call = self.call_kwargs()
         caught: dict[str, list[int]] = {}
@@ -142,14 +145,15 @@ class PipelineDit:
                 active.spans.update(state["layout"].spans())
                 if recorder is not None:
                     recorder.start(state["layout"], hidden.device)
-            step = state["calls"]
+            step, branch = divmod(state["calls"], calls)
             state["calls"] += 1
+            state["conditional"] = branch == 0  # a separate negative call (Chroma) is neither recorded nor guided
             if recorder is not None:
-                recorder.begin_step(step)
+                recorder.begin_step(step if branch == 0 else -1)  # step -1: nothing recorded
                 recorder.row = batch - 1
-            if on_step is not None:
+            if on_step is not None and branch == 0:
                 on_step(step)
-            if not guided:
+            if not guided or branch:
                 return None
             state["batch"] = batch
             return (tuple(_expand(a, batch, batch - 1) for a in args),  # (Flux's *_ids carry no batch)
@@ -159,10 +163,12 @@ class PipelineDit:
             recorder.end_step()
 
         def after(_module, _args, _kwargs, output):
+            if not state["conditional"]:
+                return None
             batch = state["batch"]
             sample = output[0]
             cond, perturbed = sample[batch - 1], sample[batch]
-            g = self.guidance if batch > 1 else 1.0
+            g = self.guidance if batch > 1 or calls > 1 else 1.0
             guided_cond = cond + (scale / g) * (cond - perturbed)
             sample = torch.cat([sample[:batch - 1], guided_cond[None]])
             if isinstance(output, tuple):

@@ -144,6 +144,7 @@ class MapRecorder:
         self.ended: set[int] = set()  # steps whose arrays went to the writer
         self.layout: TokenLayout | None = None
         self.frames: dict[int, list] = {}
+        self.masks: dict[int, tuple[str, torch.Tensor]] = {}  # step -> its last stored mask (name, additive)
         self.scratch: list[torch.Tensor] = []  # "full": the step means and their float16 copies being written
         self.blocks: list[tuple[int, int] | None] = [None] * n_layers  # "full": where each layer's block starts
         # "full", once written: per layer that start, or None for a whole map; None when every layer stores
@@ -157,9 +158,21 @@ class MapRecorder:
     def wants_qk(self, layer: int) -> bool:
         return self.plan.mode == "split" and self.step in self.plan.kept
 
-    def qk(self, layer: int, frame: Frame, query: torch.Tensor, key: torch.Tensor, kernel: str, scale: float) -> None:
-        """Keep a layer's queries and keys of this step  # [head, n, head_dim] each, for recomputing its maps."""
-        self.frames[layer] = [frame.q0, frame.k0, query.shape[1], key.shape[1], kernel, float(scale)]
+    def qk(self, layer: int, frame: Frame, query: torch.Tensor, key: torch.Tensor, kernel: str, scale: float,
+           mask: torch.Tensor | None = None) -> None:
+        """Keep a layer's queries and keys of this step  # [head, n, head_dim] each, for recomputing its maps,
+        and its attention mask (Chroma's padding; additive, float16), once per step while the layers share it
+        (one n x n mask: 42 MB at Chroma's 1,024², left out of the estimate)."""
+        name = None
+        if mask is not None:
+            additive = (torch.zeros(mask.shape, dtype=torch.float16).masked_fill_(~mask.cpu(), float("-inf"))
+                        if mask.dtype == torch.bool else mask.to(torch.float16).cpu())
+            held = self.masks.get(self.step)
+            if held is None or held[1].shape != additive.shape or not torch.equal(held[1], additive):
+                held = self.masks[self.step] = (dit_capture.step_file("M", self.step, layer), additive)
+                self.writer.put(held[0], additive.numpy())
+            name = held[0]
+        self.frames[layer] = [frame.q0, frame.k0, query.shape[1], key.shape[1], kernel, float(scale), name]
         if query.shape == key.shape:
             qk = torch.stack([query, key]).float().cpu().numpy()  # [2, head, n, head_dim]
             self.writer.put(dit_capture.step_file("Q", self.step, layer), qk)  # now: one layer's is 100s of MB

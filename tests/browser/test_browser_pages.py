@@ -112,10 +112,11 @@ def test_dit_page_draws_the_image_and_heatmaps(server, chromium, artifacts):
     shared.screenshot(path=str(artifacts / "browser_dit_shared.png"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart", "sana"])
+@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana"])
 def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     """A diffusers folder on the DiT page, from its link: SD3's joint attention with CLIP and T5 tokens
-    (shown as words, without CLIP's "</w>"), PixArt's layers that store only their image block
+    (shown as words, without CLIP's "</w>"), Chroma's (Flux's blocks; guidance a second call per step),
+    PixArt's layers that store only their image block
     (core.layouts.PaddedBlock), Sana's linear attention; the page draws them all."""
     from urllib.parse import urlencode
 
@@ -133,7 +134,7 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
         assert page.locator(".js-plotly-plot").count() >= 4
         words = page.locator(".js-plotly-plot").first
         assert words.get_by_text("red", exact=True).count() >= 1 and words.get_by_text("</w>").count() == 0
-        if family != "sd3":
+        if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)
             assert page.get_by_text("292 masked tokens").count() == 1

@@ -1,10 +1,11 @@
-"""Tiny random-weight diffusers pipelines of the four families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the five families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
 Unigram, Gemma's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in its first
-block, Flux (one double- and one single-stream block), PixArt-Σ and Sana (linear self-attention).  At
-32 x 32 px their transformers see 64 (SD3, PixArt, Flux) or 256 (Sana) image tokens.
+block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance as a
+second call per step), PixArt-Σ and Sana (linear self-attention).  At 32 x 32 px their transformers see
+64 (SD3, PixArt, Flux, Chroma) or 256 (Sana) image tokens.
 """
 from __future__ import annotations
 
@@ -122,6 +123,19 @@ def flux():
                         text_encoder_2=t5_encoder(len(t5)), tokenizer_2=t5)
 
 
+def chroma():
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    return ChromaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(),
+                          text_encoder=t5_encoder(len(t5)), tokenizer=t5)
+
+
 def pixart(wide: bool = False):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
@@ -164,7 +178,7 @@ def sana():
                         text_encoder=encoder, tokenizer=gemma)
 
 
-FAMILIES = ("sd3", "flux", "pixart", "sana")
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana")
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 
