@@ -1,7 +1,7 @@
 """Diffusion transformers: text -> image sampling with the attention maps of every step recorded.
 
 One adapter for the embedded shapes-dit (capture.dit.model.ShapesDit) and for diffusers pipeline
-folders (capture.dit.pipeline.PipelineDit: SD3 / SD3.5, Flux, PixArt, Sana); both sit in the
+folders (capture.dit.pipeline.PipelineDit: SD3 / SD3.5, Flux, Chroma, PixArt, Sana); both sit in the
 ModelHandle's `tokenizer` slot and share `run`, `grid_of`, `check_size`, `text_length`,
 `default_steps`, `default_side` and `cross_heads`.
 
