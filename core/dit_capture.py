@@ -90,7 +90,7 @@ class DitLayout:
 
     def to_json(self) -> dict:
         """Its fields as they are (dataclasses.asdict copies every list of labels and positions, item by item:
-        3 ms of a tiny PixArt capture's 25)."""
+        1.2 ms for a tiny PixArt's 364 labels and 300 columns, against a 16 ms plain run)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
