@@ -40,11 +40,11 @@ def view_state() -> ViewState:
 
 
 def bind(field: str, widget, *args, **kwargs):
-    """Render `widget` bound to ViewState.<field>: initialised from it, written back to it."""
+    """Render `widget` bound to ViewState.<field>: initialised from it, written back to it.  Its value is set
+    in every run that draws it, so the browser shows the server's value (`held`)."""
     state = view_state()
     key = f"w_{field}"
-    if key not in st.session_state:
-        st.session_state[key] = getattr(state, field)
+    st.session_state[key] = st.session_state[key] if key in st.session_state else getattr(state, field)
     value = widget(*args, key=key, **kwargs)
     setattr(state, field, value)
     return value
@@ -65,7 +65,10 @@ def held(key: str, default) -> None:
     Set through st.session_state in the run that draws the widget, so the browser shows it.  A value set
     in a run that does not draw its widget (a default for another mode's slider) reaches the server but not
     the browser, which then shows the widget's own default (a slider's minimum) and sends that back: the
-    Diffusion page's SoftPAG sliders came back at 0.00 after the mode was switched away and back."""
+    Diffusion page's SoftPAG sliders came back at 0.00 after the mode was switched away and back.  So did
+    the sidebar when a link switched the model (sidebar.page_model) in a run that a rerun cut short before
+    the sidebar was drawn: the DiT page showed SmolLM2, an empty prompt and 1 step beside shapes-dit's
+    picture (seen in clean-clone browser tests under load), and Run would have sampled that."""
     kept = st.session_state.setdefault("kept_widgets", {})
     value = st.session_state[key] if key in st.session_state else kept.get(key, default)
     st.session_state[key] = kept[key] = value

@@ -74,9 +74,9 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
     """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
     The widgets are drafts: the Run button makes them the view's input."""
     kept = st.session_state.setdefault(KEPT, {})
-    for key, field in DRAFTS.items():
-        if key not in st.session_state:
-            st.session_state[key] = kept.get(key, getattr(state, field))
+    for key, field in DRAFTS.items():  # set in every run that draws them, so the browser shows them (shared.held)
+        value = st.session_state[key] if key in st.session_state else kept.get(key, getattr(state, field))
+        st.session_state[key] = value
     if modality == "dit":
         st.text_area("Prompt", height=90, key="f_prompt",
                      help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
