@@ -52,3 +52,4 @@ with st.sidebar:
     widgets.share_link(shared.share_link(state))
 if st.session_state.pop("plotly_waiting", False):  # the page held its Plotly charts back (shared.plotly_chart)
     widgets.paint_signal(shared.painted)
+shared.run_completed()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import streamlit as st
 
 import capture
-from pages.shared import (DIT_PROMPT, VLM_IMAGE, VLM_QUESTION, bind, clear_stopped, modality_of, model_title,
-                          set_fields, view_state)
+from pages.shared import (DIT_PROMPT, RESEND, VLM_IMAGE, VLM_QUESTION, bind, clear_stopped, modality_of,
+                          model_title, resend, set_fields, view_state)
 from state import MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
 
 # pages about one modality, and the embedded model they switch to when another kind is loaded
@@ -33,6 +33,7 @@ def page_model() -> None:
     set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers (the last, on Vision) and heads
     state.prompt, state.key, state.width, state.height = prompt, "", 0, 0
     st.session_state.update(f_prompt=prompt, f_width=0, f_height=0)
+    st.session_state[RESEND] = True  # until a run completes, the sidebar sends these values (shared.resend)
     st.session_state.pop(KEPT, None)
     if wanted[0] == "vlm" and not state.image.startswith("scene-"):
         state.image = VLM_IMAGE
@@ -74,9 +75,8 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
     """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
     The widgets are drafts: the Run button makes them the view's input."""
     kept = st.session_state.setdefault(KEPT, {})
-    for key, field in DRAFTS.items():  # set in every run that draws them, so the browser shows them (shared.held)
-        value = st.session_state[key] if key in st.session_state else kept.get(key, getattr(state, field))
-        st.session_state[key] = value
+    for key, field in DRAFTS.items():
+        resend(key, kept.get(key, getattr(state, field)))
     if modality == "dit":
         st.text_area("Prompt", height=90, key="f_prompt",
                      help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
@@ -136,7 +136,7 @@ def vlm_inputs(state: ViewState) -> None:
     samples = capture.sample_names()
     st.session_state.setdefault("f_sample", state.image if kind == "sample" and state.image in samples else samples[0])
     st.session_state.setdefault("f_upload_ref", state.image if kind == "upload" else "")
-    st.session_state.setdefault("f_prompt", state.prompt)
+    resend("f_prompt", state.prompt)
     choice = st.segmented_control("Picture", ["scene", "sample", "upload"], key="f_image_kind",
                                   format_func={"scene": "Scene", "sample": "Sample photo", "upload": "Upload"}.get
                                   ) or "scene"
