@@ -12,7 +12,7 @@ import pandas  # noqa: F401
 import plotly.graph_objects  # noqa: F401
 import streamlit as st
 
-from pages import shared, sidebar, widgets
+from pages import resend, shared, sidebar, widgets
 
 # an emoji icon is drawn in the browser (a :material/...: page icon is fetched from a font CDN)
 st.set_page_config(page_title="HeadScope", page_icon="🔎", layout="wide")
@@ -52,4 +52,4 @@ with st.sidebar:
     widgets.share_link(shared.share_link(state))
 if st.session_state.pop("plotly_waiting", False):  # the page held its Plotly charts back (shared.plotly_chart)
     widgets.paint_signal(shared.painted)
-shared.run_completed()
+resend.run_completed()

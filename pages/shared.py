@@ -23,6 +23,7 @@ import streamlit as st
 
 import capture
 from capture import Capture, RunSpec
+from pages.resend import resend
 from state import MAX_LINK_PROMPT, ViewState
 
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
@@ -37,26 +38,6 @@ def view_state() -> ViewState:
         st.session_state["link_warnings"] = warnings
         st.session_state["link_opened"] = bool(st.query_params.to_dict())
     return st.session_state["view"]
-
-
-RESEND = "resend_widgets"  # sidebar.page_model changed widget values: send them with every run until one completes
-
-
-def resend(key: str, value) -> None:
-    """Give widget `key` its value before it is drawn: `value` when it has none; and while RESEND is on (set
-    by sidebar.page_model), its own again, so the browser is sent it.  A value set by the server reaches the
-    browser only in a run that draws its widget: when a rerun cut short the run in which a link switched
-    the sidebar's model (under load), the browser kept showing the widgets' own defaults (the DiT page
-    beside shapes-dit's picture: SmolLM2, an empty prompt, 1 step; Run would have sampled that).  Not in
-    every run, nor after every set_fields: a value sent while someone types in the widget replaces what
-    they typed (the explorer's Stop test failed both ways)."""
-    if key not in st.session_state or st.session_state.get(RESEND):
-        st.session_state[key] = st.session_state.get(key, value)
-
-
-def run_completed() -> None:
-    """The end of app.py's run: the values page_model changed have been sent (`resend`)."""
-    st.session_state.pop(RESEND, None)
 
 
 def bind(field: str, widget, *args, **kwargs):
@@ -85,7 +66,7 @@ def held(key: str, default) -> None:
     in a run that does not draw its widget (a default for another mode's slider) reaches the server but not
     the browser, which then shows the widget's own default (a slider's minimum) and sends that back: the
     Diffusion page's SoftPAG sliders came back at 0.00 after the mode was switched away and back (the
-    sidebar's widgets: `resend`)."""
+    sidebar's widgets: pages.resend)."""
     kept = st.session_state.setdefault("kept_widgets", {})
     value = st.session_state[key] if key in st.session_state else kept.get(key, default)
     st.session_state[key] = kept[key] = value

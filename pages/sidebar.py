@@ -11,8 +11,18 @@ from __future__ import annotations
 import streamlit as st
 
 import capture
-from pages.shared import (DIT_PROMPT, RESEND, VLM_IMAGE, VLM_QUESTION, bind, clear_stopped, modality_of,
-                          model_title, resend, set_fields, view_state)
+from pages.resend import RESEND, resend
+from pages.shared import (
+    DIT_PROMPT,
+    VLM_IMAGE,
+    VLM_QUESTION,
+    bind,
+    clear_stopped,
+    modality_of,
+    model_title,
+    set_fields,
+    view_state,
+)
 from state import MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
 
 # pages about one modality, and the embedded model they switch to when another kind is loaded
@@ -33,7 +43,7 @@ def page_model() -> None:
     set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers (the last, on Vision) and heads
     state.prompt, state.key, state.width, state.height = prompt, "", 0, 0
     st.session_state.update(f_prompt=prompt, f_width=0, f_height=0)
-    st.session_state[RESEND] = True  # until a run completes, the sidebar sends these values (shared.resend)
+    st.session_state[RESEND] = True  # until a run completes, the sidebar sends these values (pages.resend)
     st.session_state.pop(KEPT, None)
     if wanted[0] == "vlm" and not state.image.startswith("scene-"):
         state.image = VLM_IMAGE

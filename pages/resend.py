@@ -1,0 +1,29 @@
+"""Re-sending the sidebar's values after a link switched its model (sidebar.page_model).
+
+A value the server sets reaches the browser only in a run that draws its widget. When a rerun cut short the
+run in which a link switched the sidebar's model (under load), the browser kept showing the widgets' own
+defaults: the DiT page beside shapes-dit's picture showed SmolLM2, an empty prompt and 1 step, and Run would
+have sampled that. So after a switch the values go with every run until one completes; not always, nor after
+every set_fields: a value sent while someone types replaces what they typed (the explorer's Stop test failed
+both ways).
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+RESEND = "resend_widgets"  # sidebar.page_model changed widget values: send them with every run until one completes
+
+
+def resend(key: str, value) -> None:
+    """Give widget `key` its value before it is drawn: `value` when it has none, and while RESEND is on its own
+    again, so the browser is sent it."""
+    if key not in st.session_state or st.session_state.get(RESEND):
+        st.session_state[key] = st.session_state.get(key, value)
+
+
+def run_completed() -> None:
+    """The end of app.py's run: the values page_model changed have been sent."""
+    st.session_state.pop(RESEND, None)
+
+
+__all__ = ["RESEND", "resend", "run_completed"]
