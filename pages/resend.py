@@ -5,7 +5,10 @@ run in which a link switched the sidebar's model (under load), the browser kept 
 defaults: the DiT page beside shapes-dit's picture showed SmolLM2, an empty prompt and 1 step, and Run would
 have sampled that. So after a switch the values go with every run until one completes; not always, nor after
 every set_fields: a value sent while someone types replaces what they typed (the explorer's Stop test failed
-both ways).
+both ways).  The drafts also take their value as the widget's default (pages.sidebar.text_inputs): a browser
+shows a widget it was never sent a value for at that default, and sends it back with the next rerun.  Without
+it, it showed the widget's own defaults (an empty prompt, 1 step) when the values went in a run whose drawing
+it never got (a clean-clone browser test, after the re-send above was in).
 """
 from __future__ import annotations
 

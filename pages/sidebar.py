@@ -85,23 +85,29 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
     """A prompt, and what the model does with it: generation settings, or (diffusion) seed and steps.
     The widgets are drafts: the Run button makes them the view's input."""
     kept = st.session_state.setdefault(KEPT, {})
-    for key, field in DRAFTS.items():
-        resend(key, kept.get(key, getattr(state, field)))
+    # each draft's value, also given as its widget's default: what a browser shows a widget it was never sent a
+    # value for (pages.resend), so it shows and sends back this, not an empty prompt and 1 step
+    v = {key: kept.get(key, getattr(state, field)) for key, field in DRAFTS.items()}
+    for key, value in v.items():
+        resend(key, value)
     if modality == "dit":
-        st.text_area("Prompt", height=90, key="f_prompt",
+        st.text_area("Prompt", v["f_prompt"], height=90, key="f_prompt",
                      help="What to draw, e.g. “a green triangle at the center and a red square at the top right”.")
         left, right = st.columns(2)
-        left.number_input("Seed", 0, 2**31 - 1, key="f_seed", help="The starting noise: same seed, same picture.")
-        right.number_input("Steps", 1, capture.MAX_STEPS, key="f_steps",
+        left.number_input("Seed", 0, 2**31 - 1, v["f_seed"], key="f_seed",
+                          help="The starting noise: same seed, same picture.")
+        right.number_input("Steps", 1, capture.MAX_STEPS, v["f_steps"], key="f_steps",
                            help="Sampling steps (every step's attention is recorded).")
-        left.number_input("Width (px)", 0, MAX_SIDE, step=16, key="f_width", help="0: the model's default size.")
-        right.number_input("Height (px)", 0, MAX_SIDE, step=16, key="f_height", help="0: the model's default size.")
+        left.number_input("Width (px)", 0, MAX_SIDE, v["f_width"], step=16, key="f_width",
+                          help="0: the model's default size.")
+        right.number_input("Height (px)", 0, MAX_SIDE, v["f_height"], step=16, key="f_height",
+                           help="0: the model's default size.")
     else:
-        st.text_area("Prompt", height=140, key="f_prompt",
+        st.text_area("Prompt", v["f_prompt"], height=140, key="f_prompt",
                      help="Any length: an input longer than the model's context is refused with its length in tokens.")
-        st.checkbox("Wrap in the chat template", key="f_chat",
+        st.checkbox("Wrap in the chat template", v["f_chat"], key="f_chat",
                     help="Formats the prompt as a user turn, as the instruct model was trained.")
-        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, key="f_max_new",
+        st.number_input("Max new tokens", 0, MAX_NEW_TOKENS, v["f_max_new"], key="f_max_new",
                         help="0 runs the prompt only (prefill). Greedy decoding.")
     kept.update({key: st.session_state[key] for key in DRAFTS if key in st.session_state})
     st.button("Run", type="primary", width="stretch", on_click=_apply_drafts)
@@ -169,7 +175,7 @@ def vlm_inputs(state: ViewState) -> None:
             except capture.InputError as exc:
                 st.error(str(exc))
             st.session_state["f_vlm_uploaded"] = upload.file_id
-    st.text_input("Question", max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
+    st.text_input("Question", state.prompt, max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
                   "“what colour is the circle?”, “where is the red square?”, “how many shapes are there?”.")
     st.button("Run", type="primary", width="stretch", on_click=_apply_vlm_drafts)
 
