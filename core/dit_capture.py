@@ -2,7 +2,8 @@
 
 A DiT capture (capture/dit/adapter.py) stores one of two layouts, said by `layout(capture).mode`.
 
-"full" (small maps: shapes-dit, tiny pipelines; every map of every step fits in FULL_BYTES):
+"full" (small maps: shapes-dit, tiny pipelines; every map of every step fits in FULL_BYTES, one step's in
+FULL_STEP_BYTES):
 
     T007   layer 7's maps at every recorded sampling step  # [step, head, query, key] float16
            (a memory map: one step of one head reads only those bytes; a layer whose module sees the
@@ -51,6 +52,10 @@ IMAGE_NAME = "generated"
 # machine's disk takes ~470 MB/s once the page cache throttles, so 16 MiB ~35 ms; a tiny Flux's 20 steps,
 # 53 MB, took 3x the sampling); anything larger is "split", as every real pipeline at real sizes is
 FULL_BYTES = 16 * 2**20
+# ... and whose one step's maps fit here: above it, writing a step's maps costs more than the split layout's fold
+# (tiny pipelines at 2 steps, default capture against plain, full / split: Flux's 2.7 MB a step 1.53 / 1.39,
+# Chroma's 2.7 MB 1.34 / 1.26, SD3's 1.3 MB 1.44 / 1.49; shapes-dit's 0.2 MB stays full)
+FULL_STEP_BYTES = 2 * 2**20
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
            "<s>", "<unk>", "!", "<none>"}
@@ -177,28 +182,70 @@ def step_attention(capture: Capture, index: int, layer: int) -> np.ndarray:
 def recompute(capture: Capture, index: int, layer: int) -> np.ndarray:
     """attn  # [head, n, n] float16 from the kept queries and keys (softmax(q kᵀ · scale), or Sana's linear
     map φ(q)·φ(k) normalised per row), placed on the full axis; rows the module does not compute stay 0."""
-    info = layout(capture)
-    q0, k0, n_q, n_k, kernel, scale, *masked = info.frames[layer]  # the mask's name: captures since Chroma
-    mask = None if not masked or masked[0] is None else \
-        np.asarray(capture.store.get_array(capture.key, masked[0]), dtype=np.float32)  # additive, broadcastable
-    qk = np.asarray(capture.store.get_array(capture.key, step_file("Q", index, layer)), dtype=np.float32)
-    query, key = qk[0], qk[1]  # [head, n_q, head_dim], [head, n_k, head_dim]
-    n = len(info.labels)
-    out = np.zeros((query.shape[0], n, n), dtype=np.float16)
+    q0, k0, n_q, n_k = layout(capture).frames[layer][:4]
+    n = len(layout(capture).labels)
+    kept = _Kept(capture, index, layer)
+    out = np.zeros((kept.query.shape[0], n, n), dtype=np.float16)
     for r0 in range(0, n_q, 512):
         r1 = min(n_q, r0 + 512)
-        scores = np.matmul(query[:, r0:r1], key.transpose(0, 2, 1))  # [head, rows, n_k]
-        if kernel == "linear":
-            weights = scores / (scores.sum(-1, keepdims=True) + np.float32(1e-15))
-        else:
-            scores *= np.float32(scale)
-            if mask is not None:
-                scores += mask[..., r0:r1, :] if mask.shape[-2] > 1 else mask
-            scores -= scores.max(-1, keepdims=True)
-            weights = np.exp(scores)
-            weights /= weights.sum(-1, keepdims=True)
-        out[:, q0 + r0:q0 + r1, k0:k0 + n_k] = weights
+        out[:, q0 + r0:q0 + r1, k0:k0 + n_k] = kept.weights(r0, r1)
     return out
+
+
+class _Kept:
+    """The kept queries, keys and mask of one layer at kept step `index` of a "split" capture."""
+
+    def __init__(self, capture: Capture, index: int, layer: int):
+        q0, k0, n_q, n_k, self.kernel, self.scale, *masked = layout(capture).frames[layer]  # mask: since Chroma
+        self.mask = None if not masked or masked[0] is None else \
+            np.asarray(capture.store.get_array(capture.key, masked[0]), dtype=np.float32)  # additive, broadcastable
+        qk = capture.store.get_array(capture.key, step_file("Q", index, layer))  # [2, head, n, head_dim] memory map
+        self.query, self.key = qk[0], np.asarray(qk[1], dtype=np.float32)  # [head, n_q | n_k, head_dim]
+
+    def weights(self, r0: int, r1: int) -> np.ndarray:
+        """The module's query rows r0 .. r1 - 1 over its keys  # [head, rows, n_k] float32."""
+        scores = np.matmul(np.asarray(self.query[:, r0:r1], dtype=np.float32), self.key.transpose(0, 2, 1))
+        if self.kernel == "linear":
+            return scores / (scores.sum(-1, keepdims=True) + np.float32(1e-15))
+        scores *= np.float32(self.scale)
+        if self.mask is not None:
+            scores += self.mask[..., r0:r1, :] if self.mask.shape[-2] > 1 else self.mask
+        scores -= scores.max(-1, keepdims=True)
+        weights = np.exp(scores)
+        return weights / weights.sum(-1, keepdims=True)
+
+
+def patch_reads(capture: Capture, index: int | None, layer: int, patch: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """What image patch `patch` = (row, col) reads of the image in `layer`'s self- or joint-attention:
+    attn  # [head, rows, cols] float32 on the patch grid, and the side of the cells it was read at, in patches.
+
+    `index`: a recorded step, or None for the mean over the steps.  Side 1 where the capture holds that map
+    (a "full" capture; a "split" one at its kept steps, the one row recomputed from the kept queries and
+    keys); else the capture's pool (a "split" capture's pooled maps): the row of the patch's region (its
+    patches' rows averaged) over the regions, each region's attention spread evenly over its patches."""
+    info, image = layout(capture), capture.spans["image"]
+    rows, cols = capture.meta.grid
+    if info.mode == "full":
+        at = image.start + patch[0] * cols + patch[1]  # the patch on the capture's axis
+        line = capture.attention(layer)[:, at:at + 1, image.start:image.stop] if index is None else \
+            _steps(capture, layer)[index, :, at:at + 1, image.start:image.stop]  # [head, 1, image]
+        return np.asarray(line, dtype=np.float32).reshape(-1, rows, cols), 1
+    if index is not None and index in info.kept:  # recomputed: the one row, from the kept queries and keys
+        (i0, i1), (q0, k0, n_q, n_k) = info.image, info.frames[layer][:4]
+        at = i0 + patch[0] * cols + patch[1]  # on the full axis
+        line = np.zeros((capture.meta.n_heads, len(info.labels)), np.float32)  # [head, key]
+        if layer in info.full_layers:
+            line[:] = capture.store.get_array(capture.key, step_file("T", index, layer))[:, at]
+        elif q0 <= at < q0 + n_q:
+            line[:, k0:k0 + n_k] = _Kept(capture, index, layer).weights(at - q0, at - q0 + 1)[:, 0]
+        return line[:, i0:i1].reshape(-1, rows, cols), 1
+    regions = region_of((rows, cols), info.pool)
+    counts = np.bincount(regions, minlength=info.regions[0] * info.regions[1])
+    region = image.start + regions[patch[0] * cols + patch[1]]  # the patch's region on the coarse axis
+    coarse = capture.attention(layer)[:, region, image.start:image.stop] if index is None else \
+        image_regions(capture, index)[layer][:, region - image.start]  # [head, region]
+    per_patch = np.asarray(coarse, dtype=np.float32)[:, regions] / counts[regions]  # [head, patch]
+    return per_patch.reshape(-1, rows, cols), info.pool
 
 
 def _per_step(capture: Capture, kind: str, steps) -> np.ndarray:
@@ -293,7 +340,7 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
     return tuple(capture.meta.grid)
 
 
-__all__ = ["IMAGE_NAME", "FULL_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name", "cross_name",
-           "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "all_steps", "step_attention",
-           "recompute", "image_to_text", "text_to_image", "image_regions", "text_tokens", "column_positions",
-           "word_label", "word_columns", "patch_grid"]
+__all__ = ["IMAGE_NAME", "FULL_BYTES", "FULL_STEP_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name",
+           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "all_steps",
+           "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image", "image_regions",
+           "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]

@@ -1,8 +1,9 @@
 """Recording a DiT capture: which maps are kept, the recorder that keeps them, and what it costs.
 
 `RecordPlan` picks the layout of core.dit_capture: "full" when every map of every recorded step fits
-in core.dit_capture.FULL_BYTES (shapes-dit, tiny pipelines), else "split": every step's and layer's
-image -> text and text -> image maps for every head, image -> image pooled into regions, a coarse map per
+in core.dit_capture.FULL_BYTES and one step's in FULL_STEP_BYTES (shapes-dit, most tiny pipelines), else
+"split": every step's and layer's image -> text and text -> image maps for every head, image -> image
+pooled into regions, a coarse map per
 layer (regions and text columns, averaged over the steps) for the generic views, the queries and keys
 of the kept steps (default: the middle step) so any map of those steps is recomputed on request, and
 the full maps of the kept steps at the layers asked for (`full_layers`, none by default).
@@ -45,7 +46,9 @@ class RecordPlan:
         mode = self.mode
         if mode == "auto":
             recorded = len(self.steps) if self.steps is not None else steps
-            mode = "full" if n_layers * recorded * n_heads * n * n * 2 <= dit_capture.FULL_BYTES else "split"
+            step_bytes = n_layers * n_heads * n * n * 2  # one step's maps, float16
+            fits = step_bytes <= dit_capture.FULL_STEP_BYTES and recorded * step_bytes <= dit_capture.FULL_BYTES
+            mode = "full" if fits else "split"
         kept = tuple(s for s in (self.kept if self.kept is not None else (steps // 2,)) if 0 <= s < steps)
         return RecordPlan(self.steps if mode == "full" else None, mode, kept, tuple(self.full_layers))
 

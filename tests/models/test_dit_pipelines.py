@@ -36,6 +36,17 @@ FAMILIES = tiny_pipelines.FAMILIES
 JOINT = ("sd3", "flux", "chroma")  # joint attention over image and text; the others read the text by cross-attention
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_layout():
+    """Every family's default capture in the full layout, whose maps these tests hold against independent
+    ones.  Tiny Flux's and Chroma's 2.7 MB steps are split by default (core.dit_capture.FULL_STEP_BYTES):
+    test_split_layout_keeps_what_the_full_one_does holds that layout against the full one, and the browser
+    test of a saved pipeline opens it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dit_capture, "FULL_STEP_BYTES", dit_capture.FULL_BYTES)
+        yield
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
@@ -368,6 +379,47 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     np.testing.assert_allclose(analytics.distance_px(split), analytics.distance_px(full), rtol=1e-2)
     if family in JOINT:
         np.testing.assert_allclose(analytics.text_mass(split), analytics.text_mass(full), atol=3e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_what_a_patch_reads_agrees_across_layouts(family, folders, captures, store, monkeypatch):
+    """dit_capture.patch_reads: a full capture's row of the patch; a split capture's the same at its kept step
+    (the one row recomputed) and, pooled into 4 x 4 regions (REGION_SIDE 4), at its other steps and over
+    the steps: the row of the patch's region (its patches' rows averaged), each region's sum spread evenly."""
+    caps, _store = captures
+    full = caps[family]
+    monkeypatch.setattr(dit_capture, "REGION_SIDE", 4)
+    handle = registry.load(str(folders[family]))
+    spec = _spec(folders[family])
+    plan = RecordPlan(mode="split", kept=(1,))
+    with handle.lock:
+        split = DitAdapter(handle, plan=plan).capture(spec, plan_key(spec, plan, registry.revision(spec.model)),
+                                                      store, lambda f, m: None)
+    rows, cols = full.meta.grid  # 8 x 8 patches (Sana 16 x 16): 4 x 4 regions of 2 x 2 (4 x 4)
+    pool = rows // 4
+    assert dit_capture.layout(split).pool == pool and rows == cols
+    image = full.spans["image"]
+    region = (np.arange(rows)[:, None] // pool) * 4 + np.arange(cols)[None] // pool  # [row, col]: its region
+    patch = (5, 2)
+    r0, c0 = 5 // pool * pool, 2 // pool * pool
+    mates = [image.start + r * cols + c for r in range(r0, r0 + pool) for c in range(c0, c0 + pool)]  # its region's
+    for layer in range(full.meta.n_layers):
+        for index in (0, 1, None):
+            maps = dit_capture.step_attention(full, index, layer) if index is not None else full.attention(layer)
+            maps = maps.astype(np.float32)[:, :, image.start:image.stop].reshape(-1, maps.shape[1], rows, cols)
+            exact = maps[:, image.start + patch[0] * cols + patch[1]]  # [head, rows, cols]
+            got, side = dit_capture.patch_reads(full, index, layer, patch)
+            assert side == 1
+            np.testing.assert_allclose(got, exact, atol=1e-3)
+            got, side = dit_capture.patch_reads(split, index, layer, patch)
+            if index == 1:  # the kept step: the patch's own row, recomputed
+                assert side == 1
+                np.testing.assert_allclose(got, exact, atol=2e-3)
+                continue
+            assert side == pool
+            pooled = maps[:, mates].mean(1)  # [head, rows, cols]: the region's rows averaged
+            sums = np.stack([pooled[:, region == g].sum(-1) for g in range(16)], -1)  # [head, region]
+            np.testing.assert_allclose(got, sums[:, region] / pool ** 2, atol=2e-3)
 
 
 def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(folders, monkeypatch, tmp_path):

@@ -150,3 +150,18 @@ def test_a_chunk_missing_a_step_is_refused(monkeypatch):
         rec.open(0, "joint", Frame(0, 0), 2, layout.n, layout.n).rows(0, _maps(layout.n, 1)[0])
     with pytest.raises(RuntimeError, match="were not all recorded"):
         rec.finish()
+
+
+def test_the_layout_is_full_only_while_every_step_and_each_step_fit():
+    """"auto" keeps full maps while all steps fit FULL_BYTES and one step fits FULL_STEP_BYTES (in float16)."""
+    from core.dit_capture import FULL_BYTES, FULL_STEP_BYTES
+
+    side = int((FULL_STEP_BYTES / 2 / 2) ** 0.5)  # one layer, 2 heads: one step's maps just fit
+    assert 2 * side * side * 2 <= FULL_STEP_BYTES < 2 * (side + 1) ** 2 * 2
+    fits = FULL_BYTES // (2 * side * side * 2)  # steps that fit FULL_BYTES
+    assert RecordPlan().resolve(1, 2, side, 2).mode == "full"
+    assert RecordPlan().resolve(1, 2, side + 1, 2).mode == "split"  # one step too large (tiny Flux: 2.7 MB)
+    assert RecordPlan().resolve(1, 2, side, fits).mode == "full"
+    assert RecordPlan().resolve(1, 2, side, fits + 1).mode == "split"  # every step too large together
+    assert RecordPlan(steps=(0, 1)).resolve(1, 2, side, fits + 1).mode == "full"  # only the recorded steps count
+    assert RecordPlan(mode="full").resolve(1, 2, side + 1, 2).mode == "full"  # asked for: kept
