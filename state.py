@@ -69,7 +69,7 @@ class ViewState:
     token: int = -1  # query token of the token view; -1 = the last token
     q0: int = 0  # detail window of a long map: first query and first key shown
     k0: int = 0
-    patch: str = ""  # vision: the query patch "row,col"; "" = the CLS token
+    patch: str = ""  # vision, diffusion: the query patch "row,col"; "" = the CLS token (diffusion: the centre one)
     scale: str = "raw"
     metric: str = "sink_alpha"
     intervention: str = "none"

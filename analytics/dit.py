@@ -20,6 +20,8 @@ with image tokens in row-major order over a `grid` of (rows, cols) patches.
   1 = perfect), and IoU of the top-k patches (k = the mask's patch count) with the mask.  Heads are
   then ranked by what they ground (`rank_heads`).
 - `referral_map`: RefAM's referral map: subject tokens aggregated over layers and steps, sinks left out.
+- `summarise`: the DAAM mean over the steps, the sink statistics and the grounding of a capture in one pass,
+  one step's maps at a time (a real pipeline's maps of every step are GBs).
 - `object_masks`: ground-truth masks of the words of a scene caption from a (generated) picture,
   with the scene generator's knowledge (core.scenes: the palette and the caption grammar), found among
   any model's text tokens (`word_positions`).
@@ -101,12 +103,22 @@ def sink_stats(a: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV
     the tokens each column stands for (a "split" capture sums a padding run into one column,
     core.dit_capture.column_positions): a column's attention is divided by them, so a run is judged, and
     charted, as its average token, as the tokens of a "full" capture are (summed, 300 pads made a "sink")."""
+    return sinks_of(*map_stats(a, members), ratio, cv_max, share_min)
+
+
+def map_stats(a: np.ndarray, members=None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, cv)  # [..., text] each: what each text column receives from the image positions of each map
+    of a  # [..., image, text] (its mean, and std / mean), a column divided by its `members` first."""
     a = np.asarray(a, dtype=np.float32)
     if members is not None:
         a = a / np.asarray(members, dtype=np.float32)
-    mean = a.mean(axis=-2)  # [step, layer, head, text]
-    std = a.std(axis=-2)
-    cv = std / np.maximum(mean, 1e-12)
+    mean = a.mean(axis=-2)
+    return mean, a.std(axis=-2) / np.maximum(mean, 1e-12)
+
+
+def sinks_of(mean: np.ndarray, cv: np.ndarray, ratio: float = SINK_RATIO, cv_max: float = SINK_CV_MAX,
+             share_min: float = SINK_SHARE) -> SinkStats:
+    """RefAM's decision over the maps' `map_stats`  # [step, layer, head, text] each (`sink_stats`)."""
     # the median over the columns the map can attend: a masked column (PixArt's and Sana's padding)
     # receives exactly 0 and is left out, or 280 masked pads would make every word a "sink"
     with warnings.catch_warnings():
@@ -285,20 +297,48 @@ def text_mass(capture) -> np.ndarray:
                                 dtype=np.float32).sum(-1).mean(-1) for l in range(capture.meta.n_layers)])
 
 
-def _picture_and_heatmaps(capture) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    image = dit_capture.generated_image(capture)
-    heat = word_heatmaps(dit_capture.image_to_text(capture), capture.meta.grid)
-    return image, heat, dit_capture.text_tokens(capture)
+@dataclass
+class WordSummary:
+    """What the Diffusion page draws from every step's word maps (`summarise`)."""
+
+    daam: np.ndarray  # [layer, head, image, text] float32: the word maps' mean over the steps (DAAM's aggregate)
+    stats: SinkStats  # RefAM's statistics of every map, each padding run judged as its average token
+    grounding: Grounding | None  # the caption words' grounding per step, layer and head; None: no masks given
+
+
+def summarise(capture, masks: dict[int, np.ndarray] | None = None, progress=None) -> WordSummary:
+    """One pass over a DiT capture's steps, one step's word maps  # [layer, head, image, text] in memory at a
+    time: a real pipeline's maps of every step are GBs (SD3-medium at 1,024², 28 steps: 2.6 GB as stored,
+    float16).  `masks`: the objects the caption's words name (`object_masks`); `progress(done, total)`."""
+    grid, members = capture.meta.grid, [len(p) for p in dit_capture.column_positions(capture)]
+    n = dit_capture.n_steps(capture)
+    total, means, cvs, parts = None, [], [], []
+    for s in range(n):
+        a = dit_capture.image_to_text(capture, s)  # [1, layer, head, image, text]
+        total = a[0] if total is None else np.add(total, a[0], out=total)
+        mean, cv = map_stats(a, members)
+        means.append(mean)
+        cvs.append(cv)
+        if masks:
+            parts.append(grounding(word_heatmaps(a, grid), masks, grid))
+        if progress is not None:
+            progress(s + 1, n)
+    if total is None:  # no step recorded: the empty step axis of the stored arrays
+        empty = dit_capture.image_to_text(capture)  # [0, layer, head, image, text]
+        return WordSummary(np.zeros(empty.shape[1:], np.float32), sink_stats(empty, members=members), None)
+    found = Grounding(sorted(masks), np.concatenate([g.auroc for g in parts]),
+                      np.concatenate([g.iou for g in parts])) if masks else None
+    return WordSummary(total / n, sinks_of(np.concatenate(means), np.concatenate(cvs)), found)
 
 
 def grounding_per_head(capture, metric: str = "auroc") -> np.ndarray:
     """[layer, head]: `grounding` of the capture's caption words on its own picture, over every step."""
-    image, heat, tokens = _picture_and_heatmaps(capture)
-    masks = object_masks(image, capture.spec.prompt, tokens) if image is not None else {}
+    image = dit_capture.generated_image(capture)
+    masks = object_masks(image, capture.spec.prompt, dit_capture.text_tokens(capture)) if image is not None else {}
     if not masks:
         raise ProbeMissing("Grounding needs a scene caption whose objects appear in the picture "
                            "(e.g. “a green triangle at the center”).")
-    return grounding(heat, masks, capture.meta.grid).score(metric)
+    return summarise(capture, masks).grounding.score(metric)
 
 
 def distance_px(capture) -> np.ndarray:
@@ -335,6 +375,7 @@ DIT_METRICS = [
 ]
 
 
-__all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "sink_tokens", "mask_to_grid",
-           "auroc", "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks", "word_positions", "SINK_RATIO",
-           "SINK_CV_MAX", "SINK_SHARE", "text_mass", "grounding_per_head", "distance_px", "DIT_METRICS"]
+__all__ = ["word_heatmaps", "aggregate", "referral_map", "SinkStats", "sink_stats", "map_stats", "sinks_of",
+           "sink_tokens", "mask_to_grid", "auroc", "topk_iou", "Grounding", "grounding", "rank_heads", "object_masks",
+           "word_positions", "WordSummary", "summarise", "SINK_RATIO", "SINK_CV_MAX", "SINK_SHARE", "text_mass",
+           "grounding_per_head", "distance_px", "DIT_METRICS"]

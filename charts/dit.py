@@ -4,6 +4,7 @@
   PNG: the figure stays small whatever the model samples).  The word heatmaps are charts.dit_words.
 - `sink_chart`: received attention per text token (mean over image positions) and its spatial
   flatness, with RefAM's global sinks marked.
+- `words_read`: what one image patch reads of each text token (bars).
 - `grounding_chart`: a [layer, head] grounding score heatmap (AUROC or IoU).
 - `before_after`: two images side by side (the same seed without and with an intervention).
 - `timestep_profile`: a per-step curve (e.g. how much of the image's attention goes to the text).
@@ -75,6 +76,16 @@ def sink_chart(tokens: list[str], mean: np.ndarray, cv: np.ndarray, share: np.nd
     return fig
 
 
+def words_read(labels: list[str], values: np.ndarray, title: str = "", label: str = "attention",
+               height: int = 280) -> go.Figure:
+    """One bar per text column: what one image position reads of it (`values`  # [text])."""
+    fig = go.Figure(go.Bar(x=[plotly_text(t) for t in labels], y=np.asarray(values, dtype=float),
+                           marker_color="#1f77b4", hovertemplate="%{x}<br>%{y:.4f}<extra></extra>"))
+    fig.update_layout(**base_layout(title, height))
+    fig.update_yaxes(title_text=label)
+    return fig
+
+
 def grounding_chart(scores: np.ndarray, title: str = "", label: str = "AUROC", height: int = 300) -> go.Figure:
     """scores  # [layer, head] as a heatmap with the values written in, layer 0 at the top."""
     return layer_head_chart(scores, title, label, height, show_values=True)
@@ -113,5 +124,5 @@ def head_contact_sheet(images: list[np.ndarray], labels: list[str], title: str =
     return fig
 
 
-__all__ = ["before_after", "sink_chart", "grounding_chart",
+__all__ = ["before_after", "sink_chart", "words_read", "grounding_chart",
            "timestep_profile", "head_contact_sheet"]

@@ -15,7 +15,7 @@ from charts import dit as charts
 from charts.dit_words import word_maps
 from charts.pictures import photo
 from charts.theme import plot_config
-from pages import shared
+from pages import dit_patch, dit_summary, shared
 from pages.widgets import picture
 
 STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
@@ -49,14 +49,17 @@ col_img, col_ctl = st.columns([1, 2])
 with col_img:  # the picture first: it paints while the maps below are worked out
     picture(photo(image, f"seed {seed}, {n_steps} steps"), key="dit_picture", min_cell_px=200, max_cell_px=256)
 grid = meta.grid
-a = dit_capture.image_to_text(capture)  # [step, layer, head, image, text]
-heat = analytics.word_heatmaps(a, grid)  # [step, layer, head, text, rows, cols]
 raw_tokens = dit_capture.text_tokens(capture)  # the tokenizer's: analytics reads word boundaries from them
 tokens = [dit_capture.word_label(t) for t in raw_tokens]  # as shown: "red", not "red</w>"
 positions = dit_capture.column_positions(capture)  # text column i stands for these capture positions
 column_of = {p: c for c, ps in enumerate(positions) for p in ps}
-word_heads = a.shape[2]  # the word maps' heads (Sana's cross-attention has its own count)
-stats = analytics.sink_stats(a, members=[len(p) for p in positions])  # a grouped padding run: its average token
+masks = analytics.object_masks(image, prompt, raw_tokens)  # the objects a scene caption's words name
+with col_ctl:
+    summary = dit_summary.summary(capture, masks)  # every step's word maps, read once (a real pipeline's: GBs)
+if summary is None:
+    shared.stop()
+word_heads = summary.daam.shape[1]  # the word maps' heads (Sana's cross-attention has its own count)
+stats = summary.stats  # RefAM's, a grouped padding run judged as its average token
 attended = np.flatnonzero(stats.attended)  # the text columns some image query reads (not masked padding)
 column_label = lambda i: f"{i}:{tokens[i]}"  # noqa: E731  a text column as the token lists name it
 
@@ -86,8 +89,8 @@ with col_ctl:
 
 steps_sel = None if all_steps else [step]
 layers_sel = None if layer == -1 else [layer]
-h = heat if steps_sel is None else heat[steps_sel]
-h = h if layers_sel is None else h[:, layers_sel]
+a = summary.daam[None] if all_steps else dit_capture.image_to_text(capture, step)  # [1, layer, head, image, text]
+h = analytics.word_heatmaps(a if layers_sel is None else a[:, layers_sel], grid)  # [1, layer, head, text, rows, cols]
 per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
 words = attended.tolist() if show_padding else dit_capture.word_columns(capture)
@@ -105,8 +108,8 @@ st.caption("Hover a panel for its largest attention weight. “(sink)”: a RefA
 
 # a link that names an intervention opens on its before | after (decided once, on the page's first run)
 st.session_state.setdefault("dit_open_tab", "Intervene" if state.intervention != "none" else None)
-tab_sinks, tab_ground, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Intervene"],
-                                         default=st.session_state["dit_open_tab"])
+tab_sinks, tab_ground, tab_patch, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", "Where a patch looks",
+                                                     "Intervene"], default=st.session_state["dit_open_tab"])
 with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))
@@ -135,12 +138,11 @@ with tab_sinks:
              "RefAM discards such tokens before aggregating heatmaps.")
 
 with tab_ground:
-    masks = analytics.object_masks(image, prompt, raw_tokens)
     if not masks:
         st.info("Grounding needs a scene caption whose objects appear in the picture "
                 "(e.g. “a green triangle at the center”).")
     else:
-        ground = analytics.grounding(heat, masks, grid)
+        ground = summary.grounding
         metric = st.radio("Score", ["auroc", "iou"], horizontal=True, key="dit_ground_metric",
                           format_func=lambda m: {"auroc": "AUROC", "iou": "top-k IoU"}[m])
         scores = ground.score(metric, steps_sel)
@@ -151,6 +153,9 @@ with tab_ground:
                       metric.upper(): [round(r[2], 3) for r in ranked]}, hide_index=True, key="dit_ground_table")
         st.caption("Words scored: " + ", ".join(tokens[w] for w in ground.words) +
                    ". Ground truth: the largest blob of each object's colour in the generated picture.")
+
+with tab_patch:
+    dit_patch.render(capture, image, a, tokens, words, None if all_steps else step, layer, head)
 
 with tab_pag:
     labels = [f"L{l}H{h}" for l in range(meta.n_layers) for h in range(meta.n_heads)]

@@ -295,6 +295,26 @@ def test_grounding_on_a_capture(store):
     assert stats.share.shape == (17,)
 
 
+def test_summary_of_every_step_is_the_arrays_of_every_step(store):
+    """analytics.dit.summarise, one step's maps at a time, gives what the arrays of every step give at once."""
+    cap = run(RunSpec(model="shapes-dit", prompt="a green square at the bottom left", seed=0, steps=5), store)
+    masks = analytics.object_masks(dit_capture.generated_image(cap), cap.spec.prompt, dit_capture.text_tokens(cap))
+    assert masks
+    a = dit_capture.image_to_text(cap)  # [step, layer, head, image, text]
+    seen = []
+    summary = analytics.summarise(cap, masks, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(s, 5) for s in range(1, 6)]
+    np.testing.assert_allclose(summary.daam, a.mean(0), atol=1e-6)
+    whole = analytics.sink_stats(a)
+    for name in ("mean", "cv", "flagged", "share", "global_sink", "attended"):
+        np.testing.assert_allclose(getattr(summary.stats, name), getattr(whole, name), atol=1e-6)
+    ground = analytics.grounding(analytics.word_heatmaps(a, cap.meta.grid), masks, cap.meta.grid)
+    assert summary.grounding.words == ground.words
+    np.testing.assert_array_equal(summary.grounding.auroc, ground.auroc)
+    np.testing.assert_array_equal(summary.grounding.iou, ground.iou)
+    assert analytics.summarise(cap).grounding is None
+
+
 # ---- HeadHunter-lite ------------------------------------------------------------------------------------
 
 def test_headhunter_lite_is_cached(store, monkeypatch):
@@ -364,6 +384,21 @@ def test_page_renders():
     at.slider(key="w_step").set_value(3).run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["view"].step == 3
+
+
+def test_patch_tab_reads_the_linked_patch():
+    """The "Where a patch looks" tab draws the link's query patch (a click sets it) and what it reads of the
+    prompt; its caption says how the row splits between picture and prompt."""
+    at = _app({"page": "dit", "model": "shapes-dit", "prompt": "a red circle at the top left", "steps": "4",
+               "step": "2", "layer": "1", "head": "2", "patch": "3,6"})
+    charts = [c for c in at.get("plotly_chart") if "reads of the prompt" in c.proto.spec]
+    import json
+    title = json.loads(charts[0].proto.spec)["layout"]["title"]["text"]
+    assert len(charts) == 1 and title == "What patch (3, 6) reads of the prompt", title
+    assert any("One softmax row over image and text" in c.value for c in at.caption)
+    assert at.session_state["view"].patch == "3,6"
+    shared_link = at.session_state["view"].to_params()
+    assert shared_link["patch"] == "3,6"
 
 
 def test_share_link_reproduces_prompt_seed_steps_step_head_and_softpag():
