@@ -16,7 +16,7 @@ from typing import Mapping
 
 from core.keys import is_key
 from core.probe_results import IOI_CLEAN, IOI_CORRUPTED
-from core.types import MAX_STEPS
+from core.types import MAX_KEPT, MAX_STEPS
 
 PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns", "attribution")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
@@ -85,6 +85,7 @@ class ViewState:
     all_steps: bool = False  # diffusion: average the maps over every step (DAAM) instead of one step
     width: int = 0  # diffusion: picture size in pixels; 0 = the model's default
     height: int = 0
+    keep: str = ""  # diffusion: the steps whose full maps a capture of real size keeps, "5,20"; "" = the middle one
     clean: str = IOI_CLEAN  # attribution: the clean and corrupted prompts (same token length)
     corrupted: str = IOI_CORRUPTED
     target: str = " Mary"  # attribution: the answer token, and the foil of a logit difference
@@ -94,6 +95,10 @@ class ViewState:
     receivers: str = "q"  # attribution: path patching from the selected head into later heads' RECEIVERS
     corrupted_image: str = ""  # attribution on a VLM / ViT: the corrupted picture (image is the clean one); "" = default
     positions: str = "all"  # attribution on a VLM: POSITIONS
+
+    def kept_steps(self) -> tuple[int, ...]:
+        """`keep` ("5,20") as RunSpec.keep: the steps, sorted, each once."""
+        return tuple(sorted({int(s) for s in self.keep.split(",") if s}))
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -208,6 +213,11 @@ def _parse(name: str, value: str):
         parts = value.split(",")
         if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):
             raise ValueError("a patch is row,col.")
+        return value
+    if name == "keep":
+        parts = value.split(",")
+        if value and not (len(parts) <= MAX_KEPT and all(p.isdigit() and int(p) < MAX_STEPS for p in parts)):
+            raise ValueError(f"kept steps are at most {MAX_KEPT} step numbers, 5,20.")
         return value
     if name == "atlas":
         if value and not is_key(value):

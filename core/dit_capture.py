@@ -145,6 +145,13 @@ def pool_for(grid: tuple[int, int]) -> int:
 
 # ---- the maps ------------------------------------------------------------------------------------------
 
+def full_steps(capture: Capture) -> list[int]:
+    """The sampling steps whose full maps the capture holds: every recorded one ("full"), else the kept ones
+    (their maps recomputed from the stored queries and keys)."""
+    recorded, info = capture.output.recorded_steps, layout(capture)
+    return list(recorded) if info.mode == "full" else [recorded[i] for i in info.kept]
+
+
 def _check(capture: Capture, index: int) -> None:
     if not 0 <= index < n_steps(capture):
         raise IndexError(f"step index {index} out of range 0..{n_steps(capture) - 1}")
@@ -341,6 +348,6 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
 
 
 __all__ = ["IMAGE_NAME", "FULL_BYTES", "FULL_STEP_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name",
-           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "all_steps",
+           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "full_steps", "all_steps",
            "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image", "image_regions",
            "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]

@@ -43,6 +43,7 @@ CAPTURE_VERSION = 1  # bump when the stored format or the capture maths change
 OVERVIEW_BINS = 32  # thumbnail resolution of the model view (keeps its figure ~2 MB)
 SINK_SHARE = "sink_share"  # array name of the sink logits' share per row (models with sink logits)
 MAX_STEPS = 200  # the most DiT sampling steps a RunSpec may ask for (capture.dit checks it; links are held to it)
+MAX_KEPT = 8  # the most DiT steps whose full maps one capture keeps (RunSpec.keep: each is every layer's q and k)
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,15 @@ class RunSpec:
     intervention: Intervention = Intervention()
     height: int = 0  # DiT picture size in pixels; 0 = the model's default (left out of the JSON and the key)
     width: int = 0
+    # DiT: the sampling steps whose full maps a capture too large to keep every map keeps (its queries and keys,
+    # every layer's map recomputed on request: core.dit_capture); () = the middle step (left out like the size)
+    keep: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
         record = asdict(self)
         record["intervention"] = self.intervention.to_json()
-        for name in ("height", "width"):  # unset sizes stay out, so keys made before they existed hold
+        record["keep"] = list(self.keep)
+        for name in ("height", "width", "keep"):  # unset fields stay out, so keys made before they existed hold
             if not record[name]:
                 del record[name]
         return record
@@ -72,6 +77,7 @@ class RunSpec:
     def from_json(cls, data: dict) -> "RunSpec":
         data = dict(data)
         data["intervention"] = Intervention.from_json(data.get("intervention") or {})
+        data["keep"] = tuple(int(s) for s in data.get("keep") or ())
         return cls(**data)
 
     def key(self, revision: str = "") -> str:

@@ -41,13 +41,22 @@ def picture_size(text: str | None) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def kept_steps(text: str) -> tuple[int, ...]:
+    """--keep 5,20 as RunSpec.keep; CliError (one sentence) for anything else."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise CliError(f"--keep is a list of sampling steps, e.g. 5,20, not {text[:20]!r}.")
+    return tuple(sorted({int(p) for p in parts}))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from capture.api import run
     from core.types import RunSpec
 
     height, width = picture_size(args.size)
     spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                   image=args.image, seed=args.seed, steps=args.steps, height=height, width=width)
+                   image=args.image, seed=args.seed, steps=args.steps, height=height, width=width,
+                   keep=kept_steps(args.keep))
     bar, update = progress_bar(f"capture {args.model}")
     try:
         capture = run(spec, progress=update)
@@ -64,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "text": capture.output.text, "notes": capture.output.notes, "image": capture.spec.image,
             "grid": m.grid, "classes": capture.output.classes, "layout": capture.layout,
             "seed": capture.spec.seed, "sampling_steps": capture.spec.steps, "timesteps": capture.output.timesteps,
+            "full_map_steps": dit_capture.full_steps(capture) if picture is not None else None,
             "width": None if picture is None else picture.shape[1],
             "height": None if picture is None else picture.shape[0],
             "peak_mb": capture.timings.get("peak_mb"), "estimate_mb": capture.timings.get("estimate_mb"),
@@ -173,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=0, help="diffusion models: sampling steps (0: the model's default)")
     r.add_argument("--size", help="diffusion models: picture size WIDTHxHEIGHT in pixels, e.g. 512x512 "
                                   "(the model's default when not given)")
+    r.add_argument("--keep", default="", help="diffusion models: the sampling steps whose full maps a capture too "
+                                              "large to keep every map keeps, e.g. 5,20 (default: the middle one)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("ls", help="list cached captures")

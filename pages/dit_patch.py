@@ -2,9 +2,13 @@
 the page's step (or the mean over the steps), layer and head (core.dit_capture.patch_reads).  Its own row where
 the capture holds it: every step of a capture of full maps, the kept steps of a capture of real size (that one
 row recomputed from the stored queries and keys); else the row of its region, from the pooled maps.  The query
-patch is the link's `patch` ("row,col"), picked by a click on the picture.  Widget keys start with "dit_patch_".
+patch is the link's `patch` ("row,col"), picked by a click on the picture.  At a step whose full maps a capture
+of real size did not keep, a button samples the picture again keeping them too (the link's `keep`).  Widget keys
+start with "dit_patch_".
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import streamlit as st
@@ -13,7 +17,7 @@ from capture import dit_capture
 from charts import dit as charts
 from charts.pictures import overlay
 from charts.theme import plot_config
-from core.types import Capture
+from core.types import MAX_KEPT, Capture
 from pages import shared
 from pages.widgets import picture
 
@@ -58,16 +62,35 @@ def render(capture: Capture, image: np.ndarray, a: np.ndarray, labels: list[str]
                             key="dit_patch_words", config=plot_config())
     info = dit_capture.layout(capture)
     if side > 1:
-        kept = ", ".join(str(capture.output.recorded_steps[i]) for i in info.kept) or "none"
-        st.caption(f"This capture keeps full maps at sampling steps {kept} only: at other steps (and over the steps) "
-                   f"a patch's reading comes from the maps pooled into {side} x {side}-patch regions, its region's "
-                   "rows averaged and each region's attention spread evenly over its patches.")
+        kept = dit_capture.full_steps(capture)
+        st.caption(f"This capture keeps full maps at sampling steps {', '.join(map(str, kept)) or 'none'} only: at "
+                   f"other steps (and over the steps) a patch's reading comes from the maps pooled into {side} x "
+                   f"{side}-patch regions, its region's rows averaged and each region's attention spread evenly over "
+                   "its patches.")
+        if index is not None:
+            _keep_button(capture, kept, capture.output.recorded_steps[index])
     if info.cross:
         st.caption("This model reads the prompt by cross-attention: the picture is its self-attention row (summing to "
                    "1 over the image), the prompt its cross-attention row (another softmax, its own heads).")
     else:
         st.caption(f"One softmax row over image and text: {float(shown.sum()):.0%} of it on the image, "
                    f"{float(text.sum()):.0%} on the prompt (padding included), for the heads and layers shown.")
+
+
+def _keep_button(capture: Capture, kept: list[int], step: int) -> None:
+    """A button that samples the same picture again keeping `step`'s full maps too (RunSpec.keep, in the link)."""
+    wanted = sorted({*kept, step})
+    meta = capture.meta
+    n = len(dit_capture.layout(capture).labels)
+    extra = meta.n_layers * 2 * meta.n_heads * n * meta.head_dim * 4 / 2**30  # one step's queries and keys
+    spec = dataclasses.replace(capture.spec, keep=tuple(wanted))
+    full = len(wanted) > MAX_KEPT
+    st.button(f"Keep step {step}'s full maps", key="dit_patch_keep", disabled=full,
+              on_click=shared.set_fields, kwargs={"keep": ",".join(map(str, wanted))},
+              help=f"A capture keeps the full maps of at most {MAX_KEPT} steps." if full else
+              f"Samples the same picture again (same seed) and keeps the queries and keys of steps "
+              f"{', '.join(map(str, wanted))}, about {extra:.2g} GB of cache each: "
+              f"{shared.capture_estimate(spec).text()}.")
 
 
 __all__ = ["query_patch", "render"]

@@ -8,7 +8,8 @@ ModelHandle's `tokenizer` slot and share `run`, `grid_of`, `check_size`, `text_l
 A capture samples the prompt once (`spec.seed`, `spec.steps` or the model's default, `spec.height` x
 `spec.width` or its default size) with the model's classifier-free guidance, and records the maps of
 the conditional branch at every sampling step, every layer, every head, as capture.dit.record plans
-(core.dit_capture describes the two layouts).  The sampled image is the image of that very run:
+(core.dit_capture describes the two layouts; `spec.keep` names the steps whose full maps a capture of real
+size keeps, by default the middle one).  The sampled image is the image of that very run:
 recording computes the maps on the side and never changes the output.  Before it runs, the capture's
 disk and memory are estimated (capture.dit.write) and a run that would not fit is refused with one
 sentence, as is a prompt, seed, step count or picture size out of range: nothing is cached then.
@@ -28,7 +29,7 @@ from capture.engine.handle import ModelHandle
 from core.errors import InputError
 from core.keys import stable_hash
 from core.progress import Progress
-from core.types import MAX_STEPS, Capture, Output, RunSpec
+from core.types import MAX_KEPT, MAX_STEPS, Capture, Output, RunSpec
 
 MAX_PROMPT_CHARS = 500
 
@@ -64,6 +65,9 @@ class DitAdapter:
         if not 0 <= spec.seed < 2**31:
             raise InputError("The seed must be a whole number from 0 to 2147483647.")
         size = self.size(spec)
+        if not all(0 <= s < steps for s in spec.keep) or len(set(spec.keep)) > MAX_KEPT:
+            raise InputError(f"The steps whose full maps are kept are at most {MAX_KEPT} of the sampling steps "
+                             f"0 to {steps - 1}.")
         notes = []
         if spec.image is not None:
             notes.append(f"{name} generates images from text: the input image was ignored.")
@@ -80,7 +84,8 @@ class DitAdapter:
         n_text, n_columns = self.sampler.text_length(prompt)
         cross_heads = self.sampler.cross_heads
         # a cross-attention family's self-attention sees the image tokens only: its maps are stored as that block
-        plan = self.plan.resolve(meta.n_layers, meta.n_heads, n_image if cross_heads else n_image + n_text, steps)
+        plan = dataclasses.replace(self.plan, kept=tuple(sorted(set(spec.keep)))) if spec.keep else self.plan
+        plan = plan.resolve(meta.n_layers, meta.n_heads, n_image if cross_heads else n_image + n_text, steps)
         recorded = len(plan.recorded(steps))
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
                         bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers))

@@ -442,6 +442,37 @@ def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(folders, monkeyp
         assert not at.error, (page, [e.value for e in at.error])
 
 
+def test_a_kept_step_picked_on_the_page_is_sampled_again_with_its_full_maps(folders, monkeypatch, tmp_path):
+    """At a step whose full maps a split capture did not keep, the patch tab's button samples the same picture
+    again keeping them too (RunSpec.keep, the link's `keep`): the patch's own row at that step, recomputed."""
+    from conftest import open_app
+
+    model = str(folders["sd3"])
+    monkeypatch.setattr(dit_capture, "FULL_BYTES", 0)
+    monkeypatch.setattr(dit_capture, "REGION_SIDE", 4)  # 8 x 8 patches in 2 x 2 regions
+    monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
+    monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(capture_api, "_default_store", None)
+    link = {"page": "dit", "model": model, "prompt": PROMPT, "seed": "3", "steps": "4", "width": "32",
+            "height": "32", "step": "0", "layer": "1", "head": "-1", "patch": "5,2"}
+    at = open_app(link)
+    before = at.session_state["capture"]
+    assert dit_capture.layout(before).kept == [2] and dit_capture.patch_reads(before, 0, 1, (5, 2))[1] == 2
+    assert any("pooled into 2 x 2-patch regions" in c.value for c in at.caption)
+    at.button(key="dit_patch_keep").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    after = at.session_state["capture"]
+    assert after.spec.keep == (0, 2) and at.session_state["view"].to_params()["keep"] == "0,2"
+    assert dit_capture.layout(after).kept == [0, 2]
+    np.testing.assert_array_equal(dit_capture.generated_image(after), dit_capture.generated_image(before))
+    row, side = dit_capture.patch_reads(after, 0, 1, (5, 2))
+    assert side == 1 and not any("pooled into" in c.value for c in at.caption)
+    full = dit_capture.step_attention(after, 0, 1).astype(np.float32)  # recomputed from step 0's queries and keys
+    image = range(0, 64)  # SD3: the image first
+    np.testing.assert_allclose(row, full[:, 5 * 8 + 2, image.start:image.stop].reshape(-1, 8, 8), atol=1e-3)
+    assert open_app(dict(link, keep="0,2")).session_state["capture"].key == after.key  # the link reproduces it
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 def _one_sentence(exc: Exception) -> None:
@@ -462,7 +493,9 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
              (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
              (_spec(folders["sd3"], height=33), InputError, "multiples of 4 px"),
              (_spec(folders["flux"], width=4096), InputError, "px; 4096 x 32 is not one"),
-             (_spec(folders["sana"], seed=-1), InputError, "seed")]
+             (_spec(folders["sana"], seed=-1), InputError, "seed"),
+             (_spec(folders["sd3"], keep=(2,)), InputError, "sampling steps 0 to 1"),
+             (_spec(folders["sd3"], steps=20, keep=tuple(range(9))), InputError, "at most 8")]
     for spec, kind, words in cases:
         with pytest.raises(kind, match=words) as caught:
             run(spec, store)
@@ -582,6 +615,12 @@ def test_cli_size(folders, tmp_path, monkeypatch, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["grid"] == [8, 12] and out["width"] == 48 and out["height"] == 32  # 4 px patches
+    assert main(["run", "--model", str(folders["sd3"]), "--prompt", PROMPT, "--steps", "20", "--keep", "3,15",
+                 "--json"]) == 0  # 20 steps of the tiny SD3 are split (18 MB of full maps)
+    assert json.loads(capsys.readouterr().out)["full_map_steps"] == [3, 15]
+    assert main(["run", "--model", str(folders["sd3"]), "--prompt", PROMPT, "--keep", "3-15"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--keep is a list of sampling steps" in err and "\n" not in err
     assert main(["run", "--model", str(folders["pixart"]), "--prompt", PROMPT, "--size", "big"]) == 2
     err = capsys.readouterr().err.strip()
     assert "WIDTHxHEIGHT" in err and "\n" not in err

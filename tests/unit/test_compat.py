@@ -65,3 +65,18 @@ def test_old_intervention_link_restores_the_same_edits(tmp_path):
     assert not warnings
     assert (state.page, state.model, state.prompt, state.max_new_tokens, state.intervention) == \
         ("intervene", "smollm2", "The cat sat", 2, key)
+
+
+def test_kept_steps_stay_out_of_a_default_specs_key_and_travel_in_links():
+    """RunSpec.keep (the DiT steps whose full maps a capture keeps) is left out of the JSON, and so of the key,
+    when empty, like the picture size; set, it is its own capture, and a link carries it as `keep`."""
+    plain = capture.RunSpec(model="shapes-dit", prompt="a red circle", steps=20)
+    kept = capture.RunSpec(model="shapes-dit", prompt="a red circle", steps=20, keep=(5, 15))
+    assert "keep" not in plain.to_json() and kept.to_json()["keep"] == [5, 15]
+    assert capture.RunSpec.from_json(json.loads(json.dumps(kept.to_json()))) == kept
+    assert kept.key() != plain.key()
+    state, warnings = ViewState.from_params({"page": "dit", "model": "shapes-dit", "keep": "15,5,15"})
+    assert not warnings and state.kept_steps() == (5, 15) and state.to_params()["keep"] == "15,5,15"
+    for bad in ("5-15", "x", ",".join(["1"] * 9), "300"):
+        state, warnings = ViewState.from_params({"keep": bad})
+        assert state.keep == "" and len(warnings) == 1

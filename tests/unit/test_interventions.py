@@ -206,6 +206,7 @@ def test_runspec_json_round_trip():
 OTHER_VALUES = {
     "model": "minilm", "prompt": "The capital of France is!", "chat": True, "image": "cat",
     "max_new_tokens": 7, "seed": 1, "steps": 4, "height": 256, "width": 384, "intervention": ablate_heads([(0, 0)]),
+    "keep": (3,),
 }
 
 
