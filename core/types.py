@@ -30,7 +30,6 @@ from core.qk import ROW_BLOCK as QK_ROW_BLOCK
 from core.qk import QKParams, attention_rows, pooled_heads, reduction_name
 
 
-
 class ArrayStore(Protocol):
     """What a Capture reads its maps through (cache.store.Store is one): arrays by capture key and name."""
 
@@ -60,14 +59,10 @@ class RunSpec:
     intervention: Intervention = Intervention()
     height: int = 0  # DiT picture size in pixels; 0 = the model's default (left out of the JSON and the key)
     width: int = 0
-    # DiT: the sampling steps whose full maps a capture too large to keep every map keeps (its queries and keys,
-    # every layer's map recomputed on request: core.dit_capture); () = the middle step (left out like the size)
-    keep: tuple[int, ...] = ()
+    keep: tuple[int, ...] = ()  # DiT: the steps whose full maps a "split" capture keeps; () = the middle one
 
     def to_json(self) -> dict:
-        record = asdict(self)
-        record["intervention"] = self.intervention.to_json()
-        record["keep"] = list(self.keep)
+        record = dict(asdict(self), intervention=self.intervention.to_json(), keep=list(self.keep))
         for name in ("height", "width", "keep"):  # unset fields stay out, so keys made before they existed hold
             if not record[name]:
                 del record[name]
@@ -75,10 +70,8 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunSpec":
-        data = dict(data)
-        data["intervention"] = Intervention.from_json(data.get("intervention") or {})
-        data["keep"] = tuple(int(s) for s in data.get("keep") or ())
-        return cls(**data)
+        return cls(**dict(data, intervention=Intervention.from_json(data.get("intervention") or {}),
+                          keep=tuple(int(s) for s in data.get("keep") or ())))
 
     def key(self, revision: str = "") -> str:
         """Hash of every field + the model revision + the capture version."""
