@@ -82,7 +82,7 @@ def words_read(labels: list[str], values: np.ndarray, title: str = "", label: st
     fig = go.Figure(go.Bar(x=[plotly_text(t) for t in labels], y=np.asarray(values, dtype=float),
                            marker_color="#1f77b4", hovertemplate="%{x}<br>%{y:.4f}<extra></extra>"))
     fig.update_layout(**base_layout(title, height))
-    fig.update_yaxes(title_text=label)
+    fig.update_yaxes(title_text=label, rangemode="tozero")
     return fig
 
 

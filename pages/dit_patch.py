@@ -21,6 +21,8 @@ from core.types import MAX_KEPT, Capture
 from pages import shared
 from pages.widgets import picture
 
+TAB = "Where a patch looks"  # the tab's label on the Diffusion page
+
 
 def query_patch(grid: tuple[int, int]) -> tuple[int, int]:
     """The link's query patch, or the centre one when it names none on this grid."""
@@ -74,7 +76,15 @@ def render(capture: Capture, image: np.ndarray, a: np.ndarray, labels: list[str]
                    "1 over the image), the prompt its cross-attention row (another softmax, its own heads).")
     else:
         st.caption(f"One softmax row over image and text: {float(shown.sum()):.0%} of it on the image, "
-                   f"{float(text.sum()):.0%} on the prompt (padding included), for the heads and layers shown.")
+                   f"{float(text.sum()):.0%} on the prompt (padding included), for the heads and layers shown."
+                   + (" Here it reads no prompt token: a layer that attends to the image only (SD3.5's extra "
+                      "self-attention)." if not text.any() else ""))
+
+
+def _keep(steps: str) -> None:
+    """The button's click: the new capture opens on this tab (the page's tabs are drawn anew after a capture)."""
+    shared.set_fields(keep=steps)
+    st.session_state["dit_open_tab"] = TAB
 
 
 def _keep_button(capture: Capture, kept: list[int], step: int) -> None:
@@ -82,14 +92,15 @@ def _keep_button(capture: Capture, kept: list[int], step: int) -> None:
     wanted = sorted({*kept, step})
     meta = capture.meta
     n = len(dit_capture.layout(capture).labels)
-    extra = meta.n_layers * 2 * meta.n_heads * n * meta.head_dim * 4 / 2**30  # one step's queries and keys
+    extra = meta.n_layers * 2 * meta.n_heads * n * meta.head_dim * 4 / 2**20  # MB: one step's queries and keys
+    size = f"{extra / 1024:.1f} GB" if extra >= 1024 else f"{extra:.1f} MB"
     spec = dataclasses.replace(capture.spec, keep=tuple(wanted))
     full = len(wanted) > MAX_KEPT
-    st.button(f"Keep step {step}'s full maps", key="dit_patch_keep", disabled=full,
-              on_click=shared.set_fields, kwargs={"keep": ",".join(map(str, wanted))},
+    st.button(f"Keep step {step}'s full maps", key="dit_patch_keep", disabled=full, on_click=_keep,
+              args=(",".join(map(str, wanted)),),
               help=f"A capture keeps the full maps of at most {MAX_KEPT} steps." if full else
               f"Samples the same picture again (same seed) and keeps the queries and keys of steps "
-              f"{', '.join(map(str, wanted))}, about {extra:.2g} GB of cache each: "
+              f"{', '.join(map(str, wanted))}, about {size} of cache each: "
               f"{shared.capture_estimate(spec).text()}.")
 
 
