@@ -56,9 +56,7 @@ def load_pipeline(name: str, folder: Path) -> ModelHandle:
     """The pipeline in `folder`, ready for capture (module docstring)."""
     from diffusers import DiffusionPipeline
 
-    from capture.dit.attention import install
     from capture.engine import device
-    from capture.dit.pipeline import PipelineDit
 
     family = family_of(name, folder)
     try:
@@ -67,6 +65,15 @@ def load_pipeline(name: str, folder: Path) -> ModelHandle:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelUnavailable(f"The pipeline in {name} could not be loaded ({first[:200]}).") from exc
+    return handle_of(name, pipe, family)
+
+
+def handle_of(name: str, pipe, family) -> ModelHandle:
+    """A loaded diffusers pipeline of `family` as a ModelHandle, HeadScope's processors installed (bench/dit_gpu.py
+    builds its random-weight pipelines in memory and comes in here)."""
+    from capture.dit.attention import install
+    from capture.dit.pipeline import PipelineDit
+
     pipe.set_progress_bar_config(disable=True)
     try:
         layers = install(pipe.transformer)
@@ -82,4 +89,4 @@ def load_pipeline(name: str, folder: Path) -> ModelHandle:
                        lock=threading.Lock())
 
 
-__all__ = ["FAMILIES", "family_of", "is_pipeline", "load_pipeline", "transformer_class"]
+__all__ = ["FAMILIES", "family_of", "handle_of", "is_pipeline", "load_pipeline", "transformer_class"]
