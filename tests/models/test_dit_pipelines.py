@@ -656,3 +656,18 @@ def test_masked_padding_is_no_choice_on_the_page(folders, monkeypatch, tmp_path)
     assert chosen.value and set(chosen.value) <= set(chosen.options)
     at.checkbox(key="dit_padding").check().run()
     assert not at.exception
+
+
+def test_the_gpu_bench_runs_its_small_check_on_the_cpu():
+    """bench/dit_gpu.py waits for a GPU session with little time: its code path (SD3-medium's width built in
+    memory, plain run, processors installed on the loaded pipeline, default capture, eviction) runs here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "dit_gpu.py"), "--small", "--only", "sd3",
+                           "--repeats", "1"], capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| SD3-medium shape"))
+    assert "64² x 2 steps" in row and row.count("|") == 10
