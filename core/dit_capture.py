@@ -348,6 +348,6 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
 
 
 __all__ = ["IMAGE_NAME", "FULL_BYTES", "FULL_STEP_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name",
-           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "full_steps", "all_steps",
-           "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image", "image_regions",
-           "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]
+           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "full_steps",
+           "all_steps", "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image",
+           "image_regions", "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]

@@ -108,8 +108,8 @@ st.caption("Hover a panel for its largest attention weight. “(sink)”: a RefA
 
 # a link that names an intervention opens on its before | after (decided once, on the page's first run)
 st.session_state.setdefault("dit_open_tab", "Intervene" if state.intervention != "none" else None)
-tab_sinks, tab_ground, tab_patch, tab_pag = st.tabs(["Sink tokens (RefAM)", "Head grounding", dit_patch.TAB, "Intervene"],
-                                                    default=st.session_state["dit_open_tab"])
+tab_sinks, tab_ground, tab_patch, tab_pag = st.tabs(
+    ["Sink tokens (RefAM)", "Head grounding", dit_patch.TAB, "Intervene"], default=st.session_state["dit_open_tab"])
 with tab_sinks:
     sel = np.s_[:] if steps_sel is None else steps_sel
     mean = stats.mean[sel].mean(axis=(0, 1, 2))

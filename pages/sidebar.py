@@ -175,7 +175,8 @@ def vlm_inputs(state: ViewState) -> None:
             except capture.InputError as exc:
                 st.error(str(exc))
             st.session_state["f_vlm_uploaded"] = upload.file_id
-    st.text_input("Question", state.prompt, max_chars=300, key="f_prompt", help="Asked in the model's chat template, e.g. "
+    st.text_input("Question", state.prompt, max_chars=300, key="f_prompt",
+                  help="Asked in the model's chat template, e.g. "
                   "“what colour is the circle?”, “where is the red square?”, “how many shapes are there?”.")
     st.button("Run", type="primary", width="stretch", on_click=_apply_vlm_drafts)
 
