@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Mapping
 
+from core.dit_capture import kept_steps
 from core.keys import is_key
 from core.probe_results import IOI_CLEAN, IOI_CORRUPTED
 from core.types import MAX_KEPT, MAX_STEPS
@@ -98,7 +99,7 @@ class ViewState:
 
     def kept_steps(self) -> tuple[int, ...]:
         """`keep` ("5,20") as RunSpec.keep: the steps, sorted, each once."""
-        return tuple(sorted({int(s) for s in self.keep.split(",") if s}))
+        return kept_steps(self.keep)
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""

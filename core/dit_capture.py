@@ -145,6 +145,15 @@ def pool_for(grid: tuple[int, int]) -> int:
 
 # ---- the maps ------------------------------------------------------------------------------------------
 
+def kept_steps(text: str) -> tuple[int, ...]:
+    """"5,20" (a link's `keep`, the CLI's --keep) as RunSpec.keep: the steps, sorted, each once; ValueError
+    for anything but step numbers."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"kept steps are sampling step numbers, e.g. 5,20, not {text[:20]!r}")
+    return tuple(sorted({int(p) for p in parts}))
+
+
 def full_steps(capture: Capture) -> list[int]:
     """The sampling steps whose full maps the capture holds: every recorded one ("full"), else the kept ones
     (their maps recomputed from the stored queries and keys)."""
@@ -348,6 +357,6 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
 
 
 __all__ = ["IMAGE_NAME", "FULL_BYTES", "FULL_STEP_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name",
-           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "full_steps",
+           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "kept_steps", "full_steps",
            "all_steps", "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image",
            "image_regions", "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]

@@ -43,10 +43,10 @@ def picture_size(text: str | None) -> tuple[int, int]:
 
 def kept_steps(text: str) -> tuple[int, ...]:
     """--keep 5,20 as RunSpec.keep; CliError (one sentence) for anything else."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.isdigit() for p in parts):
-        raise CliError(f"--keep is a list of sampling steps, e.g. 5,20, not {text[:20]!r}.")
-    return tuple(sorted({int(p) for p in parts}))
+    try:
+        return dit_capture.kept_steps(text)
+    except ValueError:
+        raise CliError(f"--keep is a list of sampling steps, e.g. 5,20, not {text[:20]!r}.") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
