@@ -88,9 +88,19 @@ def browser():
             b.close()
 
 
+# Streamlit marks its root with the script's run state: "initial" before the first run, "running",
+# "rerunRequested" (set the moment a widget's change is sent), "notRunning" once a run has ended.
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning'][data-test-connection-state='CONNECTED']"
+
+
 def wait_idle(page, selector: str = "h1", timeout: float = 120_000) -> None:
-    """Wait until `selector` is on the page and Streamlit has finished running the script."""
-    page.wait_for_selector("[data-testid='stApp']", timeout=timeout)
+    """Wait until Streamlit has finished running the script and `selector` is on the page.
+
+    The short first wait lets a widget's change reach the frontend's run state (a slider sends its value
+    after a debounce); the status widget ("Running...") is checked too, as before.
+    """
+    page.wait_for_timeout(300)
+    page.wait_for_selector(IDLE, timeout=timeout)
     page.wait_for_selector(selector, timeout=timeout)
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout)
