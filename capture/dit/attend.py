@@ -7,7 +7,12 @@ processor it replaces, then hands them to `attend`:
 - no attention-level edit on the module: the diffusers processor's own attention call (`plain`), so the
   output is bit for bit the default processor's; when the layer is recorded, the map of the recorded
   batch row is computed on the side, block_rows query rows at a time, as softmax(q kᵀ · scale + mask)
-  in float32 (Sana's linear attention: capture.dit.families.sana);
+  in float32 (Sana's linear attention: capture.dit.families.sana).  One exception: a recorded call of
+  one batch row on a CPU (Flux's, Chroma's: no guidance batch) takes its output from those weights,
+  weights @ values in float32, one pass where the model's call and the map were two (a tiny Flux
+  capture at 20 steps: 1.49 -> 1.31 x the plain pipeline, bench/dit.py); its picture then matches the
+  plain pipeline's within one 8-bit level, not bit for bit (tests/models/test_dit_pipelines.py).  On a
+  GPU the model's own kernel always runs: its fused attention is where the time is saved there;
 - attention-level edits (mix, logit, redistribute, window; capture.engine.edits): the weights are
   computed explicitly, row block by row block, with the edits applied per head and batch row (the
   session's row interventions: the perturbed branch of PAG / SoftPAG), and the output is weights @ values;
@@ -171,6 +176,9 @@ class Attend:
             weights_of = _linear_weights if kernel == "linear" else None
             hidden = edited(view, plan, self.layer, frame.q0 - shift, query, key, value, mask, scale, sink,
                             None if sink is None else recorder.row, weights_of)
+        elif sink is not None and batch == 1 and kernel == "softmax" and query.device.type == "cpu":
+            out = record_rows(sink, query[0], key[0], row_mask, scale, kernel, value[0])  # one pass, not two
+            hidden = out.to(value.dtype).transpose(0, 1).reshape(1, n_q, heads * value.shape[-1])
         else:
             hidden = plain()
             if sink is not None:
@@ -250,21 +258,28 @@ def _linear_weights(query: torch.Tensor, key_t: torch.Tensor, r0: int, r1: int) 
 
 
 def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                kernel: str = "softmax") -> None:
+                kernel: str = "softmax", value: torch.Tensor | None = None) -> torch.Tensor | None:
     """Hand the unedited map of one batch row to `sink`, `block_rows` query rows at a time.
-    query  # [head, n_q, head_dim], key  # [head, n_k, head_dim]."""
+    query  # [head, n_q, head_dim], key  # [head, n_k, head_dim].  With `value`  # [head, n_k, head_dim] (a
+    softmax kernel), also return that row's attention output from the same weights: out  # [head, n_q,
+    head_dim] float32 = weights @ value."""
     if kernel == "linear" and getattr(sink, "pooled_only", False):  # folded without forming the n x n map
         sink.linear(query, key)
-        return
+        return None
     key_t = key.float().transpose(-1, -2)  # [head, head_dim, key]
     n_q = query.shape[1]
+    out = None if value is None else torch.empty(query.shape[0], n_q, value.shape[-1], device=value.device)
     step = block_rows(key.shape[0], key.shape[1])
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
         if kernel == "linear":
             sink.rows(r0, _linear_weights(query.float(), key_t, r0, r1))
-        else:
-            sink.rows(r0, softmax_rows(query, key_t, mask, scale, r0, r1, reuse=True))  # sinks copy the rows
+            continue
+        weights = softmax_rows(query, key_t, mask, scale, r0, r1, reuse=True)  # [head, rows, key]
+        if out is not None:
+            out[:, r0:r1] = torch.matmul(weights, value.float())  # [head, rows, head_dim]
+        sink.rows(r0, weights)  # sinks copy the rows
+    return out
 
 
 def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch.Tensor, key: torch.Tensor,

@@ -131,8 +131,9 @@ def test_dit_patch_tab_asks_from_a_clicked_patch(server, chromium, artifacts):
     except Exception as error:  # keep what the page showed
         page.screenshot(path=str(artifacts / "browser_dit_patch_failed.png"), full_page=True)
         state = page.locator("[data-testid='stApp']").get_attribute("data-test-script-state")
-        raise AssertionError(f"after the click: script {state}, url {page.url}, link {page.locator(LINK).all_inner_texts()}"
-                             "; see tests/artifacts/browser_dit_patch_failed.png") from error
+        links = page.locator(LINK).all_inner_texts()
+        raise AssertionError(f"after the click: script {state}, url {page.url}, link {links}; "
+                             "see tests/artifacts/browser_dit_patch_failed.png") from error
     assert page.locator("[data-testid='stException']").count() == 0
     page.locator(PICTURE).last.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "browser_dit_patch.png"))
