@@ -12,7 +12,8 @@ FULL_STEP_BYTES):
     L007   layer 7's maps averaged over the recorded steps  # [head, query, key] float16
            (what `Capture.attention(7)` returns, so every generic view works on a DiT capture)
     X007   cross-attention families only (PixArt, Sana): the word maps of layer 7's cross-attention
-           # [step, cross head, image, text] float16
+           # [step, cross head, image, text] float16, the text cut after the last column any map reads
+           (`layout(capture).words`: the masked padding after it reads 0 and is padded back on read)
     overviewNNNN, generated (the image  # [H, W, 3] uint8), meta
 
 "split" (real sizes: a full SD3 map at 1,024² is ~4,400 tokens square per head, layer and step):
@@ -92,6 +93,7 @@ class DitLayout:
     full_layers: list[int] = field(default_factory=list)  # "split": layers whose full maps are kept at `kept`
     frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale, mask name]
     chunk: int = 1  # "split": steps per stored XS / YS / PS array (> 1: the arrays have a step axis first)
+    words: int = 0  # "full", cross-attention: text columns stored in X (the rest read 0); 0 = all of them
 
     def to_json(self) -> dict:
         """Its fields as they are (dataclasses.asdict copies every list of labels and positions, item by item:
@@ -287,10 +289,15 @@ def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:
     image, text = capture.spans["image"], capture.spans["text"]
     arrays = []
     for layer in range(capture.meta.n_layers):
-        name = cross_name(layer) if info.cross else steps_name(layer)
-        stored = capture.store.get_array(capture.key, name) if info.cross else _steps(capture, layer)
-        arrays.append(np.stack([np.asarray(stored[s] if info.cross else
-                                           stored[s, :, image.start:image.stop, text.start:text.stop],
+        if info.cross:  # [step, head, image, words]: the columns after `words` read 0 (masked padding)
+            stored = capture.store.get_array(capture.key, cross_name(layer))
+            words = np.zeros((len(steps), *stored.shape[1:3], len(text)), np.float32)
+            for i, s in enumerate(steps):
+                words[i, ..., :stored.shape[3]] = stored[s]
+            arrays.append(words)
+            continue
+        stored = _steps(capture, layer)
+        arrays.append(np.stack([np.asarray(stored[s, :, image.start:image.stop, text.start:text.stop],
                                            dtype=np.float32) for s in steps]))
     return np.stack(arrays, axis=1)
 
@@ -357,6 +364,7 @@ def patch_grid(capture: Capture) -> tuple[int, int]:
 
 
 __all__ = ["IMAGE_NAME", "FULL_BYTES", "FULL_STEP_BYTES", "REGION_SIDE", "DitLayout", "layout", "steps_name",
-           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "kept_steps", "full_steps",
+           "cross_name", "step_file", "is_dit", "generated_image", "n_steps", "region_of", "pool_for", "kept_steps",
+           "full_steps",
            "all_steps", "step_attention", "recompute", "patch_reads", "image_to_text", "text_to_image",
            "image_regions", "text_tokens", "column_positions", "word_label", "word_columns", "patch_grid"]

@@ -153,6 +153,7 @@ class MapRecorder:
         # "full", once written: per layer that start, or None for a whole map; None when every layer stores
         # its whole map (Capture.layout_info["blocks"], core.layouts.PaddedBlock)
         self.stored_blocks: list[list[int] | None] | None = None
+        self.words = 0  # "full", cross-attention: text columns stored in X (`_end_full`)
 
     # ---- the recorder protocol of capture.dit.attention ---------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -273,8 +274,10 @@ class MapRecorder:
             if t is None:
                 self.t[layer], self.blocks[layer] = spare.zeros((len(self.wanted), self.n_heads, n, n)), (0, 0)
         arrays = [(dit_capture.steps_name(layer), t.numpy()) for layer, t in enumerate(self.t)]
-        if self.cross:
-            arrays += [(dit_capture.cross_name(layer), x.numpy()) for layer, x in enumerate(self.x)]
+        if self.cross:  # the word maps up to the last text column any of them reads (masked padding reads 0)
+            read = torch.stack([x.ne(0).flatten(0, 2).any(0) for x in self.x]).any(0)  # [text]
+            self.words = int(read.nonzero().max()) + 1 if bool(read.any()) else 1
+            arrays += [(dit_capture.cross_name(layer), x[..., :self.words].numpy()) for layer, x in enumerate(self.x)]
         means = [step_mean(t, spare.empty(t.shape[1:], torch.float32)) for t in self.t]
         views = [spare.empty(m.shape) for m in means]
         blocks = [None if t.shape[2:] == (n, n) else list(block) for t, block in zip(self.t, self.blocks)]
@@ -338,6 +341,7 @@ class MapRecorder:
         info = DitLayout(mode=self.plan.mode, cross=self.cross, cross_heads=self.cross_heads if self.cross else 0)
         if self.plan.mode == "full":
             tokens, spans = layout.labels(), layout.spans()
+            info.words = self.words if self.words < len(layout.text) else 0
         else:
             rows, cols = self.region_grid
             regions = [f"region({r},{c})" for r in range(rows) for c in range(cols)]

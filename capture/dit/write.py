@@ -8,8 +8,9 @@ The metadata record is written last by capture.api.run.
 
 `estimate` adds up a capture's disk and its memory above the loaded pipeline (bytes), for both
 layouts of core.dit_capture:
-- "full": every recorded step's map of every layer, its step mean, the cross-attention word maps; all
-  of it is held in memory until the end of the run;
+- "full": every recorded step's map of every layer, its step mean, the cross-attention word maps (on
+  disk up to the last text column read: `n_columns`, the prompt's tokens and a column per padding run);
+  all of it is held in memory until the end of the run;
 - "split": per step and layer the image -> text and text -> image maps (image tokens x text columns, per
   head), the pooled image maps and the coarse map; the kept steps' queries and keys (float32) and
   full maps; in memory one step's arrays twice (the step being recorded and the one being written),
@@ -150,9 +151,12 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     if mode == "full":  # every step's maps and their mean; a cross family's self-attention: its image block only
         side = n_image if cross else n
         maps = n_layers * (steps + 1) * n_heads * side * side * 2
-        words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0
-        disk = maps + words_bytes
-        return memory.Estimate(layout="full", n_tokens=n, memory_bytes=int(disk + row_block), disk_bytes=int(disk))
+        words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0  # in memory: every column
+        # on disk the word maps stop after the last column read (capture.dit.record): the masked padding of
+        # PixArt and Sana is not stored, about the grouped columns less their padding runs' one each
+        stored_words = words_bytes * min(n_text, n_columns) / max(1, n_text)
+        return memory.Estimate(layout="full", n_tokens=n, memory_bytes=int(maps + words_bytes + row_block),
+                               disk_bytes=int(maps + stored_words))
     regions = min(n_image, dit_capture.REGION_SIDE ** 2)
     m = regions + n_columns
     per_step = n_layers * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image)
