@@ -109,6 +109,8 @@ class ArrayWriter:
     def put_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Store several arrays in one cache transaction (one index commit for all of them): on the thread,
         or at once when they hold at most INLINE_BYTES."""
+        if not items:  # a step of a chunk being filled (capture.dit.record): no empty index transaction
+            return
         items = [(name, np.ascontiguousarray(array)) for name, array in items]
         if sum(array.nbytes for _name, array in items) <= INLINE_BYTES:
             self._write(items)
