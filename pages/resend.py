@@ -8,7 +8,9 @@ every set_fields: a value sent while someone types replaces what they typed (the
 both ways).  The drafts also take their value as the widget's default (pages.sidebar.text_inputs): a browser
 shows a widget it was never sent a value for at that default, and sends it back with the next rerun.  Without
 it, it showed the widget's own defaults (an empty prompt, 1 step) when the values went in a run whose drawing
-it never got (a clean-clone browser test, after the re-send above was in).
+it never got (a clean-clone browser test, after the re-send above was in).  Every widget bound to the view
+does the same (pages.shared.bind): Streamlit drops the messages of a run it cuts short that the browser has not
+had yet (ForwardMsgQueue.clear when the next run starts), so any value set only in such a run can be lost.
 """
 from __future__ import annotations
 
