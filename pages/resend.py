@@ -26,9 +26,35 @@ def resend(key: str, value) -> None:
         st.session_state[key] = st.session_state.get(key, value)
 
 
+def as_default(widget, args: tuple, kwargs: dict, value) -> dict:
+    """`value` as the keyword that makes it `widget`'s own default (a selectbox's index, a segmented control's
+    default, the others' value); nothing when the options do not hold it.  A keyed widget's identity leaves its
+    default out, so the widget stays the same one as the value changes."""
+    name = getattr(widget, "__name__", "")
+
+    def given(position: int, keyword: str):
+        return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else None
+
+    if name in ("selectbox", "radio", "segmented_control", "select_slider"):
+        options = list(given(1, "options") or [])
+        if value not in options:
+            return {}
+        return {"index": options.index(value)} if name in ("selectbox", "radio") else \
+            {"default": value} if name == "segmented_control" else {"value": value}
+    if name in ("slider", "number_input"):  # a default out of its bounds is an error: then none
+        low, high = given(1, "min_value"), given(2, "max_value")
+        inside = isinstance(value, (int, float)) and (low is None or low <= value) and (high is None or value <= high)
+        return {"value": value} if inside else {}
+    if name == "checkbox":
+        return {"value": bool(value)}
+    if name in ("text_input", "text_area"):
+        return {"value": value} if isinstance(value, str) else {}
+    return {}
+
+
 def run_completed() -> None:
     """The end of app.py's run: the values page_model changed have been sent."""
     st.session_state.pop(RESEND, None)
 
 
-__all__ = ["RESEND", "resend", "run_completed"]
+__all__ = ["RESEND", "as_default", "resend", "run_completed"]

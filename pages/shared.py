@@ -23,7 +23,7 @@ import streamlit as st
 
 import capture
 from capture import Capture, RunSpec
-from pages.resend import resend
+from pages.resend import as_default, resend
 from state import MAX_LINK_PROMPT, ViewState
 
 DIT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
@@ -42,42 +42,16 @@ def view_state() -> ViewState:
 
 def bind(field: str, widget, *args, **kwargs):
     """Render `widget` bound to ViewState.<field>: initialised from it, written back to it.  The value is also
-    the widget's own default (`_as_default`): when a rerun starts, Streamlit drops the messages of the run it
+    the widget's own default (pages.resend.as_default): when a rerun starts, Streamlit drops the messages of the run it
     cuts short that the browser has not had yet, and a value set in that run never reaches the browser, which
     then shows the widget at its own default and sends that back with the next rerun (a link's model was lost
     so: the Diffusion page opened on shapes-dit fell back to SmolLM2 at the first click, under load)."""
     state = view_state()
     key = f"w_{field}"
     resend(key, getattr(state, field))
-    value = widget(*args, key=key, **_as_default(widget, args, kwargs, st.session_state[key]), **kwargs)
+    value = widget(*args, key=key, **as_default(widget, args, kwargs, st.session_state[key]), **kwargs)
     setattr(state, field, value)
     return value
-
-
-def _as_default(widget, args: tuple, kwargs: dict, value) -> dict:
-    """`value` as the keyword that makes it `widget`'s own default (a selectbox's index, a segmented control's
-    default, the others' value); nothing when the options do not hold it.  A keyed widget's identity leaves its
-    default out, so the widget stays the same one as the value changes."""
-    name = getattr(widget, "__name__", "")
-
-    def given(position: int, keyword: str):
-        return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else None
-
-    if name in ("selectbox", "radio", "segmented_control", "select_slider"):
-        options = list(given(1, "options") or [])
-        if value not in options:
-            return {}
-        return {"index": options.index(value)} if name in ("selectbox", "radio") else \
-            {"default": value} if name == "segmented_control" else {"value": value}
-    if name in ("slider", "number_input"):  # a default out of its bounds is an error: then none
-        low, high = given(1, "min_value"), given(2, "max_value")
-        inside = isinstance(value, (int, float)) and (low is None or low <= value) and (high is None or value <= high)
-        return {"value": value} if inside else {}
-    if name == "checkbox":
-        return {"value": bool(value)}
-    if name in ("text_input", "text_area"):
-        return {"value": value} if isinstance(value, str) else {}
-    return {}
 
 
 def set_fields(**values) -> None:

@@ -112,10 +112,11 @@ def test_an_empty_prompt_says_so_under_the_title_and_keeps_the_share_box():
 
 
 def test_bound_widgets_take_the_linked_values_as_their_own_defaults():
-    """pages.shared.bind: when a rerun starts, Streamlit drops the messages of the run it cut short that the browser
-    has not had yet, so a browser may never be sent the value a link gave a widget; it then shows the widget's own
-    default and sends that back at the next rerun (the Diffusion page fell back from shapes-dit to SmolLM2 at the
-    first click, in a clean-clone browser test).  The default must therefore be the link's value."""
+    """pages.shared.bind (pages.resend.as_default): when a rerun starts, Streamlit drops the messages of the run
+    it cut short that the browser has not had yet, so a browser may never be sent the value a link gave a widget;
+    it then shows the widget's own default and sends that back at the next rerun (the Diffusion page fell back
+    from shapes-dit to SmolLM2 at the first click, in a clean-clone browser test).  The default must therefore
+    be the link's value."""
     at = open_app({"page": "dit", "model": "shapes-dit", "prompt": "a red circle at the top left", "steps": "2",
                    "step": "1", "layer": "1", "head": "0"})
     model, layer, head = (at.selectbox(key=k) for k in ("w_model", "w_layer", "w_head"))
@@ -128,10 +129,10 @@ def test_bound_widgets_take_the_linked_values_as_their_own_defaults():
 def test_a_bound_value_outside_the_widgets_bounds_gives_no_default():
     import streamlit as st
 
-    from pages.shared import _as_default
+    from pages.resend import as_default
 
-    assert _as_default(st.number_input, ("Layer", 0, 29), {"step": 1}, -1) == {}  # an error if it were given
-    assert _as_default(st.number_input, ("Layer", 0, 29), {"step": 1}, 7) == {"value": 7}
-    assert _as_default(st.selectbox, ("Head", [-1, 0, 1]), {}, 5) == {}
+    assert as_default(st.number_input, ("Layer", 0, 29), {"step": 1}, -1) == {}  # an error if it were given
+    assert as_default(st.number_input, ("Layer", 0, 29), {"step": 1}, 7) == {"value": 7}
+    assert as_default(st.selectbox, ("Head", [-1, 0, 1]), {}, 5) == {}
     view = ("View", ["model", "head"])
-    assert _as_default(st.segmented_control, view, {"required": True}, "head") == {"default": "head"}
+    assert as_default(st.segmented_control, view, {"required": True}, "head") == {"default": "head"}
