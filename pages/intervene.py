@@ -125,6 +125,7 @@ def toggle_head(layer: int, head: int) -> None:
 
 # ---- preset and heads --------------------------------------------------------------------
 with left:
+    shared.held("iv_preset", next(iter(presets.PRESETS)))  # given every run, so a link's preset reaches the browser
     name = st.selectbox("Preset", list(presets.PRESETS), key="iv_preset",
                         format_func=lambda n: presets.PRESETS[n].title)
     preset = presets.PRESETS[name]
@@ -138,7 +139,7 @@ with left:
     for prm in preset.params:
         key = f"iv_p_{name}_{prm.name}"  # set from a link, or the preset's default
         if isinstance(prm.default, bool):
-            st.session_state.setdefault(key, prm.default)
+            shared.held(key, prm.default)
             params[prm.name] = st.checkbox(prm.name, key=key, help=prm.help)
         elif isinstance(prm.default, int):
             high = int(min(prm.high, meta.n_layers * meta.n_heads)) if prm.name == "k" else int(prm.high)

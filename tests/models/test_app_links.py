@@ -136,3 +136,16 @@ def test_a_bound_value_outside_the_widgets_bounds_gives_no_default():
     assert as_default(st.selectbox, ("Head", [-1, 0, 1]), {}, 5) == {}
     view = ("View", ["model", "head"])
     assert as_default(st.segmented_control, view, {"required": True}, "head") == {"default": "head"}
+
+
+def test_an_intervene_links_preset_and_switches_are_sent_again_on_later_runs():
+    """The Intervene page gives its preset and a preset's on / off settings every run (shared.held), not only
+    in the first: that run may be cut short before the browser has it (see the test above)."""
+    from capture import remember
+
+    at = open_app({"page": "intervene", "max_new_tokens": "4", "prompt": PROMPT,
+                   "intervention": remember(presets.act(META, keep_first=False))})
+    at.run()  # a later run
+    preset, keep_first = at.selectbox(key="iv_preset"), at.checkbox(key="iv_p_act_keep_first")
+    assert (preset.value, keep_first.value) == ("act", False)
+    assert preset.proto.set_value and keep_first.proto.set_value
