@@ -35,11 +35,11 @@ def as_default(widget, args: tuple, kwargs: dict, value) -> dict:
     def given(position: int, keyword: str):
         return kwargs[keyword] if keyword in kwargs else args[position] if len(args) > position else None
 
-    if name in ("selectbox", "radio", "segmented_control", "select_slider"):
+    if name in ("selectbox", "segmented_control", "select_slider"):
         options = list(given(1, "options") or [])
         if value not in options:
             return {}
-        return {"index": options.index(value)} if name in ("selectbox", "radio") else \
+        return {"index": options.index(value)} if name == "selectbox" else \
             {"default": value} if name == "segmented_control" else {"value": value}
     if name in ("slider", "number_input"):  # a default out of its bounds is an error: then none
         low, high = given(1, "min_value"), given(2, "max_value")

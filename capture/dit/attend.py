@@ -268,6 +268,7 @@ def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor
         return None
     key_t = key.float().transpose(-1, -2)  # [head, head_dim, key]
     n_q = query.shape[1]
+    value = None if value is None else value.float()  # [head, key, head_dim], once for every block
     out = None if value is None else torch.empty(query.shape[0], n_q, value.shape[-1], device=value.device)
     step = block_rows(key.shape[0], key.shape[1])
     for r0 in range(0, n_q, step):
@@ -277,7 +278,7 @@ def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor
             continue
         weights = softmax_rows(query, key_t, mask, scale, r0, r1, reuse=True)  # [head, rows, key]
         if out is not None:
-            out[:, r0:r1] = torch.matmul(weights, value.float())  # [head, rows, head_dim]
+            out[:, r0:r1] = torch.matmul(weights, value)  # [head, rows, head_dim]
         sink.rows(r0, weights)  # sinks copy the rows
     return out
 
