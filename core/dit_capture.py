@@ -59,7 +59,7 @@ FULL_BYTES = 16 * 2**20
 FULL_STEP_BYTES = 2 * 2**20
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
-           "<s>", "<unk>", "!", "<none>"}
+           "<s>", "<unk>", "!", "<none>", "<|im_start|>", "<|im_end|>", "Ċ"}  # Qwen's chat markers, its newline
 
 
 def steps_name(layer: int) -> str:
@@ -346,9 +346,9 @@ def column_positions(capture: Capture) -> list[list[int]]:
 
 def word_label(token: str) -> str:
     """A text token as a reader sees it: without CLIP's end-of-word "</w>" ("red</w>" -> "red") and the
-    word-start mark of SentencePiece ("▁red") or byte-level BPE ("Ġred"); a capture keeps the tokenizer's
-    own tokens (analytics.dit reads the word boundaries from them)."""
-    bare = token.replace("</w>", "")
+    word-start mark of SentencePiece ("▁red") or byte-level BPE ("Ġred"), byte-level BPE's newline "Ċ" as
+    "⏎"; a capture keeps the tokenizer's own tokens (analytics.dit reads the word boundaries from them)."""
+    bare = token.replace("</w>", "").replace("Ċ", "⏎")
     bare = bare[1:] if bare[:1] in ("▁", "Ġ") else bare
     return bare or token
 

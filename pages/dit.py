@@ -19,6 +19,8 @@ from pages import dit_patch, dit_summary, shared
 from pages.widgets import picture
 
 STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
+TITLES = {"sd3": "Stable Diffusion 3", "flux": "Flux", "chroma": "Chroma", "pixart": "PixArt", "sana": "Sana",
+          "qwenimage": "Qwen-Image"}  # capture.dit.families' names as the caption says them
 
 st.title("Diffusion transformer")
 state = shared.view_state()
@@ -36,7 +38,8 @@ if MODEL == "shapes-dit":
                "blue square at the center” (colours red, orange, yellow, green, blue, purple; circle, square, "
                "triangle; a 3 x 3 grid of positions). Prompt, seed and steps are in the sidebar.")
 else:
-    st.caption(f"{MODEL}: a {capture.meta.family} diffusion pipeline, {capture.meta.n_layers} layers x "
+    title = TITLES.get(capture.meta.family, capture.meta.family)
+    st.caption(f"{MODEL}: a {title} diffusion pipeline, {capture.meta.n_layers} layers x "
                f"{capture.meta.n_heads} heads, {capture.meta.grid[1]} x {capture.meta.grid[0]} image patches. Prompt, "
                "seed, steps and picture size are in the sidebar.")
 

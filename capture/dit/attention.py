@@ -11,6 +11,7 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - self- and cross-attention (DiT, PixArt, Sana's cross-attention): `HeadScopeProcessor`, step for step
   `AttnProcessor2_0` (Sana's `SanaAttnProcessor2_0`: q / k norms across heads, before the split);
 - Flux's double- and single-stream blocks: capture.dit.families.flux.FluxProcessor;
+- Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
 The attention itself (plain, edited, recorded) is capture.dit.attend.Attend, shared by all of them.
@@ -207,6 +208,10 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.flux import FluxProcessor
 
         return FluxProcessor(layer, module.heads)
+    if name == "QwenDoubleStreamAttnProcessor2_0":
+        from capture.dit.families.qwenimage import QwenProcessor
+
+        return QwenProcessor(layer, module.heads)
     if name == "SanaLinearAttnProcessor2_0":
         from capture.dit.families.sana import SanaLinearProcessor
 

@@ -1,7 +1,7 @@
 """Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
-(capture.dit.families: SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana), loads the pipeline with
+(capture.dit.families: SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana, Qwen-Image), loads the pipeline with
 `DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's
 processors in the transformer (capture.dit.attention.install) and describes it as a ModelHandle:
 the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
@@ -23,8 +23,9 @@ from core.errors import ModelUnavailable
 from core.types import ModelMeta
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
-            "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana"}
-KNOWN = "SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ and Sana"
+            "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana",
+            "QwenImageTransformer2DModel": "qwenimage"}
+KNOWN = "SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana and Qwen-Image"
 
 
 def is_pipeline(folder: Path) -> bool:

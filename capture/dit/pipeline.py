@@ -52,7 +52,7 @@ class PipelineDit:
     def __init__(self, pipe, family: Family):
         self.pipe, self.family = pipe, family
         params = inspect.signature(type(pipe).__call__).parameters
-        self.defaults = {name: params[name].default for name in ("num_inference_steps", "guidance_scale",
+        self.defaults = {name: params[name].default for name in ("num_inference_steps", family.guidance_arg,
                                                                  "max_sequence_length") if name in params}
         side = getattr(pipe, "default_sample_size", None) or int(pipe.transformer.config.sample_size)
         self.default_side = int(side) * int(pipe.vae_scale_factor)
@@ -64,7 +64,10 @@ class PipelineDit:
     def text_length(self, prompt: str) -> tuple[int, int]:
         """(text positions the transformer reads, word-map columns of a "split" capture), estimated from
         the tokenizers before the run: every position, and the prompt's tokens plus one column per
-        padding run."""
+        padding run (a family whose text is not padded: its very positions, from `read_ids`)."""
+        if self.family.read_ids is not None:
+            n = len(self.family.read_ids(self.pipe, prompt))
+            return n, n
         total = columns = 0
         for segment, _encoder, attr in self.family.encoders:
             tokenizer = getattr(self.pipe, attr, None)
@@ -84,7 +87,7 @@ class PipelineDit:
 
     @property
     def guidance(self) -> float:
-        return float(self.defaults.get("guidance_scale", 1.0))
+        return float(self.defaults.get(self.family.guidance_arg) or 1.0)
 
     def grid_of(self, height: int, width: int) -> tuple[int, int]:
         return height // self.unit, width // self.unit

@@ -1,15 +1,17 @@
-"""Diffusers pipeline folders: SD3 (with SD3.5's dual attention), Flux, PixArt-Σ and Sana, tiny and random.
+"""Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana and
+Qwen-Image.
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
-32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit; the recorded maps
-equal an independent recording of softmax(q kᵀ · scale + mask) (Sana's self-attention: the linear map
-φ(q)·φ(k) normalised per row) at a recorded step; rows sum to 1; the spans name the image and the text
-tokens; a head scaled to 0 changes the image and equals zeroing that head's slice before the output
+32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
+CPU: within one 8-bit level); the recorded maps equal an independent recording of softmax(q kᵀ · scale + mask)
+(Sana's self-attention: the linear map φ(q)·φ(k) normalised per row) at a recorded step; rows sum to 1; the
+spans name the image and the text tokens; a head scaled to 0 changes the image and equals zeroing that head's slice before the output
 projection; SoftPAG with u = 0 changes nothing; the "split" layout of real sizes keeps what the "full"
 one does; bad input is one sentence and nothing is cached.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -33,8 +35,10 @@ from core.types import RunSpec
 PROMPT = "a red circle at the top left"
 SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
-ONE_ROW = ("flux", "chroma")  # one batch row per recorded transformer call (no guidance batch)
-JOINT = ("sd3", "flux", "chroma")  # joint attention over image and text; the others read the text by cross-attention
+ONE_ROW = ("flux", "chroma", "qwenimage")  # one batch row per recorded transformer call (no guidance batch)
+JOINT = ("sd3", "flux", "chroma", "qwenimage")  # joint attention over image and text; the others: cross-attention
+TEXT_FIRST = ("flux", "chroma", "qwenimage")  # [text, image] on the token axis; the others [image, text]
+SEPARATE_CFG = ("chroma", "qwenimage")  # guidance as a second transformer call per step (the negative prompt's)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,6 +145,9 @@ class _Independent:
             def __getattr__(self, name):
                 return getattr(processor, name)
 
+        # diffusers' Attention passes a processor only the keyword arguments its __call__ names (Qwen-Image's mask
+        # and rotary embedding): the wrapper shows the processor's own signature
+        Wrapped.__call__.__signature__ = inspect.signature(type(processor).__call__)
         return Wrapped()
 
     def keep(self, weights):  # [batch, head, q, k]: the conditional row is the last
@@ -173,7 +180,7 @@ def test_maps_equal_an_independent_recording(family, folders, captures, monkeypa
     assert cap.output.recorded_steps == [0, 1]
     image, text = cap.spans["image"], cap.spans["text"]
     step = 1
-    call = step * (2 if family == "chroma" else 1)  # Chroma calls the transformer again for the negative prompt
+    call = step * (2 if family in SEPARATE_CFG else 1)  # a second transformer call for the negative prompt
     for layer in range(cap.meta.n_layers):
         ours = dit_capture.step_attention(cap, step, layer).astype(np.float32)  # [head, n, n] on the capture's axis
         theirs = independent.maps[(call, layer, "main")]
@@ -193,9 +200,9 @@ def test_rows_sum_to_one_and_spans_name_the_tokens(family, captures):
     image, text = cap.spans["image"], cap.spans["text"]
     assert all(t.startswith("patch(") for t in cap.tokens[image.start:image.stop])
     assert not any(t.startswith("patch(") for t in cap.tokens[text.start:text.stop])
-    assert (image.start == 0) == (family not in ("flux", "chroma"))  # Flux and Chroma put the text first
+    assert (image.start == 0) == (family not in TEXT_FIRST)
     prompt = cap.spans["prompt"]
-    words = [t.strip("▁").replace("</w>", "") for t in cap.tokens[prompt.start:prompt.stop]]
+    words = [t.strip("▁Ġ").replace("</w>", "") for t in cap.tokens[prompt.start:prompt.stop]]
     assert "red" in words and "circle" in words
     assert all(t in ("<pad>", "!") for t in cap.tokens[cap.spans["padding"].start:cap.spans["padding"].stop])
     for layer in range(cap.meta.n_layers):
@@ -221,7 +228,8 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     caps, store = captures
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
-    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None}.get(family, [[0, 0]] * cap.meta.n_layers)
+    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None}.get(
+        family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()
     for layer in range(cap.meta.n_layers):
@@ -314,11 +322,12 @@ def test_softpag_guides_and_u0_changes_nothing(family, folders, captures):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_redistribute_away_from_padding(family, folders, captures):
     """Every family: beta 0 on some text tokens empties what one head's image rows read there (SD3, Flux: the
-    padding run, a RefAM sink; PixArt, Sana mask their padding out: the prompt's first two tokens, an edit
-    that reaches the cross-attention)."""
+    padding run, a RefAM sink; PixArt, Sana mask their padding out, an edit that reaches the cross-attention,
+    and Qwen-Image's text has none: the prompt's first two tokens)."""
     caps, store = captures
     before = caps[family]
-    taken = list(before.spans["padding"]) if family in JOINT else list(before.spans["prompt"])[:2]
+    padded = family in JOINT and len(before.spans["padding"]) > 0
+    taken = list(before.spans["padding"]) if padded else list(before.spans["prompt"])[:2]
     edited = run(_spec(folders[family], intervention=dit_presets.redistribute_from([(0, 1)], taken, beta=0.0)),
                  store)
     columns = [p - before.spans["text"].start for p in taken]
@@ -552,7 +561,10 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
     # the scene it names grounds its colour and shape words
     tokens = dit_capture.text_tokens(cap)
     spelled = [dit_capture.word_label(t) for t in tokens]  # the labels the Diffusion page shows
-    assert not any(t.endswith("</w>") or t.startswith("▁") for t in spelled if t != "▁")
+    assert not any(t.endswith("</w>") or t[:1] in "▁Ġ" for t in spelled if t not in "▁Ġ")
+    if family == "qwenimage":  # its template's closing tokens: a newline shown as one, chat markers not words
+        assert spelled[-5:] == ["<|im_end|>", "⏎", "<|im_start|>", "assistant", "⏎"]
+        assert [tokens[i] for i in dit_capture.word_columns(cap)][-2:] == ["Ġleft", "assistant"]
     words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
     where = analytics.word_positions(words, tokens)
     assert where is not None and [spelled[i] for i in where] == words

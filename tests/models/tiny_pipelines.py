@@ -1,11 +1,12 @@
-"""Tiny random-weight diffusers pipelines of the five families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the six families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
-Unigram, Gemma's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in its first
-block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance as a
-second call per step), PixArt-Σ and Sana (linear self-attention).  At 32 x 32 px their transformers see
-64 (SD3, PixArt, Flux, Chroma) or 256 (Sana) image tokens.
+Unigram, Gemma's and Qwen2's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in
+its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
+as a second call per step), PixArt-Σ, Sana (linear self-attention) and Qwen-Image (two double-stream
+blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step).  At 32 x 32 px their
+transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image) or 256 (Sana) image tokens.
 """
 from __future__ import annotations
 
@@ -63,6 +64,30 @@ def gemma_tokenizer():
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+QWEN_SYSTEM = ("system Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+               "relationships of the objects and background: user assistant")
+
+
+def qwen_tokenizer():
+    """Qwen2's byte-level BPE over WORDS and the words of Qwen-Image's prompt template, each one token as in
+    Qwen's own vocabulary, so that the template's system prompt is the 34 tokens the pipeline drops."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = " ".join(WORDS) + " " + QWEN_SYSTEM
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text, " " + text.replace(" ", "  "), "system\nDescribe user\nassistant\n"] * 20, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
+    tokenizer.add_tokens(["<|im_start|>"], special_tokens=True)
+    return tokenizer
 
 
 def t5_encoder(vocab: int, width: int = 32):
@@ -178,7 +203,30 @@ def sana():
                         text_encoder=encoder, tokenizer=gemma)
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana")
+def qwenimage():
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # 2 px a latent: 8 x 8 tokens at 32 px
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=encoder, tokenizer=tokenizer)
+
+
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage")
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 

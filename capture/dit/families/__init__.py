@@ -1,9 +1,9 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
-One `Family` per transformer class (capture.dit.families.sd3, .flux, .chroma, .pixart, .sana): what differs
-between them for HeadScope is the order of the joint sequence (Flux, Chroma: text first), whether the
-pipeline batches an unconditional branch before the conditional one or calls the transformer for it
-separately (classifier-free guidance), which text
+One `Family` per transformer class (capture.dit.families.sd3, .flux, .chroma, .pixart, .sana, .qwenimage):
+what differs between them for HeadScope is the order of the joint sequence (Flux, Chroma, Qwen-Image: text
+first), whether the pipeline batches an unconditional branch before the conditional one or calls the
+transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
 encoders' states the transformer reads (their token ids are caught on the way in, so the labels are
 those of the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the
 largest side it is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption
@@ -30,11 +30,15 @@ class Family:
     unit_of: Callable  # pipe -> pixels per patch side (VAE scale factor x patch size)
     max_side: Callable  # (pipe, default side) -> the largest picture side HeadScope samples
     call_kwargs: dict = field(default_factory=dict)  # fixed arguments of the pipeline call
-    select: Callable | None = None  # (ids, pipe, call kwargs) -> the ids the transformer reads (Sana)
+    select: Callable | None = None  # (ids, pipe, call kwargs) -> the ids the transformer reads (Sana, Qwen-Image)
+    # (pipe, prompt) -> the ids the transformer will read, for a family whose text is not padded to a fixed
+    # length (Qwen-Image); None: each encoder's fixed length
+    read_ids: Callable | None = None
     missing: Callable | None = None  # (pipe, segment) -> how many zero tokens stand in for an absent encoder
     # classifier-free guidance as a second transformer call per step (the conditional call first: Chroma)
     # when the guidance scale is above 1, instead of a batch row
     separate_cfg: bool = False
+    guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:
