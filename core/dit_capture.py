@@ -59,7 +59,8 @@ FULL_BYTES = 16 * 2**20
 FULL_STEP_BYTES = 2 * 2**20
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
-           "<s>", "<unk>", "!", "<none>", "<|im_start|>", "<|im_end|>", "Ċ"}  # Qwen's chat markers, its newline
+           "<s>", "<unk>", "!", "<none>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"}  # + Qwen's chat
+BYTE_SPACE = "ĠĊĉ"  # byte-level BPE's space, newline and tab: a token of these alone is no word
 
 
 def steps_name(layer: int) -> str:
@@ -355,7 +356,8 @@ def word_label(token: str) -> str:
 
 def word_columns(capture: Capture) -> list[int]:
     """Indices of the text columns that are words (not [CLS], padding, end-of-text ...)."""
-    return [i for i, t in enumerate(text_tokens(capture)) if t.split(" x")[0] not in SPECIAL]
+    return [i for i, t in enumerate(text_tokens(capture))
+            if t.split(" x")[0] not in SPECIAL and t.strip(BYTE_SPACE)]
 
 
 def patch_grid(capture: Capture) -> tuple[int, int]:

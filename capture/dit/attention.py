@@ -10,7 +10,8 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
   image self-attention (`attn2` of its first blocks) is a "self" layer of its own;
 - self- and cross-attention (DiT, PixArt, Sana's cross-attention): `HeadScopeProcessor`, step for step
   `AttnProcessor2_0` (Sana's `SanaAttnProcessor2_0`: q / k norms across heads, before the split);
-- Flux's double- and single-stream blocks: capture.dit.families.flux.FluxProcessor;
+- Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
+- FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
@@ -187,7 +188,7 @@ def _kind(module) -> str:
         return "joint"
     if getattr(module, "is_cross_attention", False):
         return "cross"
-    if type(module).__name__ == "FluxAttention":  # single-stream blocks: [text, image] in one sequence
+    if type(module).__name__ in ("FluxAttention", "Flux2ParallelSelfAttention"):  # single-stream: [text, image]
         return "joint"
     return "self"
 
@@ -204,10 +205,14 @@ def attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.
 def _processor(module, layer: int, kind: str, routed: bool):
     """HeadScope's processor for one module, chosen by the processor it replaces."""
     name = type(module.processor).__name__
-    if type(module).__name__ == "FluxAttention":
+    if type(module).__name__ == "FluxAttention" or name == "Flux2AttnProcessor":
         from capture.dit.families.flux import FluxProcessor
 
         return FluxProcessor(layer, module.heads)
+    if name == "Flux2ParallelSelfAttnProcessor":
+        from capture.dit.families.flux2 import Flux2SingleProcessor
+
+        return Flux2SingleProcessor(layer, module.heads)
     if name == "QwenDoubleStreamAttnProcessor2_0":
         from capture.dit.families.qwenimage import QwenProcessor
 

@@ -1,9 +1,10 @@
 """Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
-(capture.dit.families: SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana, Qwen-Image), loads the pipeline with
-`DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's
-processors in the transformer (capture.dit.attention.install) and describes it as a ModelHandle:
+(capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image; a family
+may name the pipeline classes it was checked on), loads the pipeline with `DiffusionPipeline.from_pretrained`
+(local files only, no remote code), installs HeadScope's processors in the transformer
+(capture.dit.attention.install) and describes it as a ModelHandle:
 the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
 layer per self- or joint-attention module, `meta.grid` the patch grid at the default picture size.
 It runs where capture.engine.device says (HEADSCOPE_DEVICE, HEADSCOPE_DTYPE: bfloat16 or float16 on a
@@ -24,20 +25,25 @@ from core.types import ModelMeta
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
             "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana",
-            "QwenImageTransformer2DModel": "qwenimage"}
-KNOWN = "SD3 / SD3.5, Flux, Chroma, PixArt-α / Σ, Sana and Qwen-Image"
+            "QwenImageTransformer2DModel": "qwenimage", "Flux2Transformer2DModel": "flux2"}
+KNOWN = "SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana and Qwen-Image"
 
 
 def is_pipeline(folder: Path) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
+def _index(folder: Path) -> dict:
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def transformer_class(folder: Path) -> str | None:
     """The diffusers class of the pipeline's transformer (None when it has none, or the index is unreadable)."""
-    try:
-        entry = json.loads((Path(folder) / "model_index.json").read_text()).get("transformer")
-    except (OSError, ValueError, AttributeError):
-        return None
+    entry = _index(folder).get("transformer")
     return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
 
 
@@ -50,7 +56,13 @@ def family_of(name: str, folder: Path):
     if cls not in FAMILIES:
         raise ModelUnavailable(f"HeadScope does not know the {cls} transformer of {name}; it captures {KNOWN} "
                                "pipelines.")
-    return importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}").FAMILY
+    family = importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}").FAMILY
+    pipeline = str(_index(folder).get("_class_name", ""))
+    if family.pipelines is not None and pipeline not in family.pipelines:
+        raise ModelUnavailable(f"HeadScope captures the {cls} transformer in {' or '.join(family.pipelines)} only; "
+                               f"{name} is a {pipeline or 'pipeline of no named class'}, which it has not been "
+                               "checked on.")
+    return family
 
 
 def load_pipeline(name: str, folder: Path) -> ModelHandle:

@@ -87,6 +87,8 @@ class PipelineDit:
 
     @property
     def guidance(self) -> float:
+        if self.family.guides is not None and not self.family.guides(self.pipe):
+            return 1.0
         return float(self.defaults.get(self.family.guidance_arg) or 1.0)
 
     def grid_of(self, height: int, width: int) -> tuple[int, int]:

@@ -1,13 +1,13 @@
-"""Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana and
-Qwen-Image.
+"""Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana,
+Qwen-Image and FLUX.2 [klein].
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
 32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
 CPU: within one 8-bit level); the recorded maps equal an independent recording of softmax(q kᵀ · scale + mask)
 (Sana's self-attention: the linear map φ(q)·φ(k) normalised per row) at a recorded step; rows sum to 1; the
-spans name the image and the text tokens; a head scaled to 0 changes the image and equals zeroing that head's slice before the output
-projection; SoftPAG with u = 0 changes nothing; the "split" layout of real sizes keeps what the "full"
-one does; bad input is one sentence and nothing is cached.
+spans name the image and the text tokens; a head scaled to 0 changes the image and equals zeroing that head's
+slice before the output projection; SoftPAG with u = 0 changes nothing; the "split" layout of real sizes keeps
+what the "full" one does; bad input is one sentence and nothing is cached.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ from core.types import RunSpec
 PROMPT = "a red circle at the top left"
 SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
-ONE_ROW = ("flux", "chroma", "qwenimage")  # one batch row per recorded transformer call (no guidance batch)
-JOINT = ("sd3", "flux", "chroma", "qwenimage")  # joint attention over image and text; the others: cross-attention
-TEXT_FIRST = ("flux", "chroma", "qwenimage")  # [text, image] on the token axis; the others [image, text]
-SEPARATE_CFG = ("chroma", "qwenimage")  # guidance as a second transformer call per step (the negative prompt's)
+ONE_ROW = ("flux", "chroma", "qwenimage", "flux2")  # one batch row per recorded transformer call (no guidance batch)
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2")  # joint attention over image and text; others: cross-attention
+TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2")  # [text, image] on the token axis; the others [image, text]
+SEPARATE_CFG = ("chroma", "qwenimage", "flux2")  # guidance as a second transformer call per step (the negative prompt)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -204,7 +204,8 @@ def test_rows_sum_to_one_and_spans_name_the_tokens(family, captures):
     prompt = cap.spans["prompt"]
     words = [t.strip("▁Ġ").replace("</w>", "") for t in cap.tokens[prompt.start:prompt.stop]]
     assert "red" in words and "circle" in words
-    assert all(t in ("<pad>", "!") for t in cap.tokens[cap.spans["padding"].start:cap.spans["padding"].stop])
+    padding = cap.spans["padding"]
+    assert all(t in ("<pad>", "!", "<|endoftext|>") for t in cap.tokens[padding.start:padding.stop])
     for layer in range(cap.meta.n_layers):
         sums = dit_capture.step_attention(cap, 0, layer).astype(np.float32).sum(-1)  # [head, n]
         live = sums > 0.5  # rows the layer computes (an image-only layer's text rows are empty)
@@ -228,7 +229,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     caps, store = captures
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
-    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None}.get(
+    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()
@@ -277,7 +278,7 @@ def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
     from capture.dit.attention import attention_modules
 
     module = [m for _p, m, kind in attention_modules(pipe.transformer) if kind != "cross"][layer]
-    width = module.to_q.out_features // module.heads
+    width = module.inner_dim // module.heads
 
     def zero(_m, args):
         z = args[0].clone()
@@ -288,6 +289,9 @@ def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
         block = next(b for b in pipe.transformer.single_transformer_blocks if b.attn is module)
         block.proj_out.register_forward_pre_hook(zero)
         return
+    if isinstance(module.to_out, torch.nn.Linear):  # FLUX.2 single-stream: [head outputs, MLP] into to_out
+        module.to_out.register_forward_pre_hook(zero)
+        return
     module.to_out[0].register_forward_pre_hook(zero)
     if getattr(module, "to_add_out", None) is not None:
         module.to_add_out.register_forward_pre_hook(zero)
@@ -296,7 +300,7 @@ def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_head_scaled_to_zero_equals_zeroing_its_slice(family, folders, captures):
     caps, store = captures
-    layer = 1  # SD3: block 0's image-only self-attention (SD3.5); Flux: the single-stream block
+    layer = 1  # SD3: block 0's image-only self-attention (SD3.5); Flux, FLUX.2: the single-stream block
     masked = run(_spec(folders[family], intervention=dit_presets.scale_heads([(layer, 1)], 0.0)), store)
     after = dit_capture.generated_image(masked)
     assert not np.array_equal(after, dit_capture.generated_image(caps[family]))
@@ -508,9 +512,14 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     index = json.loads((unknown / "model_index.json").read_text())
     index["transformer"] = ["diffusers", "HunyuanDiT2DModel"]
     (unknown / "model_index.json").write_text(json.dumps(index))
+    dev = tmp_path / "flux2-dev"  # FLUX.2 [dev]'s pipeline (Mistral 3 text encoder): not checked, refused
+    shutil.copytree(folders["flux2"], dev)
+    index = json.loads((dev / "model_index.json").read_text())
+    (dev / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2Pipeline")))
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [(_spec(unknown), ModelUnavailable, "does not know the HunyuanDiT2DModel"),
+             (_spec(dev), ModelUnavailable, "in Flux2KleinPipeline only; .* is a Flux2Pipeline"),
              (_spec(empty), ModelUnavailable, "neither config.json"),
              (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
              (_spec(folders["sd3"], height=33), InputError, "multiples of 4 px"),
@@ -524,6 +533,21 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
         _one_sentence(caught.value)
     assert registry.modality(str(folders["flux"])) == "dit" and registry.modality(str(unknown)) == "dit"
     assert store.keys() == []
+
+
+def test_a_distilled_flux2_klein_makes_one_call_per_step(folders, tmp_path, store):
+    """FLUX.2 [klein]'s step-distilled models skip guidance at any scale (`is_distilled`): one transformer call
+    per step, each recorded as its step, and the picture is the plain pipeline's."""
+    distilled = tmp_path / "flux2-distilled"
+    shutil.copytree(folders["flux2"], distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps(dict(index, is_distilled=True)))
+    assert registry.load(str(distilled)).tokenizer.guidance == 1.0
+    assert registry.load(str(folders["flux2"])).tokenizer.guidance == 4.0
+    cap = run(_spec(distilled), store)
+    assert cap.output.recorded_steps == [0, 1] and len(cap.output.timesteps) == STEPS
+    plain = _sample(_plain(distilled), distilled)
+    assert np.abs(dit_capture.generated_image(cap).astype(int) - plain.astype(int)).max() <= 1
 
 
 def test_a_capture_too_large_is_refused_before_it_runs(folders, store, monkeypatch):

@@ -1,12 +1,13 @@
-"""Tiny random-weight diffusers pipelines of the six families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the seven families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
 Unigram, Gemma's and Qwen2's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in
 its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
-as a second call per step), PixArt-Σ, Sana (linear self-attention) and Qwen-Image (two double-stream
-blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step).  At 32 x 32 px their
-transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image) or 256 (Sana) image tokens.
+as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
+blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step) and FLUX.2 [klein] (one
+double- and one single-stream block, Qwen3).  At 32 x 32 px their transformers see 64 (SD3, PixArt, Flux,
+Chroma, Qwen-Image, FLUX.2) or 256 (Sana) image tokens.
 """
 from __future__ import annotations
 
@@ -68,11 +69,16 @@ def gemma_tokenizer():
 
 QWEN_SYSTEM = ("system Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
                "relationships of the objects and background: user assistant")
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                  "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")  # Qwen3's, for one user turn
 
 
 def qwen_tokenizer():
     """Qwen2's byte-level BPE over WORDS and the words of Qwen-Image's prompt template, each one token as in
-    Qwen's own vocabulary, so that the template's system prompt is the 34 tokens the pipeline drops."""
+    Qwen's own vocabulary, so that the template's system prompt is the 34 tokens the pipeline drops; chat
+    markers and Qwen3's thinking tags are special tokens, and Qwen3's chat template renders a prompt as
+    FLUX.2 [klein]'s pipeline asks (thinking off)."""
     import json
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -82,11 +88,13 @@ def qwen_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     text = " ".join(WORDS) + " " + QWEN_SYSTEM
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text, " " + text.replace(" ", "  "), "system\nDescribe user\nassistant\n"] * 20, trainer)
+    bpe.train_from_iterator([text, " " + text.replace(" ", "  "), "system\nDescribe user\nassistant\n\n\n"] * 20,
+                            trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
-    tokenizer.add_tokens(["<|im_start|>"], special_tokens=True)
+    tokenizer.add_tokens(["<|im_start|>", "<think>", "</think>"], special_tokens=True)
+    tokenizer.chat_template = QWEN3_TEMPLATE
     return tokenizer
 
 
@@ -226,7 +234,34 @@ def qwenimage():
                              text_encoder=encoder, tokenizer=tokenizer)
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage")
+def flux2():
+    """FLUX.2 [klein]: one double- and one single-stream block; Qwen3 with the 27 layers whose hidden states
+    9, 18 and 27 the pipeline reads (width 8); guidance as a second call per step (not distilled)."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                          timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4, 4),
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                             use_post_quant_conv=False)
+    torch.manual_seed(0)
+    encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=8, intermediate_size=16, num_hidden_layers=27, head_dim=4,
+                                           num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                           max_position_embeddings=1024, bos_token_id=None,
+                                           eos_token_id=tokenizer.eos_token_id))
+    return Flux2KleinPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                              text_encoder=encoder, tokenizer=tokenizer)
+
+
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2")
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 

@@ -1,8 +1,9 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
-One `Family` per transformer class (capture.dit.families.sd3, .flux, .chroma, .pixart, .sana, .qwenimage):
-what differs between them for HeadScope is the order of the joint sequence (Flux, Chroma, Qwen-Image: text
-first), whether the pipeline batches an unconditional branch before the conditional one or calls the
+One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
+.qwenimage):
+what differs between them for HeadScope is the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image:
+text first), whether the pipeline batches an unconditional branch before the conditional one or calls the
 transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
 encoders' states the transformer reads (their token ids are caught on the way in, so the labels are
 those of the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the
@@ -39,6 +40,8 @@ class Family:
     # when the guidance scale is above 1, instead of a batch row
     separate_cfg: bool = False
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
+    guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
+    pipelines: tuple[str, ...] | None = None  # the pipeline classes HeadScope was checked on (None: any)
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:
