@@ -89,9 +89,9 @@ with st.expander("Train on these captures", expanded=atlas is None):
         held = st.session_state.get("capture")
         default = [held.key] if held is not None and held.key in options else list(options)[-3:]
     st.session_state.setdefault("pat_captures", default)
-    if atlas is not None:  # the training controls start from the atlas's own settings
-        st.session_state.setdefault("pat_vision", atlas.params.vision)
-        st.session_state.setdefault("pat_k", atlas.params.cluster.k)
+    if atlas is not None:  # the training controls start from the atlas's own settings, given every run
+        shared.held("pat_vision", atlas.params.vision)  # (shared.held: a first run cut short may not reach the browser)
+        shared.held("pat_k", atlas.params.cluster.k)
     st.session_state["pat_captures"] = [k for k in st.session_state["pat_captures"] if k in options]
     chosen = st.multiselect("Captures", list(options), format_func=options.get, key="pat_captures",
                             help="Cached runs (any model). Run more inputs from the sidebar to add them here.")
@@ -330,8 +330,8 @@ def compare_view() -> None:
     edited = [g for g in groups if " · " in g]
     after_default = edited[0] if edited else groups[1]
     before_default = after_default.split(" · ")[0] if after_default.split(" · ")[0] in groups else groups[0]
-    st.session_state.setdefault("pat_before", before_default)
-    st.session_state.setdefault("pat_after", after_default)
+    shared.held("pat_before", before_default)
+    shared.held("pat_after", after_default)
     a, b = st.columns(2)
     before = a.selectbox("Before", groups, key="pat_before")
     after = b.selectbox("After", groups, key="pat_after")

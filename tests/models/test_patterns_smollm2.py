@@ -98,6 +98,12 @@ def test_page_shows_the_atlas_and_carries_the_selection_in_the_link(smollm2_atla
     assert params["atlas"] == atlas.key and params["points"] == "0-11.300" and params["colour"] == "entropy"
     assert params["names"] == "0=my first cluster"
 
+    # the training controls take the atlas's settings and are given them every run, not only in the first (which a
+    # browser may never receive: pages.shared.held)
+    vision, k = at.radio(key="pat_vision"), at.selectbox(key="pat_k")
+    assert (vision.value, k.value) == (atlas.params.vision, atlas.params.cluster.k)
+    assert vision.proto.set_value and k.proto.set_value
+
     at.session_state["pat_tab"] = "Heads"  # the Heads tab: dominant-cluster grid, head profile, layer mix
     at.run()
     assert not at.exception, [e.value for e in at.exception]
