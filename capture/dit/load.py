@@ -58,7 +58,7 @@ def family_of(name: str, folder: Path):
                                "pipelines.")
     family = importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}").FAMILY
     pipeline = str(_index(folder).get("_class_name", ""))
-    if family.pipelines is not None and pipeline not in family.pipelines:
+    if pipeline not in family.pipelines:
         raise ModelUnavailable(f"HeadScope captures the {cls} transformer in {' or '.join(family.pipelines)} only; "
                                f"{name} is a {pipeline or 'pipeline of no named class'}, which it has not been "
                                "checked on.")

@@ -518,8 +518,13 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     (dev / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2Pipeline")))
     empty = tmp_path / "empty"
     empty.mkdir()
+    img2img = tmp_path / "sd3-img2img"  # a known transformer in a pipeline whose call was never checked
+    shutil.copytree(folders["sd3"], img2img)
+    index = json.loads((img2img / "model_index.json").read_text())
+    (img2img / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusion3Img2ImgPipeline")))
     cases = [(_spec(unknown), ModelUnavailable, "does not know the HunyuanDiT2DModel"),
              (_spec(dev), ModelUnavailable, "in Flux2KleinPipeline only; .* is a Flux2Pipeline"),
+             (_spec(img2img), ModelUnavailable, "in StableDiffusion3Pipeline only; .* StableDiffusion3Img2ImgPipeline"),
              (_spec(empty), ModelUnavailable, "neither config.json"),
              (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
              (_spec(folders["sd3"], height=33), InputError, "multiples of 4 px"),
@@ -548,6 +553,22 @@ def test_a_distilled_flux2_klein_makes_one_call_per_step(folders, tmp_path, stor
     assert cap.output.recorded_steps == [0, 1] and len(cap.output.timesteps) == STEPS
     plain = _sample(_plain(distilled), distilled)
     assert np.abs(dit_capture.generated_image(cap).astype(int) - plain.astype(int)).max() <= 1
+
+
+def test_pixart_alpha_pipeline(folders, tmp_path, store):
+    """PixArt-α's pipeline around the same transformer (120 T5 tokens, no 300): the picture is the plain
+    pipeline's and the word maps are the cross-attention's, rows summing to 1 over the unmasked tokens."""
+    from diffusers import PixArtAlphaPipeline
+
+    sigma = _plain(folders["pixart"])
+    alpha = tmp_path / "pixart-alpha"
+    PixArtAlphaPipeline(transformer=sigma.transformer, scheduler=sigma.scheduler, vae=sigma.vae,
+                        text_encoder=sigma.text_encoder, tokenizer=sigma.tokenizer).save_pretrained(alpha)
+    cap = run(_spec(alpha), store)
+    np.testing.assert_array_equal(dit_capture.generated_image(cap), _sample(_plain(alpha), alpha))
+    assert len(dit_capture.text_tokens(cap)) == 120
+    words = dit_capture.image_to_text(cap).astype(np.float32)  # [step, layer, head, image, text]
+    np.testing.assert_allclose(words.sum(-1), 1.0, atol=5e-3)
 
 
 def test_a_capture_too_large_is_refused_before_it_runs(folders, store, monkeypatch):

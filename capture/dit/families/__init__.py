@@ -1,15 +1,14 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage):
-what differs between them for HeadScope is the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image:
-text first), whether the pipeline batches an unconditional branch before the conditional one or calls the
-transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
-encoders' states the transformer reads (their token ids are caught on the way in, so the labels are
-those of the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the
-largest side it is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption
-cleaning, which needs extra packages, and no aspect-ratio binning, so a picture is sampled at the size
-asked for).
+.qwenimage): what differs between them for HeadScope is the pipeline classes it was checked in, the order of
+the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image: text first), whether the pipeline batches an
+unconditional branch before the conditional one or calls the transformer for it separately (classifier-free
+guidance, and which pipeline argument scales it), which text encoders' states the transformer reads (their
+token ids are caught on the way in, so the labels are those of the very tokens the model saw), the pixel unit
+of a picture side (VAE factor x patch) and the largest side it is sampled at, and the pipeline arguments
+HeadScope fixes (PixArt and Sana: no caption cleaning, which needs extra packages, and no aspect-ratio
+binning, so a picture is sampled at the size asked for; Qwen-Image: the negative prompt).
 """
 from __future__ import annotations
 
@@ -25,6 +24,9 @@ class Family:
 
     name: str
     transformer: str  # diffusers class name of the pipeline's transformer
+    # the pipeline classes HeadScope was checked on (tests/models/test_dit_pipelines.py); another one around the
+    # same transformer (an image-to-image, inpainting or few-step variant) is refused, its call may differ
+    pipelines: tuple[str, ...]
     text_first: bool  # Flux: [text, image]; the others [image, text]
     cfg: bool  # the pipeline runs [unconditional, conditional] rows when its guidance scale is above 1
     encoders: tuple[tuple[str, str, str], ...]  # (segment name, text encoder attribute, tokenizer attribute)
@@ -41,7 +43,6 @@ class Family:
     separate_cfg: bool = False
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
-    pipelines: tuple[str, ...] | None = None  # the pipeline classes HeadScope was checked on (None: any)
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:

@@ -74,7 +74,9 @@ class FluxProcessor:
     _parallel_config = None
 
 
-FAMILY = Family(name="flux", transformer="FluxTransformer2DModel", text_first=True, cfg=False,
+FAMILY = Family(name="flux", transformer="FluxTransformer2DModel",
+                pipelines=("FluxPipeline",),
+                text_first=True, cfg=False,
                 encoders=(("t5", "text_encoder_2", "tokenizer_2"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # 8 x the 2 x 2 packing of latents
                 max_side=lambda pipe, default: 2 * default)

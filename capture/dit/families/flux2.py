@@ -65,9 +65,10 @@ class Flux2SingleProcessor:
     _parallel_config = None
 
 
-FAMILY = Family(name="flux2", transformer="Flux2Transformer2DModel", text_first=True, cfg=False, separate_cfg=True,
-                guides=lambda pipe: not getattr(pipe.config, "is_distilled", False),
+FAMILY = Family(name="flux2", transformer="Flux2Transformer2DModel",
                 pipelines=("Flux2KleinPipeline",),
+                text_first=True, cfg=False, separate_cfg=True,
+                guides=lambda pipe: not getattr(pipe.config, "is_distilled", False),
                 encoders=(("qwen3", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # the 2 x 2 packing of latents, as FLUX.1
                 max_side=lambda pipe, default: 2 * default)

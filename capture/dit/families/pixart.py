@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from capture.dit.families import Family
 
-FAMILY = Family(name="pixart", transformer="PixArtTransformer2DModel", text_first=False, cfg=True,
+FAMILY = Family(name="pixart", transformer="PixArtTransformer2DModel",
+                pipelines=("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
+                text_first=False, cfg=True,
                 encoders=(("t5", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * int(pipe.transformer.config.patch_size),
                 max_side=lambda pipe, default: 2 * default,

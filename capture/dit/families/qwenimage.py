@@ -98,7 +98,9 @@ def _read_ids(pipe, prompt: str) -> list[int]:
     return list(ids[_drop(pipe):])
 
 
-FAMILY = Family(name="qwenimage", transformer="QwenImageTransformer2DModel", text_first=True, cfg=False,
+FAMILY = Family(name="qwenimage", transformer="QwenImageTransformer2DModel",
+                pipelines=("QwenImagePipeline",),
+                text_first=True, cfg=False,
                 separate_cfg=True, guidance_arg="true_cfg_scale",
                 encoders=(("qwen", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # the 2 x 2 packing of latents, as Flux

@@ -75,7 +75,9 @@ def _select(ids: list[int], pipe, call: dict) -> list[int]:
     return [ids[0]] + list(ids[len(ids) - length + 1:])
 
 
-FAMILY = Family(name="sana", transformer="SanaTransformer2DModel", text_first=False, cfg=True,
+FAMILY = Family(name="sana", transformer="SanaTransformer2DModel",
+                pipelines=("SanaPipeline",),
+                text_first=False, cfg=True,
                 encoders=(("gemma", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * int(pipe.transformer.config.patch_size),
                 max_side=lambda pipe, default: 4 * default,  # Sana samples up to 4K

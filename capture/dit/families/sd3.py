@@ -23,7 +23,9 @@ def _max_side(pipe, default: int) -> int:
     return int(patches) * _unit(pipe) if patches else 2 * default
 
 
-FAMILY = Family(name="sd3", transformer="SD3Transformer2DModel", text_first=False, cfg=True,
+FAMILY = Family(name="sd3", transformer="SD3Transformer2DModel",
+                pipelines=("StableDiffusion3Pipeline",),
+                text_first=False, cfg=True,
                 encoders=(("clip", "text_encoder", "tokenizer"), ("t5", "text_encoder_3", "tokenizer_3")),
                 unit_of=_unit, max_side=_max_side,
                 missing=lambda pipe, segment: int(pipe.tokenizer_max_length) if segment == "t5" else 0)
