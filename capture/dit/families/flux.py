@@ -31,8 +31,6 @@ class FluxProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -49,17 +47,7 @@ class FluxProcessor:
             query = torch.cat([encoder_query, query], dim=1)
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        def plain() -> torch.Tensor:
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                        backend=self._attention_backend, parallel_config=self._parallel_config)
-            return out.flatten(2, 3)
-
-        hidden_states = self.attend(Frame(), query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                    attention_mask, attn.head_dim ** -0.5, plain)
+        hidden_states = rotated_attention(self, attn, query, key, value, attention_mask, image_rotary_emb)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
@@ -74,6 +62,27 @@ class FluxProcessor:
     _parallel_config = None
 
 
+def rotated_attention(processor, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, image_rotary_emb) -> torch.Tensor:
+    """query, key, value  # [batch, tokens, head, head_dim], normed -> hidden  # [batch, tokens, head * head_dim]:
+    the rotary embedding applied to q and k, then `processor.attend` (plain: diffusers' `dispatch_attention_fn`
+    with the processor's backend), as FLUX.1's and FLUX.2's processors do."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+    def plain() -> torch.Tensor:
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                    backend=processor._attention_backend, parallel_config=processor._parallel_config)
+        return out.flatten(2, 3)
+
+    return processor.attend(Frame(), query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                            attention_mask, attn.head_dim ** -0.5, plain)
+
+
 FAMILY = Family(name="flux", transformer="FluxTransformer2DModel",
                 pipelines=("FluxPipeline",),
                 text_first=True, cfg=False,
@@ -81,4 +90,4 @@ FAMILY = Family(name="flux", transformer="FluxTransformer2DModel",
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # 8 x the 2 x 2 packing of latents
                 max_side=lambda pipe, default: 2 * default)
 
-__all__ = ["FAMILY", "FluxProcessor"]
+__all__ = ["FAMILY", "FluxProcessor", "rotated_attention"]

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from capture.dit.attend import Attend, Frame
+from capture.dit.attend import Attend
 from capture.dit.families import Family
+from capture.dit.families.flux import rotated_attention
 
 
 class Flux2SingleProcessor:
@@ -35,9 +36,6 @@ class Flux2SingleProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)  # [batch, tokens, 3 * inner + MLP input]
         qkv_dim = 3 * attn.inner_dim
         mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
@@ -47,17 +45,7 @@ class Flux2SingleProcessor:
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # [batch, tokens, head, head_dim]
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        def plain() -> torch.Tensor:
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                        backend=self._attention_backend, parallel_config=self._parallel_config)
-            return out.flatten(2, 3)
-
-        hidden = self.attend(Frame(), query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                             attention_mask, attn.head_dim ** -0.5, plain)  # [batch, tokens, head * head_dim]
+        hidden = rotated_attention(self, attn, query, key, value, attention_mask, image_rotary_emb)
         return attn.to_out(torch.cat([hidden, attn.mlp_act_fn(mlp_hidden)], dim=-1))
 
     # diffusers' dispatcher reads these from the processor (None: the default attention backend)
