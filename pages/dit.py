@@ -19,8 +19,9 @@ from pages import dit_patch, dit_summary, shared
 from pages.widgets import picture
 
 STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
+# capture.dit.families' names as the caption says them
 TITLES = {"sd3": "Stable Diffusion 3", "flux": "Flux", "flux2": "FLUX.2", "chroma": "Chroma", "pixart": "PixArt",
-          "sana": "Sana", "qwenimage": "Qwen-Image"}  # capture.dit.families' names as the caption says them
+          "sana": "Sana", "qwenimage": "Qwen-Image", "cogview4": "CogView 4"}
 
 st.title("Diffusion transformer")
 state = shared.view_state()

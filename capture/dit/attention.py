@@ -13,6 +13,7 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
+- CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
 The attention itself (plain, edited, recorded) is capture.dit.attend.Attend, shared by all of them.
@@ -186,6 +187,8 @@ class HeadScopeProcessor:
 def _kind(module) -> str:
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
+    if type(getattr(module, "headscope_original", module.processor)).__name__ == "CogView4AttnProcessor":
+        return "joint"  # one set of projections over [text, image]
     if getattr(module, "is_cross_attention", False):
         return "cross"
     if type(module).__name__ in ("FluxAttention", "Flux2ParallelSelfAttention"):  # single-stream: [text, image]
@@ -213,6 +216,10 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.flux2 import Flux2SingleProcessor
 
         return Flux2SingleProcessor(layer, module.heads)
+    if name == "CogView4AttnProcessor":
+        from capture.dit.families.cogview4 import CogView4Processor
+
+        return CogView4Processor(layer, module.heads)
     if name == "QwenDoubleStreamAttnProcessor2_0":
         from capture.dit.families.qwenimage import QwenProcessor
 

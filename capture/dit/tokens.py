@@ -3,10 +3,10 @@
 SD3, PixArt, Sana and shapes-dit put the image first ([patch(0,0) ... patch(R-1,C-1), text tokens]);
 Flux puts the text first.  The text is one or more segments, one per text encoder whose states the
 transformer reads (SD3: CLIP, then T5; Flux and PixArt: T5; Sana: Gemma; shapes-dit: MiniLM), each
-ending in a run of padding tokens.
+ending in a run of padding tokens (CogView 4's GLM segment starts with it).
 
-Spans: "image", "text", each segment by name (pipelines), "prompt" (the last segment's tokens before
-its padding) and "padding" (that segment's padding run).  Columns (the text axis of the word maps of
+Spans: "image", "text", each segment by name (pipelines), "prompt" (the last segment's tokens but its
+padding) and "padding" (that segment's padding run).  Columns (the text axis of the word maps of
 a capture too large for full maps, capture.dit.record): every text token but the padding, and one
 column per padding run that stands for the whole run ("<pad> x240": the attention it receives summed);
 `column_spans` gives the spans on that axis.
@@ -56,8 +56,13 @@ class TokenLayout:
         for name, r in self.segments:
             spans[name] = range(t0 + r.start, t0 + r.stop)
         last = self.segments[-1][1] if self.segments else range(0, len(self.text))
-        pad = self.padding[-1] if self.padding and self.padding[-1].stop == last.stop else range(last.stop, last.stop)
-        spans["prompt"] = range(t0 + last.start, t0 + pad.start)
+        pad = self.padding[-1] if self.padding else range(last.stop, last.stop)
+        if len(pad) and pad.start == last.start and pad.stop < last.stop:  # a leading run (CogView 4)
+            prompt = range(pad.stop, last.stop)
+        else:
+            pad = pad if pad.stop == last.stop else range(last.stop, last.stop)
+            prompt = range(last.start, pad.start)
+        spans["prompt"] = range(t0 + prompt.start, t0 + prompt.stop)
         spans["padding"] = range(t0 + pad.start, t0 + pad.stop)
         return spans
 
@@ -84,6 +89,14 @@ def column_spans(layout: TokenLayout) -> dict[str, range]:
     firsts = [positions[0] for _label, positions in layout.columns(grouped=True)]  # increasing
     return {name: range(bisect.bisect_left(firsts, span.start), bisect.bisect_left(firsts, span.stop))
             for name, span in layout.spans().items() if name not in ("image", "text")}
+
+
+def leading_padding(ids: list[int], pad_id: int | None) -> int:
+    """How many padding ids open `ids` (CogView 4 pads on the left)."""
+    count = 0
+    while pad_id is not None and count < len(ids) and ids[count] == pad_id:
+        count += 1
+    return count
 
 
 def padding_start(ids: list[int], pad_id: int | None, eos_id: int | None) -> int:

@@ -139,14 +139,14 @@ def test_dit_patch_tab_asks_from_a_clicked_patch(server, chromium, artifacts):
     page.screenshot(path=str(artifacts / "browser_dit_patch.png"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4"])
 def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     """A diffusers folder on the DiT page, from its link: SD3's joint attention with CLIP and T5 tokens
     (shown as words, without CLIP's "</w>"), Chroma's (Flux's blocks; guidance a second call per step),
     PixArt's layers that store only their image block
     (core.layouts.PaddedBlock), Sana's linear attention, Qwen-Image's byte-level tokens (without "Ġ"),
-    FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes); the page draws
-    them all."""
+    FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), CogView 4's text
+    padded on the left; the page draws them all."""
     from urllib.parse import urlencode
 
     import tiny_pipelines
@@ -164,11 +164,11 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
         words = page.locator(".js-plotly-plot").first
         assert words.get_by_text("red", exact=True).count() >= 1 and words.get_by_text("</w>").count() == 0
         assert words.get_by_text("Ġ").count() == 0
-        if family in ("qwenimage", "flux2"):  # chat markers, thinking tags and newlines: special, off by default
-            title = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2"}[family]
+        if family in ("qwenimage", "flux2", "cogview4"):  # chat markers, thinking tags, newlines, GLM's opening:
+            title = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2", "cogview4": "CogView 4"}[family]  # special
             assert page.get_by_text(f"a {title} diffusion pipeline").count() == 1
             assert words.get_by_text("⏎").count() == 0 and words.get_by_text("im_end").count() == 0
-            assert words.get_by_text("think").count() == 0
+            assert words.get_by_text("think").count() == 0 and words.get_by_text("gMASK").count() == 0
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)

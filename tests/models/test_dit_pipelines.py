@@ -1,5 +1,5 @@
 """Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana,
-Qwen-Image and FLUX.2 [klein].
+Qwen-Image, FLUX.2 [klein] and CogView 4.
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
 32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
@@ -35,10 +35,11 @@ from core.types import RunSpec
 PROMPT = "a red circle at the top left"
 SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
-ONE_ROW = ("flux", "chroma", "qwenimage", "flux2")  # one batch row per recorded transformer call (no guidance batch)
-JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2")  # joint attention over image and text; others: cross-attention
-TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2")  # [text, image] on the token axis; the others [image, text]
-SEPARATE_CFG = ("chroma", "qwenimage", "flux2")  # guidance as a second transformer call per step (the negative prompt)
+# one batch row per recorded transformer call (no guidance batch)
+ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4")
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4")  # joint attention; the others: cross-attention
+TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4")  # [text, image] on the token axis, not [image, text]
+SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4")  # guidance: a second transformer call per step
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -229,7 +230,8 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     caps, store = captures
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
-    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None}.get(
+    expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None,
+                "cogview4": None}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()

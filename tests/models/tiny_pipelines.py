@@ -1,13 +1,14 @@
-"""Tiny random-weight diffusers pipelines of the seven families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the eight families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
-Unigram, Gemma's and Qwen2's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in
+Unigram, Gemma's, Qwen2's and GLM's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in
 its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
 blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step) and FLUX.2 [klein] (one
-double- and one single-stream block, Qwen3).  At 32 x 32 px their transformers see 64 (SD3, PixArt, Flux,
-Chroma, Qwen-Image, FLUX.2) or 256 (Sana) image tokens.
+double- and one single-stream block, Qwen3) and CogView 4 (GLM, its text padded on the left).  At 32 x 32 px
+their transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4) or 256 (Sana) image
+tokens.
 """
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ def qwen_tokenizer():
     tokenizer.add_tokens(["<|im_start|>", "<think>", "</think>"], special_tokens=True)
     tokenizer.chat_template = QWEN3_TEMPLATE
     return tokenizer
+
+
+def glm_tokenizer():
+    """GLM-4's shape: a byte-level BPE over WORDS that opens every text with "[gMASK]<sop>" (so the empty negative
+    prompt is two tokens, as GLM's is), "<|endoftext|>" its padding, padded on the left."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = " ".join(WORDS)
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "[gMASK]", "<sop>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text, " " + text.replace(" ", "  ")] * 20, trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A", special_tokens=[(t, bpe.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   padding_side="left")
 
 
 def t5_encoder(vocab: int, width: int = 32):
@@ -261,7 +280,27 @@ def flux2():
                               text_encoder=encoder, tokenizer=tokenizer)
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2")
+def cogview4():
+    """CogView 4: two joint blocks, a two-layer GLM text encoder; guidance as a second call per step."""
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    tokenizer = glm_tokenizer()
+    torch.manual_seed(0)
+    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                             num_attention_heads=2, out_channels=4, text_embed_dim=16,
+                                             time_embed_dim=8, condition_dim=4)
+    torch.manual_seed(0)
+    encoder = GlmModel(GlmConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer),
+                                 max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")  # CogView4's
+    return CogView4Pipeline(tokenizer=tokenizer, text_encoder=encoder, vae=kl_vae(), transformer=transformer,
+                            scheduler=scheduler)
+
+
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4")
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 

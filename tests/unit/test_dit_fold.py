@@ -165,3 +165,20 @@ def test_the_layout_is_full_only_while_every_step_and_each_step_fit():
     assert RecordPlan().resolve(1, 2, side, fits + 1).mode == "split"  # every step too large together
     assert RecordPlan(steps=(0, 1)).resolve(1, 2, side, fits + 1).mode == "full"  # only the recorded steps count
     assert RecordPlan(mode="full").resolve(1, 2, side + 1, 2).mode == "full"  # asked for: kept
+
+
+def test_spans_and_columns_of_a_leading_padding_run():
+    """CogView 4 pads its text on the left: the "padding" span is the leading run, the "prompt" what follows it,
+    and a split capture's grouped columns make the run one column (capture.dit.tokens)."""
+    from capture.dit.tokens import leading_padding, padding_start
+
+    ids = [0, 0, 0, 5, 6, 7]
+    assert leading_padding(ids, 0) == 3 and leading_padding(ids, None) == 0 and padding_start(ids, 0, 9) == 6
+    text = ["<pad>"] * 3 + ["[gMASK]", "red", "cube"]
+    layout = TokenLayout(grid=(2, 2), text=text, text_first=True, segments=[("glm", range(0, 6))],
+                         padding=[range(0, 3)])
+    spans = layout.spans()
+    assert (spans["padding"], spans["prompt"], spans["image"]) == (range(0, 3), range(3, 6), range(6, 10))
+    assert [label for label, _p in layout.columns(grouped=True)] == ["<pad> x3", "[gMASK]", "red", "cube"]
+    trailing = TokenLayout(grid=(2, 2), text=text[::-1], segments=[("t5", range(0, 6))], padding=[range(3, 6)])
+    assert (trailing.spans()["prompt"], trailing.spans()["padding"]) == (range(4, 7), range(7, 10))

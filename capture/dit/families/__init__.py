@@ -1,21 +1,22 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage): what differs between them for HeadScope is the pipeline classes it was checked in, the order of
-the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image: text first), whether the pipeline batches an
+.qwenimage, .cogview4): what differs between them for HeadScope is the pipeline classes it was checked in, the order of
+the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4: text first), whether the pipeline batches an
 unconditional branch before the conditional one or calls the transformer for it separately (classifier-free
 guidance, and which pipeline argument scales it), which text encoders' states the transformer reads (their
 token ids are caught on the way in, so the labels are those of the very tokens the model saw), the pixel unit
 of a picture side (VAE factor x patch) and the largest side it is sampled at, and the pipeline arguments
 HeadScope fixes (PixArt and Sana: no caption cleaning, which needs extra packages, and no aspect-ratio
-binning, so a picture is sampled at the size asked for; Qwen-Image: the negative prompt).
+binning, so a picture is sampled at the size asked for; Qwen-Image: the negative prompt), and where the
+text's padding run is (last, or first: CogView 4).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
-from capture.dit.tokens import TokenLayout, padding_start
+from capture.dit.tokens import TokenLayout, leading_padding, padding_start
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Family:
     separate_cfg: bool = False
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
+    pads_left: bool = False  # the text's padding run comes first (CogView 4), not last
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:
@@ -62,8 +64,11 @@ class Family:
             else:
                 ids = self.select(ids, pipe, call) if self.select else ids
                 text += tokenizer.convert_ids_to_tokens(ids)
-                pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
-                padding.append(range(start + pad, start + len(ids)))
+                if self.pads_left:
+                    padding.append(range(start, start + leading_padding(ids, tokenizer.pad_token_id)))
+                else:
+                    pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                    padding.append(range(start + pad, start + len(ids)))
             segments.append((name, range(start, len(text))))
         if len(text) != n_text:
             notes.append(f"The transformer read {n_text} text positions; HeadScope labels them by position.")
