@@ -356,9 +356,11 @@ def word_label(token: str) -> str:
 
 
 def word_columns(capture: Capture) -> list[int]:
-    """Indices of the text columns that are words (not [CLS], padding, end-of-text ...)."""
-    return [i for i, t in enumerate(text_tokens(capture))
-            if t.split(" x")[0] not in SPECIAL and t.strip(BYTE_SPACE)]
+    """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., nor a chat template's
+    role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and "assistant")."""
+    tokens = text_tokens(capture)
+    return [i for i, t in enumerate(tokens) if t.split(" x")[0] not in SPECIAL and t.strip(BYTE_SPACE)
+            and (i == 0 or tokens[i - 1] != "<|im_start|>")]
 
 
 def patch_grid(capture: Capture) -> tuple[int, int]:

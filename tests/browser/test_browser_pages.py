@@ -169,6 +169,7 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             assert page.get_by_text(f"a {title} diffusion pipeline").count() == 1
             assert words.get_by_text("⏎").count() == 0 and words.get_by_text("im_end").count() == 0
             assert words.get_by_text("think").count() == 0 and words.get_by_text("gMASK").count() == 0
+            assert words.get_by_text("assistant").count() == 0 and words.get_by_text("user").count() == 0
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)
