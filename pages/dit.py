@@ -104,7 +104,17 @@ if head == -1:
 else:
     panels = per_head[head : head + 1, words]  # [1, word, rows, cols]
     row_names = [f"head {head}"]
-word_names = [tokens[i] + (" (sink)" if stats.global_sink[i] else "") for i in words]
+segments = {k: r for k, r in capture.spans.items() if k not in ("image", "text", "prompt", "padding")}
+
+
+def encoder_of(column: int) -> str:
+    """" · T5" after a word when the text has several encoders' segments (SD3: CLIP's, then T5's), else ""."""
+    if len(segments) < 2:
+        return ""
+    return next((f" · {name.upper()}" for name, span in segments.items() if positions[column][0] in span), "")
+
+
+word_names = [tokens[i] + encoder_of(i) + (" (sink)" if stats.global_sink[i] else "") for i in words]
 shared.plotly_chart(lambda: word_maps(image, panels, word_names, row_names, title="Word heatmaps: where the picture "
                                       "reads each word (each panel scaled to its own max)"),
                     key="dit_words", config=plot_config())

@@ -162,8 +162,11 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
         assert page.locator("[data-testid='stAlert']").filter(has_text="cannot").count() == 0
         assert page.locator(".js-plotly-plot").count() >= 4
         words = page.locator(".js-plotly-plot").first
-        assert words.get_by_text("red", exact=True).count() >= 1 and words.get_by_text("</w>").count() == 0
+        red = "red · T5" if family == "sd3" else "red"
+        assert words.get_by_text(red, exact=True).count() >= 1 and words.get_by_text("</w>").count() == 0
         assert words.get_by_text("Ġ").count() == 0
+        if family == "sd3":  # its prompt twice, CLIP's tokens then T5's: each word says whose it is
+            assert words.get_by_text("red · CLIP").count() == 1 and words.get_by_text("red · T5").count() == 1
         if family in ("qwenimage", "flux2", "cogview4"):  # chat markers, thinking tags, newlines, GLM's opening:
             title = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2", "cogview4": "CogView 4"}[family]  # special
             assert page.get_by_text(f"a {title} diffusion pipeline").count() == 1
