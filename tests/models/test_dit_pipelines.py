@@ -450,12 +450,14 @@ def test_what_a_patch_reads_agrees_across_layouts(family, folders, captures, sto
             np.testing.assert_allclose(got, sums[:, region] / pool ** 2, atol=2e-3)
 
 
-def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(folders, monkeypatch, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "cogview4"])
+def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(family, folders, monkeypatch, tmp_path):
     """Real pipelines at real sizes are captured "split" (regions and text columns on the generic axis): every
-    page that takes a DiT opens such a capture from its link (the tiny SD3 made "split" by a FULL_BYTES of 0)."""
+    page that takes a DiT opens such a capture from its link (the tiny SD3, image first, and CogView 4, text first
+    behind a leading padding run, made "split" by a FULL_BYTES of 0)."""
     from conftest import open_app
 
-    model = str(folders["sd3"])
+    model = str(folders[family])
     monkeypatch.setattr(dit_capture, "FULL_BYTES", 0)
     monkeypatch.setenv("HEADSCOPE_ALLOWED_MODELS", model)
     monkeypatch.setenv("HEADSCOPE_CACHE_DIR", str(tmp_path / "cache"))
