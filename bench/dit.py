@@ -8,9 +8,9 @@ On the embedded shapes-dit (32 x 32, 20 steps, classifier-free guidance: 2 rows 
 plus bytes on disk per captured step.
 
 On diffusers pipeline folders (`--pipeline FOLDER`, repeatable; `--tiny` builds the tiny random SD3,
-Flux, Chroma, PixArt-Σ, Sana, Qwen-Image, FLUX.2 [klein] and CogView 4 pipelines of tests/models/tiny_pipelines.py
-in a temporary folder; `--wide` SD3 and PixArt-Σ with two transformer layers of the real models' width, so the
-recording's share is a real layer's, at a picture size of the tiny VAE):
+Flux, Chroma, PixArt-Σ, Sana, Qwen-Image, FLUX.2 [klein], CogView 4 and AuraFlow pipelines of
+tests/models/tiny_pipelines.py in a temporary folder; `--wide` SD3 and PixArt-Σ with two transformer layers
+of the real models' width, so the recording's share is a real layer's, at a picture size of the tiny VAE):
   plain     the pipeline as diffusers loads it, its own attention processors
   headscope the same call through HeadScope's processors, nothing recorded
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain
@@ -28,7 +28,6 @@ index_add_, on a tiny Flux's block and on SD3-medium's at 1,024².
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile

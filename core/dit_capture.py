@@ -356,11 +356,12 @@ def word_label(token: str) -> str:
 
 
 def word_columns(capture: Capture) -> list[int]:
-    """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., nor a chat template's
-    role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and "assistant")."""
+    """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., AuraFlow's registers, nor
+    a chat template's role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and
+    "assistant")."""
     tokens = text_tokens(capture)
     return [i for i, t in enumerate(tokens) if t.split(" x")[0] not in SPECIAL and t.strip(BYTE_SPACE)
-            and (i == 0 or tokens[i - 1] != "<|im_start|>")]
+            and not t.startswith("<register ") and (i == 0 or tokens[i - 1] != "<|im_start|>")]
 
 
 def patch_grid(capture: Capture) -> tuple[int, int]:

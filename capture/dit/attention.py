@@ -14,6 +14,7 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
 - CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
+- AuraFlow's MM-DiT and single blocks: capture.dit.families.auraflow.AuraProcessor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
 The attention itself (plain, edited, recorded) is capture.dit.attend.Attend, shared by all of them.
@@ -187,8 +188,9 @@ class HeadScopeProcessor:
 def _kind(module) -> str:
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    if type(getattr(module, "headscope_original", module.processor)).__name__ == "CogView4AttnProcessor":
-        return "joint"  # one set of projections over [text, image]
+    if type(getattr(module, "headscope_original", module.processor)).__name__ in ("CogView4AttnProcessor",
+                                                                                   "AuraFlowAttnProcessor2_0"):
+        return "joint"  # one set of projections over [text, image] (CogView 4, AuraFlow's single blocks)
     if getattr(module, "is_cross_attention", False):
         return "cross"
     if type(module).__name__ in ("FluxAttention", "Flux2ParallelSelfAttention"):  # single-stream: [text, image]
@@ -216,6 +218,10 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.flux2 import Flux2SingleProcessor
 
         return Flux2SingleProcessor(layer, module.heads)
+    if name == "AuraFlowAttnProcessor2_0":
+        from capture.dit.families.auraflow import AuraProcessor
+
+        return AuraProcessor(layer, module.heads)
     if name == "CogView4AttnProcessor":
         from capture.dit.families.cogview4 import CogView4Processor
 

@@ -1,16 +1,15 @@
 """Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
-(capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView
-4; each names the pipeline classes it was checked in), loads the pipeline with `DiffusionPipeline.from_pretrained`
-(local files only, no remote code), installs HeadScope's processors in the transformer
-(capture.dit.attention.install) and describes it as a ModelHandle:
-the transformer in the `model` slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one
-layer per self- or joint-attention module, `meta.grid` the patch grid at the default picture size.
-It runs where capture.engine.device says (HEADSCOPE_DEVICE, HEADSCOPE_DTYPE: bfloat16 or float16 on a
-GPU, float32 on the CPU), text encoders and VAE included; the recorded maps are computed in float32
-whatever the dtype, and a capture in another dtype than float32 has its own key (the registry folds the
-dtype into the revision).
+(capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4,
+AuraFlow; each names the pipeline classes it was checked in), loads the pipeline with
+`DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's processors in the
+transformer (capture.dit.attention.install) and describes it as a ModelHandle: the transformer in the `model`
+slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one layer per self- or joint-attention
+module, `meta.grid` the patch grid at the default picture size. It runs where capture.engine.device says
+(HEADSCOPE_DEVICE, HEADSCOPE_DTYPE: bfloat16 or float16 on a GPU, float32 on the CPU), text encoders and VAE
+included; the recorded maps are computed in float32 whatever the dtype, and a capture in another dtype than
+float32 has its own key (the registry folds the dtype into the revision).
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ from core.types import ModelMeta
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma",
             "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana",
             "QwenImageTransformer2DModel": "qwenimage", "Flux2Transformer2DModel": "flux2",
-            "CogView4Transformer2DModel": "cogview4"}
-KNOWN = "SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image and CogView 4"
+            "CogView4Transformer2DModel": "cogview4", "AuraFlowTransformer2DModel": "auraflow"}
+KNOWN = "SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4 and AuraFlow"
 
 
 def is_pipeline(folder: Path) -> bool:

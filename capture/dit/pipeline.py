@@ -65,10 +65,11 @@ class PipelineDit:
         """(text positions the transformer reads, word-map columns of a "split" capture), estimated from
         the tokenizers before the run: every position, and the prompt's tokens plus one column per
         padding run (a family whose text is not padded: its very positions, from `read_ids`)."""
+        extra = self.family.n_extra(self.pipe)
         if self.family.read_ids is not None:
-            n = len(self.family.read_ids(self.pipe, prompt))
+            n = extra + len(self.family.read_ids(self.pipe, prompt))
             return n, n
-        total = columns = 0
+        total = columns = extra
         for segment, _encoder, attr in self.family.encoders:
             tokenizer = getattr(self.pipe, attr, None)
             length = int(self.pipe.tokenizer_max_length) if segment == "clip" else \
@@ -145,7 +146,7 @@ class PipelineDit:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             batch = hidden.shape[0]
             if state["layout"] is None:
-                text = kwargs["encoder_hidden_states"].shape[1]
+                text = kwargs["encoder_hidden_states"].shape[1] + family.n_extra(pipe)
                 state["layout"], state["notes"] = family.layout(pipe, caught, self.grid_of(height, width), text, call)
                 active.spans.update(state["layout"].spans())
                 if recorder is not None:

@@ -1,5 +1,5 @@
 """Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana,
-Qwen-Image, FLUX.2 [klein] and CogView 4.
+Qwen-Image, FLUX.2 [klein], CogView 4 and AuraFlow.
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
 32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
@@ -37,8 +37,8 @@ SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
 # one batch row per recorded transformer call (no guidance batch)
 ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4")
-JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4")  # joint attention; the others: cross-attention
-TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4")  # [text, image] on the token axis, not [image, text]
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow")  # joint; the others: cross-attention
+TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow")  # [text, image], not [image, text]
 SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4")  # guidance: a second transformer call per step
 
 
@@ -202,6 +202,9 @@ def test_rows_sum_to_one_and_spans_name_the_tokens(family, captures):
     assert all(t.startswith("patch(") for t in cap.tokens[image.start:image.stop])
     assert not any(t.startswith("patch(") for t in cap.tokens[text.start:text.stop])
     assert (image.start == 0) == (family not in TEXT_FIRST)
+    if family == "auraflow":  # the transformer's own 8 register tokens open the text: a segment, no words
+        assert cap.spans["registers"] == range(0, 8) and cap.tokens[:8] == [f"<register {i}>" for i in range(8)]
+        assert min(dit_capture.word_columns(cap)) == 8
     prompt = cap.spans["prompt"]
     words = [t.strip("▁Ġ").replace("</w>", "") for t in cap.tokens[prompt.start:prompt.stop]]
     assert "red" in words and "circle" in words
@@ -231,7 +234,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
     expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None,
-                "cogview4": None}.get(
+                "cogview4": None, "auraflow": None}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()

@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines of the eight families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the nine families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
@@ -6,9 +6,9 @@ Unigram, Gemma's, Qwen2's and GLM's BPE), and saves it with `save_pretrained`: S
 its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
 blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step) and FLUX.2 [klein] (one
-double- and one single-stream block, Qwen3) and CogView 4 (GLM, its text padded on the left).  At 32 x 32 px
-their transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4) or 256 (Sana) image
-tokens.
+double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left) and AuraFlow (one
+MM-DiT and one single block, 8 register tokens).  At 32 x 32 px their transformers see 64 (SD3, PixArt, Flux,
+Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow) or 256 (Sana) image tokens.
 """
 from __future__ import annotations
 
@@ -300,7 +300,25 @@ def cogview4():
                             scheduler=scheduler)
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4")
+def auraflow():
+    """AuraFlow: one MM-DiT and one single block, its 8 register tokens, a one-layer UMT5; guidance as batch rows."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    t5 = t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = AuraFlowTransformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                             num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                             caption_projection_dim=16, joint_attention_dim=32, out_channels=4,
+                                             pos_embed_max_size=256)
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(t5), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                          relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+    return AuraFlowPipeline(tokenizer=t5, text_encoder=encoder, vae=kl_vae(), transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow")
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 

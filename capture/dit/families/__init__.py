@@ -1,15 +1,16 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage, .cogview4): what differs between them for HeadScope is the pipeline classes it was checked in, the order of
-the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4: text first), whether the pipeline batches an
-unconditional branch before the conditional one or calls the transformer for it separately (classifier-free
-guidance, and which pipeline argument scales it), which text encoders' states the transformer reads (their
-token ids are caught on the way in, so the labels are those of the very tokens the model saw), the pixel unit
-of a picture side (VAE factor x patch) and the largest side it is sampled at, and the pipeline arguments
-HeadScope fixes (PixArt and Sana: no caption cleaning, which needs extra packages, and no aspect-ratio
-binning, so a picture is sampled at the size asked for; Qwen-Image: the negative prompt), and where the
-text's padding run is (last, or first: CogView 4).
+.qwenimage, .cogview4, .auraflow): what differs between them for HeadScope is the pipeline classes it was
+checked in, the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow: text
+first), whether the pipeline batches an unconditional branch before the conditional one or calls the
+transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
+encoders' states the transformer reads (their token ids are caught on the way in, so the labels are those of
+the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the largest side it
+is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption cleaning, which needs
+extra packages, and no aspect-ratio binning, so a picture is sampled at the size asked for; Qwen-Image: the
+negative prompt), where the text's padding run is (last, or first: CogView 4) and which tokens the transformer
+adds before the text (AuraFlow's registers).
 """
 from __future__ import annotations
 
@@ -45,13 +46,22 @@ class Family:
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
     pads_left: bool = False  # the text's padding run comes first (CogView 4), not last
+    # pipe -> labels of the tokens the transformer itself puts before the text it is given (AuraFlow's registers)
+    extra_text: Callable | None = None
+
+    def n_extra(self, pipe) -> int:
+        """How many tokens the transformer puts before the text the pipeline gives it."""
+        return len(self.extra_text(pipe)) if self.extra_text is not None else 0
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:
         """The run's token axis from the token ids caught at each text encoder (`caught`: encoder
         attribute -> the prompt's ids), and notes; falls back to "<text i>" labels when the ids do not
-        add up to the `n_text` tokens the transformer read."""
+        add up to the `n_text` tokens the transformer's attention reads."""
         text, segments, padding, notes = [], [], [], []
+        if self.extra_text is not None:
+            text = list(self.extra_text(pipe))
+            segments.append(("registers", range(0, len(text))))
         for name, encoder, tokenizer_attr in self.encoders:
             tokenizer = getattr(pipe, tokenizer_attr, None)
             ids = caught.get(encoder)
