@@ -29,7 +29,7 @@ class Family:
     # the pipeline classes HeadScope was checked on (tests/models/test_dit_pipelines.py); another one around the
     # same transformer (an image-to-image, inpainting or few-step variant) is refused, its call may differ
     pipelines: tuple[str, ...]
-    text_first: bool  # Flux: [text, image]; the others [image, text]
+    text_first: bool  # Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow: [text, image]; the others [image, text]
     cfg: bool  # the pipeline runs [unconditional, conditional] rows when its guidance scale is above 1
     encoders: tuple[tuple[str, str, str], ...]  # (segment name, text encoder attribute, tokenizer attribute)
     unit_of: Callable  # pipe -> pixels per patch side (VAE scale factor x patch size)
@@ -40,8 +40,8 @@ class Family:
     # length (Qwen-Image); None: each encoder's fixed length
     read_ids: Callable | None = None
     missing: Callable | None = None  # (pipe, segment) -> how many zero tokens stand in for an absent encoder
-    # classifier-free guidance as a second transformer call per step (the conditional call first: Chroma)
-    # when the guidance scale is above 1, instead of a batch row
+    # classifier-free guidance as a second transformer call per step (the conditional call first: Chroma,
+    # Qwen-Image, FLUX.2 [klein], CogView 4) when the guidance scale is above 1, instead of a batch row
     separate_cfg: bool = False
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
