@@ -141,7 +141,7 @@ def shapes_dit(args) -> None:
     print(table(["measure", "wall", "CPU", "x sample (wall)", "target", "met"], rows))
 
 
-def pipeline(folder: Path, args) -> list[list[str]]:
+def pipeline(folder: Path, args, side: int | None = None) -> list[list[str]]:
     """One table row per measure of one pipeline folder."""
     import torch
     from diffusers import DiffusionPipeline
@@ -153,7 +153,7 @@ def pipeline(folder: Path, args) -> list[list[str]]:
     from core.types import RunSpec
 
     prompt = "a red circle at the top left"
-    size, steps = args.size, args.pipeline_steps
+    size, steps = side or args.size, args.pipeline_steps
     handle = registry.load(str(folder))
     runner = handle.tokenizer
     plain = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
@@ -267,6 +267,7 @@ def main() -> None:
     if args.fold:
         fold_kernels(args)
     folders = [Path(p) for p in args.pipeline]
+    sides: dict[Path, int] = {}  # a tiny folder's picture side where it is not --size
     workdir = None
     if args.tiny or args.wide:
         import sys
@@ -275,15 +276,16 @@ def main() -> None:
         import tiny_pipelines
 
         workdir = Path(tempfile.mkdtemp(prefix="hs-dit-pipelines-"))
-        if args.tiny:
+        if args.tiny:  # each at its tests' size (HunyuanDiT's pipeline wants 8 px a latent: 128 px)
             folders += [tiny_pipelines.save(family, workdir / family) for family in tiny_pipelines.FAMILIES]
+            sides.update({workdir / family: tiny_pipelines.size(family) for family in tiny_pipelines.FAMILIES})
         if args.wide:
             folders += [tiny_pipelines.save(family, workdir / f"{family}-wide", wide=True)
                         for family in tiny_pipelines.WIDE]
     if folders:
-        rows = [row for folder in folders for row in pipeline(folder, args)]
-        print(f"\npipelines, {args.size} x {args.size} px, {args.pipeline_steps} steps, {args.threads} threads, "
-              f"median of {args.repeats}\n")
+        rows = [row for folder in folders for row in pipeline(folder, args, sides.get(folder))]
+        print(f"\npipelines, {args.size} x {args.size} px (tiny HunyuanDiT: 128), {args.pipeline_steps} steps, "
+              f"{args.threads} threads, median of {args.repeats}\n")
         print(table(["pipeline", "run", "wall", "CPU", "x plain (wall)", "stored", "target", "met"], rows))
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def bench(name: str, build, family: str, steps: int, side: int, args, device: to
     timed_capture()
     captures = [timed_capture() for _ in range(args.repeats)]
     store.close()
+    shutil.rmtree(work, ignore_errors=True)  # its index (the captures were evicted one by one)
     t_plain, t_cap = (statistics.median(t for t, _ in runs) for runs in (plains, captures))
     m_plain, m_cap = (max(m for _, m in runs) / 2**30 for runs in (plains, captures))
     ratio, extra = t_cap / t_plain, m_cap - m_plain

@@ -87,8 +87,10 @@ class DitAdapter:
         plan = dataclasses.replace(self.plan, kept=tuple(sorted(set(spec.keep)))) if spec.keep else self.plan
         plan = plan.resolve(meta.n_layers, meta.n_heads, n_image if cross_heads else n_image + n_text, steps)
         recorded = len(plan.recorded(steps))
+        read = n_columns if getattr(self.sampler, "masks_padding", True) else n_text  # word maps' columns read
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
-                        bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers))
+                        bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers), read,
+                        image_bytes=height * width * 3)
         check(need, meta.name, (height, width), steps, _disk_budget(store))
         with ArrayWriter(store, key) as writer:
             recorder = MapRecorder(plan, steps, meta.n_layers, meta.n_heads, bool(cross_heads), cross_heads, writer)

@@ -8,8 +8,9 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - SD3 / SD3.5 joint attention (`attn.add_q_proj` present): `HeadScopeProcessor`, step for step
   `JointAttnProcessor2_0` (the sequence is [image tokens, text tokens] on both axes); SD3.5's extra
   image self-attention (`attn2` of its first blocks) is a "self" layer of its own;
-- self- and cross-attention (DiT, PixArt, Sana's cross-attention): `HeadScopeProcessor`, step for step
-  `AttnProcessor2_0` (Sana's `SanaAttnProcessor2_0`: q / k norms across heads, before the split);
+- self- and cross-attention (DiT, PixArt, Sana's cross-attention, HunyuanDiT): `HeadScopeProcessor`, step for
+  step `AttnProcessor2_0` (Sana's `SanaAttnProcessor2_0`: q / k norms across heads, before the split;
+  `HunyuanAttnProcessor2_0`: rotary embeddings on the image queries and self-attention keys);
 - Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
@@ -116,10 +117,11 @@ class HeadScopeProcessor:
 
     # ---- diffusers' entry point ------------------------------------------------------------------
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, *args, **kwargs):
         if self.kind == "joint":
             return self._joint(attn, hidden_states, encoder_hidden_states)
-        return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
 
     def _joint(self, attn, hidden_states, encoder_hidden_states):
         """JointAttnProcessor2_0, step for step."""
@@ -150,8 +152,9 @@ class HeadScopeProcessor:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
-    def _plain(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        """AttnProcessor2_0 (and SanaAttnProcessor2_0 with `norm_first`), step for step."""
+    def _plain(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb=None):
+        """AttnProcessor2_0 (and SanaAttnProcessor2_0 with `norm_first`; HunyuanAttnProcessor2_0 with
+        `image_rotary_emb`: the image queries rotated, and the keys of a self-attention), step for step."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -173,6 +176,11 @@ class HeadScopeProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         query, key, value, _ = _split_heads(attn, query, attn.to_k(encoder_hidden_states),
                                             attn.to_v(encoder_hidden_states), self.norm_first)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = key if self.kind == "cross" else apply_rotary_emb(key, image_rotary_emb)
         frame = Frame(0, query.shape[2]) if self.kind == "cross" else Frame()  # cross: image rows, text keys
         hidden_states = self._attend(attn, frame, query, key, value, attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
@@ -234,7 +242,7 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.sana import SanaLinearProcessor
 
         return SanaLinearProcessor(layer, module.heads, routed)
-    if name not in ("AttnProcessor2_0", "JointAttnProcessor2_0", "SanaAttnProcessor2_0"):
+    if name not in ("AttnProcessor2_0", "JointAttnProcessor2_0", "SanaAttnProcessor2_0", "HunyuanAttnProcessor2_0"):
         raise ValueError(f"HeadScope does not know the {name} attention processor")
     return HeadScopeProcessor(layer, kind, module.heads, routed, norm_first=name == "SanaAttnProcessor2_0")
 

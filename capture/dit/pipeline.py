@@ -59,7 +59,8 @@ class PipelineDit:
         self.unit = int(family.unit_of(pipe))
         self.max_side = int(family.max_side(pipe, self.default_side))
         cross = [m for _p, m, kind in attention_modules(pipe.transformer) if kind == "cross"]
-        self.cross_heads = int(cross[0].heads) if cross else 0  # PixArt, Sana: the word maps' heads
+        self.cross_heads = int(cross[0].heads) if cross else 0  # PixArt, Sana, HunyuanDiT: the word maps' heads
+        self.masks_padding = family.masks_padding
 
     def text_length(self, prompt: str) -> tuple[int, int]:
         """(text positions the transformer reads, word-map columns of a "split" capture), estimated from
@@ -72,8 +73,7 @@ class PipelineDit:
         total = columns = extra
         for segment, _encoder, attr in self.family.encoders:
             tokenizer = getattr(self.pipe, attr, None)
-            length = int(self.pipe.tokenizer_max_length) if segment == "clip" else \
-                int(self.defaults.get("max_sequence_length", 0) or getattr(tokenizer, "model_max_length", 0))
+            length = self._padded_length(segment, tokenizer)
             if tokenizer is None:
                 length = self.family.missing(self.pipe, segment) if self.family.missing else 0
                 total, columns = total + length, columns + min(length, 1)
@@ -81,6 +81,15 @@ class PipelineDit:
             words = len(tokenizer(prompt, truncation=True, max_length=length)["input_ids"])
             total, columns = total + length, columns + min(words, length) + 1
         return total, columns
+
+    def _padded_length(self, segment: str, tokenizer) -> int:
+        """The length the pipeline pads a text segment to: the family's (HunyuanDiT), CLIP's
+        `tokenizer_max_length`, the call's `max_sequence_length`, else the tokenizer's own."""
+        if segment in self.family.lengths:
+            return int(self.family.lengths[segment])
+        if segment == "clip":
+            return int(self.pipe.tokenizer_max_length)
+        return int(self.defaults.get("max_sequence_length", 0) or getattr(tokenizer, "model_max_length", 0))
 
     @property
     def default_steps(self) -> int:
@@ -146,7 +155,7 @@ class PipelineDit:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             batch = hidden.shape[0]
             if state["layout"] is None:
-                text = kwargs["encoder_hidden_states"].shape[1] + family.n_extra(pipe)
+                text = sum(kwargs[name].shape[1] for name in family.text_inputs) + family.n_extra(pipe)
                 state["layout"], state["notes"] = family.layout(pipe, caught, self.grid_of(height, width), text, call)
                 active.spans.update(state["layout"].spans())
                 if recorder is not None:

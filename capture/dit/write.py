@@ -9,7 +9,8 @@ The metadata record is written last by capture.api.run.
 `estimate` adds up a capture's disk and its memory above the loaded pipeline (bytes), for both
 layouts of core.dit_capture:
 - "full": every recorded step's map of every layer, its step mean, the cross-attention word maps (on
-  disk up to the last text column read: `n_columns`, the prompt's tokens and a column per padding run);
+  disk up to the last text column read: `read_columns`, where the attention masks the padding the prompt's
+  tokens and a column per padding run, else every text token);
   all of it is held in memory until the end of the run;
 - "split": per step and layer the image -> text and text -> image maps (image tokens x text columns, per
   head), the pooled image maps and the coarse map; the kept steps' queries and keys (float32) and
@@ -145,8 +146,10 @@ class ArrayWriter:
 
 
 def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int, n_text: int, n_columns: int,
-             steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0) -> memory.Estimate:
-    """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring)."""
+             steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0,
+             read_columns: int | None = None, image_bytes: int = 0) -> memory.Estimate:
+    """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring); `image_bytes`:
+    the picture's, stored with the maps."""
     n, words = n_image + n_text, cross_heads or n_heads
     block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
     row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
@@ -156,9 +159,10 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
         words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0  # in memory: every column
         # on disk the word maps stop after the last column read (capture.dit.record): the masked padding of
         # PixArt and Sana is not stored, about the grouped columns less their padding runs' one each
-        stored_words = words_bytes * min(n_text, n_columns) / max(1, n_text)
+        read = n_columns if read_columns is None else read_columns
+        stored_words = words_bytes * min(n_text, read) / max(1, n_text)
         return memory.Estimate(layout="full", n_tokens=n, memory_bytes=int(maps + words_bytes + row_block),
-                               disk_bytes=int(maps + stored_words))
+                               disk_bytes=int(maps + stored_words + image_bytes))
     regions = min(n_image, dit_capture.REGION_SIDE ** 2)
     m = regions + n_columns
     per_step = n_layers * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image)
@@ -166,7 +170,7 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     coarse = n_layers * n_heads * m * m * 2
     qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
     full = kept * full_layers * n_heads * n * n * 2
-    disk = steps * per_step + coarse + qk + full
+    disk = steps * per_step + coarse + qk + full + image_bytes
     qk_layer = 2 * n_heads * n * head_dim * 4  # one layer's queries and keys, waiting to be written
     chunk = min(steps, INLINE_BYTES // max(1, per_step))  # steps held per stored array (capture.dit.record)
     held = (2 * per_step * 2 + 3 * coarse * 2 + min(n_layers, MAX_PENDING) * qk_layer

@@ -139,14 +139,16 @@ def test_dit_patch_tab_asks_from_a_clicked_patch(server, chromium, artifacts):
     page.screenshot(path=str(artifacts / "browser_dit_patch.png"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow"])
+@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow",
+                                    "hunyuandit"])
 def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     """A diffusers folder on the DiT page, from its link: SD3's joint attention with CLIP and T5 tokens
     (shown as words, without CLIP's "</w>"), Chroma's (Flux's blocks; guidance a second call per step),
     PixArt's layers that store only their image block
     (core.layouts.PaddedBlock), Sana's linear attention, Qwen-Image's byte-level tokens (without "Ġ"),
     FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), CogView 4's text
-    padded on the left, AuraFlow's register tokens; the page draws them all."""
+    padded on the left, AuraFlow's register tokens, HunyuanDiT's BERT and T5 tokens in one cross-attention; the
+    page draws them all."""
     from urllib.parse import urlencode
 
     import tiny_pipelines
@@ -155,18 +157,21 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     folder = tiny_pipelines.save(family, tmp_path / family)
     env = {"HEADSCOPE_ALLOWED_MODELS": str(folder), "HEADSCOPE_CACHE_DIR": str(tmp_path / "cache")}
     link = {"page": "dit", "model": str(folder), "prompt": "a red circle at the top left", "seed": "3",
-            "steps": "2", "width": "32", "height": "32", "step": "1", "layer": "1", "head": "1"}
+            "steps": "2", "width": str(tiny_pipelines.size(family)), "height": str(tiny_pipelines.size(family)),
+            "step": "1", "layer": "1", "head": "1"}
     with streamlit_server(env=env) as url:
         page = opened(chromium, f"{url}/?{urlencode(link)}", ".js-plotly-plot")
         assert page.locator("[data-testid='stException']").count() == 0
         assert page.locator("[data-testid='stAlert']").filter(has_text="cannot").count() == 0
         assert page.locator(".js-plotly-plot").count() >= 4
         words = page.locator(".js-plotly-plot").first
-        red = "red · T5" if family == "sd3" else "red"
+        red = "red · T5" if family in ("sd3", "hunyuandit") else "red"
         assert words.get_by_text(red, exact=True).count() >= 1 and words.get_by_text("</w>").count() == 0
         assert words.get_by_text("Ġ").count() == 0
         if family == "auraflow":  # its registers are tokens of the transformer's own, no words (no "· T5" either)
             assert words.get_by_text("register").count() == 0 and words.get_by_text("·").count() == 0
+        if family == "hunyuandit":  # BERT's words, then T5's, in one cross-attention
+            assert words.get_by_text("red · BERT").count() == 1 and words.get_by_text("red · T5").count() == 1
         if family == "sd3":  # its prompt twice, CLIP's tokens then T5's: each word says whose it is
             assert words.get_by_text("red · CLIP").count() == 1 and words.get_by_text("red · T5").count() == 1
         if family in ("qwenimage", "flux2", "cogview4"):  # chat markers, thinking tags, newlines, GLM's opening:

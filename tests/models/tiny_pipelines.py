@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines of the nine families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the ten families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
@@ -7,8 +7,9 @@ its first block, Flux (one double- and one single-stream block), Chroma (Flux's 
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
 blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step) and FLUX.2 [klein] (one
 double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left) and AuraFlow (one
-MM-DiT and one single block, 8 register tokens).  At 32 x 32 px their transformers see 64 (SD3, PixArt, Flux,
-Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow) or 256 (Sana) image tokens.
+MM-DiT and one single block, 8 register tokens) and HunyuanDiT (BERT and T5, cross-attention).  At 32 x 32 px
+their transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow) or 256 (Sana)
+image tokens; HunyuanDiT's pipeline assumes 8 px a latent, so it is sampled at 128 x 128 px (`size`) for its 64.
 """
 from __future__ import annotations
 
@@ -115,6 +116,15 @@ def glm_tokenizer():
         single="[gMASK] <sop> $A", special_tokens=[(t, bpe.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    padding_side="left")
+
+
+def bert_tokenizer():
+    """HunyuanDiT's bilingual CLIP text encoder is a BERT: a WordPiece vocabulary over WORDS and letters."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
+    vocab += ["##" + ch for ch in "abcdefghijklmnopqrstuvwxyz"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=77)
 
 
 def t5_encoder(vocab: int, width: int = 32):
@@ -318,7 +328,36 @@ def auraflow():
                             scheduler=FlowMatchEulerDiscreteScheduler())
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow")
+def hunyuandit():
+    """HunyuanDiT: two blocks (self- and cross-attention), a one-layer BERT and T5; a VAE of 8 px a latent, which
+    the pipeline assumes (so 128 px for 8 x 8 patches)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    bert, t5 = bert_tokenizer(), t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = HunyuanDiT2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=2, in_channels=4, cross_attention_dim=32,
+                                    cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=16, text_len=77,
+                                    text_len_t5=256, activation_fn="gelu-approximate")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=128, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=1)
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=len(bert), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=37, max_position_embeddings=128))
+    return HunyuanDiTPipeline(vae=vae, text_encoder=encoder, tokenizer=bert, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False, text_encoder_2=t5_encoder(len(t5)), tokenizer_2=t5)
+
+
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit")
+SIZES = {"hunyuandit": 128}  # pixels per side where a family's tests need more than SIZE (8 x 8 patches)
+
+
+def size(family: str) -> int:
+    return SIZES.get(family, SIZE)
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 

@@ -46,8 +46,12 @@ class Family:
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
     pads_left: bool = False  # the text's padding run comes first (CogView 4), not last
+    masks_padding: bool = False  # the attention masks the text's padding out (PixArt, Sana): no weight on it
     # pipe -> labels of the tokens the transformer itself puts before the text it is given (AuraFlow's registers)
     extra_text: Callable | None = None
+    # the transformer's arguments whose states it joins into one text axis, in order (HunyuanDiT: BERT's, mT5's)
+    text_inputs: tuple[str, ...] = ("encoder_hidden_states",)
+    lengths: dict = field(default_factory=dict)  # segment -> the length the pipeline pads it to, where it fixes it
 
     def n_extra(self, pipe) -> int:
         """How many tokens the transformer puts before the text the pipeline gives it."""

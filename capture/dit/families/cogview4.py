@@ -1,10 +1,10 @@
 """CogView 4: HeadScope's processor for its joint attention, and the family.
 
 `CogView4Transformer2DModel` (Zhipu AI 2025, CogView4-6B) runs joint attention over [text tokens, image
-tokens] with one set of projections for both streams, LayerNorm-ed q and k, and rotary position
-embeddings on the image tokens only; the recorded maps are softmax(rot(q) rot(k)ᵀ / √d), the text's q and k
-unrotated, as the model computes them.  Each block is one "joint" layer.  `CogView4Processor` is `CogView4AttnProcessor` step for step
-(the same `F.scaled_dot_product_attention` call when nothing is edited).
+tokens] with one set of projections for both streams, LayerNorm-ed q and k, and rotary position embeddings on
+the image tokens only; the recorded maps are softmax(rot(q) rot(k)ᵀ / √d), the text's q and k unrotated, as
+the model computes them. Each block is one "joint" layer. `CogView4Processor` is `CogView4AttnProcessor` step
+for step (the same `F.scaled_dot_product_attention` call when nothing is edited).
 
 Text: GLM-4's second-to-last hidden states.  The pipeline pads the prompt's tokens on the left to a
 multiple of 16 with the padding token, and the transformer reads the padding unmasked: the token axis

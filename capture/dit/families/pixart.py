@@ -14,7 +14,7 @@ from capture.dit.families import Family
 
 FAMILY = Family(name="pixart", transformer="PixArtTransformer2DModel",
                 pipelines=("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
-                text_first=False, cfg=True,
+                text_first=False, cfg=True, masks_padding=True,
                 encoders=(("t5", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * int(pipe.transformer.config.patch_size),
                 max_side=lambda pipe, default: 2 * default,

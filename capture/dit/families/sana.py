@@ -77,7 +77,7 @@ def _select(ids: list[int], pipe, call: dict) -> list[int]:
 
 FAMILY = Family(name="sana", transformer="SanaTransformer2DModel",
                 pipelines=("SanaPipeline",),
-                text_first=False, cfg=True,
+                text_first=False, cfg=True, masks_padding=True,
                 encoders=(("gemma", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * int(pipe.transformer.config.patch_size),
                 max_side=lambda pipe, default: 4 * default,  # Sana samples up to 4K
