@@ -7,7 +7,8 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 
 - SD3 / SD3.5 joint attention (`attn.add_q_proj` present): `HeadScopeProcessor`, step for step
   `JointAttnProcessor2_0` (the sequence is [image tokens, text tokens] on both axes); SD3.5's extra
-  image self-attention (`attn2` of its first blocks) is a "self" layer of its own;
+  image self-attention (`attn2` of its first blocks) is a "self" layer of its own; AuraFlow's MM-DiT and
+  single blocks likewise (`AuraFlowAttnProcessor2_0`, [text tokens, image tokens]: `text_first`);
 - self- and cross-attention (DiT, PixArt, Sana's cross-attention, HunyuanDiT): `HeadScopeProcessor`, step for
   step `AttnProcessor2_0` (Sana's `SanaAttnProcessor2_0`: q / k norms across heads, before the split;
   `HunyuanAttnProcessor2_0`: rotary embeddings on the image queries and self-attention keys);
@@ -15,7 +16,6 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
 - CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
-- AuraFlow's MM-DiT and single blocks: capture.dit.families.auraflow.AuraProcessor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
 The attention itself (plain, edited, recorded) is capture.dit.attend.Attend, shared by all of them.
@@ -98,11 +98,13 @@ def _split_heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 class HeadScopeProcessor:
-    """A drop-in for JointAttnProcessor2_0 / AttnProcessor2_0 / SanaAttnProcessor2_0 that records and edits."""
+    """A drop-in for JointAttnProcessor2_0 / AuraFlowAttnProcessor2_0 (`text_first`) / AttnProcessor2_0 /
+    SanaAttnProcessor2_0 / HunyuanAttnProcessor2_0 that records and edits."""
 
-    def __init__(self, layer: int, kind: str, n_heads: int, routed: bool = False, norm_first: bool = False):
+    def __init__(self, layer: int, kind: str, n_heads: int, routed: bool = False, norm_first: bool = False,
+                 text_first: bool = False):
         self.attend = Attend(layer, kind, n_heads, routed)
-        self.layer, self.kind, self.norm_first = layer, kind, norm_first
+        self.layer, self.kind, self.norm_first, self.text_first = layer, kind, norm_first, text_first
 
     def _attend(self, attn, frame: Frame, query, key, value, attention_mask) -> torch.Tensor:
         """query, key, value  # [batch, head, n, head_dim] -> [batch, n_q, head * head_dim] (before to_out)."""
@@ -124,7 +126,8 @@ class HeadScopeProcessor:
         return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
 
     def _joint(self, attn, hidden_states, encoder_hidden_states):
-        """JointAttnProcessor2_0, step for step."""
+        """JointAttnProcessor2_0 ([image, text]), or AuraFlowAttnProcessor2_0 with `text_first` ([text, image];
+        its single blocks have no text stream of their own), step for step."""
         residual = hidden_states
         batch_size = hidden_states.shape[0]
         query, key, value, head_dim = _split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
@@ -137,13 +140,13 @@ class HeadScopeProcessor:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
-            query = torch.cat([query, eq], dim=2)
-            key = torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
+            pairs = ((eq, query), (ek, key), (ev, value)) if self.text_first else ((query, eq), (key, ek), (value, ev))
+            query, key, value = (torch.cat(pair, dim=2) for pair in pairs)
         hidden_states = self._attend(attn, Frame(), query, key, value, None)
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (hidden_states[:, : residual.shape[1]],
-                                                    hidden_states[:, residual.shape[1]:])
+            cut = encoder_hidden_states.shape[1] if self.text_first else residual.shape[1]
+            first, second = hidden_states[:, :cut], hidden_states[:, cut:]
+            hidden_states, encoder_hidden_states = (second, first) if self.text_first else (first, second)
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
@@ -226,10 +229,6 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.flux2 import Flux2SingleProcessor
 
         return Flux2SingleProcessor(layer, module.heads)
-    if name == "AuraFlowAttnProcessor2_0":
-        from capture.dit.families.auraflow import AuraProcessor
-
-        return AuraProcessor(layer, module.heads)
     if name == "CogView4AttnProcessor":
         from capture.dit.families.cogview4 import CogView4Processor
 
@@ -242,9 +241,11 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.sana import SanaLinearProcessor
 
         return SanaLinearProcessor(layer, module.heads, routed)
-    if name not in ("AttnProcessor2_0", "JointAttnProcessor2_0", "SanaAttnProcessor2_0", "HunyuanAttnProcessor2_0"):
+    if name not in ("AttnProcessor2_0", "JointAttnProcessor2_0", "SanaAttnProcessor2_0", "HunyuanAttnProcessor2_0",
+                    "AuraFlowAttnProcessor2_0"):
         raise ValueError(f"HeadScope does not know the {name} attention processor")
-    return HeadScopeProcessor(layer, kind, module.heads, routed, norm_first=name == "SanaAttnProcessor2_0")
+    return HeadScopeProcessor(layer, kind, module.heads, routed, norm_first=name == "SanaAttnProcessor2_0",
+                              text_first=name == "AuraFlowAttnProcessor2_0")
 
 
 def install(transformer: torch.nn.Module) -> list[torch.nn.Module]:
