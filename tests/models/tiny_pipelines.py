@@ -5,8 +5,8 @@ with tokenizers made locally with the `tokenizers` library from a 30-word vocabu
 Unigram, Gemma's, Qwen2's and GLM's BPE), and saves it with `save_pretrained`: SD3 with SD3.5's dual attention in
 its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
-blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step) and FLUX.2 [klein] (one
-double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left) and AuraFlow (one
+blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step), FLUX.2 [klein] (one
+double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left), AuraFlow (one
 MM-DiT and one single block, 8 register tokens) and HunyuanDiT (BERT and T5, cross-attention).  At 32 x 32 px
 their transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow) or 256 (Sana)
 image tokens; HunyuanDiT's pipeline assumes 8 px a latent, so it is sampled at 128 x 128 px (`size`) for its 64.
