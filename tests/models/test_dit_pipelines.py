@@ -62,8 +62,13 @@ def folders(tmp_path_factory):
     return {family: tiny_pipelines.save(family, root / family) for family in FAMILIES}
 
 
+def _side(folder) -> int:
+    """The picture side a family's tests sample at (the folders are named for their family)."""
+    return tiny_pipelines.size(Path(folder).name)
+
+
 def _spec(folder, **kwargs) -> RunSpec:
-    side = tiny_pipelines.size(Path(folder).name)  # the folders are named for their family
+    side = _side(folder)
     fields = dict(model=str(folder), prompt=PROMPT, seed=SEED, steps=STEPS, height=side, width=side)
     fields.update(kwargs)
     return RunSpec(**fields)
@@ -81,7 +86,7 @@ def _plain(folder):
 def _sample(pipe, folder) -> np.ndarray:
     """The plain pipeline's picture, called as HeadScope calls it (the family's fixed arguments)."""
     runner = registry.load(str(folder)).tokenizer
-    side = tiny_pipelines.size(Path(folder).name)
+    side = _side(folder)
     image = pipe(prompt=PROMPT, height=side, width=side, num_inference_steps=STEPS, output_type="np",
                  generator=torch.Generator().manual_seed(SEED), **runner.call_kwargs()).images[0]
     return (image * 255).round().astype(np.uint8)

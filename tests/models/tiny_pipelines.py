@@ -76,6 +76,20 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")  # Qwen3's, for one user turn
 
 
+def byte_bpe(text: str, vocab_size: int, special: tuple[str, ...] = (), extra: tuple[str, ...] = ()):
+    """A byte-level BPE (`tokenizers`, as Qwen's, GLM's and the VLMs' of tiny_vlms are) trained on `text`, the same with its words spaced
+    out, and `extra` lines; `special` tokens first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([text, " " + text.replace(" ", "  "), *extra] * 20, trainer)
+    return bpe
+
+
 def qwen_tokenizer():
     """Qwen2's byte-level BPE over WORDS and the words of Qwen-Image's prompt template, each one token as in
     Qwen's own vocabulary, so that the template's system prompt is the 34 tokens the pipeline drops; chat
@@ -83,15 +97,9 @@ def qwen_tokenizer():
     FLUX.2 [klein]'s pipeline asks (thinking off)."""
     import json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    text = " ".join(WORDS) + " " + QWEN_SYSTEM
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text, " " + text.replace(" ", "  "), "system\nDescribe user\nassistant\n\n\n"] * 20,
-                            trainer)
+    bpe = byte_bpe(" ".join(WORDS) + " " + QWEN_SYSTEM, 600, extra=("system\nDescribe user\nassistant\n\n\n",))
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
                                eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
@@ -103,15 +111,10 @@ def qwen_tokenizer():
 def glm_tokenizer():
     """GLM-4's shape: a byte-level BPE over WORDS that opens every text with "[gMASK]<sop>" (so the empty negative
     prompt is two tokens, as GLM's is), "<|endoftext|>" its padding, padded on the left."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    text = " ".join(WORDS)
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>", "[gMASK]", "<sop>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text, " " + text.replace(" ", "  ")] * 20, trainer)
+    bpe = byte_bpe(" ".join(WORDS), 420, special=("<|endoftext|>", "[gMASK]", "<sop>"))
     bpe.post_processor = processors.TemplateProcessing(
         single="[gMASK] <sop> $A", special_tokens=[(t, bpe.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|endoftext|>",

@@ -42,15 +42,11 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 def tokenizer(special: list[str], chat_template: str | None, **tokens):
     """A byte-level BPE tokenizer (`tokenizers`) over WORDS with `special` tokens first; `tokens` name the
     roles (bos_token, eos_token, pad_token, image_token, ...), as the family's tokenizer_config.json does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([WORDS, " " + WORDS.replace(" ", "  ")] * 20, trainer)
+    from tiny_pipelines import byte_bpe
+
+    bpe = byte_bpe(WORDS, 420, special=tuple(special))
     roles = {k: v for k, v in tokens.items() if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     extra = {k: v for k, v in tokens.items() if k not in roles}
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, extra_special_tokens=extra or None, **roles)
