@@ -10,7 +10,9 @@ intervention the picture is the plain pipeline's, bit for bit.  Around the trans
 - a forward pre-hook on the transformer that, before each call, tells the recorder the step and the
   batch row of the conditional branch (the last row of the pipeline's batch: [unconditional,
   conditional] with classifier-free guidance, the only row without; a family that calls the
-  transformer a second time per step for the negative prompt, Chroma, has that call left unrecorded),
+  transformer a second time per step for the negative prompt, Chroma, has that call left unrecorded, and
+  where that call's text is not as long as the prompt's (Qwen-Image, CogView 4) a direct intervention
+  acts there on that call's own axis: capture.dit.presets.moved),
   and at the first call builds the run's token axis (capture.dit.tokens) for the recorder and the
   session's spans;
 - for SoftPAG / PAG (capture.dit.presets): the pre-hook appends a copy of the conditional row, which
@@ -155,7 +157,7 @@ class PipelineDit:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             batch = hidden.shape[0]
             if state["layout"] is None:
-                text = sum(kwargs[name].shape[1] for name in family.text_inputs) + family.n_extra(pipe)
+                text = family.n_read(pipe, kwargs)
                 state["layout"], state["notes"] = family.layout(pipe, caught, self.grid_of(height, width), text, call)
                 active.spans.update(state["layout"].spans())
                 if recorder is not None:
@@ -163,6 +165,8 @@ class PipelineDit:
             step, branch = divmod(state["calls"], calls)
             state["calls"] += 1
             state["conditional"] = branch == 0  # a separate negative call (Chroma) is neither recorded nor guided
+            if branch and not direct.empty:
+                negative_call(family.n_read(pipe, kwargs))
             if recorder is not None:
                 recorder.begin_step(step if branch == 0 else -1)  # step -1: nothing recorded
                 recorder.row = batch - 1
@@ -173,6 +177,20 @@ class PipelineDit:
             state["batch"] = batch
             return (tuple(_expand(a, batch, batch - 1) for a in args),  # (Flux's *_ids carry no batch)
                     {k: v if k.endswith("_ids") else _expand(v, batch, batch - 1) for k, v in kwargs.items()})
+
+        def negative_call(n_text: int) -> None:
+            """The negative prompt's own call reads a text of another length (Qwen-Image, CogView 4, Lumina 2):
+            the intervention's positions moved onto its axis (presets.moved), for this call."""
+            layout = state["layout"]
+            if n_text != len(layout.text):
+                other = layout.with_text(n_text)
+                state["negative"] = session(presets.moved(direct, layout, other), spans=other.spans())
+                state["negative"].__enter__()
+
+        def negative_done(_module, _args, _output):
+            moved = state.pop("negative", None)
+            if moved is not None:
+                moved.__exit__(None, None, None)
 
         def ended(_module, _args, _output):
             recorder.end_step()
@@ -197,6 +215,8 @@ class PipelineDit:
             hooks.append(transformer.register_forward_hook(after, with_kwargs=True))
         if recorder is not None:
             hooks.append(transformer.register_forward_hook(ended))
+        if calls > 1 and not direct.empty:
+            hooks.append(transformer.register_forward_hook(negative_done))
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         try:
             with contextlib.ExitStack() as stack:
@@ -208,6 +228,7 @@ class PipelineDit:
         finally:
             for hook in hooks:
                 hook.remove()
+            negative_done(None, None, None)  # a call that raised
         image = (np.asarray(result.images[0]) * 255).round().astype(np.uint8)
         timesteps = [float(t) for t in pipe.scheduler.timesteps][:steps]
         return image, state["layout"], timesteps, state["notes"]

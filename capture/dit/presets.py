@@ -17,11 +17,14 @@ Two ways an `Intervention` acts on a DiT run (capture/dit/adapter.py):
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 from typing import Sequence
 
+from capture.dit.tokens import TokenLayout
 from core.errors import InterventionError
-from core.interventions import HeadEdit, Intervention
+from core.interventions import HeadEdit, Intervention, parse_positions, sink_set
 
 SOFTPAG = "softpag"
 DEFAULT_PAG_SCALE = 3.0
@@ -87,5 +90,31 @@ def redistribute_from(heads: Sequence[tuple[int, int]], positions: Sequence[int]
     return Intervention(edits=edits, preset="dit-redistribute")
 
 
+def _moved_sets(spec: str, layout: TokenLayout, other: TokenLayout) -> list[str]:
+    """A position set of `layout`'s axis as position sets of `other`'s (`TokenLayout.moved`): named sets
+    ("all", "image", "span:prompt" ...) stay, as they are named on the other call's spans; a range moves."""
+    if spec in ("all", "uniform", "last", "image") or spec.startswith("span:") or sink_set(spec) is not None \
+            or ":" not in spec:
+        return [spec]
+    return [f"{r.start}:{r.stop}" for r in layout.moved(parse_positions(spec, layout.n), other)]
+
+
+def moved(intervention: Intervention, layout: TokenLayout, other: TokenLayout) -> Intervention:
+    """The direct intervention of a run as its negative prompt's own transformer call takes it, when that call's
+    text is not as long as the prompt's (Qwen-Image, CogView 4, Lumina 2: `TokenLayout.with_text`).  Every
+    edit acts there on the same image patches and on the negative text's tokens at the same text indices, as
+    it acts on the unconditional row of a batched family whose two texts are padded alike (SD3); an edit whose
+    keys are all gone is left out; a range split in two (`TokenLayout.moved`) makes two edits."""
+    edits = []
+    for edit in intervention.edits:
+        to = edit.mode[3:] if edit.mode.startswith("to:") else None
+        for keys, queries, target in itertools.product(
+                _moved_sets(edit.keys, layout, other), _moved_sets(edit.queries, layout, other),
+                [None] if to is None else _moved_sets(to, layout, other)):
+            edits.append(dataclasses.replace(edit, keys=keys, queries=queries,
+                                             mode=edit.mode if target is None else f"to:{target}"))
+    return dataclasses.replace(intervention, edits=tuple(edits))
+
+
 __all__ = ["SOFTPAG", "DEFAULT_PAG_SCALE", "is_guidance", "pag_scale", "softpag", "scale_heads", "mix_heads",
-           "redistribute_from"]
+           "redistribute_from", "moved"]

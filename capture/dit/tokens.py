@@ -67,6 +67,38 @@ class TokenLayout:
         spans["padding"] = range(t0 + pad.start, t0 + pad.stop)
         return spans
 
+    def with_text(self, n_text: int) -> "TokenLayout":
+        """The token axis of another transformer call of the same run whose text has `n_text` positions (the
+        negative prompt's own call of Qwen-Image, CogView 4, Lumina 2): the same picture, this text cut to it
+        or extended by "<text i>" labels, the segments and padding runs cut to it."""
+        text = (list(self.text) + [f"<text {i}>" for i in range(len(self.text), n_text)])[:n_text]
+
+        def cut(r: range) -> range:
+            return range(min(r.start, n_text), min(r.stop, n_text))
+
+        return TokenLayout(grid=self.grid, text=text, text_first=self.text_first,
+                           segments=[(name, cut(r)) for name, r in self.segments],
+                           padding=[cut(r) for r in self.padding])
+
+    def moved(self, positions: range, other: "TokenLayout") -> list[range]:
+        """`positions` of this axis on `other`'s (`with_text`): the same image patches, and the text tokens at
+        the same text indices where `other` has them; one range, or two where the text and the image parts
+        are no longer adjacent (a straddling range, the other text longer), none where nothing is left."""
+        image, text = self.image, self.text_span
+        found = []
+        for p in positions:
+            if p in image:
+                found.append(other.image.start + p - image.start)
+            elif p in text and p - text.start < len(other.text):
+                found.append(other.text_span.start + p - text.start)
+        out: list[range] = []
+        for p in found:  # increasing: image and text each keep their order and side
+            if out and out[-1].stop == p:
+                out[-1] = range(out[-1].start, p + 1)
+            else:
+                out.append(range(p, p + 1))
+        return out
+
     def columns(self, grouped: bool) -> list[tuple[str, list[int]]]:
         """(label, capture positions) per word-map column: every text token, or (`grouped`) each padding
         run as one column."""

@@ -362,6 +362,57 @@ def test_redistribute_away_from_padding(family, folders, captures):
     np.testing.assert_allclose(other, dit_capture.image_to_text(before, 0)[0, 0, 0], atol=2e-3)
 
 
+LONG_PROMPT = "a red circle at the top left and a blue square at the bottom right on a green field at noon"
+
+
+@pytest.mark.parametrize("family", SEPARATE_CFG)
+def test_negative_call_takes_the_edits_on_its_own_axis(family, folders):
+    """A family that calls the transformer again for the negative prompt: where that text is not as long as the
+    prompt's (Qwen-Image's " ", CogView 4's "" against a long prompt), the direct edits act there on the same
+    image rows and on the negative text at the same indices (capture.dit.presets.moved), not on positions of the
+    prompt's axis: the session each attention call sees names that call's own image span."""
+    from capture.engine.session import current_session
+
+    runner = registry.load(str(folders[family])).tokenizer
+    transformer = runner.pipe.transformer
+    module = next(m for _p, m in transformer.named_modules() if hasattr(m, "headscope_layer"))
+    calls = []
+
+    def read(_module, _args, kwargs):
+        calls.append(runner.family.n_read(runner.pipe, kwargs))
+
+    def look(_module, args, kwargs):
+        active = current_session()
+        calls[-1] = (calls[-1], active.spans["image"], [(e.keys, e.queries) for e in active.intervention.edits])
+
+    hooks = [transformer.register_forward_pre_hook(read, with_kwargs=True),
+             module.register_forward_pre_hook(look, with_kwargs=True)]
+    side = _side(folders[family])
+    n_image = (side // runner.unit) ** 2
+    last_two = [0, 1]  # replaced below by the prompt's last two text positions
+    try:
+        image, layout, _t, _n = runner.run(LONG_PROMPT, SEED, 1, side, side, Intervention())
+        prompt = layout.spans()["prompt"]
+        last_two = [prompt.stop - 2, prompt.stop - 1]
+        iv = Intervention(edits=(HeadEdit(layer=0, head=1, op="redistribute", value=0.0,
+                                          keys=f"{last_two[0]}:{last_two[1] + 1}"),
+                                 HeadEdit(layer=0, head=0, op="mix", value=1.0, queries="image")))
+        calls.clear()
+        runner.run(LONG_PROMPT, SEED, 1, side, side, iv)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (n_cond, image_cond, edits_cond), (n_neg, image_neg, edits_neg) = calls
+    assert image_cond == range(n_cond, n_cond + n_image) and image_neg == range(n_neg, n_neg + n_image)
+    assert edits_cond == [(f"{last_two[0]}:{last_two[1] + 1}", "all"), ("all", "image")]
+    kept = [p for p in last_two if p < n_neg]
+    assert edits_neg == ([(f"{kept[0]}:{kept[-1] + 1}", "all")] if kept else []) + [("all", "image")]
+    if family in ("qwenimage", "cogview4"):
+        assert n_neg < n_cond  # the case this test is for
+    else:
+        assert n_neg == n_cond  # Chroma, FLUX.2: both texts padded alike, nothing moves
+
+
 # ---- the layout of real sizes -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -52,10 +52,19 @@ class Family:
     # the transformer's arguments whose states it joins into one text axis, in order (HunyuanDiT: BERT's, mT5's)
     text_inputs: tuple[str, ...] = ("encoder_hidden_states",)
     lengths: dict = field(default_factory=dict)  # segment -> the length the pipeline pads it to, where it fixes it
+    # the transformer's keyword arguments -> the text positions its joint attention reads, where it cuts the text
+    # it is given (Lumina 2: the count of its mask); None: every position of `text_inputs`
+    read_text: Callable | None = None
 
     def n_extra(self, pipe) -> int:
         """How many tokens the transformer puts before the text the pipeline gives it."""
         return len(self.extra_text(pipe)) if self.extra_text is not None else 0
+
+    def n_read(self, pipe, kwargs: dict) -> int:
+        """How many text positions one transformer call's joint attention reads (`kwargs`: the call's)."""
+        given = self.read_text(kwargs) if self.read_text is not None else \
+            sum(kwargs[name].shape[1] for name in self.text_inputs)
+        return int(given) + self.n_extra(pipe)
 
     def layout(self, pipe, caught: dict[str, list[int]], grid: tuple[int, int], n_text: int,
                call: dict) -> tuple[TokenLayout, list[str]]:
