@@ -356,12 +356,15 @@ def word_label(token: str) -> str:
 
 
 def word_columns(capture: Capture) -> list[int]:
-    """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., AuraFlow's registers, nor
-    a chat template's role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and
-    "assistant")."""
+    """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., AuraFlow's registers, a
+    chat template's role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and
+    "assistant", nor the pipeline's own system prompt: Lumina 2's "system" span)."""
     tokens = text_tokens(capture)
+    system = capture.spans.get("system", range(0))
+    positions = column_positions(capture)
     return [i for i, t in enumerate(tokens) if t.split(" x")[0] not in SPECIAL and t.strip(BYTE_SPACE)
-            and not t.startswith("<register ") and (i == 0 or tokens[i - 1] != "<|im_start|>")]
+            and not t.startswith("<register ") and (i == 0 or tokens[i - 1] != "<|im_start|>")
+            and positions[i][0] not in system]
 
 
 def patch_grid(capture: Capture) -> tuple[int, int]:

@@ -22,7 +22,7 @@ STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores,
 # capture.dit.families' names as the caption says them
 TITLES = {"sd3": "Stable Diffusion 3", "flux": "Flux", "flux2": "FLUX.2", "chroma": "Chroma", "pixart": "PixArt",
           "sana": "Sana", "qwenimage": "Qwen-Image", "cogview4": "CogView 4", "auraflow": "AuraFlow",
-          "hunyuandit": "HunyuanDiT"}
+          "hunyuandit": "HunyuanDiT", "lumina2": "Lumina 2"}
 
 st.title("Diffusion transformer")
 state = shared.view_state()
@@ -105,7 +105,8 @@ if head == -1:
 else:
     panels = per_head[head : head + 1, words]  # [1, word, rows, cols]
     row_names = [f"head {head}"]
-segments = {k: r for k, r in capture.spans.items() if k not in ("image", "text", "prompt", "padding", "registers")}
+segments = {k: r for k, r in capture.spans.items()
+            if k not in ("image", "text", "prompt", "padding", "registers", "system")}
 
 
 def encoder_of(column: int) -> str:

@@ -15,6 +15,7 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
+- Lumina 2's joint layers: capture.dit.families.lumina2.Lumina2Processor (its refiners keep diffusers' processor);
 - CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
@@ -209,13 +210,23 @@ def _kind(module) -> str:
     return "self"
 
 
+def _kept(path: str, module) -> bool:
+    """True for a module that keeps diffusers' processor and is no HeadScope layer (Lumina 2's refiners)."""
+    if type(getattr(module, "headscope_original", module.processor)).__name__ != "Lumina2AttnProcessor2_0":
+        return False
+    from capture.dit.families.lumina2 import kept
+
+    return kept(path)
+
+
 def attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
-    """(path, module, kind) of every diffusers attention module (Attention, FluxAttention), in depth order."""
+    """(path, module, kind) of every diffusers attention module (Attention, FluxAttention) HeadScope drives, in depth
+    order (not Lumina 2's refiners: capture.dit.families.lumina2)."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
     return [(path, module, _kind(module)) for path, module in transformer.named_modules()
-            if isinstance(module, (Attention, AttentionModuleMixin))]
+            if isinstance(module, (Attention, AttentionModuleMixin)) and not _kept(path, module)]
 
 
 def _processor(module, layer: int, kind: str, routed: bool):
@@ -237,6 +248,10 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.qwenimage import QwenProcessor
 
         return QwenProcessor(layer, module.heads)
+    if name == "Lumina2AttnProcessor2_0":
+        from capture.dit.families.lumina2 import Lumina2Processor
+
+        return Lumina2Processor(layer, module.heads)
     if name == "SanaLinearAttnProcessor2_0":
         from capture.dit.families.sana import SanaLinearProcessor
 

@@ -2,7 +2,7 @@
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
 (capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4,
-AuraFlow, HunyuanDiT; each names the pipeline classes it was checked in), loads the pipeline with
+AuraFlow, HunyuanDiT, Lumina 2; each names the pipeline classes it was checked in), loads the pipeline with
 `DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's processors in the
 transformer (capture.dit.attention.install) and describes it as a ModelHandle: the transformer in the `model`
 slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one layer per self- or joint-attention
@@ -26,8 +26,9 @@ FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "C
             "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana",
             "QwenImageTransformer2DModel": "qwenimage", "Flux2Transformer2DModel": "flux2",
             "CogView4Transformer2DModel": "cogview4", "AuraFlowTransformer2DModel": "auraflow",
-            "HunyuanDiT2DModel": "hunyuandit"}
-KNOWN = "SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow and HunyuanDiT"
+            "HunyuanDiT2DModel": "hunyuandit", "Lumina2Transformer2DModel": "lumina2"}
+KNOWN = ("SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow, HunyuanDiT "
+         "and Lumina 2")
 
 
 def is_pipeline(folder: Path) -> bool:
@@ -96,8 +97,9 @@ def handle_of(name: str, pipe, family) -> ModelHandle:
     runner = PipelineDit(pipe, family)
     first = layers[0]
     heads = int(first.heads)
+    head_dim = int(first.to_q.out_features) // heads
     meta = ModelMeta(name=name, family=family.name, modality="dit", n_layers=len(layers), n_heads=heads,
-                     n_kv_heads=heads, head_dim=int(first.to_q.out_features) // heads, causal=False,
+                     n_kv_heads=int(first.to_k.out_features) // head_dim, head_dim=head_dim, causal=False,
                      grid=runner.grid_of(runner.default_side, runner.default_side))
     return ModelHandle(name=name, model=pipe.transformer, tokenizer=runner, meta=meta, attention_modules=layers,
                        lock=threading.Lock())

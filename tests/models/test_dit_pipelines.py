@@ -1,5 +1,5 @@
 """Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana,
-Qwen-Image, FLUX.2 [klein], CogView 4, AuraFlow and HunyuanDiT.
+Qwen-Image, FLUX.2 [klein], CogView 4, AuraFlow, HunyuanDiT and Lumina 2.
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
 32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
@@ -37,12 +37,13 @@ PROMPT = "a red circle at the top left"
 SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
 # one batch row per recorded transformer call (no guidance batch)
-ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4")
-JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow")  # joint; the others: cross-attention
-TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow")  # [text, image], not [image, text]
+ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "lumina2")
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2")  # the others: cross-attention
+TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2")  # [text, image]
 CROSS = ("pixart", "sana", "hunyuandit")  # the word maps are a cross-attention's
 MASKED = ("pixart", "sana")  # the text encoder's padding is masked out of the attention
-SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4")  # guidance: a second transformer call per step
+SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4", "lumina2")  # guidance: a second transformer call a step
+REFINERS = ("context_refiner.", "noise_refiner.")  # Lumina 2's caption- and image-only layers: no HeadScope layers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,8 +130,8 @@ class _Independent:
 
         self.maps, self.module, self.step = {}, None, 0
         self.layer_of, layer = {}, -1
-        for _path, module in pipe.transformer.named_modules():
-            if isinstance(module, (Attention, AttentionModuleMixin)):
+        for path, module in pipe.transformer.named_modules():
+            if isinstance(module, (Attention, AttentionModuleMixin)) and not path.startswith(REFINERS):
                 cross = getattr(module, "is_cross_attention", False)
                 layer = layer if cross else layer + 1
                 self.layer_of[module] = (layer, "cross" if cross else "main")
@@ -244,7 +245,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
     expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None,
-                "cogview4": None, "auraflow": None}.get(
+                "cogview4": None, "auraflow": None, "lumina2": None}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()
@@ -407,7 +408,7 @@ def test_negative_call_takes_the_edits_on_its_own_axis(family, folders):
     assert edits_cond == [(f"{last_two[0]}:{last_two[1] + 1}", "all"), ("all", "image")]
     kept = [p for p in last_two if p < n_neg]
     assert edits_neg == ([(f"{kept[0]}:{kept[-1] + 1}", "all")] if kept else []) + [("all", "image")]
-    if family in ("qwenimage", "cogview4"):
+    if family in ("qwenimage", "cogview4", "lumina2"):
         assert n_neg < n_cond  # the case this test is for
     else:
         assert n_neg == n_cond  # Chroma, FLUX.2: both texts padded alike, nothing moves
@@ -468,7 +469,7 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     else:
         np.testing.assert_allclose(rows, 1.0, atol=5e-3)
     regions = grid[0] * grid[1]
-    assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, 2, regions, regions)
+    assert dit_capture.image_regions(split, 0).shape == (split.meta.n_layers, split.meta.n_heads, regions, regions)
     # the head metrics read the coarse maps alike (8 x 8 patches: one patch per region)
     from analytics import dit as analytics
 
@@ -671,7 +672,7 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
     cap = caps[family]
     a = dit_capture.image_to_text(cap)  # [step, layer, head, image, text]
     heat = analytics.word_heatmaps(a, cap.meta.grid)
-    assert heat.shape[:3] == (STEPS, cap.meta.n_layers, 2) and heat.shape[-2:] == cap.meta.grid
+    assert heat.shape[:3] == (STEPS, cap.meta.n_layers, cap.meta.n_heads) and heat.shape[-2:] == cap.meta.grid
     stats = analytics.sink_stats(a)
     assert stats.share.shape == (len(dit_capture.text_tokens(cap)),)
     # the prompt's words are found among the model's own tokens (SD3: T5's, after CLIP's), so a picture of
@@ -683,6 +684,10 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
         assert spelled[-5:] == ["<|im_end|>", "⏎", "<|im_start|>", "assistant", "⏎"]
         assert [tokens[i] for i in dit_capture.word_columns(cap)] == ["a", "Ġred", "Ġcircle", "Ġat", "Ġthe", "Ġtop",
                                                                         "Ġleft"]
+    if family == "lumina2":  # the pipeline's system prompt opens the text: the model reads it, no word columns
+        assert [tokens[i] for i in dit_capture.word_columns(cap)] == [f"▁{w}" for w in PROMPT.split()]
+        assert cap.spans["system"].stop == cap.spans["prompt"].start == cap.spans["gemma"].start > 40
+        assert any("refiner" in n for n in cap.output.notes)
     if family == "flux2":  # Qwen3's chat template around the prompt: its role names are no words either
         assert [tokens[i] for i in dit_capture.word_columns(cap)][:2] == ["a", "Ġred"]
     words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
@@ -699,7 +704,7 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
             analytics.text_mass(cap)
     else:
         mass = analytics.text_mass(cap)
-        assert mass.shape == (cap.meta.n_layers, 2) and ((0 <= mass) & (mass <= 1.001)).all()
+        assert mass.shape == (cap.meta.n_layers, cap.meta.n_heads) and ((0 <= mass) & (mass <= 1.001)).all()
 
 
 def test_headhunter_lite_searches_a_pipeline(folders, store):

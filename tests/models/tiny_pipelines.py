@@ -49,14 +49,15 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def gemma_tokenizer():
+def gemma_tokenizer(words: tuple[str, ...] = ()):
+    """Gemma's BPE over WORDS and `words` (Lumina 2's system prompt), letters and byte fallback for the rest."""
     from transformers import GemmaTokenizer
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
     merges = []
     for ch in "abcdefghijklmnopqrstuvwxyz▁":
         vocab.setdefault(ch, len(vocab))
-    for word in WORDS:
+    for word in (*WORDS, *words):
         parts = ["▁"] + list(word)
         current = parts[0]
         for part in parts[1:]:
@@ -148,12 +149,14 @@ def clip_encoder(vocab: int, projection: bool = True):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def kl_vae():
+def kl_vae(levels: int = 2):
+    """A KL autoencoder of 2 ** (levels - 1) px a latent (2; 8 for the pipelines that assume it)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4, 4),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    return AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4,) * levels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
@@ -334,7 +337,7 @@ def auraflow():
 def hunyuandit():
     """HunyuanDiT: two blocks (self- and cross-attention), a one-layer BERT and T5; a VAE of 8 px a latent, which
     the pipeline assumes (so 128 px for 8 x 8 patches)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
     from transformers import BertConfig, BertModel
 
     bert, t5 = bert_tokenizer(), t5_tokenizer()
@@ -343,10 +346,7 @@ def hunyuandit():
                                     num_attention_heads=2, in_channels=4, cross_attention_dim=32,
                                     cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=16, text_len=77,
                                     text_len_t5=256, activation_fn="gelu-approximate")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=128, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, latent_channels=4, norm_num_groups=1)
+    vae = kl_vae(levels=4)
     torch.manual_seed(0)
     encoder = BertModel(BertConfig(vocab_size=len(bert), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=37, max_position_embeddings=128))
@@ -355,8 +355,31 @@ def hunyuandit():
                               requires_safety_checker=False, text_encoder_2=t5_encoder(len(t5)), tokenizer_2=t5)
 
 
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit")
-SIZES = {"hunyuandit": 128}  # pixels per side where a family's tests need more than SIZE (8 x 8 patches)
+def lumina2():
+    """Lumina 2: one caption and one image refiner layer, two joint layers with 4 query and 2 key / value heads, a
+    one-layer Gemma 2; guidance as a second call per step; its pipeline assumes 8 px a latent (128 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    gemma = gemma_tokenizer(words=tuple(LUMINA_SYSTEM.lower().replace(".", " ").replace("-", " ").split()))
+    torch.manual_seed(0)
+    transformer = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                                            num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2,
+                                            multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(300, 64, 64),
+                                            cap_feat_dim=8)
+    torch.manual_seed(0)
+    encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192,
+                                       num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=2,
+                                       vocab_size=len(gemma)))
+    return Lumina2Pipeline(transformer=transformer, vae=kl_vae(levels=4), scheduler=FlowMatchEulerDiscreteScheduler(),
+                           text_encoder=encoder, tokenizer=gemma)
+
+
+LUMINA_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+                 "alignment based on textual prompts or user prompts.")  # Lumina2Pipeline's
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit",
+            "lumina2")
+SIZES = {"hunyuandit": 128, "lumina2": 128}  # pixels per side where a family's tests need more than SIZE (8 x 8 patches)
 
 
 def size(family: str) -> int:

@@ -1,7 +1,7 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage, .cogview4, .auraflow): what differs between them for HeadScope is the pipeline classes it was
+.qwenimage, .cogview4, .auraflow, .hunyuandit, .lumina2): what differs between them for HeadScope is the pipeline classes it was
 checked in, the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow: text
 first), whether the pipeline batches an unconditional branch before the conditional one or calls the
 transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
@@ -9,8 +9,9 @@ encoders' states the transformer reads (their token ids are caught on the way in
 the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the largest side it
 is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption cleaning, which needs
 extra packages, and no aspect-ratio binning, so a picture is sampled at the size asked for; Qwen-Image: the
-negative prompt), where the text's padding run is (last, or first: CogView 4) and which tokens the transformer
-adds before the text (AuraFlow's registers).
+negative prompt), where the text's padding run is (last, or first: CogView 4), which tokens the transformer
+adds before the text (AuraFlow's registers), which the pipeline adds before the prompt (Lumina 2's system
+prompt) and how many text positions the joint attention reads (Lumina 2: the unpadded ones).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class Family:
     # the pipeline classes HeadScope was checked on (tests/models/test_dit_pipelines.py); another one around the
     # same transformer (an image-to-image, inpainting or few-step variant) is refused, its call may differ
     pipelines: tuple[str, ...]
-    text_first: bool  # Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow: [text, image]; the others [image, text]
+    text_first: bool  # Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow, Lumina 2: [text, image]; others [image, text]
     cfg: bool  # the pipeline runs [unconditional, conditional] rows when its guidance scale is above 1
     encoders: tuple[tuple[str, str, str], ...]  # (segment name, text encoder attribute, tokenizer attribute)
     unit_of: Callable  # pipe -> pixels per patch side (VAE scale factor x patch size)
@@ -52,6 +53,10 @@ class Family:
     # the transformer's arguments whose states it joins into one text axis, in order (HunyuanDiT: BERT's, mT5's)
     text_inputs: tuple[str, ...] = ("encoder_hidden_states",)
     lengths: dict = field(default_factory=dict)  # segment -> the length the pipeline pads it to, where it fixes it
+    # (pipe, ids) -> how many of the text's first ids are the pipeline's own instruction (Lumina 2's system prompt):
+    # a "system" segment the model reads and the word maps leave out
+    preamble: Callable | None = None
+    note: Callable | None = None  # pipe -> a sentence every capture of the family carries (what it leaves out)
     # the transformer's keyword arguments -> the text positions its joint attention reads, where it cuts the text
     # it is given (Lumina 2: the count of its mask); None: every position of `text_inputs`
     read_text: Callable | None = None
@@ -71,7 +76,8 @@ class Family:
         """The run's token axis from the token ids caught at each text encoder (`caught`: encoder
         attribute -> the prompt's ids), and notes; falls back to "<text i>" labels when the ids do not
         add up to the `n_text` tokens the transformer's attention reads."""
-        text, segments, padding, notes = [], [], [], []
+        text, segments, padding = [], [], []
+        notes = [self.note(pipe)] if self.note is not None else []
         if self.extra_text is not None:
             text = list(self.extra_text(pipe))
             segments.append(("registers", range(0, len(text))))
@@ -92,6 +98,10 @@ class Family:
                 else:
                     pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
                     padding.append(range(start + pad, start + len(ids)))
+                told = self.preamble(pipe, ids) if self.preamble is not None else 0
+                if told:
+                    segments.append(("system", range(start, start + told)))
+                    start += told
             segments.append((name, range(start, len(text))))
         if len(text) != n_text:
             notes.append(f"The transformer read {n_text} text positions; HeadScope labels them by position.")
