@@ -140,14 +140,15 @@ def test_dit_patch_tab_asks_from_a_clicked_patch(server, chromium, artifacts):
 
 
 @pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow",
-                                    "hunyuandit"])
+                                    "hunyuandit", "lumina2"])
 def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     """A diffusers folder on the DiT page, from its link: SD3's joint attention with CLIP and T5 tokens
     (shown as words, without CLIP's "</w>"), Chroma's (Flux's blocks; guidance a second call per step),
     PixArt's layers that store only their image block
     (core.layouts.PaddedBlock), Sana's linear attention, Qwen-Image's byte-level tokens (without "Ġ"),
     FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), CogView 4's text
-    padded on the left, AuraFlow's register tokens, HunyuanDiT's BERT and T5 tokens in one cross-attention; the
+    padded on the left, AuraFlow's register tokens, HunyuanDiT's BERT and T5 tokens in one cross-attention, Lumina 2's
+    system prompt before the prompt (read by the model, no word panels) and its unrecorded refiners (said); the
     page draws them all."""
     from urllib.parse import urlencode
 
@@ -180,6 +181,11 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             assert words.get_by_text("⏎").count() == 0 and words.get_by_text("im_end").count() == 0
             assert words.get_by_text("think").count() == 0 and words.get_by_text("gMASK").count() == 0
             assert words.get_by_text("assistant").count() == 0 and words.get_by_text("user").count() == 0
+        if family == "lumina2":  # the system prompt's words are no panels; the notes say what is not recorded
+            assert page.get_by_text("a Lumina 2 diffusion pipeline").count() == 1
+            assert words.get_by_text("superior").count() == 0 and words.get_by_text("assistant").count() == 0
+            assert words.get_by_text("circle", exact=True).count() >= 1
+            assert page.get_by_text("refiner layers before them").count() == 1
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)
