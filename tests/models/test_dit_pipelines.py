@@ -414,6 +414,18 @@ def test_negative_call_takes_the_edits_on_its_own_axis(family, folders):
         assert n_neg == n_cond  # Chroma, FLUX.2: both texts padded alike, nothing moves
 
 
+def test_lumina2_system_prompt_is_found_or_left_alone(folders):
+    """Lumina 2's system prompt span ends where the prompt starts (its ids decode to the prompt); ids without the
+    pipeline's prefix get none, so every token stays a word column rather than a wrong cut."""
+    from capture.dit.families import lumina2
+
+    pipe = registry.load(str(folders["lumina2"])).tokenizer.pipe
+    ids = lumina2._read_ids(pipe, PROMPT)
+    told = lumina2._preamble(pipe, ids)
+    assert told > 0 and pipe.tokenizer.decode(ids[told:]).strip() == PROMPT
+    assert lumina2._preamble(pipe, pipe.tokenizer(PROMPT)["input_ids"]) == 0
+
+
 # ---- the layout of real sizes -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)

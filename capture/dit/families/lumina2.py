@@ -110,10 +110,15 @@ def _unpadded(ids: list[int], pipe, _call) -> list[int]:
 
 
 def _preamble(pipe, ids: list[int]) -> int:
-    """How many of `ids` are the system prompt and its marker: the ids of the prefix alone (without the marker's
-    trailing space, which goes with the prompt's first word), where the run starts with them; else 0."""
-    head = list(pipe.tokenizer(_prefix(pipe).rstrip())["input_ids"])
-    return len(head) if ids[:len(head)] == head else 0
+    """How many of `ids` are the system prompt and its marker: the first ids that decode to the prefix (the
+    marker's trailing space may go with the prompt's first word, or with the marker's last token); 0 where
+    no run of them does (a template of another pipeline version: every token is then a word column)."""
+    marker = _prefix(pipe).rstrip()
+    for count in range(1, len(ids) + 1):
+        text = pipe.tokenizer.decode(ids[:count], skip_special_tokens=True).rstrip()
+        if len(text) >= len(marker):
+            return count if text == marker else 0
+    return 0
 
 
 FAMILY = Family(name="lumina2", transformer="Lumina2Transformer2DModel",
