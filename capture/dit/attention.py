@@ -15,7 +15,8 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
-- Lumina 2's joint layers: capture.dit.families.lumina2.Lumina2Processor (its refiners keep diffusers' processor);
+- Lumina 2's joint layers: capture.dit.families.lumina2.Lumina2Processor, Z-Image's: .zimage.ZImageProcessor (their
+  refiners keep diffusers' processor);
 - CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
@@ -200,9 +201,9 @@ class HeadScopeProcessor:
 def _kind(module) -> str:
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    if type(getattr(module, "headscope_original", module.processor)).__name__ in ("CogView4AttnProcessor",
-                                                                                   "AuraFlowAttnProcessor2_0"):
-        return "joint"  # one set of projections over [text, image] (CogView 4, AuraFlow's single blocks)
+    if type(getattr(module, "headscope_original", module.processor)).__name__ in (
+            "CogView4AttnProcessor", "AuraFlowAttnProcessor2_0", "Lumina2AttnProcessor2_0", "ZSingleStreamAttnProcessor"):
+        return "joint"  # one set of projections over text and image (CogView 4, AuraFlow's single blocks, Lumina 2 ...)
     if getattr(module, "is_cross_attention", False):
         return "cross"
     if type(module).__name__ in ("FluxAttention", "Flux2ParallelSelfAttention"):  # single-stream: [text, image]
@@ -210,18 +211,20 @@ def _kind(module) -> str:
     return "self"
 
 
-def _kept(path: str, module) -> bool:
-    """True for a module that keeps diffusers' processor and is no HeadScope layer (Lumina 2's refiners)."""
-    if type(getattr(module, "headscope_original", module.processor)).__name__ != "Lumina2AttnProcessor2_0":
-        return False
-    from capture.dit.families.lumina2 import kept
+REFINING = ("Lumina2AttnProcessor2_0", "ZSingleStreamAttnProcessor")  # processors of families with refiner layers
+REFINERS = ("context_refiner.", "noise_refiner.")  # their caption-only and image-only layers, before the joint ones
 
-    return kept(path)
+
+def _kept(path: str, module) -> bool:
+    """True for a module that keeps diffusers' processor and is no HeadScope layer: Lumina 2's and Z-Image's
+    refiners (the token axis has no place for a caption-only layer; capture.dit.families.lumina2)."""
+    name = type(getattr(module, "headscope_original", module.processor)).__name__
+    return name in REFINING and path.startswith(REFINERS)
 
 
 def attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
     """(path, module, kind) of every diffusers attention module (Attention, FluxAttention) HeadScope drives, in depth
-    order (not Lumina 2's refiners: capture.dit.families.lumina2)."""
+    order (not Lumina 2's and Z-Image's refiners: `_kept`)."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
@@ -252,6 +255,10 @@ def _processor(module, layer: int, kind: str, routed: bool):
         from capture.dit.families.lumina2 import Lumina2Processor
 
         return Lumina2Processor(layer, module.heads)
+    if name == "ZSingleStreamAttnProcessor":
+        from capture.dit.families.zimage import ZImageProcessor
+
+        return ZImageProcessor(layer, module.heads)
     if name == "SanaLinearAttnProcessor2_0":
         from capture.dit.families.sana import SanaLinearProcessor
 

@@ -2,7 +2,7 @@
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
 (capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4,
-AuraFlow, HunyuanDiT, Lumina 2; each names the pipeline classes it was checked in), loads the pipeline with
+AuraFlow, HunyuanDiT, Lumina 2, Z-Image; each names the pipeline classes it was checked in), loads the pipeline with
 `DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's processors in the
 transformer (capture.dit.attention.install) and describes it as a ModelHandle: the transformer in the `model`
 slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one layer per self- or joint-attention
@@ -26,9 +26,10 @@ FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "C
             "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana",
             "QwenImageTransformer2DModel": "qwenimage", "Flux2Transformer2DModel": "flux2",
             "CogView4Transformer2DModel": "cogview4", "AuraFlowTransformer2DModel": "auraflow",
-            "HunyuanDiT2DModel": "hunyuandit", "Lumina2Transformer2DModel": "lumina2"}
-KNOWN = ("SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow, HunyuanDiT "
-         "and Lumina 2")
+            "HunyuanDiT2DModel": "hunyuandit", "Lumina2Transformer2DModel": "lumina2",
+            "ZImageTransformer2DModel": "zimage"}
+KNOWN = ("SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow, HunyuanDiT, "
+         "Lumina 2 and Z-Image")
 
 
 def is_pipeline(folder: Path) -> bool:

@@ -40,9 +40,12 @@ from core.interventions import Intervention
 
 
 def _expand(value, batch: int, row: int):
-    """A transformer argument with the conditional row `row` appended (tensors of `batch` rows, in dicts too)."""
+    """A transformer argument with the conditional row `row` appended (tensors of `batch` rows, lists of one tensor
+    per row as Z-Image's, in dicts too)."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return torch.cat([value, value[row:row + 1]])
+    if isinstance(value, list) and len(value) == batch and all(isinstance(v, torch.Tensor) for v in value):
+        return value + [value[row]]
     if isinstance(value, dict):
         return {k: _expand(v, batch, row) for k, v in value.items()}
     return value
@@ -56,8 +59,8 @@ class PipelineDit:
         params = inspect.signature(type(pipe).__call__).parameters
         self.defaults = {name: params[name].default for name in ("num_inference_steps", family.guidance_arg,
                                                                  "max_sequence_length") if name in params}
-        side = getattr(pipe, "default_sample_size", None) or int(pipe.transformer.config.sample_size)
-        self.default_side = int(side) * int(pipe.vae_scale_factor)
+        side = getattr(pipe, "default_sample_size", None) or getattr(pipe.transformer.config, "sample_size", None)
+        self.default_side = family.default_side or int(side) * int(pipe.vae_scale_factor)
         self.unit = int(family.unit_of(pipe))
         self.max_side = int(family.max_side(pipe, self.default_side))
         cross = [m for _p, m, kind in attention_modules(pipe.transformer) if kind == "cross"]
@@ -99,20 +102,25 @@ class PipelineDit:
 
     @property
     def guidance(self) -> float:
+        """The pipeline's default guidance scale (the family's `cfg_from`, no guidance, where it skips guidance)."""
         if self.family.guides is not None and not self.family.guides(self.pipe):
-            return 1.0
-        return float(self.defaults.get(self.family.guidance_arg) or 1.0)
+            return self.family.cfg_from
+        scale = self.defaults.get(self.family.guidance_arg)
+        return self.family.cfg_from if scale is None else float(scale)
 
     def grid_of(self, height: int, width: int) -> tuple[int, int]:
         return height // self.unit, width // self.unit
 
     def check_size(self, name: str, height: int, width: int) -> None:
-        """InputError unless both sides are whole patches, from two patches to the family's largest side."""
-        low = 2 * self.unit
+        """InputError unless both sides are whole patches, from two patches to the family's largest side (and
+        the patches a multiple of the family's `image_multiple`)."""
+        low, multiple = 2 * self.unit, self.family.image_multiple
         sides_fit = low <= height <= self.max_side and low <= width <= self.max_side
-        if height % self.unit or width % self.unit or not sides_fit:
+        rows, cols = self.grid_of(height, width)
+        if height % self.unit or width % self.unit or not sides_fit or (rows * cols) % multiple:
+            count = f", {multiple} patches of {self.unit} px or a multiple of that many" if multiple > 1 else ""
             raise InputError(f"{name} samples pictures whose sides are multiples of {self.unit} px from {low} to "
-                             f"{self.max_side} px; {width} x {height} is not one.")
+                             f"{self.max_side} px{count}; {width} x {height} is not one.")
 
     def call_kwargs(self) -> dict:
         kwargs = dict(self.family.call_kwargs)
@@ -133,8 +141,8 @@ class PipelineDit:
         guided = presets.is_guidance(intervention)
         direct = Intervention() if guided else intervention
         scale = presets.pag_scale(intervention)
-        branches = 2 if family.cfg and self.guidance > 1.0 else 1
-        calls = 2 if family.separate_cfg and self.guidance > 1.0 else 1  # transformer calls per step
+        branches = 2 if family.cfg and self.guidance > family.cfg_from else 1
+        calls = 2 if family.separate_cfg and self.guidance > family.cfg_from else 1  # transformer calls per step
         rows = [Intervention()] * branches + [intervention] if guided else None
         call = self.call_kwargs()
         caught: dict[str, list[int]] = {}
@@ -155,28 +163,32 @@ class PipelineDit:
 
         def before(_module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            batch = hidden.shape[0]
+            if isinstance(hidden, list):  # Z-Image: one tensor per batch row
+                batch, device = len(hidden), hidden[0].device
+            else:
+                batch, device = hidden.shape[0], hidden.device
+            row = 0 if family.cond_first else batch - 1  # the conditional row
             if state["layout"] is None:
-                text = family.n_read(pipe, kwargs)
+                text = family.n_read(pipe, args, kwargs)
                 state["layout"], state["notes"] = family.layout(pipe, caught, self.grid_of(height, width), text, call)
                 active.spans.update(state["layout"].spans())
                 if recorder is not None:
-                    recorder.start(state["layout"], hidden.device)
+                    recorder.start(state["layout"], device)
             step, branch = divmod(state["calls"], calls)
             state["calls"] += 1
             state["conditional"] = branch == 0  # a separate negative call (Chroma) is neither recorded nor guided
             if branch and not direct.empty:
-                negative_call(family.n_read(pipe, kwargs))
+                negative_call(family.n_read(pipe, args, kwargs))
             if recorder is not None:
                 recorder.begin_step(step if branch == 0 else -1)  # step -1: nothing recorded
-                recorder.row = batch - 1
+                recorder.row = row
             if on_step is not None and branch == 0:
                 on_step(step)
             if not guided or branch:
                 return None
-            state["batch"] = batch
-            return (tuple(_expand(a, batch, batch - 1) for a in args),  # (Flux's *_ids carry no batch)
-                    {k: v if k.endswith("_ids") else _expand(v, batch, batch - 1) for k, v in kwargs.items()})
+            state["batch"], state["row"] = batch, row
+            return (tuple(_expand(a, batch, row) for a in args),  # (Flux's *_ids carry no batch)
+                    {k: v if k.endswith("_ids") else _expand(v, batch, row) for k, v in kwargs.items()})
 
         def negative_call(n_text: int) -> None:
             """The negative prompt's own call reads a text of another length (Qwen-Image, CogView 4, Lumina 2):
@@ -198,12 +210,15 @@ class PipelineDit:
         def after(_module, _args, _kwargs, output):
             if not state["conditional"]:
                 return None
-            batch = state["batch"]
+            batch, row = state["batch"], state["row"]
             sample = output[0]
-            cond, perturbed = sample[batch - 1], sample[batch]
-            g = self.guidance if batch > 1 or calls > 1 else 1.0
-            guided_cond = cond + (scale / g) * (cond - perturbed)
-            sample = torch.cat([sample[:batch - 1], guided_cond[None]])
+            cond, perturbed = sample[row], sample[batch]
+            weight = family.cond_weight(self.guidance) if batch > 1 or calls > 1 else 1.0
+            guided_cond = cond + (scale / weight) * (cond - perturbed)
+            if isinstance(sample, list):  # Z-Image: one tensor per row
+                sample = sample[:row] + [guided_cond] + sample[row + 1:batch]
+            else:
+                sample = torch.cat([sample[:row], guided_cond[None], sample[row + 1:batch]])
             if isinstance(output, tuple):
                 return (sample,) + tuple(output[1:])
             output.sample = sample

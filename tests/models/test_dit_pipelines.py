@@ -1,5 +1,5 @@
 """Diffusers pipeline folders, tiny and random: SD3 (with SD3.5's dual attention), Flux, Chroma, PixArt-Σ, Sana,
-Qwen-Image, FLUX.2 [klein], CogView 4, AuraFlow, HunyuanDiT and Lumina 2.
+Qwen-Image, FLUX.2 [klein], CogView 4, AuraFlow, HunyuanDiT, Lumina 2 and Z-Image.
 
 Each family's pipeline is built and saved once per module (tests/models/tiny_pipelines.py) and sampled at
 32 x 32 px with 2 steps.  Held: the captured image is the plain pipeline's bit for bit (a one-row call on a
@@ -38,12 +38,13 @@ SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
 # one batch row per recorded transformer call (no guidance batch)
 ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "lumina2")
-JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2")  # the others: cross-attention
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2", "zimage")  # others: cross
 TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2")  # [text, image]
 CROSS = ("pixart", "sana", "hunyuandit")  # the word maps are a cross-attention's
 MASKED = ("pixart", "sana")  # the text encoder's padding is masked out of the attention
 SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4", "lumina2")  # guidance: a second transformer call a step
-REFINERS = ("context_refiner.", "noise_refiner.")  # Lumina 2's caption- and image-only layers: no HeadScope layers
+REFINERS = ("context_refiner.", "noise_refiner.")  # Lumina 2's, Z-Image's caption- and image-only layers: not HeadScope's
+COND_FIRST = ("zimage",)  # the guidance batch is [conditional, unconditional], not the other way round
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,11 +125,11 @@ class _Independent:
     """diffusers' own processors, each wrapped to note which module runs, and F.scaled_dot_product_attention
     wrapped to keep softmax(q kᵀ · scale + mask) of every call; Sana's linear attention from its q / k."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, cond_first: bool = False):
         from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
 
-        self.maps, self.module, self.step = {}, None, 0
+        self.maps, self.module, self.step, self.cond = {}, None, 0, 0 if cond_first else -1
         self.layer_of, layer = {}, -1
         for path, module in pipe.transformer.named_modules():
             if isinstance(module, (Attention, AttentionModuleMixin)) and not path.startswith(REFINERS):
@@ -162,15 +163,17 @@ class _Independent:
         Wrapped.__call__.__signature__ = inspect.signature(type(processor).__call__)
         return Wrapped()
 
-    def keep(self, weights):  # [batch, head, q, k]: the conditional row is the last
+    def keep(self, weights):  # [batch, head, q, k]: the conditional row is the last (Z-Image's: the first)
         layer, kind = self.layer_of[self.module]
-        self.maps[(self.step, layer, kind)] = weights[-1].float().numpy()
+        self.maps[(self.step, layer, kind)] = weights[self.cond].float().numpy()
 
     def sdpa(self, original):
         def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
             if self.module is not None:
                 s = (query.float() @ key.float().transpose(-1, -2)) * (scale or query.shape[-1] ** -0.5)
-                if attn_mask is not None:
+                if attn_mask is not None and attn_mask.dtype == torch.bool:  # True: attend
+                    s = s.masked_fill(~attn_mask, float("-inf"))
+                elif attn_mask is not None:
                     s = s + attn_mask.float()
                 self.keep(torch.softmax(s, -1))
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -183,7 +186,7 @@ def test_maps_equal_an_independent_recording(family, folders, captures, monkeypa
     caps, _store = captures
     cap = caps[family]
     pipe = _plain(folders[family])
-    independent = _Independent(pipe)
+    independent = _Independent(pipe, cond_first=family in COND_FIRST)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         independent.sdpa(torch.nn.functional.scaled_dot_product_attention))
     pipe.transformer.register_forward_pre_hook(lambda *_: setattr(independent, "step", independent.step + 1))
@@ -245,7 +248,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     cap = capture_api.load_capture(caps[family].key, store)  # read back from its record
     image, n = cap.spans["image"], cap.n_tokens
     expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None,
-                "cogview4": None, "auraflow": None, "lumina2": None}.get(
+                "cogview4": None, "auraflow": None, "lumina2": None, "zimage": None}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()
@@ -379,8 +382,8 @@ def test_negative_call_takes_the_edits_on_its_own_axis(family, folders):
     module = next(m for _p, m in transformer.named_modules() if hasattr(m, "headscope_layer"))
     calls = []
 
-    def read(_module, _args, kwargs):
-        calls.append(runner.family.n_read(runner.pipe, kwargs))
+    def read(_module, args, kwargs):
+        calls.append(runner.family.n_read(runner.pipe, args, kwargs))
 
     def look(_module, args, kwargs):
         active = current_session()
@@ -424,6 +427,32 @@ def test_lumina2_system_prompt_is_found_or_left_alone(folders):
     told = lumina2._preamble(pipe, ids)
     assert told > 0 and pipe.tokenizer.decode(ids[told:]).strip() == PROMPT
     assert lumina2._preamble(pipe, pipe.tokenizer(PROMPT)["input_ids"]) == 0
+
+
+def test_zimage_guidance_rows_of_unequal_captions(folders, store, monkeypatch):
+    """Z-Image pads each caption of its guidance batch to its own multiple of 32 and masks the shorter row's end:
+    a prompt of more than 32 tokens gives the recorded conditional row 64 caption positions and the empty negative
+    prompt's row 32.  The maps are still the model's (an independent recording) and the picture the plain
+    pipeline's."""
+    folder = folders["zimage"]
+    prompt = " ".join([PROMPT] * 4)
+    cap = run(_spec(folder, prompt=prompt), store)
+    assert len(cap.spans["text"]) == 64 and cap.tokens[cap.spans["padding"].start] == "<pad>"
+    pipe = _plain(folder)
+    independent = _Independent(pipe, cond_first=True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        independent.sdpa(torch.nn.functional.scaled_dot_product_attention))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda _m, args: seen.append([len(c) for c in args[2]]))
+    pipe.transformer.register_forward_pre_hook(lambda *_: setattr(independent, "step", independent.step + 1))
+    independent.step = -1
+    image = pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="np",
+                 generator=torch.Generator().manual_seed(SEED)).images[0]
+    assert seen[0][0] > 32 >= seen[0][1]  # the rows' captions: over one multiple of 32, and under
+    np.testing.assert_array_equal(dit_capture.generated_image(cap), (image * 255).round().astype(np.uint8))
+    for layer in range(cap.meta.n_layers):
+        ours = dit_capture.step_attention(cap, 1, layer).astype(np.float32)
+        np.testing.assert_allclose(ours, independent.maps[(1, layer, "main")], atol=2e-3)
 
 
 # ---- the layout of real sizes -------------------------------------------------------------------------
@@ -595,7 +624,7 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     unknown = tmp_path / "unknown"
     shutil.copytree(folders["pixart"], unknown)
     index = json.loads((unknown / "model_index.json").read_text())
-    index["transformer"] = ["diffusers", "ZImageTransformer2DModel"]
+    index["transformer"] = ["diffusers", "HiDreamImageTransformer2DModel"]
     (unknown / "model_index.json").write_text(json.dumps(index))
     dev = tmp_path / "flux2-dev"  # FLUX.2 [dev]'s pipeline (Mistral 3 text encoder): not checked, refused
     shutil.copytree(folders["flux2"], dev)
@@ -607,13 +636,14 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     shutil.copytree(folders["sd3"], img2img)
     index = json.loads((img2img / "model_index.json").read_text())
     (img2img / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusion3Img2ImgPipeline")))
-    cases = [(_spec(unknown), ModelUnavailable, "does not know the ZImageTransformer2DModel"),
+    cases = [(_spec(unknown), ModelUnavailable, "does not know the HiDreamImageTransformer2DModel"),
              (_spec(dev), ModelUnavailable, "in Flux2KleinPipeline only; .* is a Flux2Pipeline"),
              (_spec(img2img), ModelUnavailable, "in StableDiffusion3Pipeline only; .* StableDiffusion3Img2ImgPipeline"),
              (_spec(empty), ModelUnavailable, "neither config.json"),
              (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
              (_spec(folders["sd3"], height=33), InputError, "multiples of 4 px"),
              (_spec(folders["flux"], width=4096), InputError, "px; 4096 x 32 is not one"),
+             (_spec(folders["zimage"], height=40, width=40), InputError, "32 patches .*; 40 x 40 is not one"),
              (_spec(folders["sana"], seed=-1), InputError, "seed"),
              (_spec(folders["sd3"], keep=(2,)), InputError, "sampling steps 0 to 1"),
              (_spec(folders["sd3"], steps=20, keep=tuple(range(9))), InputError, "at most 8")]

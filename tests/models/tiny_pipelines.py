@@ -375,10 +375,30 @@ def lumina2():
                            text_encoder=encoder, tokenizer=gemma)
 
 
+def zimage():
+    """Z-Image: one image and one caption refiner layer, two joint layers, a two-layer Qwen3 (its second-to-last
+    states); guidance as batch rows, the conditional first."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = qwen_tokenizer()
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=8,
+                                           axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])
+    torch.manual_seed(0)
+    encoder = Qwen3Model(Qwen3Config(hidden_size=8, intermediate_size=16, num_hidden_layers=2, head_dim=4,
+                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                     max_position_embeddings=1024, bos_token_id=None,
+                                     eos_token_id=tokenizer.eos_token_id))
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=kl_vae(), text_encoder=encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+
+
 LUMINA_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
                  "alignment based on textual prompts or user prompts.")  # Lumina2Pipeline's
 FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit",
-            "lumina2")
+            "lumina2", "zimage")
 SIZES = {"hunyuandit": 128, "lumina2": 128}  # pixels per side where a family's tests need more than SIZE (8 x 8 patches)
 
 

@@ -21,6 +21,16 @@ from typing import Callable
 from capture.dit.tokens import TokenLayout, leading_padding, padding_start
 
 
+def unpadded(ids: list[int], pipe, _call=None) -> list[int]:
+    """`select` of a pipeline whose transformer reads its text without the padding run the tokenizer put after it
+    (Lumina 2, Z-Image)."""
+    pad = pipe.tokenizer.pad_token_id
+    stop = len(ids)
+    while stop > 0 and ids[stop - 1] == pad:
+        stop -= 1
+    return ids[:stop]
+
+
 @dataclass(frozen=True)
 class Family:
     """What HeadScope needs to know about one pipeline family (module docstring)."""
@@ -57,17 +67,26 @@ class Family:
     # a "system" segment the model reads and the word maps leave out
     preamble: Callable | None = None
     note: Callable | None = None  # pipe -> a sentence every capture of the family carries (what it leaves out)
-    # the transformer's keyword arguments -> the text positions its joint attention reads, where it cuts the text
-    # it is given (Lumina 2: the count of its mask); None: every position of `text_inputs`
+    cond_first: bool = False  # the conditional row is the first of the guidance batch (Z-Image), not the last
+    cfg_from: float = 1.0  # the pipeline guides when its guidance scale is above this (Z-Image: 0)
+    # the guidance scale -> the weight of the conditional prediction in the pipeline's guided one: g in u + g (c - u),
+    # 1 + g in Z-Image's c + g (c - u) (SoftPAG folds its term by it: capture.dit.pipeline)
+    cond_weight: Callable = lambda g: g
+    pad_to: int = 0  # the transformer pads the text to a multiple of this with a learned state (Z-Image: 32)
+    image_multiple: int = 1  # the patch count must be a multiple of this (Z-Image: else it pads the image inside)
+    default_side: int = 0  # the pipeline's default picture side in pixels where neither it nor its transformer says
+    # (the transformer's arguments, its keyword arguments) -> the text positions its joint attention reads, where it
+    # cuts or pads the text it is given (Lumina 2: the count of its mask; Z-Image: padded to `pad_to`); None: every
+    # position of `text_inputs`
     read_text: Callable | None = None
 
     def n_extra(self, pipe) -> int:
         """How many tokens the transformer puts before the text the pipeline gives it."""
         return len(self.extra_text(pipe)) if self.extra_text is not None else 0
 
-    def n_read(self, pipe, kwargs: dict) -> int:
-        """How many text positions one transformer call's joint attention reads (`kwargs`: the call's)."""
-        given = self.read_text(kwargs) if self.read_text is not None else \
+    def n_read(self, pipe, args: tuple, kwargs: dict) -> int:
+        """How many text positions one transformer call's joint attention reads (its arguments)."""
+        given = self.read_text(args, kwargs) if self.read_text is not None else \
             sum(kwargs[name].shape[1] for name in self.text_inputs)
         return int(given) + self.n_extra(pipe)
 
@@ -93,7 +112,10 @@ class Family:
             else:
                 ids = self.select(ids, pipe, call) if self.select else ids
                 text += tokenizer.convert_ids_to_tokens(ids)
-                if self.pads_left:
+                if self.pad_to:  # the transformer's own padding states after the text: labelled as padding
+                    text += ["<pad>"] * ((-len(ids)) % self.pad_to)
+                    padding.append(range(start + len(ids), len(text)))
+                elif self.pads_left:
                     padding.append(range(start, start + leading_padding(ids, tokenizer.pad_token_id)))
                 else:
                     pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -110,4 +132,4 @@ class Family:
                            padding=padding), notes
 
 
-__all__ = ["Family"]
+__all__ = ["Family", "unpadded"]

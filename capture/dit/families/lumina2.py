@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from capture.dit.attend import Attend, Frame
-from capture.dit.families import Family
+from capture.dit.families import Family, unpadded
 
 MARKER = " <Prompt Start> "  # what the pipeline puts between its system prompt and the prompt
 
@@ -86,11 +86,6 @@ class Lumina2Processor:
         return attn.to_out[1](attn.to_out[0](hidden))
 
 
-def kept(path: str) -> bool:
-    """True for a refiner module, which keeps diffusers' processor (module docstring)."""
-    return path.startswith(("context_refiner.", "noise_refiner."))
-
-
 def _prefix(pipe) -> str:
     return f"{pipe.system_prompt}{MARKER}"
 
@@ -98,15 +93,6 @@ def _prefix(pipe) -> str:
 def _read_ids(pipe, prompt: str) -> list[int]:
     """The ids of the text positions the transformer's joint layers read for `prompt`: unpadded."""
     return list(pipe.tokenizer(_prefix(pipe) + prompt, max_length=256, truncation=True)["input_ids"])
-
-
-def _unpadded(ids: list[int], pipe, _call) -> list[int]:
-    """The caught ids without their padding run (the pipeline pads on the right)."""
-    pad = pipe.tokenizer.pad_token_id
-    stop = len(ids)
-    while stop > 0 and ids[stop - 1] == pad:
-        stop -= 1
-    return ids[:stop]
 
 
 def _preamble(pipe, ids: list[int]) -> int:
@@ -127,11 +113,11 @@ FAMILY = Family(name="lumina2", transformer="Lumina2Transformer2DModel",
                 encoders=(("gemma", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * int(pipe.transformer.config.patch_size),
                 max_side=lambda pipe, default: 2 * default,
-                select=_unpadded, read_ids=_read_ids, preamble=_preamble,
-                read_text=lambda kwargs: int(kwargs["encoder_attention_mask"][0].sum()),
+                select=unpadded, read_ids=_read_ids, preamble=_preamble,
+                read_text=lambda _args, kwargs: int(kwargs["encoder_attention_mask"][0].sum()),
                 note=lambda pipe: f"Lumina 2: layers 0 to {pipe.transformer.config.num_layers - 1} are its joint "
                 f"layers; the {pipe.transformer.config.num_refiner_layers} caption-only and "
                 f"{pipe.transformer.config.num_refiner_layers} image-only refiner layers before them run as "
                 "diffusers has them, neither recorded nor edited.")
 
-__all__ = ["FAMILY", "Lumina2Processor", "kept"]
+__all__ = ["FAMILY", "Lumina2Processor"]
