@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines of the ten families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the twelve families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
@@ -7,9 +7,12 @@ its first block, Flux (one double- and one single-stream block), Chroma (Flux's 
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
 blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step), FLUX.2 [klein] (one
 double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left), AuraFlow (one
-MM-DiT and one single block, 8 register tokens) and HunyuanDiT (BERT and T5, cross-attention).  At 32 x 32 px
-their transformers see 64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow) or 256 (Sana)
-image tokens; HunyuanDiT's pipeline assumes 8 px a latent, so it is sampled at 128 x 128 px (`size`) for its 64.
+MM-DiT and one single block, 8 register tokens), HunyuanDiT (BERT and T5, cross-attention), Lumina 2 (a refiner
+of each kind, two joint layers with grouped keys, Gemma 2, its system prompt) and Z-Image (a refiner of each
+kind, two joint layers, Qwen3, guidance rows with the conditional first).  At 32 x 32 px their transformers see
+64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow, Z-Image) or 256 (Sana) image tokens;
+HunyuanDiT's and Lumina 2's pipelines assume 8 px a latent, so they are sampled at 128 x 128 px (`size`) for their
+64.
 """
 from __future__ import annotations
 
