@@ -96,6 +96,9 @@ steps_sel = None if all_steps else [step]
 layers_sel = None if layer == -1 else [layer]
 a = summary.daam[None] if all_steps else dit_capture.image_to_text(capture, step)  # [1, layer, head, image, text]
 h = analytics.word_heatmaps(a if layers_sel is None else a[:, layers_sel], grid)  # [1, layer, head, text, rows, cols]
+if layers_sel is not None and not a[:, layers_sel].any():  # an image-only or caption-only layer: no word maps
+    st.info(f"Layer {layer} reads within the picture or within the caption only (a refiner, or SD3.5's extra "
+            "self-attention): its picture reads no words, so its word heatmaps are empty. Pick another layer, or all.")
 per_head = h.mean(axis=(0, 1))  # [head, text, rows, cols]
 mean_heads = per_head.mean(0, keepdims=True)
 words = attended.tolist() if show_padding else dit_capture.word_columns(capture)

@@ -65,10 +65,38 @@ def current_recorder():
 
 @dataclass(frozen=True)
 class Frame:
-    """Where one module call sits on the capture's token axis: query rows from q0, keys from k0."""
+    """Where one module call sits on the capture's token axis: query rows from q0, keys from k0; `n`: how many of
+    its first rows and keys are on the axis (None: all; Lumina 2's caption refiner: the unpadded caption, its
+    padding masked beyond)."""
 
     q0: int = 0
     k0: int = 0
+    n: int | None = None
+
+
+def part_frame(part: str | None) -> Frame:
+    """Where a refiner layer's call sits on the capture's token axis (Lumina 2, Z-Image; capture.dit.attention
+    `refiner_part`): the current session's span of its part, "caption" (the text: its first len(text) rows and
+    keys, the rest the caption's masked padding) or "image"; Frame() for a joint layer (None) or outside a run."""
+    active = current_session()
+    span = None if part is None or active is None else active.spans.get("text" if part == "caption" else "image")
+    if span is None:
+        return Frame()
+    return Frame(span.start, span.start, len(span) if part == "caption" else None)
+
+
+class _Cut:
+    """A sink that takes the first `n` rows and keys of a module's map (`Frame.n`)."""
+
+    def __init__(self, sink, n: int):
+        self.sink, self.n = sink, n
+
+    def rows(self, r0: int, weights: torch.Tensor) -> None:
+        if r0 < self.n:
+            self.sink.rows(r0, weights[:, :self.n - r0, :self.n])
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 class _Stub:
@@ -164,25 +192,31 @@ class Attend:
         recorder = current_recorder()
         sink = None
         row_mask = None  # the recorded row's mask, broadcastable to [head, n_q, n_k]
+        cut = frame.n is not None and frame.n < n_q  # the recorded map: the first frame.n rows and keys
         if recorder is not None and recorder.wants(self.layer):
             row_mask = None if mask is None else mask[recorder.row if mask.shape[0] > 1 else 0]
+            q_row, k_row, n_k = query[recorder.row], key[recorder.row], key.shape[2]
+            if cut:
+                q_row, k_row, n_k = q_row[:, :frame.n], k_row[:, :frame.n], frame.n
+                row_mask = None if row_mask is None else row_mask[..., :min(row_mask.shape[-2], frame.n), :frame.n]
             if recorder.wants_qk(self.layer) and self.kind != "cross":
-                recorder.qk(self.layer, frame, query[recorder.row], key[recorder.row], kernel, scale, row_mask)
-            sink = recorder.open(self.layer, self.kind, frame, heads, n_q, key.shape[2])
+                recorder.qk(self.layer, frame, q_row, k_row, kernel, scale, row_mask)
+            sink = recorder.open(self.layer, self.kind, frame, heads, frame.n if cut else n_q, n_k)
         if plan is not None and plan.attention:
             if plan.max_head >= heads:
                 raise InterventionError(f"An edit names head {plan.max_head} of layer {self.layer}, which has "
                                         f"{heads} heads.")
             weights_of = _linear_weights if kernel == "linear" else None
-            hidden = edited(view, plan, self.layer, frame.q0 - shift, query, key, value, mask, scale, sink,
-                            None if sink is None else recorder.row, weights_of)
-        elif sink is not None and batch == 1 and kernel == "softmax" and query.device.type == "cpu":
+            hidden = edited(view, plan, self.layer, frame.q0 - shift, query, key, value, mask, scale,
+                            _Cut(sink, frame.n) if sink is not None and cut else sink,
+                            None if sink is None else recorder.row, weights_of, k_first=frame.k0 - shift)
+        elif sink is not None and batch == 1 and kernel == "softmax" and query.device.type == "cpu" and not cut:
             out = record_rows(sink, query[0], key[0], row_mask, scale, kernel, value[0])  # one pass, not two
             hidden = out.to(value.dtype).transpose(0, 1).reshape(1, n_q, heads * value.shape[-1])
         else:
             hidden = plain()
             if sink is not None:
-                record_rows(sink, query[recorder.row], key[recorder.row], row_mask, scale, kernel)
+                record_rows(sink, q_row, k_row, row_mask, scale, kernel)
         if sink is not None:
             sink.close()
         hidden = hidden.to(query.dtype)
@@ -285,18 +319,18 @@ def record_rows(sink, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor
 
 def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch.Tensor, key: torch.Tensor,
            value: torch.Tensor, mask: torch.Tensor | None, scale: float, sink, row: int | None,
-           weights_of: Callable | None = None) -> torch.Tensor:
+           weights_of: Callable | None = None, k_first: int = 0) -> torch.Tensor:
     """The module's attention with the view's edits: hidden  # [batch, n_q, head * head_dim].
 
-    Query row r sits at position `offset` + r of the view's axis (so "image", "span:text" and ranges
-    resolve as on the capture's axis).  `weights_of(query, key_t, r0, r1)` gives the unedited weights of
+    Query row r sits at position `offset` + r of the view's axis, key j at `k_first` + j (so "image", "span:text"
+    and ranges resolve as on the capture's axis; a refiner's keys start where its part of the axis does).  `weights_of(query, key_t, r0, r1)` gives the unedited weights of
     a kernel without logits (Sana's linear attention): then logit and window edits do not apply."""
     batch, heads, n_q, head_dim = query.shape
     n_k = key.shape[2]
     if mask is not None:
         mask = mask.expand(batch, heads, n_q, n_k) if mask.dim() == 4 else mask
-    call = AttentionCall(_Stub(layer), query, key, value, mask, scale, {"is_causal": False})
-    call.offset = offset
+    call = AttentionCall(_Stub(layer), query, key, value, mask, scale, {"is_causal": False}, q_first=offset,
+                         k_first=k_first)
     if weights_of is not None and plan.pre_softmax:
         raise InterventionError("Sana's self-attention is linear (no logits): logit and window edits do not apply "
                                 "to it; use mix, redistribute or scale.")
@@ -315,5 +349,5 @@ def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch
     return out.transpose(1, 2).reshape(batch, n_q, heads * value.shape[-1])
 
 
-__all__ = ["Attend", "BLOCK_ELEMENTS", "Frame", "KINDS", "LINEAR_EPSILON", "block_rows", "current_recorder", "edited",
+__all__ = ["Attend", "BLOCK_ELEMENTS", "Frame", "part_frame", "KINDS", "LINEAR_EPSILON", "block_rows", "current_recorder", "edited",
            "linear_map", "module_view", "record_rows", "recording", "softmax_rows"]

@@ -15,8 +15,8 @@ self-attention layer of its block and is recorded under kind "cross").  Which pr
 - Flux's double- and single-stream blocks, FLUX.2's double-stream blocks: capture.dit.families.flux.FluxProcessor;
 - FLUX.2's single-stream blocks: capture.dit.families.flux2.Flux2SingleProcessor;
 - Qwen-Image's double-stream blocks: capture.dit.families.qwenimage.QwenProcessor;
-- Lumina 2's joint layers: capture.dit.families.lumina2.Lumina2Processor, Z-Image's: .zimage.ZImageProcessor (their
-  refiners keep diffusers' processor);
+- Lumina 2's layers: capture.dit.families.lumina2.Lumina2Processor, Z-Image's: .zimage.ZImageProcessor (their
+  caption-only and image-only refiners are "self" layers on their part of the token axis: `refiner_part`);
 - CogView 4's joint attention: capture.dit.families.cogview4.CogView4Processor;
 - Sana's linear self-attention: capture.dit.families.sana.SanaLinearProcessor.
 
@@ -198,7 +198,9 @@ class HeadScopeProcessor:
         return hidden_states
 
 
-def _kind(module) -> str:
+def _kind(path: str, module) -> str:
+    if refiner_part(path, module) is not None:
+        return "self"  # Lumina 2's and Z-Image's refiners: the caption's or the image's tokens alone
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
     if type(getattr(module, "headscope_original", module.processor)).__name__ in (
@@ -212,27 +214,27 @@ def _kind(module) -> str:
 
 
 REFINING = ("Lumina2AttnProcessor2_0", "ZSingleStreamAttnProcessor")  # processors of families with refiner layers
-REFINERS = ("context_refiner.", "noise_refiner.")  # their caption-only and image-only layers, before the joint ones
+REFINERS = {"context_refiner.": "caption", "noise_refiner.": "image"}  # their layers before the joint ones
 
 
-def _kept(path: str, module) -> bool:
-    """True for a module that keeps diffusers' processor and is no HeadScope layer: Lumina 2's and Z-Image's
-    refiners (the token axis has no place for a caption-only layer; capture.dit.families.lumina2)."""
-    name = type(getattr(module, "headscope_original", module.processor)).__name__
-    return name in REFINING and path.startswith(REFINERS)
+def refiner_part(path: str, module) -> str | None:
+    """"caption" or "image" for a refiner layer of Lumina 2 or Z-Image (the part of the token axis it attends
+    over), else None."""
+    if type(getattr(module, "headscope_original", module.processor)).__name__ not in REFINING:
+        return None
+    return next((part for prefix, part in REFINERS.items() if path.startswith(prefix)), None)
 
 
 def attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
-    """(path, module, kind) of every diffusers attention module (Attention, FluxAttention) HeadScope drives, in depth
-    order (not Lumina 2's and Z-Image's refiners: `_kept`)."""
+    """(path, module, kind) of every diffusers attention module (Attention, FluxAttention), in depth order."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return [(path, module, _kind(module)) for path, module in transformer.named_modules()
-            if isinstance(module, (Attention, AttentionModuleMixin)) and not _kept(path, module)]
+    return [(path, module, _kind(path, module)) for path, module in transformer.named_modules()
+            if isinstance(module, (Attention, AttentionModuleMixin))]
 
 
-def _processor(module, layer: int, kind: str, routed: bool):
+def _processor(path: str, module, layer: int, kind: str, routed: bool):
     """HeadScope's processor for one module, chosen by the processor it replaces."""
     name = type(module.processor).__name__
     if type(module).__name__ == "FluxAttention" or name == "Flux2AttnProcessor":
@@ -254,11 +256,11 @@ def _processor(module, layer: int, kind: str, routed: bool):
     if name == "Lumina2AttnProcessor2_0":
         from capture.dit.families.lumina2 import Lumina2Processor
 
-        return Lumina2Processor(layer, module.heads)
+        return Lumina2Processor(layer, module.heads, refiner_part(path, module))
     if name == "ZSingleStreamAttnProcessor":
         from capture.dit.families.zimage import ZImageProcessor
 
-        return ZImageProcessor(layer, module.heads)
+        return ZImageProcessor(layer, module.heads, refiner_part(path, module))
     if name == "SanaLinearAttnProcessor2_0":
         from capture.dit.families.sana import SanaLinearProcessor
 
@@ -277,7 +279,7 @@ def install(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     found = attention_modules(transformer)
     routed = any(kind == "cross" for _p, _m, kind in found)  # edits on text keys go to the cross modules
     plans, layers = [], []
-    for _path, module, kind in found:
+    for path, module, kind in found:
         original = getattr(module, "headscope_original", module.processor)
         module.headscope_original = original
         module.processor = original  # so `_processor` sees diffusers' class, also on a second install
@@ -286,7 +288,7 @@ def install(transformer: torch.nn.Module) -> list[torch.nn.Module]:
         else:
             index = len(layers)
             layers.append(module)
-        plans.append((module, index, _processor(module, index, kind, routed)))
+        plans.append((module, index, _processor(path, module, index, kind, routed)))
     if not layers:
         raise ValueError("this transformer has no self- or joint-attention modules HeadScope can drive")
     for module, index, processor in plans:

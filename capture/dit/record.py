@@ -120,8 +120,9 @@ class _SplitSink:
             return
         # coarse rows: their members summed here, averaged when the step ends (MapRecorder.per_member)
         rec.folds.fold(by_key, q0, into=rec.c[layer], dim=-2)
-        if rec.y is not None and i1 - i0 < rows:  # text rows over the image keys at patch resolution
-            ki0, ki1 = image.start - k0, image.stop - k0
+        ki0, ki1 = image.start - k0, image.stop - k0  # the image keys among the block's
+        image_keys = weights is not None and 0 <= ki0 and ki1 <= weights.shape[2]  # none in a caption refiner's
+        if rec.y is not None and i1 - i0 < rows and image_keys:  # text rows over the image keys at patch resolution
             for r in (range(0, i0), range(i1, rows)):
                 if len(r):
                     on_image = weights[:, r.start:r.stop, ki0:ki1]  # [head, rows, image]

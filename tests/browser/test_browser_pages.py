@@ -148,7 +148,7 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     (core.layouts.PaddedBlock), Sana's linear attention, Qwen-Image's byte-level tokens (without "Ġ"),
     FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), CogView 4's text
     padded on the left, AuraFlow's register tokens, HunyuanDiT's BERT and T5 tokens in one cross-attention, Lumina 2's
-    system prompt before the prompt (read by the model, no word panels) and its unrecorded refiners (said), Z-Image's
+    system prompt before the prompt (read by the model, no word panels) and its refiner layers (said), Z-Image's
     Qwen3 chat template and the padding its transformer adds; the page draws them all."""
     from urllib.parse import urlencode
 
@@ -186,7 +186,8 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             assert page.get_by_text("a Lumina 2 diffusion pipeline").count() == 1
             assert words.get_by_text("superior").count() == 0 and words.get_by_text("assistant").count() == 0
             assert words.get_by_text("circle", exact=True).count() >= 1
-            assert page.get_by_text("refiner layers before them").count() == 1
+            assert page.get_by_text("its image-only refiners are layer 0, its caption-only refiners layer 1").count() == 1
+            assert page.get_by_text("Layer 1 reads within the picture or within the caption only").count() == 1
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)

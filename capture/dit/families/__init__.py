@@ -31,6 +31,17 @@ def unpadded(ids: list[int], pipe, _call=None) -> list[int]:
     return ids[:stop]
 
 
+def refined(title: str, refiners: int, joint: int) -> str:
+    """The note of a family whose transformer refines the image and the caption apart before its joint layers
+    (Lumina 2, Z-Image; capture.dit.attention `refiner_part`): which HeadScope layers are which."""
+    def layers(first: int, count: int) -> str:
+        return f"layer {first}" if count == 1 else f"layers {first} to {first + count - 1}"
+
+    return (f"{title} refines the picture and the caption apart first: its image-only refiners are "
+            f"{layers(0, refiners)}, its caption-only refiners {layers(refiners, refiners)} (their image rows read no "
+            f"words), its joint layers {layers(2 * refiners, joint)}.")
+
+
 @dataclass(frozen=True)
 class Family:
     """What HeadScope needs to know about one pipeline family (module docstring)."""
@@ -132,4 +143,4 @@ class Family:
                            padding=padding), notes
 
 
-__all__ = ["Family", "unpadded"]
+__all__ = ["Family", "refined", "unpadded"]

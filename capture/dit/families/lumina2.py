@@ -1,20 +1,22 @@
-"""Lumina-Image 2.0: HeadScope's processor for its joint layers, and the family.
+"""Lumina-Image 2.0: HeadScope's processor for its layers, and the family.
 
 `Lumina2Transformer2DModel` (Qin et al. 2025, "Lumina-Image 2.0: A Unified and Efficient Image Generative
 Framework"; the Unified Next-DiT) refines its two streams apart before it joins them:
 
-- `context_refiner`: self-attention over the caption alone (Gemma's padded states, the padding masked);
 - `noise_refiner`: self-attention over the image tokens alone;
+- `context_refiner`: self-attention over the caption alone (Gemma's padded states, the padding masked);
 - `layers`: self-attention over [caption, image] - the caption cut to its unpadded length (the count of its
   mask), so the joint sequence holds no padding - with RMS-normed q and k, 3-axis rotary embeddings on both
   (the caption's positions along the first axis, the image's rows and columns on the other two) and grouped
   query attention (`num_kv_heads` key / value heads, repeated for the query heads).
 
-HeadScope's layers are the joint ones ("joint", text first): their maps are softmax(rot(q) rot(k)ᵀ / √d) over the
-very tokens the model attends to, every query head's.  The refiners keep diffusers' own processor: the token
-axis has no place for a text-only layer, so they are neither recorded nor edited (the capture's notes say so).
-`Lumina2Processor` is `Lumina2AttnProcessor2_0` step for step, with the same `F.scaled_dot_product_attention`
-call when nothing is edited.
+HeadScope's layers are all of them, in that order (the capture's notes say which is which): the image refiners
+are "self" layers on the image's part of the token axis, the caption refiners on the text's, their maps cut to
+the caption's unpadded tokens (the padding beyond is masked: no weight reaches it, and its rows are dropped by
+the model), the joint layers "joint" (text first).  Every map is softmax(rot(q) rot(k)ᵀ / √d) over the very
+tokens the model attends to, every query head's (capture.dit.attend.part_frame).  `Lumina2Processor` is
+`Lumina2AttnProcessor2_0` step for step, with the same `F.scaled_dot_product_attention` call when nothing is
+edited.
 
 Text: the pipeline prefixes the prompt with its system prompt and " <Prompt Start> " (`pipe.system_prompt`),
 pads Gemma 2's tokens to `max_sequence_length` (256) and reads the second-to-last hidden states; the transformer
@@ -32,8 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from capture.dit.attend import Attend, Frame
-from capture.dit.families import Family, unpadded
+from capture.dit.attend import Attend, part_frame
+from capture.dit.families import Family, refined, unpadded
 
 MARKER = " <Prompt Start> "  # what the pipeline puts between its system prompt and the prompt
 
@@ -41,8 +43,9 @@ MARKER = " <Prompt Start> "  # what the pipeline puts between its system prompt 
 class Lumina2Processor:
     """Lumina2AttnProcessor2_0 with HeadScope's recording and edits (module docstring)."""
 
-    def __init__(self, layer: int, n_heads: int):
-        self.attend = Attend(layer, "joint", n_heads)
+    def __init__(self, layer: int, n_heads: int, part: str | None = None):
+        self.attend = Attend(layer, "joint" if part is None else "self", n_heads)
+        self.part = part  # a refiner's part of the token axis, "caption" or "image" (capture.dit.attend.part_frame)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None,
@@ -81,7 +84,7 @@ class Lumina2Processor:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
             return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
 
-        hidden = self.attend(Frame(), query, key, value, attention_mask, scale, plain)  # [batch, n, head * dim]
+        hidden = self.attend(part_frame(self.part), query, key, value, attention_mask, scale, plain)  # [batch, n, head * dim]
         hidden = hidden.type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden))
 
@@ -115,9 +118,7 @@ FAMILY = Family(name="lumina2", transformer="Lumina2Transformer2DModel",
                 max_side=lambda pipe, default: 2 * default,
                 select=unpadded, read_ids=_read_ids, preamble=_preamble,
                 read_text=lambda _args, kwargs: int(kwargs["encoder_attention_mask"][0].sum()),
-                note=lambda pipe: f"Lumina 2: layers 0 to {pipe.transformer.config.num_layers - 1} are its joint "
-                f"layers; the {pipe.transformer.config.num_refiner_layers} caption-only and "
-                f"{pipe.transformer.config.num_refiner_layers} image-only refiner layers before them run as "
-                "diffusers has them, neither recorded nor edited.")
+                note=lambda pipe: refined("Lumina 2", pipe.transformer.config.num_refiner_layers,
+                                          pipe.transformer.config.num_layers))
 
 __all__ = ["FAMILY", "Lumina2Processor"]

@@ -1,4 +1,4 @@
-"""Z-Image: HeadScope's processor for its joint layers, and the family.
+"""Z-Image: HeadScope's processor for its layers, and the family.
 
 `ZImageTransformer2DModel` (Tongyi-MAI 2025, "Z-Image: An Efficient Image Generation Foundation Model with
 Single-Stream Diffusion Transformer"; S3-DiT) refines its two streams apart before it joins them, as Lumina 2
@@ -14,9 +14,10 @@ Inside the transformer each part is padded to a multiple of 32 tokens with a lea
 text (`pad_to`), and a picture whose patch count is no multiple of 32 is refused (`image_multiple`), as its
 padding would sit between the patches and the words.
 
-HeadScope's layers are the joint ones ("joint", image first); the refiners keep diffusers' processor, neither
-recorded nor edited (the capture's notes say so).  `ZImageProcessor` is `ZSingleStreamAttnProcessor` step for
-step and calls the same `dispatch_attention_fn` when nothing is edited.
+HeadScope's layers are all of them, in that order (the capture's notes say which is which): the refiners are
+"self" layers on the image's and the caption's part of the token axis (capture.dit.attend.part_frame), the joint
+layers "joint" (image first).  `ZImageProcessor` is `ZSingleStreamAttnProcessor` step for step and calls the
+same `dispatch_attention_fn` when nothing is edited.
 
 Text: Qwen3's second-to-last hidden states of its chat template around the prompt (thinking on: no thinking
 tags), padded to `max_sequence_length` (512); the pipeline hands the transformer the unpadded states
@@ -32,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from capture.dit.attend import Attend, Frame
-from capture.dit.families import Family, unpadded
+from capture.dit.attend import Attend, part_frame
+from capture.dit.families import Family, refined, unpadded
 
 MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: the transformer pads the image and the caption each to a multiple of it
 
@@ -41,8 +42,9 @@ MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: the transformer pads the image and the
 class ZImageProcessor:
     """ZSingleStreamAttnProcessor with HeadScope's recording and edits (module docstring)."""
 
-    def __init__(self, layer: int, n_heads: int):
-        self.attend = Attend(layer, "joint", n_heads)
+    def __init__(self, layer: int, n_heads: int, part: str | None = None):
+        self.attend = Attend(layer, "joint" if part is None else "self", n_heads)
+        self.part = part  # a refiner's part of the token axis, "caption" or "image" (capture.dit.attend.part_frame)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +68,7 @@ class ZImageProcessor:
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
             return out.flatten(2, 3)
 
-        hidden = self.attend(Frame(), query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        hidden = self.attend(part_frame(self.part), query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                              attention_mask, query.shape[-1] ** -0.5, plain)  # [batch, n, head * head_dim]
         output = attn.to_out[0](hidden.to(dtype))
         if len(attn.to_out) > 1:
@@ -108,9 +110,7 @@ FAMILY = Family(name="zimage", transformer="ZImageTransformer2DModel",
                 max_side=lambda pipe, default: 2 * default,
                 select=unpadded, read_ids=_read_ids, read_text=_caption_length,
                 pad_to=MULTIPLE, image_multiple=MULTIPLE, default_side=1024,  # the pipeline's default height
-                note=lambda pipe: f"Z-Image: layers 0 to {pipe.transformer.config.n_layers - 1} are its joint layers; "
-                f"the {pipe.transformer.config.n_refiner_layers} image-only and "
-                f"{pipe.transformer.config.n_refiner_layers} caption-only refiner layers before them run as diffusers "
-                "has them, neither recorded nor edited.")
+                note=lambda pipe: refined("Z-Image", pipe.transformer.config.n_refiner_layers,
+                                          pipe.transformer.config.n_layers))
 
 __all__ = ["FAMILY", "ZImageProcessor"]
