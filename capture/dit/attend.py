@@ -323,7 +323,8 @@ def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch
     """The module's attention with the view's edits: hidden  # [batch, n_q, head * head_dim].
 
     Query row r sits at position `offset` + r of the view's axis, key j at `k_first` + j (so "image", "span:text"
-    and ranges resolve as on the capture's axis; a refiner's keys start where its part of the axis does).  `weights_of(query, key_t, r0, r1)` gives the unedited weights of
+    and ranges resolve as on the capture's axis; a refiner's keys start where its part of the axis does).
+    `weights_of(query, key_t, r0, r1)` gives the unedited weights of
     a kernel without logits (Sana's linear attention): then logit and window edits do not apply."""
     batch, heads, n_q, head_dim = query.shape
     n_k = key.shape[2]
@@ -349,5 +350,5 @@ def edited(view: Session, plan: LayerPlan, layer: int, offset: int, query: torch
     return out.transpose(1, 2).reshape(batch, n_q, heads * value.shape[-1])
 
 
-__all__ = ["Attend", "BLOCK_ELEMENTS", "Frame", "part_frame", "KINDS", "LINEAR_EPSILON", "block_rows", "current_recorder", "edited",
-           "linear_map", "module_view", "record_rows", "recording", "softmax_rows"]
+__all__ = ["Attend", "BLOCK_ELEMENTS", "Frame", "KINDS", "LINEAR_EPSILON", "block_rows", "current_recorder", "edited",
+           "linear_map", "module_view", "part_frame", "record_rows", "recording", "softmax_rows"]

@@ -203,8 +203,8 @@ def _kind(path: str, module) -> str:
         return "self"  # Lumina 2's and Z-Image's refiners: the caption's or the image's tokens alone
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    if type(getattr(module, "headscope_original", module.processor)).__name__ in (
-            "CogView4AttnProcessor", "AuraFlowAttnProcessor2_0", "Lumina2AttnProcessor2_0", "ZSingleStreamAttnProcessor"):
+    name = type(getattr(module, "headscope_original", module.processor)).__name__
+    if name in ("CogView4AttnProcessor", "AuraFlowAttnProcessor2_0", *REFINING):
         return "joint"  # one set of projections over text and image (CogView 4, AuraFlow's single blocks, Lumina 2 ...)
     if getattr(module, "is_cross_attention", False):
         return "cross"

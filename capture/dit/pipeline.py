@@ -9,16 +9,17 @@ intervention the picture is the plain pipeline's, bit for bit.  Around the trans
   tokens; the encoders themselves run outside the recorded pass, untouched);
 - a forward pre-hook on the transformer that, before each call, tells the recorder the step and the
   batch row of the conditional branch (the last row of the pipeline's batch: [unconditional,
-  conditional] with classifier-free guidance, the only row without; a family that calls the
-  transformer a second time per step for the negative prompt, Chroma, has that call left unrecorded, and
-  where that call's text is not as long as the prompt's (Qwen-Image, CogView 4) a direct intervention
-  acts there on that call's own axis: capture.dit.presets.moved),
+  conditional] with classifier-free guidance, the only row without; Z-Image's first, `cond_first`; a family
+  that calls the transformer a second time per step for the negative prompt, Chroma, has that call left
+  unrecorded, and where that call's text is not as long as the prompt's (Qwen-Image, CogView 4, Lumina 2) a
+  direct intervention acts there on that call's own axis: capture.dit.presets.moved),
   and at the first call builds the run's token axis (capture.dit.tokens) for the recorder and the
   session's spans;
 - for SoftPAG / PAG (capture.dit.presets): the pre-hook appends a copy of the conditional row, which
   the session perturbs (its row intervention), and a forward hook folds it back into the conditional
   output, c' = c + (s / g) (c - p), so the pipeline's own guidance u + g (c' - u) becomes
-  u + g (c - u) + s (c - p) (Ahn et al. 2024, PAG; g = 1 without classifier-free guidance, e.g. Flux).
+  u + g (c - u) + s (c - p) (Ahn et al. 2024, PAG; g = 1 without classifier-free guidance, e.g. Flux;
+  Z-Image guides as c' + g (c' - u): 1 + g there, the family's `cond_weight`).
 """
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             assert page.get_by_text("a Lumina 2 diffusion pipeline").count() == 1
             assert words.get_by_text("superior").count() == 0 and words.get_by_text("assistant").count() == 0
             assert words.get_by_text("circle", exact=True).count() >= 1
-            assert page.get_by_text("its image-only refiners are layer 0, its caption-only refiners layer 1").count() == 1
+            said = "its image-only refiners are layer 0, its caption-only refiners layer 1"
+            assert page.get_by_text(said).count() == 1
             assert page.get_by_text("Layer 1 reads within the picture or within the caption only").count() == 1
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"

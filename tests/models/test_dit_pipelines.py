@@ -193,7 +193,6 @@ def test_maps_equal_an_independent_recording(family, folders, captures, monkeypa
     independent.step = -1
     _sample(pipe, folders[family])
     assert cap.output.recorded_steps == [0, 1]
-    image, text = cap.spans["image"], cap.spans["text"]
     step = 1
     call = step * (2 if family in SEPARATE_CFG else 1)  # a second transformer call for the negative prompt
     for layer in range(cap.meta.n_layers):

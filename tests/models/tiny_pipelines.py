@@ -402,7 +402,7 @@ LUMINA_SYSTEM = ("You are an assistant designed to generate superior images with
                  "alignment based on textual prompts or user prompts.")  # Lumina2Pipeline's
 FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit",
             "lumina2", "zimage")
-SIZES = {"hunyuandit": 128, "lumina2": 128}  # pixels per side where a family's tests need more than SIZE (8 x 8 patches)
+SIZES = {"hunyuandit": 128, "lumina2": 128}  # pixels a side where a family's tests need more than SIZE (8 x 8 patches)
 
 
 def size(family: str) -> int:

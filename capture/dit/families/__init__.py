@@ -1,17 +1,19 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage, .cogview4, .auraflow, .hunyuandit, .lumina2): what differs between them for HeadScope is the pipeline classes it was
-checked in, the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow: text
-first), whether the pipeline batches an unconditional branch before the conditional one or calls the
-transformer for it separately (classifier-free guidance, and which pipeline argument scales it), which text
+.qwenimage, .cogview4, .auraflow, .hunyuandit, .lumina2, .zimage): what differs between them for HeadScope is the
+pipeline classes it was checked in, the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4,
+AuraFlow, Lumina 2: text first), whether the pipeline batches an unconditional branch with the conditional one
+(before it; after it: Z-Image) or calls the transformer for it separately (classifier-free guidance, which
+pipeline argument scales it, from which scale and in which form), which text
 encoders' states the transformer reads (their token ids are caught on the way in, so the labels are those of
 the very tokens the model saw), the pixel unit of a picture side (VAE factor x patch) and the largest side it
 is sampled at, and the pipeline arguments HeadScope fixes (PixArt and Sana: no caption cleaning, which needs
 extra packages, and no aspect-ratio binning, so a picture is sampled at the size asked for; Qwen-Image: the
 negative prompt), where the text's padding run is (last, or first: CogView 4), which tokens the transformer
 adds before the text (AuraFlow's registers), which the pipeline adds before the prompt (Lumina 2's system
-prompt) and how many text positions the joint attention reads (Lumina 2: the unpadded ones).
+prompt) and how many text positions the joint attention reads (Lumina 2: the unpadded ones; Z-Image: padded by
+the transformer itself to a multiple of 32).
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ class Family:
     # the pipeline classes HeadScope was checked on (tests/models/test_dit_pipelines.py); another one around the
     # same transformer (an image-to-image, inpainting or few-step variant) is refused, its call may differ
     pipelines: tuple[str, ...]
-    text_first: bool  # Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow, Lumina 2: [text, image]; others [image, text]
-    cfg: bool  # the pipeline runs [unconditional, conditional] rows when its guidance scale is above 1
+    text_first: bool  # Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow, Lumina 2: [text, image]; others not
+    cfg: bool  # the pipeline batches [unconditional, conditional] rows (`cond_first`: the other way) when it guides
     encoders: tuple[tuple[str, str, str], ...]  # (segment name, text encoder attribute, tokenizer attribute)
     unit_of: Callable  # pipe -> pixels per patch side (VAE scale factor x patch size)
     max_side: Callable  # (pipe, default side) -> the largest picture side HeadScope samples

@@ -84,7 +84,8 @@ class Lumina2Processor:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
             return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
 
-        hidden = self.attend(part_frame(self.part), query, key, value, attention_mask, scale, plain)  # [batch, n, head * dim]
+        hidden = self.attend(part_frame(self.part), query, key, value, attention_mask, scale,
+                             plain)  # [batch, n, head * head_dim]
         hidden = hidden.type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden))
 
