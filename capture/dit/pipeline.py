@@ -119,7 +119,7 @@ class PipelineDit:
         sides_fit = low <= height <= self.max_side and low <= width <= self.max_side
         rows, cols = self.grid_of(height, width)
         if height % self.unit or width % self.unit or not sides_fit or (rows * cols) % multiple:
-            count = f", {multiple} patches of {self.unit} px or a multiple of that many" if multiple > 1 else ""
+            count = f" and whose {self.unit} px patches number a multiple of {multiple}" if multiple > 1 else ""
             raise InputError(f"{name} samples pictures whose sides are multiples of {self.unit} px from {low} to "
                              f"{self.max_side} px{count}; {width} x {height} is not one.")
 

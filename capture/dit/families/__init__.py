@@ -40,8 +40,8 @@ def refined(title: str, refiners: int, joint: int) -> str:
         return f"layer {first}" if count == 1 else f"layers {first} to {first + count - 1}"
 
     return (f"{title} refines the picture and the caption apart first: its image-only refiners are "
-            f"{layers(0, refiners)}, its caption-only refiners {layers(refiners, refiners)} (their image rows read no "
-            f"words), its joint layers {layers(2 * refiners, joint)}.")
+            f"{layers(0, refiners)}, its caption-only refiners {layers(refiners, refiners)} (their picture reads no "
+            f"words), and the joint ones {layers(2 * refiners, joint)}.")
 
 
 @dataclass(frozen=True)
