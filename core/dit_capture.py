@@ -96,6 +96,9 @@ class DitLayout:
     frames: list = field(default_factory=list)  # "split": per layer [q0, k0, n_q, n_k, kernel, scale, mask name]
     chunk: int = 1  # "split": steps per stored XS / YS / PS array (> 1: the arrays have a step axis first)
     words: int = 0  # "full", cross-attention: text columns stored in X (the rest read 0); 0 = all of them
+    # "split": the layers whose word maps XS / YS store (the others attend within the image or the caption alone and
+    # read 0: SD3.5's extra self-attention, Lumina 2's and Z-Image's refiners); empty = every layer
+    word_layers: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Its fields as they are (dataclasses.asdict copies every list of labels and positions, item by item:
@@ -269,15 +272,22 @@ def patch_reads(capture: Capture, index: int | None, layer: int, patch: tuple[in
 
 
 def _per_step(capture: Capture, kind: str, steps) -> np.ndarray:
-    """The "split" arrays of `kind` ("XS", "YS", "PS") at the recorded steps `steps`, stacked."""
-    chunk = layout(capture).chunk
+    """The "split" arrays of `kind` ("XS", "YS", "PS") at the recorded steps `steps`, stacked; the word maps (XS,
+    YS) of the layers that store none (`DitLayout.word_layers`) read as zeros."""
+    info = layout(capture)
+    chunk = info.chunk
 
     def one(step: int) -> np.ndarray:
         if chunk == 1:
             return capture.store.get_array(capture.key, step_file(kind, step))
         return capture.store.get_array(capture.key, step_file(kind, step - step % chunk))[step % chunk]
 
-    return np.stack([np.asarray(one(s), dtype=np.float32) for s in steps])
+    stacked = np.stack([np.asarray(one(s), dtype=np.float32) for s in steps])  # [step, stored layer, ...]
+    if kind == "PS" or not info.word_layers:
+        return stacked
+    every = np.zeros((stacked.shape[0], capture.meta.n_layers, *stacked.shape[2:]), np.float32)
+    every[:, info.word_layers] = stacked
+    return every
 
 
 def image_to_text(capture: Capture, index: int | None = None) -> np.ndarray:

@@ -88,12 +88,15 @@ class DitAdapter:
         plan = plan.resolve(meta.n_layers, meta.n_heads, n_image if cross_heads else n_image + n_text, steps)
         recorded = len(plan.recorded(steps))
         read = n_columns if getattr(self.sampler, "masks_padding", True) else n_text  # word maps' columns read
+        word_layers = getattr(self.sampler, "word_layers", None)  # None: every layer (shapes-dit)
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
                         bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers), read,
-                        image_bytes=height * width * 3)
+                        image_bytes=height * width * 3,
+                        word_layers=meta.n_layers if word_layers is None else len(word_layers))
         check(need, meta.name, (height, width), steps, _disk_budget(store))
         with ArrayWriter(store, key) as writer:
-            recorder = MapRecorder(plan, steps, meta.n_layers, meta.n_heads, bool(cross_heads), cross_heads, writer)
+            recorder = MapRecorder(plan, steps, meta.n_layers, meta.n_heads, bool(cross_heads), cross_heads, writer,
+                                   word_layers)
 
             def on_step(step: int) -> None:
                 progress(0.9 * step / steps, f"denoising step {step + 1}/{steps}")

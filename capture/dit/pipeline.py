@@ -64,8 +64,12 @@ class PipelineDit:
         self.default_side = family.default_side or int(side) * int(pipe.vae_scale_factor)
         self.unit = int(family.unit_of(pipe))
         self.max_side = int(family.max_side(pipe, self.default_side))
+        kinds = [kind for _p, _m, kind in attention_modules(pipe.transformer)]
         cross = [m for _p, m, kind in attention_modules(pipe.transformer) if kind == "cross"]
         self.cross_heads = int(cross[0].heads) if cross else 0  # PixArt, Sana, HunyuanDiT: the word maps' heads
+        # the layers whose picture reads the text: not a joint family's "self" layers (SD3.5's extra self-attention,
+        # the refiners of Lumina 2 and Z-Image), which attend within the image or the caption alone
+        self.word_layers = [i for i, kind in enumerate(k for k in kinds if k != "cross") if kind != "self" or cross]
         self.masks_padding = family.masks_padding
 
     def text_length(self, prompt: str) -> tuple[int, int]:

@@ -108,25 +108,26 @@ class _SplitSink:
         """Fold rows q0 + r0 .. (by_key  # [head, rows, coarse]: their weights summed per coarse key) into the
         step's word maps and coarse map; `weights` (the rows themselves) give the text rows' image maps."""
         rec, layer = self.rec, self.layer
+        words = rec.word_slot.get(layer)  # its place in the word maps (None: a layer within one part of the axis)
         rows = by_key.shape[1]
         q0, k0 = self.frame.q0 + r0, self.frame.k0
         image = rec.layout.image  # the block's image rows, as a range of its rows
         i0 = min(max(image.start - q0, 0), rows)
         i1 = min(max(image.stop - q0, 0), rows)
-        if i1 > i0 and (self.kind == "cross" or not rec.cross):  # the word maps: image rows over the text columns
+        if i1 > i0 and words is not None and (self.kind == "cross" or not rec.cross):  # image rows over text columns
             first = q0 + i0 - image.start
-            rec.x[layer][:, first:first + i1 - i0] += by_key[:, i0:i1, rec.columns]
+            rec.x[words][:, first:first + i1 - i0] += by_key[:, i0:i1, rec.columns]
         if self.kind == "cross":  # PixArt / Sana: the cross-attention gives the word maps, nothing else
             return
         # coarse rows: their members summed here, averaged when the step ends (MapRecorder.per_member)
         rec.folds.fold(by_key, q0, into=rec.c[layer], dim=-2)
         ki0, ki1 = image.start - k0, image.stop - k0  # the image keys among the block's
         image_keys = weights is not None and 0 <= ki0 and ki1 <= weights.shape[2]  # none in a caption refiner's
-        if rec.y is not None and i1 - i0 < rows and image_keys:  # text rows over the image keys at patch resolution
+        if rec.y is not None and i1 - i0 < rows and image_keys and words is not None:  # text rows over the image
             for r in (range(0, i0), range(i1, rows)):
                 if len(r):
                     on_image = weights[:, r.start:r.stop, ki0:ki1]  # [head, rows, image]
-                    rec.y[layer] += rec.folds.fold(on_image, q0 + r.start, dim=-2)[:, rec.columns]
+                    rec.y[words] += rec.folds.fold(on_image, q0 + r.start, dim=-2)[:, rec.columns]
 
     def close(self) -> None:
         pass
@@ -138,8 +139,12 @@ class MapRecorder:
     first transformer call); `finish()` at the end."""
 
     def __init__(self, plan: RecordPlan, steps: int, n_layers: int, n_heads: int, cross: bool, cross_heads: int,
-                 writer):
+                 writer, word_layers: list[int] | None = None):
         self.plan, self.n_steps, self.n_layers, self.n_heads = plan, steps, n_layers, n_heads
+        # "split": the layers whose picture reads the text (None: all); the others (SD3.5's extra self-attention, the
+        # refiners of Lumina 2 and Z-Image) attend within one part of the axis and store no word maps
+        self.word_layers = list(range(n_layers)) if word_layers is None else list(word_layers)
+        self.word_slot = {layer: i for i, layer in enumerate(self.word_layers)}
         self.cross, self.cross_heads = cross, cross_heads
         self.writer = writer
         self.wanted = plan.recorded(steps)
@@ -239,8 +244,9 @@ class MapRecorder:
         if self.x is None:
             layout, heads, words = self.layout, self.n_heads, self.cross_heads or self.n_heads
             zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
-            self.x = zeros(self.n_layers, words, layout.n_image, len(self.columns_list))
-            self.y = None if self.cross else zeros(self.n_layers, heads, len(self.columns_list), layout.n_image)
+            n_words = len(self.word_layers)
+            self.x = zeros(n_words, words, layout.n_image, len(self.columns_list))
+            self.y = None if self.cross else zeros(n_words, heads, len(self.columns_list), layout.n_image)
             self.c = zeros(self.n_layers, heads, self.m, self.m)
         else:
             for t in (self.x, self.y, self.c):
@@ -361,6 +367,7 @@ class MapRecorder:
             info.chunk = self.chunk
             info.full_layers = list(self.plan.full_layers)
             info.frames = [self.frames.get(layer) for layer in range(self.n_layers)]
+            info.word_layers = self.word_layers if len(self.word_layers) < self.n_layers else []
         layout_info = {} if info == DitLayout() else {"dit": info.to_json()}
         if self.stored_blocks:
             layout_info["blocks"] = self.stored_blocks

@@ -147,9 +147,10 @@ class ArrayWriter:
 
 def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int, n_text: int, n_columns: int,
              steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0,
-             read_columns: int | None = None, image_bytes: int = 0) -> memory.Estimate:
+             read_columns: int | None = None, image_bytes: int = 0, word_layers: int | None = None) -> memory.Estimate:
     """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring); `image_bytes`:
-    the picture's, stored with the maps."""
+    the picture's, stored with the maps; `word_layers`: how many layers store word maps in the split layout (None:
+    all; capture.dit.record.MapRecorder)."""
     n, words = n_image + n_text, cross_heads or n_heads
     block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
     row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
@@ -165,8 +166,9 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
                                disk_bytes=int(maps + stored_words + image_bytes))
     regions = min(n_image, dit_capture.REGION_SIDE ** 2)
     m = regions + n_columns
-    per_step = n_layers * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image)
-                           + n_heads * regions * regions) * 2
+    reading = n_layers if word_layers is None else word_layers
+    per_step = (reading * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image))
+                + n_layers * n_heads * regions * regions) * 2
     coarse = n_layers * n_heads * m * m * 2
     qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
     full = kept * full_layers * n_heads * n * n * 2

@@ -493,6 +493,8 @@ def test_split_layout_keeps_what_the_full_one_does(family, folders, captures, st
     assert capture_api.cached(spec, store) is None and capture_api.load_capture(key, store).key == key
     info = dit_capture.layout(split)
     assert info.mode == "split" and info.kept == [1] and info.labels == full.tokens
+    # the layers within one part of the axis (SD3.5's extra self-attention, the refiners) store no word maps
+    assert info.word_layers == {"sd3": [0, 2], "lumina2": [2, 3], "zimage": [2, 3]}.get(family, [])
     np.testing.assert_array_equal(dit_capture.generated_image(split), dit_capture.generated_image(full))
     # the text's spans name the same tokens on the columns (each padding run one column)
     spans = {name: r for name, r in full.spans.items() if name not in ("image", "text")}
