@@ -17,7 +17,7 @@ from typing import Mapping
 from core.dit_capture import kept_steps
 from core.keys import is_key
 from core.probe_results import IOI_CLEAN, IOI_CORRUPTED
-from core.types import MAX_KEPT, MAX_STEPS
+from core.types import MAX_GUIDANCE, MAX_KEPT, MAX_STEPS
 
 PAGES = ("home", "explorer", "atlas", "intervene", "vision", "dit", "gaze", "patterns", "attribution")
 SCALES = ("raw", "log", "row")  # attention colour: raw weights, log10, normalised per row
@@ -87,6 +87,7 @@ class ViewState:
     width: int = 0  # diffusion: picture size in pixels; 0 = the model's default
     height: int = 0
     keep: str = ""  # diffusion: the steps whose full maps a capture of real size keeps, "5,20"; "" = the middle one
+    guidance: str = ""  # diffusion: the classifier-free guidance scale, "4.5"; "" = the model's default
     clean: str = IOI_CLEAN  # attribution: the clean and corrupted prompts (same token length)
     corrupted: str = IOI_CORRUPTED
     target: str = " Mary"  # attribution: the answer token, and the foil of a logit difference
@@ -100,6 +101,10 @@ class ViewState:
     def kept_steps(self) -> tuple[int, ...]:
         """`keep` ("5,20") as RunSpec.keep: the steps, sorted, each once."""
         return kept_steps(self.keep)
+
+    def guidance_scale(self) -> float | None:
+        """`guidance` as RunSpec.guidance (None: the model's default)."""
+        return float(self.guidance) if self.guidance else None
 
     def to_params(self) -> dict[str, str]:
         """The query parameters of this view: only fields that differ from the defaults."""
@@ -152,6 +157,20 @@ class ViewState:
             warnings.append(f"Token {self.token} does not exist (0–{n_tokens - 1}); showing the last token.")
             self.token = -1
         return warnings
+
+
+def guidance_text(value: str) -> str:
+    """A classifier-free guidance scale as a link carries it ("4.5"; "" = the model's default); ValueError with a
+    short reason when it is none."""
+    if not value:
+        return ""
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"{value[:20]!r} is not a number.") from None
+    if not 0 <= scale <= MAX_GUIDANCE:  # NaN is not either
+        raise ValueError(f"a guidance scale is from 0 to {MAX_GUIDANCE:g}.")
+    return f"{scale:g}"
 
 
 def _parse(name: str, value: str):
@@ -215,6 +234,8 @@ def _parse(name: str, value: str):
         if value and not (len(parts) == 2 and all(p.isdigit() and len(p) <= 4 for p in parts)):
             raise ValueError("a patch is row,col.")
         return value
+    if name == "guidance":
+        return guidance_text(value)
     if name == "keep":
         parts = value.split(",")
         if value and not (len(parts) <= MAX_KEPT and all(p.isdigit() and int(p) < MAX_STEPS for p in parts)):

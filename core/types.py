@@ -43,6 +43,7 @@ OVERVIEW_BINS = 32  # thumbnail resolution of the model view (keeps its figure ~
 SINK_SHARE = "sink_share"  # array name of the sink logits' share per row (models with sink logits)
 MAX_STEPS = 200  # the most DiT sampling steps a RunSpec may ask for (capture.dit checks it; links are held to it)
 MAX_KEPT = 8  # the most DiT steps whose full maps one capture keeps (RunSpec.keep: each is every layer's q and k)
+MAX_GUIDANCE = 30.0  # the largest classifier-free guidance scale a RunSpec may ask for (capture.dit checks it)
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,17 @@ class RunSpec:
     height: int = 0  # DiT picture size in pixels; 0 = the model's default (left out of the JSON and the key)
     width: int = 0
     keep: tuple[int, ...] = ()  # DiT: the steps whose full maps a "split" capture keeps; () = the middle one
+    guidance: float | None = None  # DiT: the classifier-free guidance scale; None = the pipeline's default
 
     def to_json(self) -> dict:
         record = dict(asdict(self), intervention=self.intervention.to_json(), keep=list(self.keep))
         for name in ("height", "width", "keep"):  # unset fields stay out, so keys made before they existed hold
             if not record[name]:
                 del record[name]
+        if record["guidance"] is None:
+            del record["guidance"]
+        else:
+            record["guidance"] = float(record["guidance"])  # 4 and 4.0: one key
         return record
 
     @classmethod

@@ -3,6 +3,7 @@
     python -m headscope run --model smollm2 --prompt "The capital of France is" --max-new-tokens 20
     python -m headscope run --model smollm2 --prompt "..." --json        # one JSON object, for scripts
     python -m headscope run --model ./sd3-medium --prompt "a red cube" --size 512x512 --steps 28  # a diffusers folder
+    python -m headscope run --model ./z-image-turbo --prompt "a red cube" --steps 9 --guidance 0  # no guidance
     python -m headscope ls                                              # cached captures
     python -m headscope export KEY --layer 3 --head 2 --format csv -o map.csv
     python -m headscope probe patterns --model smollm2                  # head probes (headscope/probe_cli.py)
@@ -56,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     height, width = picture_size(args.size)
     spec = RunSpec(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                    image=args.image, seed=args.seed, steps=args.steps, height=height, width=width,
-                   keep=kept_steps(args.keep))
+                   keep=kept_steps(args.keep), guidance=args.guidance)
     bar, update = progress_bar(f"capture {args.model}")
     try:
         capture = run(spec, progress=update)
@@ -185,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
                                   "(the model's default when not given)")
     r.add_argument("--keep", default="", help="diffusion models: the sampling steps whose full maps a capture too "
                                               "large to keep every map keeps, e.g. 5,20 (default: the middle one)")
+    r.add_argument("--guidance", type=float, default=None,
+                   help="diffusion models: the classifier-free guidance scale (the model's default when not given)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("ls", help="list cached captures")

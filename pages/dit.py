@@ -246,7 +246,7 @@ with tab_pag:
     state.intervention = remember(iv) if iv is not None else "none"  # the link carries the setting by key
     if iv is not None:
         spec = RunSpec(model=MODEL, prompt=prompt, seed=seed, steps=steps, intervention=iv,
-                       height=capture.spec.height, width=capture.spec.width)
+                       height=capture.spec.height, width=capture.spec.width, guidance=capture.spec.guidance)
         cost = shared.Estimate(f"dit-intervened {MODEL}", steps, "recorded steps", STEP_S, fixed_s=1.0)
         # sampled when asked (or opened from a link naming it): a new prompt or seed does not start it by itself
         asked = st.button(f"Sample with {label}", key="dit_sample", type="primary",

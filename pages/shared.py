@@ -136,7 +136,8 @@ def spec_of(state: ViewState) -> RunSpec:
         return RunSpec(model=state.model, image=state.image or None)
     if modality == "dit":
         return RunSpec(model=state.model, prompt=state.prompt, seed=state.seed, steps=state.steps,
-                       height=state.height, width=state.width, keep=state.kept_steps())
+                       height=state.height, width=state.width, keep=state.kept_steps(),
+                       guidance=state.guidance_scale())
     if modality == "vlm":
         return RunSpec(model=state.model, prompt=state.prompt, image=state.image or VLM_IMAGE,
                        max_new_tokens=state.max_new_tokens or capture.VLM_MAX_NEW_TOKENS)

@@ -23,13 +23,13 @@ from pages.shared import (
     set_fields,
     view_state,
 )
-from state import MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
+from state import MAX_GUIDANCE, MAX_NEW_TOKENS, MAX_SIDE, ViewState, allowed_models
 
 # pages about one modality, and the embedded model they switch to when another kind is loaded
 PAGE_MODELS = {"dit": ("dit", "shapes-dit"), "gaze": ("vlm", "shapes-vlm"), "vision": ("vision", "dinov2-s")}
 # text and diffusion drafts: widget key -> ViewState field
 DRAFTS = {"f_prompt": "prompt", "f_chat": "chat", "f_max_new": "max_new_tokens", "f_seed": "seed",
-          "f_steps": "steps", "f_width": "width", "f_height": "height"}
+          "f_steps": "steps", "f_width": "width", "f_height": "height", "f_guidance": "guidance"}
 KEPT = "kept_drafts"  # the drafts' last values, in a key that is no widget's (never cleaned up)
 
 
@@ -41,8 +41,8 @@ def page_model() -> None:
         return
     prompt = {"dit": DIT_PROMPT, "vlm": VLM_QUESTION}.get(wanted[0], state.prompt)
     set_fields(model=wanted[1], layer=-1, head=-1)  # start from the mean of layers (the last, on Vision) and heads
-    state.prompt, state.key, state.width, state.height = prompt, "", 0, 0
-    st.session_state.update(f_prompt=prompt, f_width=0, f_height=0)
+    state.prompt, state.key, state.width, state.height, state.guidance = prompt, "", 0, 0, ""
+    st.session_state.update(f_prompt=prompt, f_width=0, f_height=0, f_guidance=None)
     st.session_state[RESEND] = True  # until a run completes, the sidebar sends these values (pages.resend)
     st.session_state.pop(KEPT, None)
     if wanted[0] == "vlm" and not state.image.startswith("scene-"):
@@ -88,6 +88,7 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
     # each draft's value, also given as its widget's default: what a browser shows a widget it was never sent a
     # value for (pages.resend), so it shows and sends back this, not an empty prompt and 1 step
     v = {key: kept.get(key, getattr(state, field)) for key, field in DRAFTS.items()}
+    v["f_guidance"] = _scale(v["f_guidance"])  # the view's "4.5" or "" as the widget's number or None
     for key, value in v.items():
         resend(key, value)
     if modality == "dit":
@@ -102,6 +103,11 @@ def text_inputs(state: ViewState, modality: str = "text") -> None:
                           help="0: the model's default size.")
         right.number_input("Height (px)", 0, MAX_SIDE, v["f_height"], step=16, key="f_height",
                            help="0: the model's default size.")
+        st.number_input("Guidance scale", 0.0, MAX_GUIDANCE, v["f_guidance"], step=0.5, key="f_guidance",
+                        placeholder="the model's default",
+                        help="Classifier-free guidance: how far each step moves from the unconditional prediction "
+                             "toward the prompt's. Empty: the model's default; 0 or 1 (by family): none, as "
+                             "guidance-distilled models sample.")
     else:
         st.text_area("Prompt", v["f_prompt"], height=140, key="f_prompt",
                      help="Any length: an input longer than the model's context is refused with its length in tokens.")
@@ -203,6 +209,11 @@ def _apply_vlm_drafts() -> None:
     clear_stopped()
 
 
+def _scale(value) -> float | None:
+    """A guidance scale draft (the widget's number or None, or the view's text) as the widget's value."""
+    return None if value is None or value == "" else float(value)
+
+
 def _apply_drafts() -> None:
     """The Run button: the drafted input becomes the view's input."""
     state = view_state()
@@ -211,6 +222,8 @@ def _apply_drafts() -> None:
     state.max_new_tokens = int(_draft("f_max_new"))
     state.seed, state.steps = int(_draft("f_seed")), int(_draft("f_steps"))
     state.width, state.height = int(_draft("f_width")), int(_draft("f_height"))
+    scale = _scale(_draft("f_guidance"))
+    state.guidance = "" if scale is None else f"{scale:g}"
     state.key = ""
     clear_stopped()
 
@@ -227,8 +240,10 @@ def resolve_link_key() -> None:
         state.chat, state.max_new_tokens = found.spec.chat, found.spec.max_new_tokens
         state.seed, state.steps = found.spec.seed, found.spec.steps or state.steps
         state.width, state.height = found.spec.width, found.spec.height
+        state.guidance = "" if found.spec.guidance is None else f"{found.spec.guidance:g}"
         st.session_state.update(f_prompt=state.prompt, f_chat=state.chat, f_max_new=state.max_new_tokens,
-                                f_seed=state.seed, f_steps=state.steps, f_width=state.width, f_height=state.height)
+                                f_seed=state.seed, f_steps=state.steps, f_width=state.width, f_height=state.height,
+                                f_guidance=found.spec.guidance)
         st.session_state.pop(KEPT, None)
         st.session_state["capture"] = found
     else:

@@ -29,7 +29,7 @@ from capture.engine.handle import ModelHandle
 from core.errors import InputError
 from core.keys import stable_hash
 from core.progress import Progress
-from core.types import MAX_KEPT, MAX_STEPS, Capture, Output, RunSpec
+from core.types import MAX_GUIDANCE, MAX_KEPT, MAX_STEPS, Capture, Output, RunSpec
 
 MAX_PROMPT_CHARS = 500
 
@@ -64,6 +64,8 @@ class DitAdapter:
             raise InputError(f"Steps must be between 1 and {MAX_STEPS}.")
         if not 0 <= spec.seed < 2**31:
             raise InputError("The seed must be a whole number from 0 to 2147483647.")
+        if spec.guidance is not None and not 0 <= spec.guidance <= MAX_GUIDANCE:
+            raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
         size = self.size(spec)
         if not all(0 <= s < steps for s in spec.keep) or len(set(spec.keep)) > MAX_KEPT:
             raise InputError(f"The steps whose full maps are kept are at most {MAX_KEPT} of the sampling steps "
@@ -73,6 +75,8 @@ class DitAdapter:
             notes.append(f"{name} generates images from text: the input image was ignored.")
         if spec.max_new_tokens:
             notes.append(f"{name} generates an image, not text: max new tokens was ignored.")
+        if spec.guidance is not None:
+            notes.append(f"Guidance scale {spec.guidance:g} (the model's default: {self.sampler.guidance:g}).")
         return prompt, steps, size, notes
 
     def capture(self, spec: RunSpec, key: str, store, progress: Progress) -> Capture:
@@ -102,7 +106,8 @@ class DitAdapter:
                 progress(0.9 * step / steps, f"denoising step {step + 1}/{steps}")
 
             image, _layout, timesteps, run_notes = self.sampler.run(prompt, spec.seed, steps, height, width,
-                                                                    spec.intervention, recorder, on_step)
+                                                                    spec.intervention, recorder, on_step,
+                                                                    guidance=spec.guidance)
             t_sample = time.perf_counter()
             progress(0.9, "writing the maps")
             recorder.finish()

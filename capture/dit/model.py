@@ -252,17 +252,18 @@ class ShapesDit:
 
             raise InputError(f"{name} samples {self.image_size} x {self.image_size} pictures only.")
 
-    def branches(self, intervention=None) -> tuple[Guidance, object]:
+    def branches(self, intervention=None, cfg: float | None = None) -> tuple[Guidance, object]:
         """(how the branches combine, the intervention on every branch): a SoftPAG / PAG intervention
-        (capture.dit.presets) becomes the perturbed guidance branch, any other edits every branch."""
+        (capture.dit.presets) becomes the perturbed guidance branch, any other edits every branch; `cfg` the
+        classifier-free guidance scale (None: the model's)."""
         from capture.dit import presets
         from core.interventions import Intervention
 
         intervention = intervention or Intervention()
+        cfg = self.guidance if cfg is None else cfg
         if presets.is_guidance(intervention):
-            return Guidance(cfg=self.guidance, pag=presets.pag_scale(intervention), perturbation=intervention), \
-                Intervention()
-        return Guidance(cfg=self.guidance), intervention
+            return Guidance(cfg=cfg, pag=presets.pag_scale(intervention), perturbation=intervention), Intervention()
+        return Guidance(cfg=cfg), intervention
 
     def sample_many(self, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
                     intervention=None) -> np.ndarray:
@@ -271,9 +272,10 @@ class ShapesDit:
         return self.sample(prompts, seeds, steps=steps, guidance=guidance, intervention=direct)
 
     def run(self, prompt: str, seed: int, steps: int, height: int, width: int, intervention=None, recorder=None,
-            on_step: Callable[[int], None] | None = None):
+            on_step: Callable[[int], None] | None = None, guidance: float | None = None):
         """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run of one
-        prompt, recorded by `recorder` (capture.dit.record.MapRecorder) when given."""
+        prompt, recorded by `recorder` (capture.dit.record.MapRecorder) when given; `guidance` the classifier-free
+        guidance scale (None: the model's)."""
         from capture.dit.attend import recording
         from capture.dit.tokens import shapes_layout
 
@@ -282,7 +284,7 @@ class ShapesDit:
         if len(self.text.tokenizer(prompt)["input_ids"]) > self.text.text_len:
             notes.append(f"The prompt is longer than the {self.text.text_len} tokens shapes-dit reads; the rest "
                          "was cut.")
-        guidance, direct = self.branches(intervention)
+        guidance, direct = self.branches(intervention, guidance)
         timesteps: dict[int, float] = {}
 
         def step(info: StepInfo) -> None:

@@ -140,16 +140,24 @@ class PipelineDit:
 
     def run(self, prompt: str, seed: int, steps: int, height: int, width: int,
                intervention: Intervention = Intervention(), recorder=None,
-               on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, TokenLayout, list[float], list[str]]:
-        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run."""
+               on_step: Callable[[int], None] | None = None,
+               guidance: float | None = None) -> tuple[np.ndarray, TokenLayout, list[float], list[str]]:
+        """(image  # [H, W, 3] uint8, token axis, scheduler timesteps, notes) of one sampling run; `guidance` the
+        classifier-free guidance scale, passed as the family's `guidance_arg` (None: the pipeline's default)."""
         pipe, family = self.pipe, self.family
         guided = presets.is_guidance(intervention)
         direct = Intervention() if guided else intervention
         scale = presets.pag_scale(intervention)
-        branches = 2 if family.cfg and self.guidance > family.cfg_from else 1
-        calls = 2 if family.separate_cfg and self.guidance > family.cfg_from else 1  # transformer calls per step
-        rows = [Intervention()] * branches + [intervention] if guided else None
         call = self.call_kwargs()
+        skips = family.guides is not None and not family.guides(pipe)  # a distilled FLUX.2 [klein]: one call always
+        g = self.guidance if guidance is None or skips else float(guidance)
+        if guidance is not None and not skips:
+            call[family.guidance_arg] = g
+        ignored = [f"{family.name}: this model's guidance is distilled into it; the guidance scale was ignored."] \
+            if guidance is not None and skips else []
+        branches = 2 if family.cfg and g > family.cfg_from else 1
+        calls = 2 if family.separate_cfg and g > family.cfg_from else 1  # transformer calls per step
+        rows = [Intervention()] * branches + [intervention] if guided else None
         caught: dict[str, list[int]] = {}
         state: dict = {"calls": 0, "layout": None, "notes": []}
         hooks = []
@@ -218,7 +226,7 @@ class PipelineDit:
             batch, row = state["batch"], state["row"]
             sample = output[0]
             cond, perturbed = sample[row], sample[batch]
-            weight = family.cond_weight(self.guidance) if batch > 1 or calls > 1 else 1.0
+            weight = family.cond_weight(g) if batch > 1 or calls > 1 else 1.0
             guided_cond = cond + (scale / weight) * (cond - perturbed)
             if isinstance(sample, list):  # Z-Image: one tensor per row
                 sample = sample[:row] + [guided_cond] + sample[row + 1:batch]
@@ -251,7 +259,7 @@ class PipelineDit:
             negative_done(None, None, None)  # a call that raised
         image = (np.asarray(result.images[0]) * 255).round().astype(np.uint8)
         timesteps = [float(t) for t in pipe.scheduler.timesteps][:steps]
-        return image, state["layout"], timesteps, state["notes"]
+        return image, state["layout"], timesteps, state["notes"] + ignored
 
 
 __all__ = ["PipelineDit"]

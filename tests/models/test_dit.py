@@ -419,6 +419,23 @@ def test_share_link_reproduces_prompt_seed_steps_step_head_and_softpag():
     assert fresh.session_state["view"].to_params() == link
 
 
+def test_guidance_scale_from_the_sidebar_and_the_link():
+    """The sidebar's guidance scale (empty: the model's default) becomes RunSpec.guidance when Run is pressed and
+    travels in the link; a link's scale fills the sidebar, and the picture is sampled at it (shapes-dit at 1: no
+    unconditional branch, another picture than at its default 3)."""
+    prompt = "a red circle at the top left"
+    at = _app({"page": "dit", "model": "shapes-dit", "prompt": prompt, "steps": "3"})
+    assert at.number_input(key="f_guidance").value is None and at.session_state["capture"].spec.guidance is None
+    default = dit_capture.generated_image(at.session_state["capture"])
+    at.number_input(key="f_guidance").set_value(1.0)  # (AppTest reruns the page alone: the sidebar in one run)
+    next(b for b in at.button if b.label == "Run").click().run()
+    spec = at.session_state["capture"].spec
+    assert spec.guidance == 1.0 and at.session_state["view"].to_params()["guidance"] == "1"
+    assert not np.array_equal(dit_capture.generated_image(at.session_state["capture"]), default)
+    fresh = _app(at.session_state["view"].to_params())
+    assert fresh.number_input(key="f_guidance").value == 1.0 and fresh.session_state["capture"].spec == spec
+
+
 @pytest.mark.parametrize("metric", ["dit_text_mass", "dit_grounding", "dit_attn_distance_px"])
 def test_atlas_shows_dit_metrics(metric):
     at = _app({"page": "atlas", "model": "shapes-dit", "prompt": "a red circle at the top left", "steps": "6",

@@ -476,6 +476,37 @@ def test_zimage_guidance_rows_of_unequal_captions(folders, store, monkeypatch):
         np.testing.assert_allclose(ours[:, part.start:part.stop, part.start:part.stop], theirs, atol=2e-3)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_guidance_scale_is_the_pipelines_own(family, folders, store):
+    """RunSpec.guidance samples at that classifier-free guidance scale, as the pipeline called with it (its
+    `guidance_arg`): the scale of no guidance (0 for Z-Image, 1 elsewhere; Flux's is its distilled guidance
+    embedding) gives the plain pipeline's picture at that scale, one batch row or call per step, and a capture of
+    its own; a distilled FLUX.2 [klein] would ignore it, and says so."""
+    folder = folders[family]
+    runner = registry.load(str(folder)).tokenizer
+    off = 0.0 if family == "zimage" else 1.0
+    cap = run(_spec(folder, guidance=off), store)
+    assert cap.key != run(_spec(folder), store).key and cap.spec.guidance == off
+    assert any(n.startswith(f"Guidance scale {off:g} (the model's default: {runner.guidance:g})")
+               for n in cap.output.notes)
+    pipe, side = _plain(folder), _side(folder)
+    kwargs = dict(runner.call_kwargs(), **{runner.family.guidance_arg: off})
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    image = pipe(prompt=PROMPT, height=side, width=side, num_inference_steps=STEPS, output_type="np",
+                 generator=torch.Generator().manual_seed(SEED), **kwargs).images[0]
+    assert len(calls) == STEPS  # no guidance: one transformer call per step
+    plain = (image * 255).round().astype(np.uint8)
+    got = dit_capture.generated_image(cap)
+    assert np.abs(got.astype(int) - plain.astype(int)).max() <= 1  # one batch row: the CPU's one-pass recording
+
+
+def test_a_bad_guidance_scale_is_one_sentence(folders, store):
+    with pytest.raises(InputError, match="The guidance scale must be from 0 to 30") as caught:
+        run(_spec(folders["sd3"], guidance=31.0), store)
+    _one_sentence(caught.value)
+
+
 # ---- the layout of real sizes -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -691,6 +722,9 @@ def test_a_distilled_flux2_klein_makes_one_call_per_step(folders, tmp_path, stor
     assert cap.output.recorded_steps == [0, 1] and len(cap.output.timesteps) == STEPS
     plain = _sample(_plain(distilled), distilled)
     assert np.abs(dit_capture.generated_image(cap).astype(int) - plain.astype(int)).max() <= 1
+    scaled = run(_spec(distilled, guidance=4.0), store)  # a scale it has no use for: the same picture, said
+    np.testing.assert_array_equal(dit_capture.generated_image(scaled), dit_capture.generated_image(cap))
+    assert any("guidance scale was ignored" in n for n in scaled.output.notes)
 
 
 def test_pixart_alpha_pipeline(folders, tmp_path, store):

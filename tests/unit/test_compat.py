@@ -80,3 +80,17 @@ def test_kept_steps_stay_out_of_a_default_specs_key_and_travel_in_links():
     for bad in ("5-15", "x", ",".join(["1"] * 9), "300"):
         state, warnings = ViewState.from_params({"keep": bad})
         assert state.keep == "" and len(warnings) == 1
+
+
+def test_guidance_travels_in_links_and_bad_scales_are_ignored_with_a_warning():
+    """A link's `guidance` (the DiT's classifier-free guidance scale) is a number from 0 to MAX_GUIDANCE, kept as
+    written once normalised ("4.50" -> "4.5"), and becomes RunSpec.guidance; none: the model's default."""
+    state, warnings = ViewState.from_params({"page": "dit", "model": "shapes-dit", "guidance": "4.50"})
+    assert not warnings and state.guidance == "4.5" and state.guidance_scale() == 4.5
+    assert state.to_params()["guidance"] == "4.5"
+    state, warnings = ViewState.from_params({"page": "dit", "model": "shapes-dit", "guidance": "0"})
+    assert not warnings and state.guidance_scale() == 0.0
+    assert ViewState.from_params({"page": "dit"})[0].guidance_scale() is None
+    for bad in ("-1", "31", "nan", "four"):
+        state, warnings = ViewState.from_params({"guidance": bad})
+        assert state.guidance == "" and len(warnings) == 1

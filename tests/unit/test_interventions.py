@@ -206,7 +206,7 @@ def test_runspec_json_round_trip():
 OTHER_VALUES = {
     "model": "minilm", "prompt": "The capital of France is!", "chat": True, "image": "cat",
     "max_new_tokens": 7, "seed": 1, "steps": 4, "height": 256, "width": 384, "intervention": ablate_heads([(0, 0)]),
-    "keep": (3,),
+    "keep": (3,), "guidance": 0.0,
 }
 
 
@@ -219,6 +219,17 @@ def test_runspec_key_changes_with_every_field():
         assert changed.key("r") != base.key("r"), name
         keys.add(changed.key("r"))
     assert len(keys) == len(OTHER_VALUES) + 1
+
+
+def test_runspec_guidance_keys_by_value_and_unset_leaves_old_keys():
+    """A guidance scale is keyed by its value (4 and 4.0 alike; 0, no guidance, is one); unset it is out of the
+    JSON, so the keys of captures made before it existed still hold."""
+    base = RunSpec(model="shapes-dit", prompt="a red square", seed=1, steps=4)
+    assert "guidance" not in base.to_json()
+    assert RunSpec(model="shapes-dit", prompt="a red square", seed=1, steps=4, guidance=4).key("r") == \
+        dataclasses.replace(base, guidance=4.0).key("r") != dataclasses.replace(base, guidance=0.0).key("r")
+    back = RunSpec.from_json(json.loads(json.dumps(dataclasses.replace(base, guidance=0.0).to_json())))
+    assert back.guidance == 0.0 and back.key("r") == dataclasses.replace(base, guidance=0.0).key("r")
 
 
 def test_runspec_key_changes_with_revision_and_capture_version(monkeypatch):

@@ -27,7 +27,7 @@ Sampling: classifier-free guidance as batch rows, the conditional first (`cond_f
 caption padded to its own multiple of 32, the shorter row masked at the end; the recorded conditional row is
 never the shorter (the same template around a longer text).  The pipeline guides as c + g (c - u), g = 5 by
 default and no guidance at g = 0 (`cfg_from`, `cond_weight`); Z-Image-Turbo's model card samples at g = 0 and 9
-steps, which a run asks for by its steps only: HeadScope samples at the pipeline's default scale.
+steps: a run asks for them with RunSpec(guidance=0, steps=9) (the sidebar, a link, `--guidance 0 --steps 9`).
 """
 from __future__ import annotations
 
