@@ -160,6 +160,8 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     link = {"page": "dit", "model": str(folder), "prompt": "a red circle at the top left", "seed": "3",
             "steps": "2", "width": str(tiny_pipelines.size(family)), "height": str(tiny_pipelines.size(family)),
             "step": "1", "layer": "1", "head": "1"}
+    if family == "zimage":  # Z-Image-Turbo samples without guidance: the link's scale, in the sidebar and the notes
+        link["guidance"] = "0"
     with streamlit_server(env=env) as url:
         page = opened(chromium, f"{url}/?{urlencode(link)}", ".js-plotly-plot")
         assert page.locator("[data-testid='stException']").count() == 0
@@ -189,6 +191,13 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             said = "its image-only refiners are layer 0, its caption-only refiners layer 1"
             assert page.get_by_text(said).count() == 1
             assert page.get_by_text("Layer 1 reads within the picture or within the caption only").count() == 1
+        if family == "zimage":
+            assert page.get_by_text("Guidance scale 0 (the model's default: 5)").count() == 1
+            sidebar = page.locator("[data-testid='stSidebar']")
+            scale = sidebar.get_by_role("spinbutton", name="Guidance scale")
+            assert scale.input_value() == "0.00"
+            scale.scroll_into_view_if_needed()
+            sidebar.screenshot(path=str(artifacts / "browser_dit_zimage_sidebar.png"))
         if family in ("pixart", "sana"):
             # the T5 / Gemma padding is masked: left out of the sink chart (and of the sinks' median: no "(sink)"
             # on every word, as before analytics.dit.sink_stats left masked columns out)
