@@ -111,7 +111,7 @@ class ArrayDisk(diskcache.Disk):
             raise CorruptEntry("cache entry is a pickle; refusing to unpickle it")
         if mode == MODE_NPY_INLINE:
             try:
-                array = np.load(io.BytesIO(value), allow_pickle=False)
+                array = _np_load(lambda: np.load(io.BytesIO(value), allow_pickle=False))
             except (TypeError, ValueError, EOFError) as exc:
                 raise CorruptEntry(f"unreadable inline array: {exc}") from exc
             array.flags.writeable = False  # as the memory maps of file entries
@@ -129,11 +129,27 @@ class ArrayDisk(diskcache.Disk):
                         raise CorruptEntry(f"checksum mismatch in {filename}")
                 with self._verified_lock:
                     self._verified.add(filename)
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return _np_load(lambda: np.load(path, mmap_mode="r", allow_pickle=False))
         except CorruptEntry:
             raise
         except (OSError, ValueError, EOFError) as exc:
             raise CorruptEntry(f"unreadable array file {filename}: {exc}") from exc
+
+
+AST_RACE = "AST constructor recursion depth mismatch"
+
+
+def _np_load(load, tries: int = 3):
+    """`load()` (an np.load), tried again when it fails with CPython 3.11's spurious SystemError "AST constructor
+    recursion depth mismatch": numpy parses an .npy header with ast.literal_eval, and the interpreter's AST state is
+    shared by threads (python/cpython#106905, fixed in later 3.11 releases), so another thread parsing at the same
+    moment (Streamlit compiling a page) can make one parse fail; parsed again, the header reads as it is."""
+    for attempt in range(tries):
+        try:
+            return load()
+        except SystemError as exc:
+            if AST_RACE not in str(exc) or attempt == tries - 1:
+                raise
 
 
 def cache_dir() -> Path:
