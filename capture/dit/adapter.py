@@ -93,10 +93,13 @@ class DitAdapter:
         recorded = len(plan.recorded(steps))
         read = n_columns if getattr(self.sampler, "masks_padding", True) else n_text  # word maps' columns read
         word_layers = getattr(self.sampler, "word_layers", None)  # None: every layer (shapes-dit)
+        parts = getattr(self.sampler, "parts", None)  # each layer's map: the whole axis, or the image's or text's part
+        sides = None if parts is None else [{"all": n_image + n_text, "image": n_image, "caption": n_text}[part]
+                                             for part in parts]
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
                         bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers), read,
                         image_bytes=height * width * 3,
-                        word_layers=meta.n_layers if word_layers is None else len(word_layers))
+                        word_layers=meta.n_layers if word_layers is None else len(word_layers), sides=sides)
         check(need, meta.name, (height, width), steps, _disk_budget(store))
         with ArrayWriter(store, key) as writer:
             recorder = MapRecorder(plan, steps, meta.n_layers, meta.n_heads, bool(cross_heads), cross_heads, writer,

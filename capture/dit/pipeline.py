@@ -32,7 +32,7 @@ import torch
 
 from capture.dit import presets
 from capture.dit.attend import recording
-from capture.dit.attention import attention_modules
+from capture.dit.attention import attention_modules, refiner_part
 from capture.dit.families import Family
 from capture.dit.tokens import TokenLayout
 from capture.engine.session import session
@@ -64,12 +64,15 @@ class PipelineDit:
         self.default_side = family.default_side or int(side) * int(pipe.vae_scale_factor)
         self.unit = int(family.unit_of(pipe))
         self.max_side = int(family.max_side(pipe, self.default_side))
-        kinds = [kind for _p, _m, kind in attention_modules(pipe.transformer)]
-        cross = [m for _p, m, kind in attention_modules(pipe.transformer) if kind == "cross"]
+        found = attention_modules(pipe.transformer)
+        cross = [m for _p, m, kind in found if kind == "cross"]
         self.cross_heads = int(cross[0].heads) if cross else 0  # PixArt, Sana, HunyuanDiT: the word maps' heads
-        # the layers whose picture reads the text: not a joint family's "self" layers (SD3.5's extra self-attention,
-        # the refiners of Lumina 2 and Z-Image), which attend within the image or the caption alone
-        self.word_layers = [i for i, kind in enumerate(k for k in kinds if k != "cross") if kind != "self" or cross]
+        # per layer, the part of the token axis its map covers: "all", or a "self" layer's "image" (SD3.5's extra
+        # self-attention, the image refiners, a cross family's self-attention) or "caption" (the caption refiners)
+        self.parts = ["all" if kind != "self" else refiner_part(path, module) or "image"
+                      for path, module, kind in found if kind != "cross"]
+        # the layers whose picture reads the text: a cross family's all, a joint family's that cover the whole axis
+        self.word_layers = [i for i, part in enumerate(self.parts) if part == "all" or cross]
         self.masks_padding = family.masks_padding
 
     def text_length(self, prompt: str) -> tuple[int, int]:

@@ -147,16 +147,19 @@ class ArrayWriter:
 
 def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int, n_text: int, n_columns: int,
              steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0,
-             read_columns: int | None = None, image_bytes: int = 0, word_layers: int | None = None) -> memory.Estimate:
+             read_columns: int | None = None, image_bytes: int = 0, word_layers: int | None = None,
+             sides: list[int] | None = None) -> memory.Estimate:
     """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring); `image_bytes`:
     the picture's, stored with the maps; `word_layers`: how many layers store word maps in the split layout (None:
-    all; capture.dit.record.MapRecorder)."""
+    all; capture.dit.record.MapRecorder); `sides`: each layer's map side in the full layout, the block it stores
+    (None: every layer's the whole axis, a cross family's the image)."""
     n, words = n_image + n_text, cross_heads or n_heads
     block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
     row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
     if mode == "full":  # every step's maps and their mean; a cross family's self-attention: its image block only
         side = n_image if cross else n
-        maps = n_layers * (steps + 1) * n_heads * side * side * 2
+        squares = sum(s * s for s in sides) if sides is not None else n_layers * side * side
+        maps = (steps + 1) * n_heads * squares * 2
         words_bytes = n_layers * steps * words * n_image * n_text * 2 if cross else 0  # in memory: every column
         # on disk the word maps stop after the last column read (capture.dit.record): the masked padding of
         # PixArt and Sana is not stored, about the grouped columns less their padding runs' one each

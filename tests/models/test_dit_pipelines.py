@@ -292,7 +292,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
 def test_disk_estimate_is_what_the_capture_stores(family, captures):
     """The estimate said before a capture runs (and checked against the cache's budget) is the bytes of its
     arrays (files, and the small ones in the index), within 10%; SD3.5's extra self-attention layer and Lumina 2's
-    and Z-Image's refiners are counted as whole maps (an upper bound)."""
+    and Z-Image's refiners as the blocks they store."""
     caps, store = captures
     cap = caps[family]
     from cache.store import MODE_NPY_INLINE
@@ -304,8 +304,7 @@ def test_disk_estimate_is_what_the_capture_stores(family, captures):
     if family in MASKED:  # PixArt, Sana: their masked padding's word maps (zeros) are not stored
         assert 0 < dit_capture.layout(cap).words < len(dit_capture.text_tokens(cap))
     estimated = cap.timings["disk_mb"] * 2**20
-    bound = 1.6 if family in ("sd3", *REFINED) else 1.1  # layers of a part of the axis counted whole: a bound
-    assert 0.9 * stored <= estimated <= bound * stored, (estimated, stored)
+    assert 0.9 * stored <= estimated <= 1.1 * stored, (estimated, stored)
 
 
 # ---- interventions ------------------------------------------------------------------------------------
