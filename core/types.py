@@ -1,7 +1,7 @@
 """The core types of HeadScope: RunSpec (what to run), ModelMeta, Output and Capture (what came out).
 
-This module imports neither torch nor streamlit, so `analytics/`, `charts/` and `pages/` can use
-a Capture freely.  A Capture reads its maps lazily from the cache, one layer (or one head) at a time.
+This module imports neither torch nor streamlit, so `analytics/`, `charts/` and `pages/` can use a Capture freely.
+A Capture reads its maps lazily from the cache, one layer (or one head) at a time.
 
 Storage format of one layer's maps (name "L007" for layer 7):
 - layout "tril" (causal models): [head, n*(n+1)/2] float16, the rows of the lower triangle packed
@@ -26,8 +26,7 @@ from core.errors import CorruptEntry
 from core.interventions import Intervention
 from core.keys import stable_hash
 from core.layouts import PaddedBlock, max_pool, overview_name, pack_offset, unpack_tril
-from core.qk import ROW_BLOCK as QK_ROW_BLOCK
-from core.qk import QKParams, attention_rows, pooled_heads, reduction_name
+from core.qk import ROW_BLOCK as QK_ROW_BLOCK, QKParams, attention_rows, pooled_heads, reduction_name
 
 
 class ArrayStore(Protocol):
@@ -64,14 +63,11 @@ class RunSpec:
     guidance: float | None = None  # DiT: the classifier-free guidance scale; None = the pipeline's default
 
     def to_json(self) -> dict:
-        record = dict(asdict(self), intervention=self.intervention.to_json(), keep=list(self.keep))
-        for name in ("height", "width", "keep"):  # unset fields stay out, so keys made before they existed hold
-            if not record[name]:
+        record = dict(asdict(self), intervention=self.intervention.to_json(), keep=list(self.keep),
+                      guidance=None if self.guidance is None else float(self.guidance))  # 4 and 4.0: one key
+        for name in ("height", "width", "keep", "guidance"):  # unset fields stay out: keys made before them hold
+            if record[name] is None or (name != "guidance" and not record[name]):
                 del record[name]
-        if record["guidance"] is None:
-            del record["guidance"]
-        else:
-            record["guidance"] = float(record["guidance"])  # 4 and 4.0: one key
         return record
 
     @classmethod
@@ -378,9 +374,7 @@ class Capture:
     def record(self) -> dict:
         """The JSON metadata record stored for this capture."""
         return {
-            "spec": self.spec.to_json(),
-            "meta": self.meta.to_json(),
-            "tokens": self.tokens,
+            "spec": self.spec.to_json(), "meta": self.meta.to_json(), "tokens": self.tokens,
             "spans": {k: [v.start, v.stop] for k, v in self.spans.items()},
             "output": self.output.to_json(),
             "layout": self.layout,
@@ -397,9 +391,7 @@ class Capture:
             tokens=list(record["tokens"]),
             spans={k: range(v[0], v[1]) for k, v in record["spans"].items()},
             output=Output.from_json(record["output"]),
-            layout=record["layout"],
-            store=store,
-            from_cache=True,
+            layout=record["layout"], store=store, from_cache=True,
             timings=dict(record.get("timings", {})),
             layout_info=dict(record.get("layout_info") or {}),
         )
