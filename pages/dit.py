@@ -271,7 +271,8 @@ with tab_pag:
     objective = h1.selectbox("HeadHunter objective", ["colour", "position", "shape", "all"], key="dit_hunt_objective",
                              help="What the perturbation should improve, read from the pixels of 8 prompts x 2 seeds.")
     if h2.button("Find heads (HeadHunter-lite: greedy search, cached)", key="dit_hunt"):
-        hunt = probes.HeadHunterParams(objective=objective, height=capture.spec.height, width=capture.spec.width)
+        hunt = probes.HeadHunterParams(objective=objective, height=capture.spec.height, width=capture.spec.width,
+                                       guidance=capture.spec.guidance)
         runs = 1 + meta.n_layers * meta.n_heads + hunt.rounds * hunt.candidates  # baseline, each head, greedy rounds
         result = shared.run_with_progress(
             "HeadHunter", probes.run_headhunter, MODEL, hunt,

@@ -36,6 +36,7 @@ from capture import registry
 from core.errors import CorruptEntry, InputError
 from core.keys import stable_hash
 from core.progress import Progress, no_progress
+from core.types import MAX_GUIDANCE, RunSpec
 
 PROBE = "headhunter"
 VERSION = 2
@@ -55,6 +56,7 @@ class HeadHunterParams:
     prompt_seed: int = 4242
     height: int = 0  # picture size in pixels; 0 = the model's default (left out of the key)
     width: int = 0
+    guidance: float | None = None  # classifier-free guidance scale; None = the model's default (left out of the key)
 
 
 @dataclass
@@ -85,7 +87,8 @@ class HeadHunterResult:
 
 
 def probe_key(revision: str, params: HeadHunterParams) -> str:
-    fields = {k: v for k, v in asdict(params).items() if v or k not in ("height", "width")}  # unset sizes: old keys
+    fields = {k: v for k, v in asdict(params).items()  # unset sizes and guidance stay out: the old keys hold
+              if (v or k not in ("height", "width")) and (v is not None or k != "guidance")}
     return stable_hash({"revision": revision, "probe": PROBE, "params": fields, "version": VERSION})
 
 
@@ -132,7 +135,6 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
     from capture.dit.adapter import DitAdapter
     from core import scene_splits, scenes
     from core.interventions import Intervention
-    from core.types import RunSpec
 
     p = params or HeadHunterParams()
     if p.objective not in ("colour", "position", "shape", "all"):
@@ -157,6 +159,8 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         handle = registry.load(model)
         if handle.meta.modality != "dit":
             raise InputError(f"HeadHunter searches diffusion transformers; {model} is not one.")
+        if p.guidance is not None and not 0 <= p.guidance <= MAX_GUIDANCE:
+            raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
         sampler = handle.tokenizer  # capture.dit.model.ShapesDit or capture.dit.pipeline.PipelineDit
         height, width = DitAdapter(handle).size(RunSpec(model=model, height=p.height, width=p.width))
         rng = np.random.default_rng(p.prompt_seed)
@@ -171,7 +175,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         def run(selected: list[tuple[int, int]]) -> tuple[float, np.ndarray]:
             iv = dit_presets.softpag(selected, p.u, p.scale) if selected else Intervention()
             with handle.lock:
-                images = sampler.sample_many(captions, seeds, p.steps, height, width, iv)
+                images = sampler.sample_many(captions, seeds, p.steps, height, width, iv, guidance=p.guidance)
             done[0] += 1
             progress(min(0.99, done[0] / total), f"HeadHunter: {done[0]} sampling runs")
             return objective_of(images, captions, p.objective), images

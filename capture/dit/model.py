@@ -266,9 +266,10 @@ class ShapesDit:
         return Guidance(cfg=cfg), intervention
 
     def sample_many(self, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
-                    intervention=None) -> np.ndarray:
-        """images  # [B, H, W, 3] uint8, one per (prompt, seed), in one batch."""
-        guidance, direct = self.branches(intervention)
+                    intervention=None, guidance: float | None = None) -> np.ndarray:
+        """images  # [B, H, W, 3] uint8, one per (prompt, seed), in one batch, at classifier-free guidance scale
+        `guidance` (None: the model's)."""
+        guidance, direct = self.branches(intervention, guidance)
         return self.sample(prompts, seeds, steps=steps, guidance=guidance, intervention=direct)
 
     def run(self, prompt: str, seed: int, steps: int, height: int, width: int, intervention=None, recorder=None,

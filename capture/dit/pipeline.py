@@ -137,9 +137,10 @@ class PipelineDit:
         return kwargs
 
     def sample_many(self, prompts: list[str], seeds: list[int], steps: int, height: int, width: int,
-                    intervention: Intervention = Intervention()) -> np.ndarray:
-        """images  # [B, H, W, 3] uint8, one run per (prompt, seed)."""
-        return np.stack([self.run(p, s, steps, height, width, intervention)[0] for p, s in zip(prompts, seeds)])
+                    intervention: Intervention = Intervention(), guidance: float | None = None) -> np.ndarray:
+        """images  # [B, H, W, 3] uint8, one run per (prompt, seed), at guidance scale `guidance` (None: default)."""
+        return np.stack([self.run(p, s, steps, height, width, intervention, guidance=guidance)[0]
+                         for p, s in zip(prompts, seeds)])
 
     def run(self, prompt: str, seed: int, steps: int, height: int, width: int,
                intervention: Intervention = Intervention(), recorder=None,

@@ -11,6 +11,7 @@ what the "full" one does; bad input is one sentence and nothing is cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -813,6 +814,22 @@ def test_headhunter_lite_searches_a_pipeline(folders, store):
     assert found.single().shape == (2, 2) and found.single_images().shape == (2, 2, SIZE, SIZE, 3)
     assert 0.0 <= found.baseline <= 1.0 and found.best >= found.baseline
     assert hunt.probe_key("r", hunt.HeadHunterParams()) == hunt.probe_key("r", hunt.HeadHunterParams(height=0))
+
+
+def test_headhunter_lite_samples_at_the_captures_guidance(folders, store):
+    """HeadHunter-lite samples at the guidance scale it is given (the Diffusion page gives its capture's): Z-Image
+    at 0, as Turbo samples, searches other pictures than at its default 5; unset, the search's key is the old one."""
+    import probes.headhunter as hunt
+
+    params = hunt.HeadHunterParams(n_prompts=1, n_seeds=1, steps=2, rounds=1, candidates=1, height=SIZE, width=SIZE)
+    assert hunt.probe_key("r", params) == hunt.probe_key("r", dataclasses.replace(params, guidance=None)) != \
+        hunt.probe_key("r", dataclasses.replace(params, guidance=0.0))
+    model = str(folders["zimage"])
+    off = hunt.headhunter(model, dataclasses.replace(params, guidance=0.0), store=store)
+    default = hunt.headhunter(model, params, store=store)
+    assert off.key != default.key and not np.array_equal(off.single_images(), default.single_images())
+    with pytest.raises(InputError, match="guidance scale must be from 0 to 30"):
+        hunt.headhunter(model, dataclasses.replace(params, guidance=-1.0), store=store)
 
 
 # ---- the page and the command line ---------------------------------------------------------------------
