@@ -15,7 +15,8 @@ captions (the held-out ones stay for evaluation).  Papers' unverified parts: the
 (here: a pixel check), candidates per round and rounds (here: 6 and 3).
 
 Any DiT HeadScope loads is searched the same way (shapes-dit in one batch per run; a diffusers
-pipeline one sampling run per prompt and seed, at `height` x `width` or its default size): its
+pipeline one sampling run per prompt and seed, at `height` x `width` or its default size; both at `guidance` or
+the model's default scale): its
 heads are the layers' self- or joint-attention heads, perturbed as capture.dit.presets.softpag says.
 
 The result is cached in the Store under a key of (model revision, parameters): arrays "single"
