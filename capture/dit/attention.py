@@ -198,13 +198,17 @@ class HeadScopeProcessor:
         return hidden_states
 
 
+def _original(module) -> str:
+    """The class name of diffusers' own processor of a module (kept by `install` while HeadScope's runs)."""
+    return type(getattr(module, "headscope_original", module.processor)).__name__
+
+
 def _kind(path: str, module) -> str:
     if refiner_part(path, module) is not None:
         return "self"  # Lumina 2's and Z-Image's refiners: the caption's or the image's tokens alone
     if getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    name = type(getattr(module, "headscope_original", module.processor)).__name__
-    if name in ("CogView4AttnProcessor", "AuraFlowAttnProcessor2_0", *REFINING):
+    if _original(module) in ("CogView4AttnProcessor", "AuraFlowAttnProcessor2_0", *REFINING):
         return "joint"  # one set of projections over text and image (CogView 4, AuraFlow's single blocks, Lumina 2 ...)
     if getattr(module, "is_cross_attention", False):
         return "cross"
@@ -220,7 +224,7 @@ REFINERS = {"context_refiner.": "caption", "noise_refiner.": "image"}  # their l
 def refiner_part(path: str, module) -> str | None:
     """"caption" or "image" for a refiner layer of Lumina 2 or Z-Image (the part of the token axis it attends
     over), else None."""
-    if type(getattr(module, "headscope_original", module.processor)).__name__ not in REFINING:
+    if _original(module) not in REFINING:
         return None
     return next((part for prefix, part in REFINERS.items() if path.startswith(prefix)), None)
 

@@ -109,9 +109,14 @@ class PipelineDit:
         return int(self.defaults.get("num_inference_steps", 20))
 
     @property
+    def skips_guidance(self) -> bool:
+        """True where the pipeline skips guidance at any scale (a distilled FLUX.2 [klein]: one call a step)."""
+        return self.family.guides is not None and not self.family.guides(self.pipe)
+
+    @property
     def guidance(self) -> float:
         """The pipeline's default guidance scale (the family's `cfg_from`, no guidance, where it skips guidance)."""
-        if self.family.guides is not None and not self.family.guides(self.pipe):
+        if self.skips_guidance:
             return self.family.cfg_from
         scale = self.defaults.get(self.family.guidance_arg)
         return self.family.cfg_from if scale is None else float(scale)
@@ -153,7 +158,7 @@ class PipelineDit:
         direct = Intervention() if guided else intervention
         scale = presets.pag_scale(intervention)
         call = self.call_kwargs()
-        skips = family.guides is not None and not family.guides(pipe)  # a distilled FLUX.2 [klein]: one call always
+        skips = self.skips_guidance
         g = self.guidance if guidance is None or skips else float(guidance)
         if guidance is not None and not skips:
             call[family.guidance_arg] = g

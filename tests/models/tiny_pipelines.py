@@ -81,8 +81,8 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
 
 
 def byte_bpe(text: str, vocab_size: int, special: tuple[str, ...] = (), extra: tuple[str, ...] = ()):
-    """A byte-level BPE (`tokenizers`, as Qwen's, GLM's and the VLMs' of tiny_vlms are) trained on `text`, the same with its words spaced
-    out, and `extra` lines; `special` tokens first in its vocabulary."""
+    """A byte-level BPE (`tokenizers`, as Qwen's, GLM's and the VLMs' of tiny_vlms are) trained on `text`, the same
+    with its words spaced out, and `extra` lines; `special` tokens first in its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
@@ -140,6 +140,16 @@ def t5_encoder(vocab: int, width: int = 32):
     torch.manual_seed(0)
     return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
                                    relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+
+
+def gemma2_encoder(vocab: int, layers: int):
+    """A Gemma 2 text encoder of width 8 (Sana's; Lumina 2's, which reads its second-to-last states: two layers)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    return Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192,
+                                    num_attention_heads=2, num_hidden_layers=layers, num_key_value_heads=2,
+                                    vocab_size=vocab))
 
 
 def clip_encoder(vocab: int, projection: bool = True):
@@ -224,7 +234,6 @@ def pixart(wide: bool = False):
 
 def sana():
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     gemma = gemma_tokenizer()
     torch.manual_seed(0)
@@ -241,10 +250,7 @@ def sana():
                         decoder_layers_per_block=[1, 1], downsample_block_type="conv",
                         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
                         scaling_factor=0.41407)
-    torch.manual_seed(0)
-    encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192,
-                                       num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2,
-                                       vocab_size=len(gemma)))
+    encoder = gemma2_encoder(len(gemma), layers=1)
     return SanaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
                         text_encoder=encoder, tokenizer=gemma)
 
@@ -360,9 +366,8 @@ def hunyuandit():
 
 def lumina2():
     """Lumina 2: one caption and one image refiner layer, two joint layers with 4 query and 2 key / value heads, a
-    one-layer Gemma 2; guidance as a second call per step; its pipeline assumes 8 px a latent (128 px)."""
+    two-layer Gemma 2; guidance as a second call per step; its pipeline assumes 8 px a latent (128 px)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     gemma = gemma_tokenizer(words=tuple(LUMINA_SYSTEM.lower().replace(".", " ").replace("-", " ").split()))
     torch.manual_seed(0)
@@ -370,10 +375,7 @@ def lumina2():
                                             num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2,
                                             multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(300, 64, 64),
                                             cap_feat_dim=8)
-    torch.manual_seed(0)
-    encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192,
-                                       num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=2,
-                                       vocab_size=len(gemma)))
+    encoder = gemma2_encoder(len(gemma), layers=2)
     return Lumina2Pipeline(transformer=transformer, vae=kl_vae(levels=4), scheduler=FlowMatchEulerDiscreteScheduler(),
                            text_encoder=encoder, tokenizer=gemma)
 

@@ -26,11 +26,7 @@ from capture.dit.tokens import TokenLayout, leading_padding, padding_start
 def unpadded(ids: list[int], pipe, _call=None) -> list[int]:
     """`select` of a pipeline whose transformer reads its text without the padding run the tokenizer put after it
     (Lumina 2, Z-Image)."""
-    pad = pipe.tokenizer.pad_token_id
-    stop = len(ids)
-    while stop > 0 and ids[stop - 1] == pad:
-        stop -= 1
-    return ids[:stop]
+    return ids[:padding_start(ids, pipe.tokenizer.pad_token_id, None)]
 
 
 def refined(title: str, refiners: int, joint: int) -> str:
