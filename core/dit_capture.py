@@ -60,7 +60,8 @@ FULL_STEP_BYTES = 2 * 2**20
 REGION_SIDE = 16  # "split": image patches are pooled into at most 16 x 16 regions for the coarse maps
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<bos>", "<eos>",
            "<s>", "<unk>", "!", "<none>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",  # + Qwen's chat
-           "[gMASK]", "<sop>"}  # GLM's opening
+           "[gMASK]", "<sop>",  # GLM's opening
+           "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"}  # Mistral's chat markers (FLUX.2 [dev])
 BYTE_SPACE = "ĠĊĉ"  # byte-level BPE's space, newline and tab: a token of these alone is no word
 
 

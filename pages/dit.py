@@ -20,9 +20,9 @@ from pages.widgets import picture
 
 STEP_S = 1.0  # seconds per recorded sampling step of shapes-dit on 2 CPU cores, with the perturbed branch
 # capture.dit.families' names as the caption says them
-TITLES = {"sd3": "Stable Diffusion 3", "flux": "Flux", "flux2": "FLUX.2", "chroma": "Chroma", "pixart": "PixArt",
-          "sana": "Sana", "qwenimage": "Qwen-Image", "cogview4": "CogView 4", "auraflow": "AuraFlow",
-          "hunyuandit": "HunyuanDiT", "lumina2": "Lumina 2", "zimage": "Z-Image"}
+TITLES = {"sd3": "Stable Diffusion 3", "flux": "Flux", "flux2": "FLUX.2 [klein]", "flux2dev": "FLUX.2 [dev]",
+          "chroma": "Chroma", "pixart": "PixArt", "sana": "Sana", "qwenimage": "Qwen-Image", "cogview4": "CogView 4",
+          "auraflow": "AuraFlow", "hunyuandit": "HunyuanDiT", "lumina2": "Lumina 2", "zimage": "Z-Image"}
 
 st.title("Diffusion transformer")
 state = shared.view_state()

@@ -1,9 +1,10 @@
 """Loading a diffusers pipeline folder (model_index.json) whose transformer HeadScope knows.
 
 `load_pipeline(name, folder)` reads model_index.json, picks the family of its transformer class
-(capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4,
-AuraFlow, HunyuanDiT, Lumina 2, Z-Image; each names the pipeline classes it was checked in), loads the pipeline with
-`DiffusionPipeline.from_pretrained` (local files only, no remote code), installs HeadScope's processors in the
+(capture.dit.families: SD3 / SD3.5, Flux, FLUX.2 [klein] and [dev], Chroma, PixArt-α / Σ, Sana, Qwen-Image,
+CogView 4, AuraFlow, HunyuanDiT, Lumina 2, Z-Image; each names the pipeline classes it was checked in), loads the
+pipeline with `DiffusionPipeline.from_pretrained` (local files only, no remote code; a component the family builds
+itself, FLUX.2 [dev]'s text processor, is left out and set after), installs HeadScope's processors in the
 transformer (capture.dit.attention.install) and describes it as a ModelHandle: the transformer in the `model`
 slot, a capture.dit.pipeline.PipelineDit in the `tokenizer` slot, one layer per self- or joint-attention
 module, `meta.grid` the patch grid at the default picture size. It runs where capture.engine.device says
@@ -28,7 +29,7 @@ FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "C
             "CogView4Transformer2DModel": "cogview4", "AuraFlowTransformer2DModel": "auraflow",
             "HunyuanDiT2DModel": "hunyuandit", "Lumina2Transformer2DModel": "lumina2",
             "ZImageTransformer2DModel": "zimage"}
-KNOWN = ("SD3 / SD3.5, Flux, FLUX.2 [klein], Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow, HunyuanDiT, "
+KNOWN = ("SD3 / SD3.5, Flux, FLUX.2, Chroma, PixArt-α / Σ, Sana, Qwen-Image, CogView 4, AuraFlow, HunyuanDiT, "
          "Lumina 2 and Z-Image")
 
 
@@ -59,13 +60,16 @@ def family_of(name: str, folder: Path):
     if cls not in FAMILIES:
         raise ModelUnavailable(f"HeadScope does not know the {cls} transformer of {name}; it captures {KNOWN} "
                                "pipelines.")
-    family = importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}").FAMILY
+    module = importlib.import_module(f"capture.dit.families.{FAMILIES[cls]}")
+    variants = getattr(module, "VARIANTS", (module.FAMILY,))  # FLUX.2: [klein]'s pipeline and [dev]'s
     pipeline = str(_index(folder).get("_class_name", ""))
-    if pipeline not in family.pipelines:
-        raise ModelUnavailable(f"HeadScope captures the {cls} transformer in {' or '.join(family.pipelines)} only; "
-                               f"{name} is a {pipeline or 'pipeline of no named class'}, which it has not been "
-                               "checked on.")
-    return family
+    for family in variants:
+        if pipeline in family.pipelines:
+            return family
+    checked = [p for family in variants for p in family.pipelines]
+    raise ModelUnavailable(f"HeadScope captures the {cls} transformer in {' or '.join(checked)} only; "
+                           f"{name} is a {pipeline or 'pipeline of no named class'}, which it has not been "
+                           "checked on.")
 
 
 def load_pipeline(name: str, folder: Path) -> ModelHandle:
@@ -76,7 +80,11 @@ def load_pipeline(name: str, folder: Path) -> ModelHandle:
 
     family = family_of(name, folder)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=device.dtype(), local_files_only=True)
+        built = family.components(folder) if family.components is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=device.dtype(), local_files_only=True,
+                                                 **dict.fromkeys(built))  # None: diffusers leaves them to us
+        for attr, component in built.items():
+            setattr(pipe, attr, component)
         pipe.to(device.device())
     except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -33,7 +33,7 @@ import torch
 from capture.dit import presets
 from capture.dit.attend import recording
 from capture.dit.attention import attention_modules, refiner_part
-from capture.dit.families import Family
+from capture.dit.families import Family, text_tokenizer
 from capture.dit.tokens import TokenLayout
 from capture.engine.session import session
 from core.errors import InputError
@@ -85,13 +85,14 @@ class PipelineDit:
             return n, n
         total = columns = extra
         for segment, _encoder, attr in self.family.encoders:
-            tokenizer = getattr(self.pipe, attr, None)
+            tokenizer = text_tokenizer(self.pipe, attr)
             length = self._padded_length(segment, tokenizer)
             if tokenizer is None:
                 length = self.family.missing(self.pipe, segment) if self.family.missing else 0
                 total, columns = total + length, columns + min(length, 1)
                 continue
-            words = len(tokenizer(prompt, truncation=True, max_length=length)["input_ids"])
+            words = len(self.family.encode(self.pipe, prompt, length) if self.family.encode is not None else
+                        tokenizer(prompt, truncation=True, max_length=length)["input_ids"])
             total, columns = total + length, columns + min(words, length) + 1
         return total, columns
 

@@ -139,14 +139,15 @@ def test_dit_patch_tab_asks_from_a_clicked_patch(server, chromium, artifacts):
     page.screenshot(path=str(artifacts / "browser_dit_patch.png"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow",
-                                    "hunyuandit", "lumina2", "zimage"])
+@pytest.mark.parametrize("family", ["sd3", "chroma", "pixart", "sana", "qwenimage", "flux2", "flux2dev", "cogview4",
+                                    "auraflow", "hunyuandit", "lumina2", "zimage"])
 def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
     """A diffusers folder on the DiT page, from its link: SD3's joint attention with CLIP and T5 tokens
     (shown as words, without CLIP's "</w>"), Chroma's (Flux's blocks; guidance a second call per step),
     PixArt's layers that store only their image block
     (core.layouts.PaddedBlock), Sana's linear attention, Qwen-Image's byte-level tokens (without "Ġ"),
-    FLUX.2's Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), CogView 4's text
+    FLUX.2 [klein]'s Qwen3 chat template padded to 512 tokens (a capture in the layout of real sizes), FLUX.2
+    [dev]'s Mistral chat template with its system message (no word panels, as Mistral's markers), CogView 4's text
     padded on the left, AuraFlow's register tokens, HunyuanDiT's BERT and T5 tokens in one cross-attention, Lumina 2's
     system prompt before the prompt (read by the model, no word panels) and its refiner layers (said), Z-Image's
     Qwen3 chat template and the padding its transformer adds; the page draws them all."""
@@ -177,13 +178,17 @@ def test_dit_page_on_a_saved_pipeline(family, chromium, artifacts, tmp_path):
             assert words.get_by_text("red · BERT").count() == 1 and words.get_by_text("red · T5").count() == 1
         if family == "sd3":  # its prompt twice, CLIP's tokens then T5's: each word says whose it is
             assert words.get_by_text("red · CLIP").count() == 1 and words.get_by_text("red · T5").count() == 1
-        if family in ("qwenimage", "flux2", "cogview4", "zimage"):  # chat markers, thinking tags, newlines, GLM's
-            title = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2", "cogview4": "CogView 4",  # opening: special
-                     "zimage": "Z-Image"}[family]
+        if family in ("qwenimage", "flux2", "flux2dev", "cogview4", "zimage"):  # chat markers, thinking tags,
+            title = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2 [klein]", "flux2dev": "FLUX.2 [dev]",  # newlines,
+                     "cogview4": "CogView 4", "zimage": "Z-Image"}[family]  # GLM's opening: special
             assert page.get_by_text(f"a {title} diffusion pipeline").count() == 1
             assert words.get_by_text("⏎").count() == 0 and words.get_by_text("im_end").count() == 0
             assert words.get_by_text("think").count() == 0 and words.get_by_text("gMASK").count() == 0
             assert words.get_by_text("assistant").count() == 0 and words.get_by_text("user").count() == 0
+        if family == "flux2dev":  # its system message's words and Mistral's markers are no panels
+            assert words.get_by_text("speculation").count() == 0 and words.get_by_text("INST").count() == 0
+            assert words.get_by_text("SYSTEM_PROMPT").count() == 0
+            assert words.get_by_text("circle", exact=True).count() >= 1
         if family == "lumina2":  # the system prompt's words are no panels; the notes say what is not recorded
             assert page.get_by_text("a Lumina 2 diffusion pipeline").count() == 1
             assert words.get_by_text("superior").count() == 0 and words.get_by_text("assistant").count() == 0

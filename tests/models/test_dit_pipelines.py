@@ -38,9 +38,10 @@ PROMPT = "a red circle at the top left"
 SIZE, STEPS, SEED = tiny_pipelines.SIZE, 2, 3
 FAMILIES = tiny_pipelines.FAMILIES
 # one batch row per recorded transformer call (no guidance batch)
-ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "lumina2")
-JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2", "zimage")  # others: cross
-TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "cogview4", "auraflow", "lumina2")  # [text, image]
+ONE_ROW = ("flux", "chroma", "qwenimage", "flux2", "flux2dev", "cogview4", "lumina2")
+JOINT = ("sd3", "flux", "chroma", "qwenimage", "flux2", "flux2dev", "cogview4", "auraflow", "lumina2",
+         "zimage")  # others: cross
+TEXT_FIRST = ("flux", "chroma", "qwenimage", "flux2", "flux2dev", "cogview4", "auraflow", "lumina2")  # [text, image]
 CROSS = ("pixart", "sana", "hunyuandit")  # the word maps are a cross-attention's
 MASKED = ("pixart", "sana")  # the text encoder's padding is masked out of the attention
 SEPARATE_CFG = ("chroma", "qwenimage", "flux2", "cogview4", "lumina2")  # guidance: a second transformer call a step
@@ -78,10 +79,18 @@ def _spec(folder, **kwargs) -> RunSpec:
 
 
 def _plain(folder):
-    """The same pipeline loaded afresh by diffusers, with its own processors."""
+    """The same pipeline loaded afresh by diffusers, with its own processors.  FLUX.2 [dev]'s PixtralProcessor
+    needs torchvision, so its tokenizer comes in with the chat template saved beside it: the tiny template opens
+    with the bos token, so the processor's rendering and tokens are the tokenizer's."""
     from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    released = json.loads((Path(folder) / "model_index.json").read_text())["tokenizer"][1] == "PixtralProcessor"
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32,
+                                             **({"tokenizer": None} if released else {}))
+    if released:
+        pipe.tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
+        assert pipe.tokenizer.chat_template == tiny_pipelines.MISTRAL_TEMPLATE
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -263,7 +272,7 @@ def test_image_only_layers_store_their_block_and_read_as_whole_maps(family, capt
     image, text, n = cap.spans["image"], cap.spans["text"], cap.n_tokens
     refiners = [[image.start] * 2, [text.start] * 2, None, None]  # the tiny Lumina 2's, Z-Image's: image, caption
     expected = {"sd3": [None, [0, 0], None], "flux": None, "chroma": None, "qwenimage": None, "flux2": None,
-                "cogview4": None, "auraflow": None, "lumina2": refiners, "zimage": refiners}.get(
+                "flux2dev": None, "cogview4": None, "auraflow": None, "lumina2": refiners, "zimage": refiners}.get(
         family, [[0, 0]] * cap.meta.n_layers)
     assert cap.layout_info.get("blocks") == expected
     thumbs = cap.overview()
@@ -680,10 +689,10 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     index = json.loads((unknown / "model_index.json").read_text())
     index["transformer"] = ["diffusers", "HiDreamImageTransformer2DModel"]
     (unknown / "model_index.json").write_text(json.dumps(index))
-    dev = tmp_path / "flux2-dev"  # FLUX.2 [dev]'s pipeline (Mistral 3 text encoder): not checked, refused
-    shutil.copytree(folders["flux2"], dev)
-    index = json.loads((dev / "model_index.json").read_text())
-    (dev / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2Pipeline")))
+    fill = tmp_path / "flux2-fill"  # a pipeline around FLUX.2's transformer that neither variant was checked in
+    shutil.copytree(folders["flux2"], fill)
+    index = json.loads((fill / "model_index.json").read_text())
+    (fill / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2FillPipeline")))
     empty = tmp_path / "empty"
     empty.mkdir()
     img2img = tmp_path / "sd3-img2img"  # a known transformer in a pipeline whose call was never checked
@@ -691,7 +700,7 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     index = json.loads((img2img / "model_index.json").read_text())
     (img2img / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusion3Img2ImgPipeline")))
     cases = [(_spec(unknown), ModelUnavailable, "does not know the HiDreamImageTransformer2DModel"),
-             (_spec(dev), ModelUnavailable, "in Flux2KleinPipeline only; .* is a Flux2Pipeline"),
+             (_spec(fill), ModelUnavailable, "in Flux2KleinPipeline or Flux2Pipeline only; .* is a Flux2FillPipeline"),
              (_spec(img2img), ModelUnavailable, "in StableDiffusion3Pipeline only; .* StableDiffusion3Img2ImgPipeline"),
              (_spec(empty), ModelUnavailable, "neither config.json"),
              (_spec(folders["sd3"], steps=500), InputError, "Steps must be between"),
@@ -789,6 +798,12 @@ def test_word_maps_sinks_grounding_words_and_head_metrics(family, captures):
         assert any("refiner" in n for n in cap.output.notes)
     if family == "flux2":  # Qwen3's chat template around the prompt: its role names are no words either
         assert [tokens[i] for i in dit_capture.word_columns(cap)][:2] == ["a", "Ġred"]
+    if family == "flux2dev":  # the system message and Mistral's markers: read by the model, no word columns
+        assert [tokens[i] for i in dit_capture.word_columns(cap)] == ["a", "Ġred", "Ġcircle", "Ġat", "Ġthe", "Ġtop",
+                                                                        "Ġleft"]
+        system = cap.spans["system"]
+        assert (tokens[system.start], tokens[system.stop - 1]) == ("<s>", "[INST]")
+        assert tokens[cap.spans["prompt"].stop - 1] == "[/INST]" and system.stop == cap.spans["prompt"].start
     words = [w for w, _o, _r in scenes.caption_words(PROMPT)]
     where = analytics.word_positions(words, tokens)
     assert where is not None and [spelled[i] for i in where] == words

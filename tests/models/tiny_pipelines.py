@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines of the twelve families HeadScope loads, built here (no hub).
+"""Tiny random-weight diffusers pipelines of the thirteen families HeadScope loads, built here (no hub).
 
 Each `save_<family>(folder)` builds a pipeline from configs - transformer, VAE, text encoders, scheduler -
 with tokenizers made locally with the `tokenizers` library from a 30-word vocabulary (CLIP's BPE, T5's
@@ -6,11 +6,12 @@ Unigram, Gemma's, Qwen2's and GLM's BPE), and saves it with `save_pretrained`: S
 its first block, Flux (one double- and one single-stream block), Chroma (Flux's blocks, T5 only, guidance
 as a second call per step), PixArt-Σ, Sana (linear self-attention), Qwen-Image (two double-stream
 blocks, a one-layer Qwen2.5-VL text encoder, guidance as a second call per step), FLUX.2 [klein] (one
-double- and one single-stream block, Qwen3), CogView 4 (GLM, its text padded on the left), AuraFlow (one
+double- and one single-stream block, Qwen3), FLUX.2 [dev] (the same blocks, a guidance embedding, Mistral 3 with
+its processor's chat template), CogView 4 (GLM, its text padded on the left), AuraFlow (one
 MM-DiT and one single block, 8 register tokens), HunyuanDiT (BERT and T5, cross-attention), Lumina 2 (a refiner
 of each kind, two joint layers with grouped keys, Gemma 2, its system prompt) and Z-Image (a refiner of each
 kind, two joint layers, Qwen3, guidance rows with the conditional first).  At 32 x 32 px their transformers see
-64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2, CogView 4, AuraFlow, Z-Image) or 256 (Sana) image tokens;
+64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2 [klein] and [dev], CogView 4, AuraFlow, Z-Image) or 256 (Sana) image tokens;
 HunyuanDiT's and Lumina 2's pipelines assume 8 px a latent, so they are sampled at 128 x 128 px (`size`) for their
 64.
 """
@@ -278,24 +279,31 @@ def qwenimage():
                              text_encoder=encoder, tokenizer=tokenizer)
 
 
-def flux2():
-    """FLUX.2 [klein]: one double- and one single-stream block; Qwen3 with the 27 layers whose hidden states
-    9, 18 and 27 the pipeline reads (width 8); guidance as a second call per step (not distilled)."""
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _flux2_parts(guidance_embeds: bool):
+    """FLUX.2's transformer (one double- and one single-stream block) and VAE."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    tokenizer = qwen_tokenizer()
     torch.manual_seed(0)
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
                                           timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=False)
+                                          guidance_embeds=guidance_embeds)
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(4, 4),
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
                              use_post_quant_conv=False)
+    return transformer, vae
+
+
+def flux2():
+    """FLUX.2 [klein]: one double- and one single-stream block; Qwen3 with the 27 layers whose hidden states
+    9, 18 and 27 the pipeline reads (width 8); guidance as a second call per step (not distilled)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    transformer, vae = _flux2_parts(guidance_embeds=False)
     torch.manual_seed(0)
     encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=8, intermediate_size=16, num_hidden_layers=27, head_dim=4,
                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
@@ -303,6 +311,64 @@ def flux2():
                                            eos_token_id=tokenizer.eos_token_id))
     return Flux2KleinPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                               text_encoder=encoder, tokenizer=tokenizer)
+
+
+MISTRAL_MARKERS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                   "[IMG_BREAK]", "[IMG_END]")
+# Mistral Small 3.1's processor template for a system and a user turn of text blocks (an image block is [IMG])
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                    "{% else %}[INST]{% endif %}{% for block in m['content'] %}{% if block['type'] == 'text' %}"
+                    "{{ block['text'] }}{% else %}[IMG]{% endif %}{% endfor %}{% if m['role'] == 'system' %}"
+                    "[/SYSTEM_PROMPT]{% else %}[/INST]{% endif %}{% endfor %}")
+
+
+def mistral_tokenizer():
+    """A byte-level BPE over WORDS and FLUX.2 [dev]'s system message, Mistral's markers special, with the chat
+    template of Mistral Small 3.1's processor (one bos token first, so the processor adds none)."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_bpe(" ".join(WORDS) + " " + SYSTEM_MESSAGE, 600, special=MISTRAL_MARKERS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer
+
+
+def flux2dev():
+    """FLUX.2 [dev]: FLUX.2's blocks with a guidance embedding; Mistral 3 (a Pixtral vision tower of one layer,
+    a Mistral of the 30 layers whose hidden states 10, 20 and 30 the pipeline reads, width 8).  Its processor is
+    saved as a tokenizer and its chat template (`save` names it PixtralProcessor in model_index.json, as the real
+    folder does)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tokenizer = mistral_tokenizer()
+    transformer, vae = _flux2_parts(guidance_embeds=True)
+    text = MistralConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=30, head_dim=4, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
+    vision = PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=4, patch_size=4, image_size=32)
+    torch.manual_seed(0)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        vision_config=vision, text_config=text, spatial_merge_size=1,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]")))
+    return Flux2Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                         text_encoder=encoder, tokenizer=tokenizer)
+
+
+def as_released(folder: Path) -> None:
+    """A saved tiny FLUX.2 [dev] folder as the released one reads: model_index.json names transformers'
+    PixtralProcessor for its tokenizer (which diffusers cannot load without torchvision) and the tokenizer
+    folder holds the processor's processor_config.json."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / "tokenizer" / "processor_config.json").write_text(json.dumps(
+        {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]", "patch_size": 4,
+         "processor_class": "PixtralProcessor", "spatial_merge_size": 1}))
 
 
 def cogview4():
@@ -402,13 +468,15 @@ def zimage():
 
 LUMINA_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
                  "alignment based on textual prompts or user prompts.")  # Lumina2Pipeline's
-FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "cogview4", "auraflow", "hunyuandit",
-            "lumina2", "zimage")
+FAMILIES = ("sd3", "flux", "chroma", "pixart", "sana", "qwenimage", "flux2", "flux2dev", "cogview4", "auraflow",
+            "hunyuandit", "lumina2", "zimage")
 SIZES = {"hunyuandit": 128, "lumina2": 128}  # pixels a side where a family's tests need more than SIZE (8 x 8 patches)
 
 
 def size(family: str) -> int:
     return SIZES.get(family, SIZE)
+
+
 WIDE = ("sd3", "pixart")  # families with a `wide` variant: two layers of the real model's width
 
 
@@ -416,4 +484,6 @@ def save(family: str, folder: Path, wide: bool = False) -> Path:
     """The tiny `family` pipeline saved in `folder` (save_pretrained); `wide`: its transformer's two layers at
     the real model's width (tiny text encoders and VAE all the same)."""
     (globals()[family](wide=True) if wide else globals()[family]()).save_pretrained(folder)
+    if family == "flux2dev":
+        as_released(Path(folder))
     return folder

@@ -23,6 +23,13 @@ from typing import Callable
 from capture.dit.tokens import TokenLayout, leading_padding, padding_start
 
 
+def text_tokenizer(pipe, attr: str):
+    """The tokenizer held in pipeline attribute `attr`: the tokenizer itself, or a processor's (FLUX.2 [dev]'s text
+    processor); None where the pipeline has none."""
+    held = getattr(pipe, attr, None)
+    return getattr(held, "tokenizer", held)
+
+
 def unpadded(ids: list[int], pipe, _call=None) -> list[int]:
     """`select` of a pipeline whose transformer reads its text without the padding run the tokenizer put after it
     (Lumina 2, Z-Image)."""
@@ -59,13 +66,19 @@ class Family:
     # (pipe, prompt) -> the ids the transformer will read, for a family whose text is not padded to a fixed
     # length (Qwen-Image); None: each encoder's fixed length
     read_ids: Callable | None = None
+    # (pipe, prompt, length) -> the prompt's ids as the pipeline renders them for its padded encoder, unpadded (FLUX.2
+    # [dev]: its chat template and system message); None: the tokenizer's ids of the prompt alone
+    encode: Callable | None = None
+    # folder -> {pipeline attribute: component} that HeadScope builds instead of diffusers (FLUX.2 [dev]'s text
+    # processor: transformers' PixtralProcessor needs torchvision)
+    components: Callable | None = None
     missing: Callable | None = None  # (pipe, segment) -> how many zero tokens stand in for an absent encoder
     # classifier-free guidance as a second transformer call per step (the conditional call first: Chroma,
     # Qwen-Image, FLUX.2 [klein], CogView 4) when the guidance scale is above 1, instead of a batch row
     separate_cfg: bool = False
     guidance_arg: str = "guidance_scale"  # the pipeline argument of the classifier-free guidance scale
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
-    pads_left: bool = False  # the text's padding run comes first (CogView 4), not last
+    pads_left: bool = False  # the text's padding run comes first (CogView 4; any tokenizer that pads "left"), not last
     masks_padding: bool = False  # the attention masks the text's padding out (PixArt, Sana): no weight on it
     # pipe -> labels of the tokens the transformer itself puts before the text it is given (AuraFlow's registers)
     extra_text: Callable | None = None
@@ -110,7 +123,7 @@ class Family:
             text = list(self.extra_text(pipe))
             segments.append(("registers", range(0, len(text))))
         for name, encoder, tokenizer_attr in self.encoders:
-            tokenizer = getattr(pipe, tokenizer_attr, None)
+            tokenizer = text_tokenizer(pipe, tokenizer_attr)
             ids = caught.get(encoder)
             start = len(text)
             if ids is None or tokenizer is None:
@@ -124,7 +137,7 @@ class Family:
                 if self.pad_to:  # the transformer's own padding states after the text: labelled as padding
                     text += ["<pad>"] * ((-len(ids)) % self.pad_to)
                     padding.append(range(start + len(ids), len(text)))
-                elif self.pads_left:
+                elif self.pads_left or getattr(tokenizer, "padding_side", "right") == "left":
                     padding.append(range(start, start + leading_padding(ids, tokenizer.pad_token_id)))
                 else:
                     pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -141,4 +154,4 @@ class Family:
                            padding=padding), notes
 
 
-__all__ = ["Family", "refined", "unpadded"]
+__all__ = ["Family", "refined", "text_tokenizer", "unpadded"]

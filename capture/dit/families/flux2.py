@@ -16,10 +16,22 @@ layers side by side.
 
 Sampling: the [klein] base models use classifier-free guidance as a second transformer call per step
 for the empty negative prompt, the conditional call first (recorded); the step-distilled ones
-(`is_distilled` in the pipeline's config) make one call.  FLUX.2 [dev]'s `Flux2Pipeline` (Mistral 3 text
-encoder, guidance distilled) is refused: HeadScope has not been checked on it.
+(`is_distilled` in the pipeline's config) make one call.
+
+FLUX.2 [dev] (`Flux2Pipeline`, the family `DEV`): the same transformer with a guidance embedding (guidance
+distilled: one call a step, `guidance_scale` 4 the embedded scale), its text from Mistral Small 3.1
+(`Mistral3ForConditionalGeneration`, hidden layers 10, 20 and 30 side by side): the pipeline renders the prompt
+with its system message in the processor's chat template (`[SYSTEM_PROMPT] … [/SYSTEM_PROMPT][INST] prompt
+[/INST]`) and pads it to 512, unmasked.  The system message is a "system" span (`preamble`: the ids the prompt's
+rendering shares with an empty prompt's).  The folder's processor is transformers' `PixtralProcessor`, which
+needs torchvision (HeadScope never installs it) though the pipeline only renders text with it: `MistralText` is
+a processor of the tokenizer alone, through the very `ProcessorMixin` code (chat template, special tokens,
+padding) that PixtralProcessor runs on text, built from the folder's tokenizer and chat template.  The
+pipeline's reference images (`image=`) and prompt upsampling are not used.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -53,6 +65,54 @@ class Flux2SingleProcessor:
     _parallel_config = None
 
 
+def mistral_text(folder: Path):
+    """FLUX.2 [dev]'s text processor (module docstring) from the pipeline folder's `tokenizer` folder: its
+    tokenizer, and the processor's chat template (chat_template.jinja or .json) before the tokenizer's own."""
+    import json
+
+    from transformers import AutoTokenizer, ProcessorMixin
+
+    class MistralText(ProcessorMixin):
+        """PixtralProcessor's text path: ProcessorMixin's `apply_chat_template` and `__call__` over the tokenizer."""
+
+        text_kwargs = {"return_tensors": "pt"}  # PixtralProcessor's defaults
+
+        def __init__(self, tokenizer, chat_template=None):
+            super().__init__(tokenizer, chat_template=chat_template)
+
+    source = Path(folder) / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    template = source / "chat_template.jinja"
+    listed = source / "chat_template.json"
+    chat = template.read_text() if template.is_file() else \
+        json.loads(listed.read_text())["chat_template"] if listed.is_file() else tokenizer.chat_template
+    return {"tokenizer": MistralText(tokenizer, chat_template=chat)}
+
+
+def _messages(pipe, prompt: str) -> list:
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    return format_input(prompts=[prompt], system_message=pipe.system_message)
+
+
+def _encode(pipe, prompt: str, length: int) -> list[int]:
+    """The prompt's ids as the pipeline renders them (its system message, the chat template), unpadded."""
+    ids = pipe.tokenizer.apply_chat_template(_messages(pipe, prompt), add_generation_prompt=False, tokenize=True,
+                                             return_dict=True, return_tensors="np",
+                                             processor_kwargs={"truncation": True, "max_length": length})["input_ids"][0]
+    return [int(i) for i in ids]
+
+
+def _preamble(pipe, ids: list[int]) -> int:
+    """How many of `ids` come before the prompt: those its rendering shares with an empty prompt's (the system
+    message and the markers around it)."""
+    empty = _encode(pipe, "", len(ids))
+    same = 0
+    while same < min(len(ids), len(empty)) and ids[same] == empty[same]:
+        same += 1
+    return same
+
+
 FAMILY = Family(name="flux2", transformer="Flux2Transformer2DModel",
                 pipelines=("Flux2KleinPipeline",),
                 text_first=True, cfg=False, separate_cfg=True,
@@ -60,5 +120,13 @@ FAMILY = Family(name="flux2", transformer="Flux2Transformer2DModel",
                 encoders=(("qwen3", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # the 2 x 2 packing of latents, as FLUX.1
                 max_side=lambda pipe, default: 2 * default)
+DEV = Family(name="flux2dev", transformer="Flux2Transformer2DModel",
+             pipelines=("Flux2Pipeline",),
+             text_first=True, cfg=False,
+             encoders=(("mistral", "text_encoder", "tokenizer"),),
+             unit_of=lambda pipe: pipe.vae_scale_factor * 2,
+             max_side=lambda pipe, default: 2 * default,
+             encode=_encode, preamble=_preamble, components=mistral_text)
+VARIANTS = (FAMILY, DEV)  # the pipelines around Flux2Transformer2DModel (capture.dit.load)
 
-__all__ = ["FAMILY", "Flux2SingleProcessor"]
+__all__ = ["DEV", "FAMILY", "VARIANTS", "Flux2SingleProcessor", "mistral_text"]
