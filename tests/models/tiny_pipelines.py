@@ -11,9 +11,9 @@ its processor's chat template), CogView 4 (GLM, its text padded on the left), Au
 MM-DiT and one single block, 8 register tokens), HunyuanDiT (BERT and T5, cross-attention), Lumina 2 (a refiner
 of each kind, two joint layers with grouped keys, Gemma 2, its system prompt) and Z-Image (a refiner of each
 kind, two joint layers, Qwen3, guidance rows with the conditional first).  At 32 x 32 px their transformers see
-64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2 [klein] and [dev], CogView 4, AuraFlow, Z-Image) or 256 (Sana) image tokens;
-HunyuanDiT's and Lumina 2's pipelines assume 8 px a latent, so they are sampled at 128 x 128 px (`size`) for their
-64.
+64 (SD3, PixArt, Flux, Chroma, Qwen-Image, FLUX.2 [klein] and [dev], CogView 4, AuraFlow, Z-Image) or 256 (Sana)
+image tokens; HunyuanDiT's and Lumina 2's pipelines assume 8 px a latent, so they are sampled at 128 x 128 px
+(`size`) for their 64.
 """
 from __future__ import annotations
 

@@ -97,10 +97,10 @@ def _messages(pipe, prompt: str) -> list:
 
 def _encode(pipe, prompt: str, length: int) -> list[int]:
     """The prompt's ids as the pipeline renders them (its system message, the chat template), unpadded."""
-    ids = pipe.tokenizer.apply_chat_template(_messages(pipe, prompt), add_generation_prompt=False, tokenize=True,
-                                             return_dict=True, return_tensors="np",
-                                             processor_kwargs={"truncation": True, "max_length": length})["input_ids"][0]
-    return [int(i) for i in ids]
+    rendered = pipe.tokenizer.apply_chat_template(_messages(pipe, prompt), add_generation_prompt=False, tokenize=True,
+                                                  return_dict=True, return_tensors="np",
+                                                  processor_kwargs={"truncation": True, "max_length": length})
+    return [int(i) for i in rendered["input_ids"][0]]
 
 
 def _preamble(pipe, ids: list[int]) -> int:
