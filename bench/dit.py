@@ -145,11 +145,11 @@ def shapes_dit(args) -> None:
 def pipeline(folder: Path, args, side: int | None = None) -> list[list[str]]:
     """One table row per measure of one pipeline folder."""
     import torch
-    from diffusers import DiffusionPipeline
 
     from cache.store import Store
     from capture import registry
     from capture.dit.adapter import DitAdapter
+    from capture.dit.load import from_folder
     from capture.dit.record import RecordPlan
     from core.types import RunSpec
 
@@ -157,7 +157,7 @@ def pipeline(folder: Path, args, side: int | None = None) -> list[list[str]]:
     size, steps = side or args.size, args.pipeline_steps
     handle = registry.load(str(folder))
     runner = handle.tokenizer
-    plain = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    plain = from_folder(folder, runner.family, torch.float32)  # diffusers' own processors
     plain.set_progress_bar_config(disable=True)
     call = runner.call_kwargs()
 

@@ -72,19 +72,26 @@ def family_of(name: str, folder: Path):
                            "checked on.")
 
 
-def load_pipeline(name: str, folder: Path) -> ModelHandle:
-    """The pipeline in `folder`, ready for capture (module docstring)."""
+def from_folder(folder: Path, family, dtype):
+    """The diffusers pipeline in `folder` as diffusers loads it (its own attention processors), but for the
+    components the family builds itself (FLUX.2 [dev]'s text processor): diffusers is told to leave them, and they
+    are set after (bench/dit.py's plain runs come in here too)."""
     from diffusers import DiffusionPipeline
 
+    built = family.components(folder) if family.components is not None else {}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **dict.fromkeys(built))
+    for attr, component in built.items():
+        setattr(pipe, attr, component)
+    return pipe
+
+
+def load_pipeline(name: str, folder: Path) -> ModelHandle:
+    """The pipeline in `folder`, ready for capture (module docstring)."""
     from capture.engine import device
 
     family = family_of(name, folder)
     try:
-        built = family.components(folder) if family.components is not None else {}
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=device.dtype(), local_files_only=True,
-                                                 **dict.fromkeys(built))  # None: diffusers leaves them to us
-        for attr, component in built.items():
-            setattr(pipe, attr, component)
+        pipe = from_folder(folder, family, device.dtype())
         pipe.to(device.device())
     except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -114,4 +121,4 @@ def handle_of(name: str, pipe, family) -> ModelHandle:
                        lock=threading.Lock())
 
 
-__all__ = ["FAMILIES", "family_of", "handle_of", "is_pipeline", "load_pipeline", "transformer_class"]
+__all__ = ["FAMILIES", "family_of", "from_folder", "handle_of", "is_pipeline", "load_pipeline", "transformer_class"]

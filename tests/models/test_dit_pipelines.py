@@ -457,6 +457,36 @@ def test_lumina2_system_prompt_is_found_or_left_alone(folders):
     assert lumina2._preamble(pipe, pipe.tokenizer(PROMPT)["input_ids"]) == 0
 
 
+def test_flux2_dev_text_is_what_its_encoder_reads(folders, tmp_path):
+    """FLUX.2 [dev]'s text processor (MistralText, from the folder's tokenizer and chat template, .jinja or an
+    older folder's .json) renders the prompt into the very ids the plain pipeline's Mistral reads; the estimate
+    counts them, and the system message is the ids the prompt shares with an empty one."""
+    from capture.dit.families import flux2
+
+    plain = _plain(folders["flux2dev"])
+    seen = []
+    plain.text_encoder.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["input_ids"][0].tolist()),
+                                                 with_kwargs=True)
+    plain.encode_prompt(PROMPT)
+    older = tmp_path / "older"
+    shutil.copytree(folders["flux2dev"], older)
+    template = older / "tokenizer" / "chat_template.jinja"
+    (older / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
+    for folder in (folders["flux2dev"], older):
+        runner = registry.load(str(folder)).tokenizer
+        assert type(runner.pipe.tokenizer).__name__ == "MistralText"
+        runner.pipe.text_encoder.register_forward_pre_hook(
+            lambda _m, _a, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+        runner.pipe.encode_prompt(PROMPT)
+        assert seen[-1] == seen[0] and len(seen[0]) == 512
+        ids = flux2._encode(runner.pipe, PROMPT, 512)
+        assert ids == [i for i in seen[0] if i != plain.tokenizer.pad_token_id]
+        assert runner.text_length(PROMPT) == (512, len(ids) + 1)  # every position; the words and one padding run
+        told = flux2._preamble(runner.pipe, seen[0])
+        assert plain.tokenizer.decode(ids[told:]) == PROMPT + "[/INST]"
+
+
 def test_zimage_guidance_rows_of_unequal_captions(folders, store, monkeypatch):
     """Z-Image pads each caption of its guidance batch to its own multiple of 32 and masks the shorter row's end:
     a prompt of more than 32 tokens gives the recorded conditional row 64 caption positions and the empty negative
