@@ -368,8 +368,8 @@ def word_label(token: str) -> str:
 
 def word_columns(capture: Capture) -> list[int]:
     """Indices of the text columns that are words (not [CLS], padding, end-of-text ..., AuraFlow's registers, a
-    chat template's role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2's "user" and
-    "assistant", nor the pipeline's own system prompt: Lumina 2's "system" span)."""
+    chat template's role name: the token after "<|im_start|>", Qwen-Image's "assistant", FLUX.2 [klein]'s "user" and
+    "assistant", nor the pipeline's own system prompt: Lumina 2's and FLUX.2 [dev]'s "system" span)."""
     tokens = text_tokens(capture)
     system = capture.spans.get("system", range(0))
     positions = column_positions(capture)
