@@ -9,8 +9,9 @@ plus bytes on disk per captured step.
 
 On diffusers pipeline folders (`--pipeline FOLDER`, repeatable; `--tiny` builds the tiny random SD3,
 Flux, Chroma, PixArt-Σ, Sana, Qwen-Image, FLUX.2 [klein] and [dev], CogView 4, AuraFlow, HunyuanDiT, Lumina 2 and
-Z-Image pipelines of tests/models/tiny_pipelines.py in a temporary folder; `--wide` SD3 and PixArt-Σ with two transformer layers
-of the real models' width, so the recording's share is a real layer's, at a picture size of the tiny VAE):
+Z-Image pipelines of tests/models/tiny_pipelines.py in a temporary folder; `--wide` SD3 and PixArt-Σ with two
+transformer layers of the real models' width, so the recording's share is a real layer's, at a picture size of the
+tiny VAE):
   plain     the pipeline as diffusers loads it, its own attention processors
   headscope the same call through HeadScope's processors, nothing recorded
   capture   a capture with every step's maps (its default layout: full maps when they fit)   target <= 1.5 x plain

@@ -4,9 +4,9 @@ SD3, PixArt, Sana, Z-Image and shapes-dit put the image first ([patch(0,0) ... p
 Flux, FLUX.2, Chroma, Qwen-Image, CogView 4, AuraFlow and Lumina 2 put the text first.  The text is one or more
 segments, one per text encoder whose states the transformer reads (SD3: CLIP, then T5; Flux and PixArt: T5;
 Sana: Gemma; Lumina 2: Gemma 2, after its pipeline's system prompt, a segment of its own, as FLUX.2 [dev]'s Mistral 3
-after its system message; Qwen-Image, FLUX.2 [klein], Z-Image: Qwen; CogView 4: GLM; shapes-dit: MiniLM; AuraFlow's own register tokens before its T5's), each ending
-in a run of padding tokens (CogView 4's starts with it; Qwen-Image's and Lumina 2's have none; Z-Image's is the
-transformer's own).
+after its system message; Qwen-Image, FLUX.2 [klein], Z-Image: Qwen; CogView 4: GLM; shapes-dit: MiniLM; AuraFlow's
+own register tokens before its T5's), each ending in a run of padding tokens (CogView 4's starts with it;
+Qwen-Image's and Lumina 2's have none; Z-Image's is the transformer's own).
 
 Spans: "image", "text", each segment by name (pipelines), "prompt" (the last segment's tokens but its
 padding) and "padding" (that segment's padding run).  Columns (the text axis of the word maps of
