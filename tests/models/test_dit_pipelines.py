@@ -729,7 +729,11 @@ def test_bad_input_is_one_sentence_and_nothing_is_cached(folders, tmp_path, stor
     shutil.copytree(folders["sd3"], img2img)
     index = json.loads((img2img / "model_index.json").read_text())
     (img2img / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusion3Img2ImgPipeline")))
+    untemplated = tmp_path / "flux2dev-untemplated"  # FLUX.2 [dev] writes its prompt with the chat template
+    shutil.copytree(folders["flux2dev"], untemplated)
+    (untemplated / "tokenizer" / "chat_template.jinja").unlink()
     cases = [(_spec(unknown), ModelUnavailable, "does not know the HiDreamImageTransformer2DModel"),
+             (_spec(untemplated), ModelUnavailable, "could not be loaded .its tokenizer has no chat template"),
              (_spec(fill), ModelUnavailable, "in Flux2KleinPipeline or Flux2Pipeline only; .* is a Flux2FillPipeline"),
              (_spec(img2img), ModelUnavailable, "in StableDiffusion3Pipeline only; .* StableDiffusion3Img2ImgPipeline"),
              (_spec(empty), ModelUnavailable, "neither config.json"),

@@ -86,6 +86,8 @@ def mistral_text(folder: Path):
     listed = source / "chat_template.json"
     chat = template.read_text() if template.is_file() else \
         json.loads(listed.read_text())["chat_template"] if listed.is_file() else tokenizer.chat_template
+    if not chat:  # load_pipeline makes it the sentence: "... could not be loaded (its tokenizer has no ...)"
+        raise ValueError("its tokenizer has no chat template, with which FLUX.2 [dev]'s pipeline writes the prompt")
     return {"tokenizer": MistralText(tokenizer, chat_template=chat)}
 
 
