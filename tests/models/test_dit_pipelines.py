@@ -653,11 +653,12 @@ def test_what_a_patch_reads_agrees_across_layouts(family, folders, captures, sto
             np.testing.assert_allclose(got, sums[:, region] / pool ** 2, atol=2e-3)
 
 
-@pytest.mark.parametrize("family", ["sd3", "cogview4"])
+@pytest.mark.parametrize("family", ["sd3", "cogview4", "flux2dev"])
 def test_every_page_opens_a_capture_in_the_layout_of_real_sizes(family, folders, monkeypatch, tmp_path):
     """Real pipelines at real sizes are captured "split" (regions and text columns on the generic axis): every
-    page that takes a DiT opens such a capture from its link (the tiny SD3, image first, and CogView 4, text first
-    behind a leading padding run, made "split" by a FULL_BYTES of 0)."""
+    page that takes a DiT opens such a capture from its link (the tiny SD3, image first, CogView 4, text first
+    behind a leading padding run, and FLUX.2 [dev], text first behind its system message, made "split" by a
+    FULL_BYTES of 0)."""
     from conftest import open_app
 
     model = str(folders[family])
