@@ -161,7 +161,9 @@ class DitPatchingParams:
     from the same `seed` for `steps` steps (probes.dit_patching): each head's output at every step taken
     from the source prompt's run ("denoise": clean into corrupted; "noise": corrupted into clean).  The
     metric (`mse`) is the mean squared difference of the final picture to the clean prompt's, in [-1, 1].
-    `patch_pooled` also takes the pooled prompt embedding (the blocks' adaLN input) from the source prompt."""
+    `patch_pooled` also takes the pooled prompt embedding (the blocks' adaLN input) from the source prompt.
+    `guidance`: the classifier-free guidance scale both prompts are sampled at (None: shapes-dit's default, 3; a
+    capture's scale, RunSpec.guidance, so patching runs where the capture ran)."""
 
     clean: str = "a red circle at the center"
     corrupted: str = "a blue circle at the center"
@@ -171,6 +173,7 @@ class DitPatchingParams:
     direction: str = "denoise"  # denoise | noise
     patch_pooled: bool = False
     layers: tuple[int, ...] = ()  # patch only these layers' heads (empty = every layer); others stay NaN
+    guidance: float | None = None  # None: the model's default (left out of the key: earlier results keep theirs)
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def params_of(probe: str, params: Any = None, **overrides) -> Any:
 
 def probe_key(revision: str, probe: str, params: Any) -> str:
     """The cache key of a probe result."""
-    record = asdict(params_of(probe, params))
+    record = {k: v for k, v in asdict(params_of(probe, params)).items() if v is not None}  # None: a default
     return stable_hash({"revision": revision, "probe": probe, "params": record, "version": PROBE_VERSION})
 
 

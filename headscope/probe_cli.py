@@ -77,9 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     kind = float if name == "needle" and f.name == "depths" else int
                     q.add_argument(flag, dest=f.name, nargs="+", type=kind, default=argparse.SUPPRESS,
                                    help=f"default: {' '.join(str(v) for v in default) or 'all'}")
-                else:
-                    q.add_argument(flag, dest=f.name, type=type(default), default=argparse.SUPPRESS,
-                                   help=f"default: {default}")
+                else:  # a None default is a number left to the model (dit_patching's guidance scale)
+                    q.add_argument(flag, dest=f.name, type=float if default is None else type(default),
+                                   default=argparse.SUPPRESS,
+                                   help="default: the model's" if default is None else f"default: {default}")
         if name == "ablation":
             q.add_argument("--batch", type=int, default=None, help="heads per batched forward (default 3 x heads per layer)")
         if name in ("patching", "vlm_patching", "dit_patching", "vit_patching"):

@@ -55,7 +55,8 @@ def params_of(state: ViewState, kind: str):
         d = DitPatchingParams()
         return DitPatchingParams(clean=_given(state.clean, TEXT.clean, d.clean),
                                  corrupted=_given(state.corrupted, TEXT.corrupted, d.corrupted),
-                                 seed=state.seed, steps=state.steps, direction=state.direction)
+                                 seed=state.seed, steps=state.steps, direction=state.direction,
+                                 guidance=state.guidance_scale())
     d = VlmPatchingParams() if kind == "vlm" else VitPatchingParams()
     prob = state.measure == "prob"
     common = dict(clean_image=state.image or d.clean_image, corrupted_image=state.corrupted_image or d.corrupted_image,

@@ -2,7 +2,8 @@
 (issue 24, item 4): shapes-dit (capture.dit.model.ShapesDit, SD3-style joint attention).
 
 Two prompts with the same number of real text tokens, clean and corrupted, one seed (so the same initial
-noise) and the model's own sampler (flow-matching Euler, classifier-free guidance).  The clean and the
+noise) and the model's own sampler (flow-matching Euler, classifier-free guidance at the model's scale or the
+params' `guidance`, as a capture's RunSpec.guidance).  The clean and the
 corrupted runs record every head's output z (the to_out input slice of every joint-attention layer, at
 every image and text position) at every sampling step, in the conditional branch.  Patching a head runs
 the destination prompt's sampling again with that head's z taken, at every step, from the source run's
@@ -34,7 +35,7 @@ from capture.engine.session import session
 from core.errors import InputError
 from core.probe_results import DitPatchingParams
 from core.progress import Progress, no_progress
-from core.types import MAX_STEPS
+from core.types import MAX_GUIDANCE, MAX_STEPS
 from probes.common import top_heads
 from probes.patch_runs import DIRECTIONS
 
@@ -68,12 +69,13 @@ def prompt_pair(pipe: ShapesDit, clean: str, corrupted: str) -> tuple[str, str]:
 
 def sample_rows(pipe: ShapesDit, prompt: str, seed: int, steps: int, rows: int = 1,
                 patches_at: Callable[[int], dict] | None = None, take: Callable[[int, int, torch.Tensor], None] | None = None,
-                pooled: torch.Tensor | None = None) -> torch.Tensor:
-    """`rows` sampling trajectories of `prompt` from the noise of `seed`, as ShapesDit.sample runs them (CFG,
-    no PAG); before step i the session gets `patches_at(i)` as its head_patches (masks over the 2 x rows batch:
-    conditional rows first) and `take(step, layer, z)` receives the conditional row 0's head outputs.
-    `pooled`  # [rows, 384] replaces the conditional rows' pooled embedding.  Returns x  # [rows, 3, H, W]."""
-    cfg = pipe.guidance
+                pooled: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+    """`rows` sampling trajectories of `prompt` from the noise of `seed`, as ShapesDit.sample runs them (CFG at
+    scale `guidance`, None: the model's; no PAG); before step i the session gets `patches_at(i)` as its
+    head_patches (masks over the 2 x rows batch: conditional rows first) and `take(step, layer, z)` receives the
+    conditional row 0's head outputs.  `pooled`  # [rows, 384] replaces the conditional rows' pooled embedding.
+    Returns x  # [rows, 3, H, W]."""
+    cfg = pipe.guidance if guidance is None else guidance
     use_cfg = cfg != 1.0
     states, pooled_all = pipe.text.encode([prompt] + ([""] if use_cfg else []))
     cond_s = states[:1].expand(rows, -1, -1)
@@ -99,14 +101,15 @@ def sample_rows(pipe: ShapesDit, prompt: str, seed: int, steps: int, rows: int =
     return x
 
 
-def recorded_run(pipe: ShapesDit, prompt: str, seed: int, steps: int, n_layers: int) -> tuple[torch.Tensor, Steps]:
+def recorded_run(pipe: ShapesDit, prompt: str, seed: int, steps: int, n_layers: int,
+                 guidance: float | None = None) -> tuple[torch.Tensor, Steps]:
     """One plain sampling run: its final x  # [1, 3, H, W] and every step's head outputs (conditional branch)."""
     z: Steps = [[None] * n_layers for _ in range(steps)]
 
     def take(step: int, layer: int, heads: torch.Tensor) -> None:
         z[step][layer] = heads
 
-    return sample_rows(pipe, prompt, seed, steps, take=take), z
+    return sample_rows(pipe, prompt, seed, steps, take=take, guidance=guidance), z
 
 
 def distance(x: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
@@ -117,24 +120,24 @@ def distance(x: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
 
 def dit_patching_sweep(handle: ModelHandle, source: str, dest: str, clean: str, seed: int, steps: int,
                        heads_list: list[tuple[int, int]] | None = None, patch_pooled: bool = False,
-                       batch_size: int | None = None, progress: Progress = no_progress
-                       ) -> tuple[float, float, np.ndarray, dict]:
+                       batch_size: int | None = None, progress: Progress = no_progress,
+                       guidance: float | None = None) -> tuple[float, float, np.ndarray, dict]:
     """(source metric, destination metric, patched metric  # [layer, head], pictures): each head's output,
     at every position and step, taken from the source prompt's run into the destination prompt's, one head
-    per trajectory, B trajectories per batch; the metric is the distance to the `clean` prompt's picture.
-    pictures: "source", "dest"  # [H, W, 3] uint8."""
+    per trajectory, B trajectories per batch, at classifier-free guidance scale `guidance` (None: the model's);
+    the metric is the distance to the `clean` prompt's picture.  pictures: "source", "dest"  # [H, W, 3] uint8."""
     pipe = sampler_of(handle)
     meta = handle.meta
     heads_list = sorted(heads_list if heads_list is not None else
                         [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
-    x_source, z_source = recorded_run(pipe, source, seed, steps, meta.n_layers)
-    x_dest = sample_rows(pipe, dest, seed, steps)
+    x_source, z_source = recorded_run(pipe, source, seed, steps, meta.n_layers, guidance)
+    x_dest = sample_rows(pipe, dest, seed, steps, guidance=guidance)
     x_clean = x_source if clean == source else x_dest
     source_value, dest_value = float(distance(x_source, x_clean)[0]), float(distance(x_dest, x_clean)[0])
     progress(0.1, "the two prompts sampled")
     pooled_source = pipe.text.encode([source])[1] if patch_pooled else None  # [1, 384]
     batch_size = max(1, min(batch_size or MAX_ROWS, MAX_ROWS))
-    branches = 2 if pipe.guidance != 1.0 else 1
+    branches = 2 if (pipe.guidance if guidance is None else guidance) != 1.0 else 1
     patched = np.full((meta.n_layers, meta.n_heads), np.nan)
     for start in range(0, len(heads_list), batch_size):
         batch = heads_list[start : start + batch_size]
@@ -147,7 +150,7 @@ def dit_patching_sweep(handle: ModelHandle, source: str, dest: str, clean: str, 
             return {l: (mask, z_source[i][l]) for l, mask in masks.items()}
 
         pooled = None if pooled_source is None else pooled_source.expand(B, -1)
-        x = sample_rows(pipe, dest, seed, steps, B, patches_at, pooled=pooled)
+        x = sample_rows(pipe, dest, seed, steps, B, patches_at, pooled=pooled, guidance=guidance)
         for b, (l, h) in enumerate(batch):
             patched[l, h] = float(distance(x[b : b + 1], x_clean)[0])
         progress(0.1 + 0.88 * (start + B) / len(heads_list), f"patched {start + B}/{len(heads_list)} heads")
@@ -167,6 +170,8 @@ def dit_patching_probe(handle: ModelHandle, p: DitPatchingParams, put, progress:
         raise InputError(f"Unknown DiT patching metric {p.metric!r}; use mse (the distance to the clean picture).")
     if not 1 <= p.steps <= MAX_STEPS:
         raise InputError(f"DiT patching samples 1 to {MAX_STEPS} steps.")
+    if p.guidance is not None and not 0 <= p.guidance <= MAX_GUIDANCE:
+        raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
     clean, corrupted = prompt_pair(pipe, p.clean, p.corrupted)
     meta = handle.meta
     if any(not 0 <= l < meta.n_layers for l in p.layers):
@@ -175,7 +180,7 @@ def dit_patching_probe(handle: ModelHandle, p: DitPatchingParams, put, progress:
     source, dest = (clean, corrupted) if denoise else (corrupted, clean)
     heads_list = [(l, h) for l in (sorted(set(p.layers)) or range(meta.n_layers)) for h in range(meta.n_heads)]
     source_value, dest_value, patched, pictures = dit_patching_sweep(
-        handle, source, dest, clean, p.seed, p.steps, heads_list, p.patch_pooled, batch_size, progress)
+        handle, source, dest, clean, p.seed, p.steps, heads_list, p.patch_pooled, batch_size, progress, p.guidance)
     put("patched", patched.astype(np.float32))
     put("clean_image", pictures["source" if denoise else "dest"])
     put("corrupted_image", pictures["dest" if denoise else "source"])

@@ -10,6 +10,7 @@ and read back torch-free (analytics.patching_kinds).  Bad input is one sentence 
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -90,6 +91,36 @@ def test_batched_sweep_equals_one_head_at_a_time(dit, patch_pooled):
     np.testing.assert_allclose(three, single, atol=EXACT)
 
 
+def test_patching_samples_at_the_guidance_scale_it_is_given(dit, tmp_path, monkeypatch):
+    """`guidance` samples both prompts as ShapesDit.sample does at that scale (a capture's RunSpec.guidance), and
+    the probe stores its pictures under a key of its own; unset, the key is the one results had before the field."""
+    from dataclasses import asdict
+
+    from capture.dit.model import Guidance, to_pixels
+    from core.keys import stable_hash
+    from core.probe_results import PROBE_VERSION, probe_key
+
+    pipe = dit.tokenizer
+    for scale in (1.0, 4.5):
+        x = sample_rows(pipe, CLEAN, 0, STEPS, guidance=scale)
+        np.testing.assert_array_equal(to_pixels(x), pipe.sample([CLEAN], [0], STEPS, guidance=Guidance(cfg=scale)))
+    default = DitPatchingParams(steps=STEPS)
+    old = {k: v for k, v in asdict(default).items() if k != "guidance"}
+    assert probe_key("r", "dit_patching", default) == stable_hash(
+        {"revision": "r", "probe": "dit_patching", "params": old, "version": PROBE_VERSION})
+    monkeypatch.setattr(registry, "load", lambda name: dit)
+    store = Store(tmp_path / "cache", size_limit=2**30)
+    try:
+        plain = run_probe("dit_patching", "tiny-dit", dataclasses.replace(default, layers=(0,)), store)
+        off = run_probe("dit_patching", "tiny-dit", dataclasses.replace(default, layers=(0,), guidance=1.0), store)
+        assert off.key != plain.key
+        np.testing.assert_array_equal(off.array("clean_image"),
+                                      pipe.sample([CLEAN], [0], STEPS, guidance=Guidance(cfg=1.0))[0])
+        assert not np.array_equal(off.array("clean_image"), plain.array("clean_image"))
+    finally:
+        store.close()
+
+
 def test_probe_stores_and_analytics_reads_it(dit, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "load", lambda name: dit)
     store = Store(tmp_path / "cache", size_limit=2**30)
@@ -140,7 +171,7 @@ def test_bad_input_is_one_sentence(dit, smollm2, tmp_path, monkeypatch):
             run_probe("dit_patching", "smollm2", DitPatchingParams(steps=STEPS), store)
         assert "not shapes-dit" in one_sentence(exc)
         monkeypatch.setattr(registry, "load", lambda name: dit)
-        for bad in ({"metric": "psnr"}, {"direction": "sideways"}, {"steps": 0}, {"layers": (9,)}):
+        for bad in ({"metric": "psnr"}, {"direction": "sideways"}, {"steps": 0}, {"layers": (9,)}, {"guidance": 31.0}):
             with pytest.raises(InputError) as exc:
                 run_probe("dit_patching", "tiny-dit", DitPatchingParams(**bad), store)
             one_sentence(exc)
@@ -158,10 +189,11 @@ def test_cli_runs_dit_patching(dit, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "load", lambda name: dit)
     try:
         assert cli.main(["probe", "dit_patching", "--steps", str(STEPS), "--layers", "0", "--patch-pooled",
-                         "--batch", "2", "--json"]) == 0
+                         "--batch", "2", "--guidance", "1.5", "--json"]) == 0
         record = json.loads(capsys.readouterr().out)
         assert record["arrays"] == ["patched", "clean_image", "corrupted_image"]
         assert record["params"]["patch_pooled"] is True and record["model"] == "shapes-dit"
+        assert record["params"]["guidance"] == 1.5
         assert cli.main(["probe", "dit_patching", "--corrupted", "a blue circle"]) == 2
         assert "error: The clean prompt is" in capsys.readouterr().err
     finally:
