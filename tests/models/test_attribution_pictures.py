@@ -131,6 +131,20 @@ def test_dit_link_carries_prompts_seed_steps_and_direction():
     assert at.session_state["view"].to_params()["seed"] == "5"
 
 
+def test_dit_patching_samples_at_the_links_guidance_scale():
+    """The sidebar's Guidance scale (a link's `guidance`, as a capture's) is the scale both prompts are sampled at:
+    the stored result is the one of DitPatchingParams(guidance=1.0), not of the default scale."""
+    params = DitPatchingParams(steps=2, guidance=1.0)
+    evict("shapes-dit", "dit_patching", params)
+    at = open_app({**DIT_LINK, "steps": "2", "guidance": "1"})
+    assert at.number_input(key="f_guidance").value == 1.0
+    run_button(at).click().run()
+    assert not at.exception and not at.error, [e.value for e in (*at.exception, *at.error)]
+    patching = read_dit_patching(store=default_store(), revision=revision("shapes-dit"), model="shapes-dit",
+                                 **asdict(params))
+    check_page_numbers(at, patching, 1, 2, patching.corrupted)
+
+
 def test_dit_prompts_of_different_lengths_are_one_sentence():
     at = open_app({**DIT_LINK, "corrupted": "a blue circle in the very middle of it all", "steps": "2"})
     run_button(at).click().run()
