@@ -80,6 +80,14 @@ def mistral_text(folder: Path):
         def __init__(self, tokenizer, chat_template=None):
             super().__init__(tokenizer, chat_template=chat_template)
 
+        def apply_chat_template(self, conversation, *args, processor_kwargs=None, **kwargs):
+            """ProcessorMixin's, with the tokenizer arguments the pipeline passes loose (padding, truncation,
+            max_length) handed over in `processor_kwargs`, where ProcessorMixin moves them itself, warning on
+            every run that they belong there."""
+            loose = {k: kwargs.pop(k) for k in ("padding", "truncation", "max_length") if k in kwargs}
+            return super().apply_chat_template(conversation, *args, processor_kwargs={**(processor_kwargs or {}),
+                                                                                      **loose}, **kwargs)
+
     source = Path(folder) / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     template = source / "chat_template.jinja"
