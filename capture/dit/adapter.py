@@ -99,7 +99,8 @@ class DitAdapter:
         need = estimate(plan.mode, meta.n_layers, meta.n_heads, meta.head_dim, n_image, n_text, n_columns, recorded,
                         bool(cross_heads), cross_heads, len(plan.kept), len(plan.full_layers), read,
                         image_bytes=height * width * 3,
-                        word_layers=meta.n_layers if word_layers is None else len(word_layers), sides=sides)
+                        word_layers=meta.n_layers if word_layers is None else len(word_layers), sides=sides,
+                        joint_mask=getattr(self.sampler, "joint_mask", False))
         check(need, meta.name, (height, width), steps, _disk_budget(store))
         with ArrayWriter(store, key) as writer:
             recorder = MapRecorder(plan, steps, meta.n_layers, meta.n_heads, bool(cross_heads), cross_heads, writer,

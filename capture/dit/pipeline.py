@@ -34,7 +34,7 @@ from capture.dit import presets
 from capture.dit.attend import recording
 from capture.dit.attention import attention_modules, refiner_part
 from capture.dit.families import Family, text_tokenizer
-from capture.dit.tokens import TokenLayout
+from capture.dit.tokens import TokenLayout, leading_padding, padding_start
 from capture.engine.session import session
 from core.errors import InputError
 from core.interventions import Intervention
@@ -73,7 +73,7 @@ class PipelineDit:
                       for path, module, kind in found if kind != "cross"]
         # the layers whose picture reads the text: a cross family's all, a joint family's that cover the whole axis
         self.word_layers = [i for i, part in enumerate(self.parts) if part == "all" or cross]
-        self.masks_padding = family.masks_padding
+        self.masks_padding, self.joint_mask = family.masks_padding, family.joint_mask
 
     def text_length(self, prompt: str) -> tuple[int, int]:
         """(text positions the transformer reads, word-map columns of a "split" capture), estimated from
@@ -81,8 +81,10 @@ class PipelineDit:
         padding run (a family whose text is not padded: its very positions, from `read_ids`)."""
         extra = self.family.n_extra(self.pipe)
         if self.family.read_ids is not None:
-            n = extra + len(self.family.read_ids(self.pipe, prompt))
-            return n, n
+            ids = self.family.read_ids(self.pipe, prompt)
+            pad = text_tokenizer(self.pipe, self.family.encoders[0][2]).pad_token_id
+            padding = leading_padding(ids, pad) if self.family.pads_left else len(ids) - padding_start(ids, pad, None)
+            return extra + len(ids), extra + len(ids) - padding + min(padding, 1)  # a padding run: one column
         total = columns = extra
         for segment, _encoder, attr in self.family.encoders:
             tokenizer = text_tokenizer(self.pipe, attr)

@@ -172,7 +172,7 @@ class MapRecorder:
            mask: torch.Tensor | None = None) -> None:
         """Keep a layer's queries and keys of this step  # [head, n, head_dim] each, for recomputing its maps,
         and its attention mask (Chroma's padding; additive, float16), once per step while the layers share it
-        (one n x n mask: 42 MB at Chroma's 1,024², left out of the estimate)."""
+        (one n x n mask: 42 MB at Chroma's 1,024², counted by the estimate: Family.joint_mask)."""
         name = None
         if mask is not None:
             additive = (torch.zeros(mask.shape, dtype=torch.float16).masked_fill_(~mask.cpu(), float("-inf"))

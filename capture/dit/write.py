@@ -148,11 +148,12 @@ class ArrayWriter:
 def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int, n_text: int, n_columns: int,
              steps: int, cross: bool, cross_heads: int, kept: int = 1, full_layers: int = 0,
              read_columns: int | None = None, image_bytes: int = 0, word_layers: int | None = None,
-             sides: list[int] | None = None) -> memory.Estimate:
+             sides: list[int] | None = None, joint_mask: bool = False) -> memory.Estimate:
     """Disk and peak memory (bytes above the loaded pipeline) of one capture (module docstring); `image_bytes`:
     the picture's, stored with the maps; `word_layers`: how many layers store word maps in the split layout (None:
     all; capture.dit.record.MapRecorder); `sides`: each layer's map side in the full layout, the block it stores
-    (None: every layer's the whole axis, a cross family's the image)."""
+    (None: every layer's the whole axis, a cross family's the image); `joint_mask`: the split layout keeps the
+    attention's n x n mask (float16) with each kept step's queries and keys (Chroma)."""
     n, words = n_image + n_text, cross_heads or n_heads
     block = min(n_heads * n * n, max(n_heads * ROW_BLOCK * n, BLOCK_ELEMENTS))  # capture.dit.attend.block_rows
     row_block = 3 * block * 4  # scores, weights, their fold over the coarse tokens
@@ -173,13 +174,15 @@ def estimate(mode: str, n_layers: int, n_heads: int, head_dim: int, n_image: int
     per_step = (reading * (words * n_image * n_columns + (0 if cross else n_heads * n_columns * n_image))
                 + n_layers * n_heads * regions * regions) * 2
     coarse = n_layers * n_heads * m * m * 2
-    qk = kept * n_layers * 2 * n_heads * n * head_dim * 4
-    full = kept * full_layers * n_heads * n * n * 2
-    disk = steps * per_step + coarse + qk + full + image_bytes
-    qk_layer = 2 * n_heads * n * head_dim * 4  # one layer's queries and keys, waiting to be written
+    side = n_image if cross else n  # a cross family's self-attention: the image's queries and keys alone
+    qk = kept * n_layers * 2 * n_heads * side * head_dim * 4
+    full = kept * full_layers * n_heads * side * side * 2
+    masks = kept * n * n * 2 if joint_mask else 0
+    disk = steps * per_step + coarse + qk + full + masks + image_bytes
+    qk_layer = 2 * n_heads * side * head_dim * 4  # one layer's queries and keys, waiting to be written
     chunk = min(steps, INLINE_BYTES // max(1, per_step))  # steps held per stored array (capture.dit.record)
     held = (2 * per_step * 2 + 3 * coarse * 2 + min(n_layers, MAX_PENDING) * qk_layer
-            + full_layers * n_heads * n * n * 2 + (chunk * per_step if chunk > 1 else 0))
+            + full_layers * n_heads * side * side * 2 + (chunk * per_step if chunk > 1 else 0))
     return memory.Estimate(layout="split", n_tokens=n, memory_bytes=int(held + row_block), disk_bytes=int(disk))
 
 

@@ -317,6 +317,28 @@ def test_disk_estimate_is_what_the_capture_stores(family, captures):
     assert 0.9 * stored <= estimated <= 1.1 * stored, (estimated, stored)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_estimate_is_what_the_capture_stores(family, folders, tmp_path, monkeypatch):
+    """The layout of real sizes ("split": word, text -> image and pooled maps of every step, the kept step's queries
+    and keys, Chroma's attention mask with them) is estimated before the run as the bytes its capture stores,
+    within 10%, at a few steps and at more (the text's columns: FLUX.2's chat templates, padding runs as one)."""
+    from cache.store import MODE_NPY_INLINE, Store
+
+    monkeypatch.setattr(dit_capture, "FULL_BYTES", 0)
+    store = Store(tmp_path / "cache", size_limit=2**30)
+    try:
+        for steps in (2, 12):
+            cap = run(_spec(folders[family], steps=steps), store)
+            assert dit_capture.layout(cap).mode == "split"
+            files = sum(p.stat().st_size for p in (store.directory / "index" / cap.key).glob("*.npy"))
+            inline = store._cache._sql("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM Cache WHERE tag = ? AND mode = ?",
+                                       (cap.key, MODE_NPY_INLINE)).fetchone()[0]
+            estimated = cap.timings["disk_mb"] * 2**20
+            assert 0.9 * (files + inline) <= estimated <= 1.1 * (files + inline), (steps, estimated, files + inline)
+    finally:
+        store.close()
+
+
 # ---- interventions ------------------------------------------------------------------------------------
 
 def _zero_head_before_projection(pipe, family, layer: int, head: int) -> None:

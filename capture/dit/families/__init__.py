@@ -80,6 +80,9 @@ class Family:
     guides: Callable | None = None  # pipe -> False where the pipeline skips guidance at any scale (distilled)
     pads_left: bool = False  # the text's padding run comes first (CogView 4; any tokenizer that pads "left"), not last
     masks_padding: bool = False  # the attention masks the text's padding out (PixArt, Sana): no weight on it
+    # the joint attention takes an n x n mask (Chroma's padding): a "split" capture keeps it with each kept step's
+    # queries and keys (capture.dit.record), and its estimate counts it
+    joint_mask: bool = False
     # pipe -> labels of the tokens the transformer itself puts before the text it is given (AuraFlow's registers)
     extra_text: Callable | None = None
     # the transformer's arguments whose states it joins into one text axis, in order (HunyuanDiT: BERT's, mT5's)

@@ -16,7 +16,7 @@ from capture.dit.families import Family
 
 FAMILY = Family(name="chroma", transformer="ChromaTransformer2DModel",
                 pipelines=("ChromaPipeline",),
-                text_first=True, cfg=False, separate_cfg=True,
+                text_first=True, cfg=False, separate_cfg=True, joint_mask=True,
                 encoders=(("t5", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # the 2 x 2 packing of latents, as Flux
                 max_side=lambda pipe, default: 2 * default)

@@ -99,6 +99,13 @@ def mistral_text(folder: Path):
     return {"tokenizer": MistralText(tokenizer, chat_template=chat)}
 
 
+def _klein_encode(pipe, prompt: str, length: int) -> list[int]:
+    """[klein]'s prompt ids as its pipeline renders them (Qwen3's chat template, thinking off), unpadded."""
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    return list(pipe.tokenizer(text, truncation=True, max_length=length)["input_ids"])
+
+
 def _messages(pipe, prompt: str) -> list:
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
@@ -129,7 +136,7 @@ FAMILY = Family(name="flux2", transformer="Flux2Transformer2DModel",
                 guides=lambda pipe: not getattr(pipe.config, "is_distilled", False),
                 encoders=(("qwen3", "text_encoder", "tokenizer"),),
                 unit_of=lambda pipe: pipe.vae_scale_factor * 2,  # the 2 x 2 packing of latents, as FLUX.1
-                max_side=lambda pipe, default: 2 * default)
+                max_side=lambda pipe, default: 2 * default, encode=_klein_encode)
 DEV = Family(name="flux2dev", transformer="Flux2Transformer2DModel",
              pipelines=("Flux2Pipeline",),
              text_first=True, cfg=False,
