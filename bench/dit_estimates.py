@@ -5,7 +5,7 @@ Each row is a released transformer's shape (its diffusers config: layers, heads,
 1,024² or 512² pixels become patches) and the text a ten-word prompt gives it: the positions the transformer
 reads and the columns of the word maps (the prompt's tokens, the chat template's or system message's where the
 pipeline adds one, and one column per padding run).  Nothing is loaded or run.
-  full    every step's full maps of every layer (the "full" layout), in TB
+  full    every step's full maps of every layer (the "full" layout)
   kept    the default "split" capture on disk, in GB (the cache's default budget is 20 GB, HEADSCOPE_CACHE_GB)
   memory  its maps in flight, above the loaded pipeline, in GB
 
@@ -59,6 +59,11 @@ def sides(shape: Shape, n_image: int) -> list[int] | None:
     return [n_image] * shape.refiners + [shape.text] * shape.refiners + [n_image + shape.text] * joint
 
 
+def size(nbytes: int) -> str:
+    """Bytes as the table says them: TB from 1 TB, else GB."""
+    return f"{nbytes / 2**40:.1f} TB" if nbytes >= 2**40 else f"{nbytes / 2**30:.0f} GB"
+
+
 def main() -> None:
     rows = []
     for name, px, steps in ROWS:
@@ -69,7 +74,8 @@ def main() -> None:
                         sides=sides(s, n_image))
         split = estimate("split", s.layers, s.heads, s.head_dim, n_image, s.text, s.columns, steps, cross,
                          s.cross_heads, word_layers=s.word_layers)
-        rows.append([f"{name}, {px:,}², {steps}", f"{full.disk_bytes / 2**40:.1f} TB",
+        turbo = " (Turbo's steps)" if (name, steps) == ("Z-Image", 9) else ""
+        rows.append([f"{name}, {px:,}², {steps}{turbo}", size(full.disk_bytes),
                      f"{split.disk_bytes / 2**30:.1f} GB", f"{split.memory_bytes / 2**30:.1f} GB"])
     print(table(["pipeline, picture, steps", "full maps of every step", "kept (disk)", "memory above the pipeline"],
                 rows))
