@@ -1,7 +1,8 @@
 """The diffusion-transformer families HeadScope loads from a diffusers pipeline folder.
 
 One `Family` per transformer class (capture.dit.families.sd3, .flux, .flux2, .chroma, .pixart, .sana,
-.qwenimage, .cogview4, .auraflow, .hunyuandit, .lumina2, .zimage): what differs between them for HeadScope is the
+.qwenimage, .cogview4, .auraflow, .hunyuandit, .lumina2, .zimage), or per pipeline where two pipelines drive one
+transformer differently (.flux2's `VARIANTS`: FLUX.2 [klein] and [dev]): what differs between them for HeadScope is the
 pipeline classes it was checked in, the order of the joint sequence (Flux, FLUX.2, Chroma, Qwen-Image, CogView 4,
 AuraFlow, Lumina 2: text first), whether the pipeline batches an unconditional branch with the conditional one
 (before it; after it: Z-Image) or calls the transformer for it separately (classifier-free guidance, which

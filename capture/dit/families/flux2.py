@@ -28,6 +28,9 @@ needs torchvision (HeadScope never installs it) though the pipeline only renders
 a processor of the tokenizer alone, through the very `ProcessorMixin` code (chat template, special tokens,
 padding) that PixtralProcessor runs on text, built from the folder's tokenizer and chat template.  The
 pipeline's reference images (`image=`) and prompt upsampling are not used.
+
+Both families count a prompt for the estimate as their pipelines render it, chat template and system message
+included (`encode`).
 """
 from __future__ import annotations
 
