@@ -60,7 +60,9 @@ class TokenLayout:
             spans[name] = range(t0 + r.start, t0 + r.stop)
         last = self.segments[-1][1] if self.segments else range(0, len(self.text))
         pad = self.padding[-1] if self.padding else range(last.stop, last.stop)
-        if len(pad) and pad.start == last.start and pad.stop < last.stop:  # a leading run (CogView 4)
+        if len(pad) and pad.stop <= last.start:  # a leading run before a system span (left padding and a preamble)
+            prompt = last
+        elif len(pad) and pad.start == last.start and pad.stop < last.stop:  # a leading run (CogView 4)
             prompt = range(pad.stop, last.stop)
         else:
             pad = pad if pad.stop == last.stop else range(last.stop, last.stop)

@@ -509,6 +509,27 @@ def test_flux2_dev_text_is_what_its_encoder_reads(folders, tmp_path):
         assert plain.tokenizer.decode(ids[told:]) == PROMPT + "[/INST]"
 
 
+def test_flux2_dev_tokenizer_padding_on_the_left(folders, tmp_path, store):
+    """A Mistral tokenizer that pads on the left (LlamaTokenizerFast's default, where a folder does not say) puts
+    FLUX.2 [dev]'s 512 - n padding tokens before its system message: the padding span is that leading run, the
+    system span follows it, the words are the prompt's, and the picture is the plain pipeline's."""
+    left = tmp_path / "flux2dev-left"
+    shutil.copytree(folders["flux2dev"], left)
+    config = left / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), padding_side="left")))
+    cap = run(_spec(left), store)
+    tokens, spans = dit_capture.text_tokens(cap), cap.spans
+    t0 = spans["text"].start
+    assert tokens[spans["padding"].start - t0].startswith("<pad>") and spans["padding"].start == t0
+    assert spans["system"].start == spans["padding"].stop and tokens[spans["system"].start - t0] == "<s>"
+    assert [tokens[i] for i in dit_capture.word_columns(cap)] == ["a", "Ġred", "Ġcircle", "Ġat", "Ġthe", "Ġtop",
+                                                                    "Ġleft"]
+    assert spans["prompt"].start == spans["system"].stop and tokens[spans["prompt"].stop - t0 - 1] == "[/INST]"
+    plain = _sample(_plain(left), left)
+    assert _plain(left).tokenizer.padding_side == "left"
+    assert np.abs(dit_capture.generated_image(cap).astype(int) - plain.astype(int)).max() <= 1
+
+
 def test_zimage_guidance_rows_of_unequal_captions(folders, store, monkeypatch):
     """Z-Image pads each caption of its guidance batch to its own multiple of 32 and masks the shorter row's end:
     a prompt of more than 32 tokens gives the recorded conditional row 64 caption positions and the empty negative

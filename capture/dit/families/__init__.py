@@ -138,18 +138,20 @@ class Family:
             else:
                 ids = self.select(ids, pipe, call) if self.select else ids
                 text += tokenizer.convert_ids_to_tokens(ids)
+                lead = 0  # the padding run before the text, where the tokenizer pads on the left
                 if self.pad_to:  # the transformer's own padding states after the text: labelled as padding
                     text += ["<pad>"] * ((-len(ids)) % self.pad_to)
                     padding.append(range(start + len(ids), len(text)))
                 elif self.pads_left or getattr(tokenizer, "padding_side", "right") == "left":
-                    padding.append(range(start, start + leading_padding(ids, tokenizer.pad_token_id)))
+                    lead = leading_padding(ids, tokenizer.pad_token_id)
+                    padding.append(range(start, start + lead))
                 else:
                     pad = padding_start(ids, tokenizer.pad_token_id, tokenizer.eos_token_id)
                     padding.append(range(start + pad, start + len(ids)))
-                told = self.preamble(pipe, ids) if self.preamble is not None else 0
-                if told:
-                    segments.append(("system", range(start, start + told)))
-                    start += told
+                told = self.preamble(pipe, ids[lead:]) if self.preamble is not None else 0
+                if told:  # the segment starts after it (and after a leading padding run)
+                    segments.append(("system", range(start + lead, start + lead + told)))
+                    start += lead + told
             segments.append((name, range(start, len(text))))
         if len(text) != n_text:
             notes.append(f"The transformer read {n_text} text positions; HeadScope labels them by position.")
