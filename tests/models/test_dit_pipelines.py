@@ -525,8 +525,9 @@ def test_flux2_dev_tokenizer_padding_on_the_left(folders, tmp_path, store):
     assert [tokens[i] for i in dit_capture.word_columns(cap)] == ["a", "Ġred", "Ġcircle", "Ġat", "Ġthe", "Ġtop",
                                                                     "Ġleft"]
     assert spans["prompt"].start == spans["system"].stop and tokens[spans["prompt"].stop - t0 - 1] == "[/INST]"
-    plain = _sample(_plain(left), left)
-    assert _plain(left).tokenizer.padding_side == "left"
+    pipe = _plain(left)
+    assert pipe.tokenizer.padding_side == "left"
+    plain = _sample(pipe, left)
     assert np.abs(dit_capture.generated_image(cap).astype(int) - plain.astype(int)).max() <= 1
 
 
