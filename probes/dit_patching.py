@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from analytics.attribution import patching_effect
+from capture.dit.adapter import check_guidance
 from capture.dit.model import ShapesDit, initial_noise, to_pixels
 from capture.engine.handle import ModelHandle
 from capture.engine.session import session
 from core.errors import InputError
 from core.probe_results import DitPatchingParams
 from core.progress import Progress, no_progress
-from core.types import MAX_GUIDANCE, MAX_STEPS
+from core.types import MAX_STEPS
 from probes.common import top_heads
 from probes.patch_runs import DIRECTIONS
 
@@ -127,6 +128,7 @@ def dit_patching_sweep(handle: ModelHandle, source: str, dest: str, clean: str, 
     per trajectory, B trajectories per batch, at classifier-free guidance scale `guidance` (None: the model's);
     the metric is the distance to the `clean` prompt's picture.  pictures: "source", "dest"  # [H, W, 3] uint8."""
     pipe = sampler_of(handle)
+    guidance = pipe.guidance if guidance is None else guidance
     meta = handle.meta
     heads_list = sorted(heads_list if heads_list is not None else
                         [(l, h) for l in range(meta.n_layers) for h in range(meta.n_heads)])
@@ -137,7 +139,7 @@ def dit_patching_sweep(handle: ModelHandle, source: str, dest: str, clean: str, 
     progress(0.1, "the two prompts sampled")
     pooled_source = pipe.text.encode([source])[1] if patch_pooled else None  # [1, 384]
     batch_size = max(1, min(batch_size or MAX_ROWS, MAX_ROWS))
-    branches = 2 if (pipe.guidance if guidance is None else guidance) != 1.0 else 1
+    branches = 2 if guidance != 1.0 else 1
     patched = np.full((meta.n_layers, meta.n_heads), np.nan)
     for start in range(0, len(heads_list), batch_size):
         batch = heads_list[start : start + batch_size]
@@ -170,8 +172,7 @@ def dit_patching_probe(handle: ModelHandle, p: DitPatchingParams, put, progress:
         raise InputError(f"Unknown DiT patching metric {p.metric!r}; use mse (the distance to the clean picture).")
     if not 1 <= p.steps <= MAX_STEPS:
         raise InputError(f"DiT patching samples 1 to {MAX_STEPS} steps.")
-    if p.guidance is not None and not 0 <= p.guidance <= MAX_GUIDANCE:
-        raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
+    check_guidance(p.guidance)
     clean, corrupted = prompt_pair(pipe, p.clean, p.corrupted)
     meta = handle.meta
     if any(not 0 <= l < meta.n_layers for l in p.layers):

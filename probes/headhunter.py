@@ -37,7 +37,7 @@ from capture import registry
 from core.errors import CorruptEntry, InputError
 from core.keys import stable_hash
 from core.progress import Progress, no_progress
-from core.types import MAX_GUIDANCE, RunSpec
+from core.types import RunSpec
 
 PROBE = "headhunter"
 VERSION = 2
@@ -133,7 +133,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
                progress: Progress = no_progress, force: bool = False) -> HeadHunterResult:
     """Run (or fetch from the cache) the greedy head search; see the module docstring."""
     from capture.dit import presets as dit_presets
-    from capture.dit.adapter import DitAdapter
+    from capture.dit.adapter import DitAdapter, check_guidance
     from core import scene_splits, scenes
     from core.interventions import Intervention
 
@@ -160,8 +160,7 @@ def headhunter(model: str = "shapes-dit", params: HeadHunterParams | None = None
         handle = registry.load(model)
         if handle.meta.modality != "dit":
             raise InputError(f"HeadHunter searches diffusion transformers; {model} is not one.")
-        if p.guidance is not None and not 0 <= p.guidance <= MAX_GUIDANCE:
-            raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
+        check_guidance(p.guidance)
         sampler = handle.tokenizer  # capture.dit.model.ShapesDit or capture.dit.pipeline.PipelineDit
         height, width = DitAdapter(handle).size(RunSpec(model=model, height=p.height, width=p.width))
         rng = np.random.default_rng(p.prompt_seed)

@@ -34,6 +34,13 @@ from core.types import MAX_GUIDANCE, MAX_KEPT, MAX_STEPS, Capture, Output, RunSp
 MAX_PROMPT_CHARS = 500
 
 
+def check_guidance(scale: float | None) -> None:
+    """InputError (one sentence) unless a classifier-free guidance scale is unset (the model's) or 0 to
+    MAX_GUIDANCE: a capture's, HeadHunter-lite's, DiT patching's."""
+    if scale is not None and not 0 <= scale <= MAX_GUIDANCE:
+        raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
+
+
 class DitAdapter:
     """Captures of a diffusion transformer (module docstring).  `record_steps` limits the recorded steps
     of a "full" capture; `plan` says what a capture keeps (capture.dit.record.RecordPlan)."""
@@ -64,8 +71,7 @@ class DitAdapter:
             raise InputError(f"Steps must be between 1 and {MAX_STEPS}.")
         if not 0 <= spec.seed < 2**31:
             raise InputError("The seed must be a whole number from 0 to 2147483647.")
-        if spec.guidance is not None and not 0 <= spec.guidance <= MAX_GUIDANCE:
-            raise InputError(f"The guidance scale must be from 0 to {MAX_GUIDANCE:g}.")
+        check_guidance(spec.guidance)
         size = self.size(spec)
         if not all(0 <= s < steps for s in spec.keep) or len(set(spec.keep)) > MAX_KEPT:
             raise InputError(f"The steps whose full maps are kept are at most {MAX_KEPT} of the sampling steps "
@@ -173,4 +179,4 @@ def handle(name: str = "shapes-dit", folder=None, minilm=None) -> ModelHandle:
                        lock=threading.Lock())
 
 
-__all__ = ["DitAdapter", "MAX_PROMPT_CHARS", "handle", "plan_key"]
+__all__ = ["DitAdapter", "MAX_PROMPT_CHARS", "check_guidance", "handle", "plan_key"]
